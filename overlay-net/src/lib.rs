@@ -1,0 +1,39 @@
+//! `overlay-net`: the sans-IO core of libvirtual's network overlay.
+//!
+//! Everything here works on byte slices and in-memory tables: no sockets, no threads and no
+//! allocation per packet. The I/O shells (vswitchd's datapath, the testbeds) own the buffers and
+//! the clock and call in here.
+//!
+//! * [`frame`]: parse and build inner frames (Ethernet II, 802.1Q, ARP, IPv4, IPv6, UDP) with
+//!   `etherparse`.
+//! * [`vxlan`]: the 8-byte VXLAN header of RFC 7348 and the 24-bit [`Vni`].
+//! * [`encap`]: outer Ethernet + IPv4/IPv6 + UDP + VXLAN written in front of an inner frame
+//!   from a precomputed per-tunnel template.
+//! * [`decap`]: validation of every outer layer of a received frame, yielding the VNI, the
+//!   source VTEP and the inner frame as a slice.
+//! * [`flow`]: the inner-flow hash that picks the outer UDP source port (RFC 7348 §5).
+//! * [`fdb`]: per-VNI forwarding databases with learning, aging, static entries, capacity
+//!   limits and flood lists for head-end replication.
+//! * [`mtu`]: overlay MTU arithmetic (RFC 7348 §4.3: never fragment).
+
+pub mod decap;
+pub mod encap;
+mod error;
+pub mod fdb;
+pub mod flow;
+pub mod frame;
+mod mac;
+pub mod mtu;
+pub mod vxlan;
+
+pub use decap::{DecapConfig, Decapsulated, decapsulate};
+pub use encap::{Encapsulator, TunnelConfig};
+pub use error::{Error, Layer};
+pub use fdb::{Destination, Fdb, FdbEntry, LearnOutcome, PortId, TenantFdb, TenantLimits};
+pub use frame::FrameView;
+pub use mac::MacAddr;
+pub use mtu::UnderlayFamily;
+pub use vxlan::{VXLAN_PORT, Vni};
+
+/// Re-export of the `etherparse` version used for all header parsing and building.
+pub use etherparse;

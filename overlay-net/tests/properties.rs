@@ -1,0 +1,172 @@
+//! Property tests: encapsulation round trips, agreement with headers built by `etherparse`,
+//! and "no input makes a parser panic or read out of bounds".
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv6Header, UdpHeader};
+use overlay_net::{
+    DecapConfig, Encapsulator, FrameView, MacAddr, TunnelConfig, Vni, decapsulate, flow, mtu, vxlan,
+};
+use proptest::prelude::*;
+
+fn any_mac() -> impl Strategy<Value = MacAddr> {
+    any::<[u8; 6]>().prop_map(|mut b| {
+        b[0] &= 0xfe; // unicast
+        MacAddr(b)
+    })
+}
+
+fn any_vtep_pair() -> impl Strategy<Value = (IpAddr, IpAddr)> {
+    prop_oneof![
+        (any::<u32>(), any::<u32>())
+            .prop_map(|(a, b)| (Ipv4Addr::from(a).into(), Ipv4Addr::from(b).into())),
+        (any::<u128>(), any::<u128>())
+            .prop_map(|(a, b)| (Ipv6Addr::from(a).into(), Ipv6Addr::from(b).into())),
+    ]
+}
+
+fn any_tunnel() -> impl Strategy<Value = TunnelConfig> {
+    (
+        any_mac(),
+        any_mac(),
+        any_vtep_pair(),
+        any::<u16>(),
+        1u8..=255,
+        1280u16..=9000,
+    )
+        .prop_map(|(l, r, (a, b), port, ttl, mtu)| TunnelConfig {
+            local_mac: l,
+            next_hop_mac: r,
+            local_ip: a,
+            remote_ip: b,
+            udp_port: port,
+            ttl,
+            underlay_mtu: mtu,
+        })
+}
+
+fn any_inner_frame() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 14..=1600)
+}
+
+/// The outer headers as `etherparse` builds them from the same parameters.
+fn reference_headers(cfg: &TunnelConfig, vni: Vni, sport: u16, inner: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut payload = vxlan::header(vni).to_vec();
+    payload.extend_from_slice(inner);
+    let (ether_type, ip_bytes, udp) = match (cfg.local_ip, cfg.remote_ip) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut ip = Ipv4Header::new(
+                (8 + payload.len()) as u16,
+                cfg.ttl,
+                IpNumber::UDP,
+                s.octets(),
+                d.octets(),
+            )
+            .unwrap();
+            ip.header_checksum = ip.calc_header_checksum();
+            let udp = UdpHeader {
+                source_port: sport,
+                destination_port: cfg.udp_port,
+                length: (8 + payload.len()) as u16,
+                checksum: 0,
+            };
+            (EtherType::IPV4, ip.to_bytes().to_vec(), udp)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let ip = Ipv6Header {
+                traffic_class: 0,
+                flow_label: Default::default(),
+                payload_length: (8 + payload.len()) as u16,
+                next_header: IpNumber::UDP,
+                hop_limit: cfg.ttl,
+                source: s.octets(),
+                destination: d.octets(),
+            };
+            let udp = UdpHeader::with_ipv6_checksum(sport, cfg.udp_port, &ip, &payload).unwrap();
+            (EtherType::IPV6, ip.to_bytes().to_vec(), udp)
+        }
+        _ => unreachable!(),
+    };
+    let eth = Ethernet2Header {
+        source: cfg.local_mac.0,
+        destination: cfg.next_hop_mac.0,
+        ether_type,
+    };
+    out.extend_from_slice(&eth.to_bytes());
+    out.extend_from_slice(&ip_bytes);
+    out.extend_from_slice(&udp.to_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn encap_matches_etherparse_and_round_trips(
+        cfg in any_tunnel(),
+        vni in 0u32..=Vni::MAX,
+        inner in any_inner_frame(),
+    ) {
+        let vni = Vni::new(vni).unwrap();
+        let enc = Encapsulator::new(&cfg).unwrap();
+        let mut buf = vec![0u8; 2000];
+        let fam = mtu::UnderlayFamily::of(cfg.local_ip);
+        match enc.encap(vni, &inner, &mut buf) {
+            Ok(n) => {
+                prop_assert!(mtu::fits_underlay(inner.len(), cfg.underlay_mtu, fam));
+                let sport = flow::source_port_for(&inner);
+                prop_assert!(sport >= 49152);
+                prop_assert_eq!(&buf[..n], &reference_headers(&cfg, vni, sport, &inner)[..]);
+                let dcfg = DecapConfig {
+                    udp_port: cfg.udp_port,
+                    local_ip: Some(cfg.remote_ip),
+                    accept_zero_udp6_checksum: false,
+                };
+                let d = decapsulate(&buf[..n], &dcfg).unwrap();
+                prop_assert_eq!(d.vni, vni);
+                prop_assert_eq!(d.source, cfg.local_ip);
+                prop_assert_eq!(d.source_port, sport);
+                prop_assert_eq!(d.inner, &inner[..]);
+            }
+            Err(overlay_net::Error::ExceedsUnderlayMtu { .. }) => {
+                prop_assert!(!mtu::fits_underlay(inner.len(), cfg.underlay_mtu, fam));
+            }
+            Err(e) => prop_assert!(false, "unexpected error {e}"),
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let cfg = DecapConfig::default();
+        if let Ok(d) = decapsulate(&bytes, &cfg) {
+            prop_assert!(d.inner.len() >= 14 && d.inner.len() <= bytes.len());
+        }
+        let _ = vxlan::parse(&bytes);
+        let _ = FrameView::parse(&bytes);
+        let _ = flow::source_port_for(&bytes);
+    }
+
+    #[test]
+    fn corrupted_encapsulations_never_panic(
+        cfg in any_tunnel(),
+        inner in proptest::collection::vec(any::<u8>(), 14..300),
+        flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+        cut in any::<usize>(),
+    ) {
+        let enc = Encapsulator::new(&cfg).unwrap();
+        let mut buf = vec![0u8; 512];
+        let n = enc.encap(Vni::new(7).unwrap(), &inner, &mut buf).unwrap();
+        buf.truncate(n);
+        for (at, val) in flips {
+            let i = at % n;
+            buf[i] ^= val;
+        }
+        let cut = cut % (n + 1);
+        let dcfg = DecapConfig { udp_port: cfg.udp_port, ..DecapConfig::default() };
+        if let Ok(d) = decapsulate(&buf[..cut], &dcfg) {
+            prop_assert!(d.inner.len() <= cut);
+        }
+    }
+}
