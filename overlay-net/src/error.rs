@@ -138,3 +138,15 @@ pub enum Error {
     #[error("{0} is not a unicast MAC address")]
     NotUnicast(crate::MacAddr),
 }
+
+impl Error {
+    /// True when a received packet is simply not VXLAN for this VTEP (another EtherType,
+    /// IP protocol, UDP port or destination address), as opposed to corrupt VXLAN. A VTEP
+    /// listening on a shared interface sees such traffic all the time and counts it apart.
+    pub fn is_other_traffic(&self) -> bool {
+        matches!(
+            self,
+            Error::NotIp(_) | Error::NotUdp(_) | Error::WrongPort { .. } | Error::NotForUs(_)
+        )
+    }
+}

@@ -1,0 +1,36 @@
+//! `testbeds`: network-namespace hosts, kernel peers and the end-to-end proofs of libvirtual.
+//!
+//! * [`netns`]: uniquely named namespaces that are always removed.
+//! * [`transport`]: a userspace VTEP's underlay, as a UDP socket or a raw packet socket.
+//! * [`overlay_host`]: a `smoltcp` tenant host living inside a VNI through overlay-net.
+//! * [`kernel_peer`]: the interop bed against the Linux kernel's `vxlan` device and the
+//!   scenario the tests and the demo run.
+//!
+//! Everything here needs root (network namespaces); the library crates never depend on it.
+
+pub mod kernel_peer;
+pub mod netns;
+pub mod overlay_host;
+pub mod transport;
+
+/// Errors of the test beds.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A system call or file operation failed.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    /// An external command (ip, ping, ethtool) failed.
+    #[error("`{command}` failed: {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// overlay-net refused something.
+    #[error(transparent)]
+    Overlay(#[from] overlay_net::Error),
+    /// The bed could not be set up or a check could not run.
+    #[error("{0}")]
+    Setup(String),
+}
