@@ -8,7 +8,9 @@
 //! replication with split horizon: frames from a remote VTEP are never sent back to the
 //! underlay.
 //!
-//! Time is passed in by the caller (`now`), as in every sans-IO core.
+//! Time is passed in by the caller as a [`Timestamp`] (milliseconds of a monotonic clock the
+//! caller owns), as in every sans-IO core: the datapath reads its clock once per burst, not
+//! once per lookup.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -30,6 +32,23 @@ pub enum Destination {
     Remote(IpAddr),
 }
 
+/// A point in time: milliseconds on a monotonic clock chosen by the caller.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    /// Milliseconds from `epoch` to `now` (zero if `now` is earlier).
+    pub fn since(epoch: Instant, now: Instant) -> Timestamp {
+        Timestamp(now.saturating_duration_since(epoch).as_millis() as u64)
+    }
+
+    /// This timestamp plus a duration (saturating).
+    #[inline]
+    pub fn after(self, d: Duration) -> Timestamp {
+        Timestamp(self.0.saturating_add(d.as_millis() as u64))
+    }
+}
+
 /// One forwarding entry.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct FdbEntry {
@@ -38,7 +57,7 @@ pub struct FdbEntry {
     /// Configured by the operator: never ages, never moved by learning.
     pub is_static: bool,
     /// When a frame from this MAC was last seen (learned entries).
-    pub last_seen: Instant,
+    pub last_seen: Timestamp,
 }
 
 /// Limits of one tenant's table.
@@ -80,22 +99,25 @@ pub enum LearnOutcome {
     NotUnicast,
 }
 
-type MacMap = HashMap<MacAddr, FdbEntry, foldhash::fast::RandomState>;
+/// Keyed by [`MacAddr::to_u64`]: a `u64` hashes and compares in one instruction each, where a
+/// six-byte array costs several loads.
+type MacMap = HashMap<u64, FdbEntry, foldhash::fast::RandomState>;
 
 /// The forwarding table and flood list of one tenant.
 #[derive(Debug)]
 pub struct TenantFdb {
     vni: Vni,
     limits: TenantLimits,
+    aging_ms: u64,
     entries: MacMap,
     learned: usize,
     local_ports: Vec<PortId>,
     remote_vteps: Vec<IpAddr>,
-    last_full_sweep: Option<Instant>,
+    last_full_sweep: Option<Timestamp>,
 }
 
-/// How often a full table may be swept for expired entries on the learning path.
-const FULL_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often (ms) a full table may be swept for expired entries on the learning path.
+const FULL_SWEEP_INTERVAL_MS: u64 = 1000;
 
 impl TenantFdb {
     /// An empty table for `vni`, with room for `limits.max_learned` entries reserved.
@@ -103,6 +125,7 @@ impl TenantFdb {
         TenantFdb {
             vni,
             limits,
+            aging_ms: limits.aging.as_millis() as u64,
             entries: MacMap::with_capacity_and_hasher(limits.max_learned + 64, Default::default()),
             learned: 0,
             local_ports: Vec::new(),
@@ -121,26 +144,32 @@ impl TenantFdb {
         self.limits
     }
 
-    fn is_live(&self, entry: &FdbEntry, now: Instant) -> bool {
-        entry.is_static || now.saturating_duration_since(entry.last_seen) < self.limits.aging
+    #[inline]
+    fn is_live(aging_ms: u64, entry: &FdbEntry, now: Timestamp) -> bool {
+        entry.is_static || now.0.saturating_sub(entry.last_seen.0) < aging_ms
     }
 
     /// Where frames for `mac` go, or `None` if unknown or aged out (flood it).
     #[inline]
-    pub fn lookup(&self, mac: MacAddr, now: Instant) -> Option<Destination> {
+    pub fn lookup(&self, mac: MacAddr, now: Timestamp) -> Option<Destination> {
         self.entries
-            .get(&mac)
-            .filter(|e| self.is_live(e, now))
+            .get(&mac.to_u64())
+            .filter(|e| Self::is_live(self.aging_ms, e, now))
             .map(|e| e.destination)
     }
 
     /// Learns that `mac` (a frame's source) lives at `destination`.
     #[inline]
-    pub fn learn(&mut self, mac: MacAddr, destination: Destination, now: Instant) -> LearnOutcome {
+    pub fn learn(
+        &mut self,
+        mac: MacAddr,
+        destination: Destination,
+        now: Timestamp,
+    ) -> LearnOutcome {
         if !mac.is_unicast() {
             return LearnOutcome::NotUnicast;
         }
-        if let Some(entry) = self.entries.get_mut(&mac) {
+        if let Some(entry) = self.entries.get_mut(&mac.to_u64()) {
             if entry.is_static {
                 return LearnOutcome::Static;
             }
@@ -156,7 +185,7 @@ impl TenantFdb {
         if self.learned >= self.limits.max_learned {
             let may_sweep = self
                 .last_full_sweep
-                .is_none_or(|t| now.saturating_duration_since(t) >= FULL_SWEEP_INTERVAL);
+                .is_none_or(|t| now.0.saturating_sub(t.0) >= FULL_SWEEP_INTERVAL_MS);
             if !may_sweep {
                 return LearnOutcome::LimitReached;
             }
@@ -166,7 +195,7 @@ impl TenantFdb {
             }
         }
         self.entries.insert(
-            mac,
+            mac.to_u64(),
             FdbEntry {
                 destination,
                 is_static: false,
@@ -182,13 +211,13 @@ impl TenantFdb {
         &mut self,
         mac: MacAddr,
         destination: Destination,
-        now: Instant,
+        now: Timestamp,
     ) -> Result<(), Error> {
         if !mac.is_unicast() {
             return Err(Error::NotUnicast(mac));
         }
         let old = self.entries.insert(
-            mac,
+            mac.to_u64(),
             FdbEntry {
                 destination,
                 is_static: true,
@@ -203,7 +232,7 @@ impl TenantFdb {
 
     /// Removes the entry for `mac` (static or learned); returns it if there was one.
     pub fn remove(&mut self, mac: MacAddr) -> Option<FdbEntry> {
-        let old = self.entries.remove(&mac)?;
+        let old = self.entries.remove(&mac.to_u64())?;
         if !old.is_static {
             self.learned -= 1;
         }
@@ -211,11 +240,10 @@ impl TenantFdb {
     }
 
     /// Removes learned entries that have aged out; returns how many.
-    pub fn expire(&mut self, now: Instant) -> usize {
-        let aging = self.limits.aging;
+    pub fn expire(&mut self, now: Timestamp) -> usize {
+        let aging_ms = self.aging_ms;
         let before = self.entries.len();
-        self.entries
-            .retain(|_, e| e.is_static || now.saturating_duration_since(e.last_seen) < aging);
+        self.entries.retain(|_, e| Self::is_live(aging_ms, e, now));
         let removed = before - self.entries.len();
         self.learned -= removed;
         removed
@@ -239,7 +267,7 @@ impl TenantFdb {
 
     /// All entries, static and learned (aged ones included until swept).
     pub fn entries(&self) -> impl Iterator<Item = (MacAddr, &FdbEntry)> {
-        self.entries.iter().map(|(m, e)| (*m, e))
+        self.entries.iter().map(|(m, e)| (MacAddr::from_u64(*m), e))
     }
 
     /// Adds a local port to the flood list (idempotent).
@@ -341,7 +369,7 @@ impl Fdb {
     }
 
     /// Sweeps aged entries of every tenant; returns how many were removed.
-    pub fn expire(&mut self, now: Instant) -> usize {
+    pub fn expire(&mut self, now: Timestamp) -> usize {
         self.tenants.values_mut().map(|t| t.expire(now)).sum()
     }
 }
@@ -364,15 +392,18 @@ mod tests {
 
     #[test]
     fn learns_looks_up_moves_and_ages() {
-        let t0 = Instant::now();
+        let t0 = Timestamp(1_000);
         let mut t = TenantFdb::new(vni(1), TenantLimits::default());
         assert_eq!(t.lookup(mac(1), t0), None);
         assert_eq!(t.learn(mac(1), P1, t0), LearnOutcome::Learned);
         assert_eq!(t.lookup(mac(1), t0), Some(P1));
         assert_eq!(t.learn(mac(1), P1, t0), LearnOutcome::Refreshed);
         assert_eq!(t.learn(mac(1), P2, t0), LearnOutcome::Moved { from: P1 });
-        assert_eq!(t.lookup(mac(1), t0 + Duration::from_secs(299)), Some(P2));
-        let late = t0 + Duration::from_secs(300);
+        assert_eq!(
+            t.lookup(mac(1), t0.after(Duration::from_secs(299))),
+            Some(P2)
+        );
+        let late = t0.after(Duration::from_secs(300));
         assert_eq!(t.lookup(mac(1), late), None, "aged entries are misses");
         assert_eq!(t.expire(late), 1);
         assert_eq!(t.learned_len(), 0);
@@ -385,14 +416,14 @@ mod tests {
 
     #[test]
     fn static_entries_never_age_and_beat_learning() {
-        let t0 = Instant::now();
+        let t0 = Timestamp(1_000);
         let mut t = TenantFdb::new(vni(1), TenantLimits::default());
         let remote = Destination::Remote("192.0.2.7".parse().unwrap());
         t.learn(mac(5), P1, t0);
         t.add_static(mac(5), remote, t0).unwrap();
         assert_eq!(t.learned_len(), 0);
         assert_eq!(t.learn(mac(5), P2, t0), LearnOutcome::Static);
-        let much_later = t0 + Duration::from_secs(100_000);
+        let much_later = t0.after(Duration::from_secs(100_000));
         assert_eq!(t.lookup(mac(5), much_later), Some(remote));
         assert_eq!(t.expire(much_later), 0);
         assert!(t.add_static(MacAddr::BROADCAST, P1, t0).is_err());
@@ -402,7 +433,7 @@ mod tests {
 
     #[test]
     fn learning_stops_at_the_limit_and_existing_entries_keep_working() {
-        let t0 = Instant::now();
+        let t0 = Timestamp(1_000);
         let limits = TenantLimits {
             max_learned: 100,
             aging: Duration::from_secs(10),
@@ -419,14 +450,14 @@ mod tests {
         t.add_static(mac(2000), P2, t0).unwrap();
         assert_eq!(t.lookup(mac(2000), t0), Some(P2));
         // Once entries age out, learning resumes (a full table sweeps itself).
-        let later = t0 + Duration::from_secs(11);
+        let later = t0.after(Duration::from_secs(11));
         assert_eq!(t.learn(mac(1000), P1, later), LearnOutcome::Learned);
         assert_eq!(t.learned_len(), 1);
     }
 
     #[test]
     fn tenants_are_isolated() {
-        let t0 = Instant::now();
+        let t0 = Timestamp(1_000);
         let mut fdb = Fdb::new();
         fdb.add_tenant(vni(10), TenantLimits::default()).unwrap();
         fdb.add_tenant(vni(20), TenantLimits::default()).unwrap();
@@ -443,7 +474,7 @@ mod tests {
 
     #[test]
     fn flooding_uses_split_horizon() {
-        let t0 = Instant::now();
+        let t0 = Timestamp(1_000);
         let v1: IpAddr = "192.0.2.1".parse().unwrap();
         let v2: IpAddr = "2001:db8::2".parse().unwrap();
         let mut t = TenantFdb::new(vni(1), TenantLimits::default());

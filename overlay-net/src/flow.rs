@@ -4,59 +4,103 @@
 //! of fields from the inner packet", in the dynamic range 49152–65535, so that underlay ECMP
 //! spreads tunnels' flows while keeping each flow on one path (no reordering).
 
-use std::net::IpAddr;
-
-use crate::frame::{FrameView, Network};
-
 /// First port of the dynamic/private range (RFC 6335).
 pub const SOURCE_PORT_MIN: u16 = 49152;
 /// Number of ports in the dynamic range 49152–65535.
 const SOURCE_PORT_SPAN: u32 = 65536 - SOURCE_PORT_MIN as u32;
 
-#[inline]
-fn mix(h: u64, v: u64) -> u64 {
-    let h = (h ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    h ^ (h >> 29)
+/// Multiplies as 128 bits and folds the halves: one multiply mixes 64 bits of input.
+#[inline(always)]
+fn fold_mul(a: u64, b: u64) -> u64 {
+    let p = (a as u128).wrapping_mul(b as u128);
+    (p as u64) ^ ((p >> 64) as u64)
 }
 
-fn mix_ip(h: u64, ip: IpAddr) -> u64 {
-    match ip {
-        IpAddr::V4(a) => mix(h, u32::from(a) as u64),
-        IpAddr::V6(a) => {
-            let v = u128::from(a);
-            mix(mix(h, v as u64), (v >> 64) as u64)
+const K0: u64 = 0x243f_6a88_85a3_08d3;
+const K1: u64 = 0x1319_8a2e_0370_7344;
+const K2: u64 = 0xa409_3822_299f_31d0;
+const K3: u64 = 0x082e_fa98_ec4e_6c89;
+
+#[inline(always)]
+fn be_u64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+#[inline(always)]
+fn be_u32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+#[inline(always)]
+fn be_u16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+/// A 32-bit hash of an inner frame's flow, read straight from fixed header offsets (this is
+/// on every encapsulation, so it parses nothing it does not hash):
+/// IPv4/IPv6 (after an optional 802.1Q tag): addresses, protocol and, for unfragmented
+/// TCP/UDP, the ports; anything else: the MAC addresses and EtherType. Deterministic, so a
+/// flow keeps its port across processes. Frames too short for their headers hash by what is
+/// there.
+#[inline]
+pub fn flow_hash(frame: &[u8]) -> u32 {
+    let h = flow_hash64(frame).unwrap_or_else(|| {
+        // Truncated headers: hash the MACs if present, else nothing.
+        fold_mul(
+            be_u64(frame, 0).unwrap_or(0) ^ K0,
+            be_u32(frame, 8).unwrap_or(0) as u64 ^ K1,
+        )
+    });
+    (h >> 32) as u32 ^ h as u32
+}
+
+#[inline(always)]
+fn flow_hash64(frame: &[u8]) -> Option<u64> {
+    let mut l3 = 14;
+    let mut ether_type = be_u16(frame, 12)?;
+    if ether_type == 0x8100 {
+        ether_type = be_u16(frame, 16)?;
+        l3 = 18;
+    }
+    match ether_type {
+        0x0800 => {
+            let ihl = (*frame.get(l3)? & 0x0f) as usize * 4;
+            let proto = *frame.get(l3 + 9)?;
+            let frag = be_u16(frame, l3 + 6)? & 0x3fff; // MF or offset
+            let addrs = be_u64(frame, l3 + 12)?;
+            let ports = if frag == 0 && (proto == TCP || proto == UDP) {
+                be_u32(frame, l3 + ihl).unwrap_or(0)
+            } else {
+                0
+            };
+            Some(fold_mul(
+                addrs ^ K0,
+                ((proto as u64) << 32 | ports as u64) ^ K1,
+            ))
+        }
+        0x86dd => {
+            let proto = *frame.get(l3 + 6)?;
+            let ports = if proto == TCP || proto == UDP {
+                be_u32(frame, l3 + 40).unwrap_or(0)
+            } else {
+                0
+            };
+            let src = fold_mul(be_u64(frame, l3 + 8)? ^ K0, be_u64(frame, l3 + 16)? ^ K1);
+            let dst = fold_mul(be_u64(frame, l3 + 24)? ^ K2, be_u64(frame, l3 + 32)? ^ K3);
+            Some(fold_mul(
+                src ^ dst.rotate_left(29),
+                ((proto as u64) << 32 | ports as u64) ^ K2,
+            ))
+        }
+        _ => {
+            let macs = fold_mul(be_u64(frame, 0)? ^ K0, be_u32(frame, 8)? as u64 ^ K1);
+            Some(fold_mul(macs ^ K3, ether_type as u64 ^ K2))
         }
     }
 }
 
-/// A 32-bit hash of the inner flow: MAC addresses and EtherType, plus for IP the addresses,
-/// protocol and TCP/UDP ports. Deterministic, so a flow keeps its port across processes.
-pub fn flow_hash(view: &FrameView<'_>) -> u32 {
-    let mut h = mix(0x5bd1_e995, view.destination.to_u64());
-    h = mix(h, view.source.to_u64() << 16 | view.ether_type as u64);
-    let ip = match view.network {
-        Network::Ipv4(ip) => Some((
-            ip.source.into(),
-            ip.destination.into(),
-            ip.protocol,
-            ip.ports,
-        )),
-        Network::Ipv6(ip) => Some((
-            ip.source.into(),
-            ip.destination.into(),
-            ip.protocol,
-            ip.ports,
-        )),
-        _ => None,
-    };
-    if let Some((src, dst, proto, ports)) = ip {
-        h = mix_ip(h, src);
-        h = mix_ip(h, dst);
-        let (sp, dp) = ports.unwrap_or((0, 0));
-        h = mix(h, (proto as u64) << 32 | (sp as u64) << 16 | dp as u64);
-    }
-    (h >> 32) as u32 ^ h as u32
-}
+const TCP: u8 = 6;
+const UDP: u8 = 17;
 
 /// Maps a flow hash into the source port range 49152–65535.
 #[inline]
@@ -64,13 +108,10 @@ pub fn source_port(hash: u32) -> u16 {
     SOURCE_PORT_MIN + ((hash as u64 * SOURCE_PORT_SPAN as u64) >> 32) as u16
 }
 
-/// The outer UDP source port for an inner frame. Frames too short to parse get the first
-/// port of the range.
+/// The outer UDP source port for an inner frame.
+#[inline]
 pub fn source_port_for(inner_frame: &[u8]) -> u16 {
-    match FrameView::parse(inner_frame) {
-        Ok(view) => source_port(flow_hash(&view)),
-        Err(_) => SOURCE_PORT_MIN,
-    }
+    source_port(flow_hash(inner_frame))
 }
 
 #[cfg(test)]
@@ -99,7 +140,21 @@ mod tests {
     fn ports_stay_in_the_dynamic_range() {
         assert_eq!(source_port(0), 49152);
         assert_eq!(source_port(u32::MAX), 65535);
-        assert_eq!(source_port_for(&[1, 2, 3]), 49152);
+        let _ = source_port_for(&[1, 2, 3]); // too short: still a port, no panic
+        assert!(source_port_for(&[]) >= SOURCE_PORT_MIN);
+    }
+
+    #[test]
+    fn only_flow_fields_matter() {
+        let a = udp_frame(1000);
+        let mut b = a.clone();
+        b[22] = 1; // TTL
+        b[24] ^= 0xff; // IP checksum
+        *b.last_mut().unwrap() ^= 0xff; // payload
+        assert_eq!(flow_hash(&a), flow_hash(&b));
+        let mut c = a.clone();
+        c[29] ^= 1; // source address
+        assert_ne!(flow_hash(&a), flow_hash(&c));
     }
 
     #[test]

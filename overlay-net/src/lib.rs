@@ -29,7 +29,9 @@ pub mod vxlan;
 pub use decap::{DecapConfig, Decapsulated, decapsulate};
 pub use encap::{Encapsulator, TunnelConfig};
 pub use error::{Error, Layer};
-pub use fdb::{Destination, Fdb, FdbEntry, LearnOutcome, PortId, TenantFdb, TenantLimits};
+pub use fdb::{
+    Destination, Fdb, FdbEntry, LearnOutcome, PortId, TenantFdb, TenantLimits, Timestamp,
+};
 pub use frame::FrameView;
 pub use mac::MacAddr;
 pub use mtu::UnderlayFamily;

@@ -53,7 +53,16 @@ impl MacAddr {
     #[inline]
     pub const fn to_u64(self) -> u64 {
         let b = self.0;
-        u64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]])
+        let hi = u16::from_be_bytes([b[0], b[1]]) as u64;
+        let lo = u32::from_be_bytes([b[2], b[3], b[4], b[5]]) as u64;
+        hi << 32 | lo
+    }
+
+    /// The inverse of [`MacAddr::to_u64`] (the upper 16 bits are ignored).
+    #[inline]
+    pub const fn from_u64(v: u64) -> MacAddr {
+        let b = v.to_be_bytes();
+        MacAddr([b[2], b[3], b[4], b[5], b[6], b[7]])
     }
 }
 
@@ -119,6 +128,7 @@ mod tests {
         assert_eq!(mac.to_string(), "02:00:5e:10:00:01");
         assert!(mac.is_unicast() && mac.is_local() && !mac.is_multicast());
         assert_eq!(mac.to_u64(), 0x0200_5e10_0001);
+        assert_eq!(MacAddr::from_u64(mac.to_u64()), mac);
     }
 
     #[test]

@@ -83,6 +83,7 @@ pub fn write_header(vni: Vni, out: &mut [u8]) -> Result<(), Error> {
 ///
 /// Only the I flag is checked; reserved bits are ignored as RFC 7348 requires. The inner
 /// frame must hold at least an Ethernet header.
+#[inline]
 pub fn parse(udp_payload: &[u8]) -> Result<(Vni, &[u8]), Error> {
     let (hdr, inner) = udp_payload
         .split_first_chunk::<HEADER_LEN>()

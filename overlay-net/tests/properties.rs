@@ -167,6 +167,55 @@ proptest! {
         let dcfg = DecapConfig { udp_port: cfg.udp_port, ..DecapConfig::default() };
         if let Ok(d) = decapsulate(&buf[..cut], &dcfg) {
             prop_assert!(d.inner.len() <= cut);
+            agrees_with_etherparse(&buf[..cut], &d, cfg.udp_port)?;
         }
     }
+
+    #[test]
+    fn accepted_random_frames_agree_with_etherparse(
+        cfg in any_tunnel(),
+        inner in proptest::collection::vec(any::<u8>(), 14..300),
+        at in 0usize..70,
+        val in any::<u8>(),
+    ) {
+        // A single changed header byte: most are rejected, the accepted ones must make sense.
+        let enc = Encapsulator::new(&cfg).unwrap();
+        let mut buf = vec![0u8; 512];
+        let n = enc.encap(Vni::new(7).unwrap(), &inner, &mut buf).unwrap();
+        buf.truncate(n);
+        buf[at % enc.header_len()] = val;
+        let dcfg = DecapConfig { udp_port: cfg.udp_port, ..DecapConfig::default() };
+        if let Ok(d) = decapsulate(&buf, &dcfg) {
+            agrees_with_etherparse(&buf, &d, cfg.udp_port)?;
+        }
+    }
+}
+
+/// Whatever `decapsulate` accepts, etherparse parses the same way: same source address, a UDP
+/// datagram to the VXLAN port whose payload is the VXLAN header and the inner frame.
+fn agrees_with_etherparse(
+    frame: &[u8],
+    d: &overlay_net::Decapsulated<'_>,
+    port: u16,
+) -> Result<(), TestCaseError> {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    let p = SlicedPacket::from_ethernet(frame)
+        .map_err(|e| TestCaseError::fail(format!("etherparse rejects an accepted frame: {e}")))?;
+    let source: IpAddr = match &p.net {
+        Some(NetSlice::Ipv4(ip)) => ip.header().source_addr().into(),
+        Some(NetSlice::Ipv6(ip)) => ip.header().source_addr().into(),
+        other => {
+            return Err(TestCaseError::fail(format!(
+                "not IP for etherparse: {other:?}"
+            )));
+        }
+    };
+    prop_assert_eq!(source, d.source);
+    let Some(TransportSlice::Udp(udp)) = &p.transport else {
+        return Err(TestCaseError::fail("not UDP for etherparse"));
+    };
+    prop_assert_eq!(udp.destination_port(), port);
+    prop_assert_eq!(udp.source_port(), d.source_port);
+    prop_assert_eq!(&udp.payload()[8..], d.inner);
+    Ok(())
 }

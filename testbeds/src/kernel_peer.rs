@@ -20,7 +20,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use overlay_net::{MacAddr, TunnelConfig, UnderlayFamily, VXLAN_PORT, Vni, mtu};
-use smoltcp::wire::Ipv4Address;
 
 use crate::Error;
 use crate::netns::Netns;
@@ -248,7 +247,7 @@ impl KernelPeerBed {
             HostConfig {
                 vni: vni(VNI),
                 mac: HOST_MAC,
-                ip: Ipv4Address::from(HOST_IP),
+                ip: HOST_IP,
                 prefix_len: 24,
                 mtu: inner_mtu,
                 echo_port: ECHO_PORT,

@@ -17,7 +17,7 @@ use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::phy::{self, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
 
 use crate::Error;
 use crate::transport::{Received, Transport};
@@ -30,7 +30,7 @@ pub struct HostConfig {
     /// The host's MAC address.
     pub mac: MacAddr,
     /// The host's IPv4 address.
-    pub ip: Ipv4Address,
+    pub ip: std::net::Ipv4Addr,
     /// Prefix length of its subnet.
     pub prefix_len: u8,
     /// L3 MTU of the tenant network (underlay MTU minus VXLAN overhead).
