@@ -8,8 +8,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use etherparse::checksum::Sum16BitWords;
-
+use crate::checksum::Sum;
 use crate::vxlan::{self, VXLAN_PORT, Vni};
 use crate::{Error, Layer};
 
@@ -116,15 +115,7 @@ fn outer_ipv4<'a>(packet: &'a [u8], cfg: &DecapConfig) -> Result<Decapsulated<'a
     if total > packet.len() {
         return Err(truncated(Layer::Ipv4, total, packet.len()));
     }
-    let header_ok = if ihl == 20 {
-        ipv4_header_checksum_ok(h)
-    } else {
-        Sum16BitWords::new()
-            .add_slice(&packet[..ihl])
-            .ones_complement()
-            == 0
-    };
-    if !header_ok {
+    if Sum::new().add(&packet[..ihl]).checksum() != 0 {
         return Err(Error::Ipv4Checksum);
     }
     if be16(h, 6) & 0x3fff != 0 {
@@ -190,19 +181,6 @@ fn outer_ipv6<'a>(packet: &'a [u8], cfg: &DecapConfig) -> Result<Decapsulated<'a
     )
 }
 
-/// The ones'-complement sum of an option-less IPv4 header (checksum included) is 0xffff.
-/// Five 32-bit loads instead of a general loop: this runs for every packet.
-#[inline(always)]
-fn ipv4_header_checksum_ok(h: &[u8; 20]) -> bool {
-    let word = |i: usize| u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]) as u64;
-    let mut sum = word(0) + word(4) + word(8) + word(12) + word(16);
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum == 0xffff
-}
-
 /// Checks the UDP header of `datagram` (the IP payload) and parses the VXLAN header.
 /// `addrs` are the source and destination addresses, for the pseudo-header checksum.
 #[inline(always)]
@@ -236,12 +214,12 @@ fn udp_vxlan<'a>(
             return Err(Error::ZeroUdpChecksumV6);
         }
     } else {
-        let sum = Sum16BitWords::new()
-            .add_slice(addrs)
-            .add_2bytes([0, PROTO_UDP])
-            .add_2bytes((udp_len as u16).to_be_bytes())
-            .add_slice(datagram);
-        if sum.ones_complement() != 0 {
+        let sum = Sum::new()
+            .add(addrs)
+            .add_word([0, PROTO_UDP])
+            .add_word((udp_len as u16).to_be_bytes())
+            .add(datagram);
+        if sum.checksum() != 0 {
             return Err(Error::UdpChecksum);
         }
     }
@@ -371,13 +349,13 @@ mod tests {
         }
         // An IPv4 fragment: set MF.
         let mut frag = with(&v4, 20, 0x60);
-        let csum = Sum16BitWords::new().add_slice(&{
+        let csum = Sum::new().add(&{
             let mut h = frag[14..34].to_vec();
             h[10] = 0;
             h[11] = 0;
             h
         });
-        frag[24..26].copy_from_slice(&csum.ones_complement().to_ne_bytes());
+        frag[24..26].copy_from_slice(&csum.checksum().to_ne_bytes());
         assert_eq!(decapsulate(&frag, &cfg), Err(Error::Fragmented));
     }
 }

@@ -8,9 +8,9 @@
 
 use std::net::IpAddr;
 
-use etherparse::checksum::Sum16BitWords;
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv6Header, UdpHeader};
 
+use crate::checksum::Sum;
 use crate::mtu::UnderlayFamily;
 use crate::vxlan::{self, VXLAN_PORT, Vni};
 use crate::{Error, MacAddr, flow};
@@ -65,7 +65,7 @@ pub struct Encapsulator {
     header_len: usize,
     /// IPv4: sum of the template's IP header with zero length and checksum.
     /// IPv6: sum of the UDP pseudo-header's addresses and next header.
-    partial_sum: Sum16BitWords,
+    partial_sum: Sum,
     underlay_mtu: u16,
 }
 
@@ -107,7 +107,7 @@ impl Encapsulator {
                 template[ETH_LEN..ETH_LEN + ip_len].copy_from_slice(&bytes);
                 // total_len is 20 in the template: remove it, it is added back per packet.
                 template[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&[0, 0]);
-                Sum16BitWords::new().add_slice(&template[ETH_LEN..ETH_LEN + ip_len])
+                Sum::new().add(&template[ETH_LEN..ETH_LEN + ip_len])
             }
             (IpAddr::V6(src), IpAddr::V6(dst)) => {
                 let ip = Ipv6Header {
@@ -120,10 +120,10 @@ impl Encapsulator {
                     destination: dst.octets(),
                 };
                 template[ETH_LEN..ETH_LEN + ip_len].copy_from_slice(&ip.to_bytes());
-                Sum16BitWords::new()
-                    .add_slice(&src.octets())
-                    .add_slice(&dst.octets())
-                    .add_2bytes([0, IpNumber::UDP.0])
+                Sum::new()
+                    .add(&src.octets())
+                    .add(&dst.octets())
+                    .add_word([0, IpNumber::UDP.0])
             }
             _ => unreachable!("families checked above"),
         };
@@ -207,12 +207,8 @@ impl Encapsulator {
         h.copy_from_slice(&self.template[..50]);
         let total_len = (ip_packet_len as u16).to_be_bytes();
         h[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&total_len);
-        // etherparse sums native-endian words: its result is written in native order.
-        let csum = self
-            .partial_sum
-            .clone()
-            .add_2bytes(total_len)
-            .ones_complement();
+        // Sums are in native byte order: the result is written in native order.
+        let csum = self.partial_sum.add_word(total_len).checksum();
         h[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&csum.to_ne_bytes());
         h[UDP..UDP + 2].copy_from_slice(&source_port.to_be_bytes());
         h[UDP + 4..UDP + 6].copy_from_slice(&((ip_packet_len - 20) as u16).to_be_bytes());
@@ -243,10 +239,9 @@ impl Encapsulator {
         // Pseudo-header length + UDP header (checksum field still zero) + payload.
         let csum = self
             .partial_sum
-            .clone()
-            .add_2bytes(udp_len.to_be_bytes())
-            .add_slice(&buf[UDP..total])
-            .to_ones_complement_with_no_zero();
+            .add_word(udp_len.to_be_bytes())
+            .add(&buf[UDP..total])
+            .udp_checksum();
         buf[UDP + 6..UDP + 8].copy_from_slice(&csum.to_ne_bytes());
     }
 

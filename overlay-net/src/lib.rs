@@ -15,7 +15,29 @@
 //! * [`fdb`]: per-VNI forwarding databases with learning, aging, static entries, capacity
 //!   limits and flood lists for head-end replication.
 //! * [`mtu`]: overlay MTU arithmetic (RFC 7348 §4.3: never fragment).
+//! * [`checksum`]: the Internet checksum, vectorised.
+//!
+//! ```
+//! use overlay_net::{DecapConfig, Encapsulator, MacAddr, TunnelConfig, Vni, decapsulate};
+//!
+//! let tunnel = TunnelConfig::new(
+//!     MacAddr([2, 0, 0, 0, 0, 1]),             // our underlay MAC
+//!     MacAddr([2, 0, 0, 0, 0, 2]),             // next hop towards the remote VTEP
+//!     "192.0.2.1".parse().unwrap(),            // local VTEP
+//!     "192.0.2.2".parse().unwrap(),            // remote VTEP
+//! );
+//! let enc = Encapsulator::new(&tunnel)?;
+//! let inner = [0u8; 60]; // an inner Ethernet frame
+//! let mut buf = [0u8; 1514];
+//! let len = enc.encap(Vni::new(42)?, &inner, &mut buf)?;
+//! assert_eq!(len, 50 + 60);
+//!
+//! let d = decapsulate(&buf[..len], &DecapConfig::default())?;
+//! assert_eq!((d.vni.get(), d.inner), (42, &inner[..]));
+//! # Ok::<(), overlay_net::Error>(())
+//! ```
 
+pub mod checksum;
 pub mod decap;
 pub mod encap;
 mod error;
