@@ -17,7 +17,7 @@ impl Sum {
 
     /// Adds `bytes` as 16-bit words; an odd last byte is padded with a zero byte.
     #[inline]
-    pub fn add(self, bytes: &[u8]) -> Sum {
+    pub fn add_bytes(self, bytes: &[u8]) -> Sum {
         // Blocks of 1 GiB keep every accumulator below 2^60: plain u64 adds, no carries.
         let mut sum = self;
         for block in bytes.chunks(1 << 30) {
@@ -96,7 +96,7 @@ mod tests {
         // RFC 1071 §3: the words 0001 f203 f4f5 f6f7 sum to ddf2 (one's complement).
         let bytes = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
         assert_eq!(
-            u16::from_be_bytes(Sum::new().add(&bytes).folded().to_ne_bytes()),
+            u16::from_be_bytes(Sum::new().add_bytes(&bytes).folded().to_ne_bytes()),
             0xddf2
         );
     }
@@ -107,7 +107,7 @@ mod tests {
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
         for len in 0..data.len() {
-            let ours = Sum::new().add(&data[..len]).checksum();
+            let ours = Sum::new().add_bytes(&data[..len]).checksum();
             let theirs = Sum16BitWords::new()
                 .add_slice(&data[..len])
                 .ones_complement();
@@ -115,7 +115,7 @@ mod tests {
         }
         let all_ff = vec![0xffu8; 4096];
         assert_eq!(
-            Sum::new().add(&all_ff).checksum(),
+            Sum::new().add_bytes(&all_ff).checksum(),
             Sum16BitWords::new().add_slice(&all_ff).ones_complement()
         );
     }
@@ -126,12 +126,12 @@ mod tests {
         let b = [7u8, 8, 9, 10];
         let joined = [1u8, 2, 3, 4, 5, 6, 7, 8, 9, 10];
         assert_eq!(
-            Sum::new().add(&a).add(&b).checksum(),
-            Sum::new().add(&joined).checksum()
+            Sum::new().add_bytes(&a).add_bytes(&b).checksum(),
+            Sum::new().add_bytes(&joined).checksum()
         );
         assert_eq!(
             Sum::new().add_word([0xab, 0xcd]).checksum(),
-            Sum::new().add(&[0xab, 0xcd]).checksum()
+            Sum::new().add_bytes(&[0xab, 0xcd]).checksum()
         );
     }
 }

@@ -115,7 +115,7 @@ fn outer_ipv4<'a>(packet: &'a [u8], cfg: &DecapConfig) -> Result<Decapsulated<'a
     if total > packet.len() {
         return Err(truncated(Layer::Ipv4, total, packet.len()));
     }
-    if Sum::new().add(&packet[..ihl]).checksum() != 0 {
+    if Sum::new().add_bytes(&packet[..ihl]).checksum() != 0 {
         return Err(Error::Ipv4Checksum);
     }
     if be16(h, 6) & 0x3fff != 0 {
@@ -215,10 +215,10 @@ fn udp_vxlan<'a>(
         }
     } else {
         let sum = Sum::new()
-            .add(addrs)
+            .add_bytes(addrs)
             .add_word([0, PROTO_UDP])
             .add_word((udp_len as u16).to_be_bytes())
-            .add(datagram);
+            .add_bytes(datagram);
         if sum.checksum() != 0 {
             return Err(Error::UdpChecksum);
         }
@@ -349,7 +349,7 @@ mod tests {
         }
         // An IPv4 fragment: set MF.
         let mut frag = with(&v4, 20, 0x60);
-        let csum = Sum::new().add(&{
+        let csum = Sum::new().add_bytes(&{
             let mut h = frag[14..34].to_vec();
             h[10] = 0;
             h[11] = 0;

@@ -107,7 +107,7 @@ impl Encapsulator {
                 template[ETH_LEN..ETH_LEN + ip_len].copy_from_slice(&bytes);
                 // total_len is 20 in the template: remove it, it is added back per packet.
                 template[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&[0, 0]);
-                Sum::new().add(&template[ETH_LEN..ETH_LEN + ip_len])
+                Sum::new().add_bytes(&template[ETH_LEN..ETH_LEN + ip_len])
             }
             (IpAddr::V6(src), IpAddr::V6(dst)) => {
                 let ip = Ipv6Header {
@@ -121,8 +121,8 @@ impl Encapsulator {
                 };
                 template[ETH_LEN..ETH_LEN + ip_len].copy_from_slice(&ip.to_bytes());
                 Sum::new()
-                    .add(&src.octets())
-                    .add(&dst.octets())
+                    .add_bytes(&src.octets())
+                    .add_bytes(&dst.octets())
                     .add_word([0, IpNumber::UDP.0])
             }
             _ => unreachable!("families checked above"),
@@ -240,7 +240,7 @@ impl Encapsulator {
         let csum = self
             .partial_sum
             .add_word(udp_len.to_be_bytes())
-            .add(&buf[UDP..total])
+            .add_bytes(&buf[UDP..total])
             .udp_checksum();
         buf[UDP + 6..UDP + 8].copy_from_slice(&csum.to_ne_bytes());
     }
