@@ -26,6 +26,23 @@ impl Sum {
         sum
     }
 
+    /// Adds a fixed-size array (a header): a constant number of 32-bit adds, no loop logic.
+    /// `N` must be even.
+    #[inline(always)]
+    pub fn add_array<const N: usize>(self, bytes: &[u8; N]) -> Sum {
+        const { assert!(N % 2 == 0, "add_array takes whole 16-bit words") };
+        let mut acc = 0u64;
+        let mut i = 0;
+        while i + 4 <= N {
+            acc += u32::from_ne_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]) as u64;
+            i += 4;
+        }
+        if i < N {
+            acc += u16::from_ne_bytes([bytes[i], bytes[i + 1]]) as u64;
+        }
+        self.add_u64(acc)
+    }
+
     /// Adds one 16-bit word given as its two bytes in wire order.
     #[inline]
     pub fn add_word(self, bytes: [u8; 2]) -> Sum {
@@ -117,6 +134,20 @@ mod tests {
         assert_eq!(
             Sum::new().add_bytes(&all_ff).checksum(),
             Sum16BitWords::new().add_slice(&all_ff).ones_complement()
+        );
+    }
+
+    #[test]
+    fn fixed_arrays_sum_like_slices() {
+        let h: [u8; 20] = core::array::from_fn(|i| (i * 37 + 11) as u8);
+        assert_eq!(
+            Sum::new().add_array(&h).folded(),
+            Sum::new().add_bytes(&h).folded()
+        );
+        let w: [u8; 6] = [0xff, 0xfe, 1, 2, 3, 4];
+        assert_eq!(
+            Sum::new().add_array(&w).checksum(),
+            Sum::new().add_bytes(&w).checksum()
         );
     }
 

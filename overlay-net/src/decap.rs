@@ -115,7 +115,12 @@ fn outer_ipv4<'a>(packet: &'a [u8], cfg: &DecapConfig) -> Result<Decapsulated<'a
     if total > packet.len() {
         return Err(truncated(Layer::Ipv4, total, packet.len()));
     }
-    if Sum::new().add_bytes(&packet[..ihl]).checksum() != 0 {
+    let header_sum = if ihl == 20 {
+        Sum::new().add_array(h)
+    } else {
+        Sum::new().add_bytes(&packet[..ihl])
+    };
+    if header_sum.checksum() != 0 {
         return Err(Error::Ipv4Checksum);
     }
     if be16(h, 6) & 0x3fff != 0 {
