@@ -30,7 +30,7 @@ impl Sum {
     /// `N` must be even.
     #[inline(always)]
     pub fn add_array<const N: usize>(self, bytes: &[u8; N]) -> Sum {
-        const { assert!(N % 2 == 0, "add_array takes whole 16-bit words") };
+        const { assert!(N.is_multiple_of(2), "add_array takes whole 16-bit words") };
         let mut acc = 0u64;
         let mut i = 0;
         while i + 4 <= N {
