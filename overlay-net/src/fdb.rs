@@ -3,8 +3,10 @@
 //! Each tenant (VNI) has its own table, so two tenants may use the same MAC addresses. Learned
 //! entries age out; static entries never age and are never overwritten by learning. A
 //! per-tenant limit bounds learned entries: at the limit learning stops, and the entries that
-//! exist keep working. The table's memory is reserved when the tenant is created, so learning
-//! never allocates on the datapath. Flood lists (local ports and remote VTEPs) drive head-end
+//! exist keep working. A table starts with room for [`INITIAL_CAPACITY`] entries and doubles
+//! when it fills, so learning allocates at most log2(limit) times in a table's life, never per
+//! packet, and a tenant with few MACs does not pay (in memory and cache) for its limit. Flood
+//! lists (local ports and remote VTEPs) drive head-end
 //! replication with split horizon: frames from a remote VTEP are never sent back to the
 //! underlay.
 //!
@@ -116,17 +118,23 @@ pub struct TenantFdb {
     last_full_sweep: Option<Timestamp>,
 }
 
+/// Entries a tenant's table has room for before it first grows.
+pub const INITIAL_CAPACITY: usize = 256;
+
 /// How often (ms) a full table may be swept for expired entries on the learning path.
 const FULL_SWEEP_INTERVAL_MS: u64 = 1000;
 
 impl TenantFdb {
-    /// An empty table for `vni`, with room for `limits.max_learned` entries reserved.
+    /// An empty table for `vni`.
     pub fn new(vni: Vni, limits: TenantLimits) -> TenantFdb {
         TenantFdb {
             vni,
             limits,
             aging_ms: limits.aging.as_millis() as u64,
-            entries: MacMap::with_capacity_and_hasher(limits.max_learned + 64, Default::default()),
+            entries: MacMap::with_capacity_and_hasher(
+                limits.max_learned.min(INITIAL_CAPACITY),
+                Default::default(),
+            ),
             learned: 0,
             local_ports: Vec::new(),
             remote_vteps: Vec::new(),
