@@ -21,7 +21,10 @@ use overlay_net::{
 fn main() {
     let mut args = std::env::args().skip(1);
     let op = args.next().unwrap_or_else(|| "encap-v4".into());
-    let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    let n: usize = args
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
     let vni = Vni::new(42).expect("constant VNI");
     let inner = inner_udp_frame(64);
     let mut acc = 0usize;
@@ -35,7 +38,8 @@ fn main() {
             let encap = op.starts_with("encap");
             for _ in 0..n {
                 acc += if encap {
-                    enc.encap_in_place(vni, black_box(&mut buf), inner.len()).unwrap_or(0)
+                    enc.encap_in_place(vni, black_box(&mut buf), inner.len())
+                        .unwrap_or(0)
                 } else {
                     decapsulate(black_box(&outer), &cfg).map_or(0, |d| d.inner.len())
                 };

@@ -96,12 +96,8 @@ impl KernelPeerBed {
                 24,
             ),
             UnderlayFamily::V6 => (
-                "fd42::1"
-                    .parse::<Ipv6Addr>()
-                    .map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), IpAddr::V6),
-                "fd42::2"
-                    .parse::<Ipv6Addr>()
-                    .map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), IpAddr::V6),
+                Ipv6Addr::new(0xfd42, 0, 0, 0, 0, 0, 0, 1).into(),
+                Ipv6Addr::new(0xfd42, 0, 0, 0, 0, 0, 0, 2).into(),
                 64,
             ),
         };
