@@ -66,6 +66,8 @@ pub struct Encapsulator {
     /// IPv4: sum of the template's IP header with zero length and checksum.
     /// IPv6: sum of the UDP pseudo-header's addresses and next header.
     partial_sum: Sum,
+    /// IPv4: `partial_sum` folded to 16 bits (native order).
+    ipv4_header_sum: u32,
     underlay_mtu: u16,
 }
 
@@ -140,6 +142,7 @@ impl Encapsulator {
             family,
             header_len,
             partial_sum,
+            ipv4_header_sum: partial_sum.folded() as u32,
             underlay_mtu: cfg.underlay_mtu,
         })
     }
@@ -208,7 +211,9 @@ impl Encapsulator {
         let total_len = (ip_packet_len as u16).to_be_bytes();
         h[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&total_len);
         // Sums are in native byte order: the result is written in native order.
-        let csum = self.partial_sum.add_word(total_len).checksum();
+        // The template's sum is folded to 16 bits already: one add, one fold.
+        let s = self.ipv4_header_sum + u16::from_ne_bytes(total_len) as u32;
+        let csum = !(((s & 0xffff) + (s >> 16)) as u16);
         h[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&csum.to_ne_bytes());
         h[UDP..UDP + 2].copy_from_slice(&source_port.to_be_bytes());
         h[UDP + 4..UDP + 6].copy_from_slice(&((ip_packet_len - 20) as u16).to_be_bytes());

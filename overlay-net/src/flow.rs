@@ -56,6 +56,25 @@ pub fn flow_hash(frame: &[u8]) -> u32 {
 
 #[inline(always)]
 fn flow_hash64(frame: &[u8]) -> Option<u64> {
+    // Fast path, the common case: untagged IPv4 without options, ports present.
+    if let Some(h) = frame.first_chunk::<38>()
+        && h[12] == 0x08
+        && h[13] == 0x00
+        && h[14] == 0x45
+    {
+        let proto = h[23];
+        let unfragmented = (h[20] & 0x3f) == 0 && h[21] == 0;
+        let ports = if unfragmented && (proto == TCP || proto == UDP) {
+            u32::from_be_bytes([h[34], h[35], h[36], h[37]])
+        } else {
+            0
+        };
+        let addrs = u64::from_be_bytes([h[26], h[27], h[28], h[29], h[30], h[31], h[32], h[33]]);
+        return Some(fold_mul(
+            addrs ^ K0,
+            ((proto as u64) << 32 | ports as u64) ^ K1,
+        ));
+    }
     let mut l3 = 14;
     let mut ether_type = be_u16(frame, 12)?;
     if ether_type == 0x8100 {
