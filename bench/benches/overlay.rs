@@ -45,8 +45,7 @@ fn encap_decap(c: &mut Criterion) {
             g.bench_function("decap", |b| {
                 b.iter(|| decapsulate(black_box(&outer), &cfg).unwrap().vni)
             });
-            // Both on one buffer: includes store-to-load forwarding stalls that two hosts
-            // would not see, so it is an upper bound of encap + decap.
+            // One encapsulation and the decapsulation of its result, per iteration.
             g.bench_function("encap+decap", |b| {
                 b.iter(|| {
                     let n = enc.encap_in_place(vni, black_box(&mut buf), size).unwrap();
