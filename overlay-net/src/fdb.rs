@@ -101,9 +101,12 @@ pub enum LearnOutcome {
     NotUnicast,
 }
 
+/// The fast, per-process seeded hasher the overlay and switch tables use (foldhash).
+pub type FastHash = foldhash::fast::RandomState;
+
 /// Keyed by [`MacAddr::to_u64`]: a `u64` hashes and compares in one instruction each, where a
 /// six-byte array costs several loads.
-type MacMap = HashMap<u64, FdbEntry, foldhash::fast::RandomState>;
+type MacMap = HashMap<u64, FdbEntry, FastHash>;
 
 /// The forwarding table and flood list of one tenant.
 #[derive(Debug)]
@@ -336,7 +339,7 @@ impl TenantFdb {
 /// The forwarding databases of all tenants, keyed by VNI.
 #[derive(Debug, Default)]
 pub struct Fdb {
-    tenants: HashMap<Vni, TenantFdb, foldhash::fast::RandomState>,
+    tenants: HashMap<Vni, TenantFdb, FastHash>,
 }
 
 impl Fdb {

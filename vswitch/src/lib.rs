@@ -1,0 +1,33 @@
+//! `vswitch`: libvirtual's userspace virtual switch.
+//!
+//! This crate holds the switch's sans-IO forwarding core; the datapath threads, TAP and VXLAN
+//! ports, the daemon `vswitchd` and its control API are built on it (issue #3, in progress).
+//!
+//! * [`Switch`]: the registry of tenants and ports; a frame's tenant is fixed at ingress.
+//! * [`TenantSwitch`]: one tenant's L2 domain: ingress checks (port security, rate limit,
+//!   MTU), MAC learning, the forwarding decision ([`Verdict`]) and counters. Tenants share
+//!   nothing, so a datapath can lock or shard them independently.
+//! * [`TokenBucket`]: per-port policing in bits/s and packets/s.
+//! * [`PortCounters`] / [`TenantCounters`]: packets, bytes and drops by [`DropReason`].
+//!
+//! Time is passed in as nanoseconds of a monotonic clock the caller owns ([`Nanos`]).
+
+mod counters;
+mod error;
+mod port;
+mod ratelimit;
+mod switch;
+mod tenant;
+
+pub use counters::{DropReason, PortCounters, TenantCounters};
+pub use error::Error;
+pub use port::{PortConfig, PortSecurity};
+pub use ratelimit::{RateLimit, TokenBucket};
+pub use switch::Switch;
+pub use tenant::{Ingress, TenantConfig, TenantSwitch, Verdict};
+
+/// A point in time: nanoseconds on a monotonic clock chosen by the caller.
+pub type Nanos = u64;
+
+/// Re-export of the overlay core the switch is built on.
+pub use overlay_net;

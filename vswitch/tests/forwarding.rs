@@ -1,0 +1,281 @@
+//! The switch's forwarding decisions, through its public API: isolation, learning, flooding
+//! with split horizon, port security, policing, MTU and the MAC limit.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use overlay_net::frame::build_udp;
+use overlay_net::{Destination, MacAddr, PortId, TenantLimits, Vni};
+use vswitch::{
+    DropReason, Ingress, PortConfig, PortSecurity, RateLimit, Switch, TenantConfig, Verdict,
+};
+
+const SEC: u64 = 1_000_000_000;
+
+fn mac(n: u8) -> MacAddr {
+    MacAddr([0x02, 0, 0, 0, 0, n])
+}
+
+fn frame(src: MacAddr, dst: MacAddr, src_ip: &str, len: usize) -> Vec<u8> {
+    let payload = vec![0xab; len.saturating_sub(42)];
+    let mut buf = vec![0u8; len.max(42) + 64];
+    let n = build_udp(
+        &mut buf,
+        src,
+        dst,
+        None,
+        format!("{src_ip}:1000").parse().unwrap(),
+        "10.0.0.254:2000".parse().unwrap(),
+        &payload,
+    )
+    .unwrap();
+    buf.truncate(n);
+    buf
+}
+
+fn tenant(name: &str, vni: u32) -> TenantConfig {
+    TenantConfig {
+        name: name.into(),
+        vni: Vni::new(vni).unwrap(),
+        mtu: 1450,
+        limits: TenantLimits::default(),
+    }
+}
+
+/// Two tenants with the same three MACs on ports a1..a3 and b1..b3.
+fn two_tenants() -> (Switch, [PortId; 3], [PortId; 3]) {
+    let mut sw = Switch::new();
+    sw.add_tenant(tenant("a", 100)).unwrap();
+    sw.add_tenant(tenant("b", 200)).unwrap();
+    let a = [1, 2, 3].map(|i| sw.add_port("a", PortConfig::new(format!("a{i}"))).unwrap());
+    let b = [1, 2, 3].map(|i| sw.add_port("b", PortConfig::new(format!("b{i}"))).unwrap());
+    (sw, a, b)
+}
+
+#[test]
+fn learning_then_unicast_within_a_tenant() {
+    let (mut sw, a, _) = two_tenants();
+    let f = frame(mac(1), mac(2), "10.0.0.1", 64);
+    assert_eq!(
+        sw.ingress_port(a[0], &f, 0).1,
+        Verdict::Flood,
+        "unknown destination"
+    );
+    let back = frame(mac(2), mac(1), "10.0.0.2", 64);
+    assert_eq!(
+        sw.ingress_port(a[1], &back, 1).1,
+        Verdict::Unicast(Destination::Local(a[0]))
+    );
+    assert_eq!(
+        sw.ingress_port(a[0], &f, 2).1,
+        Verdict::Unicast(Destination::Local(a[1]))
+    );
+    let t = sw.tenant("a").unwrap();
+    assert_eq!((t.counters().unicast, t.counters().flooded), (2, 1));
+    assert_eq!(t.port(a[0]).unwrap().1.rx_packets, 2);
+}
+
+#[test]
+fn tenants_with_identical_macs_never_mix() {
+    let (mut sw, a, b) = two_tenants();
+    // Tenant a learns mac(2) on a[1]; tenant b learns the same MAC on b[2].
+    sw.ingress_port(a[1], &frame(mac(2), mac(1), "10.0.0.2", 64), 0);
+    sw.ingress_port(b[2], &frame(mac(2), mac(1), "10.0.0.2", 64), 0);
+    let (vni, v) = sw.ingress_port(b[0], &frame(mac(1), mac(2), "10.0.0.1", 64), 1);
+    assert_eq!(vni, Some(Vni::new(200).unwrap()));
+    assert_eq!(v, Verdict::Unicast(Destination::Local(b[2])));
+    let (_, v) = sw.ingress_port(a[0], &frame(mac(1), mac(2), "10.0.0.1", 64), 1);
+    assert_eq!(v, Verdict::Unicast(Destination::Local(a[1])));
+    // Floods stay inside the tenant.
+    let t = sw.tenant("b").unwrap();
+    let targets: Vec<_> = t.flood_targets(Ingress::Port(b[0])).collect();
+    assert_eq!(targets.len(), 2);
+    assert!(
+        targets
+            .iter()
+            .all(|d| matches!(d, Destination::Local(p) if b.contains(p)))
+    );
+}
+
+#[test]
+fn uplink_frames_learn_remote_macs_and_never_return_to_the_underlay() {
+    let (mut sw, a, _) = two_tenants();
+    let vtep1: IpAddr = "192.0.2.1".parse().unwrap();
+    let vtep2: IpAddr = "192.0.2.2".parse().unwrap();
+    let vni = Vni::new(100).unwrap();
+    {
+        let t = sw.tenant_mut("a").unwrap().fdb_mut();
+        t.add_remote_vtep(vtep1);
+        t.add_remote_vtep(vtep2);
+    }
+    // A broadcast from a local port reaches the other local ports and both VTEPs.
+    let bcast = frame(mac(1), MacAddr::BROADCAST, "10.0.0.1", 64);
+    assert_eq!(sw.ingress_port(a[0], &bcast, 0).1, Verdict::Flood);
+    let t = sw.tenant("a").unwrap();
+    assert_eq!(t.flood_targets(Ingress::Port(a[0])).count(), 4);
+    // A broadcast from the uplink goes to local ports only.
+    assert_eq!(t.flood_targets(Ingress::Uplink(vtep1)).count(), 3);
+    // mac(9) lives behind vtep1; local traffic to it is unicast to that VTEP.
+    let from_remote = frame(mac(9), mac(1), "10.0.0.9", 64);
+    assert_eq!(
+        sw.ingress_uplink(vni, vtep1, &from_remote, 1),
+        Verdict::Unicast(Destination::Local(a[0]))
+    );
+    let to_remote = frame(mac(1), mac(9), "10.0.0.1", 64);
+    assert_eq!(
+        sw.ingress_port(a[0], &to_remote, 2).1,
+        Verdict::Unicast(Destination::Remote(vtep1))
+    );
+    // A frame from vtep2 for a MAC behind vtep1 is not sent back to the underlay.
+    let relay = frame(mac(8), mac(9), "10.0.0.8", 64);
+    assert_eq!(
+        sw.ingress_uplink(vni, vtep2, &relay, 3),
+        Verdict::Drop(DropReason::Hairpin)
+    );
+    // Unknown VNIs are dropped and counted.
+    assert_eq!(
+        sw.ingress_uplink(Vni::new(999).unwrap(), vtep1, &relay, 4),
+        Verdict::Drop(DropReason::UnknownVni)
+    );
+    assert_eq!(sw.unknown_vni_drops(), 1);
+}
+
+#[test]
+fn port_security_drops_and_counts_spoofing() {
+    let mut sw = Switch::new();
+    sw.add_tenant(tenant("a", 100)).unwrap();
+    let mut cfg = PortConfig::new("secure");
+    cfg.security = Some(PortSecurity {
+        mac: mac(1),
+        ips: vec!["10.0.0.1".parse().unwrap()],
+    });
+    let p = sw.add_port("a", cfg).unwrap();
+    let q = sw.add_port("a", PortConfig::new("open")).unwrap();
+    let good = frame(mac(1), mac(2), "10.0.0.1", 64);
+    assert_eq!(sw.ingress_port(p, &good, 0).1, Verdict::Flood);
+    let bad_mac = frame(mac(3), mac(2), "10.0.0.1", 64);
+    assert_eq!(
+        sw.ingress_port(p, &bad_mac, 0).1,
+        Verdict::Drop(DropReason::SpoofedMac)
+    );
+    let bad_ip = frame(mac(1), mac(2), "10.0.0.77", 64);
+    assert_eq!(
+        sw.ingress_port(p, &bad_ip, 0).1,
+        Verdict::Drop(DropReason::SpoofedIp)
+    );
+    // The spoofed MAC was not learned: frames to it still flood.
+    let to_spoofed = frame(mac(2), mac(3), "10.0.0.2", 64);
+    assert_eq!(sw.ingress_port(q, &to_spoofed, 0).1, Verdict::Flood);
+    let c = sw.tenant("a").unwrap().port(p).unwrap().1;
+    assert_eq!(c.drops.get(DropReason::SpoofedMac), 1);
+    assert_eq!(c.drops.get(DropReason::SpoofedIp), 1);
+    assert_eq!(c.rx_packets, 3);
+}
+
+#[test]
+fn policing_limits_a_port_to_its_rate() {
+    let mut sw = Switch::new();
+    sw.add_tenant(tenant("a", 100)).unwrap();
+    let mut cfg = PortConfig::new("limited");
+    cfg.rate_limit = RateLimit {
+        bits_per_sec: Some(8_000_000), // 1 MB/s
+        burst_bits: Some(80_000),
+        ..Default::default()
+    };
+    let p = sw.add_port("a", cfg).unwrap();
+    let f = frame(mac(1), mac(2), "10.0.0.1", 1000);
+    // Offer 10 MB/s for 2 s: 10k frames per second.
+    let passed = (0..20_000u64)
+        .filter(|i| {
+            sw.ingress_port(p, &f, i * (SEC / 10_000)).1 != Verdict::Drop(DropReason::RateLimited)
+        })
+        .count() as u64;
+    let expected = (2 * 1_000_000 + 10_000) / f.len() as u64;
+    assert!(
+        passed.abs_diff(expected) <= 2,
+        "{passed} frames passed, expected {expected}"
+    );
+}
+
+#[test]
+fn oversize_malformed_and_group_sources_are_dropped() {
+    let (mut sw, a, _) = two_tenants();
+    let max = frame(mac(1), mac(2), "10.0.0.1", 1450 + 14);
+    assert_eq!(sw.ingress_port(a[0], &max, 0).1, Verdict::Flood);
+    let too_big = frame(mac(1), mac(2), "10.0.0.1", 1450 + 15);
+    assert_eq!(
+        sw.ingress_port(a[0], &too_big, 0).1,
+        Verdict::Drop(DropReason::Oversize)
+    );
+    assert_eq!(
+        sw.ingress_port(a[0], &[0u8; 13], 0).1,
+        Verdict::Drop(DropReason::Malformed)
+    );
+    let group_src = frame(MacAddr([0x01, 0, 0x5e, 0, 0, 1]), mac(2), "10.0.0.1", 64);
+    assert_eq!(
+        sw.ingress_port(a[0], &group_src, 0).1,
+        Verdict::Drop(DropReason::InvalidSource)
+    );
+    let hairpin = frame(mac(1), mac(1), "10.0.0.1", 64);
+    assert_eq!(
+        sw.ingress_port(a[0], &hairpin, 0).1,
+        Verdict::Drop(DropReason::Hairpin)
+    );
+    let drops = sw.tenant("a").unwrap().counters().drops;
+    assert_eq!(drops.total(), 4);
+}
+
+#[test]
+fn the_mac_limit_stops_learning_but_known_macs_keep_working() {
+    let mut sw = Switch::new();
+    let mut cfg = tenant("a", 100);
+    cfg.limits = TenantLimits {
+        max_learned: 4,
+        aging: Duration::from_secs(300),
+    };
+    sw.add_tenant(cfg).unwrap();
+    let p = sw.add_port("a", PortConfig::new("p")).unwrap();
+    let q = sw.add_port("a", PortConfig::new("q")).unwrap();
+    for n in 1..=6 {
+        sw.ingress_port(p, &frame(mac(n), MacAddr::BROADCAST, "10.0.0.1", 64), 0);
+    }
+    let t = sw.tenant("a").unwrap();
+    assert_eq!(t.fdb().learned_len(), 4);
+    assert_eq!(t.counters().learn_limit_hits, 2);
+    assert_eq!(
+        sw.ingress_port(q, &frame(mac(9), mac(2), "10.0.0.9", 64), 1)
+            .1,
+        Verdict::Unicast(Destination::Local(p))
+    );
+    assert_eq!(
+        sw.ingress_port(q, &frame(mac(9), mac(6), "10.0.0.9", 64), 1)
+            .1,
+        Verdict::Flood
+    );
+}
+
+#[test]
+fn configuration_errors_are_clear() {
+    let mut sw = Switch::new();
+    sw.add_tenant(tenant("a", 100)).unwrap();
+    assert!(sw.add_tenant(tenant("a", 101)).is_err(), "duplicate name");
+    assert!(sw.add_tenant(tenant("b", 100)).is_err(), "duplicate VNI");
+    let mut tiny = tenant("c", 102);
+    tiny.mtu = 60;
+    assert!(sw.add_tenant(tiny).is_err(), "MTU below 68");
+    assert!(sw.add_port("nope", PortConfig::new("p")).is_err());
+    sw.add_port("a", PortConfig::new("p")).unwrap();
+    assert!(
+        sw.add_port("a", PortConfig::new("p")).is_err(),
+        "duplicate port"
+    );
+    assert!(sw.remove_tenant("a").is_err(), "tenant with ports");
+    sw.remove_port("p").unwrap();
+    assert!(sw.remove_port("p").is_err());
+    sw.remove_tenant("a").unwrap();
+    assert!(sw.tenant("a").is_none());
+    let mut bad_rate = PortConfig::new("r");
+    bad_rate.rate_limit.packets_per_sec = Some(0);
+    sw.add_tenant(tenant("d", 103)).unwrap();
+    assert!(sw.add_port("d", bad_rate).is_err());
+}
