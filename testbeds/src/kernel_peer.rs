@@ -24,6 +24,7 @@ use overlay_net::{MacAddr, TunnelConfig, UnderlayFamily, VXLAN_PORT, Vni, mtu};
 use crate::Error;
 use crate::netns::Netns;
 use crate::overlay_host::{HostConfig, OverlayHost, Transfer};
+use crate::probe::{PingResult, pattern, ping};
 use crate::transport::{Transport, TransportKind};
 
 const K_UNDERLAY_MAC: MacAddr = MacAddr([0x02, 0x4c, 0x56, 0, 0, 0x01]);
@@ -56,17 +57,6 @@ pub struct KernelPeerBed {
     t: Netns,
     t43: Netns,
     _u: Netns,
-}
-
-/// Result of a `ping` run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PingResult {
-    /// Echo requests sent.
-    pub sent: u32,
-    /// Replies received.
-    pub received: u32,
-    /// ICMP payload size (`-s`).
-    pub payload: u16,
 }
 
 /// Result of a TCP collect-and-echo transfer from the kernel tenant to the smoltcp host.
@@ -291,50 +281,9 @@ impl KernelPeerBed {
             .ok_or_else(|| Error::Setup(format!("no MTU in `{out}`")))
     }
 
-    fn ping(ns: &Netns, count: u32, payload: u16) -> Result<PingResult, Error> {
-        let out = ns
-            .command(
-                "ping",
-                &[
-                    "-n",
-                    "-q",
-                    "-c",
-                    &count.to_string(),
-                    "-i",
-                    "0.2",
-                    "-W",
-                    "3",
-                    "-M",
-                    "do",
-                    "-s",
-                    &payload.to_string(),
-                    &HOST_IP.to_string(),
-                ],
-            )
-            .output()
-            .map_err(|e| Error::Io("ping".into(), e))?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        // "5 packets transmitted, 5 received, 0% packet loss, time 803ms"
-        let line = text
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .ok_or_else(|| Error::Setup(format!("unexpected ping output: {text}")))?;
-        let mut nums = line.split(',').map(|part| {
-            part.split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<u32>().ok())
-                .unwrap_or(0)
-        });
-        Ok(PingResult {
-            sent: nums.next().unwrap_or(0),
-            received: nums.next().unwrap_or(0),
-            payload,
-        })
-    }
-
     /// `ping` from the VNI-42 tenant to the smoltcp host with ICMP payload `payload`, DF set.
     pub fn ping_from_tenant(&self, count: u32, payload: u16) -> Result<PingResult, Error> {
-        Self::ping(&self.t, count, payload)
+        ping(&self.t, HOST_IP.into(), count, payload)
     }
 
     /// The largest ICMP payload whose IPv4 packet fills the tenant MTU exactly.
@@ -344,7 +293,7 @@ impl KernelPeerBed {
 
     /// `ping` from the VNI-43 tenant, which has the same address as the VNI-42 tenant.
     pub fn ping_from_other_tenant(&self, count: u32) -> Result<PingResult, Error> {
-        Self::ping(&self.t43, count, 56)
+        ping(&self.t43, HOST_IP.into(), count, 56)
     }
 
     /// Sends `bytes` of pseudo-random data over TCP from the kernel tenant to the smoltcp
@@ -415,19 +364,6 @@ impl KernelPeerBed {
         }
         Ok(false)
     }
-}
-
-/// Deterministic pseudo-random bytes (xorshift), so a transfer is reproducible.
-fn pattern(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// Everything one interop run measured.

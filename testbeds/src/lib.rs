@@ -5,12 +5,17 @@
 //! * [`overlay_host`]: a `smoltcp` tenant host living inside a VNI through overlay-net.
 //! * [`kernel_peer`]: the interop bed against the Linux kernel's `vxlan` device and the
 //!   scenario the tests and the demo run.
+//! * [`probe`]: `ping` and TCP transfers between endpoints.
+//! * [`switch_bed`]: hosts running the vswitch datapath on a shared underlay, TAP endpoints,
+//!   and a kernel VXLAN host for interop.
 //!
 //! Everything here needs root (network namespaces); the library crates never depend on it.
 
 pub mod kernel_peer;
 pub mod netns;
 pub mod overlay_host;
+pub mod probe;
+pub mod switch_bed;
 pub mod transport;
 
 /// Errors of the test beds.

@@ -76,6 +76,14 @@ impl Netns {
     }
 }
 
+/// Moves the calling thread into the named namespace (for threads that must live there, such
+/// as a datapath whose TAPs and sockets belong to a host).
+pub fn enter_current_thread(name: &str) -> Result<(), Error> {
+    let path = format!("/run/netns/{name}");
+    let file = File::open(&path).map_err(|e| Error::Io(path.clone(), e))?;
+    setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| Error::Io(path, e.into()))
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")

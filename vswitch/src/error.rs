@@ -2,7 +2,7 @@ use overlay_net::{PortId, Vni};
 
 /// Errors of the switch's configuration operations. Frames are never errors: they are
 /// forwarded or dropped with a counted [`crate::DropReason`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A tenant with this name or VNI exists.
     #[error("tenant {0} already exists")]
@@ -27,6 +27,9 @@ pub enum Error {
         /// What is wrong with it.
         why: String,
     },
+    /// A system call failed.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
     /// The overlay core refused an operation.
     #[error(transparent)]
     Overlay(#[from] overlay_net::Error),

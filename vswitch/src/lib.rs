@@ -13,11 +13,14 @@
 //! Time is passed in as nanoseconds of a monotonic clock the caller owns ([`Nanos`]).
 
 mod counters;
+pub mod datapath;
 mod error;
 mod port;
 mod ratelimit;
 mod switch;
+pub mod tap;
 mod tenant;
+pub mod uplink;
 
 pub use counters::{DropReason, PortCounters, TenantCounters};
 pub use error::Error;

@@ -79,6 +79,21 @@ impl Switch {
         self.tenants.get(&vni)
     }
 
+    /// A tenant by VNI, mutable.
+    pub fn tenant_by_vni_mut(&mut self, vni: Vni) -> Option<&mut TenantSwitch> {
+        self.tenants.get_mut(&vni)
+    }
+
+    /// The VNI of a port's tenant.
+    pub fn port_vni(&self, id: PortId) -> Option<Vni> {
+        self.ports.get(&id).copied()
+    }
+
+    /// Counts a frame from the uplink whose VNI no tenant has (dropped by the datapath).
+    pub fn count_unknown_vni(&mut self) {
+        self.unknown_vni += 1;
+    }
+
     /// All tenants.
     pub fn tenants(&self) -> impl Iterator<Item = &TenantSwitch> {
         self.tenants.values()

@@ -1,0 +1,135 @@
+//! Measurements between endpoints: `ping` runs and TCP transfers with a checksum.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::Error;
+use crate::netns::Netns;
+
+/// Result of a `ping` run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PingResult {
+    /// Echo requests sent.
+    pub sent: u32,
+    /// Replies received.
+    pub received: u32,
+    /// ICMP payload size (`-s`).
+    pub payload: u16,
+}
+
+/// Runs `ping` in `ns` towards `to`: `count` echo requests with `payload` bytes, DF set.
+pub fn ping(ns: &Netns, to: IpAddr, count: u32, payload: u16) -> Result<PingResult, Error> {
+    let out = ns
+        .command(
+            "ping",
+            &[
+                "-n",
+                "-q",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.2",
+                "-W",
+                "3",
+                "-M",
+                "do",
+                "-s",
+                &payload.to_string(),
+                &to.to_string(),
+            ],
+        )
+        .output()
+        .map_err(|e| Error::Io("ping".into(), e))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "5 packets transmitted, 5 received, 0% packet loss, time 803ms"
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .ok_or_else(|| Error::Setup(format!("unexpected ping output: {text}")))?;
+    let mut nums = line.split(',').map(|part| {
+        part.split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    Ok(PingResult {
+        sent: nums.next().unwrap_or(0),
+        received: nums.next().unwrap_or(0),
+        payload,
+    })
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so a transfer is reproducible.
+pub fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Result of a one-way TCP transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransferReport {
+    /// Bytes sent.
+    pub bytes: usize,
+    /// CRC-32 of what was sent.
+    pub sent_crc32: u32,
+    /// CRC-32 of what arrived.
+    pub received_crc32: u32,
+    /// Bytes that arrived.
+    pub received: usize,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Sends `bytes` of pattern data over TCP from `client` to a listener in `server` on
+/// `addr:port`, and checks what arrived.
+pub fn tcp_transfer(
+    client: &Netns,
+    server: &Netns,
+    addr: IpAddr,
+    port: u16,
+    bytes: usize,
+) -> Result<TransferReport, Error> {
+    let io = |what: &'static str| move |e| Error::Io(what.into(), e);
+    let listener = server.enter(move || TcpListener::bind((addr, port)).map_err(io("bind")))?;
+    let receiver = std::thread::spawn(move || -> Result<(usize, u32), Error> {
+        let (mut s, _) = listener.accept().map_err(io("accept"))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(io("timeout"))?;
+        let mut got = Vec::with_capacity(bytes);
+        s.read_to_end(&mut got).map_err(io("receive"))?;
+        Ok((got.len(), crc32fast::hash(&got)))
+    });
+    let data = pattern(bytes);
+    let sent_crc32 = crc32fast::hash(&data);
+    let elapsed = client.enter(move || {
+        let start = Instant::now();
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::new(addr, port), Duration::from_secs(5))
+                .map_err(io("connect"))?;
+        s.set_write_timeout(Some(Duration::from_secs(30)))
+            .map_err(io("timeout"))?;
+        s.write_all(&data).map_err(io("send"))?;
+        s.shutdown(Shutdown::Write).map_err(io("shutdown"))?;
+        let mut rest = [0u8; 1];
+        let _ = s.read(&mut rest);
+        Ok(start.elapsed())
+    })?;
+    let (received, received_crc32) = receiver
+        .join()
+        .map_err(|_| Error::Setup("receiver thread panicked".into()))??;
+    Ok(TransferReport {
+        bytes,
+        sent_crc32,
+        received_crc32,
+        received,
+        elapsed,
+    })
+}

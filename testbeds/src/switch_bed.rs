@@ -1,0 +1,286 @@
+//! Hosts running the vswitch datapath on a shared underlay, with tenant endpoints attached
+//! through TAP ports, plus an optional Linux-kernel VXLAN host for interop.
+//!
+//! ```text
+//!  netns ul: bridge br0 ---- veth ---- netns h1 (198.18.0.1, datapath) -- TAP --> netns endpoint
+//!                      ---- veth ---- netns h2 (198.18.0.2, datapath) -- TAP --> netns endpoint
+//!                      ---- veth ---- netns hK (198.18.0.9, kernel vxlan + bridge) --> endpoint
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use overlay_net::{TenantLimits, Vni};
+use vswitch::datapath::{DatapathConfig, DatapathThread};
+use vswitch::tap::Offloads;
+use vswitch::{PortConfig, TenantConfig};
+
+use crate::Error;
+use crate::netns::{Netns, enter_current_thread};
+
+fn sw(e: vswitch::Error) -> Error {
+    Error::Setup(format!("vswitch: {e}"))
+}
+
+/// The underlay: a bridge in its own namespace.
+pub struct Underlay {
+    ns: Netns,
+    next_link: u32,
+}
+
+impl Underlay {
+    /// Creates the underlay bridge.
+    pub fn new() -> Result<Underlay, Error> {
+        let ns = Netns::create("ul")?;
+        ns.ip(&["link", "add", "name", "br0", "type", "bridge"])?;
+        ns.ip(&["link", "set", "br0", "up"])?;
+        Ok(Underlay { ns, next_link: 0 })
+    }
+
+    /// Plugs a new namespace into the bridge as `eth0` with `addr/24` and returns it.
+    fn plug(&mut self, role: &str, addr: Ipv4Addr) -> Result<Netns, Error> {
+        let host = Netns::create(role)?;
+        self.next_link += 1;
+        let link = format!("p{}", self.next_link);
+        self.ns.ip(&[
+            "link",
+            "add",
+            "name",
+            &link,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            host.name(),
+        ])?;
+        self.ns.ip(&["link", "set", &link, "master", "br0"])?;
+        self.ns.ip(&["link", "set", &link, "up"])?;
+        host.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        // A NIC finishes checksums and segments before the wire; veth would hand partial
+        // checksums of tunnelled packets to the peer instead.
+        host.exec(
+            "ethtool",
+            &[
+                "-K",
+                "eth0",
+                "tx",
+                "off",
+                "sg",
+                "off",
+                "tso",
+                "off",
+                "gso",
+                "off",
+                "tx-udp_tnl-segmentation",
+                "off",
+                "tx-udp_tnl-csum-segmentation",
+                "off",
+            ],
+        )?;
+        host.ip(&["link", "set", "eth0", "up"])?;
+        Ok(host)
+    }
+}
+
+/// A host running the vswitch datapath.
+pub struct SwitchHost {
+    /// The datapath thread (dropped first).
+    pub datapath: DatapathThread,
+    /// The host's namespace.
+    pub ns: Netns,
+    /// Its underlay address.
+    pub ip: IpAddr,
+}
+
+impl SwitchHost {
+    /// Plugs a host into the underlay at `198.18.0.<n>` and starts its datapath there.
+    pub fn new(underlay: &mut Underlay, n: u8) -> Result<SwitchHost, Error> {
+        let addr = Ipv4Addr::new(198, 18, 0, n);
+        let ns = underlay.plug(&format!("h{n}"), addr)?;
+        let name = ns.name().to_owned();
+        let datapath = DatapathThread::spawn(
+            DatapathConfig {
+                underlay: vec![addr.into()],
+                underlay_mtu: 1500,
+                udp_port: overlay_net::VXLAN_PORT,
+            },
+            move || {
+                enter_current_thread(&name).map_err(|e| {
+                    vswitch::Error::Io(
+                        "enter host netns".into(),
+                        std::io::Error::other(e.to_string()),
+                    )
+                })
+            },
+        )
+        .map_err(sw)?;
+        Ok(SwitchHost {
+            datapath,
+            ns,
+            ip: addr.into(),
+        })
+    }
+
+    /// Creates a tenant (MTU from the underlay) and points its flood list at `peers`.
+    pub fn tenant(&self, name: &str, vni: u32, peers: &[IpAddr]) -> Result<(), Error> {
+        let cfg = TenantConfig {
+            name: name.into(),
+            vni: Vni::new(vni)?,
+            mtu: 0,
+            limits: TenantLimits::default(),
+        };
+        let peers = peers.to_vec();
+        let tenant = name.to_owned();
+        self.datapath
+            .call(move |dp| {
+                dp.add_tenant(cfg)?;
+                for p in peers {
+                    dp.add_remote_vtep(&tenant, p)?;
+                }
+                Ok::<_, vswitch::Error>(())
+            })
+            .map_err(sw)?
+            .map_err(sw)
+    }
+
+    /// Attaches an endpoint: a TAP port `port` of `tenant`, moved into a new namespace as
+    /// `eth0` with `addr/24`, the tenant MTU and `mac`.
+    pub fn endpoint(
+        &self,
+        tenant: &str,
+        port: &str,
+        addr: Ipv4Addr,
+        mac: &str,
+    ) -> Result<Netns, Error> {
+        let (t, p) = (tenant.to_owned(), port.to_owned());
+        let mtu = self
+            .datapath
+            .call(move |dp| {
+                dp.add_tap_port(&t, PortConfig::new(p), Offloads::default())?;
+                Ok::<_, vswitch::Error>(dp.tenant_mtu().unwrap_or(1500))
+            })
+            .map_err(sw)?
+            .map_err(sw)?;
+        let ep = Netns::create(&format!("e{port}"))?;
+        // No IPv6: endpoints then send nothing on their own (no router solicitations, MLD or
+        // DAD), so counters show exactly the traffic a test makes.
+        quiet_ipv6(&ep)?;
+        self.ns.ip(&["link", "set", port, "netns", ep.name()])?;
+        ep.ip(&["link", "set", port, "name", "eth0"])?;
+        ep.ip(&[
+            "link",
+            "set",
+            "eth0",
+            "address",
+            mac,
+            "mtu",
+            &mtu.to_string(),
+        ])?;
+        ep.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ep.ip(&["link", "set", "eth0", "up"])?;
+        Ok(ep)
+    }
+}
+
+fn quiet_ipv6(ns: &Netns) -> Result<(), Error> {
+    ns.exec(
+        "sh",
+        &[
+            "-c",
+            "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6",
+        ],
+    )
+    .map(|_| ())
+}
+
+/// A host whose tenant side is the Linux kernel: vxlan + bridge, head-end replication to the
+/// given peers, one endpoint.
+pub struct KernelHost {
+    /// The host's namespace.
+    pub ns: Netns,
+    /// Its endpoint.
+    pub endpoint: Netns,
+    /// Its underlay address.
+    pub ip: IpAddr,
+}
+
+impl KernelHost {
+    /// Plugs a kernel VTEP at `198.18.0.<n>` with VNI `vni`, flooding to `peers`, and an
+    /// endpoint with `addr/24`.
+    pub fn new(
+        underlay: &mut Underlay,
+        n: u8,
+        vni: u32,
+        peers: &[IpAddr],
+        addr: Ipv4Addr,
+    ) -> Result<KernelHost, Error> {
+        let local = Ipv4Addr::new(198, 18, 0, n);
+        let ns = underlay.plug(&format!("k{n}"), local)?;
+        let id = vni.to_string();
+        ns.ip(&[
+            "link",
+            "add",
+            "name",
+            "vxl0",
+            "type",
+            "vxlan",
+            "id",
+            &id,
+            "dstport",
+            "4789",
+            "local",
+            &local.to_string(),
+            "dev",
+            "eth0",
+        ])?;
+        for p in peers {
+            ns.exec(
+                "bridge",
+                &[
+                    "fdb",
+                    "append",
+                    "00:00:00:00:00:00",
+                    "dev",
+                    "vxl0",
+                    "dst",
+                    &p.to_string(),
+                ],
+            )?;
+        }
+        // All-zero entries: broadcast and unknown unicast go to every peer (head-end
+        // replication); the vxlan device learns where remote MACs live from what it receives.
+        // Device names avoid `br`/`vx`: `ip link set` reads bare words as abbreviations.
+        ns.ip(&["link", "add", "name", "kbr0", "type", "bridge"])?;
+        let endpoint = Netns::create(&format!("ek{n}"))?;
+        ns.ip(&[
+            "link",
+            "add",
+            "name",
+            "tv0",
+            "mtu",
+            "1450",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "mtu",
+            "1450",
+            "netns",
+            endpoint.name(),
+        ])?;
+        for dev in ["vxl0", "tv0"] {
+            ns.ip(&["link", "set", "dev", dev, "master", "kbr0"])?;
+            ns.ip(&["link", "set", "dev", dev, "up"])?;
+        }
+        ns.ip(&["link", "set", "dev", "kbr0", "up"])?;
+        endpoint.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        endpoint.ip(&["link", "set", "eth0", "up"])?;
+        Ok(KernelHost {
+            ns,
+            endpoint,
+            ip: local.into(),
+        })
+    }
+}

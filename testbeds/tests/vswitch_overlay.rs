@@ -1,0 +1,169 @@
+//! The vswitch datapath between network-namespace hosts over a VXLAN underlay, as root:
+//! tenant endpoints on TAP ports reach each other across hosts, reach a Linux-kernel VXLAN
+//! host, and tenants with identical addresses stay apart.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use testbeds::netns::missing_privileges;
+use testbeds::probe::{ping, tcp_transfer};
+use testbeds::switch_bed::{KernelHost, SwitchHost, Underlay};
+
+fn skip() -> bool {
+    if let Some(why) = missing_privileges() {
+        eprintln!("SKIPPED vswitch overlay test: {why}");
+        return true;
+    }
+    false
+}
+
+fn ip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 100, 0, last)
+}
+
+#[test]
+fn one_tenant_on_three_switch_hosts_and_a_kernel_vxlan_host() {
+    if skip() {
+        return;
+    }
+    let mut ul = Underlay::new().unwrap();
+    let hosts: Vec<SwitchHost> = (1..=3)
+        .map(|n| SwitchHost::new(&mut ul, n).unwrap())
+        .collect();
+    let all: Vec<IpAddr> = vec![
+        hosts[0].ip,
+        hosts[1].ip,
+        hosts[2].ip,
+        Ipv4Addr::new(198, 18, 0, 9).into(),
+    ];
+    let kernel = KernelHost::new(&mut ul, 9, 100, &all[..3], ip(9)).unwrap();
+    let mut endpoints = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let peers: Vec<IpAddr> = all.iter().copied().filter(|p| *p != h.ip).collect();
+        h.tenant("a", 100, &peers).unwrap();
+        let n = i as u8 + 1;
+        let ep = h
+            .endpoint(
+                "a",
+                &format!("tapa{n}"),
+                ip(n),
+                &format!("02:00:00:00:a0:0{n}"),
+            )
+            .unwrap();
+        endpoints.push((ep, ip(n)));
+    }
+    // Every switch endpoint pings every other endpoint, the kernel one included.
+    let targets: Vec<Ipv4Addr> = vec![ip(1), ip(2), ip(3), ip(9)];
+    for (ep, own) in &endpoints {
+        for t in targets.iter().filter(|t| *t != own) {
+            let r = ping(ep, (*t).into(), 2, 56).unwrap();
+            assert_eq!(r.received, r.sent, "{own} -> {t}: {r:?}");
+        }
+    }
+    // And the kernel endpoint pings them back, with full-MTU packets (1450 - 28).
+    for (_, addr) in &endpoints {
+        let r = ping(&kernel.endpoint, (*addr).into(), 2, 1422).unwrap();
+        assert_eq!(r.received, r.sent, "kernel -> {addr}: {r:?}");
+    }
+    // TCP across the overlay, switch to switch and kernel to switch.
+    let t = tcp_transfer(
+        &endpoints[0].0,
+        &endpoints[2].0,
+        ip(3).into(),
+        5001,
+        4 << 20,
+    )
+    .unwrap();
+    assert_eq!(
+        (t.received, t.received_crc32),
+        (t.bytes, t.sent_crc32),
+        "{t:?}"
+    );
+    let t = tcp_transfer(
+        &kernel.endpoint,
+        &endpoints[1].0,
+        ip(2).into(),
+        5002,
+        4 << 20,
+    )
+    .unwrap();
+    assert_eq!(
+        (t.received, t.received_crc32),
+        (t.bytes, t.sent_crc32),
+        "{t:?}"
+    );
+    // A frame above the tenant MTU never leaves the endpoint (DF set, MTU 1450 on eth0)...
+    let r = ping(&endpoints[0].0, ip(2).into(), 1, 1423).unwrap();
+    assert_eq!(r.received, 0);
+    // ...and nothing was dropped for the underlay MTU or counted invalid.
+    let (counters, drops) = hosts[0]
+        .datapath
+        .call(|dp| {
+            let t = dp.switch().tenant("a").map(|t| *t.counters());
+            (dp.counters(), t)
+        })
+        .unwrap();
+    assert_eq!(counters.uplink_invalid, 0, "{counters:?}");
+    let drops = drops.unwrap().drops;
+    assert_eq!(drops.get(vswitch::DropReason::UnderlayMtu), 0);
+}
+
+#[test]
+fn tenants_with_identical_addresses_stay_apart() {
+    if skip() {
+        return;
+    }
+    let mut ul = Underlay::new().unwrap();
+    let h1 = SwitchHost::new(&mut ul, 1).unwrap();
+    let h2 = SwitchHost::new(&mut ul, 2).unwrap();
+    for (h, peer) in [(&h1, h2.ip), (&h2, h1.ip)] {
+        h.tenant("a", 100, &[peer]).unwrap();
+        h.tenant("b", 200, &[peer]).unwrap();
+    }
+    // Same IPs and same MACs in both tenants.
+    let a1 = h1
+        .endpoint("a", "tapa1", ip(1), "02:00:00:00:00:01")
+        .unwrap();
+    let a2 = h2
+        .endpoint("a", "tapa2", ip(2), "02:00:00:00:00:02")
+        .unwrap();
+    // Kept alive (not read): b2 pings it.
+    let _b1 = h1
+        .endpoint("b", "tapb1", ip(1), "02:00:00:00:00:01")
+        .unwrap();
+    let b2 = h2
+        .endpoint("b", "tapb2", ip(2), "02:00:00:00:00:02")
+        .unwrap();
+    let tx_of = |h: &SwitchHost, tenant: &'static str| {
+        h.datapath
+            .call(move |dp| {
+                let t = dp.switch().tenant(tenant).unwrap();
+                (
+                    t.counters().rx_packets,
+                    t.ports()
+                        .map(|(id, _)| t.port(id).unwrap().1.tx_packets)
+                        .sum::<u64>(),
+                )
+            })
+            .unwrap()
+    };
+    // Traffic in tenant a only: tenant b's ports receive nothing on either host.
+    let b_before = (tx_of(&h1, "b"), tx_of(&h2, "b"));
+    let r = ping(&a1, ip(2).into(), 5, 56).unwrap();
+    assert_eq!(r.received, r.sent);
+    let t = tcp_transfer(&a2, &a1, ip(1).into(), 5003, 1 << 20).unwrap();
+    assert_eq!(t.received_crc32, t.sent_crc32);
+    assert_eq!(
+        (tx_of(&h1, "b"), tx_of(&h2, "b")),
+        b_before,
+        "frames of tenant a reached tenant b"
+    );
+    // And the other way round.
+    let a_before = (tx_of(&h1, "a"), tx_of(&h2, "a"));
+    let r = ping(&b2, ip(1).into(), 5, 56).unwrap();
+    assert_eq!(r.received, r.sent);
+    assert_eq!(
+        (tx_of(&h1, "a"), tx_of(&h2, "a")),
+        a_before,
+        "frames of tenant b reached tenant a"
+    );
+}

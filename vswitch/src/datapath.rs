@@ -1,0 +1,460 @@
+//! The datapath: TAP ports and VXLAN uplinks driven by one epoll loop, run to completion in
+//! bursts of up to [`BATCH`] frames per descriptor, asleep in `epoll_wait` when idle.
+//!
+//! [`Datapath`] is single-threaded state; [`DatapathThread`] runs it on its own thread and
+//! carries configuration calls to it between bursts (a command queue plus an eventfd), so the
+//! forwarding path takes no locks. Several datapaths with disjoint ports are the path to more
+//! cores (issue #3 continues there).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use overlay_net::fdb::FastHash;
+use overlay_net::{Destination, PortId, UnderlayFamily, Vni};
+
+use crate::tap::{Offloads, Tap, VNET_HDR_LEN, VnetHeader};
+use crate::uplink::{BATCH, QueueError, Uplink};
+use crate::{
+    DropReason, Error, Ingress, Nanos, PortConfig, Switch, TenantConfig, TenantSwitch, Verdict,
+};
+
+/// epoll token of the control eventfd.
+const TOKEN_CONTROL: u64 = u64::MAX;
+/// epoll tokens of uplinks: this base plus the uplink's index.
+const TOKEN_UPLINK: u64 = 1 << 40;
+
+/// Settings of a datapath.
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    /// Underlay addresses to bind the VXLAN port on (one IPv4 and/or one IPv6).
+    pub underlay: Vec<IpAddr>,
+    /// L3 MTU of the underlay.
+    pub underlay_mtu: u16,
+    /// UDP port of VXLAN.
+    pub udp_port: u16,
+}
+
+/// Counters of the datapath itself (per-tenant and per-port counters live in the switch).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathCounters {
+    /// Datagrams on the uplink that are not valid VXLAN.
+    pub uplink_invalid: u64,
+    /// Frames from TAP ports that carry offload metadata the datapath cannot handle yet.
+    pub tap_offload_dropped: u64,
+    /// Datagrams the kernel did not take on send (socket buffer full).
+    pub uplink_tx_dropped: u64,
+}
+
+/// Single-threaded datapath state.
+pub struct Datapath {
+    switch: Switch,
+    taps: HashMap<PortId, Tap, FastHash>,
+    uplinks: Vec<Uplink>,
+    epoll: Epoll,
+    buf: Box<[u8]>,
+    flood: Vec<Destination>,
+    epoch: Instant,
+    counters: DatapathCounters,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("uplinks", &self.uplinks)
+            .finish()
+    }
+}
+
+fn nix_err(what: &str, e: nix::Error) -> Error {
+    Error::Io(what.into(), e.into())
+}
+
+impl Datapath {
+    /// Binds the uplinks (call in the underlay's network namespace).
+    pub fn new(cfg: &DatapathConfig) -> Result<Datapath, Error> {
+        let epoll =
+            Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| nix_err("epoll_create", e))?;
+        let mut uplinks = Vec::new();
+        for (i, ip) in cfg.underlay.iter().enumerate() {
+            let up = Uplink::bind(SocketAddr::new(*ip, cfg.udp_port), cfg.underlay_mtu)?;
+            epoll
+                .add(
+                    up.fd(),
+                    EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_UPLINK + i as u64),
+                )
+                .map_err(|e| nix_err("epoll_ctl uplink", e))?;
+            uplinks.push(up);
+        }
+        Ok(Datapath {
+            switch: Switch::new(),
+            taps: HashMap::default(),
+            uplinks,
+            epoll,
+            buf: vec![0u8; VNET_HDR_LEN + 65536].into_boxed_slice(),
+            flood: Vec::with_capacity(64),
+            epoch: Instant::now(),
+            counters: DatapathCounters::default(),
+        })
+    }
+
+    /// The switch (tenants, ports, forwarding tables, counters).
+    pub fn switch(&self) -> &Switch {
+        &self.switch
+    }
+
+    /// The switch, for configuration.
+    pub fn switch_mut(&mut self) -> &mut Switch {
+        &mut self.switch
+    }
+
+    /// The datapath's own counters.
+    pub fn counters(&self) -> DatapathCounters {
+        self.counters
+    }
+
+    /// The tenant MTU the underlay carries (the smallest over the uplinks).
+    pub fn tenant_mtu(&self) -> Option<u16> {
+        self.uplinks.iter().map(Uplink::inner_mtu).min()
+    }
+
+    /// Creates a tenant; an MTU of 0 means "as large as the underlay carries".
+    pub fn add_tenant(&mut self, mut config: TenantConfig) -> Result<(), Error> {
+        let max = self.tenant_mtu().unwrap_or(1500);
+        if config.mtu == 0 {
+            config.mtu = max;
+        } else if config.mtu > max {
+            return Err(Error::invalid(
+                "tenant MTU",
+                format!("{} exceeds what the underlay carries ({max})", config.mtu),
+            ));
+        }
+        self.switch.add_tenant(config).map(|_| ())
+    }
+
+    /// Creates a TAP interface named like the port, attaches it to `tenant` and starts
+    /// serving it.
+    pub fn add_tap_port(
+        &mut self,
+        tenant: &str,
+        config: PortConfig,
+        offloads: Offloads,
+    ) -> Result<PortId, Error> {
+        config.validate()?;
+        if self.switch.tenant(tenant).is_none() {
+            return Err(Error::NoSuchTenant(tenant.into()));
+        }
+        let tap = Tap::create(&config.name, offloads, false)?;
+        let id = self.switch.add_port(tenant, config)?;
+        if let Err(e) = self
+            .epoll
+            .add(tap.fd(), EpollEvent::new(EpollFlags::EPOLLIN, id.0 as u64))
+        {
+            let name = tap.name().to_owned();
+            let _ = self.switch.remove_port(&name);
+            return Err(nix_err("epoll_ctl tap", e));
+        }
+        self.taps.insert(id, tap);
+        Ok(id)
+    }
+
+    /// Detaches a port and closes its TAP (the interface disappears).
+    pub fn remove_port(&mut self, name: &str) -> Result<(), Error> {
+        let id = self
+            .switch
+            .port_id(name)
+            .ok_or_else(|| Error::NoSuchPort(name.into()))?;
+        self.switch.remove_port(name)?;
+        if let Some(tap) = self.taps.remove(&id) {
+            let _ = self.epoll.delete(tap.fd());
+        }
+        Ok(())
+    }
+
+    /// Adds a remote VTEP to a tenant's flood list.
+    pub fn add_remote_vtep(&mut self, tenant: &str, vtep: IpAddr) -> Result<(), Error> {
+        if !self
+            .uplinks
+            .iter()
+            .any(|u| u.family() == UnderlayFamily::of(vtep))
+        {
+            return Err(Error::invalid(
+                "remote VTEP",
+                format!("no uplink of {vtep}'s address family"),
+            ));
+        }
+        self.switch
+            .tenant_mut(tenant)
+            .ok_or_else(|| Error::NoSuchTenant(tenant.into()))?
+            .fdb_mut()
+            .add_remote_vtep(vtep);
+        Ok(())
+    }
+
+    fn now(&self) -> Nanos {
+        self.epoch.elapsed().as_nanos() as Nanos
+    }
+
+    /// Waits up to `timeout` for traffic and forwards what is there, in bursts. Returns the
+    /// number of events handled. `control` is told whether the control eventfd fired.
+    pub fn poll(
+        &mut self,
+        timeout: Duration,
+        control: Option<&EventFd>,
+    ) -> Result<(usize, bool), Error> {
+        let mut events = [EpollEvent::empty(); 64];
+        let ms = timeout.as_millis().min(u16::MAX as u128) as u16;
+        let n = match self.epoll.wait(&mut events, EpollTimeout::from(ms)) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => 0,
+            Err(e) => return Err(nix_err("epoll_wait", e)),
+        };
+        let mut control_fired = false;
+        for ev in &events[..n] {
+            match ev.data() {
+                TOKEN_CONTROL => {
+                    if let Some(c) = control {
+                        let _ = c.read();
+                    }
+                    control_fired = true;
+                }
+                t if t >= TOKEN_UPLINK => self.on_uplink((t - TOKEN_UPLINK) as usize),
+                t => self.on_tap(PortId(t as u32)),
+            }
+        }
+        Ok((n, control_fired))
+    }
+
+    fn on_tap(&mut self, port: PortId) {
+        let now = self.now();
+        let Some(vni) = self.switch.port_vni(port) else {
+            return;
+        };
+        let Datapath {
+            switch,
+            taps,
+            uplinks,
+            buf,
+            flood,
+            counters,
+            ..
+        } = self;
+        let Some(tap) = taps.get(&port) else {
+            return;
+        };
+        for _ in 0..BATCH {
+            let n = match tap.recv(buf) {
+                Ok(Some(n)) => n,
+                Ok(None) | Err(_) => break,
+            };
+            let Some(tenant) = switch.tenant_by_vni_mut(vni) else {
+                break;
+            };
+            let Some(hdr) = buf.first_chunk::<VNET_HDR_LEN>() else {
+                continue;
+            };
+            if n < VNET_HDR_LEN || !VnetHeader::parse(hdr).is_plain() {
+                counters.tap_offload_dropped += 1;
+                tenant.count_drop(Some(port), DropReason::Malformed);
+                continue;
+            }
+            let frame = &buf[VNET_HDR_LEN..n];
+            let from = Ingress::Port(port);
+            let verdict = tenant.ingress(from, frame, now);
+            deliver(tenant, taps, uplinks, flood, from, verdict, frame, vni);
+        }
+        for up in uplinks.iter_mut() {
+            counters.uplink_tx_dropped += up.flush() as u64;
+        }
+    }
+
+    fn on_uplink(&mut self, index: usize) {
+        let now = self.now();
+        let Datapath {
+            switch,
+            taps,
+            uplinks,
+            flood,
+            counters,
+            ..
+        } = self;
+        let Some(up) = uplinks.get_mut(index) else {
+            return;
+        };
+        let n = up.recv_batch().unwrap_or(0);
+        for i in 0..n {
+            let Some((parsed, from)) = up.datagram(i) else {
+                continue;
+            };
+            let (vni, inner) = match parsed {
+                Ok(v) => v,
+                Err(_) => {
+                    counters.uplink_invalid += 1;
+                    continue;
+                }
+            };
+            let ingress = Ingress::Uplink(from.ip());
+            let verdict = switch.ingress_uplink(vni, from.ip(), inner, now);
+            if let Some(tenant) = switch.tenant_by_vni_mut(vni) {
+                // Frames from the underlay go to local ports only (split horizon).
+                deliver(tenant, taps, &mut [], flood, ingress, verdict, inner, vni);
+            }
+        }
+    }
+}
+
+/// Sends a frame where its verdict says. Local ports get it at once; remote VTEPs get it
+/// queued on the uplink of their family (sent at the end of the burst).
+#[allow(clippy::too_many_arguments)]
+fn deliver(
+    tenant: &mut TenantSwitch,
+    taps: &HashMap<PortId, Tap, FastHash>,
+    uplinks: &mut [Uplink],
+    flood: &mut Vec<Destination>,
+    from: Ingress,
+    verdict: Verdict,
+    frame: &[u8],
+    vni: Vni,
+) {
+    let from_port = match from {
+        Ingress::Port(p) => Some(p),
+        Ingress::Uplink(_) => None,
+    };
+    let mut send = |tenant: &mut TenantSwitch, dest: Destination| match dest {
+        Destination::Local(q) => match taps.get(&q).map(|t| t.send_frame(frame)) {
+            Some(Ok(())) => tenant.count_tx(q, frame.len()),
+            _ => tenant.count_drop(Some(q), DropReason::TxError),
+        },
+        Destination::Remote(vtep) => {
+            let family = UnderlayFamily::of(vtep);
+            match uplinks.iter_mut().find(|u| u.family() == family) {
+                Some(up) => match up.queue(vtep, vni, frame) {
+                    Ok(()) => {}
+                    Err(QueueError::TooBig) => {
+                        tenant.count_drop(from_port, DropReason::UnderlayMtu)
+                    }
+                    Err(QueueError::WrongFamily) => {
+                        tenant.count_drop(from_port, DropReason::TxError)
+                    }
+                },
+                None => tenant.count_drop(from_port, DropReason::TxError),
+            }
+        }
+    };
+    match verdict {
+        Verdict::Unicast(dest) => send(tenant, dest),
+        Verdict::Flood => {
+            flood.clear();
+            flood.extend(tenant.flood_targets(from));
+            for dest in flood.iter() {
+                send(tenant, *dest);
+            }
+        }
+        Verdict::Drop(_) => {}
+    }
+}
+
+type Command = Box<dyn FnOnce(&mut Datapath) + Send>;
+
+/// A datapath running on its own thread.
+pub struct DatapathThread {
+    commands: mpsc::Sender<Command>,
+    wake: std::sync::Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DatapathThread {
+    /// Starts a datapath thread. `enter` runs first on the new thread (e.g. to enter the
+    /// underlay's network namespace); the uplinks are bound after it.
+    pub fn spawn(
+        config: DatapathConfig,
+        enter: impl FnOnce() -> Result<(), Error> + Send + 'static,
+    ) -> Result<DatapathThread, Error> {
+        let wake = std::sync::Arc::new(
+            EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                .map_err(|e| nix_err("eventfd", e))?,
+        );
+        let (tx, rx) = mpsc::channel::<Command>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), Error>>();
+        let wake2 = wake.clone();
+        let thread = std::thread::Builder::new()
+            .name("vswitch-datapath".into())
+            .spawn(move || {
+                let setup = enter().and_then(|()| {
+                    let dp = Datapath::new(&config)?;
+                    dp.epoll
+                        .add(&*wake2, EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_CONTROL))
+                        .map_err(|e| nix_err("epoll_ctl eventfd", e))?;
+                    Ok(dp)
+                });
+                let mut dp = match setup {
+                    Ok(dp) => {
+                        let _ = ready_tx.send(Ok(()));
+                        dp
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                loop {
+                    let fired = match dp.poll(Duration::from_millis(500), Some(&wake2)) {
+                        Ok((_, fired)) => fired,
+                        Err(_) => true,
+                    };
+                    if fired {
+                        loop {
+                            match rx.try_recv() {
+                                Ok(cmd) => cmd(&mut dp),
+                                Err(mpsc::TryRecvError::Empty) => break,
+                                Err(mpsc::TryRecvError::Disconnected) => return,
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::Io("spawn datapath thread".into(), e))?;
+        ready_rx
+            .recv()
+            .map_err(|_| Error::invalid("datapath", "thread died during setup"))??;
+        Ok(DatapathThread {
+            commands: tx,
+            wake,
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `f` on the datapath thread between bursts and returns its result.
+    pub fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Datapath) -> R + Send + 'static,
+    ) -> Result<R, Error> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.commands
+            .send(Box::new(move |dp: &mut Datapath| {
+                let _ = tx.send(f(dp));
+            }))
+            .map_err(|_| Error::invalid("datapath", "thread is gone"))?;
+        self.wake
+            .write(1)
+            .map_err(|e| nix_err("eventfd write", e))?;
+        rx.recv()
+            .map_err(|_| Error::invalid("datapath", "thread is gone"))
+    }
+}
+
+impl Drop for DatapathThread {
+    fn drop(&mut self) {
+        // Closing the command channel and waking the thread makes it return.
+        let (dead, _) = mpsc::channel();
+        self.commands = dead;
+        let _ = self.wake.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

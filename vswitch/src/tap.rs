@@ -1,0 +1,225 @@
+//! TAP ports: Linux TAP interfaces created through `/dev/net/tun` with raw ioctls.
+//!
+//! Every frame read or written is preceded by a 12-byte virtio-net header (IFF_VNET_HDR,
+//! TUNSETVNETHDRSZ), which carries checksum and segmentation offload metadata. The offloads
+//! the kernel may hand us are chosen with TUNSETOFFLOAD; with none, the kernel gives us only
+//! complete, MTU-sized frames. The fd stays valid when the interface moves to another network
+//! namespace: that is how containers attach.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use crate::Error;
+
+/// Length of the virtio-net header in front of every frame (virtio 1.0 layout, with
+/// `num_buffers`).
+pub const VNET_HDR_LEN: usize = 12;
+
+/// Header flag: the checksum from `csum_start` + `csum_offset` must still be computed.
+pub const VNET_F_NEEDS_CSUM: u8 = 1;
+/// Header GSO type: none.
+pub const VNET_GSO_NONE: u8 = 0;
+
+/// The fields of a virtio-net header the switch acts on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VnetHeader {
+    /// `VIRTIO_NET_HDR_F_*` flags.
+    pub flags: u8,
+    /// `VIRTIO_NET_HDR_GSO_*` type.
+    pub gso_type: u8,
+    /// Length of the headers before the payload (GSO).
+    pub hdr_len: u16,
+    /// Segment size (GSO).
+    pub gso_size: u16,
+    /// Where checksumming starts (NEEDS_CSUM).
+    pub csum_start: u16,
+    /// Where the checksum goes, relative to `csum_start` (NEEDS_CSUM).
+    pub csum_offset: u16,
+}
+
+impl VnetHeader {
+    /// Parses the header (little-endian fields, as virtio 1.0 requires).
+    pub fn parse(b: &[u8; VNET_HDR_LEN]) -> VnetHeader {
+        let le = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        VnetHeader {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: le(2),
+            gso_size: le(4),
+            csum_start: le(6),
+            csum_offset: le(8),
+        }
+    }
+
+    /// True for a complete frame: no pending checksum, no segmentation.
+    pub fn is_plain(&self) -> bool {
+        self.flags & VNET_F_NEEDS_CSUM == 0 && self.gso_type == VNET_GSO_NONE
+    }
+}
+
+/// Offloads the kernel may use for frames it hands to the switch (TUNSETOFFLOAD).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offloads {
+    /// Partial checksums (TUN_F_CSUM).
+    pub csum: bool,
+    /// TCP segmentation for IPv4 and IPv6 (TUN_F_TSO4 | TUN_F_TSO6; needs `csum`).
+    pub tso: bool,
+}
+
+/// A TAP interface owned by the switch.
+#[derive(Debug)]
+pub struct Tap {
+    file: File,
+    name: String,
+}
+
+impl Tap {
+    /// Creates (or attaches to) the TAP interface `name` in the caller's network namespace,
+    /// non-blocking, with a virtio-net header and the given offloads. With `multi_queue`,
+    /// further queues can be opened with the same call.
+    pub fn create(name: &str, offloads: Offloads, multi_queue: bool) -> Result<Tap, Error> {
+        let io_err = |what: &str, e: io::Error| Error::Io(format!("TAP {name}: {what}"), e);
+        let cname = CString::new(name).map_err(|_| Error::invalid("TAP name", "contains NUL"))?;
+        if cname.as_bytes().len() >= libc::IFNAMSIZ {
+            return Err(Error::invalid(
+                "TAP name",
+                format!("{name:?} is longer than 15 bytes"),
+            ));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(|e| io_err("open /dev/net/tun", e))?;
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(cname.as_bytes()) {
+            *dst = *src as libc::c_char;
+        }
+        let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        if multi_queue {
+            flags |= libc::IFF_MULTI_QUEUE;
+        }
+        req.ifr_ifru.ifru_flags = flags as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is, for the call's duration.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
+            return Err(io_err("TUNSETIFF", io::Error::last_os_error()));
+        }
+        let hdr_len: libc::c_int = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which is valid.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
+            return Err(io_err("TUNSETVNETHDRSZ", io::Error::last_os_error()));
+        }
+        let mut bits: libc::c_uint = 0;
+        if offloads.csum {
+            bits |= libc::TUN_F_CSUM;
+            if offloads.tso {
+                bits |= libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+            }
+        }
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETOFFLOAD, bits as libc::c_ulong) } < 0
+        {
+            return Err(io_err("TUNSETOFFLOAD", io::Error::last_os_error()));
+        }
+        Ok(Tap {
+            file,
+            name: name.to_owned(),
+        })
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The descriptor, for epoll.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// Reads one frame with its virtio-net header into `buf`; `Ok(None)` when none is
+    /// pending. The frame is `buf[VNET_HDR_LEN..n]`.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the call's duration.
+        let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock => Ok(None),
+                _ => Err(e),
+            };
+        }
+        Ok(Some(n as usize))
+    }
+
+    /// Writes one frame; `buf` starts with a virtio-net header (all zero for a complete
+    /// frame). A full queue or a link that is down (EIO) is an error the caller counts.
+    pub fn send(&self, buf: &[u8]) -> io::Result<()> {
+        // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the call's duration.
+        let n = unsafe { libc::write(self.file.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Tap {
+    /// Writes a complete frame, preceded by an all-zero virtio-net header (no offload), in
+    /// one `writev`.
+    pub fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
+        static ZERO_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+        let iov = [
+            libc::iovec {
+                iov_base: ZERO_HDR.as_ptr() as *mut libc::c_void,
+                iov_len: VNET_HDR_LEN,
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr() as *mut libc::c_void,
+                iov_len: frame.len(),
+            },
+        ];
+        // SAFETY: both iovecs point at memory valid for reads for the call's duration; the
+        // kernel does not write through them.
+        let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), 2) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vnet_header_fields_are_little_endian() {
+        let b = [1, 1, 54, 0, 0xb4, 0x05, 34, 0, 16, 0, 0, 0];
+        let h = VnetHeader::parse(&b);
+        assert_eq!(
+            h,
+            VnetHeader {
+                flags: VNET_F_NEEDS_CSUM,
+                gso_type: 1,
+                hdr_len: 54,
+                gso_size: 1460,
+                csum_start: 34,
+                csum_offset: 16
+            }
+        );
+        assert!(!h.is_plain());
+        assert!(VnetHeader::parse(&[0; 12]).is_plain());
+    }
+
+    #[test]
+    fn names_that_do_not_fit_are_refused_before_any_syscall() {
+        assert!(Tap::create("a-name-much-too-long", Offloads::default(), false).is_err());
+        assert!(Tap::create("nul\0byte", Offloads::default(), false).is_err());
+    }
+}

@@ -1,0 +1,317 @@
+//! The VXLAN uplink: a UDP socket on an underlay address, with batched receive (`recvmmsg`)
+//! and send (`sendmmsg`) of up to [`BATCH`] datagrams per system call. The kernel builds and
+//! checks the outer IP and UDP headers; the switch adds and strips the VXLAN header.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use overlay_net::{UnderlayFamily, Vni, mtu, vxlan};
+
+use crate::Error;
+
+/// Datagrams per system call.
+pub const BATCH: usize = 32;
+/// Room for one datagram: VXLAN header + the largest inner frame of a 9000-byte underlay.
+const SLOT: usize = 9216;
+
+/// Fixed buffers for a batch: nothing is allocated per datagram.
+struct Slots {
+    data: Box<[u8]>,
+    lens: [usize; BATCH],
+    addrs: [libc::sockaddr_storage; BATCH],
+}
+
+impl Slots {
+    fn new() -> Slots {
+        Slots {
+            data: vec![0u8; SLOT * BATCH].into_boxed_slice(),
+            lens: [0; BATCH],
+            // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+            addrs: unsafe { std::mem::zeroed() },
+        }
+    }
+
+    fn slot_mut(&mut self, i: usize) -> &mut [u8] {
+        &mut self.data[i * SLOT..(i + 1) * SLOT]
+    }
+}
+
+/// A received datagram as VXLAN: the VNI and inner frame, or why it is not valid VXLAN.
+pub type Parsed<'a> = Result<(Vni, &'a [u8]), overlay_net::Error>;
+
+/// One underlay socket.
+pub struct Uplink {
+    socket: UdpSocket,
+    family: UnderlayFamily,
+    underlay_mtu: u16,
+    rx: Slots,
+    rx_count: usize,
+    tx: Slots,
+    tx_count: usize,
+}
+
+impl std::fmt::Debug for Uplink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uplink")
+            .field("local", &self.socket.local_addr().ok())
+            .field("underlay_mtu", &self.underlay_mtu)
+            .finish()
+    }
+}
+
+/// Why a frame could not be queued for the underlay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueError {
+    /// The encapsulated packet would exceed the underlay MTU (never fragmented).
+    TooBig,
+    /// The remote VTEP's address family differs from this socket's.
+    WrongFamily,
+}
+
+fn to_sockaddr(addr: SocketAddr, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((out as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((out as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
+        }
+    }
+}
+
+fn from_sockaddr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match s.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in (ss_family says so); storage is aligned.
+            let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the kernel wrote a sockaddr_in6 (ss_family says so); storage is aligned.
+            let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+impl Uplink {
+    /// Binds the VXLAN port on `local` (call in the underlay's network namespace).
+    pub fn bind(local: SocketAddr, underlay_mtu: u16) -> Result<Uplink, Error> {
+        let family = UnderlayFamily::of(local.ip());
+        if mtu::inner_mtu(underlay_mtu, family).is_none() {
+            return Err(Error::invalid(
+                "underlay MTU",
+                format!("{underlay_mtu} is too small"),
+            ));
+        }
+        let socket = UdpSocket::bind(local).map_err(|e| Error::Io(format!("bind {local}"), e))?;
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| Error::Io("set_nonblocking".into(), e))?;
+        Ok(Uplink {
+            socket,
+            family,
+            underlay_mtu,
+            rx: Slots::new(),
+            rx_count: 0,
+            tx: Slots::new(),
+            tx_count: 0,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.socket.local_addr().ok()
+    }
+
+    /// The underlay family.
+    pub fn family(&self) -> UnderlayFamily {
+        self.family
+    }
+
+    /// The tenant MTU this underlay carries.
+    pub fn inner_mtu(&self) -> u16 {
+        mtu::inner_mtu(self.underlay_mtu, self.family).unwrap_or(0)
+    }
+
+    /// The descriptor, for epoll.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+
+    /// Receives up to [`BATCH`] datagrams; returns how many ([`Self::datagram`] reads them).
+    pub fn recv_batch(&mut self) -> io::Result<usize> {
+        let mut iov: [MaybeUninit<libc::iovec>; BATCH] = [MaybeUninit::uninit(); BATCH];
+        // SAFETY: mmsghdr is plain old data; all-zero is a valid value.
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        let base = self.rx.data.as_mut_ptr();
+        for i in 0..BATCH {
+            iov[i].write(libc::iovec {
+                // SAFETY: slot i lies inside `data` (BATCH slots of SLOT bytes).
+                iov_base: unsafe { base.add(i * SLOT) }.cast(),
+                iov_len: SLOT,
+            });
+            let h = &mut msgs[i].msg_hdr;
+            h.msg_name = (&raw mut self.rx.addrs[i]).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_iov = iov[i].as_mut_ptr();
+            h.msg_iovlen = 1;
+        }
+        // SAFETY: every header points at a live iovec, buffer and address slot owned by self
+        // (or this frame) for the duration of the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                self.socket.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            self.rx_count = 0;
+            return match e.kind() {
+                io::ErrorKind::WouldBlock => Ok(0),
+                _ => Err(e),
+            };
+        }
+        let n = n as usize;
+        for (i, m) in msgs.iter().enumerate().take(n) {
+            // Truncated datagrams (larger than a slot) are reported with MSG_TRUNC; mark them
+            // empty so that they are rejected as malformed.
+            self.rx.lens[i] = if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                0
+            } else {
+                m.msg_len as usize
+            };
+        }
+        self.rx_count = n;
+        Ok(n)
+    }
+
+    /// Datagram `i` of the last batch: its VNI and inner frame, or why it is not VXLAN, and
+    /// the sender.
+    pub fn datagram(&self, i: usize) -> Option<(Parsed<'_>, SocketAddr)> {
+        if i >= self.rx_count {
+            return None;
+        }
+        let from = from_sockaddr(&self.rx.addrs[i])?;
+        let payload = &self.rx.data[i * SLOT..i * SLOT + self.rx.lens[i]];
+        Some((vxlan::parse(payload), from))
+    }
+
+    /// Queues `inner` for `vtep` in `vni`; sent by [`Self::flush`] (or at once when the batch
+    /// is full).
+    pub fn queue(&mut self, vtep: IpAddr, vni: Vni, inner: &[u8]) -> Result<(), QueueError> {
+        if UnderlayFamily::of(vtep) != self.family {
+            return Err(QueueError::WrongFamily);
+        }
+        if !mtu::fits_underlay(inner.len(), self.underlay_mtu, self.family)
+            || inner.len() + vxlan::HEADER_LEN > SLOT
+        {
+            return Err(QueueError::TooBig);
+        }
+        if self.tx_count == BATCH {
+            self.flush();
+        }
+        let i = self.tx_count;
+        let len = vxlan::HEADER_LEN + inner.len();
+        let slot = self.tx.slot_mut(i);
+        slot[..vxlan::HEADER_LEN].copy_from_slice(&vxlan::header(vni));
+        slot[vxlan::HEADER_LEN..len].copy_from_slice(inner);
+        self.tx.lens[i] = len;
+        let dest = SocketAddr::new(vtep, vxlan::VXLAN_PORT);
+        to_sockaddr(dest, &mut self.tx.addrs[i]);
+        self.tx_count += 1;
+        Ok(())
+    }
+
+    /// Sends everything queued; returns how many datagrams the kernel did not take (socket
+    /// buffer full or an error), which the caller counts as drops.
+    pub fn flush(&mut self) -> usize {
+        let count = self.tx_count;
+        self.tx_count = 0;
+        if count == 0 {
+            return 0;
+        }
+        let mut iov: [MaybeUninit<libc::iovec>; BATCH] = [MaybeUninit::uninit(); BATCH];
+        // SAFETY: mmsghdr is plain old data; all-zero is a valid value.
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        let base = self.tx.data.as_mut_ptr();
+        for i in 0..count {
+            iov[i].write(libc::iovec {
+                // SAFETY: slot i lies inside `data`.
+                iov_base: unsafe { base.add(i * SLOT) }.cast(),
+                iov_len: self.tx.lens[i],
+            });
+            let h = &mut msgs[i].msg_hdr;
+            h.msg_name = (&raw mut self.tx.addrs[i]).cast();
+            h.msg_namelen = match self.family {
+                UnderlayFamily::V4 => std::mem::size_of::<libc::sockaddr_in>(),
+                UnderlayFamily::V6 => std::mem::size_of::<libc::sockaddr_in6>(),
+            } as libc::socklen_t;
+            h.msg_iov = iov[i].as_mut_ptr();
+            h.msg_iovlen = 1;
+        }
+        let mut sent = 0;
+        let mut failed = 0;
+        while sent < count {
+            // SAFETY: headers sent..count point at live iovecs, buffers and addresses.
+            let n = unsafe {
+                libc::sendmmsg(
+                    self.socket.as_raw_fd(),
+                    msgs[sent..].as_mut_ptr(),
+                    (count - sent) as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                // EAGAIN (buffer full) or an error: what is left is dropped, never blocked on.
+                // An unreachable peer (ICMP error) fails one message: skip it and go on.
+                if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
+                    sent += 1;
+                    failed += 1;
+                    continue;
+                }
+                return failed + count - sent;
+            }
+            sent += n as usize;
+        }
+        failed
+    }
+}
