@@ -12,7 +12,10 @@
 //!
 //! Time is passed in as nanoseconds of a monotonic clock the caller owns ([`Nanos`]).
 
+pub mod api;
 mod counters;
+#[cfg(feature = "daemon")]
+pub mod daemon;
 pub mod datapath;
 mod error;
 mod port;

@@ -1,0 +1,160 @@
+//! Request and response types of vswitchd's control API (HTTP/1.1 + JSON on a unix socket,
+//! documented in `docs/api.md`), shared by the server and its clients.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// A tenant to create (`POST /v1/tenants`), and as persisted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantSpec {
+    /// Unique name.
+    pub name: String,
+    /// VXLAN network identifier (0..=16777215), unique.
+    pub vni: u32,
+    /// Tenant MTU; 0 or absent: the largest the underlay carries (underlay − 50/70).
+    #[serde(default)]
+    pub mtu: u16,
+    /// Most MAC addresses the tenant may have learned (default 8192).
+    #[serde(default)]
+    pub max_macs: Option<usize>,
+}
+
+/// A rate limit; absent fields are unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimitSpec {
+    /// Bits per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits_per_sec: Option<u64>,
+    /// Packets per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packets_per_sec: Option<u64>,
+}
+
+/// A port to create (`POST /v1/ports`), and as persisted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSpec {
+    /// Unique name; for TAP ports, the interface name (1-15 characters).
+    pub name: String,
+    /// The tenant it belongs to.
+    pub tenant: String,
+    /// Port kind; only `"tap"` for now.
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// Port security: the only source MAC allowed (`"02:00:00:00:00:01"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Port security: the source IPs allowed (needs `mac`); empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<IpAddr>,
+    /// Ingress policing.
+    #[serde(default)]
+    pub rate_limit: RateLimitSpec,
+}
+
+fn default_kind() -> String {
+    "tap".into()
+}
+
+/// A remote VTEP of a tenant (`POST /v1/tenants/{name}/vteps`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VtepSpec {
+    /// The remote VTEP's underlay address.
+    pub ip: IpAddr,
+}
+
+/// A static forwarding entry (`POST /v1/tenants/{name}/fdb`): exactly one of `port`, `vtep`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdbEntrySpec {
+    /// The MAC address.
+    pub mac: String,
+    /// A local port of the tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+    /// A remote VTEP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep: Option<IpAddr>,
+}
+
+/// Packet, byte and drop counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountersInfo {
+    /// Frames received.
+    pub rx_packets: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Frames sent.
+    pub tx_packets: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Drops by reason (only reasons with drops).
+    pub drops: BTreeMap<String, u64>,
+}
+
+/// A tenant as reported (`GET /v1/tenants[/{name}]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantInfo {
+    /// Name.
+    pub name: String,
+    /// VNI.
+    pub vni: u32,
+    /// Effective MTU.
+    pub mtu: u16,
+    /// MAC limit.
+    pub max_macs: usize,
+    /// Names of its ports.
+    pub ports: Vec<String>,
+    /// Its remote VTEPs.
+    pub vteps: Vec<IpAddr>,
+    /// Learned MACs.
+    pub learned_macs: usize,
+    /// Frames flooded.
+    pub flooded: u64,
+    /// Frames forwarded to a known destination.
+    pub unicast: u64,
+    /// Counters (rx: frames that entered the tenant).
+    pub counters: CountersInfo,
+}
+
+/// A port as reported (`GET /v1/ports[/{name}]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortInfo {
+    /// Its configuration.
+    #[serde(flatten)]
+    pub spec: PortSpec,
+    /// Its counters.
+    pub counters: CountersInfo,
+}
+
+/// A forwarding entry as reported (`GET /v1/tenants/{name}/fdb`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdbEntryInfo {
+    /// MAC address.
+    pub mac: String,
+    /// Local port, if it lives here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+    /// Remote VTEP, if it lives there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep: Option<IpAddr>,
+    /// Configured rather than learned.
+    #[serde(rename = "static")]
+    pub is_static: bool,
+}
+
+/// The body of every error response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    /// The error.
+    pub error: ErrorBody,
+}
+
+/// An error: a stable code and a human message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// `not_found`, `conflict`, `invalid`, `internal`.
+    pub code: String,
+    /// What went wrong.
+    pub message: String,
+}

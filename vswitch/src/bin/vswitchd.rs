@@ -1,0 +1,155 @@
+//! vswitchd: libvirtual's userspace virtual switch daemon.
+//!
+//! Tenants are VXLAN-keyed L2 networks; ports are TAP interfaces; the uplink is a UDP socket
+//! per underlay address. Configure it through the JSON API on `RUN_DIR/vswitchd.sock`
+//! (docs/api.md). State is persisted in `STATE_DIR/vswitchd.json` and restored at start.
+
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use tracing::{error, info, warn};
+use vswitch::daemon::config::{Config, FileConfig, default_run_dir};
+use vswitch::daemon::control::Control;
+use vswitch::daemon::server::router;
+use vswitch::datapath::{DatapathConfig, DatapathThread};
+
+/// libvirtual's userspace virtual switch.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// TOML config file (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory of the control socket (default /run/libvirtual as root).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Directory of the persisted state (default /var/lib/libvirtual).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Underlay address to bind the VXLAN port on (repeat for IPv4 and IPv6).
+    #[arg(long = "underlay")]
+    underlay: Vec<IpAddr>,
+    /// L3 MTU of the underlay.
+    #[arg(long)]
+    underlay_mtu: Option<u16>,
+    /// VXLAN UDP port.
+    #[arg(long)]
+    udp_port: Option<u16>,
+    /// Log format: human or json.
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+fn effective(args: Args) -> anyhow::Result<Config> {
+    let file = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let log_format = args
+        .log_format
+        .or(file.log_format)
+        .unwrap_or_else(|| "human".into());
+    let json_logs = match log_format.as_str() {
+        "human" => false,
+        "json" => true,
+        other => bail!("log format {other:?}: use human or json"),
+    };
+    let underlay = if args.underlay.is_empty() {
+        file.underlay
+    } else {
+        args.underlay
+    };
+    if underlay.is_empty() {
+        bail!("no underlay address: give --underlay ADDR or `underlay = [...]` in the config");
+    }
+    Ok(Config {
+        run_dir: args
+            .run_dir
+            .or(file.run_dir)
+            .unwrap_or_else(default_run_dir),
+        state_dir: args
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/libvirtual")),
+        underlay,
+        underlay_mtu: args.underlay_mtu.or(file.underlay_mtu).unwrap_or(1500),
+        udp_port: args
+            .udp_port
+            .or(file.udp_port)
+            .unwrap_or(overlay_net_port()),
+        json_logs,
+    })
+}
+
+fn overlay_net_port() -> u16 {
+    vswitch::overlay_net::VXLAN_PORT
+}
+
+fn main() -> anyhow::Result<()> {
+    let cfg = effective(Args::parse())?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if cfg.json_logs {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    std::fs::create_dir_all(&cfg.run_dir)
+        .with_context(|| format!("creating {}", cfg.run_dir.display()))?;
+    let dp = DatapathThread::spawn(
+        DatapathConfig {
+            underlay: cfg.underlay.clone(),
+            underlay_mtu: cfg.underlay_mtu,
+            udp_port: cfg.udp_port,
+        },
+        || Ok(()),
+    )
+    .context("starting the datapath")?;
+    let (control, problems) = Control::restore(dp, &cfg.state_dir).context("restoring state")?;
+    for p in &problems {
+        warn!(problem = %p, "could not restore");
+    }
+    let shared = Arc::new(Mutex::new(control));
+    let socket = cfg.run_dir.join("vswitchd.sock");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(async move {
+        // A socket left by a crashed instance is replaced; a live one is not.
+        if socket.exists() {
+            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+                bail!("another vswitchd serves {}", socket.display());
+            }
+            std::fs::remove_file(&socket).with_context(|| format!("removing stale {}", socket.display()))?;
+        }
+        let listener = tokio::net::UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+        info!(socket = %socket.display(), underlay = ?cfg.underlay, state = %cfg.state_dir.display(), "vswitchd ready");
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+            }
+            info!("shutting down");
+        };
+        let served = axum::serve(listener, router(shared.clone()))
+            .with_graceful_shutdown(shutdown)
+            .await;
+        let _ = std::fs::remove_file(&socket);
+        if let Err(e) = served {
+            error!(error = %e, "API server failed");
+            return Err(e.into());
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,64 @@
+//! vswitchd's configuration: a TOML file, overridden by command-line flags.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Settings from the config file; every field is optional there.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Directory of the control socket (and, later, vhost-user sockets).
+    pub run_dir: Option<PathBuf>,
+    /// Directory of the persisted state.
+    pub state_dir: Option<PathBuf>,
+    /// Underlay addresses to bind the VXLAN port on.
+    #[serde(default)]
+    pub underlay: Vec<IpAddr>,
+    /// L3 MTU of the underlay.
+    pub underlay_mtu: Option<u16>,
+    /// VXLAN UDP port.
+    pub udp_port: Option<u16>,
+    /// `human` or `json`.
+    pub log_format: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+    }
+}
+
+/// The effective settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Directory of the control socket.
+    pub run_dir: PathBuf,
+    /// Directory of the persisted state.
+    pub state_dir: PathBuf,
+    /// Underlay addresses.
+    pub underlay: Vec<IpAddr>,
+    /// Underlay MTU.
+    pub underlay_mtu: u16,
+    /// VXLAN UDP port.
+    pub udp_port: u16,
+    /// Log as JSON lines instead of human-readable text.
+    pub json_logs: bool,
+}
+
+/// The default run directory: `/run/libvirtual` as root, `$XDG_RUNTIME_DIR/libvirtual`
+/// otherwise.
+pub fn default_run_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        PathBuf::from("/run/libvirtual")
+    } else {
+        std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+            .join("libvirtual")
+    }
+}

@@ -1,0 +1,620 @@
+//! The control logic: API operations applied to the datapath and persisted atomically, so
+//! that after a restart (also after `kill -9`) the same tenants, ports, VTEPs and static
+//! entries come back.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use overlay_net::{Destination, MacAddr, PortId, TenantLimits, Timestamp, Vni};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+
+use crate::api::{
+    CountersInfo, FdbEntryInfo, FdbEntrySpec, PortInfo, PortSpec, TenantInfo, TenantSpec,
+};
+use crate::datapath::{Datapath, DatapathThread};
+use crate::tap::Offloads;
+use crate::{Error, PortConfig, PortCounters, PortSecurity, RateLimit, TenantConfig, TenantSwitch};
+
+/// What an API operation can fail with; the server maps these to HTTP status codes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlError {
+    /// The named object does not exist (404).
+    NotFound(String),
+    /// It exists already, or is in use (409).
+    Conflict(String),
+    /// The request is wrong (400).
+    Invalid(String),
+    /// Something failed on our side (500).
+    Internal(String),
+}
+
+impl ControlError {
+    /// The stable error code of the API.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ControlError::NotFound(_) => "not_found",
+            ControlError::Conflict(_) => "conflict",
+            ControlError::Invalid(_) => "invalid",
+            ControlError::Internal(_) => "internal",
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        match self {
+            ControlError::NotFound(m)
+            | ControlError::Conflict(m)
+            | ControlError::Invalid(m)
+            | ControlError::Internal(m) => m,
+        }
+    }
+}
+
+impl From<Error> for ControlError {
+    fn from(e: Error) -> Self {
+        let m = e.to_string();
+        match e {
+            Error::NoSuchTenant(_) | Error::NoSuchPort(_) => ControlError::NotFound(m),
+            Error::TenantExists(_) | Error::PortExists(_) | Error::TenantInUse(..) => {
+                ControlError::Conflict(m)
+            }
+            Error::Invalid { .. } | Error::Overlay(_) => ControlError::Invalid(m),
+            Error::Io(..) => ControlError::Internal(m),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, ControlError>;
+
+/// Everything the daemon persists.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct State {
+    /// Format version.
+    pub version: u32,
+    /// Tenants, in creation order.
+    pub tenants: Vec<TenantSpec>,
+    /// Ports, in creation order.
+    pub ports: Vec<PortSpec>,
+    /// Remote VTEPs per tenant.
+    pub vteps: BTreeMap<String, Vec<IpAddr>>,
+    /// Static forwarding entries per tenant.
+    pub fdb: BTreeMap<String, Vec<FdbEntrySpec>>,
+}
+
+const STATE_VERSION: u32 = 1;
+
+/// The daemon's control plane: the datapath plus its persisted description.
+pub struct Control {
+    dp: DatapathThread,
+    state: State,
+    path: PathBuf,
+}
+
+fn call<R: Send + 'static>(
+    dp: &DatapathThread,
+    f: impl FnOnce(&mut Datapath) -> R + Send + 'static,
+) -> Result<R> {
+    dp.call(f)
+        .map_err(|e| ControlError::Internal(e.to_string()))
+}
+
+fn port_config(spec: &PortSpec) -> Result<PortConfig> {
+    if spec.kind != "tap" {
+        return Err(ControlError::Invalid(format!(
+            "port kind {:?}: only \"tap\" is supported",
+            spec.kind
+        )));
+    }
+    let security = match (&spec.mac, spec.ips.is_empty()) {
+        (Some(mac), _) => Some(PortSecurity {
+            mac: mac
+                .parse()
+                .map_err(|e: overlay_net::Error| ControlError::Invalid(e.to_string()))?,
+            ips: spec.ips.clone(),
+        }),
+        (None, true) => None,
+        (None, false) => return Err(ControlError::Invalid("ips need mac (port security)".into())),
+    };
+    Ok(PortConfig {
+        name: spec.name.clone(),
+        security,
+        rate_limit: RateLimit {
+            bits_per_sec: spec.rate_limit.bits_per_sec,
+            packets_per_sec: spec.rate_limit.packets_per_sec,
+            ..RateLimit::default()
+        },
+    })
+}
+
+fn counters_info(c: &PortCounters) -> CountersInfo {
+    CountersInfo {
+        rx_packets: c.rx_packets,
+        rx_bytes: c.rx_bytes,
+        tx_packets: c.tx_packets,
+        tx_bytes: c.tx_bytes,
+        drops: c
+            .drops
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| (r.name().to_owned(), n))
+            .collect(),
+    }
+}
+
+fn tenant_info(t: &TenantSwitch) -> TenantInfo {
+    let c = t.counters();
+    let mut ports: Vec<String> = t.ports().map(|(_, p)| p.name.clone()).collect();
+    ports.sort();
+    TenantInfo {
+        name: t.config().name.clone(),
+        vni: t.config().vni.get(),
+        mtu: t.config().mtu,
+        max_macs: t.config().limits.max_learned,
+        ports,
+        vteps: t.fdb().remote_vteps().to_vec(),
+        learned_macs: t.fdb().learned_len(),
+        flooded: c.flooded,
+        unicast: c.unicast,
+        counters: CountersInfo {
+            rx_packets: c.rx_packets,
+            rx_bytes: c.rx_bytes,
+            tx_packets: 0,
+            tx_bytes: 0,
+            drops: c
+                .drops
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(r, n)| (r.name().to_owned(), n))
+                .collect(),
+        },
+    }
+}
+
+impl Control {
+    /// Takes over a running datapath, restores the state saved in `state_dir` (if any) and
+    /// returns the control plane with the errors of items that could not be restored.
+    pub fn restore(
+        dp: DatapathThread,
+        state_dir: &Path,
+    ) -> std::io::Result<(Control, Vec<String>)> {
+        std::fs::create_dir_all(state_dir)?;
+        let path = state_dir.join("vswitchd.json");
+        let saved: State = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(e),
+        };
+        let mut control = Control {
+            dp,
+            state: State {
+                version: STATE_VERSION,
+                ..State::default()
+            },
+            path,
+        };
+        let mut problems = Vec::new();
+        for t in saved.tenants {
+            let name = t.name.clone();
+            if let Err(e) = control.create_tenant(t) {
+                problems.push(format!("tenant {name}: {}", e.message()));
+            }
+        }
+        for p in saved.ports {
+            let name = p.name.clone();
+            if let Err(e) = control.create_port(p) {
+                problems.push(format!("port {name}: {}", e.message()));
+            }
+        }
+        for (tenant, vteps) in saved.vteps {
+            for ip in vteps {
+                if let Err(e) = control.add_vtep(&tenant, ip) {
+                    problems.push(format!("vtep {ip} of {tenant}: {}", e.message()));
+                }
+            }
+        }
+        for (tenant, entries) in saved.fdb {
+            for entry in entries {
+                let mac = entry.mac.clone();
+                if let Err(e) = control.add_fdb(&tenant, entry) {
+                    problems.push(format!("fdb {mac} of {tenant}: {}", e.message()));
+                }
+            }
+        }
+        Ok((control, problems))
+    }
+
+    /// Writes the state atomically: a temporary file, fsync, rename, fsync of the directory.
+    fn save(&self) -> Result<()> {
+        let internal = |e: std::io::Error| ControlError::Internal(format!("saving state: {e}"));
+        let tmp = self.path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(&self.state)
+            .map_err(|e| ControlError::Internal(e.to_string()))?;
+        let mut f = std::fs::File::create(&tmp).map_err(internal)?;
+        f.write_all(&bytes).map_err(internal)?;
+        f.sync_all().map_err(internal)?;
+        std::fs::rename(&tmp, &self.path).map_err(internal)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(internal)?;
+        }
+        Ok(())
+    }
+
+    /// Creates a tenant.
+    pub fn create_tenant(&mut self, spec: TenantSpec) -> Result<TenantInfo> {
+        let vni = Vni::new(spec.vni).map_err(|e| ControlError::Invalid(e.to_string()))?;
+        let limits = TenantLimits {
+            max_learned: spec.max_macs.unwrap_or(TenantLimits::default().max_learned),
+            ..TenantLimits::default()
+        };
+        let cfg = TenantConfig {
+            name: spec.name.clone(),
+            vni,
+            mtu: spec.mtu,
+            limits,
+        };
+        let name = spec.name.clone();
+        let info = call(&self.dp, move |dp| {
+            dp.add_tenant(cfg)?;
+            dp.switch()
+                .tenant(&name)
+                .map(tenant_info)
+                .ok_or(Error::NoSuchTenant(name))
+        })??;
+        self.state.tenants.push(spec);
+        self.save()?;
+        Ok(info)
+    }
+
+    /// Deletes a tenant without ports.
+    pub fn delete_tenant(&mut self, name: &str) -> Result<()> {
+        let n = name.to_owned();
+        call(&self.dp, move |dp| {
+            dp.switch_mut().remove_tenant(&n).map(|_| ())
+        })??;
+        self.state.tenants.retain(|t| t.name != name);
+        self.state.vteps.remove(name);
+        self.state.fdb.remove(name);
+        self.save()
+    }
+
+    /// All tenants.
+    pub fn tenants(&self) -> Result<Vec<TenantInfo>> {
+        let mut v = call(&self.dp, |dp| {
+            dp.switch().tenants().map(tenant_info).collect::<Vec<_>>()
+        })?;
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+
+    /// One tenant.
+    pub fn tenant(&self, name: &str) -> Result<TenantInfo> {
+        let n = name.to_owned();
+        call(&self.dp, move |dp| dp.switch().tenant(&n).map(tenant_info))?
+            .ok_or_else(|| ControlError::NotFound(format!("no tenant {name}")))
+    }
+
+    /// Creates a TAP port.
+    pub fn create_port(&mut self, spec: PortSpec) -> Result<PortInfo> {
+        let cfg = port_config(&spec)?;
+        let tenant = spec.tenant.clone();
+        call(&self.dp, move |dp| {
+            dp.add_tap_port(&tenant, cfg, Offloads::default())
+        })??;
+        self.state.ports.push(spec.clone());
+        self.save()?;
+        self.port(&spec.name)
+    }
+
+    /// Deletes a port (its TAP interface disappears).
+    pub fn delete_port(&mut self, name: &str) -> Result<()> {
+        let n = name.to_owned();
+        call(&self.dp, move |dp| dp.remove_port(&n))??;
+        self.state.ports.retain(|p| p.name != name);
+        for entries in self.state.fdb.values_mut() {
+            entries.retain(|e| e.port.as_deref() != Some(name));
+        }
+        self.save()
+    }
+
+    /// One port with its counters.
+    pub fn port(&self, name: &str) -> Result<PortInfo> {
+        let spec = self
+            .state
+            .ports
+            .iter()
+            .find(|p| p.name == name)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(format!("no port {name}")))?;
+        let n = name.to_owned();
+        let counters = call(&self.dp, move |dp| {
+            let sw = dp.switch();
+            let id = sw.port_id(&n)?;
+            sw.port_tenant(id)?.port(id).map(|(_, c)| counters_info(c))
+        })?
+        .unwrap_or_default();
+        Ok(PortInfo { spec, counters })
+    }
+
+    /// All ports.
+    pub fn ports(&self) -> Result<Vec<PortInfo>> {
+        self.state
+            .ports
+            .iter()
+            .map(|p| self.port(&p.name))
+            .collect()
+    }
+
+    /// Adds a remote VTEP to a tenant.
+    pub fn add_vtep(&mut self, tenant: &str, ip: IpAddr) -> Result<()> {
+        let t = tenant.to_owned();
+        call(&self.dp, move |dp| dp.add_remote_vtep(&t, ip))??;
+        let list = self.state.vteps.entry(tenant.to_owned()).or_default();
+        if !list.contains(&ip) {
+            list.push(ip);
+        }
+        self.save()
+    }
+
+    /// Removes a remote VTEP from a tenant (and the MACs learned behind it).
+    pub fn remove_vtep(&mut self, tenant: &str, ip: IpAddr) -> Result<()> {
+        let t = tenant.to_owned();
+        let known = call(&self.dp, move |dp| {
+            let fdb = dp
+                .switch_mut()
+                .tenant_mut(&t)
+                .ok_or_else(|| Error::NoSuchTenant(t.clone()))?
+                .fdb_mut();
+            let known = fdb.remote_vteps().contains(&ip);
+            fdb.remove_remote_vtep(ip);
+            Ok::<_, Error>(known)
+        })??;
+        if !known {
+            return Err(ControlError::NotFound(format!(
+                "tenant {tenant} has no VTEP {ip}"
+            )));
+        }
+        if let Some(list) = self.state.vteps.get_mut(tenant) {
+            list.retain(|v| *v != ip);
+        }
+        self.save()
+    }
+
+    /// Adds a static forwarding entry.
+    pub fn add_fdb(&mut self, tenant: &str, spec: FdbEntrySpec) -> Result<()> {
+        let mac: MacAddr = spec
+            .mac
+            .parse()
+            .map_err(|e: overlay_net::Error| ControlError::Invalid(e.to_string()))?;
+        let (t, port, vtep) = (tenant.to_owned(), spec.port.clone(), spec.vtep);
+        call(&self.dp, move |dp| {
+            let dest = match (port, vtep) {
+                (Some(p), None) => {
+                    let id = dp
+                        .switch()
+                        .port_id(&p)
+                        .ok_or_else(|| Error::NoSuchPort(p.clone()))?;
+                    if dp
+                        .switch()
+                        .port_tenant(id)
+                        .map(|x| x.config().name.as_str())
+                        != Some(t.as_str())
+                    {
+                        return Err(Error::invalid(
+                            "fdb entry",
+                            format!("port {p} is not in tenant {t}"),
+                        ));
+                    }
+                    Destination::Local(id)
+                }
+                (None, Some(v)) => Destination::Remote(v),
+                _ => {
+                    return Err(Error::invalid(
+                        "fdb entry",
+                        "give exactly one of port and vtep",
+                    ));
+                }
+            };
+            dp.switch_mut()
+                .tenant_mut(&t)
+                .ok_or_else(|| Error::NoSuchTenant(t.clone()))?
+                .fdb_mut()
+                .add_static(mac, dest, Timestamp(0))
+                .map_err(Error::from)
+        })??;
+        let list = self.state.fdb.entry(tenant.to_owned()).or_default();
+        list.retain(|e| e.mac.parse::<MacAddr>().ok() != Some(mac));
+        list.push(FdbEntrySpec {
+            mac: mac.to_string(),
+            ..spec
+        });
+        self.save()
+    }
+
+    /// Removes a static entry (or forgets a learned one).
+    pub fn remove_fdb(&mut self, tenant: &str, mac: &str) -> Result<()> {
+        let m: MacAddr = mac
+            .parse()
+            .map_err(|e: overlay_net::Error| ControlError::Invalid(e.to_string()))?;
+        let t = tenant.to_owned();
+        let removed = call(&self.dp, move |dp| {
+            dp.switch_mut()
+                .tenant_mut(&t)
+                .map(|x| x.fdb_mut().remove(m).is_some())
+                .ok_or(Error::NoSuchTenant(t))
+        })??;
+        if !removed {
+            return Err(ControlError::NotFound(format!(
+                "tenant {tenant} has no entry for {m}"
+            )));
+        }
+        if let Some(list) = self.state.fdb.get_mut(tenant) {
+            list.retain(|e| e.mac.parse::<MacAddr>().ok() != Some(m));
+        }
+        self.save()
+    }
+
+    /// A tenant's forwarding table.
+    pub fn fdb(&self, tenant: &str) -> Result<Vec<FdbEntryInfo>> {
+        let t = tenant.to_owned();
+        call(&self.dp, move |dp| {
+            let sw = dp.switch();
+            let tenant = sw
+                .tenant(&t)
+                .ok_or_else(|| Error::NoSuchTenant(t.clone()))?;
+            let name_of = |id: PortId| tenant.port(id).map(|(c, _)| c.name.clone());
+            let mut v: Vec<FdbEntryInfo> = tenant
+                .fdb()
+                .entries()
+                .map(|(mac, e)| {
+                    let (port, vtep) = match e.destination {
+                        Destination::Local(id) => (name_of(id), None),
+                        Destination::Remote(ip) => (None, Some(ip)),
+                    };
+                    FdbEntryInfo {
+                        mac: mac.to_string(),
+                        port,
+                        vtep,
+                        is_static: e.is_static,
+                    }
+                })
+                .collect();
+            v.sort_by(|a, b| a.mac.cmp(&b.mac));
+            Ok::<_, Error>(v)
+        })?
+        .map_err(ControlError::from)
+    }
+
+    /// Prometheus text exposition of every counter.
+    pub fn metrics(&self) -> Result<String> {
+        type Labels = Vec<(String, String)>;
+        let snapshot = call(&self.dp, |dp| {
+            let sw = dp.switch();
+            let tenants: Vec<_> = sw
+                .tenants()
+                .map(|t| {
+                    let ports: Vec<(String, PortCounters)> = t
+                        .ports()
+                        .filter_map(|(id, c)| Some((c.name.clone(), *t.port(id)?.1)))
+                        .collect();
+                    (
+                        t.config().name.clone(),
+                        *t.counters(),
+                        t.fdb().learned_len(),
+                        ports,
+                    )
+                })
+                .collect();
+            (tenants, dp.counters(), sw.unknown_vni_drops())
+        })?;
+        let mut reg = Registry::with_prefix("vswitch");
+        let port_rx_packets = Family::<Labels, Counter>::default();
+        let port_rx_bytes = Family::<Labels, Counter>::default();
+        let port_tx_packets = Family::<Labels, Counter>::default();
+        let port_tx_bytes = Family::<Labels, Counter>::default();
+        let port_drops = Family::<Labels, Counter>::default();
+        let tenant_rx = Family::<Labels, Counter>::default();
+        let tenant_flooded = Family::<Labels, Counter>::default();
+        let tenant_drops = Family::<Labels, Counter>::default();
+        let tenant_macs = Family::<Labels, Gauge>::default();
+        let (tenants, dpc, unknown_vni) = snapshot;
+        for (tname, tc, macs, ports) in &tenants {
+            let tl = vec![("tenant".to_owned(), tname.clone())];
+            tenant_rx.get_or_create(&tl).inc_by(tc.rx_packets);
+            tenant_flooded.get_or_create(&tl).inc_by(tc.flooded);
+            tenant_macs.get_or_create(&tl).set(*macs as i64);
+            for (r, n) in tc.drops.iter().filter(|(_, n)| *n > 0) {
+                let mut l = tl.clone();
+                l.push(("reason".into(), r.name().into()));
+                tenant_drops.get_or_create(&l).inc_by(n);
+            }
+            for (pname, pc) in ports {
+                let pl = vec![
+                    ("tenant".to_owned(), tname.clone()),
+                    ("port".to_owned(), pname.clone()),
+                ];
+                port_rx_packets.get_or_create(&pl).inc_by(pc.rx_packets);
+                port_rx_bytes.get_or_create(&pl).inc_by(pc.rx_bytes);
+                port_tx_packets.get_or_create(&pl).inc_by(pc.tx_packets);
+                port_tx_bytes.get_or_create(&pl).inc_by(pc.tx_bytes);
+                for (r, n) in pc.drops.iter().filter(|(_, n)| *n > 0) {
+                    let mut l = pl.clone();
+                    l.push(("reason".into(), r.name().into()));
+                    port_drops.get_or_create(&l).inc_by(n);
+                }
+            }
+        }
+        reg.register(
+            "port_rx_packets",
+            "Frames received from a port",
+            port_rx_packets,
+        );
+        reg.register("port_rx_bytes", "Bytes received from a port", port_rx_bytes);
+        reg.register("port_tx_packets", "Frames sent to a port", port_tx_packets);
+        reg.register("port_tx_bytes", "Bytes sent to a port", port_tx_bytes);
+        reg.register(
+            "port_drops",
+            "Frames from a port dropped, by reason",
+            port_drops,
+        );
+        reg.register(
+            "tenant_rx_packets",
+            "Frames that entered a tenant",
+            tenant_rx,
+        );
+        reg.register(
+            "tenant_flooded",
+            "Frames flooded in a tenant",
+            tenant_flooded,
+        );
+        reg.register(
+            "tenant_drops",
+            "Frames dropped in a tenant, by reason",
+            tenant_drops,
+        );
+        reg.register(
+            "tenant_learned_macs",
+            "MAC addresses learned in a tenant",
+            tenant_macs,
+        );
+        let uplink_invalid = Counter::<u64>::default();
+        uplink_invalid.inc_by(dpc.uplink_invalid);
+        reg.register(
+            "uplink_invalid",
+            "Uplink datagrams that are not valid VXLAN",
+            uplink_invalid,
+        );
+        let uplink_tx_dropped = Counter::<u64>::default();
+        uplink_tx_dropped.inc_by(dpc.uplink_tx_dropped);
+        reg.register(
+            "uplink_tx_dropped",
+            "Datagrams the uplink socket did not take",
+            uplink_tx_dropped,
+        );
+        let unknown = Counter::<u64>::default();
+        unknown.inc_by(unknown_vni);
+        reg.register(
+            "unknown_vni",
+            "Uplink frames for a VNI without tenant",
+            unknown,
+        );
+        let mut out = String::new();
+        encode(&mut out, &reg).map_err(|e| ControlError::Internal(e.to_string()))?;
+        let _ = writeln!(out);
+        Ok(out)
+    }
+}

@@ -1,0 +1,192 @@
+//! The control API: HTTP/1.1 + JSON on a unix socket (see `docs/api.md`).
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use serde::Serialize;
+
+use super::control::{Control, ControlError};
+use crate::api::{ErrorBody, ErrorResponse, FdbEntrySpec, PortSpec, TenantSpec, VtepSpec};
+
+/// Shared control plane.
+pub type Shared = Arc<Mutex<Control>>;
+
+struct ApiError(ControlError);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match self.0 {
+            ControlError::NotFound(_) => StatusCode::NOT_FOUND,
+            ControlError::Conflict(_) => StatusCode::CONFLICT,
+            ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ControlError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let body = ErrorResponse {
+            error: ErrorBody {
+                code: self.0.code().into(),
+                message: self.0.message().into(),
+            },
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        ApiError(ControlError::Invalid(r.body_text()))
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Runs a control operation off the async runtime (it waits for the datapath thread).
+async fn run<T: Send + 'static>(
+    shared: Shared,
+    f: impl FnOnce(&mut Control) -> Result<T, ControlError> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(move || {
+        let mut c = shared.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut c)
+    })
+    .await
+    .map_err(|e| ApiError(ControlError::Internal(e.to_string())))?
+    .map_err(ApiError)
+}
+
+fn created<T: Serialize>(v: T) -> Response {
+    (StatusCode::CREATED, Json(v)).into_response()
+}
+
+fn parse_ip(s: &str) -> ApiResult<IpAddr> {
+    s.parse()
+        .map_err(|_| ApiError(ControlError::Invalid(format!("{s:?} is not an IP address"))))
+}
+
+/// The API's routes.
+pub fn router(shared: Shared) -> Router {
+    Router::new()
+        .route("/v1/tenants", get(list_tenants).post(create_tenant))
+        .route("/v1/tenants/{name}", get(show_tenant).delete(delete_tenant))
+        .route("/v1/tenants/{name}/vteps", get(list_vteps).post(add_vtep))
+        .route("/v1/tenants/{name}/vteps/{ip}", delete(remove_vtep))
+        .route("/v1/tenants/{name}/fdb", get(list_fdb).post(add_fdb))
+        .route("/v1/tenants/{name}/fdb/{mac}", delete(remove_fdb))
+        .route("/v1/ports", get(list_ports).post(create_port))
+        .route("/v1/ports/{name}", get(show_port).delete(delete_port))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError(ControlError::NotFound(
+                "no such endpoint; see docs/api.md".into(),
+            ))
+        })
+        .with_state(shared)
+}
+
+async fn list_tenants(State(s): State<Shared>) -> ApiResult<Response> {
+    Ok(Json(run(s, |c| c.tenants()).await?).into_response())
+}
+
+async fn create_tenant(
+    State(s): State<Shared>,
+    body: Result<Json<TenantSpec>, JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(spec) = body?;
+    Ok(created(run(s, move |c| c.create_tenant(spec)).await?))
+}
+
+async fn show_tenant(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<Response> {
+    Ok(Json(run(s, move |c| c.tenant(&name)).await?).into_response())
+}
+
+async fn delete_tenant(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    run(s, move |c| c.delete_tenant(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_vteps(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<Response> {
+    let t = run(s, move |c| c.tenant(&name)).await?;
+    let v: Vec<VtepSpec> = t.vteps.into_iter().map(|ip| VtepSpec { ip }).collect();
+    Ok(Json(v).into_response())
+}
+
+async fn add_vtep(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    body: Result<Json<VtepSpec>, JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(v) = body?;
+    run(s, move |c| c.add_vtep(&name, v.ip)).await?;
+    Ok(created(v))
+}
+
+async fn remove_vtep(
+    State(s): State<Shared>,
+    Path((name, ip)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let ip = parse_ip(&ip)?;
+    run(s, move |c| c.remove_vtep(&name, ip)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_fdb(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<Response> {
+    Ok(Json(run(s, move |c| c.fdb(&name)).await?).into_response())
+}
+
+async fn add_fdb(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    body: Result<Json<FdbEntrySpec>, JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(e) = body?;
+    let echo = e.clone();
+    run(s, move |c| c.add_fdb(&name, e)).await?;
+    Ok(created(echo))
+}
+
+async fn remove_fdb(
+    State(s): State<Shared>,
+    Path((name, mac)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    run(s, move |c| c.remove_fdb(&name, &mac)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_ports(State(s): State<Shared>) -> ApiResult<Response> {
+    Ok(Json(run(s, |c| c.ports()).await?).into_response())
+}
+
+async fn create_port(
+    State(s): State<Shared>,
+    body: Result<Json<PortSpec>, JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(spec) = body?;
+    Ok(created(run(s, move |c| c.create_port(spec)).await?))
+}
+
+async fn show_port(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<Response> {
+    Ok(Json(run(s, move |c| c.port(&name)).await?).into_response())
+}
+
+async fn delete_port(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    run(s, move |c| c.delete_port(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn metrics(State(s): State<Shared>) -> ApiResult<Response> {
+    let text = run(s, |c| c.metrics()).await?;
+    Ok((
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
