@@ -1,5 +1,6 @@
 //! `testbeds`: network-namespace hosts, kernel peers and the end-to-end proofs of libvirtual.
 //!
+//! * [`daemon`]: daemons as processes in test hosts, and an HTTP client for their sockets.
 //! * [`netns`]: uniquely named namespaces that are always removed.
 //! * [`transport`]: a userspace VTEP's underlay, as a UDP socket or a raw packet socket.
 //! * [`overlay_host`]: a `smoltcp` tenant host living inside a VNI through overlay-net.
@@ -11,6 +12,7 @@
 //!
 //! Everything here needs root (network namespaces); the library crates never depend on it.
 
+pub mod daemon;
 pub mod kernel_peer;
 pub mod netns;
 pub mod overlay_host;

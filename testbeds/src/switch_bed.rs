@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use overlay_net::{TenantLimits, Vni};
 use vswitch::datapath::{DatapathConfig, DatapathThread};
+use vswitch::placement::Placement;
 use vswitch::tap::Offloads;
 use vswitch::{PortConfig, TenantConfig};
 
@@ -37,7 +38,7 @@ impl Underlay {
     }
 
     /// Plugs a new namespace into the bridge as `eth0` with `addr/24` and returns it.
-    fn plug(&mut self, role: &str, addr: Ipv4Addr) -> Result<Netns, Error> {
+    pub fn host(&mut self, role: &str, addr: Ipv4Addr) -> Result<Netns, Error> {
         let host = Netns::create(role)?;
         self.next_link += 1;
         let link = format!("p{}", self.next_link);
@@ -97,7 +98,7 @@ impl SwitchHost {
     /// Plugs a host into the underlay at `198.18.0.<n>` and starts its datapath there.
     pub fn new(underlay: &mut Underlay, n: u8) -> Result<SwitchHost, Error> {
         let addr = Ipv4Addr::new(198, 18, 0, n);
-        let ns = underlay.plug(&format!("h{n}"), addr)?;
+        let ns = underlay.host(&format!("h{n}"), addr)?;
         let name = ns.name().to_owned();
         let datapath = DatapathThread::spawn(
             DatapathConfig {
@@ -144,8 +145,8 @@ impl SwitchHost {
             .map_err(sw)
     }
 
-    /// Attaches an endpoint: a TAP port `port` of `tenant`, moved into a new namespace as
-    /// `eth0` with `addr/24`, the tenant MTU and `mac`.
+    /// Attaches an endpoint: a TAP port `port` of `tenant`, placed by the datapath into a new
+    /// namespace as `eth0` (tenant MTU), given `mac` and `addr/24` there.
     pub fn endpoint(
         &self,
         tenant: &str,
@@ -153,30 +154,27 @@ impl SwitchHost {
         addr: Ipv4Addr,
         mac: &str,
     ) -> Result<Netns, Error> {
-        let (t, p) = (tenant.to_owned(), port.to_owned());
-        let mtu = self
-            .datapath
-            .call(move |dp| {
-                dp.add_tap_port(&t, PortConfig::new(p), Offloads::default())?;
-                Ok::<_, vswitch::Error>(dp.tenant_mtu().unwrap_or(1500))
-            })
-            .map_err(sw)?
-            .map_err(sw)?;
         let ep = Netns::create(&format!("e{port}"))?;
         // No IPv6: endpoints then send nothing on their own (no router solicitations, MLD or
         // DAD), so counters show exactly the traffic a test makes.
         quiet_ipv6(&ep)?;
-        self.ns.ip(&["link", "set", port, "netns", ep.name()])?;
-        ep.ip(&["link", "set", port, "name", "eth0"])?;
-        ep.ip(&[
-            "link",
-            "set",
-            "eth0",
-            "address",
-            mac,
-            "mtu",
-            &mtu.to_string(),
-        ])?;
+        let placement = Placement {
+            netns: format!("/run/netns/{}", ep.name()).into(),
+            ifname: "eth0".into(),
+        };
+        let (t, p) = (tenant.to_owned(), port.to_owned());
+        self.datapath
+            .call(move |dp| {
+                dp.add_tap_port(
+                    &t,
+                    PortConfig::new(p),
+                    Offloads::default(),
+                    Some(&placement),
+                )
+            })
+            .map_err(sw)?
+            .map_err(sw)?;
+        ep.ip(&["link", "set", "eth0", "address", mac])?;
         ep.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
         ep.ip(&["link", "set", "eth0", "up"])?;
         Ok(ep)
@@ -216,7 +214,7 @@ impl KernelHost {
         addr: Ipv4Addr,
     ) -> Result<KernelHost, Error> {
         let local = Ipv4Addr::new(198, 18, 0, n);
-        let ns = underlay.plug(&format!("k{n}"), local)?;
+        let ns = underlay.host(&format!("k{n}"), local)?;
         let id = vni.to_string();
         ns.ip(&[
             "link",

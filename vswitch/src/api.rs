@@ -51,6 +51,13 @@ pub struct PortSpec {
     /// Ingress policing.
     #[serde(default)]
     pub rate_limit: RateLimitSpec,
+    /// The network namespace the interface is moved into (`/run/netns/NAME`,
+    /// `/proc/PID/ns/net`); absent: it stays in the switch's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    /// The interface's name inside `netns` (default: the port name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
 }
 
 fn default_kind() -> String {

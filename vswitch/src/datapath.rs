@@ -17,6 +17,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use overlay_net::fdb::FastHash;
 use overlay_net::{Destination, PortId, UnderlayFamily, Vni};
 
+use crate::placement::{Placement, in_netns, open_netns, place, set_mtu};
 use crate::tap::{Offloads, Tap, VNET_HDR_LEN, VnetHeader};
 use crate::uplink::{BATCH, QueueError, Uplink};
 use crate::{
@@ -136,26 +137,70 @@ impl Datapath {
         self.switch.add_tenant(config).map(|_| ())
     }
 
-    /// Creates a TAP interface named like the port, attaches it to `tenant` and starts
-    /// serving it.
+    /// Attaches a TAP port to `tenant` and starts serving it. The interface is persistent
+    /// (it survives a crash of the switch). Without `placement` it is named like the port in
+    /// the switch's namespace; with it, it lives in `placement.netns` as `placement.ifname`:
+    /// an interface of that name there is attached to again (after a restart), otherwise one
+    /// is created, moved there and renamed. Its MTU is the tenant's.
     pub fn add_tap_port(
         &mut self,
         tenant: &str,
         config: PortConfig,
         offloads: Offloads,
+        placement: Option<&Placement>,
     ) -> Result<PortId, Error> {
         config.validate()?;
-        if self.switch.tenant(tenant).is_none() {
-            return Err(Error::NoSuchTenant(tenant.into()));
+        let mtu = self
+            .switch
+            .tenant(tenant)
+            .ok_or_else(|| Error::NoSuchTenant(tenant.into()))?
+            .config()
+            .mtu;
+        if self.switch.port_id(&config.name).is_some() {
+            return Err(Error::PortExists(config.name));
         }
-        let tap = Tap::create(&config.name, offloads, false)?;
-        let id = self.switch.add_port(tenant, config)?;
+        let tap = match placement {
+            None => {
+                let tap = Tap::create_persistent(&config.name, offloads)?;
+                set_mtu(&config.name, mtu)?;
+                tap
+            }
+            Some(p) => {
+                let ifname = p.ifname.clone();
+                let ns = open_netns(&p.netns)?;
+                let existing = in_netns(Some(ns), move || {
+                    if nix::net::if_::if_nametoindex(ifname.as_str()).is_err() {
+                        return Ok(None);
+                    }
+                    Tap::create_persistent(&ifname, offloads).map(Some)
+                })?;
+                match existing {
+                    Some(tap) => tap,
+                    None => {
+                        let tap = Tap::create_persistent(&config.name, offloads)?;
+                        if let Err(e) = place(&config.name, p, mtu) {
+                            let _ = tap.destroy();
+                            return Err(e);
+                        }
+                        tap
+                    }
+                }
+            }
+        };
+        let port_name = config.name.clone();
+        let id = match self.switch.add_port(tenant, config) {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = tap.destroy();
+                return Err(e);
+            }
+        };
         if let Err(e) = self
             .epoll
             .add(tap.fd(), EpollEvent::new(EpollFlags::EPOLLIN, id.0 as u64))
         {
-            let name = tap.name().to_owned();
-            let _ = self.switch.remove_port(&name);
+            let _ = self.switch.remove_port(&port_name);
+            let _ = tap.destroy();
             return Err(nix_err("epoll_ctl tap", e));
         }
         self.taps.insert(id, tap);
@@ -171,6 +216,7 @@ impl Datapath {
         self.switch.remove_port(name)?;
         if let Some(tap) = self.taps.remove(&id) {
             let _ = self.epoll.delete(tap.fd());
+            tap.destroy()?;
         }
         Ok(())
     }

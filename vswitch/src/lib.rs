@@ -18,6 +18,7 @@ mod counters;
 pub mod daemon;
 pub mod datapath;
 mod error;
+pub mod placement;
 mod port;
 mod ratelimit;
 mod switch;

@@ -81,6 +81,22 @@ impl Tap {
     /// non-blocking, with a virtio-net header and the given offloads. With `multi_queue`,
     /// further queues can be opened with the same call.
     pub fn create(name: &str, offloads: Offloads, multi_queue: bool) -> Result<Tap, Error> {
+        Tap::open(name, offloads, multi_queue, false)
+    }
+
+    /// Like [`Tap::create`], but the interface outlives this process (TUNSETPERSIST): after a
+    /// crash or restart, opening the same name attaches to it again, addresses and routes
+    /// inside a container intact. [`Tap::destroy`] removes it.
+    pub fn create_persistent(name: &str, offloads: Offloads) -> Result<Tap, Error> {
+        Tap::open(name, offloads, false, true)
+    }
+
+    fn open(
+        name: &str,
+        offloads: Offloads,
+        multi_queue: bool,
+        persist: bool,
+    ) -> Result<Tap, Error> {
         let io_err = |what: &str, e: io::Error| Error::Io(format!("TAP {name}: {what}"), e);
         let cname = CString::new(name).map_err(|_| Error::invalid("TAP name", "contains NUL"))?;
         if cname.as_bytes().len() >= libc::IFNAMSIZ {
@@ -126,10 +142,36 @@ impl Tap {
         {
             return Err(io_err("TUNSETOFFLOAD", io::Error::last_os_error()));
         }
+        if persist {
+            // SAFETY: TUNSETPERSIST takes its argument by value.
+            if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) } < 0
+            {
+                return Err(io_err("TUNSETPERSIST", io::Error::last_os_error()));
+            }
+        }
         Ok(Tap {
             file,
             name: name.to_owned(),
         })
+    }
+
+    /// Clears the persist flag and closes the TAP: the interface disappears.
+    pub fn destroy(self) -> Result<(), Error> {
+        // SAFETY: TUNSETPERSIST takes its argument by value.
+        if unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                libc::TUNSETPERSIST,
+                0 as libc::c_ulong,
+            )
+        } < 0
+        {
+            return Err(Error::Io(
+                format!("TAP {}: TUNSETPERSIST off", self.name),
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
     }
 
     /// The interface name.

@@ -20,6 +20,7 @@ use crate::api::{
     CountersInfo, FdbEntryInfo, FdbEntrySpec, PortInfo, PortSpec, TenantInfo, TenantSpec,
 };
 use crate::datapath::{Datapath, DatapathThread};
+use crate::placement::Placement;
 use crate::tap::Offloads;
 use crate::{Error, PortConfig, PortCounters, PortSecurity, RateLimit, TenantConfig, TenantSwitch};
 
@@ -312,8 +313,15 @@ impl Control {
     pub fn create_port(&mut self, spec: PortSpec) -> Result<PortInfo> {
         let cfg = port_config(&spec)?;
         let tenant = spec.tenant.clone();
+        if spec.netns.is_none() && spec.ifname.is_some() {
+            return Err(ControlError::Invalid("ifname needs netns".into()));
+        }
+        let placement = spec.netns.as_ref().map(|ns| Placement {
+            netns: ns.into(),
+            ifname: spec.ifname.clone().unwrap_or_else(|| spec.name.clone()),
+        });
         call(&self.dp, move |dp| {
-            dp.add_tap_port(&tenant, cfg, Offloads::default())
+            dp.add_tap_port(&tenant, cfg, Offloads::default(), placement.as_ref())
         })??;
         self.state.ports.push(spec.clone());
         self.save()?;

@@ -1,0 +1,137 @@
+//! Running the daemons as real processes inside test hosts, and a minimal HTTP/1.1 client for
+//! their unix-socket APIs (what `curl --unix-socket` does).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::Error;
+use crate::netns::Netns;
+
+/// The path of a workspace binary built next to the running test (e.g. `vswitchd`).
+pub fn workspace_binary(name: &str) -> Result<PathBuf, Error> {
+    let exe = std::env::current_exe().map_err(|e| Error::Io("current_exe".into(), e))?;
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join(name))
+        .ok_or_else(|| Error::Setup("cannot locate the target directory".into()))?;
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::Setup(format!(
+            "{} is not built (cargo build --workspace builds it)",
+            path.display()
+        )))
+    }
+}
+
+/// A daemon process; killed (SIGKILL) on drop if still running.
+pub struct Daemon {
+    child: Option<Child>,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `program args...` inside `ns` and waits until `socket` accepts connections.
+    pub fn start(
+        ns: &Netns,
+        program: &Path,
+        args: &[String],
+        socket: PathBuf,
+    ) -> Result<Daemon, Error> {
+        let prog = program.to_string_lossy().into_owned();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = ns
+            .command(&prog, &args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| Error::Io(format!("starting {prog}"), e))?;
+        let mut d = Daemon {
+            child: Some(child),
+            socket,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&d.socket).is_err() {
+            if let Some(c) = d.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                return Err(Error::Setup(format!("{prog} exited early: {status}")));
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Setup(format!("{prog}: no API socket after 20 s")));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(d)
+    }
+
+    /// Kills the daemon with SIGKILL (no chance to clean up), as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it; returns whether it exited cleanly.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        c.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
+    /// Sends an API request and returns the status and the body.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<(u16, String), Error> {
+        http(&self.socket, method, path, body)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One HTTP/1.1 request over a unix socket (`Connection: close`).
+pub fn http(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String), Error> {
+    let io = |e| Error::Io(format!("API {}", socket.display()), e);
+    let mut s = UnixStream::connect(socket).map_err(io)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io)?;
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).map_err(io)?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(io)?;
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| Error::Setup(format!("bad HTTP response: {resp:?}")))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
