@@ -133,3 +133,55 @@ pub fn tcp_transfer(
         elapsed,
     })
 }
+
+/// Sends UDP datagrams of `size` bytes from `client` to `addr:port` in `server` at about
+/// `offered_bps` for `duration`, and returns the bits per second that arrived (measured over
+/// the sending window).
+pub fn udp_rate(
+    client: &Netns,
+    server: &Netns,
+    addr: IpAddr,
+    port: u16,
+    size: usize,
+    offered_bps: u64,
+    duration: Duration,
+) -> Result<f64, Error> {
+    use std::net::UdpSocket;
+    let io = |what: &'static str| move |e| Error::Io(what.into(), e);
+    let rx = server.enter(move || UdpSocket::bind((addr, port)).map_err(io("bind")))?;
+    rx.set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(io("timeout"))?;
+    let counter = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        let mut bytes = 0u64;
+        while let Ok(n) = rx.recv(&mut buf) {
+            bytes += n as u64;
+        }
+        bytes
+    });
+    client.enter(move || {
+        let tx = UdpSocket::bind(("0.0.0.0", 0)).map_err(io("bind"))?;
+        tx.connect((addr, port)).map_err(io("connect"))?;
+        let payload = vec![0x5a; size];
+        let start = Instant::now();
+        let per_ms = (offered_bps / 8 / 1000 / size as u64).max(1);
+        let mut sent_ms = 0u64;
+        while start.elapsed() < duration {
+            for _ in 0..per_ms {
+                let _ = tx.send(&payload);
+            }
+            sent_ms += 1;
+            let next = Duration::from_millis(sent_ms);
+            if let Some(wait) = next.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(())
+    })?;
+    let bytes = counter
+        .join()
+        .map_err(|_| Error::Setup("counter thread panicked".into()))?;
+    // UDP payload bytes -> frame bits: add IP (20) + UDP (8) + Ethernet (14) per datagram.
+    let frames = bytes as f64 / size as f64;
+    Ok((bytes as f64 + frames * 42.0) * 8.0 / duration.as_secs_f64())
+}

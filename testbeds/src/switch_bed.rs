@@ -154,7 +154,18 @@ impl SwitchHost {
         addr: Ipv4Addr,
         mac: &str,
     ) -> Result<Netns, Error> {
-        let ep = Netns::create(&format!("e{port}"))?;
+        self.endpoint_with(tenant, PortConfig::new(port), addr, mac)
+    }
+
+    /// Like [`SwitchHost::endpoint`], with port security or a rate limit in `config`.
+    pub fn endpoint_with(
+        &self,
+        tenant: &str,
+        config: PortConfig,
+        addr: Ipv4Addr,
+        mac: &str,
+    ) -> Result<Netns, Error> {
+        let ep = Netns::create(&format!("e{}", config.name))?;
         // No IPv6: endpoints then send nothing on their own (no router solicitations, MLD or
         // DAD), so counters show exactly the traffic a test makes.
         quiet_ipv6(&ep)?;
@@ -162,16 +173,9 @@ impl SwitchHost {
             netns: format!("/run/netns/{}", ep.name()).into(),
             ifname: "eth0".into(),
         };
-        let (t, p) = (tenant.to_owned(), port.to_owned());
+        let t = tenant.to_owned();
         self.datapath
-            .call(move |dp| {
-                dp.add_tap_port(
-                    &t,
-                    PortConfig::new(p),
-                    Offloads::default(),
-                    Some(&placement),
-                )
-            })
+            .call(move |dp| dp.add_tap_port(&t, config, Offloads::default(), Some(&placement)))
             .map_err(sw)?
             .map_err(sw)?;
         ep.ip(&["link", "set", "eth0", "address", mac])?;

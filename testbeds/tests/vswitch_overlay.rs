@@ -167,3 +167,97 @@ fn tenants_with_identical_addresses_stay_apart() {
         "frames of tenant b reached tenant a"
     );
 }
+
+#[test]
+fn port_security_rate_limit_and_mtu_hold() {
+    use std::time::Duration;
+    use testbeds::probe::udp_rate;
+    use vswitch::{DropReason, PortConfig, PortSecurity, RateLimit};
+    if skip() {
+        return;
+    }
+    let mut ul = Underlay::new().unwrap();
+    let h1 = SwitchHost::new(&mut ul, 1).unwrap();
+    let h2 = SwitchHost::new(&mut ul, 2).unwrap();
+    h1.tenant("a", 100, &[h2.ip]).unwrap();
+    h2.tenant("a", 100, &[h1.ip]).unwrap();
+    let mac1 = "02:00:00:00:00:01";
+    let mut secure = PortConfig::new("tapa1");
+    secure.security = Some(PortSecurity {
+        mac: mac1.parse().unwrap(),
+        ips: vec![ip(1).into()],
+    });
+    let a1 = h1.endpoint_with("a", secure, ip(1), mac1).unwrap();
+    const LIMIT: u64 = 20_000_000;
+    let mut limited = PortConfig::new("tapa2");
+    limited.rate_limit = RateLimit {
+        bits_per_sec: Some(LIMIT),
+        ..Default::default()
+    };
+    let a2 = h2
+        .endpoint_with("a", limited, ip(2), "02:00:00:00:00:02")
+        .unwrap();
+    let a3 = h2
+        .endpoint("a", "tapa3", ip(3), "02:00:00:00:00:03")
+        .unwrap();
+    let port_drops = |h: &SwitchHost, port: &'static str, reason: DropReason| {
+        h.datapath
+            .call(move |dp| {
+                let sw = dp.switch();
+                let id = sw.port_id(port).unwrap();
+                sw.port_tenant(id)
+                    .unwrap()
+                    .port(id)
+                    .unwrap()
+                    .1
+                    .drops
+                    .get(reason)
+            })
+            .unwrap()
+    };
+
+    // The secured endpoint works as itself...
+    assert_eq!(ping(&a1, ip(3).into(), 2, 56).unwrap().received, 2);
+    // ...reaches no one with another IP...
+    a1.ip(&["addr", "flush", "dev", "eth0"]).unwrap();
+    a1.ip(&["addr", "add", "10.100.0.50/24", "dev", "eth0"])
+        .unwrap();
+    assert_eq!(ping(&a1, ip(3).into(), 2, 56).unwrap().received, 0);
+    assert!(port_drops(&h1, "tapa1", DropReason::SpoofedIp) > 0);
+    // ...or with another MAC.
+    a1.ip(&["addr", "flush", "dev", "eth0"]).unwrap();
+    a1.ip(&["addr", "add", "10.100.0.1/24", "dev", "eth0"])
+        .unwrap();
+    a1.ip(&["link", "set", "eth0", "address", "02:00:00:00:00:66"])
+        .unwrap();
+    assert_eq!(ping(&a1, ip(3).into(), 2, 56).unwrap().received, 0);
+    assert!(port_drops(&h1, "tapa1", DropReason::SpoofedMac) > 0);
+
+    // The limited port: offer 3x its limit for 2 s; what arrives stays within 10 % of it.
+    let got = udp_rate(
+        &a2,
+        &a3,
+        ip(3).into(),
+        6000,
+        1000,
+        3 * LIMIT,
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let ratio = got / LIMIT as f64;
+    eprintln!(
+        "rate-limited port: {:.1} Mbit/s arrived for a {} Mbit/s limit ({ratio:.3}x)",
+        got / 1e6,
+        LIMIT / 1_000_000
+    );
+    assert!((0.9..=1.1).contains(&ratio), "{ratio}");
+    assert!(port_drops(&h2, "tapa2", DropReason::RateLimited) > 0);
+
+    // MTU: a frame above the tenant MTU (1450) is dropped and counted, never fragmented.
+    a3.ip(&["link", "set", "eth0", "mtu", "1500"]).unwrap();
+    // (to a2, which a3 has resolved: a1 answers nobody since its MAC changed)
+    assert_eq!(ping(&a3, ip(2).into(), 1, 1422).unwrap().received, 1);
+    let r = ping(&a3, ip(2).into(), 1, 1472).unwrap();
+    assert_eq!((r.sent, r.received), (1, 0));
+    assert!(port_drops(&h2, "tapa3", DropReason::Oversize) > 0);
+}

@@ -62,3 +62,28 @@ pub fn default_run_dir() -> PathBuf {
             .join("libvirtual")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_keys_and_rejects_unknown_ones() {
+        let cfg: FileConfig = toml::from_str(
+            r#"
+            underlay = ["198.18.0.1", "fd42::1"]
+            underlay_mtu = 9000
+            udp_port = 4789
+            run_dir = "/tmp/run"
+            state_dir = "/tmp/state"
+            log_format = "json"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.underlay.len(), 2);
+        assert_eq!(cfg.underlay_mtu, Some(9000));
+        assert_eq!(cfg.log_format.as_deref(), Some("json"));
+        assert!(toml::from_str::<FileConfig>("underlay_mtu = 1500\nmtu = 1").is_err());
+        assert!(toml::from_str::<FileConfig>("underlay = [\"not-an-ip\"]").is_err());
+    }
+}
