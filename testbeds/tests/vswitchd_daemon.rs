@@ -133,6 +133,36 @@ fn api_placement_and_restart_after_kill_9() {
         "{body}"
     );
 
+    // vctl drives the same API: JSON output for scripts, API errors exit 1.
+    let vctl = workspace_binary("vctl").unwrap();
+    let sock = hosts[0].dir.join("run/vswitchd.sock").display().to_string();
+    let run = |args: &[&str]| {
+        std::process::Command::new(&vctl)
+            .args(["net", "--socket", &sock])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["port", "list", "--output", "json"]);
+    assert!(out.status.success());
+    let ports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ports[0]["name"], "p1");
+    assert!(ports[0]["counters"]["tx_packets"].as_u64().unwrap() > 0);
+    assert!(
+        run(&["tenant", "create", "b", "--vni", "200"])
+            .status
+            .success()
+    );
+    let table = String::from_utf8(run(&["tenant", "list"]).stdout).unwrap();
+    assert!(
+        table.starts_with("NAME") && table.contains("\nb ") && table.contains("200"),
+        "{table}"
+    );
+    let dup = run(&["tenant", "create", "b", "--vni", "201"]);
+    assert_eq!(dup.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("conflict"));
+    assert!(run(&["tenant", "delete", "b"]).status.success());
+
     // A crash: the interface stays in the endpoint (persistent TAP), traffic stops.
     daemons[0].kill9();
     assert!(endpoints[0].ip(&["link", "show", "eth0"]).is_ok());

@@ -1,0 +1,376 @@
+//! vctl: the libvirtual command line.
+//!
+//! `vctl net ...` drives vswitchd: tenants, ports, remote VTEPs, forwarding tables, counters.
+//! Tables for humans, `--output json` for scripts. Exit codes: 0 done, 1 the daemon refused
+//! (its error is printed), 2 bad usage, 3 the daemon cannot be reached.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use libvirtual::Error;
+use libvirtual::net::{Client, default_socket};
+use serde::Serialize;
+use vswitch::api::{CountersInfo, FdbEntrySpec, PortSpec, RateLimitSpec, TenantSpec};
+
+#[derive(Parser)]
+#[command(name = "vctl", version, about = "Control libvirtual's daemons")]
+struct Cli {
+    /// Output format.
+    #[arg(long, short, value_enum, global = true, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Top {
+    /// The virtual switch (vswitchd).
+    Net {
+        /// vswitchd's API socket.
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+        #[command(subcommand)]
+        command: Net,
+    },
+}
+
+#[derive(Subcommand)]
+enum Net {
+    /// Tenants: isolated L2 networks keyed by a VXLAN VNI.
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    /// Ports: TAP interfaces attached to a tenant.
+    #[command(subcommand)]
+    Port(PortCmd),
+    /// Remote VTEPs of a tenant (head-end replication).
+    #[command(subcommand)]
+    Vtep(VtepCmd),
+    /// Forwarding table of a tenant.
+    #[command(subcommand)]
+    Fdb(FdbCmd),
+    /// Prometheus text of every counter.
+    Metrics,
+}
+
+#[derive(Subcommand)]
+enum TenantCmd {
+    /// List tenants.
+    List,
+    /// Show one tenant.
+    Show { name: String },
+    /// Create a tenant.
+    Create {
+        name: String,
+        /// VXLAN network identifier.
+        #[arg(long)]
+        vni: u32,
+        /// MTU (default: what the underlay carries).
+        #[arg(long, default_value_t = 0)]
+        mtu: u16,
+        /// Most learned MAC addresses.
+        #[arg(long)]
+        max_macs: Option<usize>,
+    },
+    /// Delete a tenant without ports.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+enum PortCmd {
+    /// List ports with counters.
+    List,
+    /// Show one port.
+    Show { name: String },
+    /// Create a TAP port.
+    Create {
+        name: String,
+        #[arg(long)]
+        tenant: String,
+        /// Network namespace file to move the interface into.
+        #[arg(long)]
+        netns: Option<String>,
+        /// Interface name inside that namespace.
+        #[arg(long)]
+        ifname: Option<String>,
+        /// Port security: the only source MAC allowed.
+        #[arg(long)]
+        mac: Option<String>,
+        /// Port security: a source IP allowed (repeatable; needs --mac).
+        #[arg(long = "ip")]
+        ips: Vec<IpAddr>,
+        /// Ingress limit in bits per second.
+        #[arg(long)]
+        rate_bps: Option<u64>,
+        /// Ingress limit in packets per second.
+        #[arg(long)]
+        rate_pps: Option<u64>,
+    },
+    /// Delete a port (its interface disappears).
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+enum VtepCmd {
+    /// List a tenant's remote VTEPs.
+    List { tenant: String },
+    /// Add a remote VTEP.
+    Add { tenant: String, ip: IpAddr },
+    /// Remove a remote VTEP.
+    Remove { tenant: String, ip: IpAddr },
+}
+
+#[derive(Subcommand)]
+enum FdbCmd {
+    /// Show a tenant's forwarding table.
+    List { tenant: String },
+    /// Add a static entry: the MAC lives at a local port or a remote VTEP.
+    Add {
+        tenant: String,
+        mac: String,
+        #[arg(long, conflicts_with = "vtep", required_unless_present = "vtep")]
+        port: Option<String>,
+        #[arg(long)]
+        vtep: Option<IpAddr>,
+    },
+    /// Remove an entry.
+    Remove { tenant: String, mac: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Top::Net { socket, command } = cli.command;
+    let client = Client::new(socket.unwrap_or_else(default_socket));
+    match run(&client, command, cli.output) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vctl: {e}");
+            match e {
+                Error::Connect { .. } => ExitCode::from(3),
+                _ => ExitCode::from(1),
+            }
+        }
+    }
+}
+
+fn emit<T: Serialize>(out: Output, value: &T, table: impl FnOnce(&T) -> Vec<Vec<String>>) {
+    match out {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        ),
+        Output::Table => print_table(&table(value)),
+    }
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("{s:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+fn drops(c: &CountersInfo) -> String {
+    if c.drops.is_empty() {
+        "-".into()
+    } else {
+        c.drops
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+fn done(out: Output, what: String) {
+    match out {
+        Output::Json => println!("{}", serde_json::json!({ "ok": what })),
+        Output::Table => println!("{what}"),
+    }
+}
+
+fn run(c: &Client, cmd: Net, out: Output) -> Result<(), Error> {
+    let tenant_rows = |ts: &Vec<vswitch::api::TenantInfo>| {
+        let mut rows = vec![
+            vec![
+                "NAME", "VNI", "MTU", "PORTS", "VTEPS", "MACS", "RX", "FLOODED", "DROPS",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        ];
+        rows.extend(ts.iter().map(|t| {
+            vec![
+                t.name.clone(),
+                t.vni.to_string(),
+                t.mtu.to_string(),
+                t.ports.join(","),
+                t.vteps
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                format!("{}/{}", t.learned_macs, t.max_macs),
+                t.counters.rx_packets.to_string(),
+                t.flooded.to_string(),
+                drops(&t.counters),
+            ]
+        }));
+        rows
+    };
+    let port_rows = |ps: &Vec<vswitch::api::PortInfo>| {
+        let mut rows = vec![
+            vec![
+                "NAME", "TENANT", "NETNS", "SECURITY", "RX PKTS", "RX BYTES", "TX PKTS",
+                "TX BYTES", "DROPS",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        ];
+        rows.extend(ps.iter().map(|p| {
+            vec![
+                p.spec.name.clone(),
+                p.spec.tenant.clone(),
+                p.spec.netns.clone().unwrap_or_else(|| "-".into()),
+                p.spec.mac.clone().unwrap_or_else(|| "-".into()),
+                p.counters.rx_packets.to_string(),
+                p.counters.rx_bytes.to_string(),
+                p.counters.tx_packets.to_string(),
+                p.counters.tx_bytes.to_string(),
+                drops(&p.counters),
+            ]
+        }));
+        rows
+    };
+    match cmd {
+        Net::Tenant(TenantCmd::List) => emit(out, &c.tenants()?, tenant_rows),
+        Net::Tenant(TenantCmd::Show { name }) => emit(out, &vec![c.tenant(&name)?], tenant_rows),
+        Net::Tenant(TenantCmd::Create {
+            name,
+            vni,
+            mtu,
+            max_macs,
+        }) => {
+            let t = c.create_tenant(&TenantSpec {
+                name,
+                vni,
+                mtu,
+                max_macs,
+            })?;
+            emit(out, &vec![t], tenant_rows);
+        }
+        Net::Tenant(TenantCmd::Delete { name }) => {
+            c.delete_tenant(&name)?;
+            done(out, format!("deleted tenant {name}"));
+        }
+        Net::Port(PortCmd::List) => emit(out, &c.ports()?, port_rows),
+        Net::Port(PortCmd::Show { name }) => emit(out, &vec![c.port(&name)?], port_rows),
+        Net::Port(PortCmd::Create {
+            name,
+            tenant,
+            netns,
+            ifname,
+            mac,
+            ips,
+            rate_bps,
+            rate_pps,
+        }) => {
+            let p = c.create_port(&PortSpec {
+                name,
+                tenant,
+                kind: "tap".into(),
+                mac,
+                ips,
+                rate_limit: RateLimitSpec {
+                    bits_per_sec: rate_bps,
+                    packets_per_sec: rate_pps,
+                },
+                netns,
+                ifname,
+            })?;
+            emit(out, &vec![p], port_rows);
+        }
+        Net::Port(PortCmd::Delete { name }) => {
+            c.delete_port(&name)?;
+            done(out, format!("deleted port {name}"));
+        }
+        Net::Vtep(VtepCmd::List { tenant }) => emit(out, &c.vteps(&tenant)?, |v| {
+            let mut rows = vec![vec!["VTEP".to_owned()]];
+            rows.extend(v.iter().map(|x| vec![x.ip.to_string()]));
+            rows
+        }),
+        Net::Vtep(VtepCmd::Add { tenant, ip }) => {
+            c.add_vtep(&tenant, ip)?;
+            done(out, format!("tenant {tenant}: added VTEP {ip}"));
+        }
+        Net::Vtep(VtepCmd::Remove { tenant, ip }) => {
+            c.remove_vtep(&tenant, ip)?;
+            done(out, format!("tenant {tenant}: removed VTEP {ip}"));
+        }
+        Net::Fdb(FdbCmd::List { tenant }) => emit(out, &c.fdb(&tenant)?, |v| {
+            let mut rows = vec![
+                vec!["MAC", "WHERE", "TYPE"]
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+            ];
+            rows.extend(v.iter().map(|e| {
+                let at = match (&e.port, &e.vtep) {
+                    (Some(p), _) => format!("port {p}"),
+                    (_, Some(v)) => format!("vtep {v}"),
+                    _ => "-".into(),
+                };
+                vec![
+                    e.mac.clone(),
+                    at,
+                    if e.is_static { "static" } else { "learned" }.into(),
+                ]
+            }));
+            rows
+        }),
+        Net::Fdb(FdbCmd::Add {
+            tenant,
+            mac,
+            port,
+            vtep,
+        }) => {
+            c.add_fdb(
+                &tenant,
+                &FdbEntrySpec {
+                    mac: mac.clone(),
+                    port,
+                    vtep,
+                },
+            )?;
+            done(out, format!("tenant {tenant}: static entry for {mac}"));
+        }
+        Net::Fdb(FdbCmd::Remove { tenant, mac }) => {
+            c.remove_fdb(&tenant, &mac)?;
+            done(out, format!("tenant {tenant}: removed {mac}"));
+        }
+        Net::Metrics => print!("{}", c.metrics()?),
+    }
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! `libvirtual`: the public Rust API over libvirtual's daemons.
+//!
+//! * [`http`]: a small blocking HTTP/1.1 client for unix-socket APIs.
+//! * [`net`]: the typed client of vswitchd (tenants, ports, VTEPs, forwarding tables,
+//!   metrics), on the request/response types of [`vswitch::api`].
+//!
+//! The `vctl` binary is the command line over these clients.
+
+pub mod http;
+pub mod net;
+
+/// Re-export of the overlay wire core.
+pub use overlay_net;
+/// Re-export of the switch crate (its API types and embeddable core).
+pub use vswitch;
+
+/// Errors of the clients.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The daemon's socket could not be reached.
+    #[error("cannot reach {socket}: {source}")]
+    Connect {
+        /// The socket path.
+        socket: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection failed mid-request.
+    #[error("talking to {socket}: {source}")]
+    Io {
+        /// The socket path.
+        socket: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon answered with an API error.
+    #[error("{code}: {message} (HTTP {status})")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// Stable error code (`not_found`, `conflict`, `invalid`, `internal`).
+        code: String,
+        /// The daemon's message.
+        message: String,
+    },
+    /// The answer was not what the API promises.
+    #[error("unexpected answer: {0}")]
+    Protocol(String),
+}
