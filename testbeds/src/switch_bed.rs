@@ -58,6 +58,9 @@ impl Underlay {
         self.ns.ip(&["link", "set", &link, "master", "br0"])?;
         self.ns.ip(&["link", "set", &link, "up"])?;
         host.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        // Every host also has an IPv6 underlay address, fd00:18::<last octet>.
+        let v6 = format!("fd00:18::{}/64", addr.octets()[3]);
+        host.ip(&["addr", "add", &v6, "dev", "eth0", "nodad"])?;
         // A NIC finishes checksums and segments before the wire; veth would hand partial
         // checksums of tunnelled packets to the peer instead.
         host.exec(
@@ -90,19 +93,30 @@ pub struct SwitchHost {
     pub datapath: DatapathThread,
     /// The host's namespace.
     pub ns: Netns,
-    /// Its underlay address.
+    /// The underlay address its datapath binds.
     pub ip: IpAddr,
 }
 
 impl SwitchHost {
     /// Plugs a host into the underlay at `198.18.0.<n>` and starts its datapath there.
     pub fn new(underlay: &mut Underlay, n: u8) -> Result<SwitchHost, Error> {
+        Self::with_underlays(underlay, n, false)
+    }
+
+    /// Like [`SwitchHost::new`]; with `ipv6` the datapath binds only the IPv6 underlay
+    /// address `fd00:18::<n>` (tenant MTU 1430).
+    pub fn with_underlays(underlay: &mut Underlay, n: u8, ipv6: bool) -> Result<SwitchHost, Error> {
         let addr = Ipv4Addr::new(198, 18, 0, n);
         let ns = underlay.host(&format!("h{n}"), addr)?;
         let name = ns.name().to_owned();
+        let bind: IpAddr = if ipv6 {
+            std::net::Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, n as u16).into()
+        } else {
+            addr.into()
+        };
         let datapath = DatapathThread::spawn(
             DatapathConfig {
-                underlay: vec![addr.into()],
+                underlay: vec![bind],
                 underlay_mtu: 1500,
                 udp_port: overlay_net::VXLAN_PORT,
             },
@@ -119,7 +133,7 @@ impl SwitchHost {
         Ok(SwitchHost {
             datapath,
             ns,
-            ip: addr.into(),
+            ip: bind,
         })
     }
 

@@ -126,8 +126,7 @@ fn tenants_with_identical_addresses_stay_apart() {
     let a2 = h2
         .endpoint("a", "tapa2", ip(2), "02:00:00:00:00:02")
         .unwrap();
-    // Kept alive (not read): b2 pings it.
-    let _b1 = h1
+    let b1 = h1
         .endpoint("b", "tapb1", ip(1), "02:00:00:00:00:01")
         .unwrap();
     let b2 = h2
@@ -146,8 +145,18 @@ fn tenants_with_identical_addresses_stay_apart() {
             })
             .unwrap()
     };
-    // Traffic in tenant a only: tenant b's ports receive nothing on either host.
+    // What tenant b's interfaces received, as their kernels count it (a capture would see
+    // the same frames).
+    let seen = |ep: &testbeds::netns::Netns| {
+        ep.exec("cat", &["/sys/class/net/eth0/statistics/rx_packets"])
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    // Traffic in tenant a only: tenant b's ports and interfaces receive nothing.
     let b_before = (tx_of(&h1, "b"), tx_of(&h2, "b"));
+    let b_seen = (seen(&b1), seen(&b2));
     let r = ping(&a1, ip(2).into(), 5, 56).unwrap();
     assert_eq!(r.received, r.sent);
     let t = tcp_transfer(&a2, &a1, ip(1).into(), 5003, 1 << 20).unwrap();
@@ -156,6 +165,11 @@ fn tenants_with_identical_addresses_stay_apart() {
         (tx_of(&h1, "b"), tx_of(&h2, "b")),
         b_before,
         "frames of tenant a reached tenant b"
+    );
+    assert_eq!(
+        (seen(&b1), seen(&b2)),
+        b_seen,
+        "tenant b's interfaces received frames"
     );
     // And the other way round.
     let a_before = (tx_of(&h1, "a"), tx_of(&h2, "a"));
@@ -260,4 +274,65 @@ fn port_security_rate_limit_and_mtu_hold() {
     let r = ping(&a3, ip(2).into(), 1, 1472).unwrap();
     assert_eq!((r.sent, r.received), (1, 0));
     assert!(port_drops(&h2, "tapa3", DropReason::Oversize) > 0);
+}
+
+#[test]
+fn ipv6_underlay_and_garbage_on_the_vxlan_port() {
+    use std::net::{SocketAddr, UdpSocket};
+    if skip() {
+        return;
+    }
+    let mut ul = Underlay::new().unwrap();
+    let h1 = SwitchHost::with_underlays(&mut ul, 1, true).unwrap();
+    let h2 = SwitchHost::with_underlays(&mut ul, 2, true).unwrap();
+    assert!(h1.ip.is_ipv6());
+    h1.tenant("a", 100, &[h2.ip]).unwrap();
+    h2.tenant("a", 100, &[h1.ip]).unwrap();
+    let a1 = h1
+        .endpoint("a", "tapa1", ip(1), "02:00:00:00:00:01")
+        .unwrap();
+    let a2 = h2
+        .endpoint("a", "tapa2", ip(2), "02:00:00:00:00:02")
+        .unwrap();
+    // The tenant MTU over IPv6 is 1500 - 70; a packet that fills it crosses.
+    let link = a1.ip(&["-o", "link", "show", "eth0"]).unwrap();
+    assert!(link.contains("mtu 1430"), "{link}");
+    let r = ping(&a1, ip(2).into(), 3, 1430 - 28).unwrap();
+    assert_eq!(r.received, r.sent, "{r:?}");
+    let t = tcp_transfer(&a2, &a1, ip(1).into(), 5004, 2 << 20).unwrap();
+    assert_eq!((t.received, t.received_crc32), (t.bytes, t.sent_crc32));
+
+    // Garbage, truncated and unknown-VNI datagrams on the VXLAN port are counted and dropped;
+    // the datapath keeps forwarding.
+    let target = SocketAddr::new(h1.ip, 4789);
+    let junk: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0xff; 7],
+        vec![0x00; 64],                                          // I flag clear
+        [&[0x08, 0, 0, 0, 0, 0, 1][..], &[0u8; 3][..]].concat(), // truncated inner frame
+        [&[0x08, 0, 0, 0, 0x0f, 0x42, 0x40, 0][..], &[0x02; 60][..]].concat(), // VNI 1000000
+    ];
+    h2.ns
+        .enter(move || {
+            let s = UdpSocket::bind("[::]:0").map_err(|e| testbeds::Error::Io("bind".into(), e))?;
+            for j in &junk {
+                s.send_to(j, target)
+                    .map_err(|e| testbeds::Error::Io("send".into(), e))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (invalid, unknown) = h1
+        .datapath
+        .call(|dp| {
+            (
+                dp.counters().uplink_invalid,
+                dp.switch().unknown_vni_drops(),
+            )
+        })
+        .unwrap();
+    assert_eq!((invalid, unknown), (4, 1));
+    let r = ping(&a1, ip(2).into(), 2, 56).unwrap();
+    assert_eq!(r.received, r.sent);
 }
