@@ -16,6 +16,7 @@
 //!   limits and flood lists for head-end replication.
 //! * [`mtu`]: overlay MTU arithmetic (RFC 7348 §4.3: never fragment).
 //! * [`checksum`]: the Internet checksum, vectorised.
+//! * [`gso`]: software TCP segmentation and checksum completion for offloaded frames.
 //!
 //! ```
 //! use overlay_net::{DecapConfig, Encapsulator, MacAddr, TunnelConfig, Vni, decapsulate};
@@ -44,6 +45,7 @@ mod error;
 pub mod fdb;
 pub mod flow;
 pub mod frame;
+pub mod gso;
 mod mac;
 pub mod mtu;
 pub mod vxlan;

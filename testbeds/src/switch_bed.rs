@@ -189,7 +189,7 @@ impl SwitchHost {
         };
         let t = tenant.to_owned();
         self.datapath
-            .call(move |dp| dp.add_tap_port(&t, config, Offloads::default(), Some(&placement)))
+            .call(move |dp| dp.add_tap_port(&t, config, Offloads::TCP, Some(&placement)))
             .map_err(sw)?
             .map_err(sw)?;
         ep.ip(&["link", "set", "eth0", "address", mac])?;

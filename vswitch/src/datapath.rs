@@ -18,11 +18,12 @@ use overlay_net::fdb::FastHash;
 use overlay_net::{Destination, PortId, UnderlayFamily, Vni};
 
 use crate::placement::{Placement, in_netns, open_netns, place, set_mtu};
-use crate::tap::{Offloads, Tap, VNET_HDR_LEN, VnetHeader};
+use crate::tap::{Offloads, Tap, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_HDR_LEN, VnetHeader};
 use crate::uplink::{BATCH, QueueError, Uplink};
 use crate::{
     DropReason, Error, Ingress, Nanos, PortConfig, Switch, TenantConfig, TenantSwitch, Verdict,
 };
+use overlay_net::gso::{TcpSegmenter, complete_checksum};
 
 /// epoll token of the control eventfd.
 const TOKEN_CONTROL: u64 = u64::MAX;
@@ -45,7 +46,8 @@ pub struct DatapathConfig {
 pub struct DatapathCounters {
     /// Datagrams on the uplink that are not valid VXLAN.
     pub uplink_invalid: u64,
-    /// Frames from TAP ports that carry offload metadata the datapath cannot handle yet.
+    /// Frames from TAP ports with offload metadata the datapath cannot carry out (malformed
+    /// TCP super-frames, UDP segmentation).
     pub tap_offload_dropped: u64,
     /// Datagrams the kernel did not take on send (socket buffer full).
     pub uplink_tx_dropped: u64,
@@ -58,6 +60,7 @@ pub struct Datapath {
     uplinks: Vec<Uplink>,
     epoll: Epoll,
     buf: Box<[u8]>,
+    scratch: Box<[u8]>,
     flood: Vec<Destination>,
     epoch: Instant,
     counters: DatapathCounters,
@@ -97,6 +100,7 @@ impl Datapath {
             uplinks,
             epoll,
             buf: vec![0u8; VNET_HDR_LEN + 65536].into_boxed_slice(),
+            scratch: vec![0u8; 65536].into_boxed_slice(),
             flood: Vec::with_capacity(64),
             epoch: Instant::now(),
             counters: DatapathCounters::default(),
@@ -285,6 +289,7 @@ impl Datapath {
             taps,
             uplinks,
             buf,
+            scratch,
             flood,
             counters,
             ..
@@ -300,18 +305,54 @@ impl Datapath {
             let Some(tenant) = switch.tenant_by_vni_mut(vni) else {
                 break;
             };
-            let Some(hdr) = buf.first_chunk::<VNET_HDR_LEN>() else {
+            let Some(hdr) = buf
+                .first_chunk::<VNET_HDR_LEN>()
+                .filter(|_| n >= VNET_HDR_LEN)
+            else {
+                tenant.count_drop(Some(port), DropReason::Malformed);
                 continue;
             };
-            if n < VNET_HDR_LEN || !VnetHeader::parse(hdr).is_plain() {
+            let header = *hdr;
+            let vnet = VnetHeader::parse(&header);
+            let frame = &buf[VNET_HDR_LEN..n];
+            let from = Ingress::Port(port);
+            let (payload, wire_len) = if vnet.is_plain() {
+                (Payload::Plain(frame), frame.len())
+            } else if vnet.is_tcp_gso() {
+                match TcpSegmenter::new(frame, vnet.gso_size as usize) {
+                    Ok(seg) => (
+                        Payload::Offloaded {
+                            frame,
+                            header,
+                            vnet,
+                        },
+                        seg.max_segment_len(),
+                    ),
+                    Err(_) => {
+                        counters.tap_offload_dropped += 1;
+                        tenant.count_drop(Some(port), DropReason::Malformed);
+                        continue;
+                    }
+                }
+            } else if vnet.gso_type == VNET_GSO_NONE {
+                (
+                    Payload::Offloaded {
+                        frame,
+                        header,
+                        vnet,
+                    },
+                    frame.len(),
+                )
+            } else {
+                // UDP fragmentation/segmentation offload is never enabled on our TAPs.
                 counters.tap_offload_dropped += 1;
                 tenant.count_drop(Some(port), DropReason::Malformed);
                 continue;
-            }
-            let frame = &buf[VNET_HDR_LEN..n];
-            let from = Ingress::Port(port);
-            let verdict = tenant.ingress(from, frame, now);
-            deliver(tenant, taps, uplinks, flood, from, verdict, frame, vni);
+            };
+            let verdict = tenant.ingress_sized(from, frame, wire_len, now);
+            deliver(
+                tenant, taps, uplinks, flood, scratch, from, verdict, payload, vni,
+            );
         }
         for up in uplinks.iter_mut() {
             counters.uplink_tx_dropped += up.flush() as u64;
@@ -325,6 +366,7 @@ impl Datapath {
             taps,
             uplinks,
             flood,
+            scratch,
             counters,
             ..
         } = self;
@@ -347,23 +389,75 @@ impl Datapath {
             let verdict = switch.ingress_uplink(vni, from.ip(), inner, now);
             if let Some(tenant) = switch.tenant_by_vni_mut(vni) {
                 // Frames from the underlay go to local ports only (split horizon).
-                deliver(tenant, taps, &mut [], flood, ingress, verdict, inner, vni);
+                let payload = Payload::Plain(inner);
+                deliver(
+                    tenant,
+                    taps,
+                    &mut [],
+                    flood,
+                    scratch,
+                    ingress,
+                    verdict,
+                    payload,
+                    vni,
+                );
             }
         }
     }
 }
 
-/// Sends a frame where its verdict says. Local ports get it at once; remote VTEPs get it
-/// queued on the uplink of their family (sent at the end of the burst).
+/// A frame to deliver: complete, or with checksum/segmentation offload pending.
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    Plain(&'a [u8]),
+    Offloaded {
+        frame: &'a [u8],
+        header: [u8; VNET_HDR_LEN],
+        vnet: VnetHeader,
+    },
+}
+
+impl Payload<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Payload::Plain(f) | Payload::Offloaded { frame: f, .. } => f.len(),
+        }
+    }
+}
+
+/// Queues a complete frame on the uplink of `vtep`'s family, counting what cannot go.
+fn to_uplink(
+    tenant: &mut TenantSwitch,
+    uplinks: &mut [Uplink],
+    from_port: Option<PortId>,
+    vtep: IpAddr,
+    vni: Vni,
+    frame: &[u8],
+) {
+    let family = UnderlayFamily::of(vtep);
+    match uplinks.iter_mut().find(|u| u.family() == family) {
+        Some(up) => match up.queue(vtep, vni, frame) {
+            Ok(()) => {}
+            Err(QueueError::TooBig) => tenant.count_drop(from_port, DropReason::UnderlayMtu),
+            Err(QueueError::WrongFamily) => tenant.count_drop(from_port, DropReason::TxError),
+        },
+        None => tenant.count_drop(from_port, DropReason::TxError),
+    }
+}
+
+/// Sends a frame where its verdict says. Local TAP ports take offloaded frames as they are
+/// (the kernel finishes them); the uplink gets complete frames: checksums completed and TCP
+/// super-frames cut into segments here, queued and sent at the end of the burst.
 #[allow(clippy::too_many_arguments)]
 fn deliver(
     tenant: &mut TenantSwitch,
     taps: &HashMap<PortId, Tap, FastHash>,
     uplinks: &mut [Uplink],
     flood: &mut Vec<Destination>,
+    scratch: &mut [u8],
     from: Ingress,
     verdict: Verdict,
-    frame: &[u8],
+    payload: Payload<'_>,
     vni: Vni,
 ) {
     let from_port = match from {
@@ -371,25 +465,47 @@ fn deliver(
         Ingress::Uplink(_) => None,
     };
     let mut send = |tenant: &mut TenantSwitch, dest: Destination| match dest {
-        Destination::Local(q) => match taps.get(&q).map(|t| t.send_frame(frame)) {
-            Some(Ok(())) => tenant.count_tx(q, frame.len()),
-            _ => tenant.count_drop(Some(q), DropReason::TxError),
-        },
-        Destination::Remote(vtep) => {
-            let family = UnderlayFamily::of(vtep);
-            match uplinks.iter_mut().find(|u| u.family() == family) {
-                Some(up) => match up.queue(vtep, vni, frame) {
-                    Ok(()) => {}
-                    Err(QueueError::TooBig) => {
-                        tenant.count_drop(from_port, DropReason::UnderlayMtu)
-                    }
-                    Err(QueueError::WrongFamily) => {
-                        tenant.count_drop(from_port, DropReason::TxError)
-                    }
-                },
-                None => tenant.count_drop(from_port, DropReason::TxError),
+        Destination::Local(q) => {
+            let sent = taps.get(&q).map(|t| match payload {
+                Payload::Plain(f) => t.send_frame(f),
+                Payload::Offloaded { frame, header, .. } => t.send_with_header(&header, frame),
+            });
+            match sent {
+                Some(Ok(())) => tenant.count_tx(q, payload.len()),
+                _ => tenant.count_drop(Some(q), DropReason::TxError),
             }
         }
+        Destination::Remote(vtep) => match payload {
+            Payload::Plain(f) => to_uplink(tenant, uplinks, from_port, vtep, vni, f),
+            Payload::Offloaded { frame, vnet, .. } if vnet.is_tcp_gso() => {
+                // Segmentation computes every checksum from scratch.
+                let Ok(mut seg) = TcpSegmenter::new(frame, vnet.gso_size as usize) else {
+                    tenant.count_drop(from_port, DropReason::Malformed);
+                    return;
+                };
+                while let Some(r) = seg.next_into(scratch) {
+                    match r {
+                        Ok(n) => to_uplink(tenant, uplinks, from_port, vtep, vni, &scratch[..n]),
+                        Err(_) => {
+                            tenant.count_drop(from_port, DropReason::Malformed);
+                            return;
+                        }
+                    }
+                }
+            }
+            Payload::Offloaded { frame, vnet, .. } => {
+                let copy = &mut scratch[..frame.len()];
+                copy.copy_from_slice(frame);
+                let done = vnet.flags & VNET_F_NEEDS_CSUM == 0
+                    || complete_checksum(copy, vnet.csum_start as usize, vnet.csum_offset as usize)
+                        .is_ok();
+                if done {
+                    to_uplink(tenant, uplinks, from_port, vtep, vni, copy);
+                } else {
+                    tenant.count_drop(from_port, DropReason::Malformed);
+                }
+            }
+        },
     };
     match verdict {
         Verdict::Unicast(dest) => send(tenant, dest),

@@ -22,6 +22,12 @@ pub const VNET_HDR_LEN: usize = 12;
 pub const VNET_F_NEEDS_CSUM: u8 = 1;
 /// Header GSO type: none.
 pub const VNET_GSO_NONE: u8 = 0;
+/// Header GSO type: TCP over IPv4.
+pub const VNET_GSO_TCPV4: u8 = 1;
+/// Header GSO type: TCP over IPv6.
+pub const VNET_GSO_TCPV6: u8 = 4;
+/// Header GSO flag: ECN.
+pub const VNET_GSO_ECN: u8 = 0x80;
 
 /// The fields of a virtio-net header the switch acts on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -58,15 +64,34 @@ impl VnetHeader {
     pub fn is_plain(&self) -> bool {
         self.flags & VNET_F_NEEDS_CSUM == 0 && self.gso_type == VNET_GSO_NONE
     }
+
+    /// True if the frame must be cut into TCP segments of `gso_size` payload bytes.
+    pub fn is_tcp_gso(&self) -> bool {
+        matches!(
+            self.gso_type & !VNET_GSO_ECN,
+            VNET_GSO_TCPV4 | VNET_GSO_TCPV6
+        )
+    }
 }
 
 /// Offloads the kernel may use for frames it hands to the switch (TUNSETOFFLOAD).
+/// [`Offloads::default`] is none; [`Offloads::TCP`] is what vswitchd uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Offloads {
     /// Partial checksums (TUN_F_CSUM).
     pub csum: bool,
     /// TCP segmentation for IPv4 and IPv6 (TUN_F_TSO4 | TUN_F_TSO6; needs `csum`).
     pub tso: bool,
+}
+
+impl Offloads {
+    /// Partial checksums and TCP segmentation: the endpoint's stack hands over 64 KiB TCP
+    /// super-frames; the switch passes them to local ports as they are and segments them
+    /// only for the VXLAN uplink.
+    pub const TCP: Offloads = Offloads {
+        csum: true,
+        tso: true,
+    };
 }
 
 /// A TAP interface owned by the switch.
@@ -216,9 +241,15 @@ impl Tap {
     /// one `writev`.
     pub fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
         static ZERO_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+        self.send_with_header(&ZERO_HDR, frame)
+    }
+
+    /// Writes a frame with its virtio-net header (checksum or segmentation offload the
+    /// kernel then carries out or passes on), in one `writev`.
+    pub fn send_with_header(&self, header: &[u8; VNET_HDR_LEN], frame: &[u8]) -> io::Result<()> {
         let iov = [
             libc::iovec {
-                iov_base: ZERO_HDR.as_ptr() as *mut libc::c_void,
+                iov_base: header.as_ptr() as *mut libc::c_void,
                 iov_len: VNET_HDR_LEN,
             },
             libc::iovec {

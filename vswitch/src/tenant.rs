@@ -179,6 +179,20 @@ impl TenantSwitch {
     /// parsed only for ports with IP anti-spoofing.
     #[inline]
     pub fn ingress(&mut self, from: Ingress, frame: &[u8], now: Nanos) -> Verdict {
+        self.ingress_sized(from, frame, frame.len(), now)
+    }
+
+    /// Like [`TenantSwitch::ingress`] for a frame that carries segmentation offload (a TSO
+    /// "super-frame"): the MTU check applies to `wire_len`, the length of the largest segment
+    /// it will be cut into, not to the whole frame.
+    #[inline]
+    pub fn ingress_sized(
+        &mut self,
+        from: Ingress,
+        frame: &[u8],
+        wire_len: usize,
+        now: Nanos,
+    ) -> Verdict {
         let max_untagged = self.max_frame(false);
         // Disjoint borrows: the port's state, the tenant's counters and the table.
         let TenantSwitch {
@@ -212,7 +226,7 @@ impl TenantSwitch {
         if tagged && frame.len() < ETH_HEADER + VLAN_TAG {
             return Self::dropped(counters, port, DropReason::Malformed);
         }
-        if frame.len() > max_untagged + if tagged { VLAN_TAG } else { 0 } {
+        if wire_len > max_untagged + if tagged { VLAN_TAG } else { 0 } {
             return Self::dropped(counters, port, DropReason::Oversize);
         }
         if !source.is_unicast() {

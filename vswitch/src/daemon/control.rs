@@ -321,7 +321,7 @@ impl Control {
             ifname: spec.ifname.clone().unwrap_or_else(|| spec.name.clone()),
         });
         call(&self.dp, move |dp| {
-            dp.add_tap_port(&tenant, cfg, Offloads::default(), placement.as_ref())
+            dp.add_tap_port(&tenant, cfg, Offloads::TCP, placement.as_ref())
         })??;
         self.state.ports.push(spec.clone());
         self.save()?;
