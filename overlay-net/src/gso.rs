@@ -299,3 +299,287 @@ mod tests {
         ));
     }
 }
+
+/// What a receiver must be told about a coalesced frame (the fields of a virtio-net header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Coalesced {
+    /// Segments merged.
+    pub segments: u16,
+    /// Payload bytes per segment (the last may be shorter).
+    pub segment_size: u16,
+    /// Length of the Ethernet + IP + TCP headers.
+    pub header_len: u16,
+    /// Offset of the TCP header (checksumming starts there).
+    pub csum_start: u16,
+    /// Offset of the checksum field within the TCP header (16).
+    pub csum_offset: u16,
+    /// IPv6 rather than IPv4.
+    pub ipv6: bool,
+}
+
+/// Largest coalesced frame (the IP length field's limit, minus headroom).
+const MAX_COALESCED: usize = 65_000;
+
+/// Merges consecutive in-order TCP segments of one flow into one large frame with a partial
+/// checksum, as Linux GRO does, so that the receiving stack handles one frame instead of
+/// dozens. Segments merge when they continue the sequence, carry the same headers except
+/// lengths, IDs, checksums, sequence numbers and PSH, have the first segment's payload size
+/// (a shorter one ends the run), and carry no SYN, FIN, RST or URG.
+#[derive(Debug)]
+pub struct TcpCoalescer {
+    buf: Vec<u8>,
+    at: Option<Layout>,
+    segments: u16,
+    segment_size: usize,
+    next_seq: u32,
+    closed: bool,
+}
+
+impl Default for TcpCoalescer {
+    fn default() -> Self {
+        TcpCoalescer::new()
+    }
+}
+
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const URG: u8 = 0x20;
+
+impl TcpCoalescer {
+    /// An empty coalescer (its buffer is allocated once, here).
+    pub fn new() -> TcpCoalescer {
+        TcpCoalescer {
+            buf: Vec::with_capacity(MAX_COALESCED + 128),
+            at: None,
+            segments: 0,
+            segment_size: 0,
+            next_seq: 0,
+            closed: false,
+        }
+    }
+
+    /// Segments held.
+    pub fn len(&self) -> u16 {
+        self.segments
+    }
+
+    /// True when nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.segments == 0
+    }
+
+    fn mergeable(frame: &[u8]) -> Option<Layout> {
+        let at = layout(frame).ok()?;
+        let flags = frame[at.l4 + 13];
+        if flags & (SYN | FIN | RST | URG) != 0 || frame.len() == at.payload {
+            return None;
+        }
+        if !at.v6 {
+            let h = &frame[at.l3..at.l4];
+            // No options, not a fragment, and the IP length must cover exactly the frame.
+            if at.l4 - at.l3 != 20
+                || be16(h, 6) & 0x3fff != 0
+                || be16(h, 2) as usize != frame.len() - at.l3
+            {
+                return None;
+            }
+        } else if be16(frame, at.l3 + 4) as usize != frame.len() - at.l3 - 40 {
+            return None;
+        }
+        Some(at)
+    }
+
+    /// Offers a frame: `true` if it was taken (merged, or the start of a new run when empty);
+    /// `false` if it does not continue the run held (flush with [`Self::finish`] first) or
+    /// cannot be merged at all (send it as it is).
+    pub fn push(&mut self, frame: &[u8]) -> bool {
+        let Some(at) = Self::mergeable(frame) else {
+            return false;
+        };
+        let seq = u32::from_be_bytes([
+            frame[at.l4 + 4],
+            frame[at.l4 + 5],
+            frame[at.l4 + 6],
+            frame[at.l4 + 7],
+        ]);
+        let payload = frame.len() - at.payload;
+        let Some(held) = self.at else {
+            self.buf.clear();
+            self.buf.extend_from_slice(frame);
+            self.at = Some(at);
+            self.segments = 1;
+            self.segment_size = payload;
+            self.next_seq = seq.wrapping_add(payload as u32);
+            self.closed = false;
+            return true;
+        };
+        let same_headers = held == at
+            && frame[..at.l3] == self.buf[..at.l3]
+            && if at.v6 {
+                // Version/class/flow label and addresses, next header and hop limit.
+                frame[at.l3..at.l3 + 4] == self.buf[at.l3..at.l3 + 4] && frame[at.l3 + 6..at.l4] == self.buf[at.l3 + 6..at.l4]
+            } else {
+                // TOS, flags, TTL, protocol, addresses (not length, ID, checksum).
+                frame[at.l3 + 1] == self.buf[at.l3 + 1]
+                    && frame[at.l3 + 6..at.l3 + 10] == self.buf[at.l3 + 6..at.l3 + 10]
+                    && frame[at.l3 + 12..at.l4] == self.buf[at.l3 + 12..at.l4]
+            }
+            // Ports, ack, data offset, flags but PSH, window, options (not seq, checksum).
+            && frame[at.l4..at.l4 + 4] == self.buf[at.l4..at.l4 + 4]
+            && frame[at.l4 + 8..at.l4 + 13] == self.buf[at.l4 + 8..at.l4 + 13]
+            && (frame[at.l4 + 13] | PSH) == (self.buf[at.l4 + 13] | PSH)
+            && frame[at.l4 + 14..at.l4 + 16] == self.buf[at.l4 + 14..at.l4 + 16]
+            && frame[at.l4 + 18..at.payload] == self.buf[at.l4 + 18..at.payload];
+        if self.closed
+            || !same_headers
+            || seq != self.next_seq
+            || payload > self.segment_size
+            || self.buf.len() + payload > MAX_COALESCED
+        {
+            return false;
+        }
+        self.buf.extend_from_slice(&frame[at.payload..]);
+        self.buf[at.l4 + 13] |= frame[at.l4 + 13] & PSH;
+        self.segments += 1;
+        self.next_seq = seq.wrapping_add(payload as u32);
+        // A short segment ends the run (only the last may be shorter).
+        self.closed = payload < self.segment_size;
+        true
+    }
+
+    /// Ends the run: returns the frame to send and, if more than one segment was merged,
+    /// its offload description (IP lengths fixed, the TCP checksum field holding the
+    /// pseudo-header sum). A single segment is returned untouched. Empty: `None`.
+    pub fn finish(&mut self) -> Option<(&[u8], Option<Coalesced>)> {
+        let at = self.at.take()?;
+        let segments = std::mem::take(&mut self.segments);
+        if segments <= 1 {
+            return Some((&self.buf, None));
+        }
+        let len = self.buf.len();
+        let b = &mut self.buf;
+        let tcp_len = (len - at.l4) as u16;
+        if at.v6 {
+            b[at.l3 + 4..at.l3 + 6].copy_from_slice(&((len - at.l3 - 40) as u16).to_be_bytes());
+        } else {
+            b[at.l3 + 2..at.l3 + 4].copy_from_slice(&((len - at.l3) as u16).to_be_bytes());
+            b[at.l3 + 10..at.l3 + 12].copy_from_slice(&[0, 0]);
+            let c = Sum::new().add_bytes(&b[at.l3..at.l4]).checksum();
+            b[at.l3 + 10..at.l3 + 12].copy_from_slice(&c.to_ne_bytes());
+        }
+        let addrs = if at.v6 {
+            &b[at.l3 + 8..at.l3 + 40]
+        } else {
+            &b[at.l3 + 12..at.l3 + 20]
+        };
+        let pseudo = Sum::new()
+            .add_bytes(addrs)
+            .add_word([0, 6])
+            .add_word(tcp_len.to_be_bytes())
+            .folded();
+        b[at.l4 + 16..at.l4 + 18].copy_from_slice(&pseudo.to_ne_bytes());
+        Some((
+            &self.buf,
+            Some(Coalesced {
+                segments,
+                segment_size: self.segment_size as u16,
+                header_len: at.payload as u16,
+                csum_start: at.l4 as u16,
+                csum_offset: 16,
+                ipv6: at.v6,
+            }),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod coalesce_tests {
+    use super::*;
+
+    fn stream(v6: bool, total: usize, mss: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
+        let payload: Vec<u8> = (0..total).map(|i| (i * 13 % 251) as u8).collect();
+        let eth = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+        let mut big = Vec::new();
+        let b = if v6 {
+            eth.ipv6([0xfd; 16], [0xfe; 16], 64).tcp(40000, 80, 7, 512)
+        } else {
+            eth.ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+                .tcp(40000, 80, 7, 512)
+        };
+        b.ack(99).write(&mut big, &payload).unwrap();
+        let mut seg = TcpSegmenter::new(&big, mss).unwrap();
+        let mut segs = Vec::new();
+        let mut buf = vec![0u8; 9000];
+        while let Some(r) = seg.next_into(&mut buf) {
+            segs.push(buf[..r.unwrap()].to_vec());
+        }
+        (payload, segs)
+    }
+
+    #[test]
+    fn segments_merge_back_into_a_valid_super_frame() {
+        for v6 in [false, true] {
+            let (payload, segs) = stream(v6, 20_000, 1400);
+            let mut c = TcpCoalescer::new();
+            for s in &segs {
+                assert!(c.push(s));
+            }
+            let (frame, info) = c.finish().unwrap();
+            let info = info.unwrap();
+            assert_eq!(
+                (info.segments as usize, info.segment_size),
+                (segs.len(), 1400)
+            );
+            // Completing the partial checksum gives a valid TCP packet holding all the data.
+            let mut f = frame.to_vec();
+            complete_checksum(&mut f, info.csum_start as usize, 16).unwrap();
+            let p = etherparse::SlicedPacket::from_ethernet(&f).unwrap();
+            let Some(etherparse::TransportSlice::Tcp(tcp)) = p.transport else {
+                panic!()
+            };
+            assert_eq!(tcp.payload(), &payload[..]);
+            assert_eq!(tcp.sequence_number(), 7);
+            let expected = match &p.net {
+                Some(etherparse::NetSlice::Ipv4(ip)) => {
+                    let h = ip.header().to_header();
+                    assert_eq!(h.calc_header_checksum(), h.header_checksum);
+                    tcp.to_header()
+                        .calc_checksum_ipv4(&h, tcp.payload())
+                        .unwrap()
+                }
+                Some(etherparse::NetSlice::Ipv6(ip)) => tcp
+                    .to_header()
+                    .calc_checksum_ipv6(&ip.header().to_header(), tcp.payload())
+                    .unwrap(),
+                _ => panic!(),
+            };
+            assert_eq!(tcp.checksum(), expected);
+        }
+    }
+
+    #[test]
+    fn gaps_other_flows_and_control_segments_end_a_run() {
+        let (_, segs) = stream(false, 10_000, 1000);
+        let mut c = TcpCoalescer::new();
+        assert!(c.push(&segs[0]));
+        assert!(!c.push(&segs[2]), "a gap in the sequence");
+        assert!(c.push(&segs[1]));
+        let mut other = segs[2].clone();
+        other[34] ^= 1; // another source port
+        assert!(!c.push(&other));
+        assert_eq!(c.finish().unwrap().1.unwrap().segments, 2);
+        // A single segment comes back untouched.
+        assert!(c.push(&segs[5]));
+        assert_eq!(c.finish().unwrap(), (&segs[5][..], None));
+        assert!(c.finish().is_none());
+        // Control segments never merge.
+        let mut fin = segs[0].clone();
+        fin[34 + 13] |= FIN;
+        assert!(!TcpCoalescer::new().push(&fin));
+        // A short segment is taken as the last one of a run.
+        let (_, short) = stream(false, 2500, 1000);
+        let mut c = TcpCoalescer::new();
+        assert!(short.iter().all(|s| c.push(s)), "full, full, short");
+        assert_eq!(c.finish().unwrap().1.unwrap().segments, 3);
+    }
+}

@@ -18,12 +18,15 @@ use overlay_net::fdb::FastHash;
 use overlay_net::{Destination, PortId, UnderlayFamily, Vni};
 
 use crate::placement::{Placement, in_netns, open_netns, place, set_mtu};
-use crate::tap::{Offloads, Tap, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_HDR_LEN, VnetHeader};
+use crate::tap::{
+    Offloads, Tap, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_TCPV6, VNET_HDR_LEN,
+    VnetHeader,
+};
 use crate::uplink::{BATCH, QueueError, Uplink};
 use crate::{
     DropReason, Error, Ingress, Nanos, PortConfig, Switch, TenantConfig, TenantSwitch, Verdict,
 };
-use overlay_net::gso::{TcpSegmenter, complete_checksum};
+use overlay_net::gso::{TcpCoalescer, TcpSegmenter, complete_checksum};
 
 /// epoll token of the control eventfd.
 const TOKEN_CONTROL: u64 = u64::MAX;
@@ -61,6 +64,7 @@ pub struct Datapath {
     epoll: Epoll,
     buf: Box<[u8]>,
     scratch: Box<[u8]>,
+    gro: TcpCoalescer,
     flood: Vec<Destination>,
     epoch: Instant,
     counters: DatapathCounters,
@@ -101,6 +105,7 @@ impl Datapath {
             epoll,
             buf: vec![0u8; VNET_HDR_LEN + 65536].into_boxed_slice(),
             scratch: vec![0u8; 65536].into_boxed_slice(),
+            gro: TcpCoalescer::new(),
             flood: Vec::with_capacity(64),
             epoch: Instant::now(),
             counters: DatapathCounters::default(),
@@ -367,6 +372,7 @@ impl Datapath {
             uplinks,
             flood,
             scratch,
+            gro,
             counters,
             ..
         } = self;
@@ -374,6 +380,9 @@ impl Datapath {
             return;
         };
         let n = up.recv_batch().unwrap_or(0);
+        // In-order TCP segments of one flow for one local port are merged (GRO) and written
+        // to the TAP as one frame with segmentation offload.
+        let mut gro_dest: Option<(Vni, PortId)> = None;
         for i in 0..n {
             let Some((parsed, from)) = up.datagram(i) else {
                 continue;
@@ -387,6 +396,18 @@ impl Datapath {
             };
             let ingress = Ingress::Uplink(from.ip());
             let verdict = switch.ingress_uplink(vni, from.ip(), inner, now);
+            if let Verdict::Unicast(Destination::Local(q)) = verdict {
+                if gro_dest == Some((vni, q)) && gro.push(inner) {
+                    continue;
+                }
+                flush_gro(gro, &mut gro_dest, switch, taps);
+                if gro.push(inner) {
+                    gro_dest = Some((vni, q));
+                    continue;
+                }
+            } else {
+                flush_gro(gro, &mut gro_dest, switch, taps);
+            }
             if let Some(tenant) = switch.tenant_by_vni_mut(vni) {
                 // Frames from the underlay go to local ports only (split horizon).
                 let payload = Payload::Plain(inner);
@@ -402,6 +423,46 @@ impl Datapath {
                     vni,
                 );
             }
+        }
+        flush_gro(gro, &mut gro_dest, switch, taps);
+    }
+}
+
+/// Writes what the coalescer holds to its port: one frame, with a TCP segmentation offload
+/// header if segments were merged.
+fn flush_gro(
+    gro: &mut TcpCoalescer,
+    dest: &mut Option<(Vni, PortId)>,
+    switch: &mut Switch,
+    taps: &HashMap<PortId, Tap, FastHash>,
+) {
+    let Some((vni, port)) = dest.take() else {
+        return;
+    };
+    let Some((frame, info)) = gro.finish() else {
+        return;
+    };
+    let sent = taps.get(&port).map(|tap| match info {
+        None => tap.send_frame(frame),
+        Some(c) => {
+            let mut h = [0u8; VNET_HDR_LEN];
+            h[0] = VNET_F_NEEDS_CSUM;
+            h[1] = if c.ipv6 {
+                VNET_GSO_TCPV6
+            } else {
+                VNET_GSO_TCPV4
+            };
+            h[2..4].copy_from_slice(&c.header_len.to_le_bytes());
+            h[4..6].copy_from_slice(&c.segment_size.to_le_bytes());
+            h[6..8].copy_from_slice(&c.csum_start.to_le_bytes());
+            h[8..10].copy_from_slice(&c.csum_offset.to_le_bytes());
+            tap.send_with_header(&h, frame)
+        }
+    });
+    if let Some(tenant) = switch.tenant_by_vni_mut(vni) {
+        match sent {
+            Some(Ok(())) => tenant.count_tx(port, frame.len()),
+            _ => tenant.count_drop(Some(port), DropReason::TxError),
         }
     }
 }
