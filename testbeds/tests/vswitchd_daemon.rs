@@ -163,6 +163,21 @@ fn api_placement_and_restart_after_kill_9() {
     assert!(String::from_utf8_lossy(&dup.stderr).contains("conflict"));
     assert!(run(&["tenant", "delete", "b"]).status.success());
 
+    // A static entry: a MAC pinned behind the other host's VTEP.
+    post(
+        &daemons[0],
+        "/v1/tenants/a/fdb",
+        r#"{"mac":"02:00:00:00:99:99","vtep":"198.18.0.2"}"#,
+    );
+    let (s, body) = daemons[0]
+        .request(
+            "POST",
+            "/v1/tenants/a/fdb",
+            Some(r#"{"mac":"02:00:00:00:99:98"}"#),
+        )
+        .unwrap();
+    assert_eq!(s, 400, "neither port nor vtep: {body}");
+
     // A crash: the interface stays in the endpoint (persistent TAP), traffic stops.
     daemons[0].kill9();
     assert!(endpoints[0].ip(&["link", "show", "eth0"]).is_ok());
@@ -178,6 +193,17 @@ fn api_placement_and_restart_after_kill_9() {
         body.contains(r#""ports":["p1"]"#) && body.contains("198.18.0.2"),
         "{body}"
     );
+    let (_, fdb) = daemons[0]
+        .request("GET", "/v1/tenants/a/fdb", None)
+        .unwrap();
+    assert!(
+        fdb.contains(r#"{"mac":"02:00:00:00:99:99","vtep":"198.18.0.2","static":true}"#),
+        "static entry not restored: {fdb}"
+    );
+    let (s, _) = daemons[0]
+        .request("DELETE", "/v1/tenants/a/fdb/02:00:00:00:99:99", None)
+        .unwrap();
+    assert_eq!(s, 204);
 
     // Deleting the port removes the interface; a clean stop removes the socket.
     let (s, _) = daemons[0].request("DELETE", "/v1/ports/p1", None).unwrap();
