@@ -12,19 +12,7 @@ use vswitch::api::{
 use crate::Error;
 use crate::http::request;
 
-/// The default socket: `/run/libvirtual/vswitchd.sock` as root, under `$XDG_RUNTIME_DIR`
-/// otherwise.
-pub fn default_socket() -> PathBuf {
-    let dir = if nix::unistd::geteuid().is_root() {
-        PathBuf::from("/run/libvirtual")
-    } else {
-        std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir)
-            .join("libvirtual")
-    };
-    dir.join("vswitchd.sock")
-}
+pub use vswitch::api::default_socket;
 
 /// A blocking client of one vswitchd.
 #[derive(Clone, Debug)]

@@ -122,27 +122,8 @@ impl KernelPeerBed {
         }
         k.ip(&addr_args)?;
         // A NIC puts finished packets on the wire: no checksum or segmentation offload.
-        k.exec(
-            "ethtool",
-            &[
-                "-K",
-                "ul0",
-                "tx",
-                "off",
-                "sg",
-                "off",
-                "tso",
-                "off",
-                "gso",
-                "off",
-                "gro",
-                "off",
-                "tx-udp_tnl-segmentation",
-                "off",
-                "tx-udp_tnl-csum-segmentation",
-                "off",
-            ],
-        )?;
+        k.wire_like("ul0")?;
+        k.exec("ethtool", &["-K", "ul0", "gro", "off"])?;
         k.ip(&["link", "set", "ul0", "up"])?;
         u.exec("ethtool", &["-K", "ul0", "gro", "off"])?;
         u.ip(&["link", "set", "ul0", "up"])?;

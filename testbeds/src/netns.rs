@@ -59,6 +59,32 @@ impl Netns {
         cmd
     }
 
+    /// Turns off checksum and segmentation offloads on `dev`, so the kernel puts finished,
+    /// MTU-sized packets on it as a NIC puts them on a wire (a veth would otherwise hand
+    /// partial checksums and GSO packets of tunnelled traffic to its peer).
+    pub fn wire_like(&self, dev: &str) -> Result<(), Error> {
+        self.exec(
+            "ethtool",
+            &[
+                "-K",
+                dev,
+                "tx",
+                "off",
+                "sg",
+                "off",
+                "tso",
+                "off",
+                "gso",
+                "off",
+                "tx-udp_tnl-segmentation",
+                "off",
+                "tx-udp_tnl-csum-segmentation",
+                "off",
+            ],
+        )
+        .map(|_| ())
+    }
+
     /// Runs `f` on a thread that has entered the namespace and returns its result. Sockets
     /// created by `f` stay in the namespace wherever they are used afterwards.
     pub fn enter<T: Send + 'static>(

@@ -61,27 +61,7 @@ impl Underlay {
         // Every host also has an IPv6 underlay address, fd00:18::<last octet>.
         let v6 = format!("fd00:18::{}/64", addr.octets()[3]);
         host.ip(&["addr", "add", &v6, "dev", "eth0", "nodad"])?;
-        // A NIC finishes checksums and segments before the wire; veth would hand partial
-        // checksums of tunnelled packets to the peer instead.
-        host.exec(
-            "ethtool",
-            &[
-                "-K",
-                "eth0",
-                "tx",
-                "off",
-                "sg",
-                "off",
-                "tso",
-                "off",
-                "gso",
-                "off",
-                "tx-udp_tnl-segmentation",
-                "off",
-                "tx-udp_tnl-csum-segmentation",
-                "off",
-            ],
-        )?;
+        host.wire_like("eth0")?;
         host.ip(&["link", "set", "eth0", "up"])?;
         Ok(host)
     }

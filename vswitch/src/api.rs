@@ -3,8 +3,27 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+/// The default run directory: `/run/libvirtual` as root, `$XDG_RUNTIME_DIR/libvirtual`
+/// otherwise (DESIGN.md conventions).
+pub fn default_run_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        PathBuf::from("/run/libvirtual")
+    } else {
+        std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+            .join("libvirtual")
+    }
+}
+
+/// The default API socket of vswitchd: `vswitchd.sock` in [`default_run_dir`].
+pub fn default_socket() -> PathBuf {
+    default_run_dir().join("vswitchd.sock")
+}
 
 /// A tenant to create (`POST /v1/tenants`), and as persisted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -50,18 +50,7 @@ pub struct Config {
     pub json_logs: bool,
 }
 
-/// The default run directory: `/run/libvirtual` as root, `$XDG_RUNTIME_DIR/libvirtual`
-/// otherwise.
-pub fn default_run_dir() -> PathBuf {
-    if nix::unistd::geteuid().is_root() {
-        PathBuf::from("/run/libvirtual")
-    } else {
-        std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir)
-            .join("libvirtual")
-    }
-}
+pub use crate::api::default_run_dir;
 
 #[cfg(test)]
 mod tests {
