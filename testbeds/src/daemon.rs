@@ -10,23 +10,25 @@ use std::time::{Duration, Instant};
 use crate::Error;
 use crate::netns::Netns;
 
-/// The path of a workspace binary built next to the running test (e.g. `vswitchd`).
+/// The path of a workspace binary built next to the running program (e.g. `vswitchd`): in
+/// the same directory (a binary in `target/<profile>/`) or one up (a test in
+/// `target/<profile>/deps/`).
 pub fn workspace_binary(name: &str) -> Result<PathBuf, Error> {
     let exe = std::env::current_exe().map_err(|e| Error::Io("current_exe".into(), e))?;
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let path = exe
+    let dir = exe
         .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join(name))
         .ok_or_else(|| Error::Setup("cannot locate the target directory".into()))?;
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(Error::Setup(format!(
-            "{} is not built (cargo build --workspace builds it)",
-            path.display()
-        )))
-    }
+    [Some(dir), dir.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::Setup(format!(
+                "{name} is not built next to {} (cargo build --workspace builds it)",
+                exe.display()
+            ))
+        })
 }
 
 /// A daemon process; killed (SIGKILL) on drop if still running.
@@ -45,10 +47,20 @@ impl Daemon {
     ) -> Result<Daemon, Error> {
         let prog = program.to_string_lossy().into_owned();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let child = ns
-            .command(&prog, &args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        let mut cmd = ns.command(&prog, &args);
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
+        // which is async-signal-safe. The daemon then dies with its parent (also on Ctrl-C or
+        // a crash of the test), never outliving the namespaces it was started in.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .spawn()
             .map_err(|e| Error::Io(format!("starting {prog}"), e))?;
         let mut d = Daemon {

@@ -9,6 +9,7 @@
 //! * [`probe`]: `ping` and TCP transfers between endpoints.
 //! * [`switch_bed`]: hosts running the vswitch datapath on a shared underlay, TAP endpoints,
 //!   and a kernel VXLAN host for interop.
+//! * [`switch_demo`]: the vswitchd part of the demo.
 //!
 //! Everything here needs root (network namespaces); the library crates never depend on it.
 
@@ -18,6 +19,7 @@ pub mod netns;
 pub mod overlay_host;
 pub mod probe;
 pub mod switch_bed;
+pub mod switch_demo;
 pub mod transport;
 
 /// Errors of the test beds.

@@ -40,6 +40,9 @@ struct Args {
     /// Bytes of the TCP transfer (echoed back).
     #[arg(long, default_value_t = 8 << 20)]
     bytes: usize,
+    /// Skip the vswitchd part.
+    #[arg(long)]
+    skip_switch: bool,
 }
 
 fn main() -> ExitCode {
@@ -88,6 +91,26 @@ fn main() -> ExitCode {
     }
     println!();
     print_table(&rows);
+    if args.skip_switch {
+        println!("\n(vswitchd part skipped)");
+    } else {
+        println!(
+            "\nlibvirtual demo, part 2: vswitchd on two hosts + a kernel vxlan host; tenants a (VNI 100)"
+        );
+        println!(
+            "and b (VNI 200) both use 10.0.0.0/24; every endpoint pings 10.0.0.1, .2 and .9\n"
+        );
+        match testbeds::switch_demo::run() {
+            Ok(tour) => {
+                print_tour(&tour);
+                all_passed &= tour.passed();
+            }
+            Err(e) => {
+                println!("  ERROR: {e}");
+                all_passed = false;
+            }
+        }
+    }
     if all_passed {
         println!("\nall checks passed; every namespace was removed");
         ExitCode::SUCCESS
@@ -154,5 +177,34 @@ fn print_table(rows: &[ScenarioReport]) {
          VNI43 ping: the VNI-43 tenant (same IP) must reach nobody; VNI43 probe: an echo request\n\
          sent in VNI 43 to the VNI-42 tenant's MAC must not be delivered (VNI 42 control: answered).",
         rows.first().map_or(1450, |r| r.inner_mtu)
+    );
+}
+
+fn print_tour(t: &testbeds::switch_demo::SwitchTour) {
+    print!("  {:<10}", "from \\ to");
+    for ip in &t.targets {
+        print!("{:<16}", ip.to_string());
+    }
+    println!();
+    for (i, row) in t.answers.iter().enumerate() {
+        let me = &t.endpoints[i];
+        print!("  {:<10}", me.name);
+        for (ans, ip) in row.iter().zip(&t.targets) {
+            let cell = match ans {
+                _ if *ip == me.ip => "(self)".to_owned(),
+                Some(j) => format!("-> {}", t.endpoints[*j].name),
+                None => "no answer".to_owned(),
+            };
+            print!("{cell:<16}");
+        }
+        println!();
+    }
+    println!("\n  counters from the vswitchd APIs:");
+    for c in &t.counters {
+        println!("    {c}");
+    }
+    println!(
+        "\n  {}: answers come only from the pinger's own tenant",
+        if t.passed() { "PASS" } else { "FAIL" }
     );
 }
