@@ -1,7 +1,14 @@
 //! `vswitch`: libvirtual's userspace virtual switch.
 //!
-//! This crate holds the switch's sans-IO forwarding core; the datapath threads, TAP and VXLAN
-//! ports, the daemon `vswitchd` and its control API are built on it (issue #3, in progress).
+//! The sans-IO forwarding core, and the I/O around it:
+//!
+//! * [`datapath`]: the epoll loop that moves frames between [`tap`] ports and the VXLAN
+//!   [`uplink`], run to completion in bursts, on its own thread.
+//! * [`placement`]: moving a port's interface into a container's namespace (rtnetlink).
+//! * [`api`]: the control API's request/response types; `daemon` (feature `daemon`, on by
+//!   default) is vswitchd's config, control logic, persisted state and HTTP server.
+//!
+//! The core:
 //!
 //! * [`Switch`]: the registry of tenants and ports; a frame's tenant is fixed at ingress.
 //! * [`TenantSwitch`]: one tenant's L2 domain: ingress checks (port security, rate limit,
