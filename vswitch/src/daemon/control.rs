@@ -276,6 +276,7 @@ impl Control {
                 .map(tenant_info)
                 .ok_or(Error::NoSuchTenant(name))
         })??;
+        tracing::info!(tenant = %info.name, vni = info.vni, mtu = info.mtu, "tenant created");
         self.state.tenants.push(spec);
         self.save()?;
         Ok(info)
@@ -290,6 +291,7 @@ impl Control {
         self.state.tenants.retain(|t| t.name != name);
         self.state.vteps.remove(name);
         self.state.fdb.remove(name);
+        tracing::info!(tenant = name, "tenant deleted");
         self.save()
     }
 
@@ -323,6 +325,7 @@ impl Control {
         call(&self.dp, move |dp| {
             dp.add_tap_port(&tenant, cfg, Offloads::TCP, placement.as_ref())
         })??;
+        tracing::info!(port = %spec.name, tenant = %spec.tenant, netns = ?spec.netns, "port created");
         self.state.ports.push(spec.clone());
         self.save()?;
         self.port(&spec.name)
@@ -332,6 +335,7 @@ impl Control {
     pub fn delete_port(&mut self, name: &str) -> Result<()> {
         let n = name.to_owned();
         call(&self.dp, move |dp| dp.remove_port(&n))??;
+        tracing::info!(port = name, "port deleted");
         self.state.ports.retain(|p| p.name != name);
         for entries in self.state.fdb.values_mut() {
             entries.retain(|e| e.port.as_deref() != Some(name));
@@ -374,6 +378,7 @@ impl Control {
         let list = self.state.vteps.entry(tenant.to_owned()).or_default();
         if !list.contains(&ip) {
             list.push(ip);
+            tracing::info!(tenant, vtep = %ip, "remote VTEP added");
         }
         self.save()
     }
@@ -399,6 +404,7 @@ impl Control {
         if let Some(list) = self.state.vteps.get_mut(tenant) {
             list.retain(|v| *v != ip);
         }
+        tracing::info!(tenant, vtep = %ip, "remote VTEP removed");
         self.save()
     }
 

@@ -22,6 +22,14 @@ struct ApiError(ControlError);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        match &self.0 {
+            ControlError::Internal(m) => tracing::error!(error = %m, "API request failed"),
+            other => tracing::debug!(
+                code = other.code(),
+                error = other.message(),
+                "API request refused"
+            ),
+        }
         let status = match self.0 {
             ControlError::NotFound(_) => StatusCode::NOT_FOUND,
             ControlError::Conflict(_) => StatusCode::CONFLICT,
