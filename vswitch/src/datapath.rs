@@ -131,7 +131,10 @@ impl Datapath {
 
     /// The datapath's own counters.
     pub fn counters(&self) -> DatapathCounters {
-        self.counters
+        DatapathCounters {
+            uplink_tx_dropped: self.uplinks.iter().map(Uplink::tx_dropped).sum(),
+            ..self.counters
+        }
     }
 
     /// The tenant MTU the underlay carries (the smallest over the uplinks).
@@ -367,7 +370,7 @@ impl Datapath {
             );
         }
         for up in uplinks.iter_mut() {
-            counters.uplink_tx_dropped += up.flush() as u64;
+            up.flush();
         }
     }
 
@@ -513,6 +516,76 @@ fn to_uplink(
     }
 }
 
+/// Most UDP payload bytes handed to one UDP segmentation offload send.
+const MAX_GSO_SEND: usize = 65_000;
+
+/// Cuts a TCP super-frame into segments, encapsulates them and sends them to `vtep` with UDP
+/// segmentation offload: one system call for up to 64 KiB of datagrams. If the kernel refuses
+/// the offload, the datagrams are queued one by one instead.
+#[allow(clippy::too_many_arguments)]
+fn segment_to_uplink(
+    tenant: &mut TenantSwitch,
+    uplinks: &mut [Uplink],
+    scratch: &mut [u8],
+    from_port: Option<PortId>,
+    vtep: IpAddr,
+    vni: Vni,
+    frame: &[u8],
+    mss: u16,
+) {
+    let Ok(mut seg) = TcpSegmenter::new(frame, mss as usize) else {
+        tenant.count_drop(from_port, DropReason::Malformed);
+        return;
+    };
+    let family = UnderlayFamily::of(vtep);
+    let Some(up) = uplinks.iter_mut().find(|u| u.family() == family) else {
+        tenant.count_drop(from_port, DropReason::TxError);
+        return;
+    };
+    let seg_max = seg.max_segment_len();
+    if !up.fits(seg_max) {
+        tenant.count_drop(from_port, DropReason::UnderlayMtu);
+        return;
+    }
+    let stride = overlay_net::vxlan::HEADER_LEN + seg_max;
+    let per_send = (MAX_GSO_SEND / stride).clamp(1, 64);
+    let header = overlay_net::vxlan::header(vni);
+    let send = |up: &mut Uplink, tenant: &mut TenantSwitch, chunk: &[u8]| {
+        if up.send_segmented(vtep, chunk, stride as u16).is_err() {
+            // No UDP GSO here: queue the datagrams one by one.
+            for d in chunk.chunks(stride) {
+                if up
+                    .queue(vtep, vni, &d[overlay_net::vxlan::HEADER_LEN..])
+                    .is_err()
+                {
+                    tenant.count_drop(from_port, DropReason::TxError);
+                }
+            }
+        }
+    };
+    let (mut off, mut count) = (0usize, 0usize);
+    loop {
+        let start = off + overlay_net::vxlan::HEADER_LEN;
+        let Some(r) = seg.next_into(&mut scratch[start..start + seg_max]) else {
+            break;
+        };
+        let Ok(n) = r else {
+            tenant.count_drop(from_port, DropReason::Malformed);
+            return;
+        };
+        scratch[off..start].copy_from_slice(&header);
+        off = start + n;
+        count += 1;
+        if count == per_send {
+            send(up, tenant, &scratch[..off]);
+            (off, count) = (0, 0);
+        }
+    }
+    if count > 0 {
+        send(up, tenant, &scratch[..off]);
+    }
+}
+
 /// Sends a frame where its verdict says. Local TAP ports take offloaded frames as they are
 /// (the kernel finishes them); the uplink gets complete frames: checksums completed and TCP
 /// super-frames cut into segments here, queued and sent at the end of the burst.
@@ -545,22 +618,16 @@ fn deliver(
         }
         Destination::Remote(vtep) => match payload {
             Payload::Plain(f) => to_uplink(tenant, uplinks, from_port, vtep, vni, f),
-            Payload::Offloaded { frame, vnet, .. } if vnet.is_tcp_gso() => {
-                // Segmentation computes every checksum from scratch.
-                let Ok(mut seg) = TcpSegmenter::new(frame, vnet.gso_size as usize) else {
-                    tenant.count_drop(from_port, DropReason::Malformed);
-                    return;
-                };
-                while let Some(r) = seg.next_into(scratch) {
-                    match r {
-                        Ok(n) => to_uplink(tenant, uplinks, from_port, vtep, vni, &scratch[..n]),
-                        Err(_) => {
-                            tenant.count_drop(from_port, DropReason::Malformed);
-                            return;
-                        }
-                    }
-                }
-            }
+            Payload::Offloaded { frame, vnet, .. } if vnet.is_tcp_gso() => segment_to_uplink(
+                tenant,
+                uplinks,
+                scratch,
+                from_port,
+                vtep,
+                vni,
+                frame,
+                vnet.gso_size,
+            ),
             Payload::Offloaded { frame, vnet, .. } => {
                 let copy = &mut scratch[..frame.len()];
                 copy.copy_from_slice(frame);

@@ -11,6 +11,9 @@ use overlay_net::{UnderlayFamily, Vni, mtu, vxlan};
 
 use crate::Error;
 
+/// `UDP_SEGMENT` (linux/udp.h): the segment size of a UDP GSO send.
+const UDP_SEGMENT: libc::c_int = 103;
+
 /// Datagrams per system call.
 pub const BATCH: usize = 32;
 /// Room for one datagram: VXLAN header + the largest inner frame of a 9000-byte underlay.
@@ -44,12 +47,14 @@ pub type Parsed<'a> = Result<(Vni, &'a [u8]), overlay_net::Error>;
 /// One underlay socket.
 pub struct Uplink {
     socket: UdpSocket,
+    port: u16,
     family: UnderlayFamily,
     underlay_mtu: u16,
     rx: Slots,
     rx_count: usize,
     tx: Slots,
     tx_count: usize,
+    tx_dropped: u64,
 }
 
 impl std::fmt::Debug for Uplink {
@@ -144,12 +149,14 @@ impl Uplink {
             .map_err(|e| Error::Io("set_nonblocking".into(), e))?;
         Ok(Uplink {
             socket,
+            port: local.port(),
             family,
             underlay_mtu,
             rx: Slots::new(),
             rx_count: 0,
             tx: Slots::new(),
             tx_count: 0,
+            tx_dropped: 0,
         })
     }
 
@@ -171,6 +178,11 @@ impl Uplink {
     /// The descriptor, for epoll.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.socket.as_fd()
+    }
+
+    /// True if an inner frame of `len` bytes fits the underlay once encapsulated.
+    pub fn fits(&self, len: usize) -> bool {
+        mtu::fits_underlay(len, self.underlay_mtu, self.family)
     }
 
     /// Receives up to [`BATCH`] datagrams; returns how many ([`Self::datagram`] reads them).
@@ -255,15 +267,69 @@ impl Uplink {
         slot[..vxlan::HEADER_LEN].copy_from_slice(&vxlan::header(vni));
         slot[vxlan::HEADER_LEN..len].copy_from_slice(inner);
         self.tx.lens[i] = len;
-        let dest = SocketAddr::new(vtep, vxlan::VXLAN_PORT);
+        // Peers listen on the same VXLAN port as this VTEP.
+        let dest = SocketAddr::new(vtep, self.port);
         to_sockaddr(dest, &mut self.tx.addrs[i]);
         self.tx_count += 1;
         Ok(())
     }
 
+    /// Sends `data`, a run of VXLAN datagrams of `segment` bytes each (the last may be
+    /// shorter), to `vtep` in one system call with UDP segmentation offload (UDP_SEGMENT):
+    /// the kernel cuts it into datagrams. Queued datagrams are sent first, to keep order.
+    /// Returns how many datagrams were dropped (queued ones the kernel did not take); an error
+    /// means the kernel refused the offload and nothing of `data` was sent.
+    pub fn send_segmented(&mut self, vtep: IpAddr, data: &[u8], segment: u16) -> io::Result<usize> {
+        let dropped = self.flush();
+        // SAFETY: sockaddr_storage and msghdr are plain old data; all-zero is valid.
+        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let alen = to_sockaddr(SocketAddr::new(vtep, self.port), &mut addr);
+        let mut iov = libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        let mut control = [0u64; 4];
+        // SAFETY: as above.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = (&raw mut addr).cast();
+        msg.msg_namelen = alen;
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE only computes a size.
+        msg.msg_controllen =
+            unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+        // SAFETY: the control buffer (32 bytes, 8-aligned) holds one cmsghdr with a u16 of
+        // data, which is what msg_controllen says; CMSG_FIRSTHDR points into it.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_UDP;
+            (*c).cmsg_type = UDP_SEGMENT;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), segment);
+        }
+        // SAFETY: every pointer in `msg` refers to a local or `data`, alive for the call.
+        let rc = unsafe { libc::sendmsg(self.socket.as_raw_fd(), &msg, libc::MSG_DONTWAIT) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(dropped)
+    }
+
+    /// Datagrams the kernel did not take so far (socket buffer full, or an error).
+    pub fn tx_dropped(&self) -> u64 {
+        self.tx_dropped
+    }
+
     /// Sends everything queued; returns how many datagrams the kernel did not take (socket
-    /// buffer full or an error), which the caller counts as drops.
+    /// buffer full or an error); they are also counted in [`Self::tx_dropped`].
     pub fn flush(&mut self) -> usize {
+        let dropped = self.flush_queue();
+        self.tx_dropped += dropped as u64;
+        dropped
+    }
+
+    fn flush_queue(&mut self) -> usize {
         let count = self.tx_count;
         self.tx_count = 0;
         if count == 0 {
