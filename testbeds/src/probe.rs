@@ -88,6 +88,13 @@ pub struct TransferReport {
     pub elapsed: Duration,
 }
 
+impl TransferReport {
+    /// Everything sent arrived, byte for byte (same length and CRC-32).
+    pub fn intact(&self) -> bool {
+        self.received == self.bytes && self.received_crc32 == self.sent_crc32
+    }
+}
+
 /// Sends `bytes` of pattern data over TCP from `client` to a listener in `server` on
 /// `addr:port`, and checks what arrived.
 pub fn tcp_transfer(

@@ -73,11 +73,7 @@ fn one_tenant_on_three_switch_hosts_and_a_kernel_vxlan_host() {
         4 << 20,
     )
     .unwrap();
-    assert_eq!(
-        (t.received, t.received_crc32),
-        (t.bytes, t.sent_crc32),
-        "{t:?}"
-    );
+    assert!(t.intact(), "{t:?}");
     let t = tcp_transfer(
         &kernel.endpoint,
         &endpoints[1].0,
@@ -86,11 +82,7 @@ fn one_tenant_on_three_switch_hosts_and_a_kernel_vxlan_host() {
         4 << 20,
     )
     .unwrap();
-    assert_eq!(
-        (t.received, t.received_crc32),
-        (t.bytes, t.sent_crc32),
-        "{t:?}"
-    );
+    assert!(t.intact(), "{t:?}");
     // A frame above the tenant MTU never leaves the endpoint (DF set, MTU 1450 on eth0)...
     let r = ping(&endpoints[0].0, ip(2).into(), 1, 1423).unwrap();
     assert_eq!(r.received, 0);
@@ -160,7 +152,7 @@ fn tenants_with_identical_addresses_stay_apart() {
     let r = ping(&a1, ip(2).into(), 5, 56).unwrap();
     assert_eq!(r.received, r.sent);
     let t = tcp_transfer(&a2, &a1, ip(1).into(), 5003, 1 << 20).unwrap();
-    assert_eq!(t.received_crc32, t.sent_crc32);
+    assert!(t.intact(), "{t:?}");
     assert_eq!(
         (tx_of(&h1, "b"), tx_of(&h2, "b")),
         b_before,
@@ -300,7 +292,7 @@ fn ipv6_underlay_and_garbage_on_the_vxlan_port() {
     let r = ping(&a1, ip(2).into(), 3, 1430 - 28).unwrap();
     assert_eq!(r.received, r.sent, "{r:?}");
     let t = tcp_transfer(&a2, &a1, ip(1).into(), 5004, 2 << 20).unwrap();
-    assert_eq!((t.received, t.received_crc32), (t.bytes, t.sent_crc32));
+    assert!(t.intact(), "{t:?}");
 
     // Garbage, truncated and unknown-VNI datagrams on the VXLAN port are counted and dropped;
     // the datapath keeps forwarding.

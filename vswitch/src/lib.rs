@@ -33,7 +33,7 @@ pub mod tap;
 mod tenant;
 pub mod uplink;
 
-pub use counters::{DropReason, PortCounters, TenantCounters};
+pub use counters::{DropReason, Drops, PortCounters, TenantCounters};
 pub use error::Error;
 pub use port::{PortConfig, PortSecurity};
 pub use ratelimit::{RateLimit, TokenBucket};

@@ -22,7 +22,9 @@ use crate::api::{
 use crate::datapath::{Datapath, DatapathThread};
 use crate::placement::Placement;
 use crate::tap::Offloads;
-use crate::{Error, PortConfig, PortCounters, PortSecurity, RateLimit, TenantConfig, TenantSwitch};
+use crate::{
+    Drops, Error, PortConfig, PortCounters, PortSecurity, RateLimit, TenantConfig, TenantSwitch,
+};
 
 /// What an API operation can fail with; the server maps these to HTTP status codes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,6 +178,17 @@ fn tenant_info(t: &TenantSwitch) -> TenantInfo {
                 .map(|(r, n)| (r.name().to_owned(), n))
                 .collect(),
         },
+    }
+}
+
+type Labels = Vec<(String, String)>;
+
+/// Adds one `reason`-labelled series per drop reason that has drops.
+fn add_drops(family: &Family<Labels, Counter>, labels: &Labels, drops: &Drops) {
+    for (reason, n) in drops.iter().filter(|(_, n)| *n > 0) {
+        let mut l = labels.clone();
+        l.push(("reason".into(), reason.name().into()));
+        family.get_or_create(&l).inc_by(n);
     }
 }
 
@@ -515,7 +528,6 @@ impl Control {
 
     /// Prometheus text exposition of every counter.
     pub fn metrics(&self) -> Result<String> {
-        type Labels = Vec<(String, String)>;
         let snapshot = call(&self.dp, |dp| {
             let sw = dp.switch();
             let tenants: Vec<_> = sw
@@ -551,11 +563,7 @@ impl Control {
             tenant_rx.get_or_create(&tl).inc_by(tc.rx_packets);
             tenant_flooded.get_or_create(&tl).inc_by(tc.flooded);
             tenant_macs.get_or_create(&tl).set(*macs as i64);
-            for (r, n) in tc.drops.iter().filter(|(_, n)| *n > 0) {
-                let mut l = tl.clone();
-                l.push(("reason".into(), r.name().into()));
-                tenant_drops.get_or_create(&l).inc_by(n);
-            }
+            add_drops(&tenant_drops, &tl, &tc.drops);
             for (pname, pc) in ports {
                 let pl = vec![
                     ("tenant".to_owned(), tname.clone()),
@@ -565,11 +573,7 @@ impl Control {
                 port_rx_bytes.get_or_create(&pl).inc_by(pc.rx_bytes);
                 port_tx_packets.get_or_create(&pl).inc_by(pc.tx_packets);
                 port_tx_bytes.get_or_create(&pl).inc_by(pc.tx_bytes);
-                for (r, n) in pc.drops.iter().filter(|(_, n)| *n > 0) {
-                    let mut l = pl.clone();
-                    l.push(("reason".into(), r.name().into()));
-                    port_drops.get_or_create(&l).inc_by(n);
-                }
+                add_drops(&port_drops, &pl, &pc.drops);
             }
         }
         reg.register(
@@ -605,26 +609,28 @@ impl Control {
             "MAC addresses learned in a tenant",
             tenant_macs,
         );
-        let uplink_invalid = Counter::<u64>::default();
-        uplink_invalid.inc_by(dpc.uplink_invalid);
-        reg.register(
+        let single = |reg: &mut Registry, name: &str, help: &str, value: u64| {
+            let c = Counter::<u64>::default();
+            c.inc_by(value);
+            reg.register(name, help, c);
+        };
+        single(
+            &mut reg,
             "uplink_invalid",
             "Uplink datagrams that are not valid VXLAN",
-            uplink_invalid,
+            dpc.uplink_invalid,
         );
-        let uplink_tx_dropped = Counter::<u64>::default();
-        uplink_tx_dropped.inc_by(dpc.uplink_tx_dropped);
-        reg.register(
+        single(
+            &mut reg,
             "uplink_tx_dropped",
             "Datagrams the uplink socket did not take",
-            uplink_tx_dropped,
+            dpc.uplink_tx_dropped,
         );
-        let unknown = Counter::<u64>::default();
-        unknown.inc_by(unknown_vni);
-        reg.register(
+        single(
+            &mut reg,
             "unknown_vni",
             "Uplink frames for a VNI without tenant",
-            unknown,
+            unknown_vni,
         );
         let mut out = String::new();
         encode(&mut out, &reg).map_err(|e| ControlError::Internal(e.to_string()))?;
