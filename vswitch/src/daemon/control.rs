@@ -137,18 +137,21 @@ fn port_config(spec: &PortSpec) -> Result<PortConfig> {
     })
 }
 
+/// Drops by reason name, only reasons that have drops (the API's `drops` object).
+fn drops_map(d: &Drops) -> std::collections::BTreeMap<String, u64> {
+    d.iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(r, n)| (r.name().to_owned(), n))
+        .collect()
+}
+
 fn counters_info(c: &PortCounters) -> CountersInfo {
     CountersInfo {
         rx_packets: c.rx_packets,
         rx_bytes: c.rx_bytes,
         tx_packets: c.tx_packets,
         tx_bytes: c.tx_bytes,
-        drops: c
-            .drops
-            .iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(r, n)| (r.name().to_owned(), n))
-            .collect(),
+        drops: drops_map(&c.drops),
     }
 }
 
@@ -171,12 +174,7 @@ fn tenant_info(t: &TenantSwitch) -> TenantInfo {
             rx_bytes: c.rx_bytes,
             tx_packets: 0,
             tx_bytes: 0,
-            drops: c
-                .drops
-                .iter()
-                .filter(|(_, n)| *n > 0)
-                .map(|(r, n)| (r.name().to_owned(), n))
-                .collect(),
+            drops: drops_map(&c.drops),
         },
     }
 }
