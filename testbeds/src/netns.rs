@@ -59,9 +59,10 @@ impl Netns {
         cmd
     }
 
-    /// Turns off checksum and segmentation offloads on `dev`, so the kernel puts finished,
-    /// MTU-sized packets on it as a NIC puts them on a wire (a veth would otherwise hand
-    /// partial checksums and GSO packets of tunnelled traffic to its peer).
+    /// Makes `dev` (a veth) behave like a NIC on a wire: checksum and segmentation offloads
+    /// off, so the kernel puts finished, MTU-sized packets on it (a veth would otherwise hand
+    /// partial checksums and GSO packets of tunnelled traffic to its peer), and GRO on, so
+    /// received runs of packets are coalesced as a NIC driver's NAPI does.
     pub fn wire_like(&self, dev: &str) -> Result<(), Error> {
         self.exec(
             "ethtool",
@@ -80,6 +81,8 @@ impl Netns {
                 "off",
                 "tx-udp_tnl-csum-segmentation",
                 "off",
+                "gro",
+                "on",
             ],
         )
         .map(|_| ())

@@ -10,7 +10,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use overlay_net::{TenantLimits, Vni};
-use vswitch::datapath::{DatapathConfig, DatapathThread};
+use vswitch::datapath::{DatapathConfig, DatapathWorkers};
 use vswitch::placement::Placement;
 use vswitch::tap::Offloads;
 use vswitch::{PortConfig, TenantConfig};
@@ -56,6 +56,8 @@ impl Underlay {
             host.name(),
         ])?;
         self.ns.ip(&["link", "set", &link, "master", "br0"])?;
+        // Both ends behave like NICs on a wire: MTU-sized packets out, GRO in.
+        self.ns.wire_like(&link)?;
         self.ns.ip(&["link", "set", &link, "up"])?;
         host.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
         // Every host also has an IPv6 underlay address, fd00:18::<last octet>.
@@ -70,7 +72,7 @@ impl Underlay {
 /// A host running the vswitch datapath.
 pub struct SwitchHost {
     /// The datapath thread (dropped first).
-    pub datapath: DatapathThread,
+    pub datapath: DatapathWorkers,
     /// The host's namespace.
     pub ns: Netns,
     /// The underlay address its datapath binds.
@@ -86,6 +88,16 @@ impl SwitchHost {
     /// Like [`SwitchHost::new`]; with `ipv6` the datapath binds only the IPv6 underlay
     /// address `fd00:18::<n>` (tenant MTU 1430).
     pub fn with_underlays(underlay: &mut Underlay, n: u8, ipv6: bool) -> Result<SwitchHost, Error> {
+        Self::with_options(underlay, n, ipv6, 0)
+    }
+
+    /// Like [`SwitchHost::with_underlays`], with `workers` datapath threads (0: one per core).
+    pub fn with_options(
+        underlay: &mut Underlay,
+        n: u8,
+        ipv6: bool,
+        workers: usize,
+    ) -> Result<SwitchHost, Error> {
         let addr = Ipv4Addr::new(198, 18, 0, n);
         let ns = underlay.host(&format!("h{n}"), addr)?;
         let name = ns.name().to_owned();
@@ -94,11 +106,12 @@ impl SwitchHost {
         } else {
             addr.into()
         };
-        let datapath = DatapathThread::spawn(
+        let datapath = DatapathWorkers::spawn(
             DatapathConfig {
                 underlay: vec![bind],
                 underlay_mtu: 1500,
                 udp_port: overlay_net::VXLAN_PORT,
+                workers,
             },
             move || {
                 enter_current_thread(&name).map_err(|e| {

@@ -328,3 +328,96 @@ fn ipv6_underlay_and_garbage_on_the_vxlan_port() {
     let r = ping(&a1, ip(2).into(), 2, 56).unwrap();
     assert_eq!(r.received, r.sent);
 }
+
+#[test]
+fn several_workers_share_one_switch() {
+    if skip() {
+        return;
+    }
+    let mut ul = Underlay::new().unwrap();
+    let h1 = SwitchHost::with_options(&mut ul, 1, false, 3).unwrap();
+    let h2 = SwitchHost::with_options(&mut ul, 2, false, 2).unwrap();
+    h1.tenant("a", 100, &[h2.ip]).unwrap();
+    h2.tenant("a", 100, &[h1.ip]).unwrap();
+    let local: Vec<_> = (1..=3)
+        .map(|n| {
+            let ep = h1
+                .endpoint(
+                    "a",
+                    &format!("tapw{n}"),
+                    ip(n),
+                    &format!("02:00:00:00:b0:0{n}"),
+                )
+                .unwrap();
+            (ep, ip(n))
+        })
+        .collect();
+    let remote = h2
+        .endpoint("a", "tapw9", ip(9), "02:00:00:00:b0:09")
+        .unwrap();
+    // The three ports of host 1 are read by three different workers.
+    let mut workers = h1
+        .datapath
+        .call(|dp| {
+            let w: Vec<_> = (1..=3)
+                .map(|n| dp.port_worker(&format!("tapw{n}")))
+                .collect();
+            (dp.workers(), w)
+        })
+        .unwrap();
+    assert_eq!(workers.0, 3);
+    workers.1.sort();
+    assert_eq!(workers.1, vec![Some(0), Some(1), Some(2)]);
+    // Every pair reaches each other: frames cross workers inside host 1 and over VXLAN.
+    let mut all: Vec<(&testbeds::netns::Netns, Ipv4Addr)> =
+        local.iter().map(|(e, a)| (e, *a)).collect();
+    all.push((&remote, ip(9)));
+    for (ep, own) in &all {
+        for (_, t) in all.iter().filter(|(_, t)| t != own) {
+            let r = ping(ep, (*t).into(), 2, 56).unwrap();
+            assert_eq!(r.received, r.sent, "{own} -> {t}: {r:?}");
+        }
+    }
+    // TCP with offloads between workers of one host (super-frames pass as they are) and
+    // across hosts (segmented on the way out, coalesced on the way in).
+    let t = tcp_transfer(&local[0].0, &local[1].0, ip(2).into(), 5101, 8 << 20).unwrap();
+    assert!(t.intact(), "{t:?}");
+    let t = tcp_transfer(&local[2].0, &remote, ip(9).into(), 5102, 8 << 20).unwrap();
+    assert!(t.intact(), "{t:?}");
+    let t = tcp_transfer(&remote, &local[0].0, ip(1).into(), 5103, 8 << 20).unwrap();
+    assert!(t.intact(), "{t:?}");
+    // Both workers counted into the one switch: port 1 received frames, port 2 was sent some.
+    let (tx, rx) = h1
+        .datapath
+        .call(|dp| {
+            let sw = dp.switch();
+            let t = sw.tenant("a").unwrap();
+            let p = |n: &str| *t.port(sw.port_id(n).unwrap()).unwrap().1;
+            (p("tapw1"), p("tapw2"))
+        })
+        .unwrap();
+    assert!(tx.rx_packets > 0 && rx.tx_packets > 0, "{tx:?} {rx:?}");
+
+    // A second datapath on host 1's address is refused instead of sharing its traffic.
+    let name = h1.ns.name().to_owned();
+    let second = vswitch::datapath::DatapathWorkers::spawn(
+        vswitch::datapath::DatapathConfig {
+            underlay: vec![h1.ip],
+            underlay_mtu: 1500,
+            udp_port: overlay_net::VXLAN_PORT,
+            workers: 2,
+        },
+        move || {
+            testbeds::netns::enter_current_thread(&name).map_err(|e| {
+                vswitch::Error::Io("enter".into(), std::io::Error::other(e.to_string()))
+            })
+        },
+    );
+    let err = second.expect_err("a second switch bound the same VXLAN port");
+    assert!(err.to_string().contains("bind"), "{err}");
+    let r = ping(&local[0].0, ip(9).into(), 1, 56).unwrap();
+    assert_eq!(
+        r.received, 1,
+        "host 1 still forwards after the refused start"
+    );
+}

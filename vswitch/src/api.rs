@@ -151,6 +151,9 @@ pub struct PortInfo {
     pub spec: PortSpec,
     /// Its counters.
     pub counters: CountersInfo,
+    /// The datapath worker thread that reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<usize>,
 }
 
 /// A forwarding entry as reported (`GET /v1/tenants/{name}/fdb`).

@@ -1,28 +1,42 @@
-//! The datapath: TAP ports and VXLAN uplinks driven by one epoll loop, run to completion in
-//! bursts of up to [`BATCH`] frames per descriptor, asleep in `epoll_wait` when idle.
+//! The datapath: TAP ports and VXLAN uplinks served by N worker threads (default one per
+//! core), each an epoll loop that runs to completion in bursts of up to [`BATCH`] frames per
+//! descriptor and sleeps in `epoll_wait` when idle (no busy polling).
 //!
-//! [`Datapath`] is single-threaded state; [`DatapathThread`] runs it on its own thread and
-//! carries configuration calls to it between bursts (a command queue plus an eventfd), so the
-//! forwarding path takes no locks.
+//! [`Datapath`] is the shared state: the [`Switch`] (tenants, forwarding tables, counters) and
+//! the TAP ports. It sits behind one mutex that a worker takes per burst, not per frame:
 //!
-//! Why our own loop rather than one thread set per port (as rust-vmm's `vhost-user-backend`
+//! 1. read a burst from one descriptor (no lock);
+//! 2. lock: forwarding decisions for the whole burst (learning, policing, lookups, flood
+//!    lists), resolved to TAP handles and remote VTEPs; unlock;
+//! 3. write the burst to its destinations (no lock: TAP writes and `sendmmsg`/UDP GSO);
+//! 4. lock: count what was sent or dropped; unlock.
+//!
+//! The system calls, which are most of the cost per frame, thus run in parallel on all
+//! workers; the locked part is the forwarding decision (35-52 ns per frame,
+//! `cargo bench -p bench --bench switch`). Each TAP is read by one worker (ports are spread
+//! over workers, fewest first) and written by any. Each worker has its own uplink socket per
+//! underlay address, all in one `SO_REUSEPORT` group: the kernel spreads received datagrams
+//! over them by 4-tuple, so a flow stays on one worker and in order.
+//!
+//! Configuration runs on worker 0 between its bursts ([`DatapathWorkers::call`]), in the
+//! underlay's network namespace, holding the lock.
+//!
+//! Why our own loops rather than one thread set per port (as rust-vmm's `vhost-user-backend`
 //! runs per backend): threads would grow with ports, and every frame between two ports would
-//! cross threads. One loop owning all port descriptors forwards a frame from read to write
-//! without a hand-off; its cost per frame is the forwarding decision (35-52 ns,
-//! `cargo bench -p bench --bench switch`) plus the system calls, which bursts and
-//! TSO/GRO amortise. More cores come from several such loops with disjoint ports and a shared
-//! forwarding table (not yet: one loop today).
+//! cross threads; here a frame goes from read to write on the worker that read it.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::mpsc;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use overlay_net::fdb::FastHash;
-use overlay_net::{Destination, PortId, UnderlayFamily, Vni};
+use overlay_net::{Destination, PortId, UnderlayFamily, Vni, mtu};
 
 use crate::placement::{Placement, in_netns, open_netns, place, set_mtu};
 use crate::tap::{
@@ -35,10 +49,12 @@ use crate::{
 };
 use overlay_net::gso::{TcpCoalescer, TcpSegmenter, complete_checksum};
 
-/// epoll token of the control eventfd.
+/// epoll token of a worker's control eventfd.
 const TOKEN_CONTROL: u64 = u64::MAX;
 /// epoll tokens of uplinks: this base plus the uplink's index.
 const TOKEN_UPLINK: u64 = 1 << 40;
+/// Room for one frame read from a TAP: virtio-net header + a 64 KiB TSO super-frame.
+const FRAME_SLOT: usize = VNET_HDR_LEN + 65536;
 
 /// Settings of a datapath.
 #[derive(Clone, Debug)]
@@ -49,6 +65,19 @@ pub struct DatapathConfig {
     pub underlay_mtu: u16,
     /// UDP port of VXLAN.
     pub udp_port: u16,
+    /// Worker threads; 0 means one per core.
+    pub workers: usize,
+}
+
+impl DatapathConfig {
+    /// The number of worker threads this configuration runs: `workers`, or one per core.
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
 }
 
 /// Counters of the datapath itself (per-tenant and per-port counters live in the switch).
@@ -63,24 +92,38 @@ pub struct DatapathCounters {
     pub uplink_tx_dropped: u64,
 }
 
-/// Single-threaded datapath state.
+/// A worker's own counters, readable by the control plane without stopping it.
+#[derive(Debug, Default)]
+struct WorkerStats {
+    uplink_invalid: AtomicU64,
+    tap_offload_dropped: AtomicU64,
+    uplink_tx_dropped: AtomicU64,
+}
+
+/// What the shared state knows of a worker.
+#[derive(Debug)]
+struct WorkerLink {
+    epoll: Arc<Epoll>,
+    wake: Arc<EventFd>,
+    stats: Arc<WorkerStats>,
+}
+
+/// The datapath's shared state: the switch and its TAP ports, and the workers that serve
+/// them. Reached through [`DatapathWorkers::call`].
 pub struct Datapath {
     switch: Switch,
-    taps: HashMap<PortId, Tap, FastHash>,
-    uplinks: Vec<Uplink>,
-    epoll: Epoll,
-    buf: Box<[u8]>,
-    scratch: Box<[u8]>,
-    gro: TcpCoalescer,
-    flood: Vec<Destination>,
-    epoch: Instant,
-    counters: DatapathCounters,
+    taps: HashMap<PortId, Arc<Tap>, FastHash>,
+    owner: HashMap<PortId, usize, FastHash>,
+    workers: Vec<WorkerLink>,
+    /// Each underlay's family and the tenant MTU it carries.
+    underlays: Vec<(UnderlayFamily, u16)>,
 }
 
 impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Datapath")
-            .field("uplinks", &self.uplinks)
+            .field("workers", &self.workers.len())
+            .field("underlays", &self.underlays)
             .finish()
     }
 }
@@ -89,36 +132,13 @@ fn nix_err(what: &str, e: nix::Error) -> Error {
     Error::Io(what.into(), e.into())
 }
 
-impl Datapath {
-    /// Binds the uplinks (call in the underlay's network namespace).
-    pub fn new(cfg: &DatapathConfig) -> Result<Datapath, Error> {
-        let epoll =
-            Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| nix_err("epoll_create", e))?;
-        let mut uplinks = Vec::new();
-        for (i, ip) in cfg.underlay.iter().enumerate() {
-            let up = Uplink::bind(SocketAddr::new(*ip, cfg.udp_port), cfg.underlay_mtu)?;
-            epoll
-                .add(
-                    up.fd(),
-                    EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_UPLINK + i as u64),
-                )
-                .map_err(|e| nix_err("epoll_ctl uplink", e))?;
-            uplinks.push(up);
-        }
-        Ok(Datapath {
-            switch: Switch::new(),
-            taps: HashMap::default(),
-            uplinks,
-            epoll,
-            buf: vec![0u8; VNET_HDR_LEN + 65536].into_boxed_slice(),
-            scratch: vec![0u8; 65536].into_boxed_slice(),
-            gro: TcpCoalescer::new(),
-            flood: Vec::with_capacity(64),
-            epoch: Instant::now(),
-            counters: DatapathCounters::default(),
-        })
-    }
+fn lock(shared: &Mutex<Datapath>) -> MutexGuard<'_, Datapath> {
+    // A worker that panicked cannot leave the switch half-updated in a way that matters more
+    // than stopping all traffic would; go on with the state as it is.
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
 
+impl Datapath {
     /// The switch (tenants, ports, forwarding tables, counters).
     pub fn switch(&self) -> &Switch {
         &self.switch
@@ -129,17 +149,31 @@ impl Datapath {
         &mut self.switch
     }
 
-    /// The datapath's own counters.
+    /// The datapath's own counters, summed over the workers.
     pub fn counters(&self) -> DatapathCounters {
-        DatapathCounters {
-            uplink_tx_dropped: self.uplinks.iter().map(Uplink::tx_dropped).sum(),
-            ..self.counters
+        let mut c = DatapathCounters::default();
+        for w in &self.workers {
+            c.uplink_invalid += w.stats.uplink_invalid.load(Ordering::Relaxed);
+            c.tap_offload_dropped += w.stats.tap_offload_dropped.load(Ordering::Relaxed);
+            c.uplink_tx_dropped += w.stats.uplink_tx_dropped.load(Ordering::Relaxed);
         }
+        c
+    }
+
+    /// Number of worker threads.
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// The worker that reads a port.
+    pub fn port_worker(&self, name: &str) -> Option<usize> {
+        let id = self.switch.port_id(name)?;
+        self.owner.get(&id).copied()
     }
 
     /// The tenant MTU the underlay carries (the smallest over the uplinks).
     pub fn tenant_mtu(&self) -> Option<u16> {
-        self.uplinks.iter().map(Uplink::inner_mtu).min()
+        self.underlays.iter().map(|(_, m)| *m).min()
     }
 
     /// Creates a tenant; an MTU of 0 means "as large as the underlay carries".
@@ -156,11 +190,12 @@ impl Datapath {
         self.switch.add_tenant(config).map(|_| ())
     }
 
-    /// Attaches a TAP port to `tenant` and starts serving it. The interface is persistent
-    /// (it survives a crash of the switch). Without `placement` it is named like the port in
-    /// the switch's namespace; with it, it lives in `placement.netns` as `placement.ifname`:
-    /// an interface of that name there is attached to again (after a restart), otherwise one
-    /// is created, moved there and renamed. Its MTU is the tenant's.
+    /// Attaches a TAP port to `tenant` and starts serving it on the worker with the fewest
+    /// ports. The interface is persistent (it survives a crash of the switch). Without
+    /// `placement` it is named like the port in the switch's namespace; with it, it lives in
+    /// `placement.netns` as `placement.ifname`: an interface of that name there is attached
+    /// to again (after a restart), otherwise one is created, moved there and renamed. Its MTU
+    /// is the tenant's.
     pub fn add_tap_port(
         &mut self,
         tenant: &str,
@@ -214,7 +249,10 @@ impl Datapath {
                 return Err(e);
             }
         };
-        if let Err(e) = self
+        let worker = (0..self.workers.len())
+            .min_by_key(|w| self.owner.values().filter(|o| *o == w).count())
+            .unwrap_or(0);
+        if let Err(e) = self.workers[worker]
             .epoll
             .add(tap.fd(), EpollEvent::new(EpollFlags::EPOLLIN, id.0 as u64))
         {
@@ -222,11 +260,12 @@ impl Datapath {
             let _ = tap.destroy();
             return Err(nix_err("epoll_ctl tap", e));
         }
-        self.taps.insert(id, tap);
+        self.taps.insert(id, Arc::new(tap));
+        self.owner.insert(id, worker);
         Ok(id)
     }
 
-    /// Detaches a port and closes its TAP (the interface disappears).
+    /// Detaches a port and removes its TAP interface.
     pub fn remove_port(&mut self, name: &str) -> Result<(), Error> {
         let id = self
             .switch
@@ -234,7 +273,11 @@ impl Datapath {
             .ok_or_else(|| Error::NoSuchPort(name.into()))?;
         self.switch.remove_port(name)?;
         if let Some(tap) = self.taps.remove(&id) {
-            let _ = self.epoll.delete(tap.fd());
+            if let Some(w) = self.owner.remove(&id) {
+                let _ = self.workers[w].epoll.delete(tap.fd());
+            }
+            // A worker in the middle of a burst may still hold the TAP; the interface goes
+            // when it lets go (at the end of that burst).
             tap.destroy()?;
         }
         Ok(())
@@ -243,9 +286,9 @@ impl Datapath {
     /// Adds a remote VTEP to a tenant's flood list.
     pub fn add_remote_vtep(&mut self, tenant: &str, vtep: IpAddr) -> Result<(), Error> {
         if !self
-            .uplinks
+            .underlays
             .iter()
-            .any(|u| u.family() == UnderlayFamily::of(vtep))
+            .any(|(f, _)| *f == UnderlayFamily::of(vtep))
         {
             return Err(Error::invalid(
                 "remote VTEP",
@@ -259,182 +302,347 @@ impl Datapath {
             .add_remote_vtep(vtep);
         Ok(())
     }
+}
 
+/// Where one copy of a frame goes, resolved under the lock.
+enum Target {
+    Local(PortId, Arc<Tap>),
+    Remote(IpAddr),
+}
+
+/// What a burst did to the counters, applied under the lock at its end.
+#[derive(Default)]
+struct Tally {
+    events: Vec<(Vni, Option<PortId>, Option<DropReason>, usize)>,
+}
+
+impl Tally {
+    fn tx(&mut self, vni: Vni, port: PortId, len: usize) {
+        self.events.push((vni, Some(port), None, len));
+    }
+
+    fn drop(&mut self, vni: Vni, port: Option<PortId>, reason: DropReason) {
+        self.events.push((vni, port, Some(reason), 0));
+    }
+
+    fn apply(&mut self, switch: &mut Switch) {
+        for (vni, port, reason, len) in self.events.drain(..) {
+            let Some(tenant) = switch.tenant_by_vni_mut(vni) else {
+                continue;
+            };
+            match (reason, port) {
+                (Some(r), p) => tenant.count_drop(p, r),
+                (None, Some(p)) => tenant.count_tx(p, len),
+                (None, None) => {}
+            }
+        }
+    }
+}
+
+/// A frame read from a TAP, waiting for its forwarding decision.
+struct Pending {
+    len: usize,
+    header: [u8; VNET_HDR_LEN],
+    vnet: VnetHeader,
+    wire_len: usize,
+}
+
+/// One worker thread's state: its descriptors, buffers and scratch lists; nothing here is
+/// allocated per frame.
+struct Worker {
+    index: usize,
+    shared: Arc<Mutex<Datapath>>,
+    epoll: Arc<Epoll>,
+    stats: Arc<WorkerStats>,
+    uplinks: Vec<Uplink>,
+    epoch: Instant,
+    frames: Box<[u8]>,
+    pending: Vec<Pending>,
+    decisions: Vec<Range<usize>>,
+    targets: Vec<Target>,
+    flood: Vec<Destination>,
+    tally: Tally,
+    scratch: Box<[u8]>,
+    gro: TcpCoalescer,
+}
+
+/// Resolves a verdict to targets: TAP handles of local ports (a port that is gone is counted
+/// as a send error) and remote VTEPs.
+fn resolve(
+    tenant: &mut TenantSwitch,
+    taps: &HashMap<PortId, Arc<Tap>, FastHash>,
+    from: Ingress,
+    verdict: Verdict,
+    flood: &mut Vec<Destination>,
+    out: &mut Vec<Target>,
+) {
+    let mut push = |tenant: &mut TenantSwitch, dest: Destination| match dest {
+        Destination::Local(q) => match taps.get(&q) {
+            Some(tap) => out.push(Target::Local(q, tap.clone())),
+            None => tenant.count_drop(Some(q), DropReason::TxError),
+        },
+        Destination::Remote(vtep) => out.push(Target::Remote(vtep)),
+    };
+    match verdict {
+        Verdict::Unicast(dest) => push(tenant, dest),
+        Verdict::Flood => {
+            flood.clear();
+            flood.extend(tenant.flood_targets(from));
+            for dest in flood.iter() {
+                push(tenant, *dest);
+            }
+        }
+        Verdict::Drop(_) => {}
+    }
+}
+
+impl Worker {
     fn now(&self) -> Nanos {
         self.epoch.elapsed().as_nanos() as Nanos
     }
 
-    /// Waits up to `timeout` for traffic and forwards what is there, in bursts. Returns the
-    /// number of events handled. `control` is told whether the control eventfd fired.
-    pub fn poll(
-        &mut self,
-        timeout: Duration,
-        control: Option<&EventFd>,
-    ) -> Result<(usize, bool), Error> {
+    /// Serves events until told to stop. Worker 0 also runs configuration commands.
+    fn run(mut self, wake: &EventFd, stop: &AtomicBool, commands: Option<mpsc::Receiver<Command>>) {
         let mut events = [EpollEvent::empty(); 64];
-        let ms = timeout.as_millis().min(u16::MAX as u128) as u16;
-        let n = match self.epoll.wait(&mut events, EpollTimeout::from(ms)) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EINTR) => 0,
-            Err(e) => return Err(nix_err("epoll_wait", e)),
-        };
-        let mut control_fired = false;
-        for ev in &events[..n] {
-            match ev.data() {
-                TOKEN_CONTROL => {
-                    if let Some(c) = control {
-                        let _ = c.read();
-                    }
-                    control_fired = true;
+        loop {
+            let n = match self.epoll.wait(&mut events, EpollTimeout::from(500u16)) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => 0,
+                Err(_) => {
+                    // epoll itself failed: do not spin; keep serving commands.
+                    std::thread::sleep(Duration::from_millis(10));
+                    0
                 }
-                t if t >= TOKEN_UPLINK => self.on_uplink((t - TOKEN_UPLINK) as usize),
-                t => self.on_tap(PortId(t as u32)),
+            };
+            let mut control = false;
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_CONTROL => {
+                        let _ = wake.read();
+                        control = true;
+                    }
+                    t if t >= TOKEN_UPLINK => self.on_uplink((t - TOKEN_UPLINK) as usize),
+                    t => self.on_tap(PortId(t as u32)),
+                }
+            }
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            if let (true, Some(rx)) = (control, &commands) {
+                loop {
+                    match rx.try_recv() {
+                        Ok(cmd) => cmd(&mut lock(&self.shared)),
+                        Err(mpsc::TryRecvError::Empty) => break,
+                        Err(mpsc::TryRecvError::Disconnected) => return,
+                    }
+                }
             }
         }
-        Ok((n, control_fired))
     }
 
     fn on_tap(&mut self, port: PortId) {
-        let now = self.now();
-        let Some(vni) = self.switch.port_vni(port) else {
+        let (tap, vni) = {
+            let s = lock(&self.shared);
+            (s.taps.get(&port).cloned(), s.switch.port_vni(port))
+        };
+        let (Some(tap), Some(vni)) = (tap, vni) else {
             return;
         };
-        let Datapath {
-            switch,
-            taps,
+        let now = self.now();
+        let Worker {
+            shared,
+            stats,
             uplinks,
-            buf,
-            scratch,
+            frames,
+            pending,
+            decisions,
+            targets,
             flood,
-            counters,
+            tally,
+            scratch,
             ..
         } = self;
-        let Some(tap) = taps.get(&port) else {
-            return;
-        };
+
+        // 1. Read a burst and check its offload metadata.
+        pending.clear();
         for _ in 0..BATCH {
+            let at = pending.len() * FRAME_SLOT;
+            let buf = &mut frames[at..at + FRAME_SLOT];
             let n = match tap.recv(buf) {
                 Ok(Some(n)) => n,
                 Ok(None) | Err(_) => break,
             };
-            let Some(tenant) = switch.tenant_by_vni_mut(vni) else {
-                break;
-            };
-            let Some(hdr) = buf
+            let Some(header) = buf
                 .first_chunk::<VNET_HDR_LEN>()
                 .filter(|_| n >= VNET_HDR_LEN)
             else {
-                tenant.count_drop(Some(port), DropReason::Malformed);
+                tally.drop(vni, Some(port), DropReason::Malformed);
                 continue;
             };
-            let header = *hdr;
+            let header = *header;
             let vnet = VnetHeader::parse(&header);
             let frame = &buf[VNET_HDR_LEN..n];
-            let from = Ingress::Port(port);
-            let (payload, wire_len) = if vnet.is_plain() {
-                (Payload::Plain(frame), frame.len())
+            let wire_len = if vnet.is_plain() || vnet.gso_type == VNET_GSO_NONE {
+                Some(frame.len())
             } else if vnet.is_tcp_gso() {
-                match TcpSegmenter::new(frame, vnet.gso_size as usize) {
-                    Ok(seg) => (
-                        Payload::Offloaded {
-                            frame,
-                            header,
-                            vnet,
-                        },
-                        seg.max_segment_len(),
-                    ),
-                    Err(_) => {
-                        counters.tap_offload_dropped += 1;
-                        tenant.count_drop(Some(port), DropReason::Malformed);
-                        continue;
-                    }
-                }
-            } else if vnet.gso_type == VNET_GSO_NONE {
-                (
-                    Payload::Offloaded {
-                        frame,
-                        header,
-                        vnet,
-                    },
-                    frame.len(),
-                )
+                TcpSegmenter::new(frame, vnet.gso_size as usize)
+                    .ok()
+                    .map(|seg| seg.max_segment_len())
             } else {
                 // UDP fragmentation/segmentation offload is never enabled on our TAPs.
-                counters.tap_offload_dropped += 1;
-                tenant.count_drop(Some(port), DropReason::Malformed);
+                None
+            };
+            let Some(wire_len) = wire_len else {
+                stats.tap_offload_dropped.fetch_add(1, Ordering::Relaxed);
+                tally.drop(vni, Some(port), DropReason::Malformed);
                 continue;
             };
-            let verdict = tenant.ingress_sized(from, frame, wire_len, now);
-            deliver(
-                tenant, taps, uplinks, flood, scratch, from, verdict, payload, vni,
-            );
+            pending.push(Pending {
+                len: n,
+                header,
+                vnet,
+                wire_len,
+            });
         }
+
+        // 2. Decide, under the lock.
+        decisions.clear();
+        {
+            let mut guard = lock(shared);
+            let s = &mut *guard;
+            tally.apply(&mut s.switch);
+            let from = Ingress::Port(port);
+            for (i, p) in pending.iter().enumerate() {
+                let Some(tenant) = s.switch.tenant_by_vni_mut(vni) else {
+                    break;
+                };
+                let at = i * FRAME_SLOT;
+                let frame = &frames[at + VNET_HDR_LEN..at + p.len];
+                let verdict = tenant.ingress_sized(from, frame, p.wire_len, now);
+                let start = targets.len();
+                resolve(tenant, &s.taps, from, verdict, flood, targets);
+                decisions.push(start..targets.len());
+            }
+        }
+
+        // 3. Send, without it.
+        for (i, range) in decisions.iter().enumerate() {
+            let p = &pending[i];
+            let at = i * FRAME_SLOT;
+            let frame = &frames[at + VNET_HDR_LEN..at + p.len];
+            let payload = if p.vnet.is_plain() {
+                Payload::Plain(frame)
+            } else {
+                Payload::Offloaded {
+                    frame,
+                    header: p.header,
+                    vnet: p.vnet,
+                }
+            };
+            for target in &targets[range.clone()] {
+                match target {
+                    Target::Local(q, tap) => send_local(tally, vni, *q, tap, payload),
+                    Target::Remote(vtep) => {
+                        send_remote(tally, uplinks, scratch, port, *vtep, vni, payload)
+                    }
+                }
+            }
+        }
+        targets.clear();
+        let mut tx_dropped = 0;
         for up in uplinks.iter_mut() {
             up.flush();
+            tx_dropped += up.tx_dropped();
+        }
+        stats.uplink_tx_dropped.store(tx_dropped, Ordering::Relaxed);
+
+        // 4. Count, under the lock.
+        if !tally.events.is_empty() {
+            tally.apply(&mut lock(shared).switch);
         }
     }
 
     fn on_uplink(&mut self, index: usize) {
         let now = self.now();
-        let Datapath {
-            switch,
-            taps,
+        let Worker {
+            shared,
+            stats,
             uplinks,
+            decisions,
+            targets,
             flood,
-            scratch,
+            tally,
             gro,
-            counters,
             ..
         } = self;
         let Some(up) = uplinks.get_mut(index) else {
             return;
         };
         let n = up.recv_batch().unwrap_or(0);
-        // In-order TCP segments of one flow for one local port are merged (GRO) and written
-        // to the TAP as one frame with segmentation offload.
-        let mut gro_dest: Option<(Vni, PortId)> = None;
-        for i in 0..n {
-            let Some((parsed, from)) = up.datagram(i) else {
+        if n == 0 {
+            return;
+        }
+        let up = &*up;
+
+        // Decide, under the lock.
+        decisions.clear();
+        {
+            let mut guard = lock(shared);
+            let s = &mut *guard;
+            tally.apply(&mut s.switch);
+            for i in 0..n {
+                let start = targets.len();
+                match up.datagram(i) {
+                    Some((Ok((vni, inner)), from)) => {
+                        let verdict = s.switch.ingress_uplink(vni, from.ip(), inner, now);
+                        if let Some(tenant) = s.switch.tenant_by_vni_mut(vni) {
+                            let ingress = Ingress::Uplink(from.ip());
+                            resolve(tenant, &s.taps, ingress, verdict, flood, targets);
+                        }
+                    }
+                    Some((Err(_), _)) => {
+                        stats.uplink_invalid.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => {}
+                }
+                decisions.push(start..targets.len());
+            }
+        }
+
+        // Send, without it. In-order TCP segments of one flow for one local port are merged
+        // (GRO) and written to the TAP as one frame with segmentation offload. Frames from the
+        // underlay go to local ports only (split horizon).
+        let mut gro_dest: Option<(Vni, PortId, Arc<Tap>)> = None;
+        for (i, range) in decisions.iter().enumerate() {
+            let Some((Ok((vni, inner)), _)) = up.datagram(i) else {
                 continue;
             };
-            let (vni, inner) = match parsed {
-                Ok(v) => v,
-                Err(_) => {
-                    counters.uplink_invalid += 1;
+            let dests = &targets[range.clone()];
+            if let [Target::Local(q, tap)] = dests {
+                if matches!(&gro_dest, Some((v, p, _)) if (*v, *p) == (vni, *q)) && gro.push(inner)
+                {
                     continue;
                 }
-            };
-            let ingress = Ingress::Uplink(from.ip());
-            let verdict = switch.ingress_uplink(vni, from.ip(), inner, now);
-            if let Verdict::Unicast(Destination::Local(q)) = verdict {
-                if gro_dest == Some((vni, q)) && gro.push(inner) {
-                    continue;
-                }
-                flush_gro(gro, &mut gro_dest, switch, taps);
+                flush_gro(gro, &mut gro_dest, tally);
                 if gro.push(inner) {
-                    gro_dest = Some((vni, q));
+                    gro_dest = Some((vni, *q, tap.clone()));
                     continue;
                 }
             } else {
-                flush_gro(gro, &mut gro_dest, switch, taps);
+                flush_gro(gro, &mut gro_dest, tally);
             }
-            if let Some(tenant) = switch.tenant_by_vni_mut(vni) {
-                // Frames from the underlay go to local ports only (split horizon).
-                let payload = Payload::Plain(inner);
-                deliver(
-                    tenant,
-                    taps,
-                    &mut [],
-                    flood,
-                    scratch,
-                    ingress,
-                    verdict,
-                    payload,
-                    vni,
-                );
+            for target in dests {
+                if let Target::Local(q, tap) = target {
+                    send_local(tally, vni, *q, tap, Payload::Plain(inner));
+                }
             }
         }
-        flush_gro(gro, &mut gro_dest, switch, taps);
+        flush_gro(gro, &mut gro_dest, tally);
+        targets.clear();
+
+        if !tally.events.is_empty() {
+            tally.apply(&mut lock(shared).switch);
+        }
     }
 }
 
@@ -442,17 +650,16 @@ impl Datapath {
 /// header if segments were merged.
 fn flush_gro(
     gro: &mut TcpCoalescer,
-    dest: &mut Option<(Vni, PortId)>,
-    switch: &mut Switch,
-    taps: &HashMap<PortId, Tap, FastHash>,
+    dest: &mut Option<(Vni, PortId, Arc<Tap>)>,
+    tally: &mut Tally,
 ) {
-    let Some((vni, port)) = dest.take() else {
+    let Some((vni, port, tap)) = dest.take() else {
         return;
     };
     let Some((frame, info)) = gro.finish() else {
         return;
     };
-    let sent = taps.get(&port).map(|tap| match info {
+    let sent = match info {
         None => tap.send_frame(frame),
         Some(c) => {
             let mut h = [0u8; VNET_HDR_LEN];
@@ -468,12 +675,10 @@ fn flush_gro(
             h[8..10].copy_from_slice(&c.csum_offset.to_le_bytes());
             tap.send_with_header(&h, frame)
         }
-    });
-    if let Some(tenant) = switch.tenant_by_vni_mut(vni) {
-        match sent {
-            Some(Ok(())) => tenant.count_tx(port, frame.len()),
-            _ => tenant.count_drop(Some(port), DropReason::TxError),
-        }
+    };
+    match sent {
+        Ok(()) => tally.tx(vni, port, frame.len()),
+        Err(_) => tally.drop(vni, Some(port), DropReason::TxError),
     }
 }
 
@@ -496,24 +701,76 @@ impl Payload<'_> {
     }
 }
 
+/// Writes a frame to a local TAP as it is: offloads pending are the kernel's to finish.
+fn send_local(tally: &mut Tally, vni: Vni, port: PortId, tap: &Tap, payload: Payload<'_>) {
+    let sent = match payload {
+        Payload::Plain(f) => tap.send_frame(f),
+        Payload::Offloaded { frame, header, .. } => tap.send_with_header(&header, frame),
+    };
+    match sent {
+        Ok(()) => tally.tx(vni, port, payload.len()),
+        Err(_) => tally.drop(vni, Some(port), DropReason::TxError),
+    }
+}
+
+/// Sends a frame from local port `from` to a remote VTEP: complete frames are queued on the
+/// uplink (sent at the end of the burst), TCP super-frames cut into segments, checksums left
+/// to offload completed here.
+fn send_remote(
+    tally: &mut Tally,
+    uplinks: &mut [Uplink],
+    scratch: &mut [u8],
+    from: PortId,
+    vtep: IpAddr,
+    vni: Vni,
+    payload: Payload<'_>,
+) {
+    match payload {
+        Payload::Plain(f) => to_uplink(tally, uplinks, from, vtep, vni, f),
+        Payload::Offloaded { frame, vnet, .. } if vnet.is_tcp_gso() => segment_to_uplink(
+            tally,
+            uplinks,
+            scratch,
+            from,
+            vtep,
+            vni,
+            frame,
+            vnet.gso_size,
+        ),
+        Payload::Offloaded { frame, vnet, .. } => {
+            let copy = &mut scratch[..frame.len()];
+            copy.copy_from_slice(frame);
+            let done = vnet.flags & VNET_F_NEEDS_CSUM == 0
+                || complete_checksum(copy, vnet.csum_start as usize, vnet.csum_offset as usize)
+                    .is_ok();
+            if done {
+                to_uplink(tally, uplinks, from, vtep, vni, copy);
+            } else {
+                tally.drop(vni, Some(from), DropReason::Malformed);
+            }
+        }
+    }
+}
+
 /// Queues a complete frame on the uplink of `vtep`'s family, counting what cannot go.
 fn to_uplink(
-    tenant: &mut TenantSwitch,
+    tally: &mut Tally,
     uplinks: &mut [Uplink],
-    from_port: Option<PortId>,
+    from: PortId,
     vtep: IpAddr,
     vni: Vni,
     frame: &[u8],
 ) {
     let family = UnderlayFamily::of(vtep);
-    match uplinks.iter_mut().find(|u| u.family() == family) {
+    let reason = match uplinks.iter_mut().find(|u| u.family() == family) {
         Some(up) => match up.queue(vtep, vni, frame) {
-            Ok(()) => {}
-            Err(QueueError::TooBig) => tenant.count_drop(from_port, DropReason::UnderlayMtu),
-            Err(QueueError::WrongFamily) => tenant.count_drop(from_port, DropReason::TxError),
+            Ok(()) => return,
+            Err(QueueError::TooBig) => DropReason::UnderlayMtu,
+            Err(QueueError::WrongFamily) => DropReason::TxError,
         },
-        None => tenant.count_drop(from_port, DropReason::TxError),
-    }
+        None => DropReason::TxError,
+    };
+    tally.drop(vni, Some(from), reason);
 }
 
 /// Most UDP payload bytes handed to one UDP segmentation offload send.
@@ -524,33 +781,33 @@ const MAX_GSO_SEND: usize = 65_000;
 /// the offload, the datagrams are queued one by one instead.
 #[allow(clippy::too_many_arguments)]
 fn segment_to_uplink(
-    tenant: &mut TenantSwitch,
+    tally: &mut Tally,
     uplinks: &mut [Uplink],
     scratch: &mut [u8],
-    from_port: Option<PortId>,
+    from: PortId,
     vtep: IpAddr,
     vni: Vni,
     frame: &[u8],
     mss: u16,
 ) {
     let Ok(mut seg) = TcpSegmenter::new(frame, mss as usize) else {
-        tenant.count_drop(from_port, DropReason::Malformed);
+        tally.drop(vni, Some(from), DropReason::Malformed);
         return;
     };
     let family = UnderlayFamily::of(vtep);
     let Some(up) = uplinks.iter_mut().find(|u| u.family() == family) else {
-        tenant.count_drop(from_port, DropReason::TxError);
+        tally.drop(vni, Some(from), DropReason::TxError);
         return;
     };
     let seg_max = seg.max_segment_len();
     if !up.fits(seg_max) {
-        tenant.count_drop(from_port, DropReason::UnderlayMtu);
+        tally.drop(vni, Some(from), DropReason::UnderlayMtu);
         return;
     }
     let stride = overlay_net::vxlan::HEADER_LEN + seg_max;
     let per_send = (MAX_GSO_SEND / stride).clamp(1, 64);
     let header = overlay_net::vxlan::header(vni);
-    let send = |up: &mut Uplink, tenant: &mut TenantSwitch, chunk: &[u8]| {
+    let send = |up: &mut Uplink, tally: &mut Tally, chunk: &[u8]| {
         if up.send_segmented(vtep, chunk, stride as u16).is_err() {
             // No UDP GSO here: queue the datagrams one by one.
             for d in chunk.chunks(stride) {
@@ -558,7 +815,7 @@ fn segment_to_uplink(
                     .queue(vtep, vni, &d[overlay_net::vxlan::HEADER_LEN..])
                     .is_err()
                 {
-                    tenant.count_drop(from_port, DropReason::TxError);
+                    tally.drop(vni, Some(from), DropReason::TxError);
                 }
             }
         }
@@ -570,166 +827,196 @@ fn segment_to_uplink(
             break;
         };
         let Ok(n) = r else {
-            tenant.count_drop(from_port, DropReason::Malformed);
+            tally.drop(vni, Some(from), DropReason::Malformed);
             return;
         };
         scratch[off..start].copy_from_slice(&header);
         off = start + n;
         count += 1;
         if count == per_send {
-            send(up, tenant, &scratch[..off]);
+            send(up, tally, &scratch[..off]);
             (off, count) = (0, 0);
         }
     }
     if count > 0 {
-        send(up, tenant, &scratch[..off]);
-    }
-}
-
-/// Sends a frame where its verdict says. Local TAP ports take offloaded frames as they are
-/// (the kernel finishes them); the uplink gets complete frames: checksums completed and TCP
-/// super-frames cut into segments here, queued and sent at the end of the burst.
-#[allow(clippy::too_many_arguments)]
-fn deliver(
-    tenant: &mut TenantSwitch,
-    taps: &HashMap<PortId, Tap, FastHash>,
-    uplinks: &mut [Uplink],
-    flood: &mut Vec<Destination>,
-    scratch: &mut [u8],
-    from: Ingress,
-    verdict: Verdict,
-    payload: Payload<'_>,
-    vni: Vni,
-) {
-    let from_port = match from {
-        Ingress::Port(p) => Some(p),
-        Ingress::Uplink(_) => None,
-    };
-    let mut send = |tenant: &mut TenantSwitch, dest: Destination| match dest {
-        Destination::Local(q) => {
-            let sent = taps.get(&q).map(|t| match payload {
-                Payload::Plain(f) => t.send_frame(f),
-                Payload::Offloaded { frame, header, .. } => t.send_with_header(&header, frame),
-            });
-            match sent {
-                Some(Ok(())) => tenant.count_tx(q, payload.len()),
-                _ => tenant.count_drop(Some(q), DropReason::TxError),
-            }
-        }
-        Destination::Remote(vtep) => match payload {
-            Payload::Plain(f) => to_uplink(tenant, uplinks, from_port, vtep, vni, f),
-            Payload::Offloaded { frame, vnet, .. } if vnet.is_tcp_gso() => segment_to_uplink(
-                tenant,
-                uplinks,
-                scratch,
-                from_port,
-                vtep,
-                vni,
-                frame,
-                vnet.gso_size,
-            ),
-            Payload::Offloaded { frame, vnet, .. } => {
-                let copy = &mut scratch[..frame.len()];
-                copy.copy_from_slice(frame);
-                let done = vnet.flags & VNET_F_NEEDS_CSUM == 0
-                    || complete_checksum(copy, vnet.csum_start as usize, vnet.csum_offset as usize)
-                        .is_ok();
-                if done {
-                    to_uplink(tenant, uplinks, from_port, vtep, vni, copy);
-                } else {
-                    tenant.count_drop(from_port, DropReason::Malformed);
-                }
-            }
-        },
-    };
-    match verdict {
-        Verdict::Unicast(dest) => send(tenant, dest),
-        Verdict::Flood => {
-            flood.clear();
-            flood.extend(tenant.flood_targets(from));
-            for dest in flood.iter() {
-                send(tenant, *dest);
-            }
-        }
-        Verdict::Drop(_) => {}
+        send(up, tally, &scratch[..off]);
     }
 }
 
 type Command = Box<dyn FnOnce(&mut Datapath) + Send>;
 
-/// A datapath running on its own thread.
-pub struct DatapathThread {
+/// The running datapath: its worker threads and a way to configure it.
+pub struct DatapathWorkers {
+    shared: Arc<Mutex<Datapath>>,
     commands: mpsc::Sender<Command>,
-    wake: std::sync::Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    wakes: Vec<Arc<EventFd>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
-impl DatapathThread {
-    /// Starts a datapath thread. `enter` runs first on the new thread (e.g. to enter the
-    /// underlay's network namespace); the uplinks are bound after it.
+impl std::fmt::Debug for DatapathWorkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatapathWorkers")
+            .field("workers", &self.threads.len())
+            .finish()
+    }
+}
+
+/// Binds a worker's uplinks and registers them and its eventfd with its epoll.
+fn bind_uplinks(
+    addrs: &[SocketAddr],
+    cfg: &DatapathConfig,
+    epoll: &Epoll,
+    wake: &EventFd,
+) -> Result<Vec<Uplink>, Error> {
+    epoll
+        .add(wake, EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_CONTROL))
+        .map_err(|e| nix_err("epoll_ctl eventfd", e))?;
+    let mut uplinks = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let up = Uplink::bind(*addr, cfg.underlay_mtu, true)?;
+        epoll
+            .add(
+                up.fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_UPLINK + i as u64),
+            )
+            .map_err(|e| nix_err("epoll_ctl uplink", e))?;
+        uplinks.push(up);
+    }
+    Ok(uplinks)
+}
+
+impl DatapathWorkers {
+    /// Starts the worker threads. `enter` runs first on each of them (e.g. to enter the
+    /// underlay's network namespace); their uplinks are bound after it. Fails if another
+    /// socket already has an underlay address's VXLAN port.
     pub fn spawn(
         config: DatapathConfig,
-        enter: impl FnOnce() -> Result<(), Error> + Send + 'static,
-    ) -> Result<DatapathThread, Error> {
-        let wake = std::sync::Arc::new(
-            EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
-                .map_err(|e| nix_err("eventfd", e))?,
-        );
+        enter: impl Fn() -> Result<(), Error> + Send + Sync + 'static,
+    ) -> Result<DatapathWorkers, Error> {
+        let count = config.worker_count();
+        let mut underlays = Vec::new();
+        for ip in &config.underlay {
+            let family = UnderlayFamily::of(*ip);
+            let inner = mtu::inner_mtu(config.underlay_mtu, family).ok_or_else(|| {
+                Error::invalid(
+                    "underlay MTU",
+                    format!("{} is too small", config.underlay_mtu),
+                )
+            })?;
+            underlays.push((family, inner));
+        }
+        let mut links = Vec::new();
+        for _ in 0..count {
+            links.push(WorkerLink {
+                epoll: Arc::new(
+                    Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+                        .map_err(|e| nix_err("epoll_create", e))?,
+                ),
+                wake: Arc::new(
+                    EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                        .map_err(|e| nix_err("eventfd", e))?,
+                ),
+                stats: Arc::default(),
+            });
+        }
+        let wakes: Vec<_> = links.iter().map(|l| l.wake.clone()).collect();
+        let epolls: Vec<_> = links.iter().map(|l| l.epoll.clone()).collect();
+        let stats: Vec<_> = links.iter().map(|l| l.stats.clone()).collect();
+        let shared = Arc::new(Mutex::new(Datapath {
+            switch: Switch::new(),
+            taps: HashMap::default(),
+            owner: HashMap::default(),
+            workers: links,
+            underlays,
+        }));
         let (tx, rx) = mpsc::channel::<Command>();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), Error>>();
-        let wake2 = wake.clone();
-        let thread = std::thread::Builder::new()
-            .name("vswitch-datapath".into())
-            .spawn(move || {
-                let setup = enter().and_then(|()| {
-                    let dp = Datapath::new(&config)?;
-                    dp.epoll
-                        .add(&*wake2, EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_CONTROL))
-                        .map_err(|e| nix_err("epoll_ctl eventfd", e))?;
-                    Ok(dp)
-                });
-                let mut dp = match setup {
-                    Ok(dp) => {
-                        let _ = ready_tx.send(Ok(()));
-                        dp
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                loop {
-                    let fired = match dp.poll(Duration::from_millis(500), Some(&wake2)) {
-                        Ok((_, fired)) => fired,
-                        Err(_) => {
-                            // epoll itself failed: do not spin; keep serving commands.
-                            std::thread::sleep(Duration::from_millis(10));
-                            true
-                        }
-                    };
-                    if fired {
-                        loop {
-                            match rx.try_recv() {
-                                Ok(cmd) => cmd(&mut dp),
-                                Err(mpsc::TryRecvError::Empty) => break,
-                                Err(mpsc::TryRecvError::Disconnected) => return,
+        let mut workers = DatapathWorkers {
+            shared: shared.clone(),
+            commands: tx,
+            stop: Arc::new(AtomicBool::new(false)),
+            wakes: wakes.clone(),
+            threads: Vec::new(),
+        };
+        let enter = Arc::new(enter);
+        let epoch = Instant::now();
+        let mut rx = Some(rx);
+        // Worker 0 binds the configured addresses first (also checking that nobody else has
+        // them); the others join its sockets' SO_REUSEPORT groups on the very same ports.
+        let mut addrs: Vec<SocketAddr> = config
+            .underlay
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, config.udp_port))
+            .collect();
+        for index in 0..count {
+            let (ready_tx, ready_rx) = mpsc::channel::<Result<Vec<SocketAddr>, Error>>();
+            let (enter, cfg, bind_to) = (enter.clone(), config.clone(), addrs.clone());
+            let (epoll, wake, stats) = (
+                epolls[index].clone(),
+                wakes[index].clone(),
+                stats[index].clone(),
+            );
+            let (shared, stop, commands) = (shared.clone(), workers.stop.clone(), rx.take());
+            let thread = std::thread::Builder::new()
+                .name(format!("vswitch-dp{index}"))
+                .spawn(move || {
+                    let setup = enter().and_then(|()| {
+                        if index == 0 {
+                            for a in &bind_to {
+                                // A plain bind fails if any socket has the port, SO_REUSEPORT
+                                // group or not: never share an address with another switch.
+                                std::net::UdpSocket::bind(a)
+                                    .map_err(|e| Error::Io(format!("bind {a}"), e))?;
                             }
                         }
-                    }
-                }
-            })
-            .map_err(|e| Error::Io("spawn datapath thread".into(), e))?;
-        ready_rx
-            .recv()
-            .map_err(|_| Error::invalid("datapath", "thread died during setup"))??;
-        Ok(DatapathThread {
-            commands: tx,
-            wake,
-            thread: Some(thread),
-        })
+                        bind_uplinks(&bind_to, &cfg, &epoll, &wake)
+                    });
+                    let uplinks = match setup {
+                        Ok(u) => {
+                            let bound = u.iter().filter_map(Uplink::local_addr).collect();
+                            let _ = ready_tx.send(Ok(bound));
+                            u
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let worker = Worker {
+                        index,
+                        shared,
+                        epoll,
+                        stats,
+                        uplinks,
+                        epoch,
+                        frames: vec![0u8; FRAME_SLOT * BATCH].into_boxed_slice(),
+                        pending: Vec::with_capacity(BATCH),
+                        decisions: Vec::with_capacity(BATCH),
+                        targets: Vec::with_capacity(4 * BATCH),
+                        flood: Vec::with_capacity(64),
+                        tally: Tally {
+                            events: Vec::with_capacity(4 * BATCH),
+                        },
+                        scratch: vec![0u8; 65536].into_boxed_slice(),
+                        gro: TcpCoalescer::new(),
+                    };
+                    debug_assert!(worker.index == 0 || commands.is_none());
+                    worker.run(&wake, &stop, commands);
+                })
+                .map_err(|e| Error::Io("spawn datapath worker".into(), e))?;
+            workers.threads.push(thread);
+            let bound = ready_rx
+                .recv()
+                .map_err(|_| Error::invalid("datapath", "worker died during setup"))??;
+            if index == 0 {
+                addrs = bound;
+            }
+        }
+        Ok(workers)
     }
 
-    /// Runs `f` on the datapath thread between bursts and returns its result.
+    /// Runs `f` on worker 0 between its bursts, with the datapath locked, in the underlay's
+    /// network namespace, and returns its result.
     pub fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Datapath) -> R + Send + 'static,
@@ -739,22 +1026,33 @@ impl DatapathThread {
             .send(Box::new(move |dp: &mut Datapath| {
                 let _ = tx.send(f(dp));
             }))
-            .map_err(|_| Error::invalid("datapath", "thread is gone"))?;
-        self.wake
+            .map_err(|_| Error::invalid("datapath", "worker 0 is gone"))?;
+        self.wakes[0]
             .write(1)
             .map_err(|e| nix_err("eventfd write", e))?;
         rx.recv()
-            .map_err(|_| Error::invalid("datapath", "thread is gone"))
+            .map_err(|_| Error::invalid("datapath", "worker 0 is gone"))
+    }
+
+    /// Reads the shared state from the calling thread (counters, tables); for anything that
+    /// creates interfaces use [`Self::call`], which runs in the underlay's namespace.
+    pub fn with<R>(&self, f: impl FnOnce(&Datapath) -> R) -> R {
+        f(&lock(&self.shared))
+    }
+
+    /// Number of worker threads.
+    pub fn workers(&self) -> usize {
+        self.threads.len()
     }
 }
 
-impl Drop for DatapathThread {
+impl Drop for DatapathWorkers {
     fn drop(&mut self) {
-        // Closing the command channel and waking the thread makes it return.
-        let (dead, _) = mpsc::channel();
-        self.commands = dead;
-        let _ = self.wake.write(1);
-        if let Some(t) = self.thread.take() {
+        self.stop.store(true, Ordering::Release);
+        for w in &self.wakes {
+            let _ = w.write(1);
+        }
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }

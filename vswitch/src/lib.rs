@@ -2,8 +2,8 @@
 //!
 //! The sans-IO forwarding core, and the I/O around it:
 //!
-//! * [`datapath`]: the epoll loop that moves frames between [`tap`] ports and the VXLAN
-//!   [`uplink`], run to completion in bursts, on its own thread.
+//! * [`datapath`]: the epoll worker threads (one per core by default) that move frames between
+//!   [`tap`] ports and the VXLAN [`uplink`], run to completion in bursts.
 //! * [`placement`]: moving a port's interface into a container's namespace (rtnetlink).
 //! * [`api`]: the control API's request/response types; `daemon` (feature `daemon`, on by
 //!   default) is vswitchd's config, control logic, persisted state and HTTP server.

@@ -180,8 +180,9 @@ impl Tap {
         })
     }
 
-    /// Clears the persist flag and closes the TAP: the interface disappears.
-    pub fn destroy(self) -> Result<(), Error> {
+    /// Clears the persist flag: the interface disappears when its last descriptor (this
+    /// one, once dropped) closes.
+    pub fn destroy(&self) -> Result<(), Error> {
         // SAFETY: TUNSETPERSIST takes its argument by value.
         if unsafe {
             libc::ioctl(

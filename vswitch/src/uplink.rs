@@ -5,7 +5,7 @@
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use overlay_net::{UnderlayFamily, Vni, mtu, vxlan};
 
@@ -41,6 +41,52 @@ impl Slots {
     }
 }
 
+/// `UDP_GRO` (linux/udp.h): receive coalesced datagrams, with their segment size in a cmsg.
+const UDP_GRO: libc::c_int = 104;
+/// Room for one received message: with UDP GRO the kernel hands over up to 64 KiB of
+/// same-sized datagrams from one sender at once.
+const RX_SLOT: usize = 65536;
+/// Control-message room per received message (one `UDP_GRO` int).
+const RX_CONTROL: usize = 8;
+
+/// Fixed buffers for a received batch, and where each datagram in it lies.
+struct RxBatch {
+    data: Box<[u8]>,
+    addrs: [libc::sockaddr_storage; BATCH],
+    control: [[u64; RX_CONTROL]; BATCH],
+    /// Datagrams: start, length, index of the message (and sender) they came in.
+    datagrams: Vec<(usize, usize, usize)>,
+}
+
+impl RxBatch {
+    fn new() -> RxBatch {
+        RxBatch {
+            data: vec![0u8; RX_SLOT * BATCH].into_boxed_slice(),
+            // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+            addrs: unsafe { std::mem::zeroed() },
+            control: [[0; RX_CONTROL]; BATCH],
+            datagrams: Vec::with_capacity(BATCH * 8),
+        }
+    }
+}
+
+/// The segment size of a coalesced message (its `UDP_GRO` control message), if any.
+fn gro_segment_size(h: &libc::msghdr) -> Option<usize> {
+    // SAFETY: `h` is a header the kernel filled in; CMSG_FIRSTHDR/NXTHDR stay within
+    // msg_control..msg_controllen, and every cmsg they return is readable.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == UDP_GRO {
+                let size = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                return usize::try_from(size).ok().filter(|s| *s > 0);
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    None
+}
+
 /// A received datagram as VXLAN: the VNI and inner frame, or why it is not valid VXLAN.
 pub type Parsed<'a> = Result<(Vni, &'a [u8]), overlay_net::Error>;
 
@@ -50,8 +96,7 @@ pub struct Uplink {
     port: u16,
     family: UnderlayFamily,
     underlay_mtu: u16,
-    rx: Slots,
-    rx_count: usize,
+    rx: RxBatch,
     tx: Slots,
     tx_count: usize,
     tx_dropped: u64,
@@ -133,9 +178,49 @@ fn from_sockaddr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
+/// A UDP socket bound to `local` with `SO_REUSEPORT` set before the bind.
+fn bind_reuse_port(local: SocketAddr) -> io::Result<UdpSocket> {
+    let domain = match local {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    // SAFETY: socket() takes plain integers; the result is checked below.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: SO_REUSEPORT reads one int through the pointer, which is valid for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            owned.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = to_sockaddr(local, &mut addr);
+    // SAFETY: `addr` holds a sockaddr of `len` bytes for the call's duration.
+    if unsafe { libc::bind(owned.as_raw_fd(), (&raw const addr).cast(), len) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UdpSocket::from(owned))
+}
+
 impl Uplink {
-    /// Binds the VXLAN port on `local` (call in the underlay's network namespace).
-    pub fn bind(local: SocketAddr, underlay_mtu: u16) -> Result<Uplink, Error> {
+    /// Binds the VXLAN port on `local` (call in the underlay's network namespace). With
+    /// `shared`, the socket joins a `SO_REUSEPORT` group: several uplinks (one per datapath
+    /// worker) then share the address and the kernel spreads received datagrams over them by
+    /// their address/port 4-tuple, which keeps each flow on one socket, in order.
+    pub fn bind(local: SocketAddr, underlay_mtu: u16, shared: bool) -> Result<Uplink, Error> {
         let family = UnderlayFamily::of(local.ip());
         if mtu::inner_mtu(underlay_mtu, family).is_none() {
             return Err(Error::invalid(
@@ -143,17 +228,34 @@ impl Uplink {
                 format!("{underlay_mtu} is too small"),
             ));
         }
-        let socket = UdpSocket::bind(local).map_err(|e| Error::Io(format!("bind {local}"), e))?;
+        let socket = if shared {
+            bind_reuse_port(local)
+                .map_err(|e| Error::Io(format!("bind {local} (SO_REUSEPORT)"), e))?
+        } else {
+            UdpSocket::bind(local).map_err(|e| Error::Io(format!("bind {local}"), e))?
+        };
         socket
             .set_nonblocking(true)
             .map_err(|e| Error::Io("set_nonblocking".into(), e))?;
+        // Where the kernel can (UDP GRO on the underlay device), take runs of datagrams in
+        // one piece: fewer, larger receives. Without it datagrams come one by one.
+        let one: libc::c_int = 1;
+        // SAFETY: UDP_GRO reads one int through the pointer, which is valid for the call.
+        let _ = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_UDP,
+                UDP_GRO,
+                (&raw const one).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
         Ok(Uplink {
             socket,
             port: local.port(),
             family,
             underlay_mtu,
-            rx: Slots::new(),
-            rx_count: 0,
+            rx: RxBatch::new(),
             tx: Slots::new(),
             tx_count: 0,
             tx_dropped: 0,
@@ -185,26 +287,30 @@ impl Uplink {
         mtu::fits_underlay(len, self.underlay_mtu, self.family)
     }
 
-    /// Receives up to [`BATCH`] datagrams; returns how many ([`Self::datagram`] reads them).
+    /// Receives up to [`BATCH`] messages (with UDP GRO each may hold many datagrams);
+    /// returns how many datagrams arrived ([`Self::datagram`] reads them).
     pub fn recv_batch(&mut self) -> io::Result<usize> {
         let mut iov: [MaybeUninit<libc::iovec>; BATCH] = [MaybeUninit::uninit(); BATCH];
         // SAFETY: mmsghdr is plain old data; all-zero is a valid value.
         let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
         let base = self.rx.data.as_mut_ptr();
+        self.rx.datagrams.clear();
         for i in 0..BATCH {
             iov[i].write(libc::iovec {
-                // SAFETY: slot i lies inside `data` (BATCH slots of SLOT bytes).
-                iov_base: unsafe { base.add(i * SLOT) }.cast(),
-                iov_len: SLOT,
+                // SAFETY: slot i lies inside `data` (BATCH slots of RX_SLOT bytes).
+                iov_base: unsafe { base.add(i * RX_SLOT) }.cast(),
+                iov_len: RX_SLOT,
             });
             let h = &mut msgs[i].msg_hdr;
             h.msg_name = (&raw mut self.rx.addrs[i]).cast();
             h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_iov = iov[i].as_mut_ptr();
             h.msg_iovlen = 1;
+            h.msg_control = self.rx.control[i].as_mut_ptr().cast();
+            h.msg_controllen = RX_CONTROL * 8;
         }
-        // SAFETY: every header points at a live iovec, buffer and address slot owned by self
-        // (or this frame) for the duration of the call.
+        // SAFETY: every header points at a live iovec, buffer, address and control slot owned
+        // by self (or this frame) for the duration of the call.
         let n = unsafe {
             libc::recvmmsg(
                 self.socket.as_raw_fd(),
@@ -216,35 +322,41 @@ impl Uplink {
         };
         if n < 0 {
             let e = io::Error::last_os_error();
-            self.rx_count = 0;
             return match e.kind() {
                 io::ErrorKind::WouldBlock => Ok(0),
                 _ => Err(e),
             };
         }
-        let n = n as usize;
-        for (i, m) in msgs.iter().enumerate().take(n) {
-            // Truncated datagrams (larger than a slot) are reported with MSG_TRUNC; mark them
-            // empty so that they are rejected as malformed.
-            self.rx.lens[i] = if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
-                0
-            } else {
-                m.msg_len as usize
-            };
+        for (i, m) in msgs.iter().enumerate().take(n as usize) {
+            let start = i * RX_SLOT;
+            let len = m.msg_len as usize;
+            // Truncated messages (larger than a slot) are reported with MSG_TRUNC; keep them
+            // as one empty datagram, so that they are rejected as malformed.
+            if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                self.rx.datagrams.push((start, 0, i));
+                continue;
+            }
+            match gro_segment_size(&m.msg_hdr) {
+                Some(seg) if seg < len => {
+                    let mut off = 0;
+                    while off < len {
+                        let l = seg.min(len - off);
+                        self.rx.datagrams.push((start + off, l, i));
+                        off += l;
+                    }
+                }
+                _ => self.rx.datagrams.push((start, len, i)),
+            }
         }
-        self.rx_count = n;
-        Ok(n)
+        Ok(self.rx.datagrams.len())
     }
 
     /// Datagram `i` of the last batch: its VNI and inner frame, or why it is not VXLAN, and
     /// the sender.
     pub fn datagram(&self, i: usize) -> Option<(Parsed<'_>, SocketAddr)> {
-        if i >= self.rx_count {
-            return None;
-        }
-        let from = from_sockaddr(&self.rx.addrs[i])?;
-        let payload = &self.rx.data[i * SLOT..i * SLOT + self.rx.lens[i]];
-        Some((vxlan::parse(payload), from))
+        let &(start, len, msg) = self.rx.datagrams.get(i)?;
+        let from = from_sockaddr(&self.rx.addrs[msg])?;
+        Some((vxlan::parse(&self.rx.data[start..start + len]), from))
     }
 
     /// Queues `inner` for `vtep` in `vni`; sent by [`Self::flush`] (or at once when the batch

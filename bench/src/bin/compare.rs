@@ -1,6 +1,7 @@
 //! Side-by-side comparisons with peers, in one run on one machine.
 //!
-//! `cargo run --release -p bench --bin compare -- switch [--quick] [--json]` (root): iperf3
+//! `cargo run --release -p bench --bin compare -- switch [--quick] [--json] [--workers N]`
+//! (root; `--workers`: datapath threads per vswitch host, default one per core): iperf3
 //! TCP throughput and 64-byte UDP packet rate between two tenant endpoints on two netns hosts
 //! over VXLAN, through vswitch's datapath and through the Linux kernel (vxlan + bridge), and
 //! the ratio (> 1: ours is better). `--json` prints `[{"name","ours","peer","unit","ratio"}]`.
@@ -75,12 +76,12 @@ fn udp64_mpps(client: &Netns, server: &Netns, to: IpAddr, secs: u32) -> Result<f
     Ok((packets - lost) / seconds / 1e6)
 }
 
-fn switch_suite(secs: u32) -> Result<Vec<Row>, String> {
+fn switch_suite(secs: u32, workers: usize) -> Result<Vec<Row>, String> {
     let e = |e: testbeds::Error| e.to_string();
     // Ours: two hosts running the vswitch datapath.
     let mut ul = Underlay::new().map_err(e)?;
-    let h1 = SwitchHost::new(&mut ul, 1).map_err(e)?;
-    let h2 = SwitchHost::new(&mut ul, 2).map_err(e)?;
+    let h1 = SwitchHost::with_options(&mut ul, 1, false, workers).map_err(e)?;
+    let h2 = SwitchHost::with_options(&mut ul, 2, false, workers).map_err(e)?;
     h1.tenant("a", 100, &[h2.ip]).map_err(e)?;
     h2.tenant("a", 100, &[h1.ip]).map_err(e)?;
     let a1 = h1
@@ -121,8 +122,9 @@ fn main() -> ExitCode {
     let quick = args.iter().any(|a| a == "--quick");
     let suite = args
         .iter()
-        .find(|a| !a.starts_with("--"))
-        .map(String::as_str);
+        .enumerate()
+        .find(|(i, a)| !a.starts_with("--") && (*i == 0 || args[i - 1] != "--workers"))
+        .map(|(_, a)| a.as_str());
     if let Some(why) = missing_privileges() {
         eprintln!("compare: {why}");
         return ExitCode::from(2);
@@ -132,8 +134,18 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let secs = if quick { 3 } else { 10 };
+    let workers = match args.iter().position(|a| a == "--workers") {
+        None => 0,
+        Some(i) => match args.get(i + 1).and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => n,
+            None => {
+                eprintln!("compare: --workers takes a number (0: one per core)");
+                return ExitCode::from(2);
+            }
+        },
+    };
     let rows = match suite {
-        Some("switch") | None => switch_suite(secs),
+        Some("switch") | None => switch_suite(secs, workers),
         Some(other) => {
             eprintln!("compare: unknown suite {other:?}; suites: switch");
             return ExitCode::from(2);

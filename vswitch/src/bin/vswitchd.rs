@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 use vswitch::daemon::config::{Config, FileConfig, default_run_dir};
 use vswitch::daemon::control::Control;
 use vswitch::daemon::server::router;
-use vswitch::datapath::{DatapathConfig, DatapathThread};
+use vswitch::datapath::{DatapathConfig, DatapathWorkers};
 
 /// libvirtual's userspace virtual switch.
 #[derive(Parser, Debug)]
@@ -39,6 +39,9 @@ struct Args {
     /// VXLAN UDP port.
     #[arg(long)]
     udp_port: Option<u16>,
+    /// Datapath worker threads (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
     /// Log format: human or json.
     #[arg(long)]
     log_format: Option<String>,
@@ -81,6 +84,7 @@ fn effective(args: Args) -> anyhow::Result<Config> {
             .udp_port
             .or(file.udp_port)
             .unwrap_or(overlay_net_port()),
+        workers: args.workers.or(file.workers).unwrap_or(0),
         json_logs,
     })
 }
@@ -103,15 +107,17 @@ fn main() -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&cfg.run_dir)
         .with_context(|| format!("creating {}", cfg.run_dir.display()))?;
-    let dp = DatapathThread::spawn(
+    let dp = DatapathWorkers::spawn(
         DatapathConfig {
             underlay: cfg.underlay.clone(),
             underlay_mtu: cfg.underlay_mtu,
             udp_port: cfg.udp_port,
+            workers: cfg.workers,
         },
         || Ok(()),
     )
     .context("starting the datapath")?;
+    info!(workers = dp.workers(), "datapath started");
     let (control, problems) = Control::restore(dp, &cfg.state_dir).context("restoring state")?;
     for p in &problems {
         warn!(problem = %p, "could not restore");

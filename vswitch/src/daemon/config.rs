@@ -20,6 +20,8 @@ pub struct FileConfig {
     pub underlay_mtu: Option<u16>,
     /// VXLAN UDP port.
     pub udp_port: Option<u16>,
+    /// Datapath worker threads (0 or absent: one per core).
+    pub workers: Option<usize>,
     /// `human` or `json`.
     pub log_format: Option<String>,
 }
@@ -46,6 +48,8 @@ pub struct Config {
     pub underlay_mtu: u16,
     /// VXLAN UDP port.
     pub udp_port: u16,
+    /// Datapath worker threads; 0 means one per core.
+    pub workers: usize,
     /// Log as JSON lines instead of human-readable text.
     pub json_logs: bool,
 }
@@ -63,6 +67,7 @@ mod tests {
             underlay = ["198.18.0.1", "fd42::1"]
             underlay_mtu = 9000
             udp_port = 4789
+            workers = 2
             run_dir = "/tmp/run"
             state_dir = "/tmp/state"
             log_format = "json"
@@ -71,6 +76,7 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.underlay.len(), 2);
         assert_eq!(cfg.underlay_mtu, Some(9000));
+        assert_eq!(cfg.workers, Some(2));
         assert_eq!(cfg.log_format.as_deref(), Some("json"));
         assert!(toml::from_str::<FileConfig>("underlay_mtu = 1500\nmtu = 1").is_err());
         assert!(toml::from_str::<FileConfig>("underlay = [\"not-an-ip\"]").is_err());

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::{
     CountersInfo, FdbEntryInfo, FdbEntrySpec, PortInfo, PortSpec, TenantInfo, TenantSpec,
 };
-use crate::datapath::{Datapath, DatapathThread};
+use crate::datapath::{Datapath, DatapathWorkers};
 use crate::placement::Placement;
 use crate::tap::Offloads;
 use crate::{
@@ -96,13 +96,13 @@ const STATE_VERSION: u32 = 1;
 
 /// The daemon's control plane: the datapath plus its persisted description.
 pub struct Control {
-    dp: DatapathThread,
+    dp: DatapathWorkers,
     state: State,
     path: PathBuf,
 }
 
 fn call<R: Send + 'static>(
-    dp: &DatapathThread,
+    dp: &DatapathWorkers,
     f: impl FnOnce(&mut Datapath) -> R + Send + 'static,
 ) -> Result<R> {
     dp.call(f)
@@ -194,7 +194,7 @@ impl Control {
     /// Takes over a running datapath, restores the state saved in `state_dir` (if any) and
     /// returns the control plane with the errors of items that could not be restored.
     pub fn restore(
-        dp: DatapathThread,
+        dp: DatapathWorkers,
         state_dir: &Path,
     ) -> std::io::Result<(Control, Vec<String>)> {
         std::fs::create_dir_all(state_dir)?;
@@ -364,13 +364,18 @@ impl Control {
             .cloned()
             .ok_or_else(|| ControlError::NotFound(format!("no port {name}")))?;
         let n = name.to_owned();
-        let counters = call(&self.dp, move |dp| {
+        let (counters, worker) = self.dp.with(|dp| {
             let sw = dp.switch();
-            let id = sw.port_id(&n)?;
-            sw.port_tenant(id)?.port(id).map(|(_, c)| counters_info(c))
-        })?
-        .unwrap_or_default();
-        Ok(PortInfo { spec, counters })
+            let counters = sw
+                .port_id(&n)
+                .and_then(|id| sw.port_tenant(id)?.port(id).map(|(_, c)| counters_info(c)));
+            (counters.unwrap_or_default(), dp.port_worker(&n))
+        });
+        Ok(PortInfo {
+            spec,
+            counters,
+            worker,
+        })
     }
 
     /// All ports.
@@ -623,6 +628,15 @@ impl Control {
             "uplink_tx_dropped",
             "Datagrams the uplink socket did not take",
             dpc.uplink_tx_dropped,
+        );
+        let workers = Gauge::<i64>::default();
+        workers.set(self.dp.workers() as i64);
+        reg.register("datapath_workers", "Datapath worker threads", workers);
+        single(
+            &mut reg,
+            "tap_offload_dropped",
+            "TAP frames with offload metadata the datapath cannot carry out",
+            dpc.tap_offload_dropped,
         );
         single(
             &mut reg,
