@@ -27,6 +27,8 @@ impl Host {
             self.dir.join("state").display().to_string(),
             "--log-format".into(),
             "json".into(),
+            "--workers".into(),
+            "2".into(),
         ]
     }
 
@@ -132,6 +134,11 @@ fn api_placement_and_restart_after_kill_9() {
         body.contains(r#"vswitch_port_tx_packets_total{tenant="a",port="p1"}"#),
         "{body}"
     );
+    assert!(body.contains("vswitch_datapath_workers 2"), "{body}");
+    let (s, body) = d.request("GET", "/v1/ports/p1", None).unwrap();
+    assert_eq!(s, 200);
+    let port: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(port["worker"].as_u64().is_some_and(|w| w < 2), "{body}");
 
     // vctl drives the same API: JSON output for scripts, API errors exit 1.
     let vctl = workspace_binary("vctl").unwrap();
