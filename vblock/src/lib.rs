@@ -1,0 +1,20 @@
+//! `vblock`: a thin-provisioned copy-on-write block store.
+//!
+//! * [`format`]: the on-disk format (documented in `docs/format.md`).
+//! * [`meta`]: the sans-IO metadata core: volumes, snapshots and clones as shared radix trees,
+//!   lazy reference counts, free space, journal records.
+//! * [`journal`]: encoding and replay of journal blocks; [`checkpoint`]: full metadata images.
+//! * [`device`]: what a pool lives on (a file or block device with O_DIRECT, or memory).
+//! * [`pool`]: a pool on a device: volume I/O, flush = commit, open = recovery, check.
+
+pub mod checkpoint;
+pub mod device;
+mod error;
+pub mod format;
+pub mod journal;
+pub mod meta;
+pub mod pool;
+
+pub use error::Error;
+pub use meta::{Kind, Qos};
+pub use pool::{CheckReport, Pool, PoolOptions, VolumeInfo};

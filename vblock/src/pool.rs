@@ -1,0 +1,745 @@
+//! A pool on a device: volume I/O, flush (commit), open (recovery) and check.
+//!
+//! Commit protocol, on [`Pool::flush`]: (1) flush the device, so every data write the new
+//! metadata points at is durable; (2) append the transaction's records to the journal;
+//! (3) flush again. Only then is freed space reused. A crash at any point leaves the state of
+//! the last commit whose journal blocks all reached the disk; data written since is old or new
+//! per block, never another volume's, because new data only ever goes to clusters that the
+//! committed state does not reference (or that are exclusively the writer's in both states).
+//!
+//! When the journal is half full (and whenever a transaction does not fit), the whole metadata
+//! is written as a checkpoint to the inactive checkpoint area and the other superblock slot
+//! is switched to it. Opening a pool loads the newest valid superblock's checkpoint, replays
+//! the journal's complete transactions and folds them into a new checkpoint.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::Error;
+use crate::device::Device;
+use crate::format::{
+    BLOCK_SIZE, CLUSTER_SIZE, SUBCLUSTERS, SUPER_CRC_AT, SUPER_MAGIC, Superblock, VERSION,
+};
+use crate::journal::{Segment, decode_block, encode_txn};
+use crate::meta::{Entry, Kind, Meta, Qos, Record, clusters_of};
+
+/// Geometry choices when creating a pool (blocks of 4 KiB; `None`: a default from the size).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PoolOptions {
+    /// Journal ring size.
+    pub journal_blocks: Option<u64>,
+    /// Size of each of the two checkpoint areas.
+    pub ckpt_blocks: Option<u64>,
+}
+
+/// A volume as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// Id.
+    pub id: u64,
+    /// Name.
+    pub name: String,
+    /// Volume (writable) or snapshot.
+    pub kind: Kind,
+    /// The volume or snapshot it was made from.
+    pub parent: Option<String>,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Bytes of data it maps (4 KiB granularity; shared data counts for every sharer).
+    pub allocated: u64,
+    /// I/O limits.
+    pub qos: Qos,
+}
+
+/// What [`Pool::check`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Volumes and snapshots.
+    pub volumes: usize,
+    /// Data clusters referenced.
+    pub used_clusters: u64,
+    /// Data clusters in the pool.
+    pub total_clusters: u64,
+    /// Clusters whose reference count disagreed with the trees (leaks when too high).
+    pub leaked_clusters: u64,
+    /// Structural problems (a cluster mapped at two virtual addresses, ...).
+    pub problems: Vec<String>,
+}
+
+impl CheckReport {
+    /// True if nothing is wrong.
+    pub fn is_clean(&self) -> bool {
+        self.leaked_clusters == 0 && self.problems.is_empty()
+    }
+}
+
+struct State {
+    meta: Meta,
+    sb: Superblock,
+    next_seq: u64,
+    journal_used: u64,
+}
+
+/// A pool of thin volumes on a device.
+pub struct Pool<D: Device> {
+    dev: D,
+    state: Mutex<State>,
+}
+
+impl<D: Device> std::fmt::Debug for Pool<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").finish_non_exhaustive()
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |e| Error::Io(what, e)
+}
+
+fn random_uuid() -> [u8; 16] {
+    let mut u = [0u8; 16];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut u))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        u = (t ^ (std::process::id() as u128) << 64).to_le_bytes();
+    }
+    u
+}
+
+fn parse_super(block: &[u8]) -> Option<Superblock> {
+    let (sb, _) = Superblock::read_from_prefix(block).ok()?;
+    let len = std::mem::size_of::<Superblock>();
+    let ok = sb.magic == SUPER_MAGIC
+        && sb.crc.get() == crate::format::block_crc(&block[..len], SUPER_CRC_AT);
+    ok.then_some(sb)
+}
+
+impl<D: Device> Pool<D> {
+    /// Formats `dev` as an empty pool.
+    pub fn create(dev: D, opts: PoolOptions) -> Result<Pool<D>, Error> {
+        let blocks = dev.size() / BLOCK_SIZE as u64;
+        let journal_blocks = opts
+            .journal_blocks
+            .unwrap_or((blocks / 256).clamp(256, 65536));
+        let ckpt_blocks = opts
+            .ckpt_blocks
+            .unwrap_or((blocks / 64).clamp(256, 1 << 20));
+        if journal_blocks < 4 || ckpt_blocks < 4 {
+            return Err(Error::Invalid(
+                "journal and checkpoint areas: at least 4 blocks".into(),
+            ));
+        }
+        let per_cluster = (CLUSTER_SIZE / BLOCK_SIZE) as u64;
+        let journal_start = 2;
+        let ckpt0 = journal_start + journal_blocks;
+        let ckpt1 = ckpt0 + ckpt_blocks;
+        let data_start = (ckpt1 + ckpt_blocks).div_ceil(per_cluster) * per_cluster;
+        let clusters = blocks.saturating_sub(data_start) / per_cluster;
+        if clusters == 0 || clusters > u32::MAX as u64 - 1 {
+            return Err(Error::Invalid(format!(
+                "device of {} bytes: too small or too large for a pool",
+                dev.size()
+            )));
+        }
+        let sb = Superblock {
+            magic: SUPER_MAGIC,
+            version: U32::new(VERSION),
+            block_size: U32::new(BLOCK_SIZE as u32),
+            cluster_size: U32::new(CLUSTER_SIZE as u32),
+            reserved0: U32::new(0),
+            generation: U64::new(0),
+            uuid: random_uuid(),
+            journal_start: U64::new(journal_start),
+            journal_blocks: U64::new(journal_blocks),
+            ckpt_start: [U64::new(ckpt0), U64::new(ckpt1)],
+            ckpt_blocks: U64::new(ckpt_blocks),
+            data_start: U64::new(data_start),
+            data_clusters: U64::new(clusters),
+            active_ckpt: U32::new(1),
+            reserved1: U32::new(0),
+            ckpt_generation: U64::new(0),
+            ckpt_used: U64::new(0),
+            journal_seq: U64::new(0),
+            crc: U32::new(0),
+        };
+        // No valid superblock until the first checkpoint is complete.
+        dev.write_at(0, &vec![0u8; 2 * BLOCK_SIZE])
+            .map_err(io("clearing the superblocks"))?;
+        let mut state = State {
+            meta: Meta::new(clusters as u32),
+            sb,
+            next_seq: 0,
+            journal_used: 0,
+        };
+        checkpoint(&dev, &mut state)?;
+        Ok(Pool {
+            dev,
+            state: Mutex::new(state),
+        })
+    }
+
+    /// Opens a pool: the newest valid superblock, its checkpoint, the journal's complete
+    /// transactions; the result is folded into a new checkpoint.
+    pub fn open(dev: D) -> Result<Pool<D>, Error> {
+        let mut two = vec![0u8; 2 * BLOCK_SIZE];
+        dev.read_at(0, &mut two)
+            .map_err(io("reading the superblocks"))?;
+        let sb = [
+            parse_super(&two[..BLOCK_SIZE]),
+            parse_super(&two[BLOCK_SIZE..]),
+        ]
+        .into_iter()
+        .flatten()
+        .max_by_key(|s| s.generation.get())
+        .ok_or_else(|| Error::NotAPool("no valid superblock".into()))?;
+        if sb.version.get() != VERSION
+            || sb.block_size.get() as usize != BLOCK_SIZE
+            || sb.cluster_size.get() as usize != CLUSTER_SIZE
+        {
+            return Err(Error::NotAPool(format!(
+                "format version {} (block {}, cluster {}): this build reads version {VERSION}",
+                sb.version.get(),
+                sb.block_size.get(),
+                sb.cluster_size.get()
+            )));
+        }
+        let blocks = dev.size() / BLOCK_SIZE as u64;
+        let data_end =
+            sb.data_start.get() + sb.data_clusters.get() * (CLUSTER_SIZE / BLOCK_SIZE) as u64;
+        let active = sb.active_ckpt.get() as usize;
+        if active > 1
+            || data_end > blocks
+            || sb.ckpt_used.get() > sb.ckpt_blocks.get()
+            || sb.journal_blocks.get() == 0
+        {
+            return Err(Error::Corrupt(
+                "superblock: geometry beyond the device".into(),
+            ));
+        }
+        let mut ckpt = vec![0u8; sb.ckpt_used.get() as usize * BLOCK_SIZE];
+        dev.read_at(sb.ckpt_start[active].get() * BLOCK_SIZE as u64, &mut ckpt)
+            .map_err(io("reading the checkpoint"))?;
+        let mut meta = crate::checkpoint::load(
+            &ckpt,
+            sb.ckpt_generation.get(),
+            sb.data_clusters.get() as u32,
+        )?;
+        // Replay complete transactions of this journal segment.
+        let seg = Segment {
+            uuid: sb.uuid,
+            epoch: sb.generation.get(),
+        };
+        let jb = sb.journal_blocks.get();
+        let mut seq = sb.journal_seq.get();
+        let mut txn: Vec<Record> = Vec::new();
+        let mut block = vec![0u8; BLOCK_SIZE];
+        for _ in 0..jb {
+            let at = (sb.journal_start.get() + seq % jb) * BLOCK_SIZE as u64;
+            dev.read_at(at, &mut block)
+                .map_err(io("reading the journal"))?;
+            let Some((records, commit)) = decode_block(&block, seq, seg)? else {
+                break;
+            };
+            txn.extend(records);
+            seq += 1;
+            if commit {
+                for r in txn.drain(..) {
+                    meta.apply(&r)?;
+                }
+            }
+        }
+        meta.committed();
+        meta.rebuild_free();
+        let mut state = State {
+            meta,
+            sb,
+            next_seq: seq,
+            journal_used: 0,
+        };
+        checkpoint(&dev, &mut state)?;
+        Ok(Pool {
+            dev,
+            state: Mutex::new(state),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The device.
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    /// Closes the pool without a commit (what was not flushed is as after a crash) and
+    /// returns the device.
+    pub fn into_device(self) -> D {
+        self.dev
+    }
+
+    /// Data clusters in all, and free.
+    pub fn space(&self) -> (u64, u64) {
+        let s = self.lock();
+        (s.meta.clusters() as u64, s.meta.free_clusters() as u64)
+    }
+
+    /// Creates a thin volume of `size` bytes.
+    pub fn create_volume(&self, name: &str, size: u64) -> Result<(), Error> {
+        self.lock().meta.create_volume(name, size).map(|_| ())
+    }
+
+    /// Takes a read-only snapshot of a volume (O(1)).
+    pub fn snapshot(&self, volume: &str, name: &str) -> Result<(), Error> {
+        self.lock().meta.snapshot(volume, name).map(|_| ())
+    }
+
+    /// Makes a writable clone of a snapshot (O(1)).
+    pub fn clone_snapshot(&self, snapshot: &str, name: &str) -> Result<(), Error> {
+        self.lock().meta.clone_snapshot(snapshot, name).map(|_| ())
+    }
+
+    /// Deletes a volume, snapshot or clone; space nothing else references is freed.
+    pub fn delete(&self, name: &str) -> Result<(), Error> {
+        self.lock().meta.delete(name)
+    }
+
+    /// Grows a volume.
+    pub fn resize(&self, name: &str, size: u64) -> Result<(), Error> {
+        self.lock().meta.resize(name, size)
+    }
+
+    /// Sets a volume's I/O limits.
+    pub fn set_qos(&self, name: &str, qos: Qos) -> Result<(), Error> {
+        self.lock().meta.set_qos(name, qos)
+    }
+
+    /// All volumes, snapshots and clones.
+    pub fn list(&self) -> Vec<VolumeInfo> {
+        let s = self.lock();
+        s.meta.volumes().map(|v| info(&s.meta, v.id)).collect()
+    }
+
+    /// One volume.
+    pub fn volume(&self, name: &str) -> Result<VolumeInfo, Error> {
+        let s = self.lock();
+        let v = s
+            .meta
+            .volume(name)
+            .ok_or_else(|| Error::NotFound(name.into()))?;
+        Ok(info(&s.meta, v.id))
+    }
+
+    fn data_offset(sb: &Superblock, cluster: u32, in_cluster: usize) -> u64 {
+        sb.data_start.get() * BLOCK_SIZE as u64
+            + cluster as u64 * CLUSTER_SIZE as u64
+            + in_cluster as u64
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (both multiples of 512). Never-written ranges read
+    /// as zeros.
+    pub fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let s = self.lock();
+        let id = check_io(&s.meta, name, offset, buf.len(), false)?;
+        for_each_piece(offset, buf.len(), |vc, start, at, len| {
+            let e = s.meta.lookup(id, vc);
+            read_piece(&self.dev, &s.sb, e, start, &mut buf[at..at + len])
+        })
+    }
+
+    /// Writes `data` at `offset` (both multiples of 512). Durable after the next
+    /// [`Self::flush`].
+    pub fn write(&self, name: &str, offset: u64, data: &[u8]) -> Result<(), Error> {
+        let mut s = self.lock();
+        let id = check_io(&s.meta, name, offset, data.len(), true)?;
+        for_each_piece(offset, data.len(), |vc, start, at, len| {
+            write_piece(
+                &self.dev,
+                &mut s,
+                id,
+                vc,
+                start,
+                Some(&data[at..at + len]),
+                len,
+            )
+        })?;
+        self.commit_if_large(&mut s)
+    }
+
+    /// Zeroes a range: whole 4 KiB blocks are released (they read as zeros), partial ones are
+    /// written with zeros.
+    pub fn write_zeroes(&self, name: &str, offset: u64, len: u64) -> Result<(), Error> {
+        self.release(name, offset, len, true)
+    }
+
+    /// Discards a range: whole 4 KiB blocks are released and read as zeros afterwards;
+    /// partial blocks are left as they are.
+    pub fn discard(&self, name: &str, offset: u64, len: u64) -> Result<(), Error> {
+        self.release(name, offset, len, false)
+    }
+
+    fn release(&self, name: &str, offset: u64, len: u64, zero_partial: bool) -> Result<(), Error> {
+        let mut s = self.lock();
+        let len = usize::try_from(len).map_err(|_| Error::Invalid("length".into()))?;
+        let id = check_io(&s.meta, name, offset, len, true)?;
+        for_each_piece(offset, len, |vc, start, _, plen| {
+            let e = s.meta.lookup(id, vc);
+            let bs = BLOCK_SIZE;
+            let first_full = start.div_ceil(bs);
+            let end_full = (start + plen) / bs;
+            let mut clear = 0u16;
+            for k in first_full..end_full {
+                clear |= 1 << k;
+            }
+            if e.is_mapped() && e.bitmap & clear != 0 {
+                s.meta.set_entry(
+                    id,
+                    vc,
+                    Entry {
+                        cluster: e.cluster,
+                        bitmap: e.bitmap & !clear,
+                    },
+                )?;
+            }
+            if zero_partial {
+                // The partial head and tail: write zeros there (only if data is there).
+                let e = s.meta.lookup(id, vc);
+                let head_end = (first_full * bs).min(start + plen);
+                let tail_start = (end_full * bs).max(head_end);
+                for (a, b) in [(start, head_end), (tail_start, start + plen)] {
+                    if b > a && e.bitmap & crate::meta::subcluster_mask(a, b - a) != 0 {
+                        write_piece(&self.dev, &mut s, id, vc, a, None, b - a)?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        self.commit_if_large(&mut s)
+    }
+
+    /// Makes everything written so far durable (a commit).
+    pub fn flush(&self) -> Result<(), Error> {
+        let mut s = self.lock();
+        commit(&self.dev, &mut s)
+    }
+
+    fn commit_if_large(&self, s: &mut State) -> Result<(), Error> {
+        // Without flushes from the user, commit now and then so that the transaction (and
+        // the space it pins) stays bounded.
+        if s.meta.pending().len() >= 65_536 {
+            commit(&self.dev, s)?;
+        }
+        Ok(())
+    }
+
+    /// Verifies the metadata: every reference inside the pool, every count matching the
+    /// trees, no cluster owned at two virtual addresses. With `repair`, recounts and reclaims
+    /// leaked clusters (and commits).
+    pub fn check(&self, repair: bool) -> Result<CheckReport, Error> {
+        let mut s = self.lock();
+        let meta = &s.meta;
+        let total = meta.clusters();
+        let mut report = CheckReport {
+            volumes: meta.volumes().count(),
+            total_clusters: total as u64,
+            ..CheckReport::default()
+        };
+        let mut owner: HashMap<u32, u64> = HashMap::new();
+        for v in meta.volumes() {
+            meta.for_each_entry(v.id, |vc, e| {
+                if e.cluster >= total {
+                    report
+                        .problems
+                        .push(format!("{}: cluster {} beyond the pool", v.name, e.cluster));
+                    return;
+                }
+                match owner.insert(e.cluster, vc) {
+                    Some(prev) if prev != vc => report.problems.push(format!(
+                        "cluster {} mapped at virtual clusters {prev} and {vc}",
+                        e.cluster
+                    )),
+                    _ => {}
+                }
+            });
+        }
+        let volumes: Vec<_> = meta.volumes().cloned().collect();
+        let recount = Meta::from_volumes(total, volumes, meta.next_id())?;
+        for c in 0..total {
+            if recount.refs(c) < meta.refs(c) {
+                report.leaked_clusters += 1;
+            } else if recount.refs(c) > meta.refs(c) {
+                report.problems.push(format!(
+                    "cluster {c}: counted {} < {} references",
+                    meta.refs(c),
+                    recount.refs(c)
+                ));
+            }
+        }
+        report.used_clusters = recount.used_clusters() as u64;
+        if repair && report.leaked_clusters > 0 && meta.pending().is_empty() {
+            s.meta = recount;
+            checkpoint(&self.dev, &mut s)?;
+        }
+        Ok(report)
+    }
+}
+
+fn info(meta: &Meta, id: u64) -> VolumeInfo {
+    let v = meta.volume_by_id(id).expect("listed volume exists");
+    VolumeInfo {
+        id: v.id,
+        name: v.name.clone(),
+        kind: v.kind,
+        parent: meta.volume_by_id(v.parent).map(|p| p.name.clone()),
+        size: v.size,
+        allocated: meta.allocated_bytes(v.id),
+        qos: v.qos,
+    }
+}
+
+fn check_io(meta: &Meta, name: &str, offset: u64, len: usize, write: bool) -> Result<u64, Error> {
+    let v = meta
+        .volume(name)
+        .ok_or_else(|| Error::NotFound(name.into()))?;
+    if write && v.kind == Kind::Snapshot {
+        return Err(Error::ReadOnly(name.into()));
+    }
+    if !offset.is_multiple_of(512) || !len.is_multiple_of(512) {
+        return Err(Error::Invalid(format!(
+            "{len} bytes at {offset}: offset and length must be multiples of 512"
+        )));
+    }
+    if offset
+        .checked_add(len as u64)
+        .is_none_or(|end| end > v.size)
+    {
+        return Err(Error::OutOfRange(format!(
+            "{len} bytes at {offset} of {name} ({} bytes)",
+            v.size
+        )));
+    }
+    Ok(v.id)
+}
+
+/// Splits a byte range into per-cluster pieces: (virtual cluster, start in cluster, offset
+/// in the caller's buffer, length).
+fn for_each_piece(
+    offset: u64,
+    len: usize,
+    mut f: impl FnMut(u64, usize, usize, usize) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let mut at = 0usize;
+    while at < len {
+        let pos = offset + at as u64;
+        let vc = pos / CLUSTER_SIZE as u64;
+        let start = (pos % CLUSTER_SIZE as u64) as usize;
+        let n = (CLUSTER_SIZE - start).min(len - at);
+        f(vc, start, at, n)?;
+        at += n;
+    }
+    Ok(())
+}
+
+fn read_piece<D: Device>(
+    dev: &D,
+    sb: &Superblock,
+    e: Entry,
+    start: usize,
+    out: &mut [u8],
+) -> Result<(), Error> {
+    let bs = BLOCK_SIZE;
+    let mut done = 0;
+    while done < out.len() {
+        let pos = start + done;
+        let k = pos / bs;
+        let n = (bs - pos % bs).min(out.len() - done);
+        // Runs of valid subclusters are read in one request.
+        let mut run = n;
+        if e.is_mapped() && e.bitmap & (1 << k) != 0 {
+            let mut kk = k + 1;
+            while done + run < out.len() && kk < SUBCLUSTERS && e.bitmap & (1 << kk) != 0 {
+                run += bs.min(out.len() - done - run);
+                kk += 1;
+            }
+            dev.read_at(
+                Pool::<D>::data_offset(sb, e.cluster, pos),
+                &mut out[done..done + run],
+            )
+            .map_err(io(format!("reading cluster {}", e.cluster)))?;
+        } else {
+            out[done..done + n].fill(0);
+        }
+        done += run;
+    }
+    Ok(())
+}
+
+/// Writes `data` (or zeros) into `[start, start+len)` of virtual cluster `vc`: in place if
+/// the cluster is exclusively the volume's, else into a newly allocated cluster with the
+/// untouched valid data copied over (copy-on-write).
+fn write_piece<D: Device>(
+    dev: &D,
+    s: &mut State,
+    id: u64,
+    vc: u64,
+    start: usize,
+    data: Option<&[u8]>,
+    len: usize,
+) -> Result<(), Error> {
+    let bs = BLOCK_SIZE;
+    let old = s.meta.lookup(id, vc);
+    let in_place = old.is_mapped() && s.meta.exclusive(id, vc);
+    let target = if in_place {
+        old.cluster
+    } else {
+        s.meta.allocate()?
+    };
+    let result = (|| {
+        let mask = crate::meta::subcluster_mask(start, len);
+        let mut buf = vec![0u8; bs];
+        if !in_place && old.is_mapped() {
+            // Copy the valid subclusters this write does not fully cover.
+            for k in 0..SUBCLUSTERS {
+                let bit = 1u16 << k;
+                let covered = start <= k * bs && (k + 1) * bs <= start + len;
+                if old.bitmap & bit != 0 && !covered {
+                    dev.read_at(Pool::<D>::data_offset(&s.sb, old.cluster, k * bs), &mut buf)
+                        .map_err(io(format!("reading cluster {}", old.cluster)))?;
+                    dev.write_at(Pool::<D>::data_offset(&s.sb, target, k * bs), &buf)
+                        .map_err(io(format!("writing cluster {target}")))?;
+                }
+            }
+        }
+        for k in 0..SUBCLUSTERS {
+            let bit = 1u16 << k;
+            if mask & bit == 0 {
+                continue;
+            }
+            let (a, b) = ((k * bs).max(start), ((k + 1) * bs).min(start + len));
+            let full = a == k * bs && b == (k + 1) * bs;
+            let off = Pool::<D>::data_offset(&s.sb, target, k * bs);
+            if full {
+                match data {
+                    Some(d) => dev.write_at(off, &d[a - start..b - start]),
+                    None => dev.write_at(off, buf_zero(&mut buf)),
+                }
+                .map_err(io(format!("writing cluster {target}")))?;
+                continue;
+            }
+            // A partial subcluster: merge with what is there (already copied or in place),
+            // or with zeros.
+            if old.bitmap & bit != 0 && old.is_mapped() {
+                dev.read_at(off, &mut buf)
+                    .map_err(io(format!("reading cluster {target}")))?;
+            } else {
+                buf.fill(0);
+            }
+            match data {
+                Some(d) => buf[a - k * bs..b - k * bs].copy_from_slice(&d[a - start..b - start]),
+                None => buf[a - k * bs..b - k * bs].fill(0),
+            }
+            dev.write_at(off, &buf)
+                .map_err(io(format!("writing cluster {target}")))?;
+        }
+        let new = Entry {
+            cluster: target,
+            bitmap: (if old.is_mapped() { old.bitmap } else { 0 }) | mask,
+        };
+        if new != old {
+            s.meta.set_entry(id, vc, new)?;
+        }
+        Ok(())
+    })();
+    if result.is_err() && !in_place {
+        s.meta.unallocate(target);
+    }
+    result
+}
+
+fn buf_zero(buf: &mut [u8]) -> &[u8] {
+    buf.fill(0);
+    buf
+}
+
+fn write_super<D: Device>(dev: &D, sb: &mut Superblock) -> Result<(), Error> {
+    sb.crc = U32::new(0);
+    let len = std::mem::size_of::<Superblock>();
+    let mut block = vec![0u8; BLOCK_SIZE];
+    block[..len].copy_from_slice(sb.as_bytes());
+    let crc = crate::format::block_crc(&block[..len], SUPER_CRC_AT);
+    sb.crc = U32::new(crc);
+    block[..len].copy_from_slice(sb.as_bytes());
+    let slot = sb.generation.get() % 2;
+    dev.write_at(slot * BLOCK_SIZE as u64, &block)
+        .map_err(io("writing the superblock"))
+}
+
+/// Writes the whole metadata to the inactive checkpoint area and switches to it.
+fn checkpoint<D: Device>(dev: &D, s: &mut State) -> Result<(), Error> {
+    let generation = s.sb.generation.get() + 1;
+    let area = 1 - s.sb.active_ckpt.get() as usize;
+    let blocks = crate::checkpoint::write(&s.meta, generation);
+    let used = (blocks.len() / BLOCK_SIZE) as u64;
+    if used > s.sb.ckpt_blocks.get() {
+        return Err(Error::NoSpace);
+    }
+    dev.write_at(s.sb.ckpt_start[area].get() * BLOCK_SIZE as u64, &blocks)
+        .map_err(io("writing a checkpoint"))?;
+    dev.flush().map_err(io("flushing a checkpoint"))?;
+    let mut sb = s.sb;
+    sb.generation = U64::new(generation);
+    sb.active_ckpt = U32::new(area as u32);
+    sb.ckpt_generation = U64::new(generation);
+    sb.ckpt_used = U64::new(used);
+    sb.journal_seq = U64::new(s.next_seq);
+    write_super(dev, &mut sb)?;
+    dev.flush().map_err(io("flushing the superblock"))?;
+    s.sb = sb;
+    s.journal_used = 0;
+    s.meta.committed();
+    Ok(())
+}
+
+/// Commits the running transaction: data first, then its journal records.
+fn commit<D: Device>(dev: &D, s: &mut State) -> Result<(), Error> {
+    dev.flush().map_err(io("flushing data"))?;
+    if s.meta.pending().is_empty() {
+        return Ok(());
+    }
+    let seg = Segment {
+        uuid: s.sb.uuid,
+        epoch: s.sb.generation.get(),
+    };
+    let blocks = encode_txn(s.meta.pending(), s.next_seq, seg);
+    let n = (blocks.len() / BLOCK_SIZE) as u64;
+    let jb = s.sb.journal_blocks.get();
+    if s.journal_used + n > jb {
+        return checkpoint(dev, s);
+    }
+    for (i, b) in blocks.chunks(BLOCK_SIZE).enumerate() {
+        let seq = s.next_seq + i as u64;
+        let at = (s.sb.journal_start.get() + seq % jb) * BLOCK_SIZE as u64;
+        dev.write_at(at, b).map_err(io("writing the journal"))?;
+    }
+    dev.flush().map_err(io("flushing the journal"))?;
+    s.next_seq += n;
+    s.journal_used += n;
+    s.meta.committed();
+    if s.journal_used > jb / 2 {
+        checkpoint(dev, s)?;
+    }
+    Ok(())
+}
+
+/// Number of clusters a volume of `size` bytes spans.
+pub fn volume_clusters(size: u64) -> u64 {
+    clusters_of(size)
+}

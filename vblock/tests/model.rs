@@ -1,0 +1,301 @@
+//! Model-based test: random sequences of volume operations against a pool and against a plain
+//! in-memory model; every read must match, and the pool must check clean throughout.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use vblock::device::MemDevice;
+use vblock::{Error, Kind, Pool, PoolOptions};
+
+const VOL: u64 = 1 << 20;
+const SECTOR: u64 = 512;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write {
+        vol: usize,
+        sector: u64,
+        sectors: u64,
+        seed: u8,
+    },
+    Discard {
+        vol: usize,
+        sector: u64,
+        sectors: u64,
+    },
+    Zero {
+        vol: usize,
+        sector: u64,
+        sectors: u64,
+    },
+    Snapshot {
+        vol: usize,
+    },
+    Clone {
+        vol: usize,
+    },
+    Delete {
+        vol: usize,
+    },
+    Flush,
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let range = (0..8usize, 0..VOL / SECTOR, 1..300u64);
+    prop_oneof![
+        6 => (range.clone(), any::<u8>()).prop_map(|((vol, sector, sectors), seed)| Op::Write { vol, sector, sectors, seed }),
+        1 => range.clone().prop_map(|(vol, sector, sectors)| Op::Discard { vol, sector, sectors }),
+        1 => range.prop_map(|(vol, sector, sectors)| Op::Zero { vol, sector, sectors }),
+        1 => (0..8usize).prop_map(|vol| Op::Snapshot { vol }),
+        1 => (0..8usize).prop_map(|vol| Op::Clone { vol }),
+        1 => (0..8usize).prop_map(|vol| Op::Delete { vol }),
+        1 => Just(Op::Flush),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+struct Model {
+    vols: BTreeMap<String, (Kind, Vec<u8>)>,
+    next: usize,
+}
+
+impl Model {
+    fn pick(&self, i: usize, kind: Option<Kind>) -> Option<String> {
+        let names: Vec<_> = self
+            .vols
+            .iter()
+            .filter(|(_, (k, _))| kind.is_none_or(|want| *k == want))
+            .map(|(n, _)| n.clone())
+            .collect();
+        (!names.is_empty()).then(|| names[i % names.len()].clone())
+    }
+}
+
+fn clamp(sector: u64, sectors: u64) -> (u64, u64) {
+    let off = sector * SECTOR;
+    let len = (sectors * SECTOR).min(VOL - off);
+    (off, len)
+}
+
+fn verify(pool: &Pool<MemDevice>, model: &Model) {
+    let mut buf = vec![0u8; VOL as usize];
+    for (name, (_, data)) in &model.vols {
+        pool.read(name, 0, &mut buf).unwrap();
+        assert!(buf == *data, "{name} differs from the model");
+    }
+    let listed: Vec<String> = pool.list().into_iter().map(|v| v.name).collect();
+    let expected: Vec<String> = model.vols.keys().cloned().collect();
+    let mut listed_sorted = listed.clone();
+    listed_sorted.sort();
+    assert_eq!(listed_sorted, expected);
+    let report = pool.check(false).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}
+
+fn run(ops: Vec<Op>) {
+    let opts = PoolOptions {
+        journal_blocks: Some(8),
+        ckpt_blocks: Some(64),
+    };
+    let mut pool = Some(Pool::create(MemDevice::new(24 << 20), opts).unwrap());
+    let mut model = Model {
+        vols: BTreeMap::new(),
+        next: 0,
+    };
+    let p = pool.as_ref().unwrap();
+    p.create_volume("base", VOL).unwrap();
+    model
+        .vols
+        .insert("base".into(), (Kind::Volume, vec![0; VOL as usize]));
+    for op in ops {
+        let p = pool.as_ref().unwrap();
+        match op {
+            Op::Write {
+                vol,
+                sector,
+                sectors,
+                seed,
+            } => {
+                let Some(name) = model.pick(vol, Some(Kind::Volume)) else {
+                    continue;
+                };
+                let (off, len) = clamp(sector, sectors);
+                let data: Vec<u8> = (0..len)
+                    .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+                    .collect();
+                match p.write(&name, off, &data) {
+                    Ok(()) => model.vols.get_mut(&name).unwrap().1
+                        [off as usize..(off + len) as usize]
+                        .copy_from_slice(&data),
+                    Err(Error::NoSpace) => {}
+                    Err(e) => panic!("write: {e}"),
+                }
+            }
+            Op::Discard {
+                vol,
+                sector,
+                sectors,
+            }
+            | Op::Zero {
+                vol,
+                sector,
+                sectors,
+            } => {
+                let Some(name) = model.pick(vol, Some(Kind::Volume)) else {
+                    continue;
+                };
+                let (off, len) = clamp(sector, sectors);
+                let zero = matches!(op, Op::Zero { .. });
+                let r = if zero {
+                    p.write_zeroes(&name, off, len)
+                } else {
+                    p.discard(&name, off, len)
+                };
+                match r {
+                    Ok(()) => {
+                        let d = &mut model.vols.get_mut(&name).unwrap().1;
+                        // Discard zeroes whole 4 KiB blocks only; write-zeroes the whole range.
+                        let (a, b) = if zero {
+                            (off, off + len)
+                        } else {
+                            (off.div_ceil(4096) * 4096, (off + len) / 4096 * 4096)
+                        };
+                        if b > a {
+                            d[a as usize..b as usize].fill(0);
+                        }
+                    }
+                    Err(Error::NoSpace) => {}
+                    Err(e) => panic!("discard/zero: {e}"),
+                }
+            }
+            Op::Snapshot { vol } => {
+                let Some(src) = model.pick(vol, None) else {
+                    continue;
+                };
+                let name = format!("s{}", model.next);
+                model.next += 1;
+                p.snapshot(&src, &name).unwrap();
+                let data = model.vols[&src].1.clone();
+                model.vols.insert(name, (Kind::Snapshot, data));
+            }
+            Op::Clone { vol } => {
+                let Some(src) = model.pick(vol, Some(Kind::Snapshot)) else {
+                    continue;
+                };
+                let name = format!("c{}", model.next);
+                model.next += 1;
+                p.clone_snapshot(&src, &name).unwrap();
+                let data = model.vols[&src].1.clone();
+                model.vols.insert(name, (Kind::Volume, data));
+            }
+            Op::Delete { vol } => {
+                if model.vols.len() < 2 {
+                    continue;
+                }
+                let Some(name) = model.pick(vol, None) else {
+                    continue;
+                };
+                p.delete(&name).unwrap();
+                model.vols.remove(&name);
+            }
+            Op::Flush => p.flush().unwrap(),
+            Op::Reopen => {
+                p.flush().unwrap();
+                let dev = pool.take().unwrap().into_device();
+                pool = Some(Pool::open(dev).unwrap());
+            }
+        }
+    }
+    let p = pool.take().unwrap();
+    verify(&p, &model);
+    // Everything survives a clean reopen; deleting everything frees every cluster.
+    p.flush().unwrap();
+    let p = Pool::open(p.into_device()).unwrap();
+    verify(&p, &model);
+    for name in model.vols.keys() {
+        p.delete(name).unwrap();
+    }
+    p.flush().unwrap();
+    let (total, free) = p.space();
+    assert_eq!(total, free, "space leaked after deleting everything");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #[test]
+    fn pool_matches_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+        run(ops);
+    }
+}
+
+#[test]
+fn a_full_pool_refuses_new_space_and_recovers_after_a_delete() {
+    let opts = PoolOptions {
+        journal_blocks: Some(8),
+        ckpt_blocks: Some(16),
+    };
+    let pool = Pool::create(MemDevice::new(4 << 20), opts).unwrap();
+    let (total, _) = pool.space();
+    let size = (total + 8) * 65536;
+    pool.create_volume("a", size).unwrap();
+    let chunk = vec![0xabu8; 65536];
+    let mut written = 0;
+    let err = loop {
+        match pool.write("a", written * 65536, &chunk) {
+            Ok(()) => written += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, Error::NoSpace), "{err}");
+    assert_eq!(err.errno(), libc_enospc());
+    assert_eq!(written, total);
+    // What was written is intact.
+    let mut back = vec![0u8; 65536];
+    pool.read("a", (written - 1) * 65536, &mut back).unwrap();
+    assert_eq!(back, chunk);
+    // Freeing space (discard, then commit) lets writes continue.
+    pool.discard("a", 0, 4 * 65536).unwrap();
+    pool.flush().unwrap();
+    pool.write("a", written * 65536, &chunk).unwrap();
+    pool.read("a", 0, &mut back).unwrap();
+    assert!(back.iter().all(|b| *b == 0));
+}
+
+fn libc_enospc() -> i32 {
+    28
+}
+
+#[test]
+fn bad_io_gets_clear_errors_and_the_pool_keeps_working() {
+    let pool = Pool::create(MemDevice::new(8 << 20), PoolOptions::default()).unwrap();
+    pool.create_volume("v", 1 << 20).unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(matches!(
+        pool.read("nope", 0, &mut buf),
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        pool.read("v", 100, &mut buf),
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        pool.read("v", 1 << 20, &mut buf),
+        Err(Error::OutOfRange(_))
+    ));
+    assert!(matches!(
+        pool.write("v", u64::MAX - 511, &buf),
+        Err(Error::OutOfRange(_))
+    ));
+    pool.snapshot("v", "s").unwrap();
+    assert!(matches!(pool.write("s", 0, &buf), Err(Error::ReadOnly(_))));
+    pool.write("v", 0, &[1u8; 4096]).unwrap();
+    pool.read("v", 0, &mut buf).unwrap();
+    assert_eq!(buf, vec![1u8; 4096]);
+}
+
+#[test]
+fn garbage_devices_are_not_pools() {
+    let dev = MemDevice::from_bytes(vec![0x5a; 4 << 20]);
+    assert!(matches!(Pool::open(dev), Err(Error::NotAPool(_))));
+}
