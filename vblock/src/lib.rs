@@ -1,6 +1,6 @@
 //! `vblock`: a thin-provisioned copy-on-write block store.
 //!
-//! * [`format`]: the on-disk format (documented in `docs/format.md`).
+//! * [`format`](mod@format): the on-disk format (documented in `docs/format.md`).
 //! * [`meta`]: the sans-IO metadata core: volumes, snapshots and clones as shared radix trees,
 //!   lazy reference counts, free space, journal records.
 //! * [`journal`]: encoding and replay of journal blocks; [`checkpoint`]: full metadata images.
