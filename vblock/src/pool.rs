@@ -325,7 +325,7 @@ impl<D: Device> Pool<D> {
     /// All volumes, snapshots and clones.
     pub fn list(&self) -> Vec<VolumeInfo> {
         let s = self.lock();
-        s.meta.volumes().map(|v| info(&s.meta, v.id)).collect()
+        s.meta.volumes().filter_map(|v| info(&s.meta, v.id)).collect()
     }
 
     /// One volume.
@@ -492,9 +492,9 @@ impl<D: Device> Pool<D> {
     }
 }
 
-fn info(meta: &Meta, id: u64) -> VolumeInfo {
-    let v = meta.volume_by_id(id).expect("listed volume exists");
-    VolumeInfo {
+fn info(meta: &Meta, id: u64) -> Option<VolumeInfo> {
+    let v = meta.volume_by_id(id)?;
+    Some(VolumeInfo {
         id: v.id,
         name: v.name.clone(),
         kind: v.kind,
@@ -502,7 +502,7 @@ fn info(meta: &Meta, id: u64) -> VolumeInfo {
         size: v.size,
         allocated: meta.allocated_bytes(v.id),
         qos: v.qos,
-    }
+    })
 }
 
 fn check_io(meta: &Meta, name: &str, offset: u64, len: usize, write: bool) -> Result<u64, Error> {
