@@ -325,17 +325,19 @@ impl<D: Device> Pool<D> {
     /// All volumes, snapshots and clones.
     pub fn list(&self) -> Vec<VolumeInfo> {
         let s = self.lock();
-        s.meta.volumes().filter_map(|v| info(&s.meta, v.id)).collect()
+        s.meta
+            .volumes()
+            .filter_map(|v| info(&s.meta, v.id))
+            .collect()
     }
 
     /// One volume.
     pub fn volume(&self, name: &str) -> Result<VolumeInfo, Error> {
         let s = self.lock();
-        let v = s
-            .meta
+        s.meta
             .volume(name)
-            .ok_or_else(|| Error::NotFound(name.into()))?;
-        Ok(info(&s.meta, v.id))
+            .and_then(|v| info(&s.meta, v.id))
+            .ok_or_else(|| Error::NotFound(name.into()))
     }
 
     fn data_offset(sb: &Superblock, cluster: u32, in_cluster: usize) -> u64 {
