@@ -185,6 +185,9 @@ pub struct JournalHeader {
     pub crc: U32,
     /// Reserved, zero.
     pub reserved: U32,
+    /// Sequence number of the transaction's first block: a valid block of a later
+    /// transaction proves every earlier one was complete and durable.
+    pub txn_start: U64,
 }
 
 /// Flag of the last block of a transaction.
@@ -216,7 +219,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<CkptHeader>(), 32);
         assert_eq!(std::mem::size_of::<LeafEntry>(), 6);
         assert_eq!(std::mem::size_of::<VolumeRecord>(), VOLUME_RECORD_LEN);
-        assert_eq!(std::mem::size_of::<JournalHeader>(), 56);
+        assert_eq!(std::mem::size_of::<JournalHeader>(), 64);
         // A node fits a block: 512 leaf entries or 512 child pointers after the header.
         const { assert!(32 + FANOUT * 6 <= BLOCK_SIZE) };
         const { assert!(32 + FANOUT * 4 <= BLOCK_SIZE) };

@@ -188,6 +188,7 @@ pub fn encode_txn(records: &[Record], seq: u64, seg: Segment) -> Vec<u8> {
             epoch: U64::new(seg.epoch),
             crc: U32::new(0),
             reserved: U32::new(0),
+            txn_start: U64::new(seq),
         };
         block[..HEADER].copy_from_slice(h.as_bytes());
         block[HEADER..HEADER + p.len()].copy_from_slice(p);

@@ -256,6 +256,7 @@ impl<D: Device> Pool<D> {
                 }
             }
         }
+        check_journal_end(&dev, &sb, seq)?;
         meta.committed();
         meta.rebuild_free();
         let mut state = State {
@@ -278,6 +279,17 @@ impl<D: Device> Pool<D> {
     /// The device.
     pub fn device(&self) -> &D {
         &self.dev
+    }
+
+    /// Closes the pool cleanly: commits and folds the journal into a checkpoint (the journal
+    /// is then empty), and returns the device.
+    pub fn close(self) -> Result<D, Error> {
+        {
+            let mut s = self.lock();
+            commit(&self.dev, &mut s)?;
+            checkpoint(&self.dev, &mut s)?;
+        }
+        Ok(self.dev)
     }
 
     /// Closes the pool without a commit (what was not flushed is as after a crash) and
@@ -669,6 +681,46 @@ fn write_piece<D: Device>(
 fn buf_zero(buf: &mut [u8]) -> &[u8] {
     buf.fill(0);
     buf
+}
+
+/// Tells the end of the journal from damage: replay stopped at `stop`. A crash can only leave
+/// the last transaction incomplete (the next one starts after its flush), so a valid block of
+/// a transaction that started after `stop`, or any block of a newer segment (written only
+/// after a newer superblock was durable), means metadata was damaged, not cut short.
+fn check_journal_end<D: Device>(dev: &D, sb: &Superblock, stop: u64) -> Result<(), Error> {
+    let jb = sb.journal_blocks.get();
+    let mut block = vec![0u8; BLOCK_SIZE];
+    for i in 0..jb {
+        let seq = stop + i;
+        let at = (sb.journal_start.get() + seq % jb) * BLOCK_SIZE as u64;
+        dev.read_at(at, &mut block)
+            .map_err(io("reading the journal"))?;
+        let Ok((h, _)) = crate::format::JournalHeader::read_from_prefix(&block[..]) else {
+            continue;
+        };
+        let valid = h.magic == crate::format::JOURNAL_MAGIC
+            && h.uuid == sb.uuid
+            && h.crc.get() == crate::format::block_crc(&block, crate::format::JOURNAL_CRC_AT);
+        if !valid {
+            continue;
+        }
+        if h.epoch.get() > sb.generation.get() {
+            return Err(Error::Corrupt(format!(
+                "superblock of generation {} is damaged (the journal has blocks of generation {})",
+                sb.generation.get() + 1,
+                h.epoch.get()
+            )));
+        }
+        if i == 0 || h.epoch.get() != sb.generation.get() || h.seq.get() != seq {
+            continue;
+        }
+        if h.txn_start.get() > stop {
+            return Err(Error::Corrupt(format!(
+                "journal block {stop} is damaged: later transactions follow it"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn write_super<D: Device>(dev: &D, sb: &mut Superblock) -> Result<(), Error> {
