@@ -14,6 +14,9 @@ use zerocopy::FromBytes;
 
 const VOL: u64 = 1 << 20;
 
+/// Every volume's bytes, by name.
+type Contents = BTreeMap<String, Vec<u8>>;
+
 fn contents(pool: &Pool<MemDevice>) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
     for v in pool.list() {
@@ -29,11 +32,7 @@ fn contents(pool: &Pool<MemDevice>) -> BTreeMap<String, Vec<u8>> {
 /// Also returns the contents before the last transaction: a damaged block of the journal's
 /// last transaction is indistinguishable from a crash before its flush returned (as in every
 /// journaling store), so losing that one transaction is the one allowed outcome there.
-fn pristine() -> (
-    Vec<u8>,
-    BTreeMap<String, Vec<u8>>,
-    BTreeMap<String, Vec<u8>>,
-) {
+fn pristine() -> (Vec<u8>, Contents, Contents) {
     let opts = PoolOptions {
         journal_blocks: Some(32),
         ckpt_blocks: Some(64),
