@@ -14,8 +14,27 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 use crate::Error;
 use crate::format::BLOCK_SIZE;
 
+/// One request of a batch.
+#[derive(Debug)]
+pub enum IoOp<'a> {
+    /// Read into the buffer at an offset.
+    Read(u64, &'a mut [u8]),
+    /// Write the buffer at an offset.
+    Write(u64, &'a [u8]),
+}
+
 /// Block storage with a volatile write cache. Offsets and lengths are multiples of 512.
 pub trait Device: Send + Sync {
+    /// Carries out a batch of independent requests (in any order, possibly at once).
+    fn submit(&self, ops: &mut [IoOp<'_>]) -> io::Result<()> {
+        for op in ops.iter_mut() {
+            match op {
+                IoOp::Read(off, buf) => self.read_at(*off, buf)?,
+                IoOp::Write(off, buf) => self.write_at(*off, buf)?,
+            }
+        }
+        Ok(())
+    }
     /// Reads `buf.len()` bytes at `offset`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Writes `buf` at `offset`.
@@ -91,7 +110,12 @@ impl Device for MemDevice {
 /// A 4 KiB-aligned page, as O_DIRECT wants its buffers.
 #[derive(Clone, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C, align(4096))]
-struct Page([u8; BLOCK_SIZE]);
+pub(crate) struct Page(pub(crate) [u8; BLOCK_SIZE]);
+
+/// A zeroed, 4 KiB-aligned buffer of at least `len` bytes (whole pages).
+pub(crate) fn aligned_pages(len: usize) -> Vec<Page> {
+    vec![Page([0; BLOCK_SIZE]); len.div_ceil(BLOCK_SIZE)]
+}
 
 /// A file or block device, opened with O_DIRECT (the page cache is bypassed; `flush` is
 /// `fdatasync`, which also flushes the disk's cache).
@@ -145,7 +169,7 @@ fn with_aligned<R>(len: usize, io: impl FnOnce(&mut [u8]) -> R) -> R {
     io(&mut pages.as_mut_bytes()[..len])
 }
 
-fn aligned(buf: &[u8]) -> bool {
+pub(crate) fn aligned(buf: &[u8]) -> bool {
     (buf.as_ptr() as usize).is_multiple_of(BLOCK_SIZE)
 }
 

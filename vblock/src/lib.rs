@@ -4,7 +4,8 @@
 //! * [`meta`]: the sans-IO metadata core: volumes, snapshots and clones as shared radix trees,
 //!   lazy reference counts, free space, journal records.
 //! * [`journal`]: encoding and replay of journal blocks; [`checkpoint`]: full metadata images.
-//! * [`device`]: what a pool lives on (a file or block device with O_DIRECT, or memory).
+//! * [`device`]: what a pool lives on (a file or block device with O_DIRECT, or memory);
+//!   [`uring`]: the io_uring engine (O_DIRECT, batched submission, a ring per thread).
 //! * [`pool`]: a pool on a device: volume I/O, flush = commit, open = recovery, check.
 
 pub mod checkpoint;
@@ -14,6 +15,8 @@ pub mod format;
 pub mod journal;
 pub mod meta;
 pub mod pool;
+#[allow(unsafe_code)] // io_uring submissions; every unsafe block carries a SAFETY note.
+pub mod uring;
 
 pub use error::Error;
 pub use meta::{Kind, Qos};

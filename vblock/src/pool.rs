@@ -13,13 +13,16 @@
 //! the journal's complete transactions and folds them into a new checkpoint.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
 
+// Reads take the lock shared: freed clusters are only reused after a commit, which takes it
+// exclusively, so no read can see a cluster change owner under it.
+
 use crate::Error;
-use crate::device::Device;
+use crate::device::{Device, IoOp};
 use crate::format::{
     BLOCK_SIZE, CLUSTER_SIZE, SUBCLUSTERS, SUPER_CRC_AT, SUPER_MAGIC, Superblock, VERSION,
 };
@@ -86,7 +89,7 @@ struct State {
 /// A pool of thin volumes on a device.
 pub struct Pool<D: Device> {
     dev: D,
-    state: Mutex<State>,
+    state: RwLock<State>,
 }
 
 impl<D: Device> std::fmt::Debug for Pool<D> {
@@ -182,7 +185,7 @@ impl<D: Device> Pool<D> {
         checkpoint(&dev, &mut state)?;
         Ok(Pool {
             dev,
-            state: Mutex::new(state),
+            state: RwLock::new(state),
         })
     }
 
@@ -268,12 +271,18 @@ impl<D: Device> Pool<D> {
         checkpoint(&dev, &mut state)?;
         Ok(Pool {
             dev,
-            state: Mutex::new(state),
+            state: RwLock::new(state),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// The state for changes (writes, configuration, commits).
+    fn lock(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The state for reads: any number of readers at once.
+    fn read_lock(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The device.
@@ -300,7 +309,7 @@ impl<D: Device> Pool<D> {
 
     /// Data clusters in all, and free.
     pub fn space(&self) -> (u64, u64) {
-        let s = self.lock();
+        let s = self.read_lock();
         (s.meta.clusters() as u64, s.meta.free_clusters() as u64)
     }
 
@@ -336,7 +345,7 @@ impl<D: Device> Pool<D> {
 
     /// All volumes, snapshots and clones.
     pub fn list(&self) -> Vec<VolumeInfo> {
-        let s = self.lock();
+        let s = self.read_lock();
         s.meta
             .volumes()
             .filter_map(|v| info(&s.meta, v.id))
@@ -345,7 +354,7 @@ impl<D: Device> Pool<D> {
 
     /// One volume.
     pub fn volume(&self, name: &str) -> Result<VolumeInfo, Error> {
-        let s = self.lock();
+        let s = self.read_lock();
         s.meta
             .volume(name)
             .and_then(|v| info(&s.meta, v.id))
@@ -361,12 +370,9 @@ impl<D: Device> Pool<D> {
     /// Reads `buf.len()` bytes at `offset` (both multiples of 512). Never-written ranges read
     /// as zeros.
     pub fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
-        let s = self.lock();
+        let s = self.read_lock();
         let id = check_io(&s.meta, name, offset, buf.len(), false)?;
-        for_each_piece(offset, buf.len(), |vc, start, at, len| {
-            let e = s.meta.lookup(id, vc);
-            read_piece(&self.dev, &s.sb, e, start, &mut buf[at..at + len])
-        })
+        read_range(&self.dev, &s, id, offset, buf)
     }
 
     /// Writes `data` at `offset` (both multiples of 512). Durable after the next
@@ -562,43 +568,63 @@ fn for_each_piece(
     Ok(())
 }
 
-fn read_piece<D: Device>(
+/// Reads a byte range of a volume: runs of valid subclusters become one request each, all
+/// submitted as one batch; the rest reads as zeros.
+fn read_range<D: Device>(
     dev: &D,
-    sb: &Superblock,
-    e: Entry,
-    start: usize,
-    out: &mut [u8],
+    s: &State,
+    id: u64,
+    offset: u64,
+    buf: &mut [u8],
 ) -> Result<(), Error> {
     let bs = BLOCK_SIZE;
-    let mut done = 0;
-    while done < out.len() {
-        let pos = start + done;
-        let k = pos / bs;
-        let n = (bs - pos % bs).min(out.len() - done);
-        // Runs of valid subclusters are read in one request.
-        let mut run = n;
-        if e.is_mapped() && e.bitmap & (1 << k) != 0 {
+    let mut ops: Vec<IoOp<'_>> = Vec::new();
+    let mut rest: &mut [u8] = buf;
+    let mut pos = offset;
+    while !rest.is_empty() {
+        let vc = pos / CLUSTER_SIZE as u64;
+        let start = (pos % CLUSTER_SIZE as u64) as usize;
+        let e = s.meta.lookup(id, vc);
+        let valid = |k: usize| e.is_mapped() && e.bitmap & (1 << k) != 0;
+        let in_cluster = (CLUSTER_SIZE - start).min(rest.len());
+        let mut done = 0;
+        while done < in_cluster {
+            let p = start + done;
+            let k = p / bs;
+            let mut run = (bs - p % bs).min(in_cluster - done);
             let mut kk = k + 1;
-            while done + run < out.len() && kk < SUBCLUSTERS && e.bitmap & (1 << kk) != 0 {
-                run += bs.min(out.len() - done - run);
+            while done + run < in_cluster && kk < SUBCLUSTERS && valid(kk) == valid(k) {
+                run += bs.min(in_cluster - done - run);
                 kk += 1;
             }
-            dev.read_at(
-                Pool::<D>::data_offset(sb, e.cluster, pos),
-                &mut out[done..done + run],
-            )
-            .map_err(io(format!("reading cluster {}", e.cluster)))?;
-        } else {
-            out[done..done + n].fill(0);
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(run);
+            rest = tail;
+            if valid(k) {
+                ops.push(IoOp::Read(
+                    Pool::<D>::data_offset(&s.sb, e.cluster, p),
+                    head,
+                ));
+            } else {
+                head.fill(0);
+            }
+            done += run;
         }
-        done += run;
+        pos += in_cluster as u64;
     }
-    Ok(())
+    dev.submit(&mut ops).map_err(io(format!(
+        "reading {} bytes at {offset}",
+        buf_len(offset, pos)
+    )))
+}
+
+fn buf_len(start: u64, end: u64) -> u64 {
+    end - start
 }
 
 /// Writes `data` (or zeros) into `[start, start+len)` of virtual cluster `vc`: in place if
 /// the cluster is exclusively the volume's, else into a newly allocated cluster with the
-/// untouched valid data copied over (copy-on-write).
+/// untouched valid data copied over (copy-on-write). Two batches: the reads that partial
+/// subclusters and copies need, then every write.
 fn write_piece<D: Device>(
     dev: &D,
     s: &mut State,
@@ -616,53 +642,66 @@ fn write_piece<D: Device>(
     } else {
         s.meta.allocate()?
     };
+    let mask = crate::meta::subcluster_mask(start, len);
+    let had = |k: usize| old.is_mapped() && old.bitmap & (1 << k) != 0;
+    let covered = |k: usize| start <= k * bs && (k + 1) * bs <= start + len;
+    let touched = |k: usize| mask & (1 << k) != 0;
+    // Subclusters whose old content is needed: partial ones that had data, and (CoW) every
+    // valid one the write does not fully cover.
+    let need_old = |k: usize| had(k) && !covered(k) && (touched(k) || !in_place);
+    let sb = s.sb;
+    let off = |c: u32, k: usize| Pool::<D>::data_offset(&sb, c, k * bs);
     let result = (|| {
-        let mask = crate::meta::subcluster_mask(start, len);
-        let mut buf = vec![0u8; bs];
-        if !in_place && old.is_mapped() {
-            // Copy the valid subclusters this write does not fully cover.
-            for k in 0..SUBCLUSTERS {
-                let bit = 1u16 << k;
-                let covered = start <= k * bs && (k + 1) * bs <= start + len;
-                if old.bitmap & bit != 0 && !covered {
-                    dev.read_at(Pool::<D>::data_offset(&s.sb, old.cluster, k * bs), &mut buf)
-                        .map_err(io(format!("reading cluster {}", old.cluster)))?;
-                    dev.write_at(Pool::<D>::data_offset(&s.sb, target, k * bs), &buf)
-                        .map_err(io(format!("writing cluster {target}")))?;
-                }
-            }
+        let mut pages = crate::device::aligned_pages(CLUSTER_SIZE);
+        let bytes = pages.as_mut_bytes();
+        {
+            let mut reads: Vec<IoOp<'_>> = bytes
+                .chunks_mut(bs)
+                .enumerate()
+                .filter(|(k, _)| need_old(*k))
+                .map(|(k, c)| IoOp::Read(off(old.cluster, k), c))
+                .collect();
+            dev.submit(&mut reads)
+                .map_err(io(format!("reading cluster {}", old.cluster)))?;
         }
-        for k in 0..SUBCLUSTERS {
-            let bit = 1u16 << k;
-            if mask & bit == 0 {
-                continue;
-            }
+        // Merge partial subclusters in the buffer.
+        for k in (0..SUBCLUSTERS).filter(|k| touched(*k) && !covered(*k)) {
             let (a, b) = ((k * bs).max(start), ((k + 1) * bs).min(start + len));
-            let full = a == k * bs && b == (k + 1) * bs;
-            let off = Pool::<D>::data_offset(&s.sb, target, k * bs);
-            if full {
-                match data {
-                    Some(d) => dev.write_at(off, &d[a - start..b - start]),
-                    None => dev.write_at(off, buf_zero(&mut buf)),
+            let chunk = &mut bytes[k * bs..(k + 1) * bs];
+            match data {
+                Some(d) => chunk[a - k * bs..b - k * bs].copy_from_slice(&d[a - start..b - start]),
+                None => chunk[a - k * bs..b - k * bs].fill(0),
+            }
+        }
+        let bytes = &*bytes;
+        let mut writes: Vec<IoOp<'_>> = Vec::new();
+        let mut k = 0;
+        while k < SUBCLUSTERS {
+            if touched(k) && covered(k) {
+                // A run of fully covered subclusters: straight from the caller's data.
+                let mut end = k + 1;
+                while end < SUBCLUSTERS && touched(end) && covered(end) {
+                    end += 1;
                 }
-                .map_err(io(format!("writing cluster {target}")))?;
+                let (a, b) = (k * bs - start, end * bs - start);
+                match data {
+                    Some(d) => writes.push(IoOp::Write(off(target, k), &d[a..b])),
+                    None => {
+                        for z in k..end {
+                            writes.push(IoOp::Write(off(target, z), ZERO_BLOCK.as_bytes()));
+                        }
+                    }
+                }
+                k = end;
                 continue;
             }
-            // A partial subcluster: merge with what is there (already copied or in place),
-            // or with zeros.
-            if old.bitmap & bit != 0 && old.is_mapped() {
-                dev.read_at(off, &mut buf)
-                    .map_err(io(format!("reading cluster {target}")))?;
-            } else {
-                buf.fill(0);
+            if touched(k) || need_old(k) {
+                writes.push(IoOp::Write(off(target, k), &bytes[k * bs..(k + 1) * bs]));
             }
-            match data {
-                Some(d) => buf[a - k * bs..b - k * bs].copy_from_slice(&d[a - start..b - start]),
-                None => buf[a - k * bs..b - k * bs].fill(0),
-            }
-            dev.write_at(off, &buf)
-                .map_err(io(format!("writing cluster {target}")))?;
+            k += 1;
         }
+        dev.submit(&mut writes)
+            .map_err(io(format!("writing cluster {target}")))?;
         let new = Entry {
             cluster: target,
             bitmap: (if old.is_mapped() { old.bitmap } else { 0 }) | mask,
@@ -678,10 +717,8 @@ fn write_piece<D: Device>(
     result
 }
 
-fn buf_zero(buf: &mut [u8]) -> &[u8] {
-    buf.fill(0);
-    buf
-}
+/// A block of zeros, aligned for direct I/O.
+static ZERO_BLOCK: crate::device::Page = crate::device::Page([0; BLOCK_SIZE]);
 
 /// Tells the end of the journal from damage: replay stopped at `stop`. A crash can only leave
 /// the last transaction incomplete (the next one starts after its flush), so a valid block of

@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use vblock::device::MemDevice;
+use vblock::device::{Device, MemDevice};
+use vblock::uring::UringDevice;
 use vblock::{Error, Kind, Pool, PoolOptions};
 
 const VOL: u64 = 1 << 20;
@@ -78,7 +79,7 @@ fn clamp(sector: u64, sectors: u64) -> (u64, u64) {
     (off, len)
 }
 
-fn verify(pool: &Pool<MemDevice>, model: &Model) {
+fn verify<D: Device>(pool: &Pool<D>, model: &Model) {
     let mut buf = vec![0u8; VOL as usize];
     for (name, (_, data)) in &model.vols {
         pool.read(name, 0, &mut buf).unwrap();
@@ -94,11 +95,15 @@ fn verify(pool: &Pool<MemDevice>, model: &Model) {
 }
 
 fn run(ops: Vec<Op>) {
+    run_on(MemDevice::new(24 << 20), ops);
+}
+
+fn run_on<D: Device>(dev: D, ops: Vec<Op>) {
     let opts = PoolOptions {
         journal_blocks: Some(8),
         ckpt_blocks: Some(64),
     };
-    let mut pool = Some(Pool::create(MemDevice::new(24 << 20), opts).unwrap());
+    let mut pool = Some(Pool::create(dev, opts).unwrap());
     let mut model = Model {
         vols: BTreeMap::new(),
         next: 0,
@@ -227,6 +232,41 @@ proptest! {
     fn pool_matches_the_model(ops in proptest::collection::vec(op(), 1..60)) {
         run(ops);
     }
+}
+
+/// The same on a real file through the io_uring engine (O_DIRECT).
+#[test]
+fn pool_on_io_uring_matches_the_model() {
+    let path = std::env::temp_dir().join(format!("vblock-model-{}.pool", std::process::id()));
+    let dev = UringDevice::create(&path, 24 << 20).unwrap();
+    let mut ops = Vec::new();
+    for i in 0..120u64 {
+        ops.push(match i % 12 {
+            0 => Op::Snapshot { vol: i as usize },
+            1 => Op::Clone { vol: i as usize },
+            2 => Op::Flush,
+            3 => Op::Discard {
+                vol: 0,
+                sector: (i * 97) % 2000,
+                sectors: 64,
+            },
+            4 => Op::Zero {
+                vol: 1,
+                sector: (i * 31) % 2000,
+                sectors: 9,
+            },
+            5 if i > 60 => Op::Delete { vol: i as usize },
+            6 => Op::Reopen,
+            _ => Op::Write {
+                vol: i as usize,
+                sector: (i * 53) % 2000,
+                sectors: 1 + i % 200,
+                seed: i as u8,
+            },
+        });
+    }
+    run_on(dev, ops);
+    let _ = std::fs::remove_file(&path);
 }
 
 #[test]
