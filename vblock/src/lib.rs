@@ -6,6 +6,7 @@
 //! * [`journal`]: encoding and replay of journal blocks; [`checkpoint`]: full metadata images.
 //! * [`device`]: what a pool lives on (a file or block device with O_DIRECT, or memory);
 //!   [`uring`]: the io_uring engine (O_DIRECT, batched submission, a ring per thread).
+//! * [`qos`]: per-volume IOPS and bandwidth limits (token buckets that delay requests).
 //! * [`pool`]: a pool on a device: volume I/O, flush = commit, open = recovery, check.
 
 pub mod checkpoint;
@@ -15,6 +16,7 @@ pub mod format;
 pub mod journal;
 pub mod meta;
 pub mod pool;
+pub mod qos;
 #[allow(unsafe_code)] // io_uring submissions; every unsafe block carries a SAFETY note.
 pub mod uring;
 

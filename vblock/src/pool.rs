@@ -13,7 +13,10 @@
 //! the journal's complete transactions and folds them into a new checkpoint.
 
 use std::collections::HashMap;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
+
+use crate::qos::Limiter;
 
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
@@ -90,6 +93,8 @@ struct State {
 pub struct Pool<D: Device> {
     dev: D,
     state: RwLock<State>,
+    limiters: Mutex<HashMap<u64, Limiter>>,
+    epoch: Instant,
 }
 
 impl<D: Device> std::fmt::Debug for Pool<D> {
@@ -186,6 +191,8 @@ impl<D: Device> Pool<D> {
         Ok(Pool {
             dev,
             state: RwLock::new(state),
+            limiters: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
         })
     }
 
@@ -272,6 +279,8 @@ impl<D: Device> Pool<D> {
         Ok(Pool {
             dev,
             state: RwLock::new(state),
+            limiters: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
         })
     }
 
@@ -367,9 +376,34 @@ impl<D: Device> Pool<D> {
             + in_cluster as u64
     }
 
+    /// Waits as long as the volume's I/O limits require before a request of `bytes`
+    /// (without holding any lock of the pool).
+    fn throttle(&self, name: &str, bytes: u64) {
+        let Some((id, qos)) = self.read_lock().meta.volume(name).map(|v| (v.id, v.qos)) else {
+            return;
+        };
+        let wait = {
+            let mut limiters = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
+            if qos == Qos::default() {
+                limiters.remove(&id);
+                return;
+            }
+            let l = limiters.entry(id).or_insert_with(|| Limiter::new(qos));
+            if l.qos() != qos {
+                // Limits changed live: start over with the new ones.
+                *l = Limiter::new(qos);
+            }
+            l.admit(self.epoch.elapsed(), bytes)
+        };
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+
     /// Reads `buf.len()` bytes at `offset` (both multiples of 512). Never-written ranges read
     /// as zeros.
     pub fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+        self.throttle(name, buf.len() as u64);
         let s = self.read_lock();
         let id = check_io(&s.meta, name, offset, buf.len(), false)?;
         read_range(&self.dev, &s, id, offset, buf)
@@ -378,6 +412,7 @@ impl<D: Device> Pool<D> {
     /// Writes `data` at `offset` (both multiples of 512). Durable after the next
     /// [`Self::flush`].
     pub fn write(&self, name: &str, offset: u64, data: &[u8]) -> Result<(), Error> {
+        self.throttle(name, data.len() as u64);
         let mut s = self.lock();
         let id = check_io(&s.meta, name, offset, data.len(), true)?;
         for_each_piece(offset, data.len(), |vc, start, at, len| {
@@ -407,6 +442,7 @@ impl<D: Device> Pool<D> {
     }
 
     fn release(&self, name: &str, offset: u64, len: u64, zero_partial: bool) -> Result<(), Error> {
+        self.throttle(name, 0);
         let mut s = self.lock();
         let len = usize::try_from(len).map_err(|_| Error::Invalid("length".into()))?;
         let id = check_io(&s.meta, name, offset, len, true)?;

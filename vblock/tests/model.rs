@@ -339,3 +339,47 @@ fn garbage_devices_are_not_pools() {
     let dev = MemDevice::from_bytes(vec![0x5a; 4 << 20]);
     assert!(matches!(Pool::open(dev), Err(Error::NotAPool(_))));
 }
+
+/// Measures the rate of back-to-back requests after the burst allowance is used up.
+fn measured_rate(pool: &Pool<MemDevice>, name: &str, size: usize, n: u32) -> (f64, f64) {
+    let mut buf = vec![0u8; size];
+    for _ in 0..n / 4 {
+        pool.read(name, 0, &mut buf).unwrap();
+    }
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        pool.read(name, 0, &mut buf).unwrap();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    (n as f64 / secs, n as f64 * size as f64 / secs)
+}
+
+#[test]
+fn io_limits_hold_within_ten_percent_and_change_live() {
+    let pool = Pool::create(MemDevice::new(8 << 20), PoolOptions::default()).unwrap();
+    pool.create_volume("v", 4 << 20).unwrap();
+    pool.set_qos("v", vblock::Qos { iops: 500, bps: 0 })
+        .unwrap();
+    let (iops, _) = measured_rate(&pool, "v", 4096, 250);
+    assert!(
+        (iops / 500.0 - 1.0).abs() < 0.10,
+        "{iops:.0} IOPS for a limit of 500"
+    );
+    pool.set_qos(
+        "v",
+        vblock::Qos {
+            iops: 0,
+            bps: 8 << 20,
+        },
+    )
+    .unwrap();
+    let (_, bps) = measured_rate(&pool, "v", 1 << 20, 8);
+    assert!(
+        (bps / (8 << 20) as f64 - 1.0).abs() < 0.10,
+        "{bps:.0} B/s for a limit of 8 MiB/s"
+    );
+    // Lifted live: no waiting at all.
+    pool.set_qos("v", vblock::Qos::default()).unwrap();
+    let (iops, _) = measured_rate(&pool, "v", 4096, 2000);
+    assert!(iops > 5000.0, "{iops:.0} IOPS without a limit");
+}
