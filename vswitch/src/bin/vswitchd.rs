@@ -5,13 +5,12 @@
 //! (docs/api.md). State is persisted in `STATE_DIR/vswitchd.json` and restored at start.
 
 use std::net::IpAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 use vswitch::daemon::config::{Config, FileConfig, default_run_dir};
 use vswitch::daemon::control::Control;
 use vswitch::daemon::server::router;
@@ -56,11 +55,7 @@ fn effective(args: Args) -> anyhow::Result<Config> {
         .log_format
         .or(file.log_format)
         .unwrap_or_else(|| "human".into());
-    let json_logs = match log_format.as_str() {
-        "human" => false,
-        "json" => true,
-        other => bail!("log format {other:?}: use human or json"),
-    };
+    let json_logs = daemon_kit::json_logs(&log_format)?;
     let underlay = if args.underlay.is_empty() {
         file.underlay
     } else {
@@ -95,16 +90,7 @@ fn overlay_net_port() -> u16 {
 
 fn main() -> anyhow::Result<()> {
     let cfg = effective(Args::parse())?;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if cfg.json_logs {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    daemon_kit::init_logs(cfg.json_logs);
     std::fs::create_dir_all(&cfg.run_dir)
         .with_context(|| format!("creating {}", cfg.run_dir.display()))?;
     let dp = DatapathWorkers::spawn(
@@ -124,38 +110,6 @@ fn main() -> anyhow::Result<()> {
     }
     let shared = Arc::new(Mutex::new(control));
     let socket = cfg.run_dir.join("vswitchd.sock");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("tokio runtime")?;
-    rt.block_on(async move {
-        // A socket left by a crashed instance is replaced; a live one is not.
-        if socket.exists() {
-            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
-                bail!("another vswitchd serves {}", socket.display());
-            }
-            std::fs::remove_file(&socket).with_context(|| format!("removing stale {}", socket.display()))?;
-        }
-        let listener = tokio::net::UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
-        info!(socket = %socket.display(), underlay = ?cfg.underlay, state = %cfg.state_dir.display(), "vswitchd ready");
-        let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
-            }
-            info!("shutting down");
-        };
-        let served = axum::serve(listener, router(shared.clone()))
-            .with_graceful_shutdown(shutdown)
-            .await;
-        let _ = std::fs::remove_file(&socket);
-        if let Err(e) = served {
-            error!(error = %e, "API server failed");
-            return Err(e.into());
-        }
-        Ok(())
-    })
+    info!(underlay = ?cfg.underlay, state = %cfg.state_dir.display(), "configuration");
+    daemon_kit::runtime()?.block_on(daemon_kit::serve(&socket, router(shared), "vswitchd"))
 }
