@@ -81,3 +81,158 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()
         .context("tokio runtime")
 }
+
+/// Writes `bytes` to `path` atomically and durably: a temporary file, fsync, rename, fsync
+/// of the directory. After a crash the file is either the old or the new content.
+pub fn save_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// An API error: its HTTP status and the body `{"error":{"code","message"}}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiError {
+    /// The named object does not exist (404, `not_found`).
+    NotFound(String),
+    /// It exists already, or is in use, or is read-only (409, `conflict`).
+    Conflict(String),
+    /// The request is wrong (400, `invalid`).
+    Invalid(String),
+    /// No space left (507, `no_space`).
+    NoSpace(String),
+    /// Something failed on our side (500, `internal`).
+    Internal(String),
+}
+
+impl ApiError {
+    /// The stable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::Invalid(_) => "invalid",
+            ApiError::NoSpace(_) => "no_space",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        match self {
+            ApiError::NotFound(m)
+            | ApiError::Conflict(m)
+            | ApiError::Invalid(m)
+            | ApiError::NoSpace(m)
+            | ApiError::Internal(m) => m,
+        }
+    }
+
+    fn status(&self) -> axum::http::StatusCode {
+        use axum::http::StatusCode;
+        match self {
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ApiError::NoSpace(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code(), self.message())
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl axum::response::IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
+        match &self {
+            ApiError::Internal(m) => error!(error = %m, "API request failed"),
+            other => tracing::debug!(code = other.code(), error = other.message(), "API request refused"),
+        }
+        let body = format!(
+            "{{\"error\":{{\"code\":{},\"message\":{}}}}}",
+            json_string(self.code()),
+            json_string(self.message())
+        );
+        (
+            self.status(),
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(r: axum::extract::rejection::JsonRejection) -> Self {
+        ApiError::Invalid(r.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(r: axum::extract::rejection::QueryRejection) -> Self {
+        ApiError::Invalid(r.body_text())
+    }
+}
+
+/// A JSON string literal.
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Runs blocking control work off the async runtime.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_are_valid_json_with_escapes() {
+        assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+        let e = ApiError::NoSpace("pool \"p\" is full".into());
+        assert_eq!(e.code(), "no_space");
+        assert_eq!(e.status(), axum::http::StatusCode::INSUFFICIENT_STORAGE);
+    }
+
+    #[test]
+    fn saves_are_atomic_replacements() {
+        let dir = std::env::temp_dir().join(format!("daemon-kit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("state.json");
+        save_atomic(&p, b"one").unwrap();
+        save_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert!(!p.with_extension("tmp").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

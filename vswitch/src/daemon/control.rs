@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -250,20 +249,10 @@ impl Control {
 
     /// Writes the state atomically: a temporary file, fsync, rename, fsync of the directory.
     fn save(&self) -> Result<()> {
-        let internal = |e: std::io::Error| ControlError::Internal(format!("saving state: {e}"));
-        let tmp = self.path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(&self.state)
             .map_err(|e| ControlError::Internal(e.to_string()))?;
-        let mut f = std::fs::File::create(&tmp).map_err(internal)?;
-        f.write_all(&bytes).map_err(internal)?;
-        f.sync_all().map_err(internal)?;
-        std::fs::rename(&tmp, &self.path).map_err(internal)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(internal)?;
-        }
-        Ok(())
+        daemon_kit::save_atomic(&self.path, &bytes)
+            .map_err(|e| ControlError::Internal(format!("saving state: {e}")))
     }
 
     /// Creates a tenant.
