@@ -159,7 +159,11 @@ impl axum::response::IntoResponse for ApiError {
     fn into_response(self) -> axum::response::Response {
         match &self {
             ApiError::Internal(m) => error!(error = %m, "API request failed"),
-            other => tracing::debug!(code = other.code(), error = other.message(), "API request refused"),
+            other => tracing::debug!(
+                code = other.code(),
+                error = other.message(),
+                "API request refused"
+            ),
         }
         let body = format!(
             "{{\"error\":{{\"code\":{},\"message\":{}}}}}",

@@ -93,3 +93,60 @@ pub fn request(
     }
     Ok(Response { status, body: out })
 }
+
+/// The error envelope every libvirtual daemon answers with.
+#[derive(serde::Deserialize)]
+struct Envelope {
+    error: EnvelopeBody,
+}
+
+#[derive(serde::Deserialize)]
+struct EnvelopeBody {
+    code: String,
+    message: String,
+}
+
+/// Turns a non-2xx response into [`Error::Api`] (with the daemon's code and message).
+pub fn check(resp: Response) -> Result<Response, Error> {
+    if (200..300).contains(&resp.status) {
+        return Ok(resp);
+    }
+    Err(match serde_json::from_slice::<Envelope>(&resp.body) {
+        Ok(e) => Error::Api {
+            status: resp.status,
+            code: e.error.code,
+            message: e.error.message,
+        },
+        Err(_) => Error::Api {
+            status: resp.status,
+            code: "unknown".into(),
+            message: String::from_utf8_lossy(&resp.body).into_owned(),
+        },
+    })
+}
+
+/// One JSON request: the body serialised, the answer (an empty one is `null`) parsed.
+pub fn call<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&impl serde::Serialize>,
+) -> Result<T, Error> {
+    let bytes = match body {
+        Some(b) => Some(serde_json::to_vec(b).map_err(|e| Error::Protocol(e.to_string()))?),
+        None => None,
+    };
+    let resp = check(request(socket, method, path, bytes.as_deref())?)?;
+    let body = if resp.body.is_empty() {
+        b"null".to_vec()
+    } else {
+        resp.body
+    };
+    serde_json::from_slice(&body).map_err(|e| Error::Protocol(format!("{method} {path}: {e}")))
+}
+
+/// A text answer (`/metrics`).
+pub fn text(socket: &Path, path: &str) -> Result<String, Error> {
+    let resp = check(request(socket, "GET", path, None)?)?;
+    String::from_utf8(resp.body).map_err(|e| Error::Protocol(e.to_string()))
+}

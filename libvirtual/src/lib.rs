@@ -1,16 +1,21 @@
 //! `libvirtual`: the public Rust API over libvirtual's daemons.
 //!
 //! * [`http`]: a small blocking HTTP/1.1 client for unix-socket APIs.
+//! * [`block`]: the typed client of vblockd (pools, volumes, snapshots, clones, data), on the
+//!   request/response types of [`vblock::api`].
 //! * [`net`]: the typed client of vswitchd (tenants, ports, VTEPs, forwarding tables,
 //!   metrics), on the request/response types of [`vswitch::api`].
 //!
 //! The `vctl` binary is the command line over these clients.
 
+pub mod block;
 pub mod http;
 pub mod net;
 
 /// Re-export of the overlay wire core.
 pub use overlay_net;
+/// Re-export of the block store crate (its API types and embeddable core).
+pub use vblock;
 /// Re-export of the switch crate (its API types and embeddable core).
 pub use vswitch;
 

@@ -6,11 +6,10 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use vswitch::api::{
-    ErrorResponse, FdbEntryInfo, FdbEntrySpec, PortInfo, PortSpec, TenantInfo, TenantSpec, VtepSpec,
+    FdbEntryInfo, FdbEntrySpec, PortInfo, PortSpec, TenantInfo, TenantSpec, VtepSpec,
 };
 
 use crate::Error;
-use crate::http::request;
 
 pub use vswitch::api::default_socket;
 
@@ -34,31 +33,7 @@ impl Client {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<T, Error> {
-        let bytes = match body {
-            Some(b) => Some(serde_json::to_vec(b).map_err(|e| Error::Protocol(e.to_string()))?),
-            None => None,
-        };
-        let resp = request(&self.socket, method, path, bytes.as_deref())?;
-        if !(200..300).contains(&resp.status) {
-            return Err(match serde_json::from_slice::<ErrorResponse>(&resp.body) {
-                Ok(e) => Error::Api {
-                    status: resp.status,
-                    code: e.error.code,
-                    message: e.error.message,
-                },
-                Err(_) => Error::Api {
-                    status: resp.status,
-                    code: "unknown".into(),
-                    message: String::from_utf8_lossy(&resp.body).into_owned(),
-                },
-            });
-        }
-        let body = if resp.body.is_empty() {
-            b"null".to_vec()
-        } else {
-            resp.body
-        };
-        serde_json::from_slice(&body).map_err(|e| Error::Protocol(format!("{method} {path}: {e}")))
+        crate::http::call(&self.socket, method, path, body)
     }
 
     /// All tenants.
@@ -148,14 +123,6 @@ impl Client {
 
     /// The Prometheus text of every counter.
     pub fn metrics(&self) -> Result<String, Error> {
-        let resp = request(&self.socket, "GET", "/metrics", None)?;
-        if resp.status != 200 {
-            return Err(Error::Api {
-                status: resp.status,
-                code: "unknown".into(),
-                message: String::from_utf8_lossy(&resp.body).into_owned(),
-            });
-        }
-        String::from_utf8(resp.body).map_err(|e| Error::Protocol(e.to_string()))
+        crate::http::text(&self.socket, "/metrics")
     }
 }

@@ -47,7 +47,18 @@ impl Daemon {
     ) -> Result<Daemon, Error> {
         let prog = program.to_string_lossy().into_owned();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut cmd = ns.command(&prog, &args);
+        Self::spawn(ns.command(&prog, &args), &prog, socket)
+    }
+
+    /// Starts `program args...` in the caller's namespaces (a daemon that needs no network of
+    /// its own, e.g. vblockd) and waits until `socket` accepts connections.
+    pub fn start_local(program: &Path, args: &[String], socket: PathBuf) -> Result<Daemon, Error> {
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(args);
+        Self::spawn(cmd, &program.to_string_lossy(), socket)
+    }
+
+    fn spawn(mut cmd: std::process::Command, prog: &str, socket: PathBuf) -> Result<Daemon, Error> {
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
         // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
         // which is async-signal-safe. The daemon then dies with its parent (also on Ctrl-C or

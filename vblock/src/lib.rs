@@ -7,9 +7,14 @@
 //! * [`device`]: what a pool lives on (a file or block device with O_DIRECT, or memory);
 //!   [`uring`]: the io_uring engine (O_DIRECT, batched submission, a ring per thread).
 //! * [`qos`]: per-volume IOPS and bandwidth limits (token buckets that delay requests).
+//! * [`api`]: vblockd's API types; `daemon` (feature `daemon`, on by default): vblockd's
+//!   config, control logic and HTTP server.
 //! * [`pool`]: a pool on a device: volume I/O, flush = commit, open = recovery, check.
 
+pub mod api;
 pub mod checkpoint;
+#[cfg(feature = "daemon")]
+pub mod daemon;
 pub mod device;
 mod error;
 pub mod format;

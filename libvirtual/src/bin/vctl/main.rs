@@ -1,8 +1,12 @@
 //! vctl: the libvirtual command line.
 //!
 //! `vctl net ...` drives vswitchd: tenants, ports, remote VTEPs, forwarding tables, counters.
-//! Tables for humans, `--output json` for scripts. Exit codes: 0 done, 1 the daemon refused
-//! (its error is printed), 2 bad usage, 3 the daemon cannot be reached.
+//! `vctl pool|volume|snapshot|clone ...` drive vblockd: pools, thin volumes, snapshots,
+//! clones, I/O limits, raw image import/export. Tables for humans, `--output json` for
+//! scripts. Exit codes: 0 done, 1 the daemon refused (its error is printed) or a local file
+//! failed, 2 bad usage, 3 the daemon cannot be reached.
+
+mod block;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -25,7 +29,7 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
-enum Output {
+pub(crate) enum Output {
     Table,
     Json,
 }
@@ -39,6 +43,47 @@ enum Top {
         socket: Option<PathBuf>,
         #[command(subcommand)]
         command: Net,
+    },
+    /// Storage pools (vblockd).
+    Pool {
+        /// vblockd's API socket.
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+        #[command(subcommand)]
+        command: block::PoolCmd,
+    },
+    /// Thin volumes (vblockd).
+    Volume {
+        /// vblockd's API socket.
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+        /// The pool.
+        #[arg(long, global = true, default_value = "default")]
+        pool: String,
+        #[command(subcommand)]
+        command: block::VolumeCmd,
+    },
+    /// Read-only snapshots of volumes (vblockd).
+    Snapshot {
+        /// vblockd's API socket.
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+        /// The pool.
+        #[arg(long, global = true, default_value = "default")]
+        pool: String,
+        #[command(subcommand)]
+        command: block::SnapshotCmd,
+    },
+    /// Writable clones of snapshots (vblockd).
+    Clone {
+        /// vblockd's API socket.
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+        /// The pool.
+        #[arg(long, global = true, default_value = "default")]
+        pool: String,
+        #[command(subcommand)]
+        command: block::CloneCmd,
     },
 }
 
@@ -146,9 +191,34 @@ enum FdbCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Top::Net { socket, command } = cli.command;
-    let client = Client::new(socket.unwrap_or_else(default_socket));
-    match run(&client, command, cli.output) {
+    let out = cli.output;
+    let bsock = |s: Option<PathBuf>| {
+        libvirtual::block::Client::new(s.unwrap_or_else(libvirtual::block::default_socket))
+    };
+    let result = match cli.command {
+        Top::Net { socket, command } => run(
+            &Client::new(socket.unwrap_or_else(default_socket)),
+            command,
+            out,
+        ),
+        Top::Pool { socket, command } => block::pool(&bsock(socket), command, out),
+        Top::Volume {
+            socket,
+            pool,
+            command,
+        } => block::volume(&bsock(socket), &pool, command, out),
+        Top::Snapshot {
+            socket,
+            pool,
+            command,
+        } => block::snapshot(&bsock(socket), &pool, command, out),
+        Top::Clone {
+            socket,
+            pool,
+            command,
+        } => block::clone(&bsock(socket), &pool, command, out),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vctl: {e}");
@@ -160,7 +230,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn emit<T: Serialize>(out: Output, value: &T, table: impl FnOnce(&T) -> Vec<Vec<String>>) {
+pub(crate) fn emit<T: Serialize>(
+    out: Output,
+    value: &T,
+    table: impl FnOnce(&T) -> Vec<Vec<String>>,
+) {
     match out {
         Output::Json => println!(
             "{}",
@@ -203,7 +277,7 @@ fn drops(c: &CountersInfo) -> String {
     }
 }
 
-fn done(out: Output, what: String) {
+pub(crate) fn done(out: Output, what: String) {
     match out {
         Output::Json => println!("{}", serde_json::json!({ "ok": what })),
         Output::Table => println!("{what}"),

@@ -1,0 +1,400 @@
+//! `vctl pool|volume|snapshot|clone`: vblockd's pools, volumes, snapshots and clones.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use libvirtual::Error;
+use libvirtual::block::Client;
+use vblock::api::{PoolInfo, PoolSpec, QosSpec, VolumeInfo, VolumeSpec};
+
+use crate::{Output, done, emit};
+
+/// Transfer unit of import and export.
+const CHUNK: u64 = 4 << 20;
+
+/// Parses a size: bytes, or with a K/M/G/T suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') => (&s[..s.len() - 1], 1 << 30),
+        Some('T') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 4096, 512M, 10G)"))
+}
+
+#[derive(Subcommand)]
+pub enum PoolCmd {
+    /// List pools.
+    List,
+    /// Show one pool.
+    Show { name: String },
+    /// Serve a pool: with --size, create and format a new pool file at PATH; without, open the
+    /// existing pool there.
+    Create {
+        name: String,
+        path: PathBuf,
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+    },
+    /// Stop serving a pool (its file stays).
+    Remove { name: String },
+    /// Verify a pool's metadata (and reclaim leaked space with --repair).
+    Check {
+        name: String,
+        #[arg(long)]
+        repair: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum VolumeCmd {
+    /// List volumes, snapshots and clones.
+    List,
+    /// Show one.
+    Show { name: String },
+    /// Create a thin volume.
+    Create {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a volume, snapshot or clone.
+    Delete { name: String },
+    /// Grow a volume.
+    Resize {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Set I/O limits (0: unlimited); they apply at once.
+    Limit {
+        name: String,
+        #[arg(long, default_value_t = 0)]
+        iops: u64,
+        /// Bytes per second (suffixes allowed).
+        #[arg(long, value_parser = parse_size, default_value = "0")]
+        bps: u64,
+    },
+    /// Copy a raw image into a volume (created with the image's size if it does not exist);
+    /// all-zero 4 KiB blocks are skipped, so the volume stays thin.
+    Import { name: String, file: PathBuf },
+    /// Copy a volume or snapshot into a raw image file (sparse where the volume reads zeros).
+    Export { name: String, file: PathBuf },
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCmd {
+    /// List snapshots.
+    List,
+    /// Take a snapshot of a volume.
+    Create { volume: String, name: String },
+    /// Delete a snapshot.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum CloneCmd {
+    /// Make a writable clone of a snapshot.
+    Create { snapshot: String, name: String },
+}
+
+fn human(bytes: u64) -> String {
+    indicatif::BinaryBytes(bytes).to_string()
+}
+
+fn pool_rows(ps: &[PoolInfo]) -> Vec<Vec<String>> {
+    let mut rows = vec![
+        ["NAME", "PATH", "CAPACITY", "FREE", "VOLUMES"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    rows.extend(ps.iter().map(|p| {
+        vec![
+            p.name.clone(),
+            p.path.display().to_string(),
+            human(p.capacity),
+            human(p.free),
+            p.volumes.to_string(),
+        ]
+    }));
+    rows
+}
+
+fn volume_rows(vs: &[VolumeInfo]) -> Vec<Vec<String>> {
+    let mut rows = vec![
+        ["NAME", "KIND", "PARENT", "SIZE", "ALLOCATED", "IOPS", "BPS"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    let limit = |n: u64| {
+        if n == 0 {
+            "-".to_owned()
+        } else {
+            n.to_string()
+        }
+    };
+    rows.extend(vs.iter().map(|v| {
+        vec![
+            v.name.clone(),
+            v.kind.clone(),
+            v.parent.clone().unwrap_or_else(|| "-".into()),
+            human(v.size),
+            human(v.allocated),
+            limit(v.qos.iops),
+            limit(v.qos.bps),
+        ]
+    }));
+    rows
+}
+
+/// Runs a pool command.
+pub fn pool(c: &Client, cmd: PoolCmd, out: Output) -> Result<(), Error> {
+    match cmd {
+        PoolCmd::List => emit(out, &c.pools()?, |v| pool_rows(v)),
+        PoolCmd::Show { name } => emit(out, &vec![c.pool(&name)?], |v| pool_rows(v)),
+        PoolCmd::Create { name, path, size } => {
+            let path = std::path::absolute(&path).unwrap_or(path);
+            let p = c.create_pool(&PoolSpec { name, path, size })?;
+            emit(out, &vec![p], |v| pool_rows(v));
+        }
+        PoolCmd::Remove { name } => {
+            c.remove_pool(&name)?;
+            done(out, format!("pool {name} no longer served"));
+        }
+        PoolCmd::Check { name, repair } => {
+            let r = c.check(&name, repair)?;
+            emit(out, &r, |r| {
+                let mut rows = vec![vec![
+                    format!(
+                        "pool {name}: {}",
+                        if r.clean { "clean" } else { "PROBLEMS" }
+                    ),
+                    format!("{} volumes", r.volumes),
+                    format!("{}/{} clusters used", r.used_clusters, r.total_clusters),
+                    format!("{} leaked", r.leaked_clusters),
+                ]];
+                rows.extend(r.problems.iter().map(|p| vec![p.clone()]));
+                rows
+            });
+            if !r.clean && !repair {
+                return Err(Error::Api {
+                    status: 200,
+                    code: "check_failed".into(),
+                    message: format!("pool {name} has problems"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn progress(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
+fn local(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::Protocol(format!("{what}: {e}"))
+}
+
+/// Runs a volume command.
+pub fn volume(c: &Client, pool: &str, cmd: VolumeCmd, out: Output) -> Result<(), Error> {
+    match cmd {
+        VolumeCmd::List => emit(out, &c.volumes(pool)?, |v| volume_rows(v)),
+        VolumeCmd::Show { name } => emit(out, &vec![c.volume(pool, &name)?], |v| volume_rows(v)),
+        VolumeCmd::Create { name, size } => {
+            let v = c.create_volume(pool, &VolumeSpec { name, size })?;
+            emit(out, &vec![v], |v| volume_rows(v));
+        }
+        VolumeCmd::Delete { name } => {
+            c.delete_volume(pool, &name)?;
+            done(out, format!("deleted {name}"));
+        }
+        VolumeCmd::Resize { name, size } => {
+            emit(out, &vec![c.resize(pool, &name, size)?], |v| volume_rows(v))
+        }
+        VolumeCmd::Limit { name, iops, bps } => emit(
+            out,
+            &vec![c.set_qos(pool, &name, QosSpec { iops, bps })?],
+            |v| volume_rows(v),
+        ),
+        VolumeCmd::Import { name, file } => {
+            let mut f = File::open(&file).map_err(local(format!("opening {}", file.display())))?;
+            let len = f
+                .metadata()
+                .map_err(local(format!("reading {}", file.display())))?
+                .len();
+            let size = len.div_ceil(512) * 512;
+            let existed = match c.volume(pool, &name) {
+                Ok(v) if v.size < size => {
+                    return Err(Error::Protocol(format!(
+                        "{}: {len} bytes do not fit volume {name} ({} bytes)",
+                        file.display(),
+                        v.size
+                    )));
+                }
+                Ok(_) => true,
+                Err(Error::Api { code, .. }) if code == "not_found" => {
+                    c.create_volume(
+                        pool,
+                        &VolumeSpec {
+                            name: name.clone(),
+                            size,
+                        },
+                    )?;
+                    false
+                }
+                Err(e) => return Err(e),
+            };
+            let bar = progress(len, &format!("import {name}"));
+            let mut buf = vec![0u8; CHUNK as usize];
+            let mut off = 0u64;
+            while off < len {
+                let n = (len - off).min(CHUNK) as usize;
+                f.read_exact(&mut buf[..n])
+                    .map_err(local(format!("reading {}", file.display())))?;
+                let padded = n.div_ceil(512) * 512;
+                buf[n..padded].fill(0);
+                // Only runs of non-zero 4 KiB blocks are sent: zeros stay unallocated.
+                let mut at = 0;
+                while at < padded {
+                    let block = |i: usize| &buf[i..(i + 4096).min(padded)];
+                    if block(at).iter().all(|b| *b == 0) {
+                        let start = at;
+                        while at < padded && block(at).iter().all(|b| *b == 0) {
+                            at += 4096;
+                        }
+                        // A volume that existed may hold data there: zero it (released).
+                        if existed {
+                            let len = (at.min(padded) - start) as u64;
+                            c.write_zeroes(pool, &name, off + start as u64, len)?;
+                        }
+                        continue;
+                    }
+                    let start = at;
+                    while at < padded && block(at).iter().any(|b| *b != 0) {
+                        at += 4096;
+                    }
+                    let end = at.min(padded);
+                    c.write(pool, &name, off + start as u64, &buf[start..end])?;
+                }
+                off += n as u64;
+                bar.set_position(off);
+            }
+            c.flush(pool)?;
+            bar.finish_and_clear();
+            let v = c.volume(pool, &name)?;
+            done(
+                out,
+                format!(
+                    "imported {len} bytes into {name} ({} allocated)",
+                    human(v.allocated)
+                ),
+            );
+        }
+        VolumeCmd::Export { name, file } => {
+            let v = c.volume(pool, &name)?;
+            let mut f =
+                File::create(&file).map_err(local(format!("creating {}", file.display())))?;
+            let bar = progress(v.size, &format!("export {name}"));
+            let mut off = 0u64;
+            while off < v.size {
+                let n = (v.size - off).min(CHUNK);
+                let data = c.read(pool, &name, off, n)?;
+                if data.len() as u64 != n {
+                    return Err(Error::Protocol(format!("short read at {off}")));
+                }
+                if data.iter().all(|b| *b == 0) {
+                    f.seek(SeekFrom::Current(n as i64))
+                        .map_err(local(format!("writing {}", file.display())))?;
+                } else {
+                    f.write_all(&data)
+                        .map_err(local(format!("writing {}", file.display())))?;
+                }
+                off += n;
+                bar.set_position(off);
+            }
+            f.set_len(v.size)
+                .map_err(local(format!("writing {}", file.display())))?;
+            f.sync_all()
+                .map_err(local(format!("writing {}", file.display())))?;
+            bar.finish_and_clear();
+            done(
+                out,
+                format!("exported {name} ({} bytes) to {}", v.size, file.display()),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs a snapshot command.
+pub fn snapshot(c: &Client, pool: &str, cmd: SnapshotCmd, out: Output) -> Result<(), Error> {
+    match cmd {
+        SnapshotCmd::List => {
+            let snaps: Vec<VolumeInfo> = c
+                .volumes(pool)?
+                .into_iter()
+                .filter(|v| v.kind == "snapshot")
+                .collect();
+            emit(out, &snaps, |v| volume_rows(v));
+        }
+        SnapshotCmd::Create { volume, name } => {
+            emit(out, &vec![c.snapshot(pool, &volume, &name)?], |v| {
+                volume_rows(v)
+            })
+        }
+        SnapshotCmd::Delete { name } => {
+            let v = c.volume(pool, &name)?;
+            if v.kind != "snapshot" {
+                return Err(Error::Protocol(format!("{name} is not a snapshot")));
+            }
+            c.delete_volume(pool, &name)?;
+            done(out, format!("deleted snapshot {name}"));
+        }
+    }
+    Ok(())
+}
+
+/// Runs a clone command.
+pub fn clone(c: &Client, pool: &str, cmd: CloneCmd, out: Output) -> Result<(), Error> {
+    match cmd {
+        CloneCmd::Create { snapshot, name } => {
+            emit(out, &vec![c.clone_snapshot(pool, &snapshot, &name)?], |v| {
+                volume_rows(v)
+            })
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("10g"), Ok(10 << 30));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

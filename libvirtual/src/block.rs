@@ -1,0 +1,188 @@
+//! The typed client of vblockd's control API (see `docs/api.md`): pools, volumes, snapshots,
+//! clones, I/O limits, data transfer.
+
+use std::path::{Path, PathBuf};
+
+use vblock::api::{
+    CheckInfo, CloneSpec, PoolInfo, PoolSpec, QosSpec, ResizeSpec, SnapshotSpec, VolumeInfo,
+    VolumeSpec,
+};
+
+use crate::Error;
+use crate::http::{call, check, request, text};
+
+pub use vblock::api::{MAX_TRANSFER, default_socket};
+
+/// A blocking client of one vblockd.
+#[derive(Clone, Debug)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    /// A client of the daemon listening on `socket`.
+    pub fn new(socket: impl AsRef<Path>) -> Client {
+        Client {
+            socket: socket.as_ref().to_owned(),
+        }
+    }
+
+    /// All pools.
+    pub fn pools(&self) -> Result<Vec<PoolInfo>, Error> {
+        call(&self.socket, "GET", "/v1/pools", None::<&()>)
+    }
+
+    /// One pool.
+    pub fn pool(&self, name: &str) -> Result<PoolInfo, Error> {
+        call(
+            &self.socket,
+            "GET",
+            &format!("/v1/pools/{name}"),
+            None::<&()>,
+        )
+    }
+
+    /// Creates (with a size) or opens (without) a pool and serves it.
+    pub fn create_pool(&self, spec: &PoolSpec) -> Result<PoolInfo, Error> {
+        call(&self.socket, "POST", "/v1/pools", Some(spec))
+    }
+
+    /// Stops serving a pool (its file stays).
+    pub fn remove_pool(&self, name: &str) -> Result<(), Error> {
+        call(
+            &self.socket,
+            "DELETE",
+            &format!("/v1/pools/{name}"),
+            None::<&()>,
+        )
+    }
+
+    /// Verifies a pool; with `repair`, reclaims leaked space.
+    pub fn check(&self, pool: &str, repair: bool) -> Result<CheckInfo, Error> {
+        let body = serde_json::json!({ "repair": repair });
+        call(
+            &self.socket,
+            "POST",
+            &format!("/v1/pools/{pool}/check"),
+            Some(&body),
+        )
+    }
+
+    /// Makes everything written to a pool durable.
+    pub fn flush(&self, pool: &str) -> Result<(), Error> {
+        call(
+            &self.socket,
+            "POST",
+            &format!("/v1/pools/{pool}/flush"),
+            None::<&()>,
+        )
+    }
+
+    /// A pool's volumes, snapshots and clones.
+    pub fn volumes(&self, pool: &str) -> Result<Vec<VolumeInfo>, Error> {
+        call(
+            &self.socket,
+            "GET",
+            &format!("/v1/pools/{pool}/volumes"),
+            None::<&()>,
+        )
+    }
+
+    /// One of them.
+    pub fn volume(&self, pool: &str, name: &str) -> Result<VolumeInfo, Error> {
+        let path = format!("/v1/pools/{pool}/volumes/{name}");
+        call(&self.socket, "GET", &path, None::<&()>)
+    }
+
+    /// Creates a thin volume.
+    pub fn create_volume(&self, pool: &str, spec: &VolumeSpec) -> Result<VolumeInfo, Error> {
+        call(
+            &self.socket,
+            "POST",
+            &format!("/v1/pools/{pool}/volumes"),
+            Some(spec),
+        )
+    }
+
+    /// Deletes a volume, snapshot or clone.
+    pub fn delete_volume(&self, pool: &str, name: &str) -> Result<(), Error> {
+        let path = format!("/v1/pools/{pool}/volumes/{name}");
+        call(&self.socket, "DELETE", &path, None::<&()>)
+    }
+
+    /// Grows a volume.
+    pub fn resize(&self, pool: &str, name: &str, size: u64) -> Result<VolumeInfo, Error> {
+        let path = format!("/v1/pools/{pool}/volumes/{name}/resize");
+        call(&self.socket, "POST", &path, Some(&ResizeSpec { size }))
+    }
+
+    /// Sets a volume's I/O limits (0: unlimited).
+    pub fn set_qos(&self, pool: &str, name: &str, qos: QosSpec) -> Result<VolumeInfo, Error> {
+        let path = format!("/v1/pools/{pool}/volumes/{name}/qos");
+        call(&self.socket, "PUT", &path, Some(&qos))
+    }
+
+    /// Takes a snapshot of `source`.
+    pub fn snapshot(&self, pool: &str, source: &str, name: &str) -> Result<VolumeInfo, Error> {
+        let spec = SnapshotSpec {
+            source: source.into(),
+            name: name.into(),
+        };
+        call(
+            &self.socket,
+            "POST",
+            &format!("/v1/pools/{pool}/snapshots"),
+            Some(&spec),
+        )
+    }
+
+    /// Clones a snapshot.
+    pub fn clone_snapshot(
+        &self,
+        pool: &str,
+        snapshot: &str,
+        name: &str,
+    ) -> Result<VolumeInfo, Error> {
+        let spec = CloneSpec {
+            snapshot: snapshot.into(),
+            name: name.into(),
+        };
+        call(
+            &self.socket,
+            "POST",
+            &format!("/v1/pools/{pool}/clones"),
+            Some(&spec),
+        )
+    }
+
+    /// Reads `length` bytes at `offset` (at most [`MAX_TRANSFER`]).
+    pub fn read(&self, pool: &str, name: &str, offset: u64, length: u64) -> Result<Vec<u8>, Error> {
+        let path = format!("/v1/pools/{pool}/volumes/{name}/data?offset={offset}&length={length}");
+        Ok(check(request(&self.socket, "GET", &path, None)?)?.body)
+    }
+
+    /// Writes `data` at `offset` (durable after [`Self::flush`]).
+    pub fn write(&self, pool: &str, name: &str, offset: u64, data: &[u8]) -> Result<(), Error> {
+        let path = format!("/v1/pools/{pool}/volumes/{name}/data?offset={offset}");
+        check(request(&self.socket, "PUT", &path, Some(data))?)?;
+        Ok(())
+    }
+
+    /// Zeroes `length` bytes at `offset` (whole 4 KiB blocks are released).
+    pub fn write_zeroes(
+        &self,
+        pool: &str,
+        name: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), Error> {
+        let path = format!("/v1/pools/{pool}/volumes/{name}/zero?offset={offset}&length={length}");
+        check(request(&self.socket, "POST", &path, None)?)?;
+        Ok(())
+    }
+
+    /// The Prometheus text of every counter.
+    pub fn metrics(&self) -> Result<String, Error> {
+        text(&self.socket, "/metrics")
+    }
+}

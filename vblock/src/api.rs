@@ -1,0 +1,164 @@
+//! Request and response types of vblockd's control API (HTTP/1.1 + JSON on a unix socket,
+//! documented in `docs/api.md`), shared by the server and its clients.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The default run directory: `/run/libvirtual` as root, `$XDG_RUNTIME_DIR/libvirtual`
+/// otherwise.
+pub fn default_run_dir() -> PathBuf {
+    // Root: /proc/self belongs to the effective user of this process.
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+        PathBuf::from("/run/libvirtual")
+    } else {
+        std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+            .join("libvirtual")
+    }
+}
+
+/// The default API socket of vblockd: `vblockd.sock` in [`default_run_dir`].
+pub fn default_socket() -> PathBuf {
+    default_run_dir().join("vblockd.sock")
+}
+
+/// A pool to create or open (`POST /v1/pools`), and as persisted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolSpec {
+    /// Unique name.
+    pub name: String,
+    /// The file or block device it lives on.
+    pub path: PathBuf,
+    /// With a size, a new pool file of that many bytes is created and formatted; without,
+    /// an existing pool is opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+/// A pool as reported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolInfo {
+    /// Name.
+    pub name: String,
+    /// Where it lives.
+    pub path: PathBuf,
+    /// Bytes of data space.
+    pub capacity: u64,
+    /// Bytes of data space free.
+    pub free: u64,
+    /// Number of volumes, snapshots and clones.
+    pub volumes: usize,
+}
+
+/// A volume to create (`POST /v1/pools/{pool}/volumes`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    /// Unique name in the pool.
+    pub name: String,
+    /// Virtual size in bytes (a multiple of 512).
+    pub size: u64,
+}
+
+/// I/O limits; 0 or absent means unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QosSpec {
+    /// Requests per second.
+    #[serde(default)]
+    pub iops: u64,
+    /// Bytes per second.
+    #[serde(default)]
+    pub bps: u64,
+}
+
+/// A volume, snapshot or clone as reported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    /// Name.
+    pub name: String,
+    /// `volume` or `snapshot`.
+    pub kind: String,
+    /// What it was made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Bytes of data it maps (shared data counts for each sharer).
+    pub allocated: u64,
+    /// I/O limits.
+    pub qos: QosSpec,
+}
+
+/// A snapshot to take (`POST /v1/pools/{pool}/snapshots`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotSpec {
+    /// The volume (or snapshot) to snapshot.
+    pub source: String,
+    /// The snapshot's name.
+    pub name: String,
+}
+
+/// A clone to make (`POST /v1/pools/{pool}/clones`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneSpec {
+    /// The snapshot to clone.
+    pub snapshot: String,
+    /// The clone's name.
+    pub name: String,
+}
+
+/// A new size (`POST /v1/pools/{pool}/volumes/{name}/resize`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResizeSpec {
+    /// New size in bytes (not smaller than the current one).
+    pub size: u64,
+}
+
+/// What `POST /v1/pools/{pool}/check` found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckInfo {
+    /// Volumes checked.
+    pub volumes: usize,
+    /// Data clusters referenced.
+    pub used_clusters: u64,
+    /// Data clusters in the pool.
+    pub total_clusters: u64,
+    /// Leaked clusters found (reclaimed with `repair`).
+    pub leaked_clusters: u64,
+    /// Problems found.
+    pub problems: Vec<String>,
+    /// True if nothing is wrong.
+    pub clean: bool,
+}
+
+/// Where data goes or comes from (`?offset=&length=` of the data endpoints).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataRange {
+    /// Byte offset (a multiple of 512).
+    #[serde(default)]
+    pub offset: u64,
+    /// Bytes to read (reads only; at most 16 MiB).
+    #[serde(default)]
+    pub length: Option<u64>,
+}
+
+/// Largest data transfer of one request.
+pub const MAX_TRANSFER: u64 = 16 << 20;
+
+/// The error body of every failed request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    /// The error.
+    pub error: ErrorBody,
+}
+
+/// An error: a stable code and a human message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// `not_found`, `conflict`, `invalid`, `no_space`, `internal`.
+    pub code: String,
+    /// What went wrong.
+    pub message: String,
+}

@@ -1,0 +1,54 @@
+//! vblockd's configuration: a TOML file, overridden by command-line flags.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::api::PoolSpec;
+
+/// Settings from the config file; every field is optional there.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Directory of the control socket (and vhost-user sockets).
+    pub run_dir: Option<PathBuf>,
+    /// Directory of the persisted state.
+    pub state_dir: Option<PathBuf>,
+    /// Pools to open at start (in addition to those created through the API).
+    #[serde(default)]
+    pub pools: Vec<PoolSpec>,
+    /// `human` or `json`.
+    pub log_format: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_keys_and_rejects_unknown_ones() {
+        let cfg: FileConfig = toml::from_str(
+            r#"
+            run_dir = "/tmp/run"
+            state_dir = "/tmp/state"
+            log_format = "json"
+            [[pools]]
+            name = "fast"
+            path = "/var/lib/libvirtual/fast.pool"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.pools.len(), 1);
+        assert_eq!(cfg.pools[0].name, "fast");
+        assert!(toml::from_str::<FileConfig>("pool = 1").is_err());
+    }
+}

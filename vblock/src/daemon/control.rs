@@ -1,0 +1,476 @@
+//! vblockd's control logic: pools opened on io_uring devices, volume operations made durable
+//! before they are acknowledged, the list of pools persisted atomically.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use daemon_kit::ApiError;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+
+use crate::api::{
+    CheckInfo, CloneSpec, DataRange, MAX_TRANSFER, PoolInfo, PoolSpec, QosSpec, SnapshotSpec,
+    VolumeInfo, VolumeSpec,
+};
+use crate::format::CLUSTER_SIZE;
+use crate::uring::UringDevice;
+use crate::{Error, Kind, Pool, PoolOptions, Qos};
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+/// Maps store errors to API errors.
+pub fn api_error(e: Error) -> ApiError {
+    let m = e.to_string();
+    match e {
+        Error::NotFound(_) => ApiError::NotFound(m),
+        Error::Exists(_) | Error::ReadOnly(_) => ApiError::Conflict(m),
+        Error::Invalid(_) | Error::OutOfRange(_) => ApiError::Invalid(m),
+        Error::NoSpace => ApiError::NoSpace(m),
+        Error::Corrupt(_) | Error::NotAPool(_) | Error::Io(..) => ApiError::Internal(m),
+    }
+}
+
+/// I/O counters of one volume (through the API and, later, vhost-user and NBD).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoStats {
+    /// Read requests.
+    pub reads: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Write requests.
+    pub writes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+}
+
+/// An open pool.
+pub struct PoolHandle {
+    /// Name and path.
+    pub spec: PoolSpec,
+    /// The pool.
+    pub pool: Pool<UringDevice>,
+    stats: Mutex<HashMap<String, IoStats>>,
+}
+
+impl std::fmt::Debug for PoolHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolHandle")
+            .field("spec", &self.spec)
+            .finish()
+    }
+}
+
+fn volume_info(v: crate::VolumeInfo) -> VolumeInfo {
+    VolumeInfo {
+        name: v.name,
+        kind: match v.kind {
+            Kind::Volume => "volume".into(),
+            Kind::Snapshot => "snapshot".into(),
+        },
+        parent: v.parent,
+        size: v.size,
+        allocated: v.allocated,
+        qos: QosSpec {
+            iops: v.qos.iops,
+            bps: v.qos.bps,
+        },
+    }
+}
+
+impl PoolHandle {
+    fn info(&self) -> PoolInfo {
+        let (total, free) = self.pool.space();
+        PoolInfo {
+            name: self.spec.name.clone(),
+            path: self.spec.path.clone(),
+            capacity: total * CLUSTER_SIZE as u64,
+            free: free * CLUSTER_SIZE as u64,
+            volumes: self.pool.list().len(),
+        }
+    }
+
+    /// Changes metadata and commits it before answering.
+    fn durable<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&Pool<UringDevice>) -> std::result::Result<T, Error>,
+    ) -> Result<T> {
+        let out = f(&self.pool).map_err(api_error)?;
+        self.pool.flush().map_err(api_error)?;
+        tracing::info!(pool = %self.spec.name, "{what}");
+        Ok(out)
+    }
+
+    /// All volumes, snapshots and clones.
+    pub fn volumes(&self) -> Vec<VolumeInfo> {
+        self.pool.list().into_iter().map(volume_info).collect()
+    }
+
+    /// One of them.
+    pub fn volume(&self, name: &str) -> Result<VolumeInfo> {
+        self.pool.volume(name).map(volume_info).map_err(api_error)
+    }
+
+    /// Creates a thin volume.
+    pub fn create_volume(&self, spec: &VolumeSpec) -> Result<VolumeInfo> {
+        self.durable(&format!("volume {} created", spec.name), |p| {
+            p.create_volume(&spec.name, spec.size)
+        })?;
+        self.volume(&spec.name)
+    }
+
+    /// Deletes a volume, snapshot or clone.
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        self.durable(&format!("{name} deleted"), |p| p.delete(name))?;
+        self.stats_lock().remove(name);
+        Ok(())
+    }
+
+    /// Grows a volume.
+    pub fn resize(&self, name: &str, size: u64) -> Result<VolumeInfo> {
+        self.durable(&format!("{name} resized to {size}"), |p| {
+            p.resize(name, size)
+        })?;
+        self.volume(name)
+    }
+
+    /// Sets I/O limits (live).
+    pub fn set_qos(&self, name: &str, q: QosSpec) -> Result<VolumeInfo> {
+        let qos = Qos {
+            iops: q.iops,
+            bps: q.bps,
+        };
+        self.durable(&format!("{name} limits set"), |p| p.set_qos(name, qos))?;
+        self.volume(name)
+    }
+
+    /// Takes a snapshot.
+    pub fn snapshot(&self, spec: &SnapshotSpec) -> Result<VolumeInfo> {
+        self.durable(&format!("snapshot {} of {}", spec.name, spec.source), |p| {
+            p.snapshot(&spec.source, &spec.name)
+        })?;
+        self.volume(&spec.name)
+    }
+
+    /// Clones a snapshot.
+    pub fn clone_snapshot(&self, spec: &CloneSpec) -> Result<VolumeInfo> {
+        self.durable(&format!("clone {} of {}", spec.name, spec.snapshot), |p| {
+            p.clone_snapshot(&spec.snapshot, &spec.name)
+        })?;
+        self.volume(&spec.name)
+    }
+
+    /// Commits everything written so far.
+    pub fn flush(&self) -> Result<()> {
+        self.pool.flush().map_err(api_error)
+    }
+
+    /// Verifies the pool (and reclaims leaks with `repair`).
+    pub fn check(&self, repair: bool) -> Result<CheckInfo> {
+        let r = self.pool.check(repair).map_err(api_error)?;
+        Ok(CheckInfo {
+            clean: r.is_clean(),
+            volumes: r.volumes,
+            used_clusters: r.used_clusters,
+            total_clusters: r.total_clusters,
+            leaked_clusters: r.leaked_clusters,
+            problems: r.problems,
+        })
+    }
+
+    fn stats_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, IoStats>> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads `range.length` bytes (default: to the end, at most [`MAX_TRANSFER`]).
+    pub fn read(&self, name: &str, range: DataRange) -> Result<Vec<u8>> {
+        let size = self.pool.volume(name).map_err(api_error)?.size;
+        let len = range
+            .length
+            .unwrap_or_else(|| size.saturating_sub(range.offset))
+            .min(MAX_TRANSFER);
+        let mut buf = vec![0u8; len as usize];
+        self.pool
+            .read(name, range.offset, &mut buf)
+            .map_err(api_error)?;
+        let mut stats = self.stats_lock();
+        let s = stats.entry(name.to_owned()).or_default();
+        s.reads += 1;
+        s.read_bytes += len;
+        Ok(buf)
+    }
+
+    /// Zeroes `range.length` bytes at `range.offset` (whole 4 KiB blocks are released);
+    /// durable after the next flush.
+    pub fn write_zeroes(&self, name: &str, range: DataRange) -> Result<()> {
+        let len = range
+            .length
+            .ok_or_else(|| ApiError::Invalid("length is required".into()))?;
+        self.pool
+            .write_zeroes(name, range.offset, len)
+            .map_err(api_error)
+    }
+
+    /// Writes `data` at `offset`; durable after the next flush, like a disk.
+    pub fn write(&self, name: &str, offset: u64, data: &[u8]) -> Result<()> {
+        if data.len() as u64 > MAX_TRANSFER {
+            return Err(ApiError::Invalid(format!(
+                "{} bytes: at most {MAX_TRANSFER} per request",
+                data.len()
+            )));
+        }
+        self.pool.write(name, offset, data).map_err(api_error)?;
+        let mut stats = self.stats_lock();
+        let s = stats.entry(name.to_owned()).or_default();
+        s.writes += 1;
+        s.write_bytes += data.len() as u64;
+        Ok(())
+    }
+}
+
+/// Everything vblockd persists: the pools it serves.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct State {
+    /// Format version.
+    pub version: u32,
+    /// Pools, by creation order.
+    pub pools: Vec<PoolSpec>,
+}
+
+/// The daemon's control plane.
+pub struct Control {
+    pools: BTreeMap<String, Arc<PoolHandle>>,
+    state: State,
+    path: PathBuf,
+}
+
+fn check_pool_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(ApiError::Invalid(format!(
+            "pool name {name:?}: 1 to 64 of A-Z a-z 0-9 - _ ."
+        )));
+    }
+    Ok(())
+}
+
+impl Control {
+    /// Opens the pools saved in `state_dir` and those of the config; returns the control plane
+    /// and the problems of pools that could not be opened (they are kept in the state).
+    pub fn restore(
+        state_dir: &Path,
+        configured: &[PoolSpec],
+    ) -> std::io::Result<(Control, Vec<String>)> {
+        std::fs::create_dir_all(state_dir)?;
+        let path = state_dir.join("vblockd.json");
+        let saved: State = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(e),
+        };
+        let mut control = Control {
+            pools: BTreeMap::new(),
+            state: State {
+                version: 1,
+                pools: saved.pools.clone(),
+            },
+            path,
+        };
+        let mut problems = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for spec in saved.pools.iter().chain(configured) {
+            if !seen.insert(spec.name.clone()) {
+                continue;
+            }
+            let open = PoolSpec {
+                size: None,
+                ..spec.clone()
+            };
+            match control.open(open) {
+                Ok(h) => {
+                    control.pools.insert(spec.name.clone(), h);
+                }
+                Err(e) => problems.push(format!("pool {}: {}", spec.name, e.message())),
+            }
+        }
+        Ok((control, problems))
+    }
+
+    fn open(&self, spec: PoolSpec) -> Result<Arc<PoolHandle>> {
+        let pool = match spec.size {
+            Some(size) => {
+                if spec.path.exists() {
+                    return Err(ApiError::Conflict(format!(
+                        "{} exists: open it without a size, or remove it",
+                        spec.path.display()
+                    )));
+                }
+                let dev = UringDevice::create(&spec.path, size).map_err(api_error)?;
+                Pool::create(dev, PoolOptions::default()).map_err(|e| match e {
+                    Error::Invalid(m) => ApiError::Invalid(m),
+                    e => api_error(e),
+                })?
+            }
+            None => {
+                let dev = UringDevice::open(&spec.path).map_err(|e| match e {
+                    Error::Io(what, err) if err.kind() == std::io::ErrorKind::NotFound => {
+                        ApiError::NotFound(format!("{what}: {err}"))
+                    }
+                    e => api_error(e),
+                })?;
+                Pool::open(dev).map_err(|e| match e {
+                    Error::NotAPool(m) => ApiError::Invalid(format!(
+                        "{}: not a vblock pool: {m}",
+                        spec.path.display()
+                    )),
+                    e => api_error(e),
+                })?
+            }
+        };
+        Ok(Arc::new(PoolHandle {
+            spec: PoolSpec { size: None, ..spec },
+            pool,
+            stats: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    fn save(&self) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(&self.state)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        daemon_kit::save_atomic(&self.path, &bytes)
+            .map_err(|e| ApiError::Internal(format!("saving state: {e}")))
+    }
+
+    /// All open pools.
+    pub fn pools(&self) -> Vec<PoolInfo> {
+        self.pools.values().map(|h| h.info()).collect()
+    }
+
+    /// An open pool.
+    pub fn pool(&self, name: &str) -> Result<Arc<PoolHandle>> {
+        self.pools
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("no pool {name}")))
+    }
+
+    /// Creates (with a size) or opens a pool and serves it from now on.
+    pub fn create_pool(&mut self, spec: PoolSpec) -> Result<PoolInfo> {
+        check_pool_name(&spec.name)?;
+        if self.pools.contains_key(&spec.name) {
+            return Err(ApiError::Conflict(format!("pool {} exists", spec.name)));
+        }
+        if self.pools.values().any(|h| h.spec.path == spec.path) {
+            return Err(ApiError::Conflict(format!(
+                "{} is served already",
+                spec.path.display()
+            )));
+        }
+        let h = self.open(spec.clone())?;
+        let info = h.info();
+        self.pools.insert(spec.name.clone(), h);
+        self.state.pools.retain(|p| p.name != spec.name);
+        self.state.pools.push(PoolSpec {
+            size: None,
+            ..spec.clone()
+        });
+        self.save()?;
+        tracing::info!(pool = %spec.name, path = %spec.path.display(), "pool served");
+        Ok(info)
+    }
+
+    /// Stops serving a pool (closing it cleanly); its file stays.
+    pub fn remove_pool(&mut self, name: &str) -> Result<()> {
+        let h = self
+            .pools
+            .remove(name)
+            .ok_or_else(|| ApiError::NotFound(format!("no pool {name}")))?;
+        self.state.pools.retain(|p| p.name != name);
+        self.save()?;
+        close(h);
+        tracing::info!(pool = name, "pool no longer served");
+        Ok(())
+    }
+
+    /// Closes every pool cleanly (journal folded into a checkpoint).
+    pub fn close_all(&mut self) {
+        for (_, h) in std::mem::take(&mut self.pools) {
+            close(h);
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn metrics(&self) -> Result<String> {
+        type Labels = Vec<(String, String)>;
+        let mut reg = Registry::with_prefix("vblock");
+        let capacity = Family::<Labels, Gauge>::default();
+        let free = Family::<Labels, Gauge>::default();
+        let size = Family::<Labels, Gauge>::default();
+        let allocated = Family::<Labels, Gauge>::default();
+        let reads = Family::<Labels, Counter>::default();
+        let read_bytes = Family::<Labels, Counter>::default();
+        let writes = Family::<Labels, Counter>::default();
+        let write_bytes = Family::<Labels, Counter>::default();
+        for h in self.pools.values() {
+            let info = h.info();
+            let pl = vec![("pool".to_owned(), info.name.clone())];
+            capacity.get_or_create(&pl).set(info.capacity as i64);
+            free.get_or_create(&pl).set(info.free as i64);
+            let stats = h.stats_lock().clone();
+            for v in h.volumes() {
+                let vl = vec![
+                    ("pool".to_owned(), info.name.clone()),
+                    ("volume".to_owned(), v.name.clone()),
+                ];
+                size.get_or_create(&vl).set(v.size as i64);
+                allocated.get_or_create(&vl).set(v.allocated as i64);
+                let s = stats.get(&v.name).copied().unwrap_or_default();
+                reads.get_or_create(&vl).inc_by(s.reads);
+                read_bytes.get_or_create(&vl).inc_by(s.read_bytes);
+                writes.get_or_create(&vl).inc_by(s.writes);
+                write_bytes.get_or_create(&vl).inc_by(s.write_bytes);
+            }
+        }
+        reg.register("pool_capacity_bytes", "Data space of a pool", capacity);
+        reg.register("pool_free_bytes", "Free data space of a pool", free);
+        reg.register("volume_size_bytes", "Virtual size of a volume", size);
+        reg.register("volume_allocated_bytes", "Data a volume maps", allocated);
+        reg.register("volume_reads", "Read requests", reads);
+        reg.register("volume_read_bytes", "Bytes read", read_bytes);
+        reg.register("volume_writes", "Write requests", writes);
+        reg.register("volume_written_bytes", "Bytes written", write_bytes);
+        let mut out = String::new();
+        encode(&mut out, &reg).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let _ = writeln!(out);
+        Ok(out)
+    }
+}
+
+fn close(h: Arc<PoolHandle>) {
+    match Arc::try_unwrap(h) {
+        Ok(h) => {
+            if let Err(e) = h.pool.close() {
+                tracing::error!(pool = %h.spec.name, error = %e, "closing the pool");
+            }
+        }
+        // Still in use by a request: it is flushed; the journal is folded at the next open.
+        Err(h) => {
+            let _ = h.pool.flush();
+        }
+    }
+}
