@@ -315,6 +315,24 @@ fn pools_volumes_images_snapshots_and_restarts() {
     let mut d = d;
     assert!(d.terminate(), "vblockd exits cleanly on SIGTERM");
     assert!(!bed.socket().exists(), "the socket is removed");
+    // The offline checker agrees, and refuses what is not a pool.
+    let vblock = workspace_binary("vblock").unwrap();
+    let out = Command::new(&vblock)
+        .args(["check", &path(&pool_file)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("0 leaked"), "{text}");
+    let out = Command::new(&vblock)
+        .args(["check", &path(&raw)])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _d = bed.start();
     let back = bed.dir.join("back.raw");
     bed.ok(&["volume", "export", "snap1", &path(&back)]);
