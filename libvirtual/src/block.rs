@@ -181,6 +181,22 @@ impl Client {
         Ok(())
     }
 
+    /// Where `to` differs from `from` (or, without, everything `to` maps).
+    pub fn diff(
+        &self,
+        pool: &str,
+        to: &str,
+        from: Option<&str>,
+    ) -> Result<Vec<vblock::DiffRange>, Error> {
+        let q = from.map(|f| format!("?from={f}")).unwrap_or_default();
+        call(
+            &self.socket,
+            "GET",
+            &format!("/v1/pools/{pool}/volumes/{to}/diff{q}"),
+            None::<&()>,
+        )
+    }
+
     /// The Prometheus text of every counter.
     pub fn metrics(&self) -> Result<String, Error> {
         text(&self.socket, "/metrics")

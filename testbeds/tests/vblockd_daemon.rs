@@ -246,6 +246,87 @@ fn pools_volumes_images_snapshots_and_restarts() {
         serde_json::from_str(&bed.ok(&["pool", "check", "default", "-o", "json"])).unwrap();
     assert_eq!(check["clean"], true, "{check}");
 
+    // Moving a volume to another pool by files: a full diff stream of snap1, then only what
+    // changed until snap2.
+    c.write_zeroes("default", "disk", 32 << 20, 1 << 20)
+        .unwrap();
+    bed.ok(&["snapshot", "create", "disk", "snap2"]);
+    let remote_file = bed.dir.join("remote.pool");
+    bed.ok(&[
+        "pool",
+        "create",
+        "remote",
+        &path(&remote_file),
+        "--size",
+        "128M",
+    ]);
+    let full = bed.dir.join("full.diff");
+    let inc = bed.dir.join("inc.diff");
+    bed.ok(&["snapshot", "diff-export", "snap1", &path(&full)]);
+    bed.ok(&[
+        "snapshot",
+        "--pool",
+        "remote",
+        "diff-import",
+        "disk",
+        &path(&full),
+    ]);
+    bed.ok(&[
+        "snapshot",
+        "diff-export",
+        "--from",
+        "snap1",
+        "snap2",
+        &path(&inc),
+    ]);
+    let (full_len, inc_len) = (
+        std::fs::metadata(&full).unwrap().len(),
+        std::fs::metadata(&inc).unwrap().len(),
+    );
+    assert!(
+        full_len > 5 << 20 && inc_len < 100 << 10,
+        "full {full_len}, incremental {inc_len}"
+    );
+    // A damaged stream is refused before anything is written.
+    let mut bad = std::fs::read(&inc).unwrap();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x40;
+    let bad_file = bed.dir.join("bad.diff");
+    std::fs::write(&bad_file, &bad).unwrap();
+    let (code, text) = bed.vctl(&[
+        "snapshot",
+        "--pool",
+        "remote",
+        "diff-import",
+        "disk",
+        &path(&bad_file),
+    ]);
+    assert_eq!(code, 1, "{text}");
+    bed.ok(&[
+        "snapshot",
+        "--pool",
+        "remote",
+        "diff-import",
+        "disk",
+        &path(&inc),
+    ]);
+    let (a, b) = (bed.dir.join("a.raw"), bed.dir.join("b.raw"));
+    bed.ok(&["volume", "export", "snap2", &path(&a)]);
+    bed.ok(&["volume", "--pool", "remote", "export", "disk", &path(&b)]);
+    tool(
+        "qemu-img",
+        &[
+            "compare",
+            "-q",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &path(&a),
+            &path(&b),
+        ],
+    );
+
     // kill -9 under a write workload: what a flush acknowledged survives; the rest is old or
     // new, block by block.
     c.create_volume(

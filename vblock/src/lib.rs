@@ -9,6 +9,7 @@
 //! * [`qos`]: per-volume IOPS and bandwidth limits (token buckets that delay requests).
 //! * [`api`]: vblockd's API types; `daemon` (feature `daemon`, on by default): vblockd's
 //!   config, control logic and HTTP server.
+//! * [`diffstream`]: snapshot diff streams (incremental export/import between pools).
 //! * [`pool`]: a pool on a device: volume I/O, flush = commit, open = recovery, check.
 
 pub mod api;
@@ -16,6 +17,7 @@ pub mod checkpoint;
 #[cfg(feature = "daemon")]
 pub mod daemon;
 pub mod device;
+pub mod diffstream;
 mod error;
 pub mod format;
 pub mod journal;
@@ -27,4 +29,4 @@ pub mod uring;
 
 pub use error::Error;
 pub use meta::{Kind, Qos};
-pub use pool::{CheckReport, Pool, PoolOptions, VolumeInfo};
+pub use pool::{CheckReport, DiffRange, Pool, PoolOptions, VolumeInfo};

@@ -669,6 +669,59 @@ impl Meta {
         n * crate::format::BLOCK_SIZE as u64
     }
 
+    /// The virtual clusters whose entries differ between volume `from` (or an empty volume)
+    /// and volume `to`, in order, with both entries. Subtrees the two share are skipped
+    /// without a look inside, so the cost follows the changes, not the volume size.
+    pub fn diff(&self, from: Option<u64>, to: u64) -> Vec<(u64, Entry, Entry)> {
+        fn entry_at(node: Option<&Node>, i: usize) -> Entry {
+            match node {
+                Some(Node::Leaf(entries)) => entries[i],
+                _ => Entry::default(),
+            }
+        }
+        fn child(node: Option<&Node>, i: usize) -> Option<&Arc<Node>> {
+            match node {
+                Some(Node::Inner(children)) => children[i].as_ref(),
+                _ => None,
+            }
+        }
+        fn walk(
+            a: Option<&Arc<Node>>,
+            b: Option<&Arc<Node>>,
+            level: u32,
+            base: u64,
+            out: &mut Vec<(u64, Entry, Entry)>,
+        ) {
+            match (a, b) {
+                (None, None) => return,
+                (Some(x), Some(y)) if Arc::ptr_eq(x, y) => return,
+                _ => {}
+            }
+            let (a, b) = (a.map(|n| &**n), b.map(|n| &**n));
+            for i in 0..FANOUT {
+                if level == 0 {
+                    let (ea, eb) = (entry_at(a, i), entry_at(b, i));
+                    if ea != eb {
+                        out.push((base + i as u64, ea, eb));
+                    }
+                } else {
+                    let step = (FANOUT as u64).pow(level);
+                    walk(
+                        child(a, i),
+                        child(b, i),
+                        level - 1,
+                        base + i as u64 * step,
+                        out,
+                    );
+                }
+            }
+        }
+        let root = |id: u64| self.volumes.get(&id).and_then(|v| v.root.as_ref());
+        let mut out = Vec::new();
+        walk(from.and_then(root), root(to), LEVELS - 1, 0, &mut out);
+        out
+    }
+
     /// Calls `f` for every mapped entry of a volume, in virtual order.
     pub fn for_each_entry(&self, id: u64, mut f: impl FnMut(u64, Entry)) {
         fn walk(node: &Node, level: u32, base: u64, f: &mut dyn FnMut(u64, Entry)) {
@@ -797,6 +850,33 @@ mod tests {
         }
         m.committed();
         assert_eq!(m.used_clusters(), 100);
+    }
+
+    #[test]
+    fn diffs_skip_shared_subtrees_and_find_every_change() {
+        let mut m = Meta::new(100);
+        let v = m.create_volume("v", 1 << 36).unwrap();
+        for vc in [3u64, 600, 300_000] {
+            let c = m.allocate().unwrap();
+            m.set_entry(v, vc, e(c)).unwrap();
+        }
+        let s1 = m.snapshot("v", "s1").unwrap();
+        assert!(m.diff(Some(s1), v).is_empty());
+        let c = m.allocate().unwrap();
+        m.set_entry(
+            v,
+            600,
+            Entry {
+                cluster: c,
+                bitmap: 3,
+            },
+        )
+        .unwrap();
+        m.set_entry(v, 300_000, Entry::default()).unwrap();
+        let d: Vec<u64> = m.diff(Some(s1), v).iter().map(|(vc, _, _)| *vc).collect();
+        assert_eq!(d, vec![600, 300_000]);
+        let all: Vec<u64> = m.diff(None, s1).iter().map(|(vc, _, _)| *vc).collect();
+        assert_eq!(all, vec![3, 600, 300_000]);
     }
 
     #[test]

@@ -166,6 +166,11 @@ impl PoolHandle {
         self.volume(&spec.name)
     }
 
+    /// Where `to` differs from `from` (or from nothing).
+    pub fn diff(&self, from: Option<&str>, to: &str) -> Result<Vec<crate::DiffRange>> {
+        self.pool.diff(from, to).map_err(api_error)
+    }
+
     /// Commits everything written so far.
     pub fn flush(&self) -> Result<()> {
         self.pool.flush().map_err(api_error)

@@ -72,6 +72,7 @@ pub fn router(shared: Shared) -> Router {
                 .layer(DefaultBodyLimit::max(MAX_TRANSFER as usize)),
         )
         .route("/v1/pools/{pool}/volumes/{name}/zero", post(zero_data))
+        .route("/v1/pools/{pool}/volumes/{name}/diff", get(diff))
         .route("/v1/pools/{pool}/snapshots", post(snapshot))
         .route("/v1/pools/{pool}/clones", post(clone_snapshot))
         .route("/metrics", get(metrics))
@@ -208,6 +209,24 @@ async fn zero_data(
     let Query(range) = range?;
     on_pool(s, pool, move |h| h.write_zeroes(&name, range)).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `?from=` of the diff endpoint.
+#[derive(Debug, Default, Deserialize)]
+struct DiffQuery {
+    from: Option<String>,
+}
+
+async fn diff(
+    State(s): State<Shared>,
+    Path((pool, name)): Path<(String, String)>,
+    q: Result<Query<DiffQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = q?;
+    Ok(ok(on_pool(s, pool, move |h| {
+        h.diff(q.from.as_deref(), &name)
+    })
+    .await?))
 }
 
 async fn snapshot(

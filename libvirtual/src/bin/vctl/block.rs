@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use libvirtual::Error;
 use libvirtual::block::Client;
 use vblock::api::{PoolInfo, PoolSpec, QosSpec, VolumeInfo, VolumeSpec};
+use vblock::diffstream::{Change, DiffWriter, next_change, read_header};
 
 use crate::{Output, done, emit};
 
@@ -99,6 +100,18 @@ pub enum SnapshotCmd {
     Create { volume: String, name: String },
     /// Delete a snapshot.
     Delete { name: String },
+    /// Write the blocks in which SNAPSHOT differs from --from (or all its data) to FILE: a diff
+    /// stream that `diff-import` applies on another pool.
+    DiffExport {
+        snapshot: String,
+        file: PathBuf,
+        /// The older snapshot the receiver already has.
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// Apply a diff stream to VOLUME (created from a full stream if it does not exist); the
+    /// whole stream is checked before anything is written.
+    DiffImport { volume: String, file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -360,6 +373,115 @@ pub fn snapshot(c: &Client, pool: &str, cmd: SnapshotCmd, out: Output) -> Result
             emit(out, &vec![c.snapshot(pool, &volume, &name)?], |v| {
                 volume_rows(v)
             })
+        }
+        SnapshotCmd::DiffExport {
+            snapshot,
+            file,
+            from,
+        } => {
+            let v = c.volume(pool, &snapshot)?;
+            if v.kind != "snapshot" {
+                return Err(Error::Protocol(format!("{snapshot} is not a snapshot")));
+            }
+            let ranges = c.diff(pool, &snapshot, from.as_deref())?;
+            let total: u64 = ranges.iter().filter(|r| !r.zero).map(|r| r.length).sum();
+            let f = File::create(&file).map_err(local(format!("creating {}", file.display())))?;
+            let werr = || local(format!("writing {}", file.display()));
+            let mut w = DiffWriter::new(std::io::BufWriter::new(f), v.size, from.is_none())
+                .map_err(werr())?;
+            let bar = progress(total, &format!("diff {snapshot}"));
+            let mut sent = 0;
+            for r in &ranges {
+                if r.zero {
+                    w.push(&Change::Zero(r.offset, r.length)).map_err(werr())?;
+                    continue;
+                }
+                let mut off = r.offset;
+                while off < r.offset + r.length {
+                    let n = (r.offset + r.length - off).min(CHUNK);
+                    let data = c.read(pool, &snapshot, off, n)?;
+                    w.push(&Change::Data(off, data)).map_err(werr())?;
+                    off += n;
+                    sent += n;
+                    bar.set_position(sent);
+                }
+            }
+            let f = w.finish().map_err(werr())?;
+            f.into_inner()
+                .map_err(|e| Error::Protocol(format!("writing {}: {e}", file.display())))?
+                .sync_all()
+                .map_err(werr())?;
+            bar.finish_and_clear();
+            done(
+                out,
+                format!(
+                    "{} ranges, {} of data from {snapshot}{} to {}",
+                    ranges.len(),
+                    human(total),
+                    from.map(|f| format!(" (since {f})")).unwrap_or_default(),
+                    file.display()
+                ),
+            );
+        }
+        SnapshotCmd::DiffImport { volume, file } => {
+            let rerr = || local(format!("reading {}", file.display()));
+            let open = || -> Result<_, Error> {
+                let f = File::open(&file).map_err(rerr())?;
+                Ok(std::io::BufReader::new(f))
+            };
+            // Pass 1: the whole stream is intact.
+            let mut r = open()?;
+            let mut crc = crc32fast::Hasher::new();
+            let head = read_header(&mut r, &mut crc).map_err(rerr())?;
+            let mut bytes = 0u64;
+            while let Some(ch) = next_change(&mut r, &mut crc, head.size).map_err(rerr())? {
+                if let Change::Data(_, d) = ch {
+                    bytes += d.len() as u64;
+                }
+            }
+            match c.volume(pool, &volume) {
+                Ok(v) if v.size != head.size => {
+                    return Err(Error::Protocol(format!(
+                        "{}: a diff of a {} byte volume, {volume} has {}",
+                        file.display(),
+                        head.size,
+                        v.size
+                    )));
+                }
+                Ok(_) => {}
+                Err(Error::Api { code, .. }) if code == "not_found" && head.full => {
+                    c.create_volume(
+                        pool,
+                        &VolumeSpec {
+                            name: volume.clone(),
+                            size: head.size,
+                        },
+                    )?;
+                }
+                Err(e) => return Err(e),
+            }
+            // Pass 2: apply.
+            let bar = progress(bytes, &format!("apply to {volume}"));
+            let mut r = open()?;
+            let mut crc = crc32fast::Hasher::new();
+            read_header(&mut r, &mut crc).map_err(rerr())?;
+            let mut applied = 0;
+            while let Some(ch) = next_change(&mut r, &mut crc, head.size).map_err(rerr())? {
+                match ch {
+                    Change::Data(off, d) => {
+                        c.write(pool, &volume, off, &d)?;
+                        applied += d.len() as u64;
+                        bar.set_position(applied);
+                    }
+                    Change::Zero(off, len) => c.write_zeroes(pool, &volume, off, len)?,
+                }
+            }
+            c.flush(pool)?;
+            bar.finish_and_clear();
+            done(
+                out,
+                format!("applied {} of data to {volume}", human(applied)),
+            );
         }
         SnapshotCmd::Delete { name } => {
             let v = c.volume(pool, &name)?;
