@@ -381,12 +381,6 @@ impl<D: Device> Pool<D> {
             .ok_or_else(|| Error::NotFound(name.into()))
     }
 
-    fn data_offset(sb: &Superblock, cluster: u32, in_cluster: usize) -> u64 {
-        sb.data_start.get() * BLOCK_SIZE as u64
-            + cluster as u64 * CLUSTER_SIZE as u64
-            + in_cluster as u64
-    }
-
     /// Waits as long as the volume's I/O limits require before a request of `bytes`
     /// (without holding any lock of the pool).
     fn throttle(&self, name: &str, bytes: u64) {
@@ -424,6 +418,19 @@ impl<D: Device> Pool<D> {
     /// [`Self::flush`].
     pub fn write(&self, name: &str, offset: u64, data: &[u8]) -> Result<(), Error> {
         self.throttle(name, data.len() as u64);
+        {
+            // Overwrites of whole 4 KiB blocks that hold data in clusters only this volume
+            // references change no metadata: they go out under the shared lock, in parallel
+            // with each other and with reads.
+            let s = self.read_lock();
+            let id = check_io(&s.meta, name, offset, data.len(), true)?;
+            if let Some(mut ops) = in_place_plan(&s, id, offset, data) {
+                return self
+                    .dev
+                    .submit(&mut ops)
+                    .map_err(io(format!("writing {} bytes at {offset}", data.len())));
+            }
+        }
         let mut s = self.lock();
         let id = check_io(&s.meta, name, offset, data.len(), true)?;
         for_each_piece(offset, data.len(), |vc, start, at, len| {
@@ -644,6 +651,41 @@ fn check_io(meta: &Meta, name: &str, offset: u64, len: usize, write: bool) -> Re
     Ok(v.id)
 }
 
+/// Where a cluster's byte lies on the device.
+fn data_offset(sb: &Superblock, cluster: u32, in_cluster: usize) -> u64 {
+    sb.data_start.get() * BLOCK_SIZE as u64
+        + cluster as u64 * CLUSTER_SIZE as u64
+        + in_cluster as u64
+}
+
+/// The writes of a request that only overwrites valid, whole 4 KiB blocks of clusters the
+/// volume alone references (no metadata changes); `None` if any part needs more.
+fn in_place_plan<'a>(s: &State, id: u64, offset: u64, data: &'a [u8]) -> Option<Vec<IoOp<'a>>> {
+    let bs = BLOCK_SIZE as u64;
+    if !offset.is_multiple_of(bs) || !(data.len() as u64).is_multiple_of(bs) {
+        return None;
+    }
+    let mut ops = Vec::new();
+    let mut at = 0usize;
+    while at < data.len() {
+        let pos = offset + at as u64;
+        let vc = pos / CLUSTER_SIZE as u64;
+        let start = (pos % CLUSTER_SIZE as u64) as usize;
+        let len = (CLUSTER_SIZE - start).min(data.len() - at);
+        let e = s.meta.lookup(id, vc);
+        let mask = crate::meta::subcluster_mask(start, len);
+        if !e.is_mapped() || e.bitmap & mask != mask || !s.meta.exclusive(id, vc) {
+            return None;
+        }
+        ops.push(IoOp::Write(
+            data_offset(&s.sb, e.cluster, start),
+            &data[at..at + len],
+        ));
+        at += len;
+    }
+    Some(ops)
+}
+
 /// Splits a byte range into per-cluster pieces: (virtual cluster, start in cluster, offset
 /// in the caller's buffer, length).
 fn for_each_piece(
@@ -695,10 +737,7 @@ fn read_range<D: Device>(
             let (head, tail) = std::mem::take(&mut rest).split_at_mut(run);
             rest = tail;
             if valid(k) {
-                ops.push(IoOp::Read(
-                    Pool::<D>::data_offset(&s.sb, e.cluster, p),
-                    head,
-                ));
+                ops.push(IoOp::Read(data_offset(&s.sb, e.cluster, p), head));
             } else {
                 head.fill(0);
             }
@@ -745,7 +784,7 @@ fn write_piece<D: Device>(
     // valid one the write does not fully cover.
     let need_old = |k: usize| had(k) && !covered(k) && (touched(k) || !in_place);
     let sb = s.sb;
-    let off = |c: u32, k: usize| Pool::<D>::data_offset(&sb, c, k * bs);
+    let off = |c: u32, k: usize| data_offset(&sb, c, k * bs);
     let result = (|| {
         let mut pages = crate::device::aligned_pages(CLUSTER_SIZE);
         let bytes = pages.as_mut_bytes();

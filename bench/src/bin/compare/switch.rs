@@ -1,24 +1,14 @@
-//! Side-by-side comparisons with peers, in one run on one machine.
-//!
-//! `cargo run --release -p bench --bin compare -- switch [--quick] [--json] [--workers N]`
-//! (root; `--workers`: datapath threads per vswitch host, default one per core): iperf3
-//! TCP throughput and 64-byte UDP packet rate between two tenant endpoints on two netns hosts
-//! over VXLAN, through vswitch's datapath and through the Linux kernel (vxlan + bridge), and
-//! the ratio (> 1: ours is better). `--json` prints `[{"name","ours","peer","unit","ratio"}]`.
+//! The `switch` suite: iperf3 TCP and 64-byte UDP between tenant endpoints on two netns
+//! hosts over VXLAN, through vswitch and through the kernel's vxlan + bridge.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use testbeds::netns::{Netns, missing_privileges};
+use testbeds::netns::Netns;
 use testbeds::switch_bed::{KernelHost, SwitchHost, Underlay};
 
-struct Row {
-    name: &'static str,
-    ours: f64,
-    peer: f64,
-    unit: &'static str,
-}
+use crate::Row;
 
 fn ip(n: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 100, 0, n)
@@ -76,7 +66,8 @@ fn udp64_mpps(client: &Netns, server: &Netns, to: IpAddr, secs: u32) -> Result<f
     Ok((packets - lost) / seconds / 1e6)
 }
 
-fn switch_suite(secs: u32, workers: usize) -> Result<Vec<Row>, String> {
+/// Runs the suite (`secs` per measurement, `workers` datapath threads per host).
+pub fn suite(secs: u32, workers: usize) -> Result<Vec<Row>, String> {
     let e = |e: testbeds::Error| e.to_string();
     // Ours: two hosts running the vswitch datapath.
     let mut ul = Underlay::new().map_err(e)?;
@@ -106,81 +97,14 @@ fn switch_suite(secs: u32, workers: usize) -> Result<Vec<Row>, String> {
             ours: ours_tcp,
             peer: peer_tcp,
             unit: "Gbit/s",
+            peer_name: "kernel vxlan+br",
         },
         Row {
             name: "switch/udp_64B",
             ours: ours_udp,
             peer: peer_udp,
             unit: "Mpps",
+            peer_name: "kernel vxlan+br",
         },
     ])
-}
-
-fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let json = args.iter().any(|a| a == "--json");
-    let quick = args.iter().any(|a| a == "--quick");
-    let suite = args
-        .iter()
-        .enumerate()
-        .find(|(i, a)| !a.starts_with("--") && (*i == 0 || args[i - 1] != "--workers"))
-        .map(|(_, a)| a.as_str());
-    if let Some(why) = missing_privileges() {
-        eprintln!("compare: {why}");
-        return ExitCode::from(2);
-    }
-    if Command::new("iperf3").arg("--version").output().is_err() {
-        eprintln!("compare: iperf3 is not installed (apt-get install iperf3)");
-        return ExitCode::from(2);
-    }
-    let secs = if quick { 3 } else { 10 };
-    let workers = match args.iter().position(|a| a == "--workers") {
-        None => 0,
-        Some(i) => match args.get(i + 1).and_then(|n| n.parse::<usize>().ok()) {
-            Some(n) => n,
-            None => {
-                eprintln!("compare: --workers takes a number (0: one per core)");
-                return ExitCode::from(2);
-            }
-        },
-    };
-    let rows = match suite {
-        Some("switch") | None => switch_suite(secs, workers),
-        Some(other) => {
-            eprintln!("compare: unknown suite {other:?}; suites: switch");
-            return ExitCode::from(2);
-        }
-    };
-    let rows = match rows {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("compare: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if json {
-        let v: Vec<serde_json::Value> = rows
-            .iter()
-            .map(|r| {
-                serde_json::json!({"name": r.name, "ours": r.ours, "peer": r.peer, "unit": r.unit, "ratio": r.ours / r.peer})
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-    } else {
-        println!(
-            "{:<22} {:>8} {:>16} {:>8}  unit",
-            "comparison", "vswitch", "kernel vxlan+br", "ratio"
-        );
-        for r in &rows {
-            println!(
-                "{:<22} {:>8.3} {:>16.3} {:>7.2}x  {}",
-                r.name,
-                r.ours,
-                r.peer,
-                r.ours / r.peer,
-                r.unit
-            );
-        }
-    }
-    ExitCode::SUCCESS
 }

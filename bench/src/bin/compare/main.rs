@@ -1,0 +1,126 @@
+//! Side-by-side comparisons with peers, in one run on one machine.
+//!
+//! `cargo run --release -p bench --bin compare -- SUITE [--quick] [--json] [--workers N]`
+//! (root). Suites:
+//!
+//! * `switch` (`--workers`: datapath threads per vswitch host, default one per core): iperf3
+//!   TCP throughput and 64-byte UDP packet rate between two tenant endpoints on two netns
+//!   hosts over VXLAN, through vswitch and through the Linux kernel (vxlan + bridge).
+//! * `block`: vblock's engine against fio on a raw file through io_uring (the bound) and
+//!   `qemu-img bench` on qcow2 (64 KiB clusters) and raw, on one file system.
+//! * `all`: both.
+//!
+//! Each row is ours, the peer and the ratio (> 1: ours is better); `--json` prints
+//! `[{"name","ours","peer","peer_name","unit","ratio"}]`.
+
+use std::process::{Command, ExitCode};
+
+use testbeds::netns::missing_privileges;
+
+mod block;
+mod switch;
+
+/// One comparison: ours against a peer.
+pub struct Row {
+    /// Suite/measurement.
+    pub name: &'static str,
+    /// Our figure.
+    pub ours: f64,
+    /// The peer's figure.
+    pub peer: f64,
+    /// What the peer is.
+    pub peer_name: &'static str,
+    /// Unit of both figures (higher is better).
+    pub unit: &'static str,
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let json = args.iter().any(|a| a == "--json");
+    let quick = args.iter().any(|a| a == "--quick");
+    let suite = args
+        .iter()
+        .enumerate()
+        .find(|(i, a)| !a.starts_with("--") && (*i == 0 || args[i - 1] != "--workers"))
+        .map(|(_, a)| a.as_str());
+    let suite = suite.unwrap_or("all");
+    let need = |tool: &str, pkg: &str| -> Result<(), String> {
+        match Command::new(tool).arg("--version").output() {
+            Ok(_) => Ok(()),
+            Err(_) => Err(format!("{tool} is not installed (apt-get install {pkg})")),
+        }
+    };
+    let ready = match suite {
+        "switch" => need("iperf3", "iperf3"),
+        "block" => need("fio", "fio").and(need("qemu-img", "qemu-utils")),
+        "all" => need("iperf3", "iperf3")
+            .and(need("fio", "fio"))
+            .and(need("qemu-img", "qemu-utils")),
+        other => Err(format!(
+            "unknown suite {other:?}; suites: switch, block, all"
+        )),
+    };
+    if let Err(e) = ready {
+        eprintln!("compare: {e}");
+        return ExitCode::from(2);
+    }
+    if suite != "block"
+        && let Some(why) = missing_privileges()
+    {
+        eprintln!("compare: {why}");
+        return ExitCode::from(2);
+    }
+    let secs = if quick { 3 } else { 10 };
+    let workers = match args.iter().position(|a| a == "--workers") {
+        None => 0,
+        Some(i) => match args.get(i + 1).and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => n,
+            None => {
+                eprintln!("compare: --workers takes a number (0: one per core)");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let block_secs = if quick { 2.0 } else { 5.0 };
+    let rows = match suite {
+        "switch" => switch::suite(secs, workers),
+        "block" => block::suite(block_secs),
+        _ => switch::suite(secs, workers).and_then(|mut rows| {
+            rows.extend(block::suite(block_secs)?);
+            Ok(rows)
+        }),
+    };
+    let rows = match rows {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("compare: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({"name": r.name, "ours": r.ours, "peer": r.peer, "peer_name": r.peer_name, "unit": r.unit, "ratio": r.ours / r.peer})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        println!(
+            "{:<34} {:>10} {:>10} {:>8}  {:<8} peer",
+            "comparison", "ours", "peer", "ratio", "unit"
+        );
+        for r in &rows {
+            println!(
+                "{:<34} {:>10.3} {:>10.3} {:>7.2}x  {:<8} {}",
+                r.name,
+                r.ours,
+                r.peer,
+                r.ours / r.peer,
+                r.unit,
+                r.peer_name
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
