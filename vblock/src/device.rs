@@ -117,6 +117,42 @@ pub(crate) fn aligned_pages(len: usize) -> Vec<Page> {
     vec![Page([0; BLOCK_SIZE]); len.div_ceil(BLOCK_SIZE)]
 }
 
+/// A zeroed byte buffer aligned to 4 KiB: what O_DIRECT devices take without a bounce copy.
+#[derive(Clone)]
+pub struct AlignedBuf {
+    pages: Vec<Page>,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// `len` zero bytes.
+    pub fn new(len: usize) -> AlignedBuf {
+        AlignedBuf {
+            pages: aligned_pages(len),
+            len,
+        }
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.pages.as_bytes()[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.pages.as_mut_bytes()[..self.len]
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuf({} bytes)", self.len)
+    }
+}
+
 /// A file or block device, opened with O_DIRECT (the page cache is bypassed; `flush` is
 /// `fdatasync`, which also flushes the disk's cache).
 #[derive(Debug)]

@@ -29,4 +29,4 @@ pub mod uring;
 
 pub use error::Error;
 pub use meta::{Kind, Qos};
-pub use pool::{CheckReport, DiffRange, Pool, PoolOptions, VolumeInfo};
+pub use pool::{CheckReport, DiffRange, Pool, PoolOptions, ReadRequest, VolumeInfo};

@@ -60,6 +60,17 @@ pub struct VolumeInfo {
     pub qos: Qos,
 }
 
+/// One read of a batch ([`Pool::read_batch`]).
+#[derive(Debug)]
+pub struct ReadRequest<'a> {
+    /// Volume or snapshot.
+    pub volume: &'a str,
+    /// Byte offset (a multiple of 512).
+    pub offset: u64,
+    /// Where the bytes go (a multiple of 512 long).
+    pub buf: &'a mut [u8],
+}
+
 /// A range in which two volumes differ ([`Pool::diff`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiffRange {
@@ -105,6 +116,8 @@ pub struct Pool<D: Device> {
     dev: D,
     state: RwLock<State>,
     limiters: Mutex<HashMap<u64, Limiter>>,
+    /// Set once any volume has had limits (until then no request looks at `limiters`).
+    limited: std::sync::atomic::AtomicBool,
     epoch: Instant,
 }
 
@@ -203,6 +216,7 @@ impl<D: Device> Pool<D> {
             dev,
             state: RwLock::new(state),
             limiters: Mutex::new(HashMap::new()),
+            limited: std::sync::atomic::AtomicBool::new(false),
             epoch: Instant::now(),
         })
     }
@@ -291,6 +305,7 @@ impl<D: Device> Pool<D> {
             dev,
             state: RwLock::new(state),
             limiters: Mutex::new(HashMap::new()),
+            limited: std::sync::atomic::AtomicBool::new(false),
             epoch: Instant::now(),
         })
     }
@@ -387,12 +402,16 @@ impl<D: Device> Pool<D> {
         let Some((id, qos)) = self.read_lock().meta.volume(name).map(|v| (v.id, v.qos)) else {
             return;
         };
+        if qos == Qos::default() && !self.limited.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let wait = {
             let mut limiters = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
             if qos == Qos::default() {
                 limiters.remove(&id);
                 return;
             }
+            self.limited.store(true, std::sync::atomic::Ordering::Relaxed);
             let l = limiters.entry(id).or_insert_with(|| Limiter::new(qos));
             if l.qos() != qos {
                 // Limits changed live: start over with the new ones.
@@ -414,6 +433,25 @@ impl<D: Device> Pool<D> {
         read_range(&self.dev, &s, id, offset, buf)
     }
 
+    /// Reads several ranges (of one or more volumes) in one batch: one lock, one submission,
+    /// as a device queue hands over a batch of requests. Fails as a whole on the first bad
+    /// request.
+    pub fn read_batch(&self, reqs: &mut [ReadRequest<'_>]) -> Result<(), Error> {
+        for r in reqs.iter() {
+            self.throttle(r.volume, r.buf.len() as u64);
+        }
+        let s = self.read_lock();
+        let mut ops = Vec::with_capacity(reqs.len());
+        for r in reqs.iter_mut() {
+            let id = check_io(&s.meta, r.volume, r.offset, r.buf.len(), false)?;
+            let plan = plan_read(&s, id, r.offset, r.buf.len());
+            read_ops(&plan, r.buf, &mut ops);
+        }
+        self.dev
+            .submit(&mut ops)
+            .map_err(io(format!("reading a batch of {}", reqs.len())))
+    }
+
     /// Writes `data` at `offset` (both multiples of 512). Durable after the next
     /// [`Self::flush`].
     pub fn write(&self, name: &str, offset: u64, data: &[u8]) -> Result<(), Error> {
@@ -431,6 +469,9 @@ impl<D: Device> Pool<D> {
                     .map_err(io(format!("writing {} bytes at {offset}", data.len())));
             }
         }
+        if self.write_fresh(name, offset, data)? {
+            return Ok(());
+        }
         let mut s = self.lock();
         let id = check_io(&s.meta, name, offset, data.len(), true)?;
         for_each_piece(offset, data.len(), |vc, start, at, len| {
@@ -445,6 +486,93 @@ impl<D: Device> Pool<D> {
             )
         })?;
         self.commit_if_large(&mut s)
+    }
+
+    /// A write of whole 4 KiB blocks into clusters the volume has never written (thin
+    /// space): clusters are taken under the lock, the data goes out without it (in parallel
+    /// with other writes), and the mapping is set after, unless a concurrent write mapped one
+    /// of those clusters first (that part is then redone under the lock). Returns false,
+    /// having done nothing, if the request is not of that kind.
+    fn write_fresh(&self, name: &str, offset: u64, data: &[u8]) -> Result<bool, Error> {
+        let bs = BLOCK_SIZE as u64;
+        if !offset.is_multiple_of(bs) || !(data.len() as u64).is_multiple_of(bs) {
+            return Ok(false);
+        }
+        // (virtual cluster, start in it, start in data, length, new cluster)
+        let mut pieces: Vec<(u64, usize, usize, usize, u32)> = Vec::new();
+        let (id, sb) = {
+            let mut s = self.lock();
+            let id = check_io(&s.meta, name, offset, data.len(), true)?;
+            let fresh = for_each_piece(offset, data.len(), |vc, start, at, len| {
+                if s.meta.lookup(id, vc).is_mapped() {
+                    return Err(Error::Exists(String::new()));
+                }
+                pieces.push((vc, start, at, len, 0));
+                Ok(())
+            });
+            if fresh.is_err() {
+                return Ok(false);
+            }
+            for i in 0..pieces.len() {
+                match s.meta.allocate() {
+                    Ok(c) => pieces[i].4 = c,
+                    Err(e) => {
+                        for p in &pieces[..i] {
+                            s.meta.unallocate(p.4);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            (id, s.sb)
+        };
+        let mut ops: Vec<IoOp<'_>> = pieces
+            .iter()
+            .map(|&(_, start, at, len, c)| {
+                IoOp::Write(data_offset(&sb, c, start), &data[at..at + len])
+            })
+            .collect();
+        let written = self.dev.submit(&mut ops);
+        drop(ops);
+        let mut s = self.lock();
+        if let Err(e) = written {
+            for p in &pieces {
+                s.meta.unallocate(p.4);
+            }
+            return Err(Error::Io(
+                format!("writing {} bytes at {offset}", data.len()),
+                e,
+            ));
+        }
+        for (i, &(vc, start, at, len, c)) in pieces.iter().enumerate() {
+            let result = if s.meta.lookup(id, vc).is_mapped() {
+                // Someone mapped it meanwhile: ours is unused; write over theirs properly.
+                s.meta.unallocate(c);
+                write_piece(
+                    &self.dev,
+                    &mut s,
+                    id,
+                    vc,
+                    start,
+                    Some(&data[at..at + len]),
+                    len,
+                )
+            } else {
+                let bitmap = crate::meta::subcluster_mask(start, len);
+                s.meta
+                    .set_entry(id, vc, Entry { cluster: c, bitmap })
+                    .inspect_err(|_| s.meta.unallocate(c))
+            };
+            if let Err(e) = result {
+                // Clusters of the pieces not mapped yet go back.
+                for p in &pieces[i + 1..] {
+                    s.meta.unallocate(p.4);
+                }
+                return Err(e);
+            }
+        }
+        self.commit_if_large(&mut s)?;
+        Ok(true)
     }
 
     /// Zeroes a range: whole 4 KiB blocks are released (they read as zeros), partial ones are
@@ -705,8 +833,63 @@ fn for_each_piece(
     Ok(())
 }
 
-/// Reads a byte range of a volume: runs of valid subclusters become one request each, all
-/// submitted as one batch; the rest reads as zeros.
+/// Where the bytes of a read come from: spans of the caller's buffer (start, length) that
+/// map to a device offset, or read as zeros (`None`). Spans adjacent in the buffer and on the
+/// device are merged, also across clusters, so a sequential read is one request.
+fn plan_read(s: &State, id: u64, offset: u64, len: usize) -> Vec<(usize, usize, Option<u64>)> {
+    let bs = BLOCK_SIZE;
+    let mut plan: Vec<(usize, usize, Option<u64>)> = Vec::new();
+    let mut at = 0usize;
+    while at < len {
+        let pos = offset + at as u64;
+        let vc = pos / CLUSTER_SIZE as u64;
+        let start = (pos % CLUSTER_SIZE as u64) as usize;
+        let e = s.meta.lookup(id, vc);
+        let in_cluster = (CLUSTER_SIZE - start).min(len - at);
+        let mut done = 0;
+        while done < in_cluster {
+            let p = start + done;
+            let n = (bs - p % bs).min(in_cluster - done);
+            let dev = (e.is_mapped() && e.bitmap & (1 << (p / bs)) != 0)
+                .then(|| data_offset(&s.sb, e.cluster, p));
+            match plan.last_mut() {
+                Some((b, l, d))
+                    if *b + *l == at + done
+                        && match (*d, dev) {
+                            (None, None) => true,
+                            (Some(x), Some(y)) => x + *l as u64 == y,
+                            _ => false,
+                        } =>
+                {
+                    *l += n
+                }
+                _ => plan.push((at + done, n, dev)),
+            }
+            done += n;
+        }
+        at += in_cluster;
+    }
+    plan
+}
+
+/// Turns a read plan into requests on `buf` (zero spans are filled right away).
+fn read_ops<'a>(plan: &[(usize, usize, Option<u64>)], buf: &'a mut [u8], ops: &mut Vec<IoOp<'a>>) {
+    let mut rest: &mut [u8] = buf;
+    let mut consumed = 0;
+    for &(b, l, dev) in plan {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(b - consumed);
+        let (head, tail) = tail.split_at_mut(l);
+        rest = tail;
+        consumed = b + l;
+        match dev {
+            Some(d) => ops.push(IoOp::Read(d, head)),
+            None => head.fill(0),
+        }
+    }
+}
+
+/// Reads a byte range of a volume in one batch of requests; never-written blocks read as
+/// zeros.
 fn read_range<D: Device>(
     dev: &D,
     s: &State,
@@ -714,45 +897,12 @@ fn read_range<D: Device>(
     offset: u64,
     buf: &mut [u8],
 ) -> Result<(), Error> {
-    let bs = BLOCK_SIZE;
-    let mut ops: Vec<IoOp<'_>> = Vec::new();
-    let mut rest: &mut [u8] = buf;
-    let mut pos = offset;
-    while !rest.is_empty() {
-        let vc = pos / CLUSTER_SIZE as u64;
-        let start = (pos % CLUSTER_SIZE as u64) as usize;
-        let e = s.meta.lookup(id, vc);
-        let valid = |k: usize| e.is_mapped() && e.bitmap & (1 << k) != 0;
-        let in_cluster = (CLUSTER_SIZE - start).min(rest.len());
-        let mut done = 0;
-        while done < in_cluster {
-            let p = start + done;
-            let k = p / bs;
-            let mut run = (bs - p % bs).min(in_cluster - done);
-            let mut kk = k + 1;
-            while done + run < in_cluster && kk < SUBCLUSTERS && valid(kk) == valid(k) {
-                run += bs.min(in_cluster - done - run);
-                kk += 1;
-            }
-            let (head, tail) = std::mem::take(&mut rest).split_at_mut(run);
-            rest = tail;
-            if valid(k) {
-                ops.push(IoOp::Read(data_offset(&s.sb, e.cluster, p), head));
-            } else {
-                head.fill(0);
-            }
-            done += run;
-        }
-        pos += in_cluster as u64;
-    }
-    dev.submit(&mut ops).map_err(io(format!(
-        "reading {} bytes at {offset}",
-        buf_len(offset, pos)
-    )))
-}
-
-fn buf_len(start: u64, end: u64) -> u64 {
-    end - start
+    let len = buf.len();
+    let plan = plan_read(s, id, offset, len);
+    let mut ops = Vec::with_capacity(plan.len());
+    read_ops(&plan, buf, &mut ops);
+    dev.submit(&mut ops)
+        .map_err(io(format!("reading {len} bytes at {offset}")))
 }
 
 /// Writes `data` (or zeros) into `[start, start+len)` of virtual cluster `vc`: in place if

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use vblock::device::AlignedBuf;
 use vblock::uring::UringDevice;
 use vblock::{Error, Pool, PoolOptions};
 
@@ -65,7 +66,45 @@ impl Rng {
     }
 }
 
+/// Random 4 KiB reads at queue depth `qd`: two threads (one per core), each submitting
+/// batches of `qd / 2` requests, as a device queue's worker hands them over.
+fn ours_batched_reads(pool: &Arc<Pool<UringDevice>>, volume: &str, qd: usize, secs: f64) -> f64 {
+    let ops = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let per = (qd / 2).max(1);
+    let threads: Vec<_> = (0..2u64)
+        .map(|t| {
+            let (pool, ops, stop) = (pool.clone(), ops.clone(), stop.clone());
+            let volume = volume.to_owned();
+            std::thread::spawn(move || {
+                let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ (t + 1));
+                let mut bufs: Vec<AlignedBuf> = (0..per).map(|_| AlignedBuf::new(4096)).collect();
+                while !stop.load(Ordering::Relaxed) {
+                    let mut reqs: Vec<vblock::ReadRequest<'_>> = bufs
+                        .iter_mut()
+                        .map(|b| vblock::ReadRequest {
+                            volume: &volume,
+                            offset: rng.next() % (DATA / 4096) * 4096,
+                            buf: &mut b[..],
+                        })
+                        .collect();
+                    pool.read_batch(&mut reqs).expect("batched read");
+                    ops.fetch_add(per as u64, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    ops.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
 /// Runs `pattern` on `volume` with `qd` threads for `secs`; returns operations per second.
+/// Random reads deeper than 1 go through [`ours_batched_reads`].
 fn ours(
     pool: &Arc<Pool<UringDevice>>,
     volume: &str,
@@ -73,6 +112,9 @@ fn ours(
     qd: usize,
     secs: f64,
 ) -> f64 {
+    if matches!(pattern, Pattern::RandRead4k) && qd > 1 {
+        return ours_batched_reads(pool, volume, qd, secs);
+    }
     let ops = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let next_cluster = Arc::new(AtomicU64::new(0));
@@ -88,7 +130,8 @@ fn ours(
             std::thread::spawn(move || {
                 let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((t as u64 + 1) * 0x1234_5678));
                 let size = pattern.bytes() as usize;
-                let mut buf = vec![(t as u8) | 1; size];
+                let mut buf = AlignedBuf::new(size);
+                buf.fill((t as u8) | 1);
                 let mut seq = (t as u64 * (DATA / qd as u64)) / (1 << 20) * (1 << 20);
                 while !stop.load(Ordering::Relaxed) {
                     let r = match pattern {
