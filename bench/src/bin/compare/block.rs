@@ -259,7 +259,8 @@ pub fn suite(secs: f64) -> Result<Vec<Row>, String> {
     std::fs::create_dir_all(&dir.0).map_err(|e| format!("{}: {e}", dir.0.display()))?;
     let e = |e: Error| e.to_string();
     eprintln!("block: preparing a pool with a 1 GiB volume ...");
-    let dev = UringDevice::create(&dir.0.join("pool"), DATA * 4).map_err(e)?;
+    // Sparse: only written blocks take disk space. First writes take a 64 KiB cluster each.
+    let dev = UringDevice::create(&dir.0.join("pool"), DATA * 16).map_err(e)?;
     let pool = Arc::new(Pool::create(dev, PoolOptions::default()).map_err(e)?);
     pool.create_volume("data", DATA).map_err(e)?;
     let chunk = vec![0x5au8; 1 << 20];
