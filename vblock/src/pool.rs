@@ -411,7 +411,8 @@ impl<D: Device> Pool<D> {
                 limiters.remove(&id);
                 return;
             }
-            self.limited.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.limited
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             let l = limiters.entry(id).or_insert_with(|| Limiter::new(qos));
             if l.qos() != qos {
                 // Limits changed live: start over with the new ones.
