@@ -9,6 +9,7 @@
 //! * [`qos`]: per-volume IOPS and bandwidth limits (token buckets that delay requests).
 //! * [`api`]: vblockd's API types; `daemon` (feature `daemon`, on by default): vblockd's
 //!   config, control logic and HTTP server.
+//! * `vhost_blk` (feature `vhost`): volumes served to VMs as vhost-user-blk devices.
 //! * [`diffstream`]: snapshot diff streams (incremental export/import between pools).
 //! * [`pool`]: a pool on a device: volume I/O, flush = commit, open = recovery, check.
 
@@ -26,6 +27,8 @@ pub mod pool;
 pub mod qos;
 #[allow(unsafe_code)] // io_uring submissions; every unsafe block carries a SAFETY note.
 pub mod uring;
+#[cfg(feature = "vhost")]
+pub mod vhost_blk;
 
 pub use error::Error;
 pub use meta::{Kind, Qos};

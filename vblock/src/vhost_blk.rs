@@ -1,0 +1,438 @@
+//! vhost-user-blk: a volume (or, read-only, a snapshot) served to a VM over a vhost-user
+//! socket, with rust-vmm (`vhost-user-backend`, `virtio-queue`, `vm-memory`).
+//!
+//! Each virtqueue is served by its own worker thread (`queues_per_thread`), which does its I/O
+//! through its own io_uring ring (the device keeps one ring per thread). Requests are parsed
+//! from descriptor chains with `virtio-queue`'s readers and writers, which check every address
+//! against guest memory: a chain that points outside it, loops, or is too short for its request
+//! completes with an error status (or, if there is no room even for the status, with length 0);
+//! the backend never panics on guest input.
+
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueOwnedT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
+
+use crate::device::Device;
+use crate::{Error, Kind, Pool};
+
+/// Logical sector size of the device (SeaBIOS wants 512).
+const SECTOR: u64 = 512;
+/// Most segments of one request.
+const SEG_MAX: u32 = 126;
+/// Largest request, in sectors, for discard and write-zeroes.
+const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// Queue size offered.
+const QUEUE_SIZE: usize = 256;
+
+/// Settings of an export.
+#[derive(Clone, Debug)]
+pub struct ExportConfig {
+    /// Number of virtqueues (each with its own worker).
+    pub queues: usize,
+}
+
+impl Default for ExportConfig {
+    fn default() -> ExportConfig {
+        ExportConfig { queues: 1 }
+    }
+}
+
+/// The vhost-user backend of one volume.
+pub struct BlkBackend<D: Device> {
+    pool: Arc<Pool<D>>,
+    volume: String,
+    read_only: bool,
+    serial: [u8; 20],
+    queues: usize,
+    event_idx: AtomicBool,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    exits: Mutex<Vec<EventNotifier>>,
+}
+
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+}
+
+impl<D: Device + 'static> BlkBackend<D> {
+    /// A backend for `volume` of `pool`; snapshots are exported read-only.
+    pub fn new(
+        pool: Arc<Pool<D>>,
+        volume: &str,
+        cfg: &ExportConfig,
+    ) -> Result<BlkBackend<D>, Error> {
+        let v = pool.volume(volume)?;
+        if cfg.queues == 0 || cfg.queues > 64 {
+            return Err(Error::Invalid(format!("{} queues: 1 to 64", cfg.queues)));
+        }
+        let mut serial = [0u8; 20];
+        let id = format!("vblock-{}", v.id);
+        serial[..id.len().min(20)].copy_from_slice(&id.as_bytes()[..id.len().min(20)]);
+        Ok(BlkBackend {
+            pool,
+            volume: volume.to_owned(),
+            read_only: v.kind == Kind::Snapshot,
+            serial,
+            queues: cfg.queues,
+            event_idx: AtomicBool::new(false),
+            mem: RwLock::new(None),
+            exits: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn size(&self) -> u64 {
+        self.pool.volume(&self.volume).map_or(0, |v| v.size)
+    }
+
+    /// The virtio-blk configuration space.
+    fn config(&self) -> Vec<u8> {
+        let mut c = vec![0u8; 60];
+        let put32 =
+            |c: &mut [u8], at: usize, v: u32| c[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        c[0..8].copy_from_slice(&(self.size() / SECTOR).to_le_bytes());
+        put32(&mut c, 12, SEG_MAX);
+        put32(&mut c, 20, SECTOR as u32); // blk_size: the logical block
+        c[24] = 3; // physical_block_exp: 2^3 logical blocks = 4 KiB
+        c[25] = 0; // alignment_offset
+        c[26..28].copy_from_slice(&8u16.to_le_bytes()); // min_io_size: 8 sectors
+        put32(&mut c, 28, 128); // opt_io_size: 64 KiB (a cluster)
+        c[32] = 1; // writeback: a volatile cache, FLUSH makes writes durable
+        c[34..36].copy_from_slice(&(self.queues as u16).to_le_bytes());
+        put32(&mut c, 36, MAX_DISCARD_SECTORS);
+        put32(&mut c, 40, 1); // max_discard_seg
+        put32(&mut c, 44, 8); // discard_sector_alignment: 4 KiB
+        put32(&mut c, 48, MAX_DISCARD_SECTORS);
+        put32(&mut c, 52, 1); // max_write_zeroes_seg
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+
+    /// Processes one request; returns the bytes written into the chain (data + status).
+    fn request(
+        &self,
+        chain: virtio_queue::DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>,
+        mem: &GuestMemoryMmap,
+    ) -> u32 {
+        let Ok(mut reader) = chain.clone().reader(mem) else {
+            return 0;
+        };
+        let Ok(mut writer) = chain.writer(mem) else {
+            return 0;
+        };
+        let room = writer.available_bytes();
+        if room == 0 {
+            return 0;
+        }
+        // The status is the last writable byte, whatever happens to the data before it.
+        let Ok(mut status_writer) = writer.split_at(room - 1) else {
+            return 0;
+        };
+        let mut hdr = [0u8; 16];
+        let status = match reader.read_exact(&mut hdr) {
+            Err(_) => VIRTIO_BLK_S_IOERR,
+            Ok(()) => {
+                let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+                let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
+                match self.execute(kind, sector, &mut reader, &mut writer, room - 1) {
+                    Ok(()) => VIRTIO_BLK_S_OK,
+                    Err(s) => s,
+                }
+            }
+        };
+        let data = writer.bytes_written();
+        if status_writer.write_all(&[status as u8]).is_err() {
+            return data as u32;
+        }
+        (data + 1) as u32
+    }
+
+    fn execute(
+        &self,
+        kind: u32,
+        sector: u64,
+        reader: &mut virtio_queue::Reader<'_, ()>,
+        writer: &mut virtio_queue::Writer<'_, ()>,
+        data_room: usize,
+    ) -> Result<(), u32> {
+        let io_err = |_| VIRTIO_BLK_S_IOERR;
+        let offset = sector.checked_mul(SECTOR).ok_or(VIRTIO_BLK_S_IOERR)?;
+        match kind {
+            VIRTIO_BLK_T_IN => {
+                let mut buf = vec![0u8; data_room];
+                self.pool
+                    .read(&self.volume, offset, &mut buf)
+                    .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                writer.write_all(&buf).map_err(io_err)
+            }
+            VIRTIO_BLK_T_OUT => {
+                if self.read_only {
+                    return Err(VIRTIO_BLK_S_IOERR);
+                }
+                let mut buf = vec![0u8; reader.available_bytes()];
+                reader.read_exact(&mut buf).map_err(io_err)?;
+                self.pool
+                    .write(&self.volume, offset, &buf)
+                    .map_err(|_| VIRTIO_BLK_S_IOERR)
+            }
+            VIRTIO_BLK_T_FLUSH => self.pool.flush().map_err(|_| VIRTIO_BLK_S_IOERR),
+            VIRTIO_BLK_T_GET_ID => {
+                let n = data_room.min(VIRTIO_BLK_ID_BYTES as usize);
+                writer.write_all(&self.serial[..n]).map_err(io_err)
+            }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                if self.read_only {
+                    return Err(VIRTIO_BLK_S_IOERR);
+                }
+                let mut seg = [0u8; 16];
+                while reader.available_bytes() >= 16 {
+                    reader.read_exact(&mut seg).map_err(io_err)?;
+                    let start = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
+                    let count = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
+                    let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+                    if count > MAX_DISCARD_SECTORS || (kind == VIRTIO_BLK_T_DISCARD && flags != 0) {
+                        return Err(VIRTIO_BLK_S_UNSUPP);
+                    }
+                    let (off, len) = (
+                        start.checked_mul(SECTOR).ok_or(VIRTIO_BLK_S_IOERR)?,
+                        count as u64 * SECTOR,
+                    );
+                    let r = if kind == VIRTIO_BLK_T_DISCARD {
+                        self.pool.discard(&self.volume, off, len)
+                    } else {
+                        // Zeroed blocks are released either way (UNMAP or not): they read as zeros.
+                        self.pool.write_zeroes(&self.volume, off, len)
+                    };
+                    r.map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                }
+                Ok(())
+            }
+            _ => Err(VIRTIO_BLK_S_UNSUPP),
+        }
+    }
+
+    fn process_queue(&self, vring: &VringRwLock) -> io::Result<bool> {
+        let guard = self.mem.read().unwrap_or_else(|p| p.into_inner());
+        let Some(atomic) = guard.as_ref() else {
+            return Ok(false);
+        };
+        let mem = atomic.memory();
+        let chains: Vec<_> = vring
+            .get_mut()
+            .get_queue_mut()
+            .iter(atomic.memory())
+            .map_err(invalid)?
+            .collect();
+        let any = !chains.is_empty();
+        for chain in chains {
+            let head = chain.head_index();
+            let len = self.request(chain, &mem);
+            vring.add_used(head, len).map_err(invalid)?;
+        }
+        if any && vring.needs_notification().map_err(invalid)? {
+            vring.signal_used_queue()?;
+        }
+        Ok(any)
+    }
+}
+
+impl<D: Device + 'static> VhostUserBackend for BlkBackend<D> {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1u64 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_TOPOLOGY
+            | 1 << VIRTIO_BLK_F_CONFIG_WCE
+            | 1 << VIRTIO_BLK_F_MQ
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let c = self.config();
+        let start = (offset as usize).min(c.len());
+        let end = start.saturating_add(size as usize).min(c.len());
+        let mut out = c[start..end].to_vec();
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        let keep = notifier.try_clone().ok()?;
+        self.exits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(keep);
+        Some((consumer, notifier))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(invalid("unexpected event set"));
+        }
+        let Some(vring) = vrings.get(device_event as usize) else {
+            return Err(invalid(format!("no queue {device_event}")));
+        };
+        if self.event_idx.load(Ordering::Relaxed) {
+            loop {
+                vring.disable_notification().map_err(invalid)?;
+                self.process_queue(vring)?;
+                if !vring.enable_notification().map_err(invalid)? {
+                    break;
+                }
+            }
+        } else {
+            self.process_queue(vring)?;
+        }
+        Ok(())
+    }
+}
+
+/// A running export: a thread that serves the socket, one VMM connection after another
+/// (QEMU with `reconnect=` comes back after a restart), until dropped.
+pub struct Export {
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Export {
+    /// Serves `volume` of `pool` on the unix socket `socket` (replaced if it exists).
+    pub fn start<D: Device + 'static>(
+        pool: Arc<Pool<D>>,
+        volume: &str,
+        socket: &Path,
+        cfg: ExportConfig,
+    ) -> Result<Export, Error> {
+        // Validate now, so that errors reach the caller.
+        BlkBackend::new(pool.clone(), volume, &cfg)?;
+        let _ = std::fs::remove_file(socket);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (socket_t, stop_t, volume) = (socket.to_owned(), stop.clone(), volume.to_owned());
+        let listener = vhost::vhost_user::Listener::new(&socket_t, true).map_err(|e| {
+            Error::Io(
+                format!("listen on {}", socket_t.display()),
+                io::Error::other(e.to_string()),
+            )
+        })?;
+        let thread = std::thread::Builder::new()
+            .name(format!("vhost-blk-{volume}"))
+            .spawn(move || {
+                let mut listener = listener;
+                while !stop_t.load(Ordering::Acquire) {
+                    let Ok(backend) = BlkBackend::new(pool.clone(), &volume, &cfg) else {
+                        return;
+                    };
+                    let backend = Arc::new(backend);
+                    let Ok(mut daemon) = VhostUserDaemon::new(
+                        format!("vhost-blk-{volume}"),
+                        backend.clone(),
+                        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+                    ) else {
+                        return;
+                    };
+                    if daemon.start(&mut listener).is_err() {
+                        if stop_t.load(Ordering::Acquire) {
+                            return;
+                        }
+                        continue;
+                    }
+                    let _ = daemon.wait();
+                    for e in backend
+                        .exits
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                    {
+                        let _ = e.notify();
+                    }
+                    // Whatever the guest wrote is made durable when it goes away.
+                    let _ = pool.flush();
+                }
+            })
+            .map_err(|e| Error::Io("spawn vhost-user thread".into(), e))?;
+        Ok(Export {
+            socket: socket.to_owned(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake the accept (or the served connection) by connecting and closing.
+        let _ = std::os::unix::net::UnixStream::connect(&self.socket);
+        let _ = std::fs::remove_file(&self.socket);
+        // The thread ends once its VMM disconnects; do not wait for a guest that stays.
+        if let Some(t) = self.thread.take()
+            && t.is_finished()
+        {
+            let _ = t.join();
+        }
+    }
+}
