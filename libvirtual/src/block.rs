@@ -197,6 +197,33 @@ impl Client {
         )
     }
 
+    /// Exports a volume (a snapshot read-only) to VMs as vhost-user-blk.
+    pub fn export_vhost(
+        &self,
+        pool: &str,
+        volume: &str,
+        queues: usize,
+    ) -> Result<vblock::api::VhostInfo, Error> {
+        let path = format!("/v1/pools/{pool}/volumes/{volume}/vhost");
+        call(
+            &self.socket,
+            "PUT",
+            &path,
+            Some(&vblock::api::VhostSpec { queues }),
+        )
+    }
+
+    /// Stops a vhost-user export.
+    pub fn unexport_vhost(&self, pool: &str, volume: &str) -> Result<(), Error> {
+        let path = format!("/v1/pools/{pool}/volumes/{volume}/vhost");
+        call(&self.socket, "DELETE", &path, None::<&()>)
+    }
+
+    /// Running vhost-user exports.
+    pub fn vhost_exports(&self) -> Result<Vec<vblock::api::VhostInfo>, Error> {
+        call(&self.socket, "GET", "/v1/vhost", None::<&()>)
+    }
+
     /// The Prometheus text of every counter.
     pub fn metrics(&self) -> Result<String, Error> {
         text(&self.socket, "/metrics")

@@ -13,6 +13,7 @@
 //!
 //! Everything here needs root (network namespaces); the library crates never depend on it.
 
+pub mod blk_client;
 pub mod daemon;
 pub mod kernel_peer;
 pub mod netns;

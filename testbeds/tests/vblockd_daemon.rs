@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use libvirtual::block::Client;
+use testbeds::blk_client::BlkClient;
 use testbeds::daemon::{Daemon, workspace_binary};
 
 struct Bed {
@@ -327,6 +328,19 @@ fn pools_volumes_images_snapshots_and_restarts() {
         ],
     );
 
+    // vhost-user-blk: the volume is exported for VMs; an exported volume cannot be deleted.
+    bed.ok(&["vhost", "create", "disk", "--queues", "2"]);
+    let vsock = bed.dir.join("run/vhost/disk.sock");
+    {
+        let mut blk = BlkClient::connect(&vsock, 2, false).unwrap();
+        assert_eq!(blk.capacity().unwrap(), 64 << 20);
+        assert_eq!(blk.read(1, 0, 0, 4096), 0);
+        assert!(blk.mem()[..4096].iter().all(|b| *b == 0x11));
+    }
+    let (code, text) = bed.vctl(&["volume", "delete", "disk"]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("exported"), "{text}");
+
     // kill -9 under a write workload: what a flush acknowledged survives; the rest is old or
     // new, block by block.
     c.create_volume(
@@ -386,6 +400,13 @@ fn pools_volumes_images_snapshots_and_restarts() {
                 "chunk {i} is neither old nor new"
             );
         }
+    }
+    // The export is back at the same socket path, so QEMU (reconnect=) re-attaches.
+    assert!(bed.ok(&["vhost", "list"]).contains("disk.sock"));
+    {
+        let mut blk = BlkClient::connect(&vsock, 2, false).unwrap();
+        assert_eq!(blk.read(0, 0, 0, 4096), 0);
+        assert!(blk.mem()[..4096].iter().all(|b| *b == 0x11));
     }
     // Everything else survived the crash too.
     assert!(c.read("default", "c1", 32 << 20, 4096).unwrap() == vec![0x22u8; 4096]);

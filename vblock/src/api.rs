@@ -144,6 +144,32 @@ pub struct DataRange {
     pub length: Option<u64>,
 }
 
+/// A volume exported to VMs as vhost-user-blk (`PUT .../volumes/{name}/vhost`), and as
+/// persisted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostSpec {
+    /// Virtqueues (each served by its own worker); default 1.
+    #[serde(default = "one")]
+    pub queues: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// An export as reported (`GET /v1/vhost`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostInfo {
+    /// Pool.
+    pub pool: String,
+    /// Volume or snapshot (read-only).
+    pub volume: String,
+    /// The vhost-user socket QEMU connects to (`RUN_DIR/vhost/<volume>.sock`).
+    pub socket: PathBuf,
+    /// Virtqueues.
+    pub queues: usize,
+}
+
 /// Largest data transfer of one request.
 pub const MAX_TRANSFER: u64 = 16 << 20;
 

@@ -70,7 +70,8 @@ fn main() -> anyhow::Result<()> {
     let mut pools = file.pools;
     pools.extend(args.pools);
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let (control, problems) = Control::restore(&state_dir, &pools).context("restoring state")?;
+    let (control, problems) =
+        Control::restore(&state_dir, &run_dir, &pools).context("restoring state")?;
     for p in &problems {
         warn!(problem = %p, "could not open");
     }

@@ -16,10 +16,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{
     CheckInfo, CloneSpec, DataRange, MAX_TRANSFER, PoolInfo, PoolSpec, QosSpec, SnapshotSpec,
-    VolumeInfo, VolumeSpec,
+    VhostInfo, VhostSpec, VolumeInfo, VolumeSpec,
 };
 use crate::format::CLUSTER_SIZE;
 use crate::uring::UringDevice;
+use crate::vhost_blk::{Export, ExportConfig};
 use crate::{Error, Kind, Pool, PoolOptions, Qos};
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -53,8 +54,8 @@ pub struct IoStats {
 pub struct PoolHandle {
     /// Name and path.
     pub spec: PoolSpec,
-    /// The pool.
-    pub pool: Pool<UringDevice>,
+    /// The pool (shared with its vhost-user exports).
+    pub pool: Arc<Pool<UringDevice>>,
     stats: Mutex<HashMap<String, IoStats>>,
 }
 
@@ -246,13 +247,19 @@ pub struct State {
     pub version: u32,
     /// Pools, by creation order.
     pub pools: Vec<PoolSpec>,
+    /// vhost-user-blk exports: (pool, volume, settings).
+    #[serde(default)]
+    pub vhost: Vec<(String, String, VhostSpec)>,
 }
 
 /// The daemon's control plane.
 pub struct Control {
     pools: BTreeMap<String, Arc<PoolHandle>>,
+    /// Running exports by volume name (the socket's name).
+    exports: BTreeMap<String, (VhostInfo, Export)>,
     state: State,
     path: PathBuf,
+    run_dir: PathBuf,
 }
 
 fn check_pool_name(name: &str) -> Result<()> {
@@ -274,6 +281,7 @@ impl Control {
     /// and the problems of pools that could not be opened (they are kept in the state).
     pub fn restore(
         state_dir: &Path,
+        run_dir: &Path,
         configured: &[PoolSpec],
     ) -> std::io::Result<(Control, Vec<String>)> {
         std::fs::create_dir_all(state_dir)?;
@@ -290,11 +298,14 @@ impl Control {
         };
         let mut control = Control {
             pools: BTreeMap::new(),
+            exports: BTreeMap::new(),
             state: State {
                 version: 1,
                 pools: saved.pools.clone(),
+                vhost: Vec::new(),
             },
             path,
+            run_dir: run_dir.to_owned(),
         };
         let mut problems = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -313,7 +324,72 @@ impl Control {
                 Err(e) => problems.push(format!("pool {}: {}", spec.name, e.message())),
             }
         }
+        // Exports come back at the same socket paths: QEMU (`reconnect=`) re-attaches.
+        for (pool, volume, spec) in saved.vhost {
+            if let Err(e) = control.export(&pool, &volume, spec) {
+                problems.push(format!("vhost export of {pool}/{volume}: {}", e.message()));
+            }
+        }
         Ok((control, problems))
+    }
+
+    /// Exports a volume (a snapshot read-only) as vhost-user-blk on
+    /// `RUN_DIR/vhost/<volume>.sock`.
+    pub fn export(&mut self, pool: &str, volume: &str, spec: VhostSpec) -> Result<VhostInfo> {
+        let h = self.pool(pool)?;
+        h.pool.volume(volume).map_err(api_error)?;
+        if let Some((info, _)) = self.exports.get(volume) {
+            return Err(ApiError::Conflict(format!(
+                "{volume} is exported already (from pool {})",
+                info.pool
+            )));
+        }
+        let dir = self.run_dir.join("vhost");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ApiError::Internal(format!("{}: {e}", dir.display())))?;
+        let socket = dir.join(format!("{volume}.sock"));
+        let cfg = ExportConfig {
+            queues: spec.queues,
+        };
+        let export = Export::start(h.pool.clone(), volume, &socket, cfg).map_err(api_error)?;
+        let info = VhostInfo {
+            pool: pool.into(),
+            volume: volume.into(),
+            socket,
+            queues: spec.queues,
+        };
+        self.exports.insert(volume.into(), (info.clone(), export));
+        self.state.vhost.retain(|(_, v, _)| v != volume);
+        self.state.vhost.push((pool.into(), volume.into(), spec));
+        self.save()?;
+        tracing::info!(pool, volume, socket = %info.socket.display(), "vhost-user-blk export");
+        Ok(info)
+    }
+
+    /// Stops exporting a volume.
+    pub fn unexport(&mut self, volume: &str) -> Result<()> {
+        self.exports
+            .remove(volume)
+            .ok_or_else(|| ApiError::NotFound(format!("{volume} is not exported")))?;
+        self.state.vhost.retain(|(_, v, _)| v != volume);
+        self.save()?;
+        tracing::info!(volume, "vhost-user-blk export stopped");
+        Ok(())
+    }
+
+    /// Running exports.
+    pub fn exports(&self) -> Vec<VhostInfo> {
+        self.exports.values().map(|(i, _)| i.clone()).collect()
+    }
+
+    /// Refuses to delete an exported volume.
+    pub fn check_not_exported(&self, pool: &str, volume: &str) -> Result<()> {
+        match self.exports.get(volume) {
+            Some((info, _)) if info.pool == pool => Err(ApiError::Conflict(format!(
+                "{volume} is exported over vhost-user: stop the export first"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     fn open(&self, spec: PoolSpec) -> Result<Arc<PoolHandle>> {
@@ -349,7 +425,7 @@ impl Control {
         };
         Ok(Arc::new(PoolHandle {
             spec: PoolSpec { size: None, ..spec },
-            pool,
+            pool: Arc::new(pool),
             stats: Mutex::new(HashMap::new()),
         }))
     }
@@ -406,6 +482,8 @@ impl Control {
             .remove(name)
             .ok_or_else(|| ApiError::NotFound(format!("no pool {name}")))?;
         self.state.pools.retain(|p| p.name != name);
+        self.exports.retain(|_, (info, _)| info.pool != name);
+        self.state.vhost.retain(|(p, _, _)| p != name);
         self.save()?;
         close(h);
         tracing::info!(pool = name, "pool no longer served");
@@ -414,6 +492,7 @@ impl Control {
 
     /// Closes every pool cleanly (journal folded into a checkpoint).
     pub fn close_all(&mut self) {
+        self.exports.clear();
         for (_, h) in std::mem::take(&mut self.pools) {
             close(h);
         }
@@ -467,11 +546,14 @@ impl Control {
 }
 
 fn close(h: Arc<PoolHandle>) {
-    match Arc::try_unwrap(h) {
-        Ok(h) => {
-            if let Err(e) = h.pool.close() {
-                tracing::error!(pool = %h.spec.name, error = %e, "closing the pool");
+    match Arc::try_unwrap(h).map(|h| (Arc::try_unwrap(h.pool), h.spec.name)) {
+        Ok((Ok(pool), name)) => {
+            if let Err(e) = pool.close() {
+                tracing::error!(pool = %name, error = %e, "closing the pool");
             }
+        }
+        Ok((Err(pool), _)) => {
+            let _ = pool.flush();
         }
         // Still in use by a request: it is flushed; the journal is folded at the next open.
         Err(h) => {

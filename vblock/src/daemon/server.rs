@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use super::control::{Control, PoolHandle};
 use crate::api::{
-    CloneSpec, DataRange, MAX_TRANSFER, PoolSpec, QosSpec, ResizeSpec, SnapshotSpec, VolumeSpec,
+    CloneSpec, DataRange, MAX_TRANSFER, PoolSpec, QosSpec, ResizeSpec, SnapshotSpec, VhostSpec,
+    VolumeSpec,
 };
 
 /// Shared control plane.
@@ -73,6 +74,11 @@ pub fn router(shared: Shared) -> Router {
         )
         .route("/v1/pools/{pool}/volumes/{name}/zero", post(zero_data))
         .route("/v1/pools/{pool}/volumes/{name}/diff", get(diff))
+        .route(
+            "/v1/pools/{pool}/volumes/{name}/vhost",
+            put(export).delete(unexport),
+        )
+        .route("/v1/vhost", get(list_exports))
         .route("/v1/pools/{pool}/snapshots", post(snapshot))
         .route("/v1/pools/{pool}/clones", post(clone_snapshot))
         .route("/metrics", get(metrics))
@@ -158,6 +164,8 @@ async fn delete_volume(
     State(s): State<Shared>,
     Path((pool, name)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
+    let (p, n) = (pool.clone(), name.clone());
+    run(s.clone(), move |c| c.check_not_exported(&p, &n)).await?;
     on_pool(s, pool, move |h| h.delete_volume(&name)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -227,6 +235,31 @@ async fn diff(
         h.diff(q.from.as_deref(), &name)
     })
     .await?))
+}
+
+async fn export(
+    State(s): State<Shared>,
+    Path((pool, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let spec: VhostSpec = if body.is_empty() {
+        VhostSpec { queues: 1 }
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::Invalid(e.to_string()))?
+    };
+    Ok(ok(run(s, move |c| c.export(&pool, &name, spec)).await?))
+}
+
+async fn unexport(
+    State(s): State<Shared>,
+    Path((_pool, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    run(s, move |c| c.unexport(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_exports(State(s): State<Shared>) -> ApiResult<Response> {
+    Ok(ok(run(s, |c| Ok(c.exports())).await?))
 }
 
 async fn snapshot(

@@ -115,6 +115,52 @@ pub enum SnapshotCmd {
 }
 
 #[derive(Subcommand)]
+pub enum VhostCmd {
+    /// List vhost-user-blk exports.
+    List,
+    /// Export a volume (a snapshot read-only) on RUN_DIR/vhost/VOLUME.sock for QEMU's
+    /// `-device vhost-user-blk-pci`.
+    Create {
+        volume: String,
+        #[arg(long, default_value_t = 1)]
+        queues: usize,
+    },
+    /// Stop an export.
+    Delete { volume: String },
+}
+
+/// Runs a vhost command.
+pub fn vhost(c: &Client, pool: &str, cmd: VhostCmd, out: Output) -> Result<(), Error> {
+    let rows = |v: &Vec<vblock::api::VhostInfo>| {
+        let mut rows = vec![
+            ["POOL", "VOLUME", "QUEUES", "SOCKET"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        rows.extend(v.iter().map(|e| {
+            vec![
+                e.pool.clone(),
+                e.volume.clone(),
+                e.queues.to_string(),
+                e.socket.display().to_string(),
+            ]
+        }));
+        rows
+    };
+    match cmd {
+        VhostCmd::List => emit(out, &c.vhost_exports()?, rows),
+        VhostCmd::Create { volume, queues } => {
+            emit(out, &vec![c.export_vhost(pool, &volume, queues)?], rows)
+        }
+        VhostCmd::Delete { volume } => {
+            c.unexport_vhost(pool, &volume)?;
+            done(out, format!("stopped the vhost-user export of {volume}"));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
 pub enum CloneCmd {
     /// Make a writable clone of a snapshot.
     Create { snapshot: String, name: String },

@@ -74,6 +74,17 @@ enum Top {
         #[command(subcommand)]
         command: block::SnapshotCmd,
     },
+    /// vhost-user-blk exports of volumes to VMs (vblockd).
+    Vhost {
+        /// vblockd's API socket.
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+        /// The pool.
+        #[arg(long, global = true, default_value = "default")]
+        pool: String,
+        #[command(subcommand)]
+        command: block::VhostCmd,
+    },
     /// Writable clones of snapshots (vblockd).
     Clone {
         /// vblockd's API socket.
@@ -217,6 +228,11 @@ fn main() -> ExitCode {
             pool,
             command,
         } => block::clone(&bsock(socket), &pool, command, out),
+        Top::Vhost {
+            socket,
+            pool,
+            command,
+        } => block::vhost(&bsock(socket), &pool, command, out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
