@@ -15,6 +15,7 @@
 
 pub mod blk_client;
 pub mod daemon;
+pub mod guest;
 pub mod kernel_peer;
 pub mod netns;
 pub mod overlay_host;

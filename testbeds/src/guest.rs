@@ -1,0 +1,246 @@
+//! QEMU test guests built from Debian packages in seconds: Debian's kernel (the uncompressed
+//! `vmlinux`, booted directly), a busybox initramfs with the virtio modules, and a test script
+//! handed in through fw_cfg. The guest prints its script's output and an exit marker on the
+//! serial console and powers off. TCG only (KVM cannot boot a stock kernel here; see
+//! ../shared/notes/qemu-guests.md). `scripts/install-qemu` installs QEMU and busybox.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::Error;
+
+/// Where built guests are cached (kernel version in the name).
+const CACHE: &str = "/var/cache/libvirtual/guest";
+/// The private apt configuration of `scripts/install-qemu`.
+const APT: &str = "/var/cache/libvirtual/apt";
+/// Version of the initramfs layout (bumped with every change of INIT or MODULES).
+const LAYOUT: u32 = 2;
+/// Modules to load, in order (Debian 6.1 builds virtio as modules).
+const MODULES: &[&str] = &[
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "virtio_blk",
+    "qemu_fw_cfg",
+];
+
+/// A bootable guest.
+#[derive(Clone, Debug)]
+pub struct GuestImage {
+    /// Uncompressed kernel.
+    pub kernel: PathBuf,
+    /// Initramfs (gzip cpio).
+    pub initramfs: PathBuf,
+}
+
+fn sh(cmd: &str, dir: &Path) -> Result<String, Error> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .output()
+        .map_err(|e| Error::Io(format!("sh -c {cmd}"), e))?;
+    if !out.status.success() {
+        return Err(Error::Setup(format!(
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn apt_opts() -> String {
+    if Path::new(APT).join("sources").is_dir() {
+        format!(
+            "-o Dir::Etc::sourceparts={APT}/sources -o Dir::Etc::sourcelist=/dev/null -o Dir::State::lists={APT}/lists"
+        )
+    } else {
+        String::new()
+    }
+}
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /tmp && mount -t tmpfs tmp /tmp
+for m in MODULES; do insmod /lib/modules/$m.ko 2>/dev/null; done
+for i in $(seq 1 50); do [ -e /sys/firmware/qemu_fw_cfg/by_name/opt/lv/script/raw ] && break; sleep 0.1; done
+cat /sys/firmware/qemu_fw_cfg/by_name/opt/lv/script/raw > /script.sh
+echo LV-START
+sh /script.sh
+echo "LV-EXIT $?"
+sync
+poweroff -f
+"#;
+
+/// Builds (or takes from the cache) the guest image.
+pub fn image() -> Result<GuestImage, Error> {
+    let opts = apt_opts();
+    let deps = sh(
+        &format!("apt-cache {opts} depends linux-image-amd64"),
+        Path::new("/"),
+    )?;
+    let pkg = deps
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: "))
+        .filter(|p| p.starts_with("linux-image-"))
+        .ok_or_else(|| Error::Setup(format!("no kernel package in {deps:?}")))?
+        .trim()
+        .to_owned();
+    // The layout number changes whenever the initramfs does, so caches are rebuilt.
+    let dir = PathBuf::from(CACHE).join(format!("{pkg}-layout{LAYOUT}"));
+    let image = GuestImage {
+        kernel: dir.join("vmlinux"),
+        initramfs: dir.join("initramfs.cpio.gz"),
+    };
+    if image.kernel.is_file() && image.initramfs.is_file() {
+        return Ok(image);
+    }
+    let work = dir.join("work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|e| Error::Io(work.display().to_string(), e))?;
+    sh(&format!("apt-get {opts} download -qq {pkg}"), &work)?;
+    sh("dpkg -x linux-image-*.deb root", &work)?;
+    // The uncompressed kernel: the xz payload of the bzImage.
+    sh(
+        r#"f=$(ls root/boot/vmlinuz-*); off=$(grep -abo "$(printf '\3757zXZ')" "$f" | head -1 | cut -d: -f1); tail -c +$((off+1)) "$f" | xz -dc --single-stream > vmlinux"#,
+        &work,
+    )?;
+    let rootfs = work.join("initramfs");
+    sh(
+        "mkdir -p initramfs/bin initramfs/proc initramfs/sys initramfs/dev initramfs/lib/modules && cp /bin/busybox initramfs/bin/busybox",
+        &work,
+    )?;
+    for m in MODULES {
+        sh(
+            &format!(
+                "f=$(find root/lib/modules -name '{m}.ko' | head -1); [ -n \"$f\" ] && cp \"$f\" initramfs/lib/modules/ || true"
+            ),
+            &work,
+        )?;
+    }
+    std::fs::write(
+        rootfs.join("init"),
+        INIT.replace("MODULES", &MODULES.join(" ")),
+    )
+    .map_err(|e| Error::Io("init".into(), e))?;
+    sh(
+        "chmod +x initramfs/init && cd initramfs && find . | cpio -o -H newc --quiet | gzip -1 > ../initramfs.cpio.gz",
+        &work,
+    )?;
+    std::fs::rename(work.join("vmlinux"), &image.kernel)
+        .and_then(|()| std::fs::rename(work.join("initramfs.cpio.gz"), &image.initramfs))
+        .map_err(|e| Error::Io("guest image".into(), e))?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(image)
+}
+
+/// What a guest run printed.
+#[derive(Clone, Debug)]
+pub struct GuestRun {
+    /// The script's exit status (None: the guest never got there).
+    pub status: Option<i32>,
+    /// The serial console output.
+    pub console: String,
+}
+
+/// Boots `image` with one vhost-user-blk disk per socket (`/dev/vda`, `/dev/vdb`, ...), runs
+/// `script` (busybox sh) and waits for it to power off (at most `timeout`).
+pub fn run(
+    image: &GuestImage,
+    disks: &[(PathBuf, u16)],
+    script: &str,
+    scratch: &Path,
+    timeout: Duration,
+) -> Result<GuestRun, Error> {
+    std::fs::create_dir_all(scratch).map_err(|e| Error::Io(scratch.display().to_string(), e))?;
+    let script_file = scratch.join("script.sh");
+    std::fs::write(&script_file, script).map_err(|e| Error::Io("script".into(), e))?;
+    let log = scratch.join("console.log");
+    let _ = std::fs::remove_file(&log);
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-machine",
+        "q35,accel=tcg",
+        "-cpu",
+        "max",
+        "-smp",
+        "1",
+        "-m",
+        "512M",
+        "-object",
+        "memory-backend-memfd,id=mem,size=512M,share=on",
+        "-numa",
+        "node,memdev=mem",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-bios",
+        "/usr/share/qemu/qboot.rom",
+    ]);
+    cmd.arg("-serial").arg(format!("file:{}", log.display()));
+    cmd.arg("-kernel").arg(&image.kernel);
+    cmd.arg("-initrd").arg(&image.initramfs);
+    cmd.args(["-append", "console=ttyS0 panic=-1 quiet"]);
+    cmd.arg("-fw_cfg")
+        .arg(format!("name=opt/lv/script,file={}", script_file.display()));
+    for (i, (sock, queues)) in disks.iter().enumerate() {
+        cmd.arg("-chardev").arg(format!(
+            "socket,id=blk{i},path={},reconnect=1",
+            sock.display()
+        ));
+        cmd.arg("-device").arg(format!(
+            "vhost-user-blk-pci,chardev=blk{i},num-queues={queues}"
+        ));
+    }
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::Io("qemu-system-x86_64".into(), e))?;
+    let deadline = Instant::now() + timeout;
+    let exited = loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break true,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            _ => break false,
+        }
+    };
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let console = std::fs::read_to_string(&log).unwrap_or_default();
+    let status = console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("LV-EXIT "))
+        .and_then(|s| s.trim().parse().ok());
+    if status.is_none() && exited {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        return Err(Error::Setup(format!(
+            "guest did not finish its script: {err}\n{console}"
+        )));
+    }
+    Ok(GuestRun { status, console })
+}
+
+/// True if QEMU and busybox are installed (scripts/install-qemu).
+pub fn available() -> bool {
+    Path::new("/usr/share/qemu/qboot.rom").is_file()
+        && Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .is_ok()
+        && Path::new("/bin/busybox").is_file()
+}

@@ -1,0 +1,58 @@
+//! QEMU guests (TCG) on vblock volumes through vhost-user-blk.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use testbeds::guest;
+use vblock::uring::UringDevice;
+use vblock::vhost_blk::{Export, ExportConfig};
+use vblock::{Pool, PoolOptions};
+
+#[test]
+fn a_guest_writes_a_pattern_that_the_host_reads_back() {
+    if !guest::available() {
+        panic!("QEMU is not installed: scripts/install-qemu installs it");
+    }
+    let image = guest::image().unwrap();
+    let dir = std::path::PathBuf::from(format!("/var/tmp/lv-guest-blk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dev = UringDevice::create(&dir.join("pool"), 256 << 20).unwrap();
+    let pool = Arc::new(Pool::create(dev, PoolOptions::default()).unwrap());
+    pool.create_volume("vm", 64 << 20).unwrap();
+    let sock = dir.join("vm.sock");
+    let _export = Export::start(pool.clone(), "vm", &sock, ExportConfig { queues: 2 }).unwrap();
+    let script = r#"
+set -e
+cat /sys/block/vda/size
+cat /sys/block/vda/queue/logical_block_size /sys/block/vda/queue/physical_block_size
+ls /sys/block/vda/mq | wc -l
+i=0; while [ $i -lt 256 ]; do printf 'lv-pattern-%08d\n' $i; i=$((i+1)); done > /tmp/p
+dd if=/tmp/p of=/dev/vda bs=4096 seek=256 conv=fsync 2>/dev/null
+dd if=/dev/vda of=/tmp/back bs=4096 skip=256 count=$(( ($(wc -c < /tmp/p) + 4095) / 4096 )) 2>/dev/null
+head -c $(wc -c < /tmp/p) /tmp/back | cmp - /tmp/p && echo READBACK-OK
+"#;
+    let run = guest::run(
+        &image,
+        &[(sock.clone(), 2)],
+        script,
+        &dir.join("vm1"),
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    assert_eq!(run.status, Some(0), "{}", run.console);
+    assert!(run.console.contains("READBACK-OK"), "{}", run.console);
+    assert!(
+        run.console.contains(&((64u64 << 20) / 512).to_string()),
+        "{}",
+        run.console
+    );
+    // The host sees what the guest wrote, at the same place.
+    let mut expected = Vec::new();
+    for i in 0..256 {
+        expected.extend_from_slice(format!("lv-pattern-{i:08}\n").as_bytes());
+    }
+    let mut host = vec![0u8; expected.len().div_ceil(512) * 512];
+    pool.read("vm", 256 * 4096, &mut host).unwrap();
+    assert!(host[..expected.len()] == expected[..]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
