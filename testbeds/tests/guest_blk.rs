@@ -9,7 +9,7 @@ use vblock::vhost_blk::{Export, ExportConfig};
 use vblock::{Pool, PoolOptions};
 
 #[test]
-fn a_guest_writes_a_pattern_that_the_host_reads_back() {
+fn a_guest_writes_a_pattern_the_host_reads_back_and_discards_release_space() {
     if !guest::available() {
         panic!("QEMU is not installed: scripts/install-qemu installs it");
     }
@@ -30,6 +30,10 @@ i=0; while [ $i -lt 256 ]; do printf 'lv-pattern-%08d\n' $i; i=$((i+1)); done > 
 dd if=/tmp/p of=/dev/vda bs=4096 seek=256 conv=fsync 2>/dev/null
 dd if=/dev/vda of=/tmp/back bs=4096 skip=256 count=$(( ($(wc -c < /tmp/p) + 4095) / 4096 )) 2>/dev/null
 head -c $(wc -c < /tmp/p) /tmp/back | cmp - /tmp/p && echo READBACK-OK
+cat /sys/block/vda/queue/discard_max_bytes /sys/block/vda/queue/write_zeroes_max_bytes
+dd if=/dev/urandom of=/dev/vda bs=1M seek=16 count=8 conv=fsync 2>/dev/null
+blkdiscard -o $((16<<20)) -l $((8<<20)) /dev/vda
+dd if=/dev/vda bs=1M skip=16 count=1 2>/dev/null | tr -d '\0' | wc -c
 "#;
     let run = guest::run(
         &image,
@@ -54,5 +58,10 @@ head -c $(wc -c < /tmp/p) /tmp/back | cmp - /tmp/p && echo READBACK-OK
     let mut host = vec![0u8; expected.len().div_ceil(512) * 512];
     pool.read("vm", 256 * 4096, &mut host).unwrap();
     assert!(host[..expected.len()] == expected[..]);
+    // 8 MiB written and discarded by the guest: their space is released (only the pattern's
+    // 4 KiB blocks stay allocated), and they read as zeros.
+    let allocated = pool.volume("vm").unwrap().allocated;
+    assert!(allocated < 1 << 20, "allocated {allocated}: {}", run.console);
+    assert!(run.console.lines().any(|l| l.trim() == "0"), "discarded data read as zeros: {}", run.console);
     let _ = std::fs::remove_dir_all(&dir);
 }
