@@ -15,17 +15,12 @@ const CACHE: &str = "/var/cache/libvirtual/guest";
 /// The private apt configuration of `scripts/install-qemu`.
 const APT: &str = "/var/cache/libvirtual/apt";
 /// Version of the initramfs layout (bumped with every change of INIT or MODULES).
-const LAYOUT: u32 = 2;
-/// Modules to load, in order (Debian 6.1 builds virtio as modules).
-const MODULES: &[&str] = &[
-    "virtio_ring",
-    "virtio",
-    "virtio_pci_modern_dev",
-    "virtio_pci_legacy_dev",
-    "virtio_pci",
-    "virtio_blk",
-    "qemu_fw_cfg",
-];
+const LAYOUT: u32 = 3;
+/// Modules the guest needs (Debian 6.1 builds virtio and ext4 as modules); their
+/// dependencies are found with depmod/modprobe and loaded first.
+const MODULES: &[&str] = &["virtio_pci", "virtio_blk", "qemu_fw_cfg", "ext4"];
+/// Host programs packed into the guest with the libraries they need (e2fsprogs).
+const PROGRAMS: &[&str] = &["/usr/sbin/mke2fs", "/usr/sbin/e2fsck"];
 
 /// A bootable guest.
 #[derive(Clone, Debug)]
@@ -64,11 +59,12 @@ fn apt_opts() -> String {
 
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
+export PATH=/usr/sbin:/sbin:/usr/bin:/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /tmp && mount -t tmpfs tmp /tmp
-for m in MODULES; do insmod /lib/modules/$m.ko 2>/dev/null; done
+for m in $(cat /lib/modules/order); do insmod /lib/modules/$m 2>/dev/null; done
 for i in $(seq 1 50); do [ -e /sys/firmware/qemu_fw_cfg/by_name/opt/lv/script/raw ] && break; sleep 0.1; done
 cat /sys/firmware/qemu_fw_cfg/by_name/opt/lv/script/raw > /script.sh
 echo LV-START
@@ -101,6 +97,15 @@ pub fn image() -> Result<GuestImage, Error> {
     if image.kernel.is_file() && image.initramfs.is_file() {
         return Ok(image);
     }
+    // One builder at a time (tests run in parallel); the others wait and find it built.
+    std::fs::create_dir_all(CACHE).map_err(|e| Error::Io(CACHE.into(), e))?;
+    let lock_file = std::fs::File::create(PathBuf::from(CACHE).join("lock"))
+        .map_err(|e| Error::Io("guest cache lock".into(), e))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| Error::Io("guest cache lock".into(), e.into()))?;
+    if image.kernel.is_file() && image.initramfs.is_file() {
+        return Ok(image);
+    }
     let work = dir.join("work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| Error::Io(work.display().to_string(), e))?;
@@ -116,19 +121,45 @@ pub fn image() -> Result<GuestImage, Error> {
         "mkdir -p initramfs/bin initramfs/proc initramfs/sys initramfs/dev initramfs/lib/modules && cp /bin/busybox initramfs/bin/busybox",
         &work,
     )?;
+    // Modules with their dependencies, in load order.
+    sh("kver=$(ls root/lib/modules); depmod -b root $kver", &work)?;
+    let mut order: Vec<String> = Vec::new();
     for m in MODULES {
+        let deps = sh(
+            &format!("kver=$(ls root/lib/modules); modprobe -d root -S $kver --show-depends {m}"),
+            &work,
+        )?;
+        for path in deps
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("insmod "))
+        {
+            let path = path.trim();
+            let name = Path::new(path)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if !order.contains(&name) {
+                sh(&format!("cp {path} initramfs/lib/modules/"), &work)?;
+                order.push(name);
+            }
+        }
+    }
+    std::fs::write(rootfs.join("lib/modules/order"), order.join("\n"))
+        .map_err(|e| Error::Io("modules order".into(), e))?;
+    // Programs and their libraries, at the same paths.
+    for p in PROGRAMS {
         sh(
             &format!(
-                "f=$(find root/lib/modules -name '{m}.ko' | head -1); [ -n \"$f\" ] && cp \"$f\" initramfs/lib/modules/ || true"
+                "for f in {p} $(ldd {p} | grep -o '/[^ ]*'); do mkdir -p initramfs$(dirname $f); cp -L $f initramfs$f; done"
             ),
             &work,
         )?;
     }
-    std::fs::write(
-        rootfs.join("init"),
-        INIT.replace("MODULES", &MODULES.join(" ")),
-    )
-    .map_err(|e| Error::Io("init".into(), e))?;
+    sh(
+        "ln -sf mke2fs initramfs/usr/sbin/mkfs.ext4 && ln -sf e2fsck initramfs/usr/sbin/fsck.ext4",
+        &work,
+    )?;
+    std::fs::write(rootfs.join("init"), INIT).map_err(|e| Error::Io("init".into(), e))?;
     sh(
         "chmod +x initramfs/init && cd initramfs && find . | cpio -o -H newc --quiet | gzip -1 > ../initramfs.cpio.gz",
         &work,

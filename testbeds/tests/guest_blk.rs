@@ -61,7 +61,83 @@ dd if=/dev/vda bs=1M skip=16 count=1 2>/dev/null | tr -d '\0' | wc -c
     // 8 MiB written and discarded by the guest: their space is released (only the pattern's
     // 4 KiB blocks stay allocated), and they read as zeros.
     let allocated = pool.volume("vm").unwrap().allocated;
-    assert!(allocated < 1 << 20, "allocated {allocated}: {}", run.console);
-    assert!(run.console.lines().any(|l| l.trim() == "0"), "discarded data read as zeros: {}", run.console);
+    assert!(
+        allocated < 1 << 20,
+        "allocated {allocated}: {}",
+        run.console
+    );
+    assert!(
+        run.console.lines().any(|l| l.trim() == "0"),
+        "discarded data read as zeros: {}",
+        run.console
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn ext4_made_in_a_guest_survives_a_reboot_and_a_clone_of_its_snapshot_boots_with_it() {
+    if !guest::available() {
+        panic!("QEMU is not installed: scripts/install-qemu installs it");
+    }
+    let image = guest::image().unwrap();
+    let dir = std::path::PathBuf::from(format!("/var/tmp/lv-guest-ext4-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dev = UringDevice::create(&dir.join("pool"), 512 << 20).unwrap();
+    let pool = Arc::new(Pool::create(dev, PoolOptions::default()).unwrap());
+    pool.create_volume("vm", 128 << 20).unwrap();
+    let sock = dir.join("vm.sock");
+    let export = Export::start(pool.clone(), "vm", &sock, ExportConfig::default()).unwrap();
+    let make = r#"
+set -e
+mkfs.ext4 -q -F /dev/vda
+mkdir -p /mnt && mount -t ext4 /dev/vda /mnt
+i=0; while [ $i -lt 20 ]; do dd if=/dev/urandom of=/mnt/f$i bs=64k count=$((i+1)) 2>/dev/null; i=$((i+1)); done
+cd /mnt && md5sum f* > sums && cd /
+sync && umount /mnt && echo FS-MADE
+"#;
+    let run = guest::run(
+        &image,
+        &[(sock.clone(), 1)],
+        make,
+        &dir.join("run1"),
+        Duration::from_secs(180),
+    )
+    .unwrap();
+    assert_eq!(run.status, Some(0), "{}", run.console);
+    let check = r#"
+set -e
+e2fsck -fn /dev/vda
+mkdir -p /mnt && mount -t ext4 /dev/vda /mnt
+cd /mnt && md5sum -c sums > /dev/null && echo FILES-INTACT
+cd / && umount /mnt
+"#;
+    let run = guest::run(
+        &image,
+        &[(sock.clone(), 1)],
+        check,
+        &dir.join("run2"),
+        Duration::from_secs(180),
+    )
+    .unwrap();
+    assert_eq!(run.status, Some(0), "{}", run.console);
+    assert!(run.console.contains("FILES-INTACT"), "{}", run.console);
+    // A snapshot, a clone of it, and a VM on the clone: same files.
+    drop(export);
+    pool.snapshot("vm", "golden").unwrap();
+    pool.clone_snapshot("golden", "vm2").unwrap();
+    let sock2 = dir.join("vm2.sock");
+    let _export2 = Export::start(pool.clone(), "vm2", &sock2, ExportConfig::default()).unwrap();
+    let run = guest::run(
+        &image,
+        &[(sock2, 1)],
+        check,
+        &dir.join("run3"),
+        Duration::from_secs(180),
+    )
+    .unwrap();
+    assert_eq!(run.status, Some(0), "{}", run.console);
+    assert!(run.console.contains("FILES-INTACT"), "{}", run.console);
+    let info = pool.volume("vm2").unwrap();
+    assert!(info.allocated > 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
