@@ -93,6 +93,66 @@ impl BlkClient {
         self.wait(q)
     }
 
+    /// Runs requests back to back at queue depth `qd` on queue `q` for `secs`: reads or writes
+    /// of `block` bytes at offsets from `offset(n)` for the n-th request. Returns completed
+    /// requests per second (failed ones are not counted).
+    pub fn bench(
+        &mut self,
+        q: usize,
+        write: bool,
+        qd: usize,
+        block: usize,
+        secs: f64,
+        mut offset: impl FnMut(u64) -> u64,
+    ) -> f64 {
+        let qd = qd.min(self.len / block).max(1);
+        let base = self.base;
+        let mut issued = 0u64;
+        let submit = |this: &mut BlkClient, slot: usize, n: u64| {
+            // SAFETY: slot < qd and qd * block <= len: the pointer stays in the region.
+            let p = unsafe { base.add(slot * block) };
+            if write {
+                this.queues[q].write(offset(n), p, block, slot, ReqFlags::empty());
+            } else {
+                this.queues[q].read(offset(n), p, block, slot, ReqFlags::empty());
+            }
+        };
+        let mut submit = submit;
+        for slot in 0..qd {
+            submit(self, slot, issued);
+            issued += 1;
+        }
+        let start = std::time::Instant::now();
+        let mut done = 0u64;
+        let mut completions: Vec<MaybeUninit<Completion>> =
+            (0..qd).map(|_| MaybeUninit::uninit()).collect();
+        while start.elapsed().as_secs_f64() < secs {
+            let n = match self.queues[q].do_io(&mut completions, 1, None, None) {
+                Ok(n) => n,
+                Err(_) => break,
+            };
+            for c in &completions[..n] {
+                // SAFETY: do_io initialised the first `n` completions.
+                let c = unsafe { c.assume_init_read() };
+                if c.ret == 0 {
+                    done += 1;
+                }
+                submit(self, c.user_data, issued);
+                issued += 1;
+            }
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        // Drain what is still in flight.
+        let mut left = qd;
+        while left > 0 {
+            match self.queues[q].do_io(&mut completions, 1, None, None) {
+                Ok(n) if n > 0 => left = left.saturating_sub(n),
+                _ => break,
+            }
+        }
+        done as f64 / elapsed
+    }
+
     /// Zeroes a range.
     pub fn write_zeroes(&mut self, q: usize, off: u64, len: u64) -> i32 {
         self.queues[q].write_zeroes(off, len, 0, ReqFlags::empty());

@@ -120,43 +120,106 @@ impl<D: Device + 'static> BlkBackend<D> {
         c
     }
 
-    /// Processes one request; returns the bytes written into the chain (data + status).
-    fn request(
+    /// Processes the requests of a burst; returns each one's used length (data + status).
+    /// Reads go to the pool as one batch (many requests in flight at once, as the guest
+    /// queued them); the other requests run one by one, in order.
+    fn requests(
         &self,
-        chain: virtio_queue::DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>,
+        chains: Vec<virtio_queue::DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>>,
         mem: &GuestMemoryMmap,
-    ) -> u32 {
-        let Ok(mut reader) = chain.clone().reader(mem) else {
-            return 0;
-        };
-        let Ok(mut writer) = chain.writer(mem) else {
-            return 0;
-        };
-        let room = writer.available_bytes();
-        if room == 0 {
-            return 0;
+    ) -> Vec<(u16, u32)> {
+        struct Parsed<'m> {
+            head: u16,
+            reader: virtio_queue::Reader<'m, ()>,
+            writer: virtio_queue::Writer<'m, ()>,
+            status: virtio_queue::Writer<'m, ()>,
+            room: usize,
+            kind: u32,
+            sector: u64,
+            header_ok: bool,
         }
-        // The status is the last writable byte, whatever happens to the data before it.
-        let Ok(mut status_writer) = writer.split_at(room - 1) else {
-            return 0;
+        let mut used = Vec::with_capacity(chains.len());
+        let mut parsed: Vec<Parsed<'_>> = Vec::with_capacity(chains.len());
+        for chain in chains {
+            let head = chain.head_index();
+            let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.writer(mem))
+            else {
+                used.push((head, 0));
+                continue;
+            };
+            let room = writer.available_bytes();
+            // The status is the last writable byte, whatever happens to the data before it.
+            let status = match room.checked_sub(1).map(|at| writer.split_at(at)) {
+                Some(Ok(w)) => w,
+                _ => {
+                    used.push((head, 0));
+                    continue;
+                }
+            };
+            let mut hdr = [0u8; 16];
+            let header_ok = reader.read_exact(&mut hdr).is_ok();
+            parsed.push(Parsed {
+                head,
+                reader,
+                writer,
+                status,
+                room: room - 1,
+                kind: u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]),
+                sector: u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default()),
+                header_ok,
+            });
+        }
+        // The reads, in one batch.
+        let is_batched_read = |p: &Parsed<'_>| {
+            p.header_ok && p.kind == VIRTIO_BLK_T_IN && p.sector.checked_mul(SECTOR).is_some()
         };
-        let mut hdr = [0u8; 16];
-        let status = match reader.read_exact(&mut hdr) {
-            Err(_) => VIRTIO_BLK_S_IOERR,
-            Ok(()) => {
-                let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-                let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
-                match self.execute(kind, sector, &mut reader, &mut writer, room - 1) {
+        let mut bufs: Vec<crate::device::AlignedBuf> = parsed
+            .iter()
+            .filter(|p| is_batched_read(p))
+            .map(|p| crate::device::AlignedBuf::new(p.room))
+            .collect();
+        let batch_ok = {
+            let mut reqs: Vec<crate::ReadRequest<'_>> = parsed
+                .iter()
+                .filter(|p| is_batched_read(p))
+                .zip(bufs.iter_mut())
+                .map(|(p, b)| crate::ReadRequest {
+                    volume: &self.volume,
+                    offset: p.sector * SECTOR,
+                    buf: &mut b[..],
+                })
+                .collect();
+            !reqs.is_empty() && self.pool.read_batch(&mut reqs).is_ok()
+        };
+        let mut next_buf = 0;
+        for mut p in parsed {
+            let status = if !p.header_ok {
+                VIRTIO_BLK_S_IOERR
+            } else if is_batched_read(&p) && batch_ok {
+                let buf = &bufs[next_buf];
+                next_buf += 1;
+                match p.writer.write_all(buf) {
+                    Ok(()) => VIRTIO_BLK_S_OK,
+                    Err(_) => VIRTIO_BLK_S_IOERR,
+                }
+            } else {
+                if is_batched_read(&p) {
+                    next_buf += 1;
+                }
+                // One by one (also a read of a batch that failed: the bad one errs alone).
+                match self.execute(p.kind, p.sector, &mut p.reader, &mut p.writer, p.room) {
                     Ok(()) => VIRTIO_BLK_S_OK,
                     Err(s) => s,
                 }
-            }
-        };
-        let data = writer.bytes_written();
-        if status_writer.write_all(&[status as u8]).is_err() {
-            return data as u32;
+            };
+            let data = p.writer.bytes_written();
+            let len = match p.status.write_all(&[status as u8]) {
+                Ok(()) => data + 1,
+                Err(_) => data,
+            };
+            used.push((p.head, len as u32));
         }
-        (data + 1) as u32
+        used
     }
 
     fn execute(
@@ -236,9 +299,7 @@ impl<D: Device + 'static> BlkBackend<D> {
             .map_err(invalid)?
             .collect();
         let any = !chains.is_empty();
-        for chain in chains {
-            let head = chain.head_index();
-            let len = self.request(chain, &mem);
+        for (head, len) in self.requests(chains, &mem) {
             vring.add_used(head, len).map_err(invalid)?;
         }
         if any && vring.needs_notification().map_err(invalid)? {

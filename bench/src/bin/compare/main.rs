@@ -8,7 +8,9 @@
 //!   hosts over VXLAN, through vswitch and through the Linux kernel (vxlan + bridge).
 //! * `block`: vblock's engine against fio on a raw file through io_uring (the bound) and
 //!   `qemu-img bench` on qcow2 (64 KiB clusters) and raw, on one file system.
-//! * `all`: both.
+//! * `vhost-blk`: a VM-less vhost-user-blk client (libblkio) against vblock's export and
+//!   `qemu-storage-daemon` exporting raw and qcow2.
+//! * `all`: every suite.
 //!
 //! Each row is ours, the peer and the ratio (> 1: ours is better); `--json` prints
 //! `[{"name","ours","peer","peer_name","unit","ratio"}]`.
@@ -19,6 +21,7 @@ use testbeds::netns::missing_privileges;
 
 mod block;
 mod switch;
+mod vhost_blk;
 
 /// One comparison: ours against a peer.
 pub struct Row {
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
     let ready = match suite {
         "switch" => need("iperf3", "iperf3"),
         "block" => need("fio", "fio").and(need("qemu-img", "qemu-utils")),
+        "vhost-blk" => need("qemu-storage-daemon", "qemu-utils"),
         "all" => need("iperf3", "iperf3")
             .and(need("fio", "fio"))
             .and(need("qemu-img", "qemu-utils")),
@@ -64,7 +68,7 @@ fn main() -> ExitCode {
         eprintln!("compare: {e}");
         return ExitCode::from(2);
     }
-    if suite != "block"
+    if !matches!(suite, "block" | "vhost-blk")
         && let Some(why) = missing_privileges()
     {
         eprintln!("compare: {why}");
@@ -85,8 +89,10 @@ fn main() -> ExitCode {
     let rows = match suite {
         "switch" => switch::suite(secs, workers),
         "block" => block::suite(block_secs),
+        "vhost-blk" => vhost_blk::suite(block_secs),
         _ => switch::suite(secs, workers).and_then(|mut rows| {
             rows.extend(block::suite(block_secs)?);
+            rows.extend(vhost_blk::suite(block_secs)?);
             Ok(rows)
         }),
     };
