@@ -97,6 +97,20 @@ pub fn save_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Reads a daemon's persisted JSON state from `path`; a missing file is the default state.
+pub fn load_state<T: serde::de::DeserializeOwned + Default>(path: &Path) -> std::io::Result<T> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(e),
+    }
+}
+
 /// An API error: its HTTP status and the body `{"error":{"code","message"}}`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ApiError {

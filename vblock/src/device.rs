@@ -107,6 +107,19 @@ impl Device for MemDevice {
     }
 }
 
+/// Creates (or truncates) a sparse file of `size` bytes for a pool.
+pub(crate) fn create_sparse(path: &Path, size: u64) -> Result<(), Error> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| Error::Io(format!("create {}", path.display()), e))?;
+    f.set_len(size)
+        .map_err(|e| Error::Io(format!("size {}", path.display()), e))
+}
+
 /// A 4 KiB-aligned page, as O_DIRECT wants its buffers.
 #[derive(Clone, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C, align(4096))]
@@ -178,16 +191,7 @@ impl FileDevice {
 
     /// Creates (or truncates) a file of `size` bytes and opens it.
     pub fn create(path: &Path, size: u64) -> Result<FileDevice, Error> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(|e| Error::Io(format!("create {}", path.display()), e))?;
-        f.set_len(size)
-            .map_err(|e| Error::Io(format!("size {}", path.display()), e))?;
-        drop(f);
+        create_sparse(path, size)?;
         Self::open(path)
     }
 

@@ -205,10 +205,15 @@ impl<D: Device> Pool<D> {
         // No valid superblock until the first checkpoint is complete.
         dev.write_at(0, &vec![0u8; 2 * BLOCK_SIZE])
             .map_err(io("clearing the superblocks"))?;
+        Self::with_state(dev, Meta::new(clusters as u32), sb, 0)
+    }
+
+    /// A pool on `dev` with metadata `meta` (written as a fresh checkpoint first).
+    fn with_state(dev: D, meta: Meta, sb: Superblock, next_seq: u64) -> Result<Pool<D>, Error> {
         let mut state = State {
-            meta: Meta::new(clusters as u32),
+            meta,
             sb,
-            next_seq: 0,
+            next_seq,
             journal_used: 0,
         };
         checkpoint(&dev, &mut state)?;
@@ -294,20 +299,7 @@ impl<D: Device> Pool<D> {
         check_journal_end(&dev, &sb, seq)?;
         meta.committed();
         meta.rebuild_free();
-        let mut state = State {
-            meta,
-            sb,
-            next_seq: seq,
-            journal_used: 0,
-        };
-        checkpoint(&dev, &mut state)?;
-        Ok(Pool {
-            dev,
-            state: RwLock::new(state),
-            limiters: Mutex::new(HashMap::new()),
-            limited: std::sync::atomic::AtomicBool::new(false),
-            epoch: Instant::now(),
-        })
+        Self::with_state(dev, meta, sb, seq)
     }
 
     /// The state for changes (writes, configuration, commits).

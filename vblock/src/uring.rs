@@ -64,16 +64,7 @@ impl UringDevice {
 
     /// Creates (or truncates) a file of `size` bytes and opens it.
     pub fn create(path: &Path, size: u64) -> Result<UringDevice, Error> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(|e| Error::Io(format!("create {}", path.display()), e))?;
-        f.set_len(size)
-            .map_err(|e| Error::Io(format!("size {}", path.display()), e))?;
-        drop(f);
+        crate::device::create_sparse(path, size)?;
         Self::open(path)
     }
 

@@ -286,16 +286,7 @@ impl Control {
     ) -> std::io::Result<(Control, Vec<String>)> {
         std::fs::create_dir_all(state_dir)?;
         let path = state_dir.join("vblockd.json");
-        let saved: State = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("{}: {e}", path.display()),
-                )
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => return Err(e),
-        };
+        let saved: State = daemon_kit::load_state(&path)?;
         let mut control = Control {
             pools: BTreeMap::new(),
             exports: BTreeMap::new(),
