@@ -32,4 +32,4 @@ pub mod vhost_blk;
 
 pub use error::Error;
 pub use meta::{Kind, Qos};
-pub use pool::{CheckReport, DiffRange, Pool, PoolOptions, ReadRequest, VolumeInfo};
+pub use pool::{CheckReport, DiffRange, Pool, PoolOptions, ReadRequest, VolumeInfo, WriteRequest};

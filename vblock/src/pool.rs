@@ -71,6 +71,17 @@ pub struct ReadRequest<'a> {
     pub buf: &'a mut [u8],
 }
 
+/// One write of a batch ([`Pool::write_batch`]).
+#[derive(Debug)]
+pub struct WriteRequest<'a> {
+    /// Volume.
+    pub volume: &'a str,
+    /// Byte offset (a multiple of 512).
+    pub offset: u64,
+    /// The bytes (a multiple of 512 long).
+    pub data: &'a [u8],
+}
+
 /// A range in which two volumes differ ([`Pool::diff`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiffRange {
@@ -426,6 +437,51 @@ impl<D: Device> Pool<D> {
         read_range(&self.dev, &s, id, offset, buf)
     }
 
+    /// Writes several ranges in one batch: the overwrites that change no metadata go out in
+    /// one submission; the others (allocation, copy-on-write, partial blocks) one by one after
+    /// them. Returns each request's outcome, in order. Requests of a batch are independent:
+    /// like a device queue's, they may complete in any order.
+    pub fn write_batch(&self, reqs: &[WriteRequest<'_>]) -> Vec<Result<(), Error>> {
+        for r in reqs {
+            self.throttle(r.volume, r.data.len() as u64);
+        }
+        let mut results: Vec<Option<Result<(), Error>>> = (0..reqs.len()).map(|_| None).collect();
+        {
+            let s = self.read_lock();
+            let mut ops = Vec::new();
+            let mut fast = Vec::new();
+            for (i, r) in reqs.iter().enumerate() {
+                match check_io(&s.meta, r.volume, r.offset, r.data.len(), true) {
+                    Err(e) => results[i] = Some(Err(e)),
+                    Ok(id) => {
+                        if let Some(plan) = in_place_plan(&s, id, r.offset, r.data) {
+                            ops.extend(plan);
+                            fast.push(i);
+                        }
+                    }
+                }
+            }
+            if !ops.is_empty() {
+                let done = self.dev.submit(&mut ops);
+                for i in fast {
+                    results[i] = Some(match &done {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(Error::Io(
+                            "writing a batch".into(),
+                            std::io::Error::new(e.kind(), e.to_string()),
+                        )),
+                    });
+                }
+            }
+        }
+        reqs.iter()
+            .zip(results)
+            .map(|(r, done)| {
+                done.unwrap_or_else(|| self.write_unthrottled(r.volume, r.offset, r.data))
+            })
+            .collect()
+    }
+
     /// Reads several ranges (of one or more volumes) in one batch: one lock, one submission,
     /// as a device queue hands over a batch of requests. Fails as a whole on the first bad
     /// request.
@@ -449,6 +505,10 @@ impl<D: Device> Pool<D> {
     /// [`Self::flush`].
     pub fn write(&self, name: &str, offset: u64, data: &[u8]) -> Result<(), Error> {
         self.throttle(name, data.len() as u64);
+        self.write_unthrottled(name, offset, data)
+    }
+
+    fn write_unthrottled(&self, name: &str, offset: u64, data: &[u8]) -> Result<(), Error> {
         {
             // Overwrites of whole 4 KiB blocks that hold data in clusters only this volume
             // references change no metadata: they go out under the shared lock, in parallel

@@ -121,8 +121,9 @@ impl<D: Device + 'static> BlkBackend<D> {
     }
 
     /// Processes the requests of a burst; returns each one's used length (data + status).
-    /// Reads go to the pool as one batch (many requests in flight at once, as the guest
-    /// queued them); the other requests run one by one, in order.
+    /// Reads go to the pool as one batch and writes as another (many requests in flight at
+    /// once, as the guest queued them; virtio gives requests in flight no order); the other
+    /// requests run one by one, in order.
     fn requests(
         &self,
         chains: Vec<virtio_queue::DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>>,
@@ -191,6 +192,38 @@ impl<D: Device + 'static> BlkBackend<D> {
                 .collect();
             !reqs.is_empty() && self.pool.read_batch(&mut reqs).is_ok()
         };
+        // The writes, in one batch (their data copied out of the guest first).
+        let is_batched_write = |p: &Parsed<'_>| {
+            p.header_ok
+                && p.kind == VIRTIO_BLK_T_OUT
+                && !self.read_only
+                && p.sector.checked_mul(SECTOR).is_some()
+        };
+        let mut wdata: Vec<Option<crate::device::AlignedBuf>> = Vec::new();
+        for p in parsed.iter_mut().filter(|p| is_batched_write(p)) {
+            let mut b = crate::device::AlignedBuf::new(p.reader.available_bytes());
+            wdata.push(p.reader.read_exact(&mut b).is_ok().then_some(b));
+        }
+        let wresults: Vec<bool> = {
+            let reqs: Vec<crate::WriteRequest<'_>> = parsed
+                .iter()
+                .filter(|p| is_batched_write(p))
+                .zip(wdata.iter())
+                .filter_map(|(p, d)| {
+                    d.as_ref().map(|d| crate::WriteRequest {
+                        volume: &self.volume,
+                        offset: p.sector * SECTOR,
+                        data: &d[..],
+                    })
+                })
+                .collect();
+            let mut outcomes = self.pool.write_batch(&reqs).into_iter();
+            wdata
+                .iter()
+                .map(|d| d.is_some() && outcomes.next().is_some_and(|r| r.is_ok()))
+                .collect()
+        };
+        let mut next_write = 0;
         let mut next_buf = 0;
         for mut p in parsed {
             let status = if !p.header_ok {
@@ -201,6 +234,14 @@ impl<D: Device + 'static> BlkBackend<D> {
                 match p.writer.write_all(buf) {
                     Ok(()) => VIRTIO_BLK_S_OK,
                     Err(_) => VIRTIO_BLK_S_IOERR,
+                }
+            } else if is_batched_write(&p) {
+                let ok = wresults[next_write];
+                next_write += 1;
+                if ok {
+                    VIRTIO_BLK_S_OK
+                } else {
+                    VIRTIO_BLK_S_IOERR
                 }
             } else {
                 if is_batched_read(&p) {
