@@ -46,3 +46,17 @@ pub fn tunnel(v6: bool) -> TunnelConfig {
 pub fn encapsulator(v6: bool) -> Encapsulator {
     Encapsulator::new(&tunnel(v6)).unwrap_or_else(|e| panic!("bench tunnel: {e}"))
 }
+
+/// A small deterministic xorshift generator for request offsets in the comparison suites.
+#[derive(Clone, Debug)]
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    /// The next pseudo-random value (the seed must not be 0).
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}

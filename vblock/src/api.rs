@@ -5,20 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// The default run directory: `/run/libvirtual` as root, `$XDG_RUNTIME_DIR/libvirtual`
-/// otherwise.
-pub fn default_run_dir() -> PathBuf {
-    // Root: /proc/self belongs to the effective user of this process.
-    use std::os::unix::fs::MetadataExt;
-    if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
-        PathBuf::from("/run/libvirtual")
-    } else {
-        std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir)
-            .join("libvirtual")
-    }
-}
+pub use daemon_kit::default_run_dir;
 
 /// The default API socket of vblockd: `vblockd.sock` in [`default_run_dir`].
 pub fn default_socket() -> PathBuf {

@@ -7,18 +7,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// The default run directory: `/run/libvirtual` as root, `$XDG_RUNTIME_DIR/libvirtual`
-/// otherwise (DESIGN.md conventions).
-pub fn default_run_dir() -> PathBuf {
-    if nix::unistd::geteuid().is_root() {
-        PathBuf::from("/run/libvirtual")
-    } else {
-        std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir)
-            .join("libvirtual")
-    }
-}
+pub use daemon_kit::default_run_dir;
 
 /// The default API socket of vswitchd: `vswitchd.sock` in [`default_run_dir`].
 pub fn default_socket() -> PathBuf {

@@ -12,6 +12,8 @@ use vblock::device::AlignedBuf;
 use vblock::uring::UringDevice;
 use vblock::{Error, Pool, PoolOptions};
 
+use bench::XorShift;
+
 use crate::Row;
 
 /// A scratch directory on the root file system, removed at the end.
@@ -55,17 +57,6 @@ impl Pattern {
     }
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// Random 4 KiB reads at queue depth `qd`: two threads (one per core), each submitting
 /// batches of `qd / 2` requests, as a device queue's worker hands them over.
 fn ours_batched_reads(pool: &Arc<Pool<UringDevice>>, volume: &str, qd: usize, secs: f64) -> f64 {
@@ -77,14 +68,14 @@ fn ours_batched_reads(pool: &Arc<Pool<UringDevice>>, volume: &str, qd: usize, se
             let (pool, ops, stop) = (pool.clone(), ops.clone(), stop.clone());
             let volume = volume.to_owned();
             std::thread::spawn(move || {
-                let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ (t + 1));
+                let mut rng = XorShift(0x2545_f491_4f6c_dd1d ^ (t + 1));
                 let mut bufs: Vec<AlignedBuf> = (0..per).map(|_| AlignedBuf::new(4096)).collect();
                 while !stop.load(Ordering::Relaxed) {
                     let mut reqs: Vec<vblock::ReadRequest<'_>> = bufs
                         .iter_mut()
                         .map(|b| vblock::ReadRequest {
                             volume: &volume,
-                            offset: rng.next() % (DATA / 4096) * 4096,
+                            offset: rng.next_u64() % (DATA / 4096) * 4096,
                             buf: &mut b[..],
                         })
                         .collect();
@@ -128,7 +119,7 @@ fn ours(
             );
             let volume = volume.to_owned();
             std::thread::spawn(move || {
-                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((t as u64 + 1) * 0x1234_5678));
+                let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ ((t as u64 + 1) * 0x1234_5678));
                 let size = pattern.bytes() as usize;
                 let mut buf = AlignedBuf::new(size);
                 buf.fill((t as u8) | 1);
@@ -136,10 +127,10 @@ fn ours(
                 while !stop.load(Ordering::Relaxed) {
                     let r = match pattern {
                         Pattern::RandRead4k => {
-                            pool.read(&volume, rng.next() % (DATA / 4096) * 4096, &mut buf)
+                            pool.read(&volume, rng.next_u64() % (DATA / 4096) * 4096, &mut buf)
                         }
                         Pattern::RandWrite4k => {
-                            pool.write(&volume, rng.next() % (DATA / 4096) * 4096, &buf)
+                            pool.write(&volume, rng.next_u64() % (DATA / 4096) * 4096, &buf)
                         }
                         Pattern::SeqRead1m | Pattern::SeqWrite1m => {
                             seq = (seq + (1 << 20)) % DATA;

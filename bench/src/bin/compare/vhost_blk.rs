@@ -12,6 +12,8 @@ use vblock::uring::UringDevice;
 use vblock::vhost_blk::{Export, ExportConfig};
 use vblock::{Pool, PoolOptions};
 
+use bench::XorShift;
+
 use crate::Row;
 
 const SIZE: u64 = 1 << 30;
@@ -63,24 +65,13 @@ fn qsd(image: &Path, format: &str, sock: &Path) -> Result<Qsd, String> {
     Ok(q)
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// The measurements of one target: random 4 KiB read QD1/QD32, overwrite QD32, 1 MiB
 /// sequential read QD32 (filled data), in kIOPS / MiB/s.
 fn measure(sock: &Path, secs: f64) -> Result<[f64; 4], String> {
     let e = |e: testbeds::Error| e.to_string();
     let mut c = BlkClient::connect(sock, 1, false).map_err(e)?;
-    let mut rng = Rng(0x1234_5678_9abc_def1);
-    let mut random = move |_| rng.next() % (SIZE / 4096) * 4096;
+    let mut rng = XorShift(0x1234_5678_9abc_def1);
+    let mut random = move |_| rng.next_u64() % (SIZE / 4096) * 4096;
     let rr1 = c.bench(0, false, 1, 4096, secs, &mut random) / 1000.0;
     let rr32 = c.bench(0, false, 32, 4096, secs, &mut random) / 1000.0;
     let rw32 = c.bench(0, true, 32, 4096, secs, &mut random) / 1000.0;

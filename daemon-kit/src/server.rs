@@ -1,0 +1,256 @@
+//! The daemons' side: structured logs, the control API served over HTTP/1.1 on a unix socket
+//! with clean shutdown, persisted state, the API error envelope.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use tracing::{error, info};
+
+/// Sets up `tracing` logs: human-readable, or JSON lines with `json`; the level comes from
+/// `RUST_LOG` (default `info`).
+pub fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+}
+
+/// Parses a `--log-format` value: `human` or `json`; returns true for JSON.
+pub fn json_logs(format: &str) -> anyhow::Result<bool> {
+    match format {
+        "human" => Ok(false),
+        "json" => Ok(true),
+        other => bail!("log format {other:?}: use human or json"),
+    }
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(t) => { t.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+    info!("shutting down");
+}
+
+/// Serves `router` on the unix socket `socket` (mode 0600) until SIGINT/SIGTERM, then removes
+/// the socket. A socket left by a crashed instance is replaced; one a live instance answers
+/// on is not (`daemon` names the daemon in that error).
+pub async fn serve(socket: &Path, router: axum::Router, daemon: &str) -> anyhow::Result<()> {
+    if socket.exists() {
+        if tokio::net::UnixStream::connect(socket).await.is_ok() {
+            bail!("another {daemon} serves {}", socket.display());
+        }
+        std::fs::remove_file(socket)
+            .with_context(|| format!("removing stale {}", socket.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(socket)
+        .with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    info!(socket = %socket.display(), "{daemon} ready");
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    let _ = std::fs::remove_file(socket);
+    if let Err(e) = served {
+        error!(error = %e, "API server failed");
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// A multi-threaded tokio runtime for the control API (two workers: the API is not a
+/// datapath).
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")
+}
+
+/// Writes `bytes` to `path` atomically and durably: a temporary file, fsync, rename, fsync
+/// of the directory. After a crash the file is either the old or the new content.
+pub fn save_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Reads a daemon's persisted JSON state from `path`; a missing file is the default state.
+pub fn load_state<T: serde::de::DeserializeOwned + Default>(path: &Path) -> std::io::Result<T> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(e),
+    }
+}
+
+/// An API error: its HTTP status and the body `{"error":{"code","message"}}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiError {
+    /// The named object does not exist (404, `not_found`).
+    NotFound(String),
+    /// It exists already, or is in use, or is read-only (409, `conflict`).
+    Conflict(String),
+    /// The request is wrong (400, `invalid`).
+    Invalid(String),
+    /// No space left (507, `no_space`).
+    NoSpace(String),
+    /// Something failed on our side (500, `internal`).
+    Internal(String),
+}
+
+impl ApiError {
+    /// The stable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::Invalid(_) => "invalid",
+            ApiError::NoSpace(_) => "no_space",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        match self {
+            ApiError::NotFound(m)
+            | ApiError::Conflict(m)
+            | ApiError::Invalid(m)
+            | ApiError::NoSpace(m)
+            | ApiError::Internal(m) => m,
+        }
+    }
+
+    fn status(&self) -> axum::http::StatusCode {
+        use axum::http::StatusCode;
+        match self {
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ApiError::NoSpace(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code(), self.message())
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl axum::response::IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
+        match &self {
+            ApiError::Internal(m) => error!(error = %m, "API request failed"),
+            other => tracing::debug!(
+                code = other.code(),
+                error = other.message(),
+                "API request refused"
+            ),
+        }
+        let body = format!(
+            "{{\"error\":{{\"code\":{},\"message\":{}}}}}",
+            json_string(self.code()),
+            json_string(self.message())
+        );
+        (
+            self.status(),
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(r: axum::extract::rejection::JsonRejection) -> Self {
+        ApiError::Invalid(r.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(r: axum::extract::rejection::QueryRejection) -> Self {
+        ApiError::Invalid(r.body_text())
+    }
+}
+
+/// A JSON string literal.
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Runs blocking control work off the async runtime.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_are_valid_json_with_escapes() {
+        assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+        let e = ApiError::NoSpace("pool \"p\" is full".into());
+        assert_eq!(e.code(), "no_space");
+        assert_eq!(e.status(), axum::http::StatusCode::INSUFFICIENT_STORAGE);
+    }
+
+    #[test]
+    fn saves_are_atomic_replacements() {
+        let dir = std::env::temp_dir().join(format!("daemon-kit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("state.json");
+        save_atomic(&p, b"one").unwrap();
+        save_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert!(!p.with_extension("tmp").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
