@@ -254,3 +254,60 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// The flags every daemon takes (flatten into its own `clap` arguments).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct CommonArgs {
+    /// TOML config file (flags override it).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Directory of the control socket (default /run/libvirtual as root).
+    #[arg(long)]
+    pub run_dir: Option<std::path::PathBuf>,
+    /// Directory of the persisted state (default /var/lib/libvirtual).
+    #[arg(long)]
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Log format: human or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+/// The effective common settings: flags over the config file over defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Common {
+    /// Directory of the control socket.
+    pub run_dir: std::path::PathBuf,
+    /// Directory of the persisted state.
+    pub state_dir: std::path::PathBuf,
+    /// Log as JSON lines.
+    pub json_logs: bool,
+}
+
+impl CommonArgs {
+    /// Resolves the flags against the config file's `run_dir`, `state_dir` and `log_format`.
+    pub fn resolve(
+        &self,
+        run_dir: Option<std::path::PathBuf>,
+        state_dir: Option<std::path::PathBuf>,
+        log_format: Option<String>,
+    ) -> anyhow::Result<Common> {
+        let format = self
+            .log_format
+            .clone()
+            .or(log_format)
+            .unwrap_or_else(|| "human".into());
+        Ok(Common {
+            run_dir: self
+                .run_dir
+                .clone()
+                .or(run_dir)
+                .unwrap_or_else(crate::default_run_dir),
+            state_dir: self
+                .state_dir
+                .clone()
+                .or(state_dir)
+                .unwrap_or_else(|| std::path::PathBuf::from("/var/lib/libvirtual")),
+            json_logs: json_logs(&format)?,
+        })
+    }
+}

@@ -5,13 +5,12 @@
 //! (docs/api.md). The list of pools is persisted in `STATE_DIR/vblockd.json`; each pool's
 //! own metadata is crash-consistent on its device (docs/format.md).
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use clap::Parser;
 use tracing::{info, warn};
-use vblock::api::{PoolSpec, default_run_dir};
+use vblock::api::PoolSpec;
 use vblock::daemon::config::FileConfig;
 use vblock::daemon::control::Control;
 use vblock::daemon::server::router;
@@ -20,21 +19,11 @@ use vblock::daemon::server::router;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// TOML config file (flags override it).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Directory of the control socket (default /run/libvirtual as root).
-    #[arg(long)]
-    run_dir: Option<PathBuf>,
-    /// Directory of the persisted state (default /var/lib/libvirtual).
-    #[arg(long)]
-    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    common: daemon_kit::CommonArgs,
     /// A pool to serve, NAME=PATH (an existing pool; repeatable).
     #[arg(long = "pool", value_parser = parse_pool)]
     pools: Vec<PoolSpec>,
-    /// Log format: human or json.
-    #[arg(long)]
-    log_format: Option<String>,
 }
 
 fn parse_pool(s: &str) -> Result<PoolSpec, String> {
@@ -50,23 +39,15 @@ fn parse_pool(s: &str) -> Result<PoolSpec, String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let file = match &args.config {
+    let file = match &args.common.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
     };
-    let log_format = args
-        .log_format
-        .or(file.log_format)
-        .unwrap_or_else(|| "human".into());
-    daemon_kit::init_logs(daemon_kit::json_logs(&log_format)?);
-    let run_dir = args
-        .run_dir
-        .or(file.run_dir)
-        .unwrap_or_else(default_run_dir);
-    let state_dir = args
-        .state_dir
-        .or(file.state_dir)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/libvirtual"));
+    let common = args
+        .common
+        .resolve(file.run_dir, file.state_dir, file.log_format)?;
+    daemon_kit::init_logs(common.json_logs);
+    let (run_dir, state_dir) = (common.run_dir, common.state_dir);
     let mut pools = file.pools;
     pools.extend(args.pools);
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;

@@ -5,13 +5,12 @@
 //! (docs/api.md). State is persisted in `STATE_DIR/vswitchd.json` and restored at start.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use tracing::{info, warn};
-use vswitch::daemon::config::{Config, FileConfig, default_run_dir};
+use vswitch::daemon::config::{Config, FileConfig};
 use vswitch::daemon::control::Control;
 use vswitch::daemon::server::router;
 use vswitch::datapath::{DatapathConfig, DatapathWorkers};
@@ -20,15 +19,8 @@ use vswitch::datapath::{DatapathConfig, DatapathWorkers};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// TOML config file (flags override it).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Directory of the control socket (default /run/libvirtual as root).
-    #[arg(long)]
-    run_dir: Option<PathBuf>,
-    /// Directory of the persisted state (default /var/lib/libvirtual).
-    #[arg(long)]
-    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    common: daemon_kit::CommonArgs,
     /// Underlay address to bind the VXLAN port on (repeat for IPv4 and IPv6).
     #[arg(long = "underlay")]
     underlay: Vec<IpAddr>,
@@ -41,21 +33,16 @@ struct Args {
     /// Datapath worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
-    /// Log format: human or json.
-    #[arg(long)]
-    log_format: Option<String>,
 }
 
 fn effective(args: Args) -> anyhow::Result<Config> {
-    let file = match &args.config {
+    let file = match &args.common.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
     };
-    let log_format = args
-        .log_format
-        .or(file.log_format)
-        .unwrap_or_else(|| "human".into());
-    let json_logs = daemon_kit::json_logs(&log_format)?;
+    let common = args
+        .common
+        .resolve(file.run_dir, file.state_dir, file.log_format)?;
     let underlay = if args.underlay.is_empty() {
         file.underlay
     } else {
@@ -65,14 +52,8 @@ fn effective(args: Args) -> anyhow::Result<Config> {
         bail!("no underlay address: give --underlay ADDR or `underlay = [...]` in the config");
     }
     Ok(Config {
-        run_dir: args
-            .run_dir
-            .or(file.run_dir)
-            .unwrap_or_else(default_run_dir),
-        state_dir: args
-            .state_dir
-            .or(file.state_dir)
-            .unwrap_or_else(|| PathBuf::from("/var/lib/libvirtual")),
+        run_dir: common.run_dir,
+        state_dir: common.state_dir,
         underlay,
         underlay_mtu: args.underlay_mtu.or(file.underlay_mtu).unwrap_or(1500),
         udp_port: args
@@ -80,7 +61,7 @@ fn effective(args: Args) -> anyhow::Result<Config> {
             .or(file.udp_port)
             .unwrap_or(overlay_net_port()),
         workers: args.workers.or(file.workers).unwrap_or(0),
-        json_logs,
+        json_logs: common.json_logs,
     })
 }
 

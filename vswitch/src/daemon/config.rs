@@ -54,8 +54,6 @@ pub struct Config {
     pub json_logs: bool,
 }
 
-pub use crate::api::default_run_dir;
-
 #[cfg(test)]
 mod tests {
     use super::*;
