@@ -97,12 +97,7 @@ pub fn image() -> Result<GuestImage, Error> {
     if image.kernel.is_file() && image.initramfs.is_file() {
         return Ok(image);
     }
-    // One builder at a time (tests run in parallel); the others wait and find it built.
-    std::fs::create_dir_all(CACHE).map_err(|e| Error::Io(CACHE.into(), e))?;
-    let lock_file = std::fs::File::create(PathBuf::from(CACHE).join("lock"))
-        .map_err(|e| Error::Io("guest cache lock".into(), e))?;
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| Error::Io("guest cache lock".into(), e.into()))?;
+    let _lock = cache_lock()?;
     if image.kernel.is_file() && image.initramfs.is_file() {
         return Ok(image);
     }
@@ -171,6 +166,60 @@ pub fn image() -> Result<GuestImage, Error> {
     Ok(image)
 }
 
+/// Locks the guest cache: one builder at a time (tests run in parallel); the others wait and
+/// find the image built.
+fn cache_lock() -> Result<nix::fcntl::Flock<std::fs::File>, Error> {
+    std::fs::create_dir_all(CACHE).map_err(|e| Error::Io(CACHE.into(), e))?;
+    let lock_file = std::fs::File::create(PathBuf::from(CACHE).join("lock"))
+        .map_err(|e| Error::Io("guest cache lock".into(), e))?;
+    nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| Error::Io("guest cache lock".into(), e.into()))
+}
+
+/// The guest image with the host's fio (and the libraries it links) as one more initramfs
+/// layer; large (~36 MB compressed), so only the tests that run fio boot it.
+pub fn image_with_fio() -> Result<GuestImage, Error> {
+    let base = image()?;
+    let dir = base
+        .initramfs
+        .parent()
+        .ok_or_else(|| Error::Setup("guest cache".into()))?
+        .to_owned();
+    let image = GuestImage {
+        kernel: base.kernel.clone(),
+        initramfs: dir.join("initramfs-fio.cpio.gz"),
+    };
+    if image.initramfs.is_file() {
+        return Ok(image);
+    }
+    if !Path::new("/usr/bin/fio").is_file() {
+        return Err(Error::Setup(
+            "fio is not installed (scripts/install-deps installs it)".into(),
+        ));
+    }
+    let _lock = cache_lock()?;
+    if image.initramfs.is_file() {
+        return Ok(image);
+    }
+    let work = dir.join("work-fio");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|e| Error::Io(work.display().to_string(), e))?;
+    // Compressed cpio archives laid one after another form one initramfs.
+    sh(
+        &format!(
+            "for f in /usr/bin/fio $(ldd /usr/bin/fio | grep -o '/[^ ]*'); do mkdir -p layer$(dirname $f); cp -L $f layer$f; done \
+             && (cd layer && find . | cpio -o -H newc --quiet | gzip -1 > ../fio.cpio.gz) \
+             && cat {} fio.cpio.gz > initramfs.cpio.gz",
+            base.initramfs.display()
+        ),
+        &work,
+    )?;
+    std::fs::rename(work.join("initramfs.cpio.gz"), &image.initramfs)
+        .map_err(|e| Error::Io("guest image with fio".into(), e))?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(image)
+}
+
 /// What a guest run printed.
 #[derive(Clone, Debug)]
 pub struct GuestRun {
@@ -189,81 +238,141 @@ pub fn run(
     scratch: &Path,
     timeout: Duration,
 ) -> Result<GuestRun, Error> {
-    std::fs::create_dir_all(scratch).map_err(|e| Error::Io(scratch.display().to_string(), e))?;
-    let script_file = scratch.join("script.sh");
-    std::fs::write(&script_file, script).map_err(|e| Error::Io("script".into(), e))?;
-    let log = scratch.join("console.log");
-    let _ = std::fs::remove_file(&log);
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-machine",
-        "q35,accel=tcg",
-        "-cpu",
-        "max",
-        "-smp",
-        "1",
-        "-m",
-        "512M",
-        "-object",
-        "memory-backend-memfd,id=mem,size=512M,share=on",
-        "-numa",
-        "node,memdev=mem",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-monitor",
-        "none",
-        "-no-reboot",
-        "-bios",
-        "/usr/share/qemu/qboot.rom",
-    ]);
-    cmd.arg("-serial").arg(format!("file:{}", log.display()));
-    cmd.arg("-kernel").arg(&image.kernel);
-    cmd.arg("-initrd").arg(&image.initramfs);
-    cmd.args(["-append", "console=ttyS0 panic=-1 quiet"]);
-    cmd.arg("-fw_cfg")
-        .arg(format!("name=opt/lv/script,file={}", script_file.display()));
-    for (i, (sock, queues)) in disks.iter().enumerate() {
-        cmd.arg("-chardev").arg(format!(
-            "socket,id=blk{i},path={},reconnect=1",
-            sock.display()
-        ));
-        cmd.arg("-device").arg(format!(
-            "vhost-user-blk-pci,chardev=blk{i},num-queues={queues}"
-        ));
-    }
-    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| Error::Io("qemu-system-x86_64".into(), e))?;
-    let deadline = Instant::now() + timeout;
-    let exited = loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break true,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-            _ => break false,
+    Guest::boot(image, disks, script, scratch)?.finish(timeout)
+}
+
+/// A guest that is running its script; killed on drop.
+pub struct Guest {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Guest {
+    /// Boots `image` with one vhost-user-blk disk per socket (`/dev/vda`, `/dev/vdb`, ...; the
+    /// number is the disk's queue count; QEMU reconnects to a restarted backend) and hands it
+    /// `script` (busybox sh) to run.
+    pub fn boot(
+        image: &GuestImage,
+        disks: &[(PathBuf, u16)],
+        script: &str,
+        scratch: &Path,
+    ) -> Result<Guest, Error> {
+        std::fs::create_dir_all(scratch)
+            .map_err(|e| Error::Io(scratch.display().to_string(), e))?;
+        let script_file = scratch.join("script.sh");
+        std::fs::write(&script_file, script).map_err(|e| Error::Io("script".into(), e))?;
+        let log = scratch.join("console.log");
+        let _ = std::fs::remove_file(&log);
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-machine",
+            "q35,accel=tcg",
+            "-cpu",
+            "max",
+            "-smp",
+            "1",
+            "-m",
+            "768M",
+            "-object",
+            "memory-backend-memfd,id=mem,size=768M,share=on",
+            "-numa",
+            "node,memdev=mem",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-bios",
+            "/usr/share/qemu/qboot.rom",
+        ]);
+        cmd.arg("-serial").arg(format!("file:{}", log.display()));
+        cmd.arg("-kernel").arg(&image.kernel);
+        cmd.arg("-initrd").arg(&image.initramfs);
+        cmd.args(["-append", "console=ttyS0 panic=-1 quiet"]);
+        cmd.arg("-fw_cfg")
+            .arg(format!("name=opt/lv/script,file={}", script_file.display()));
+        for (i, (sock, queues)) in disks.iter().enumerate() {
+            cmd.arg("-chardev").arg(format!(
+                "socket,id=blk{i},path={},reconnect=1",
+                sock.display()
+            ));
+            cmd.arg("-device").arg(format!(
+                "vhost-user-blk-pci,chardev=blk{i},num-queues={queues}"
+            ));
         }
-    };
-    if !exited {
-        let _ = child.kill();
-        let _ = child.wait();
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        let child = cmd
+            .spawn()
+            .map_err(|e| Error::Io("qemu-system-x86_64".into(), e))?;
+        Ok(Guest { child, log })
     }
-    let console = std::fs::read_to_string(&log).unwrap_or_default();
-    let status = console
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("LV-EXIT "))
-        .and_then(|s| s.trim().parse().ok());
-    if status.is_none() && exited {
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+
+    /// What the guest printed on its serial console so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the console shows a line starting with `marker` (at most `timeout`).
+    pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.console().lines().any(|l| l.trim().starts_with(marker)) {
+                return Ok(());
+            }
+            if Instant::now() > deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
+                return Err(Error::Setup(format!(
+                    "the guest never printed {marker:?}:\n{}",
+                    self.console()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        return Err(Error::Setup(format!(
-            "guest did not finish its script: {err}\n{console}"
-        )));
     }
-    Ok(GuestRun { status, console })
+
+    /// Waits for the guest to power off (at most `timeout`, then it is killed) and returns its
+    /// script's exit status and console.
+    pub fn finish(mut self, timeout: Duration) -> Result<GuestRun, Error> {
+        let deadline = Instant::now() + timeout;
+        let exited = loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => break true,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                _ => break false,
+            }
+        };
+        if !exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let console = self.console();
+        let status = console
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("LV-EXIT "))
+            .and_then(|s| s.trim().parse().ok());
+        if status.is_none() && exited {
+            let mut err = String::new();
+            if let Some(mut e) = self.child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            return Err(Error::Setup(format!(
+                "guest did not finish its script: {err}\n{console}"
+            )));
+        }
+        Ok(GuestRun { status, console })
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// True if QEMU and busybox are installed (scripts/install-qemu).

@@ -139,13 +139,15 @@ impl<D: Device + 'static> BlkBackend<D> {
             sector: u64,
             header_ok: bool,
         }
-        let mut used = Vec::with_capacity(chains.len());
-        let mut parsed: Vec<Parsed<'_>> = Vec::with_capacity(chains.len());
+        // Requests complete in the order the guest queued them, so the used index is always
+        // the exact boundary between finished and unfinished requests: after a crash the
+        // frontend restarts the queue from it and every unfinished request runs again.
+        let mut parsed: Vec<Result<Parsed<'_>, u16>> = Vec::with_capacity(chains.len());
         for chain in chains {
             let head = chain.head_index();
             let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.writer(mem))
             else {
-                used.push((head, 0));
+                parsed.push(Err(head));
                 continue;
             };
             let room = writer.available_bytes();
@@ -153,13 +155,13 @@ impl<D: Device + 'static> BlkBackend<D> {
             let status = match room.checked_sub(1).map(|at| writer.split_at(at)) {
                 Some(Ok(w)) => w,
                 _ => {
-                    used.push((head, 0));
+                    parsed.push(Err(head));
                     continue;
                 }
             };
             let mut hdr = [0u8; 16];
             let header_ok = reader.read_exact(&mut hdr).is_ok();
-            parsed.push(Parsed {
+            parsed.push(Ok(Parsed {
                 head,
                 reader,
                 writer,
@@ -168,7 +170,7 @@ impl<D: Device + 'static> BlkBackend<D> {
                 kind: u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]),
                 sector: u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default()),
                 header_ok,
-            });
+            }));
         }
         // The reads, in one batch.
         let is_batched_read = |p: &Parsed<'_>| {
@@ -176,12 +178,14 @@ impl<D: Device + 'static> BlkBackend<D> {
         };
         let mut bufs: Vec<crate::device::AlignedBuf> = parsed
             .iter()
+            .flatten()
             .filter(|p| is_batched_read(p))
             .map(|p| crate::device::AlignedBuf::new(p.room))
             .collect();
         let batch_ok = {
             let mut reqs: Vec<crate::ReadRequest<'_>> = parsed
                 .iter()
+                .flatten()
                 .filter(|p| is_batched_read(p))
                 .zip(bufs.iter_mut())
                 .map(|(p, b)| crate::ReadRequest {
@@ -200,13 +204,14 @@ impl<D: Device + 'static> BlkBackend<D> {
                 && p.sector.checked_mul(SECTOR).is_some()
         };
         let mut wdata: Vec<Option<crate::device::AlignedBuf>> = Vec::new();
-        for p in parsed.iter_mut().filter(|p| is_batched_write(p)) {
+        for p in parsed.iter_mut().flatten().filter(|p| is_batched_write(p)) {
             let mut b = crate::device::AlignedBuf::new(p.reader.available_bytes());
             wdata.push(p.reader.read_exact(&mut b).is_ok().then_some(b));
         }
         let wresults: Vec<bool> = {
             let reqs: Vec<crate::WriteRequest<'_>> = parsed
                 .iter()
+                .flatten()
                 .filter(|p| is_batched_write(p))
                 .zip(wdata.iter())
                 .filter_map(|(p, d)| {
@@ -225,7 +230,16 @@ impl<D: Device + 'static> BlkBackend<D> {
         };
         let mut next_write = 0;
         let mut next_buf = 0;
-        for mut p in parsed {
+        let mut used = Vec::with_capacity(parsed.len());
+        for p in parsed {
+            let mut p = match p {
+                Ok(p) => p,
+                // No room even for a status: completed with length 0.
+                Err(head) => {
+                    used.push((head, 0));
+                    continue;
+                }
+            };
             let status = if !p.header_ok {
                 VIRTIO_BLK_S_IOERR
             } else if is_batched_read(&p) && batch_ok {
