@@ -189,7 +189,10 @@ fn a_guest_running_fio_verify_sees_no_error_when_vblockd_is_killed_and_restarted
         &vblockd,
         "POST",
         "/v1/pools",
-        &format!(r#"{{"name":"p","path":"{pool_file}","size":{}}}"#, 256u64 << 20),
+        &format!(
+            r#"{{"name":"p","path":"{pool_file}","size":{}}}"#,
+            256u64 << 20
+        ),
     );
     bed.call(
         &vblockd,
@@ -198,7 +201,12 @@ fn a_guest_running_fio_verify_sees_no_error_when_vblockd_is_killed_and_restarted
         &format!(r#"{{"name":"vm","size":{}}}"#, 96u64 << 20),
     );
     let sock = bed.dir.join("run/vhost/vm.sock");
-    bed.call(&vblockd, "PUT", "/v1/pools/p/volumes/vm/vhost", r#"{"queues":2}"#);
+    bed.call(
+        &vblockd,
+        "PUT",
+        "/v1/pools/p/volumes/vm/vhost",
+        r#"{"queues":2}"#,
+    );
     // The region fio writes is allocated and flushed first: a kill -9 then loses nothing the
     // guest was told is written (a thin first write is durable at the guest's next flush, as
     // on a disk with a volatile cache).
@@ -236,9 +244,20 @@ echo "DMESG-IO-ERRORS $(dmesg | grep -ci 'i/o error')"
         .find_map(|l| l.trim().strip_prefix("WRITE-CLAT-MAX-US "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
-    assert!(clat_max > 300_000, "the crash missed the writes: {}", run.console);
-    // The restarted daemon brought the export back by itself.
-    assert!(bed.call(&vblockd, "GET", "/v1/vhost", "").contains("vm.sock"));
+    assert!(
+        clat_max > 300_000,
+        "the crash missed the writes: {}",
+        run.console
+    );
+    // The restarted daemon brought the export back by itself, and QEMU came back to it.
+    let exports: Vec<vblock::api::VhostInfo> =
+        serde_json::from_str(&bed.call(&vblockd, "GET", "/v1/vhost", "")).unwrap();
+    assert_eq!(exports.len(), 1);
+    assert!(exports[0].connections >= 1, "{exports:?}");
+    eprintln!(
+        "after the restart: {} connection(s), {} request(s) resubmitted from the inflight record",
+        exports[0].connections, exports[0].resubmitted
+    );
     drop(vblockd);
     let _ = std::fs::remove_dir_all(&bed.dir);
 }
@@ -271,7 +290,9 @@ done
 cd / && umount /mnt
 "#;
     let mut guest = guest::Guest::boot(&image, &[(sock, 1)], writer, &dir.join("run1")).unwrap();
-    guest.wait_for("SYNCED 10", Duration::from_secs(180)).unwrap();
+    guest
+        .wait_for("SYNCED 10", Duration::from_secs(180))
+        .unwrap();
     // Files announced before the snapshot must be in it, whole.
     let synced = guest
         .console()
@@ -284,7 +305,10 @@ cd / && umount /mnt
     let run = guest.finish(Duration::from_secs(300)).unwrap();
     assert_eq!(run.status, Some(0), "{}", run.console);
     assert!(run.console.contains("SYNCED 60"), "{}", run.console);
-    assert!(synced < 60, "the snapshot was not taken while the guest wrote");
+    assert!(
+        synced < 60,
+        "the snapshot was not taken while the guest wrote"
+    );
     pool.clone_snapshot("live", "vm2").unwrap();
     let sock2 = dir.join("vm2.sock");
     let _export2 = Export::start(pool.clone(), "vm2", &sock2, ExportConfig::default()).unwrap();

@@ -75,6 +75,9 @@ mod raw {
     use std::path::Path;
     use std::time::{Duration, Instant};
 
+    use std::os::fd::AsRawFd;
+
+    use vhost::vhost_user::message::VhostUserInflight;
     use vhost::vhost_user::{Frontend, VhostUserFrontend};
     use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
     use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -94,18 +97,12 @@ mod raw {
         kick: EventFd,
         avail_idx: u16,
         used_seen: u16,
-        next_desc: u16,
+        /// Where the next chain's descriptors go in the table.
+        pub next_desc: u16,
     }
 
     impl Ring {
         pub fn connect(path: &Path) -> Ring {
-            let mut fe = Frontend::connect(path, 1).unwrap();
-            fe.set_owner().unwrap();
-            // No EVENT_IDX: notifications on every request keep this test simple.
-            let features = fe.get_features().unwrap() & !(1u64 << 29);
-            let proto = fe.get_protocol_features().unwrap();
-            fe.set_features(features).unwrap();
-            fe.set_protocol_features(proto).unwrap();
             let memfd =
                 nix::sys::memfd::memfd_create("ring", nix::sys::memfd::MFdFlags::empty()).unwrap();
             let file = File::from(memfd);
@@ -116,6 +113,37 @@ mod raw {
                 Some(vm_memory::FileOffset::new(file, 0)),
             )])
             .unwrap();
+            Ring::attach(path, mem, None, 0)
+        }
+
+        /// Connects a frontend to the backend at `path` over guest memory `mem` (as QEMU does
+        /// again after a backend restart): with `inflight`, the record handed over (or a new
+        /// one asked for); `base` is the ring position the frontend believes in.
+        pub fn attach(
+            path: &Path,
+            mem: GuestMemoryMmap,
+            inflight: Option<&mut Option<(VhostUserInflight, File)>>,
+            base: u16,
+        ) -> Ring {
+            let mut fe = Frontend::connect(path, 1).unwrap();
+            fe.set_owner().unwrap();
+            // No EVENT_IDX: notifications on every request keep this test simple.
+            let features = fe.get_features().unwrap() & !(1u64 << 29);
+            let proto = fe.get_protocol_features().unwrap();
+            fe.set_features(features).unwrap();
+            fe.set_protocol_features(proto).unwrap();
+            if let Some(record) = inflight {
+                if record.is_none() {
+                    let ask = VhostUserInflight {
+                        num_queues: 1,
+                        queue_size: 256,
+                        ..Default::default()
+                    };
+                    *record = Some(fe.get_inflight_fd(&ask).unwrap());
+                }
+                let (info, file) = record.as_ref().unwrap();
+                fe.set_inflight_fd(info, file.as_raw_fd()).unwrap();
+            }
             let host = mem.get_host_address(GuestAddress(BASE)).unwrap() as u64;
             let region = mem.find_region(GuestAddress(BASE)).unwrap();
             fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
@@ -134,18 +162,20 @@ mod raw {
                 },
             )
             .unwrap();
-            fe.set_vring_base(0, 0).unwrap();
+            fe.set_vring_base(0, base).unwrap();
             let kick = EventFd::new(0).unwrap();
             let call = EventFd::new(0).unwrap();
             fe.set_vring_kick(0, &kick).unwrap();
             fe.set_vring_call(0, &call).unwrap();
             fe.set_vring_enable(0, true).unwrap();
+            let used_seen: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+            let avail_idx: u16 = mem.read_obj(GuestAddress(AVAIL + 2)).unwrap();
             Ring {
                 _fe: fe,
                 mem,
                 kick,
-                avail_idx: 0,
-                used_seen: 0,
+                avail_idx,
+                used_seen,
                 next_desc: 0,
             }
         }
@@ -154,6 +184,13 @@ mod raw {
         /// `loop_back`, the last one points back at the first. Returns the used length, or
         /// None if the backend never completed it.
         pub fn submit(&mut self, descs: &[(u64, u32, bool)], loop_back: bool) -> Option<u32> {
+            self.post(descs, loop_back);
+            self.kick.write(1).unwrap();
+            self.wait_used()
+        }
+
+        /// Makes a chain available without notifying the backend; returns its head.
+        pub fn post(&mut self, descs: &[(u64, u32, bool)], loop_back: bool) -> u16 {
             let head = self.next_desc;
             for (i, &(addr, len, write)) in descs.iter().enumerate() {
                 let idx = head + i as u16;
@@ -177,7 +214,11 @@ mod raw {
             self.mem
                 .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
                 .unwrap();
-            self.kick.write(1).unwrap();
+            head
+        }
+
+        /// Waits (at most 5 s) for the backend's next completion; returns its length.
+        pub fn wait_used(&mut self) -> Option<u32> {
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 let used: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
@@ -304,5 +345,86 @@ fn hostile_rings_get_errors_and_the_device_keeps_serving() {
     let mut host = vec![0u8; 4096];
     pool.read("v", 0, &mut host).unwrap();
     assert!(host.iter().all(|b| *b == 0x42));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_restarted_backend_resubmits_what_its_predecessor_took_from_the_inflight_record() {
+    use raw::{DATA, Ring};
+    use std::time::Duration;
+    use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+    let pool = Arc::new(Pool::create(MemDevice::new(64 << 20), PoolOptions::default()).unwrap());
+    pool.create_volume("v", 16 << 20).unwrap();
+    let dir = std::env::temp_dir().join(format!("vblock-inflight-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("v.sock");
+    let export = Export::start(pool.clone(), "v", &sock, ExportConfig::default()).unwrap();
+    let mut record = None;
+    let mut r = Ring::connect(&sock);
+    let mem = r.mem.clone();
+    drop(r);
+    // A frontend that asks for an inflight record; one write goes through normally.
+    r = Ring::attach(&sock, mem.clone(), Some(&mut record), 0);
+    let write = |r: &mut Ring, sector: u64, byte: u8| {
+        r.mem.write_obj(1u32, GuestAddress(DATA)).unwrap();
+        r.mem.write_obj(0u32, GuestAddress(DATA + 4)).unwrap();
+        r.mem.write_obj(sector, GuestAddress(DATA + 8)).unwrap();
+        r.mem
+            .write_slice(&[byte; 4096], GuestAddress(DATA + 0x1000))
+            .unwrap();
+        r.mem
+            .write_obj(0xffu8, GuestAddress(DATA + 0x2000))
+            .unwrap();
+        [
+            (DATA, 16, false),
+            (DATA + 0x1000, 4096, false),
+            (DATA + 0x2000, 1, true),
+        ]
+    };
+    let chain = write(&mut r, 8, 0x11);
+    assert_eq!(r.submit(&chain, false), Some(1));
+    // The state a backend killed mid-request leaves: a request taken (marked in the record)
+    // and never completed; the frontend, unable to ask the dead backend, believes the ring
+    // is past it.
+    let chain = write(&mut r, 16, 0x77);
+    let head = r.post(&chain, false);
+    let (info, file) = record.as_ref().unwrap();
+    let shared = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+        GuestAddress(0),
+        info.mmap_size as usize,
+        Some(vm_memory::FileOffset::new(file.try_clone().unwrap(), 0)),
+    )])
+    .unwrap();
+    let desc = GuestAddress(16 + 16 * u64::from(head));
+    shared.write_obj(5u64, desc.unchecked_add(8)).unwrap();
+    shared.write_obj(1u8, desc).unwrap();
+    drop(r);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        pool.read("v", 16 * 512, &mut [0u8; 4096]).is_ok(),
+        "the device is still there"
+    );
+    let mut r = Ring::attach(&sock, mem, Some(&mut record), 2);
+    // The new backend resumes from the record: the request runs, its completion arrives.
+    assert_eq!(
+        r.wait_used(),
+        Some(1),
+        "the request in flight was resubmitted"
+    );
+    assert_eq!(
+        r.mem.read_obj::<u8>(GuestAddress(DATA + 0x2000)).unwrap(),
+        0
+    );
+    let mut back = vec![0u8; 4096];
+    pool.read("v", 16 * 512, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0x77));
+    // And the queue carries on.
+    r.next_desc = 100;
+    let chain = write(&mut r, 24, 0x33);
+    assert_eq!(r.submit(&chain, false), Some(1));
+    pool.read("v", 24 * 512, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0x33));
+    drop(r);
+    drop(export);
     let _ = std::fs::remove_dir_all(&dir);
 }

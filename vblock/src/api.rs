@@ -155,6 +155,13 @@ pub struct VhostInfo {
     pub socket: PathBuf,
     /// Virtqueues.
     pub queues: usize,
+    /// Frontend connections served so far (QEMU reconnects after a restart of either side).
+    #[serde(default)]
+    pub connections: u64,
+    /// Requests found in flight when a connection started (taken by a killed predecessor,
+    /// per the frontend's inflight record) and run again.
+    #[serde(default)]
+    pub resubmitted: u64,
 }
 
 /// Largest data transfer of one request.

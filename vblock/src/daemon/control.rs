@@ -348,6 +348,8 @@ impl Control {
             volume: volume.into(),
             socket,
             queues: spec.queues,
+            connections: 0,
+            resubmitted: 0,
         };
         self.exports.insert(volume.into(), (info.clone(), export));
         self.state.vhost.retain(|(_, v, _)| v != volume);
@@ -370,7 +372,17 @@ impl Control {
 
     /// Running exports.
     pub fn exports(&self) -> Vec<VhostInfo> {
-        self.exports.values().map(|(i, _)| i.clone()).collect()
+        self.exports
+            .values()
+            .map(|(i, export)| {
+                let stats = export.stats();
+                VhostInfo {
+                    connections: stats.connections,
+                    resubmitted: stats.resubmitted,
+                    ..i.clone()
+                }
+            })
+            .collect()
     }
 
     /// Refuses to delete an exported volume.

@@ -1,30 +1,37 @@
 //! vhost-user-blk: a volume (or, read-only, a snapshot) served to a VM over a vhost-user
-//! socket, with rust-vmm (`vhost-user-backend`, `virtio-queue`, `vm-memory`).
+//! socket, with rust-vmm (`vhost`, `vhost-user-backend`'s vrings, `virtio-queue`,
+//! `vm-memory`).
 //!
-//! Each virtqueue is served by its own worker thread (`queues_per_thread`), which does its I/O
-//! through its own io_uring ring (the device keeps one ring per thread). Requests are parsed
+//! Each virtqueue is served by its own worker thread ([`handler`]), which does its I/O
+//! through its own io_uring ring (the device keeps one ring per thread). Requests complete in
+//! the order the guest queued them and are tracked in the frontend's inflight record
+//! ([`inflight`]): a vblockd killed mid-I/O and restarted resumes every queue where it stood,
+//! and QEMU (`reconnect=`) carries on without the guest seeing an error. Requests are parsed
 //! from descriptor chains with `virtio-queue`'s readers and writers, which check every address
 //! against guest memory: a chain that points outside it, loops, or is too short for its request
 //! completes with an error status (or, if there is no room even for the status, with length 0);
 //! the backend never panics on guest input.
 
+mod handler;
+mod inflight;
+
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use vhost::vhost_user::{BackendListener, Listener};
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
-};
+
+use self::handler::Handler;
+use self::inflight::InflightQueue;
 
 use crate::device::Device;
 use crate::{Error, Kind, Pool};
@@ -59,8 +66,6 @@ pub struct BlkBackend<D: Device> {
     serial: [u8; 20],
     queues: usize,
     event_idx: AtomicBool,
-    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
-    exits: Mutex<Vec<EventNotifier>>,
 }
 
 fn invalid(e: impl std::fmt::Display) -> io::Error {
@@ -88,8 +93,6 @@ impl<D: Device + 'static> BlkBackend<D> {
             serial,
             queues: cfg.queues,
             event_idx: AtomicBool::new(false),
-            mem: RwLock::new(None),
-            exits: Mutex::new(Vec::new()),
         })
     }
 
@@ -341,11 +344,32 @@ impl<D: Device + 'static> BlkBackend<D> {
         }
     }
 
-    fn process_queue(&self, vring: &VringRwLock) -> io::Result<bool> {
-        let guard = self.mem.read().unwrap_or_else(|p| p.into_inner());
-        let Some(atomic) = guard.as_ref() else {
-            return Ok(false);
-        };
+    /// Serves the requests queue `vring` holds (with EVENT_IDX, until no kick is due).
+    fn serve(
+        &self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+        mut inflight: Option<&mut InflightQueue>,
+    ) -> io::Result<()> {
+        if self.event_idx.load(Ordering::Relaxed) {
+            loop {
+                vring.disable_notification().map_err(invalid)?;
+                self.process_queue(vring, mem, inflight.as_deref_mut())?;
+                if !vring.enable_notification().map_err(invalid)? {
+                    return Ok(());
+                }
+            }
+        }
+        self.process_queue(vring, mem, inflight).map(|_| ())
+    }
+
+    /// One burst: every request the queue holds, taken, executed and completed in order.
+    fn process_queue(
+        &self,
+        vring: &VringRwLock,
+        atomic: &GuestMemoryAtomic<GuestMemoryMmap>,
+        mut inflight: Option<&mut InflightQueue>,
+    ) -> io::Result<bool> {
         let mem = atomic.memory();
         let chains: Vec<_> = vring
             .get_mut()
@@ -353,29 +377,30 @@ impl<D: Device + 'static> BlkBackend<D> {
             .iter(atomic.memory())
             .map_err(invalid)?
             .collect();
-        let any = !chains.is_empty();
-        for (head, len) in self.requests(chains, &mem) {
-            vring.add_used(head, len).map_err(invalid)?;
+        if chains.is_empty() {
+            return Ok(false);
         }
-        if any && vring.needs_notification().map_err(invalid)? {
+        if let Some(record) = inflight.as_deref_mut() {
+            for c in &chains {
+                record.take(c.head_index());
+            }
+        }
+        for (head, len) in self.requests(chains, &mem) {
+            if let Some(record) = inflight.as_deref_mut() {
+                record.completing(head);
+            }
+            vring.add_used(head, len).map_err(invalid)?;
+            if let Some(record) = inflight.as_deref_mut() {
+                record.completed(head, vring.get_ref().get_queue().next_used());
+            }
+        }
+        if vring.needs_notification().map_err(invalid)? {
             vring.signal_used_queue()?;
         }
-        Ok(any)
-    }
-}
-
-impl<D: Device + 'static> VhostUserBackend for BlkBackend<D> {
-    type Bitmap = ();
-    type Vring = VringRwLock;
-
-    fn num_queues(&self) -> usize {
-        self.queues
+        Ok(true)
     }
 
-    fn max_queue_size(&self) -> usize {
-        QUEUE_SIZE
-    }
-
+    /// The virtio features offered.
     fn features(&self) -> u64 {
         let mut f = 1u64 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
@@ -395,17 +420,11 @@ impl<D: Device + 'static> VhostUserBackend for BlkBackend<D> {
         f
     }
 
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-    }
-
     fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Relaxed);
     }
 
+    /// `size` bytes of the configuration space from `offset` (zeros past its end).
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let c = self.config();
         let start = (offset as usize).min(c.len());
@@ -414,58 +433,29 @@ impl<D: Device + 'static> VhostUserBackend for BlkBackend<D> {
         out.resize(size as usize, 0);
         out
     }
+}
 
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
-        Ok(())
-    }
+/// Counters of an export.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExportStats {
+    /// Frontend connections served so far.
+    pub connections: u64,
+    /// Requests found in flight when a connection started, run again.
+    pub resubmitted: u64,
+}
 
-    fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.queues).map(|q| 1u64 << q).collect()
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
-        let keep = notifier.try_clone().ok()?;
-        self.exits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(keep);
-        Some((consumer, notifier))
-    }
-
-    fn handle_event(
-        &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[VringRwLock],
-        _thread_id: usize,
-    ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(invalid("unexpected event set"));
-        }
-        let Some(vring) = vrings.get(device_event as usize) else {
-            return Err(invalid(format!("no queue {device_event}")));
-        };
-        if self.event_idx.load(Ordering::Relaxed) {
-            loop {
-                vring.disable_notification().map_err(invalid)?;
-                self.process_queue(vring)?;
-                if !vring.enable_notification().map_err(invalid)? {
-                    break;
-                }
-            }
-        } else {
-            self.process_queue(vring)?;
-        }
-        Ok(())
-    }
+/// The counters, shared by the export's connections.
+#[derive(Default)]
+struct Counters {
+    connections: AtomicU64,
+    resubmitted: AtomicU64,
 }
 
 /// A running export: a thread that serves the socket, one VMM connection after another
 /// (QEMU with `reconnect=` comes back after a restart), until dropped.
 pub struct Export {
     socket: PathBuf,
+    counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -482,8 +472,10 @@ impl Export {
         BlkBackend::new(pool.clone(), volume, &cfg)?;
         let _ = std::fs::remove_file(socket);
         let stop = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(Counters::default());
         let (socket_t, stop_t, volume) = (socket.to_owned(), stop.clone(), volume.to_owned());
-        let listener = vhost::vhost_user::Listener::new(&socket_t, true).map_err(|e| {
+        let counters_t = counters.clone();
+        let listener = Listener::new(&socket_t, true).map_err(|e| {
             Error::Io(
                 format!("listen on {}", socket_t.display()),
                 io::Error::other(e.to_string()),
@@ -497,36 +489,43 @@ impl Export {
                     let Ok(backend) = BlkBackend::new(pool.clone(), &volume, &cfg) else {
                         return;
                     };
-                    let backend = Arc::new(backend);
-                    let Ok(mut daemon) = VhostUserDaemon::new(
-                        format!("vhost-blk-{volume}"),
-                        backend.clone(),
-                        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-                    ) else {
+                    let Ok(handler) = Handler::new(Arc::new(backend), counters_t.clone()) else {
                         return;
                     };
-                    if daemon.start(&mut listener).is_err() {
-                        if stop_t.load(Ordering::Acquire) {
-                            return;
+                    let handler = Arc::new(Mutex::new(handler));
+                    let Ok(mut accepting) = BackendListener::new(&mut listener, handler.clone())
+                    else {
+                        return;
+                    };
+                    let mut conn = loop {
+                        match accepting.accept() {
+                            Ok(Some(conn)) => break Some(conn),
+                            Ok(None) => continue,
+                            Err(_) => break None,
                         }
-                        continue;
+                    };
+                    if stop_t.load(Ordering::Acquire) {
+                        return;
                     }
-                    let _ = daemon.wait();
-                    for e in backend
-                        .exits
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .iter()
-                    {
-                        let _ = e.notify();
+                    counters_t.connections.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(volume, "vhost-user frontend connected");
+                    // One message after another until the frontend goes away (or sends
+                    // something that breaks the protocol).
+                    while let Some(c) = conn.as_mut() {
+                        if c.handle_request().is_err() {
+                            conn = None;
+                        }
                     }
+                    handler.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
                     // Whatever the guest wrote is made durable when it goes away.
                     let _ = pool.flush();
+                    tracing::debug!(volume, "vhost-user frontend disconnected");
                 }
             })
             .map_err(|e| Error::Io("spawn vhost-user thread".into(), e))?;
         Ok(Export {
             socket: socket.to_owned(),
+            counters,
             stop,
             thread: Some(thread),
         })
@@ -535,6 +534,14 @@ impl Export {
     /// The socket path.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The export's counters.
+    pub fn stats(&self) -> ExportStats {
+        ExportStats {
+            connections: self.counters.connections.load(Ordering::Relaxed),
+            resubmitted: self.counters.resubmitted.load(Ordering::Relaxed),
+        }
     }
 }
 
