@@ -107,8 +107,8 @@ impl Device for MemDevice {
     }
 }
 
-/// Creates (or truncates) a sparse file of `size` bytes for a pool.
-pub(crate) fn create_sparse(path: &Path, size: u64) -> Result<(), Error> {
+/// Creates (or truncates) a pool file of `size` bytes, its space reserved on the host.
+pub(crate) fn create_pool_file(path: &Path, size: u64) -> Result<(), Error> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -116,8 +116,25 @@ pub(crate) fn create_sparse(path: &Path, size: u64) -> Result<(), Error> {
         .truncate(true)
         .open(path)
         .map_err(|e| Error::Io(format!("create {}", path.display()), e))?;
-    f.set_len(size)
-        .map_err(|e| Error::Io(format!("size {}", path.display()), e))
+    // The pool's space is reserved on the host file system (volumes inside are thin): a pool
+    // never runs out of host space behind its own back, and a first write into thin space
+    // does not make the host file system allocate too. Where fallocate is not supported the
+    // file stays sparse.
+    let size_i64 = i64::try_from(size).map_err(|_| Error::Invalid(format!("pool size {size}")))?;
+    match nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, size_i64) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP) => f
+            .set_len(size)
+            .map_err(|e| Error::Io(format!("size {}", path.display()), e)),
+        Err(e) => {
+            drop(f);
+            let _ = std::fs::remove_file(path);
+            Err(Error::Io(
+                format!("reserving {size} bytes for {}", path.display()),
+                e.into(),
+            ))
+        }
+    }
 }
 
 /// A 4 KiB-aligned page, as O_DIRECT wants its buffers.
@@ -191,7 +208,7 @@ impl FileDevice {
 
     /// Creates (or truncates) a file of `size` bytes and opens it.
     pub fn create(path: &Path, size: u64) -> Result<FileDevice, Error> {
-        create_sparse(path, size)?;
+        create_pool_file(path, size)?;
         Self::open(path)
     }
 

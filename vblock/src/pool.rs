@@ -474,12 +474,135 @@ impl<D: Device> Pool<D> {
                 }
             }
         }
-        reqs.iter()
-            .zip(results)
-            .map(|(r, done)| {
-                done.unwrap_or_else(|| self.write_unthrottled(r.volume, r.offset, r.data))
-            })
+        if results.iter().any(Option::is_none) {
+            self.write_batch_locked(reqs, &mut results);
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Invalid("a write left undone".into()))))
             .collect()
+    }
+
+    /// The writes of a batch the in-place pass left, under the pool lock: whole 4 KiB blocks
+    /// into clusters only the volume references, or into virtual clusters never written (a
+    /// fresh cluster each, shared by the requests of the batch that fall into the same one),
+    /// go out in one submission and their mapping is set after; the others (copy-on-write,
+    /// partial blocks) follow one by one.
+    fn write_batch_locked(
+        &self,
+        reqs: &[WriteRequest<'_>],
+        results: &mut [Option<Result<(), Error>>],
+    ) {
+        let bs = BLOCK_SIZE as u64;
+        let mut s = self.lock();
+        // (volume id, virtual cluster) -> the fresh cluster taken for it.
+        let mut fresh: HashMap<(u64, u64), u32> = HashMap::new();
+        // (request, volume id, its pieces)
+        let mut planned: Vec<(usize, u64, Vec<Piece>)> = Vec::new();
+        let mut one_by_one = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            if results[i].is_some() {
+                continue;
+            }
+            let id = match check_io(&s.meta, r.volume, r.offset, r.data.len(), true) {
+                Ok(id) => id,
+                Err(e) => {
+                    results[i] = Some(Err(e));
+                    continue;
+                }
+            };
+            if !r.offset.is_multiple_of(bs) || !(r.data.len() as u64).is_multiple_of(bs) {
+                one_by_one.push(i);
+                continue;
+            }
+            let mut pieces = Vec::new();
+            let direct = for_each_piece(r.offset, r.data.len(), |vc, start, at, len| {
+                let e = s.meta.lookup(id, vc);
+                let cluster = match fresh.get(&(id, vc)) {
+                    Some(&c) => c,
+                    None if !e.is_mapped() => {
+                        let c = s.meta.allocate()?;
+                        fresh.insert((id, vc), c);
+                        c
+                    }
+                    None if s.meta.exclusive(id, vc) => e.cluster,
+                    // Shared: copy-on-write, one by one.
+                    None => return Err(Error::Exists(String::new())),
+                };
+                pieces.push(Piece {
+                    vc,
+                    start,
+                    at,
+                    len,
+                    cluster,
+                });
+                Ok(())
+            });
+            match direct {
+                Ok(()) => planned.push((i, id, pieces)),
+                Err(_) => one_by_one.push(i),
+            }
+        }
+        let mut ops: Vec<IoOp<'_>> = Vec::new();
+        for (i, _, pieces) in &planned {
+            for p in pieces {
+                ops.push(IoOp::Write(
+                    data_offset(&s.sb, p.cluster, p.start),
+                    &reqs[*i].data[p.at..p.at + p.len],
+                ));
+            }
+        }
+        let written = if ops.is_empty() {
+            Ok(())
+        } else {
+            self.dev.submit(&mut ops)
+        };
+        drop(ops);
+        for (i, id, pieces) in &planned {
+            results[*i] = Some(match &written {
+                Err(e) => Err(Error::Io(
+                    "writing a batch".into(),
+                    std::io::Error::new(e.kind(), e.to_string()),
+                )),
+                Ok(()) => pieces.iter().try_for_each(|p| {
+                    let e = s.meta.lookup(*id, p.vc);
+                    let mask = crate::meta::subcluster_mask(p.start, p.len);
+                    let bitmap = if e.is_mapped() { e.bitmap | mask } else { mask };
+                    let cluster = p.cluster;
+                    s.meta.set_entry(*id, p.vc, Entry { cluster, bitmap })
+                }),
+            });
+        }
+        // Fresh clusters no entry took (their request failed) go back.
+        for ((id, vc), c) in fresh {
+            let e = s.meta.lookup(id, vc);
+            if !e.is_mapped() || e.cluster != c {
+                s.meta.unallocate(c);
+            }
+        }
+        for i in one_by_one {
+            let r = &reqs[i];
+            results[i] = Some((|| {
+                let id = check_io(&s.meta, r.volume, r.offset, r.data.len(), true)?;
+                for_each_piece(r.offset, r.data.len(), |vc, start, at, len| {
+                    write_piece(
+                        &self.dev,
+                        &mut s,
+                        id,
+                        vc,
+                        start,
+                        Some(&r.data[at..at + len]),
+                        len,
+                    )
+                })
+            })());
+        }
+        if let Err(e) = self.commit_if_large(&mut s) {
+            let msg = e.to_string();
+            for r in results.iter_mut().filter(|r| matches!(r, Some(Ok(())))) {
+                *r = Some(Err(Error::Invalid(format!("commit: {msg}"))));
+            }
+        }
     }
 
     /// Reads several ranges (of one or more volumes) in one batch: one lock, one submission,
@@ -551,8 +674,7 @@ impl<D: Device> Pool<D> {
         if !offset.is_multiple_of(bs) || !(data.len() as u64).is_multiple_of(bs) {
             return Ok(false);
         }
-        // (virtual cluster, start in it, start in data, length, new cluster)
-        let mut pieces: Vec<(u64, usize, usize, usize, u32)> = Vec::new();
+        let mut pieces: Vec<Piece> = Vec::new();
         let (id, sb) = {
             let mut s = self.lock();
             let id = check_io(&s.meta, name, offset, data.len(), true)?;
@@ -560,7 +682,13 @@ impl<D: Device> Pool<D> {
                 if s.meta.lookup(id, vc).is_mapped() {
                     return Err(Error::Exists(String::new()));
                 }
-                pieces.push((vc, start, at, len, 0));
+                pieces.push(Piece {
+                    vc,
+                    start,
+                    at,
+                    len,
+                    cluster: 0,
+                });
                 Ok(())
             });
             if fresh.is_err() {
@@ -568,10 +696,10 @@ impl<D: Device> Pool<D> {
             }
             for i in 0..pieces.len() {
                 match s.meta.allocate() {
-                    Ok(c) => pieces[i].4 = c,
+                    Ok(c) => pieces[i].cluster = c,
                     Err(e) => {
                         for p in &pieces[..i] {
-                            s.meta.unallocate(p.4);
+                            s.meta.unallocate(p.cluster);
                         }
                         return Err(e);
                     }
@@ -581,8 +709,11 @@ impl<D: Device> Pool<D> {
         };
         let mut ops: Vec<IoOp<'_>> = pieces
             .iter()
-            .map(|&(_, start, at, len, c)| {
-                IoOp::Write(data_offset(&sb, c, start), &data[at..at + len])
+            .map(|p| {
+                IoOp::Write(
+                    data_offset(&sb, p.cluster, p.start),
+                    &data[p.at..p.at + p.len],
+                )
             })
             .collect();
         let written = self.dev.submit(&mut ops);
@@ -590,14 +721,24 @@ impl<D: Device> Pool<D> {
         let mut s = self.lock();
         if let Err(e) = written {
             for p in &pieces {
-                s.meta.unallocate(p.4);
+                s.meta.unallocate(p.cluster);
             }
             return Err(Error::Io(
                 format!("writing {} bytes at {offset}", data.len()),
                 e,
             ));
         }
-        for (i, &(vc, start, at, len, c)) in pieces.iter().enumerate() {
+        for (
+            i,
+            &Piece {
+                vc,
+                start,
+                at,
+                len,
+                cluster: c,
+            },
+        ) in pieces.iter().enumerate()
+        {
             let result = if s.meta.lookup(id, vc).is_mapped() {
                 // Someone mapped it meanwhile: ours is unused; write over theirs properly.
                 s.meta.unallocate(c);
@@ -619,7 +760,7 @@ impl<D: Device> Pool<D> {
             if let Err(e) = result {
                 // Clusters of the pieces not mapped yet go back.
                 for p in &pieces[i + 1..] {
-                    s.meta.unallocate(p.4);
+                    s.meta.unallocate(p.cluster);
                 }
                 return Err(e);
             }
@@ -837,6 +978,20 @@ fn data_offset(sb: &Superblock, cluster: u32, in_cluster: usize) -> u64 {
     sb.data_start.get() * BLOCK_SIZE as u64
         + cluster as u64 * CLUSTER_SIZE as u64
         + in_cluster as u64
+}
+
+/// The part of a write inside one virtual cluster, and where its data goes.
+struct Piece {
+    /// Virtual cluster.
+    vc: u64,
+    /// Start in the cluster.
+    start: usize,
+    /// Start in the request's data.
+    at: usize,
+    /// Length.
+    len: usize,
+    /// The cluster written.
+    cluster: u32,
 }
 
 /// The writes of a request that only overwrites valid, whole 4 KiB blocks of clusters the

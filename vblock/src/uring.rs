@@ -64,7 +64,7 @@ impl UringDevice {
 
     /// Creates (or truncates) a file of `size` bytes and opens it.
     pub fn create(path: &Path, size: u64) -> Result<UringDevice, Error> {
-        crate::device::create_sparse(path, size)?;
+        crate::device::create_pool_file(path, size)?;
         Self::open(path)
     }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use vblock::device::{Device, MemDevice};
 use vblock::uring::UringDevice;
-use vblock::{Error, Kind, Pool, PoolOptions};
+use vblock::{Error, Kind, Pool, PoolOptions, WriteRequest};
 
 const VOL: u64 = 1 << 20;
 const SECTOR: u64 = 512;
@@ -38,6 +38,11 @@ enum Op {
     Delete {
         vol: usize,
     },
+    /// Writes in one batch (as a device queue hands them over); overlapping ones are dropped,
+    /// since requests of a batch have no order.
+    Batch {
+        writes: Vec<(usize, u64, u64, u8, bool)>,
+    },
     Flush,
     Reopen,
 }
@@ -53,6 +58,11 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..8usize).prop_map(|vol| Op::Delete { vol }),
         1 => Just(Op::Flush),
         1 => Just(Op::Reopen),
+        3 => proptest::collection::vec(
+            (0..8usize, 0..VOL / SECTOR, 1..40u64, any::<u8>(), any::<bool>()),
+            1..10
+        )
+        .prop_map(|writes| Op::Batch { writes }),
     ]
 }
 
@@ -135,6 +145,49 @@ fn run_on<D: Device>(dev: D, ops: Vec<Op>) {
                         .copy_from_slice(&data),
                     Err(Error::NoSpace) => {}
                     Err(e) => panic!("write: {e}"),
+                }
+            }
+            Op::Batch { writes } => {
+                let mut reqs: Vec<(String, u64, Vec<u8>)> = Vec::new();
+                for (vol, sector, sectors, seed, whole_blocks) in writes {
+                    let Some(name) = model.pick(vol, Some(Kind::Volume)) else {
+                        continue;
+                    };
+                    // Whole 4 KiB blocks (the batched path) or any sectors.
+                    let (sector, sectors) = if whole_blocks {
+                        (sector / 8 * 8, sectors.div_ceil(8) * 8)
+                    } else {
+                        (sector, sectors)
+                    };
+                    let (off, len) = clamp(sector, sectors);
+                    if len == 0
+                        || reqs.iter().any(|(n, o, d)| {
+                            *n == name && off < o + d.len() as u64 && *o < off + len
+                        })
+                    {
+                        continue;
+                    }
+                    let data = (0..len)
+                        .map(|i| (i as u8).wrapping_mul(17).wrapping_add(seed))
+                        .collect();
+                    reqs.push((name, off, data));
+                }
+                let batch: Vec<WriteRequest<'_>> = reqs
+                    .iter()
+                    .map(|(n, o, d)| WriteRequest {
+                        volume: n,
+                        offset: *o,
+                        data: d,
+                    })
+                    .collect();
+                for ((name, off, data), r) in reqs.iter().zip(p.write_batch(&batch)) {
+                    match r {
+                        Ok(()) => model.vols.get_mut(name).unwrap().1
+                            [*off as usize..*off as usize + data.len()]
+                            .copy_from_slice(data),
+                        Err(Error::NoSpace) => {}
+                        Err(e) => panic!("batched write: {e}"),
+                    }
                 }
             }
             Op::Discard {
