@@ -403,11 +403,10 @@ fn pools_volumes_images_snapshots_and_restarts() {
     }
     // The export is back at the same socket path, so QEMU (reconnect=) re-attaches.
     assert!(bed.ok(&["vhost", "list"]).contains("disk.sock"));
-    {
-        let mut blk = BlkClient::connect(&vsock, 2, false).unwrap();
-        assert_eq!(blk.read(0, 0, 0, 4096), 0);
-        assert!(blk.mem()[..4096].iter().all(|b| *b == 0x11));
-    }
+    // A client stays connected through the SIGTERM below: the daemon must not wait for it.
+    let mut blk = BlkClient::connect(&vsock, 2, false).unwrap();
+    assert_eq!(blk.read(0, 0, 0, 4096), 0);
+    assert!(blk.mem()[..4096].iter().all(|b| *b == 0x11));
     // Everything else survived the crash too.
     assert!(c.read("default", "c1", 32 << 20, 4096).unwrap() == vec![0x22u8; 4096]);
     let check = c.check("default", false).unwrap();
@@ -416,6 +415,7 @@ fn pools_volumes_images_snapshots_and_restarts() {
     // SIGTERM: a clean exit, and the pool opens again without a journal to replay.
     let mut d = d;
     assert!(d.terminate(), "vblockd exits cleanly on SIGTERM");
+    drop(blk);
     assert!(!bed.socket().exists(), "the socket is removed");
     // The offline checker agrees, and refuses what is not a pool.
     let vblock = workspace_binary("vblock").unwrap();
