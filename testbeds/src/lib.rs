@@ -10,6 +10,7 @@
 //! * [`switch_bed`]: hosts running the vswitch datapath on a shared underlay, TAP endpoints,
 //!   and a kernel VXLAN host for interop.
 //! * [`switch_demo`]: the vswitchd part of the demo.
+//! * [`scratch`]: scratch directories removed on drop.
 //!
 //! Everything here needs root (network namespaces); the library crates never depend on it.
 
@@ -20,6 +21,7 @@ pub mod kernel_peer;
 pub mod netns;
 pub mod overlay_host;
 pub mod probe;
+pub mod scratch;
 pub mod switch_bed;
 pub mod switch_demo;
 pub mod transport;

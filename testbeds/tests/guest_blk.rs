@@ -1,10 +1,12 @@
 //! QEMU guests (TCG) on vblock volumes through vhost-user-blk.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use testbeds::daemon::{Daemon, workspace_binary};
 use testbeds::guest;
+use testbeds::scratch::Scratch;
 use vblock::uring::UringDevice;
 use vblock::vhost_blk::{Export, ExportConfig};
 use vblock::{Pool, PoolOptions};
@@ -15,8 +17,7 @@ fn a_guest_writes_a_pattern_the_host_reads_back_and_discards_release_space() {
         panic!("QEMU is not installed: scripts/install-qemu installs it");
     }
     let image = guest::image().unwrap();
-    let dir = std::path::PathBuf::from(format!("/var/tmp/lv-guest-blk-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new(Path::new("/var/tmp"), "lv-guest-blk").unwrap();
     let dev = UringDevice::create(&dir.join("pool"), 256 << 20).unwrap();
     let pool = Arc::new(Pool::create(dev, PoolOptions::default()).unwrap());
     pool.create_volume("vm", 64 << 20).unwrap();
@@ -72,7 +73,6 @@ dd if=/dev/vda bs=1M skip=16 count=1 2>/dev/null | tr -d '\0' | wc -c
         "discarded data read as zeros: {}",
         run.console
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -81,8 +81,7 @@ fn ext4_made_in_a_guest_survives_a_reboot_and_a_clone_of_its_snapshot_boots_with
         panic!("QEMU is not installed: scripts/install-qemu installs it");
     }
     let image = guest::image().unwrap();
-    let dir = std::path::PathBuf::from(format!("/var/tmp/lv-guest-ext4-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new(Path::new("/var/tmp"), "lv-guest-ext4").unwrap();
     let dev = UringDevice::create(&dir.join("pool"), 512 << 20).unwrap();
     let pool = Arc::new(Pool::create(dev, PoolOptions::default()).unwrap());
     pool.create_volume("vm", 128 << 20).unwrap();
@@ -140,13 +139,12 @@ cd / && umount /mnt
     assert!(run.console.contains("FILES-INTACT"), "{}", run.console);
     let info = pool.volume("vm2").unwrap();
     assert!(info.allocated > 0);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// vblockd as a process: killed with SIGKILL in the middle of guest I/O and started again on
 /// the same state.
 struct Vblockd {
-    dir: std::path::PathBuf,
+    dir: Scratch,
 }
 
 impl Vblockd {
@@ -179,10 +177,8 @@ fn a_guest_running_fio_verify_sees_no_error_when_vblockd_is_killed_and_restarted
     }
     let image = guest::image_with_fio().unwrap();
     let bed = Vblockd {
-        dir: std::path::PathBuf::from(format!("/var/tmp/lv-guest-crash-{}", std::process::id())),
+        dir: Scratch::new(Path::new("/var/tmp"), "lv-guest-crash").unwrap(),
     };
-    let _ = std::fs::remove_dir_all(&bed.dir);
-    std::fs::create_dir_all(&bed.dir).unwrap();
     let mut vblockd = bed.start();
     let pool_file = bed.dir.join("pool").display().to_string();
     bed.call(
@@ -259,7 +255,6 @@ echo "DMESG-IO-ERRORS $(dmesg | grep -ci 'i/o error')"
         exports[0].connections, exports[0].resubmitted
     );
     drop(vblockd);
-    let _ = std::fs::remove_dir_all(&bed.dir);
 }
 
 #[test]
@@ -268,8 +263,7 @@ fn a_snapshot_taken_while_the_guest_writes_is_a_consistent_point_a_clone_of_it_b
         panic!("QEMU is not installed: scripts/install-qemu installs it");
     }
     let image = guest::image().unwrap();
-    let dir = std::path::PathBuf::from(format!("/var/tmp/lv-guest-live-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new(Path::new("/var/tmp"), "lv-guest-live").unwrap();
     let dev = UringDevice::create(&dir.join("pool"), 512 << 20).unwrap();
     let pool = Arc::new(Pool::create(dev, PoolOptions::default()).unwrap());
     pool.create_volume("vm", 128 << 20).unwrap();
@@ -348,5 +342,4 @@ e2fsck -fn /dev/vda > /dev/null && echo FSCK-CLEAN
         .and_then(|n| n.trim().parse().ok())
         .unwrap();
     assert!(in_clone < 60, "{}", run.console);
-    let _ = std::fs::remove_dir_all(&dir);
 }

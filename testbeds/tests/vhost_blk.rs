@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use testbeds::blk_client::BlkClient;
+use testbeds::scratch::Scratch;
 use vblock::device::MemDevice;
 use vblock::vhost_blk::{Export, ExportConfig};
 use vblock::{Pool, PoolOptions};
@@ -12,8 +13,7 @@ use vblock::{Pool, PoolOptions};
 fn a_libblkio_client_reads_writes_flushes_discards_over_two_queues() {
     let pool = Arc::new(Pool::create(MemDevice::new(128 << 20), PoolOptions::default()).unwrap());
     pool.create_volume("v", 64 << 20).unwrap();
-    let dir = std::env::temp_dir().join(format!("vblock-vhost-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new(&std::env::temp_dir(), "vblock-vhost").unwrap();
     let sock = dir.join("v.sock");
     let export = Export::start(pool.clone(), "v", &sock, ExportConfig { queues: 2 }).unwrap();
     let mut c = BlkClient::connect(&sock, 2, false).unwrap();
@@ -65,7 +65,6 @@ fn a_libblkio_client_reads_writes_flushes_discards_over_two_queues() {
     assert!(host.iter().all(|b| *b == 9), "the snapshot is unchanged");
     drop(c);
     drop(export);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A raw vhost-user frontend (the `vhost` crate's) with rings in shared memory that this test
@@ -242,8 +241,7 @@ fn hostile_rings_get_errors_and_the_device_keeps_serving() {
     let pool = Arc::new(Pool::create(MemDevice::new(64 << 20), PoolOptions::default()).unwrap());
     pool.create_volume("v", 16 << 20).unwrap();
     pool.write("v", 0, &[0x42u8; 4096]).unwrap();
-    let dir = std::env::temp_dir().join(format!("vblock-hostile-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new(&std::env::temp_dir(), "vblock-hostile").unwrap();
     let sock = dir.join("v.sock");
     let _export = Export::start(pool.clone(), "v", &sock, ExportConfig::default()).unwrap();
     let mut r = Ring::connect(&sock);
@@ -345,7 +343,6 @@ fn hostile_rings_get_errors_and_the_device_keeps_serving() {
     let mut host = vec![0u8; 4096];
     pool.read("v", 0, &mut host).unwrap();
     assert!(host.iter().all(|b| *b == 0x42));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -355,8 +352,7 @@ fn a_restarted_backend_resubmits_what_its_predecessor_took_from_the_inflight_rec
     use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
     let pool = Arc::new(Pool::create(MemDevice::new(64 << 20), PoolOptions::default()).unwrap());
     pool.create_volume("v", 16 << 20).unwrap();
-    let dir = std::env::temp_dir().join(format!("vblock-inflight-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new(&std::env::temp_dir(), "vblock-inflight").unwrap();
     let sock = dir.join("v.sock");
     let export = Export::start(pool.clone(), "v", &sock, ExportConfig::default()).unwrap();
     let mut record = None;
@@ -426,5 +422,4 @@ fn a_restarted_backend_resubmits_what_its_predecessor_took_from_the_inflight_rec
     assert!(back.iter().all(|&b| b == 0x33));
     drop(r);
     drop(export);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1307,11 +1307,17 @@ fn commit<D: Device>(dev: &D, s: &mut State) -> Result<(), Error> {
     if s.journal_used + n > jb {
         return checkpoint(dev, s);
     }
-    for (i, b) in blocks.chunks(BLOCK_SIZE).enumerate() {
-        let seq = s.next_seq + i as u64;
-        let at = (s.sb.journal_start.get() + seq % jb) * BLOCK_SIZE as u64;
-        dev.write_at(at, b).map_err(io("writing the journal"))?;
-    }
+    // The transaction's blocks in one submission (they are unordered until the flush).
+    let mut ops: Vec<IoOp<'_>> = blocks
+        .chunks(BLOCK_SIZE)
+        .enumerate()
+        .map(|(i, b)| {
+            let seq = s.next_seq + i as u64;
+            IoOp::Write((s.sb.journal_start.get() + seq % jb) * BLOCK_SIZE as u64, b)
+        })
+        .collect();
+    dev.submit(&mut ops).map_err(io("writing the journal"))?;
+    drop(ops);
     dev.flush().map_err(io("flushing the journal"))?;
     s.next_seq += n;
     s.journal_used += n;

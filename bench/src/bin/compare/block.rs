@@ -13,17 +13,9 @@ use vblock::uring::UringDevice;
 use vblock::{Error, Pool, PoolOptions};
 
 use bench::XorShift;
+use testbeds::scratch::Scratch;
 
 use crate::Row;
-
-/// A scratch directory on the root file system, removed at the end.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 const DATA: u64 = 1 << 30;
 const THIN: u64 = 64 << 30;
@@ -236,22 +228,17 @@ fn qemu_first_write(dir: &Path, qd: usize, count: u64) -> Result<f64, String> {
 
 /// Runs the suite with `secs` per measurement.
 pub fn suite(secs: f64) -> Result<Vec<Row>, String> {
-    let dir =
-        Scratch(std::env::temp_dir().join(format!("lv-compare-block-{}", std::process::id())));
     // /tmp may be a tmpfs elsewhere; O_DIRECT needs a real file system: prefer /var/tmp.
-    let dir = if Path::new("/var/tmp").is_dir() {
-        Scratch(PathBuf::from(format!(
-            "/var/tmp/lv-compare-block-{}",
-            std::process::id()
-        )))
+    let base = if Path::new("/var/tmp").is_dir() {
+        PathBuf::from("/var/tmp")
     } else {
-        dir
+        std::env::temp_dir()
     };
-    std::fs::create_dir_all(&dir.0).map_err(|e| format!("{}: {e}", dir.0.display()))?;
+    let dir = Scratch::new(&base, "lv-compare-block").map_err(|e| e.to_string())?;
     let e = |e: Error| e.to_string();
     eprintln!("block: preparing a pool with a 1 GiB volume ...");
     // Sparse: only written blocks take disk space. First writes take a 64 KiB cluster each.
-    let dev = UringDevice::create(&dir.0.join("pool"), DATA * 16).map_err(e)?;
+    let dev = UringDevice::create(&dir.join("pool"), DATA * 16).map_err(e)?;
     let pool = Arc::new(Pool::create(dev, PoolOptions::default()).map_err(e)?);
     pool.create_volume("data", DATA).map_err(e)?;
     let chunk = vec![0x5au8; 1 << 20];
@@ -259,7 +246,7 @@ pub fn suite(secs: f64) -> Result<Vec<Row>, String> {
         pool.write("data", off, &chunk).map_err(e)?;
     }
     pool.flush().map_err(e)?;
-    let raw = dir.0.join("raw.img");
+    let raw = dir.join("raw.img");
     // fio lays out the raw file itself (written once, so reads hit allocated blocks).
     fio(&raw, Pattern::SeqWrite1m, 32, 1.0)?;
 
@@ -343,7 +330,7 @@ pub fn suite(secs: f64) -> Result<Vec<Row>, String> {
         pool.delete("thin").map_err(e)?;
         pool.flush().map_err(e)?;
         let count = ((o * 1000.0 * secs) as u64).clamp(2000, 200_000);
-        let q = qemu_first_write(&dir.0, qd, count)? / 1000.0;
+        let q = qemu_first_write(dir.path(), qd, count)? / 1000.0;
         rows.push(Row {
             name,
             ours: o,

@@ -1,13 +1,16 @@
 //! The `vhost-blk` suite: one VM-less vhost-user-blk client (libblkio) against vblock's export
 //! and against `qemu-storage-daemon` exporting a raw file and a qcow2 (64 KiB clusters), all on
-//! the same file system, one after the other in one run.
+//! the same file system and all running at once. Each figure is measured in rounds that
+//! alternate between the two sides (the shared disk of this machine drifts by tens of per
+//! cent within a minute); the median of the rounds is reported.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use testbeds::blk_client::BlkClient;
+use testbeds::scratch::Scratch;
 use vblock::uring::UringDevice;
 use vblock::vhost_blk::{Export, ExportConfig};
 use vblock::{Pool, PoolOptions};
@@ -17,14 +20,6 @@ use bench::XorShift;
 use crate::Row;
 
 const SIZE: u64 = 1 << 30;
-
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A qemu-storage-daemon serving `image` (`format` raw or qcow2) on `sock`; killed on drop.
 struct Qsd(Child);
@@ -65,24 +60,51 @@ fn qsd(image: &Path, format: &str, sock: &Path) -> Result<Qsd, String> {
     Ok(q)
 }
 
-/// The measurements of one target: random 4 KiB read QD1/QD32, overwrite QD32, 1 MiB
-/// sequential read QD32 (filled data), in kIOPS / MiB/s.
-fn measure(sock: &Path, secs: f64) -> Result<[f64; 4], String> {
-    let e = |e: testbeds::Error| e.to_string();
-    let mut c = BlkClient::connect(sock, 1, false).map_err(e)?;
-    let mut rng = XorShift(0x1234_5678_9abc_def1);
-    let mut random = move |_| rng.next_u64() % (SIZE / 4096) * 4096;
-    let rr1 = c.bench(0, false, 1, 4096, secs, &mut random) / 1000.0;
-    let rr32 = c.bench(0, false, 32, 4096, secs, &mut random) / 1000.0;
-    let rw32 = c.bench(0, true, 32, 4096, secs, &mut random) / 1000.0;
-    let seq = c.bench(0, false, 32, 1 << 20, secs, |n| (n << 20) % SIZE);
-    Ok([rr1, rr32, rw32, seq])
+/// Rounds per figure.
+const ROUNDS: usize = 3;
+/// Fresh clusters a first-write round may use (each round writes into its own range).
+const ROUND_CLUSTERS: u64 = 300_000;
+
+/// One data-path figure of a target (`which`: random read QD1, random read QD32, random
+/// overwrite QD32 in kIOPS, 1 MiB sequential read QD32 in MiB/s).
+fn measure(c: &mut BlkClient, which: usize, secs: f64, rng: &mut XorShift) -> f64 {
+    let mut random = |_| rng.next_u64() % (SIZE / 4096) * 4096;
+    match which {
+        0 => c.bench(0, false, 1, 4096, secs, &mut random) / 1000.0,
+        1 => c.bench(0, false, 32, 4096, secs, &mut random) / 1000.0,
+        2 => c.bench(0, true, 32, 4096, secs, &mut random) / 1000.0,
+        _ => c.bench(0, false, 32, 1 << 20, secs, |n| (n << 20) % SIZE),
+    }
 }
 
-/// First writes into thin space: 4 KiB into a new 64 KiB cluster per request, QD32.
-fn first_writes(sock: &Path, secs: f64) -> Result<f64, String> {
-    let mut c = BlkClient::connect(sock, 1, false).map_err(|e| e.to_string())?;
-    Ok(c.bench(0, true, 32, 4096, secs, |n| (n * 65536) % (64u64 << 30)) / 1000.0)
+/// First writes into thin space: 4 KiB into a new 64 KiB cluster per request, QD32, in
+/// round `round`'s own range of the volume.
+fn first_writes(c: &mut BlkClient, round: usize, secs: f64) -> f64 {
+    let base = round as u64 * ROUND_CLUSTERS;
+    c.bench(0, true, 32, 4096, secs, |n| {
+        (base + n % ROUND_CLUSTERS) * 65536
+    }) / 1000.0
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Alternates `ours` and `peer` for `ROUNDS` rounds (who goes first alternates too) and
+/// returns both medians.
+fn rounds(mut ours: impl FnMut(usize) -> f64, mut peer: impl FnMut(usize) -> f64) -> (f64, f64) {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for r in 0..ROUNDS {
+        if r % 2 == 0 {
+            a.push(ours(r));
+            b.push(peer(r));
+        } else {
+            b.push(peer(r));
+            a.push(ours(r));
+        }
+    }
+    (median(a), median(b))
 }
 
 /// Fills a target with data (1 MiB writes) so that reads hit allocated blocks.
@@ -100,46 +122,26 @@ fn fill(sock: &Path) -> Result<(), String> {
 
 /// Runs the suite with `secs` per measurement.
 pub fn suite(secs: f64) -> Result<Vec<Row>, String> {
-    let dir = Scratch(PathBuf::from(format!(
-        "/var/tmp/lv-compare-vhost-{}",
-        std::process::id()
-    )));
-    std::fs::create_dir_all(&dir.0).map_err(|e| e.to_string())?;
+    let dir = Scratch::new(Path::new("/var/tmp"), "lv-compare-vhost").map_err(|e| e.to_string())?;
     let e = |e: vblock::Error| e.to_string();
 
-    eprintln!("vhost-blk: vblock ...");
-    let dev = UringDevice::create(&dir.0.join("pool"), 16 * SIZE).map_err(e)?;
+    eprintln!("vhost-blk: setting up vblock and qemu-storage-daemon (raw, qcow2) ...");
+    let dev = UringDevice::create(&dir.join("pool"), 16 * SIZE).map_err(e)?;
     let pool = Arc::new(Pool::create(dev, PoolOptions::default()).map_err(e)?);
     pool.create_volume("v", SIZE).map_err(e)?;
     pool.create_volume("thin", 64 << 30).map_err(e)?;
-    let ours_sock = dir.0.join("ours.sock");
-    let ours_thin = dir.0.join("thin.sock");
-    let ours = {
-        let _x =
-            Export::start(pool.clone(), "v", &ours_sock, ExportConfig::default()).map_err(e)?;
-        fill(&ours_sock)?;
-        measure(&ours_sock, secs)?
-    };
-    let ours_first = {
-        let _x =
-            Export::start(pool.clone(), "thin", &ours_thin, ExportConfig::default()).map_err(e)?;
-        first_writes(&ours_thin, secs)?
-    };
-
-    eprintln!("vhost-blk: qemu-storage-daemon raw ...");
-    let raw = dir.0.join("raw.img");
+    let ours_sock = dir.join("ours.sock");
+    let ours_thin = dir.join("thin.sock");
+    let _ours = Export::start(pool.clone(), "v", &ours_sock, ExportConfig::default()).map_err(e)?;
+    let _ours_thin =
+        Export::start(pool.clone(), "thin", &ours_thin, ExportConfig::default()).map_err(e)?;
+    let raw = dir.join("raw.img");
     std::fs::File::create(&raw)
         .and_then(|f| f.set_len(SIZE))
         .map_err(|e| e.to_string())?;
-    let raw_sock = dir.0.join("raw.sock");
-    let peer = {
-        let _q = qsd(&raw, "raw", &raw_sock)?;
-        fill(&raw_sock)?;
-        measure(&raw_sock, secs)?
-    };
-
-    eprintln!("vhost-blk: qemu-storage-daemon qcow2 ...");
-    let qcow = dir.0.join("thin.qcow2");
+    let raw_sock = dir.join("raw.sock");
+    let _raw = qsd(&raw, "raw", &raw_sock)?;
+    let qcow = dir.join("thin.qcow2");
     let status = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
         .arg(&qcow)
@@ -149,11 +151,31 @@ pub fn suite(secs: f64) -> Result<Vec<Row>, String> {
     if !status.success() {
         return Err("qemu-img create failed".into());
     }
-    let qcow_sock = dir.0.join("qcow.sock");
-    let peer_first = {
-        let _q = qsd(&qcow, "qcow2", &qcow_sock)?;
-        first_writes(&qcow_sock, secs)?
-    };
+    let qcow_sock = dir.join("qcow.sock");
+    let _qcow = qsd(&qcow, "qcow2", &qcow_sock)?;
+    fill(&ours_sock)?;
+    fill(&raw_sock)?;
+    let connect = |sock: &Path| BlkClient::connect(sock, 1, false).map_err(|e| e.to_string());
+    let (mut ours_c, mut raw_c) = (connect(&ours_sock)?, connect(&raw_sock)?);
+    let mut ours = [0.0; 4];
+    let mut peer = [0.0; 4];
+    let mut rng = XorShift(0x1234_5678_9abc_def1);
+    for which in 0..4 {
+        eprintln!("vhost-blk: figure {} of 5 ...", which + 1);
+        let mut rng2 = XorShift(rng.next_u64() | 1);
+        (ours[which], peer[which]) = rounds(
+            |_| measure(&mut ours_c, which, secs, &mut rng),
+            |_| measure(&mut raw_c, which, secs, &mut rng2),
+        );
+    }
+    eprintln!("vhost-blk: figure 5 of 5 ...");
+    let (mut ours_t, mut qcow_c) = (connect(&ours_thin)?, connect(&qcow_sock)?);
+    // Shorter rounds: each round takes fresh space, and the pool is 16 GiB.
+    let first_secs = secs * 0.3;
+    let (ours_first, peer_first) = rounds(
+        |r| first_writes(&mut ours_t, r, first_secs),
+        |r| first_writes(&mut qcow_c, r, first_secs),
+    );
 
     let raw_name = "qemu-storage-daemon raw";
     Ok(vec![
