@@ -62,8 +62,6 @@ fn qsd(image: &Path, format: &str, sock: &Path) -> Result<Qsd, String> {
 
 /// Rounds per figure.
 const ROUNDS: usize = 3;
-/// Fresh clusters a first-write round may use (each round writes into its own range).
-const ROUND_CLUSTERS: u64 = 300_000;
 
 /// One data-path figure of a target (`which`: random read QD1, random read QD32, random
 /// overwrite QD32 in kIOPS, 1 MiB sequential read QD32 in MiB/s).
@@ -77,13 +75,18 @@ fn measure(c: &mut BlkClient, which: usize, secs: f64, rng: &mut XorShift) -> f6
     }
 }
 
-/// First writes into thin space: 4 KiB into a new 64 KiB cluster per request, QD32, in
-/// round `round`'s own range of the volume.
-fn first_writes(c: &mut BlkClient, round: usize, secs: f64) -> f64 {
-    let base = round as u64 * ROUND_CLUSTERS;
-    c.bench(0, true, 32, 4096, secs, |n| {
-        (base + n % ROUND_CLUSTERS) * 65536
-    }) / 1000.0
+/// First writes into thin space: 4 KiB into a new 64 KiB cluster per request, QD32, from
+/// cluster `*next` on (advanced past the clusters used, so that the next round continues the
+/// same sweep into fresh space).
+fn first_writes(c: &mut BlkClient, next: &mut u64, secs: f64) -> f64 {
+    let base = *next;
+    let used = std::cell::Cell::new(0u64);
+    let kiops = c.bench(0, true, 32, 4096, secs, |n| {
+        used.set(used.get().max(n + 1));
+        (base + n) * 65536
+    }) / 1000.0;
+    *next += used.get();
+    kiops
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -170,11 +173,12 @@ pub fn suite(secs: f64) -> Result<Vec<Row>, String> {
     }
     eprintln!("vhost-blk: figure 5 of 5 ...");
     let (mut ours_t, mut qcow_c) = (connect(&ours_thin)?, connect(&qcow_sock)?);
-    // Shorter rounds: each round takes fresh space, and the pool is 16 GiB.
+    // Shorter rounds, one sweep into fresh space per side (the pool is 16 GiB).
     let first_secs = secs * 0.3;
+    let (mut ours_next, mut qcow_next) = (0, 0);
     let (ours_first, peer_first) = rounds(
-        |r| first_writes(&mut ours_t, r, first_secs),
-        |r| first_writes(&mut qcow_c, r, first_secs),
+        |_| first_writes(&mut ours_t, &mut ours_next, first_secs),
+        |_| first_writes(&mut qcow_c, &mut qcow_next, first_secs),
     );
 
     let raw_name = "qemu-storage-daemon raw";
