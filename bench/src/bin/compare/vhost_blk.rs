@@ -129,7 +129,7 @@ pub fn suite(secs: f64) -> Result<Vec<Row>, String> {
     let e = |e: vblock::Error| e.to_string();
 
     eprintln!("vhost-blk: setting up vblock and qemu-storage-daemon (raw, qcow2) ...");
-    let dev = UringDevice::create(&dir.join("pool"), 16 * SIZE).map_err(e)?;
+    let dev = UringDevice::create(&dir.join("pool"), 12 * SIZE).map_err(e)?;
     let pool = Arc::new(Pool::create(dev, PoolOptions::default()).map_err(e)?);
     pool.create_volume("v", SIZE).map_err(e)?;
     pool.create_volume("thin", 64 << 30).map_err(e)?;
@@ -173,7 +173,7 @@ pub fn suite(secs: f64) -> Result<Vec<Row>, String> {
     }
     eprintln!("vhost-blk: figure 5 of 5 ...");
     let (mut ours_t, mut qcow_c) = (connect(&ours_thin)?, connect(&qcow_sock)?);
-    // Shorter rounds, one sweep into fresh space per side (the pool is 16 GiB).
+    // Shorter rounds, one sweep into fresh space per side (the pool is 12 GiB).
     let first_secs = secs * 0.3;
     let (mut ours_next, mut qcow_next) = (0, 0);
     let (ours_first, peer_first) = rounds(
