@@ -2,27 +2,26 @@
 //! socket, with rust-vmm (`vhost`, `vhost-user-backend`'s vrings, `virtio-queue`,
 //! `vm-memory`).
 //!
-//! Each virtqueue is served by its own worker thread ([`handler`]), which does its I/O
-//! through its own io_uring ring (the device keeps one ring per thread). Requests complete in
-//! the order the guest queued them and are tracked in the frontend's inflight record
-//! ([`inflight`]): a vblockd killed mid-I/O and restarted resumes every queue where it stood,
-//! and QEMU (`reconnect=`) carries on without the guest seeing an error. Requests are parsed
+//! The protocol side is `vhost-device`'s; here each started virtqueue gets its own worker
+//! thread, which does its I/O through its own io_uring ring (the device keeps one ring per
+//! thread). Requests complete in the order the guest queued them and are tracked in the
+//! frontend's inflight record: a vblockd killed mid-I/O and restarted resumes every queue
+//! where it stood, and QEMU (`reconnect=`) carries on without the guest seeing an error. Requests are parsed
 //! from descriptor chains with `virtio-queue`'s readers and writers, which check every address
 //! against guest memory: a chain that points outside it, loops, or is too short for its request
 //! completes with an error status (or, if there is no room even for the status, with length 0);
 //! the backend never panics on guest input.
 
-mod handler;
-mod inflight;
-
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use vhost::vhost_user::message::VhostUserVirtioFeatures;
-use vhost::vhost_user::{BackendListener, Listener};
+use vhost::vhost_user::Listener;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_device::{InflightQueue, StartedQueue, Stats, VhostDevice};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -30,8 +29,8 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 
-use self::handler::Handler;
-use self::inflight::InflightQueue;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::device::Device;
 use crate::{Error, Kind, Pool};
@@ -66,6 +65,14 @@ pub struct BlkBackend<D: Device> {
     serial: [u8; 20],
     queues: usize,
     event_idx: AtomicBool,
+    /// The worker of each started queue.
+    workers: Mutex<Vec<Option<Worker>>>,
+}
+
+/// A queue's worker thread: serves kicks until told to stop.
+struct Worker {
+    stop: EventFd,
+    thread: JoinHandle<()>,
 }
 
 fn invalid(e: impl std::fmt::Display) -> io::Error {
@@ -93,6 +100,7 @@ impl<D: Device + 'static> BlkBackend<D> {
             serial,
             queues: cfg.queues,
             event_idx: AtomicBool::new(false),
+            workers: Mutex::new((0..cfg.queues).map(|_| None).collect()),
         })
     }
 
@@ -101,7 +109,7 @@ impl<D: Device + 'static> BlkBackend<D> {
     }
 
     /// The virtio-blk configuration space.
-    fn config(&self) -> Vec<u8> {
+    fn config_space(&self) -> Vec<u8> {
         let mut c = vec![0u8; 60];
         let put32 =
             |c: &mut [u8], at: usize, v: u32| c[at..at + 4].copy_from_slice(&v.to_le_bytes());
@@ -344,6 +352,46 @@ impl<D: Device + 'static> BlkBackend<D> {
         }
     }
 
+    /// A queue's worker loop: a burst per kick, until `stop` is signalled.
+    fn serve_queue(&self, mut queue: StartedQueue, stop: &EventFd) {
+        const KICK: u64 = 0;
+        const STOP: u64 = 1;
+        let Ok(epoll) = Epoll::new() else { return };
+        let fds = [(queue.kick.as_raw_fd(), KICK), (stop.as_raw_fd(), STOP)];
+        for (fd, token) in fds {
+            let ev = EpollEvent::new(EventSet::IN, token);
+            if epoll.ctl(ControlOperation::Add, fd, ev).is_err() {
+                return;
+            }
+        }
+        // Requests queued (or resubmitted) before the worker started are served at once.
+        let mut pending = true;
+        let mut events = [EpollEvent::default(); 2];
+        loop {
+            if pending
+                && self
+                    .serve(&queue.vring, &queue.mem, queue.inflight.as_mut())
+                    .is_err()
+            {
+                // A broken ring (hostile guest): the queue stops, the rest keeps serving.
+                return;
+            }
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            pending = false;
+            for ev in &events[..n] {
+                if ev.data() == STOP {
+                    return;
+                }
+                let _ = queue.kick.consume();
+                pending = true;
+            }
+        }
+    }
+
     /// Serves the requests queue `vring` holds (with EVENT_IDX, until no kick is due).
     fn serve(
         &self,
@@ -399,8 +447,17 @@ impl<D: Device + 'static> BlkBackend<D> {
         }
         Ok(true)
     }
+}
 
-    /// The virtio features offered.
+impl<D: Device + 'static> VhostDevice for BlkBackend<D> {
+    fn queues(&self) -> usize {
+        self.queues
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        QUEUE_SIZE as u16
+    }
+
     fn features(&self) -> u64 {
         let mut f = 1u64 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
@@ -420,18 +477,61 @@ impl<D: Device + 'static> BlkBackend<D> {
         f
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // Requests complete in queue order: the inflight record is exact.
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
-    /// `size` bytes of the configuration space from `offset` (zeros past its end).
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let c = self.config();
+    fn config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let c = self.config_space();
         let start = (offset as usize).min(c.len());
         let end = start.saturating_add(size as usize).min(c.len());
         let mut out = c[start..end].to_vec();
         out.resize(size as usize, 0);
         out
+    }
+
+    fn set_features(&self, features: u64) {
+        self.event_idx.store(
+            features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
+            Ordering::Relaxed,
+        );
+    }
+
+    fn queue_started(self: Arc<Self>, index: usize, queue: StartedQueue) -> io::Result<()> {
+        self.queue_stopped(index);
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let stop_worker = stop.try_clone()?;
+        let me = self.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vhost-blk-q{index}"))
+            .spawn(move || me.serve_queue(queue, &stop_worker))?;
+        if let Some(slot) = self
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(index)
+        {
+            *slot = Some(Worker { stop, thread });
+        }
+        Ok(())
+    }
+
+    fn queue_stopped(&self, index: usize) {
+        let worker = self
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(index)
+            .and_then(Option::take);
+        if let Some(w) = worker {
+            let _ = w.stop.write(1);
+            let _ = w.thread.join();
+        }
     }
 }
 
@@ -444,18 +544,11 @@ pub struct ExportStats {
     pub resubmitted: u64,
 }
 
-/// The counters, shared by the export's connections.
-#[derive(Default)]
-struct Counters {
-    connections: AtomicU64,
-    resubmitted: AtomicU64,
-}
-
 /// A running export: a thread that serves the socket, one VMM connection after another
 /// (QEMU with `reconnect=` comes back after a restart), until dropped.
 pub struct Export {
     socket: PathBuf,
-    counters: Arc<Counters>,
+    stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -472,9 +565,9 @@ impl Export {
         BlkBackend::new(pool.clone(), volume, &cfg)?;
         let _ = std::fs::remove_file(socket);
         let stop = Arc::new(AtomicBool::new(false));
-        let counters = Arc::new(Counters::default());
+        let stats = Arc::new(Stats::default());
         let (socket_t, stop_t, volume) = (socket.to_owned(), stop.clone(), volume.to_owned());
-        let counters_t = counters.clone();
+        let stats_t = stats.clone();
         let listener = Listener::new(&socket_t, true).map_err(|e| {
             Error::Io(
                 format!("listen on {}", socket_t.display()),
@@ -489,43 +582,28 @@ impl Export {
                     let Ok(backend) = BlkBackend::new(pool.clone(), &volume, &cfg) else {
                         return;
                     };
-                    let Ok(handler) = Handler::new(Arc::new(backend), counters_t.clone()) else {
-                        return;
-                    };
-                    let handler = Arc::new(Mutex::new(handler));
-                    let Ok(mut accepting) = BackendListener::new(&mut listener, handler.clone())
-                    else {
-                        return;
-                    };
-                    let mut conn = loop {
-                        match accepting.accept() {
-                            Ok(Some(conn)) => break Some(conn),
-                            Ok(None) => continue,
-                            Err(_) => break None,
-                        }
-                    };
+                    let served =
+                        vhost_device::serve_connection(&mut listener, Arc::new(backend), &stats_t);
                     if stop_t.load(Ordering::Acquire) {
                         return;
                     }
-                    counters_t.connections.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(volume, "vhost-user frontend connected");
-                    // One message after another until the frontend goes away (or sends
-                    // something that breaks the protocol).
-                    while let Some(c) = conn.as_mut() {
-                        if c.handle_request().is_err() {
-                            conn = None;
+                    match served {
+                        Ok(()) => {
+                            // Whatever the guest wrote is made durable when it goes away.
+                            let _ = pool.flush();
+                            tracing::debug!(volume, "vhost-user frontend disconnected");
+                        }
+                        Err(e) => {
+                            tracing::warn!(volume, error = %e, "vhost-user socket");
+                            std::thread::sleep(std::time::Duration::from_millis(100));
                         }
                     }
-                    handler.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
-                    // Whatever the guest wrote is made durable when it goes away.
-                    let _ = pool.flush();
-                    tracing::debug!(volume, "vhost-user frontend disconnected");
                 }
             })
             .map_err(|e| Error::Io("spawn vhost-user thread".into(), e))?;
         Ok(Export {
             socket: socket.to_owned(),
-            counters,
+            stats,
             stop,
             thread: Some(thread),
         })
@@ -539,8 +617,8 @@ impl Export {
     /// The export's counters.
     pub fn stats(&self) -> ExportStats {
         ExportStats {
-            connections: self.counters.connections.load(Ordering::Relaxed),
-            resubmitted: self.counters.resubmitted.load(Ordering::Relaxed),
+            connections: self.stats.connections(),
+            resubmitted: self.stats.resubmitted(),
         }
     }
 }

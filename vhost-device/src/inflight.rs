@@ -11,7 +11,8 @@
 //!   desc_num x { u8 inflight, u8 pad[5], u16 next, u64 counter }
 //! ```
 //!
-//! Requests complete in the order they were taken ([`super`] guarantees it), so the requests
+//! Requests complete in the order they were taken (a device offering the feature guarantees
+//! it), so the requests
 //! in flight are always the avail-ring entries from the used index on, and recovery re-reads
 //! them there.
 
@@ -33,7 +34,7 @@ const HEADER: usize = 16;
 const DESC: usize = 16;
 
 /// Bytes of one queue's part of the region.
-pub(super) fn queue_region_size(queue_size: u16) -> u64 {
+pub(crate) fn queue_region_size(queue_size: u16) -> u64 {
     (DESC as u64 * u64::from(queue_size) + 2).next_multiple_of(ALIGN)
 }
 
@@ -42,7 +43,7 @@ fn invalid(what: &str) -> io::Error {
 }
 
 /// The mapped inflight region of a device.
-pub(super) struct InflightRegion {
+pub(crate) struct InflightRegion {
     map: Arc<MmapRegion>,
     queues: u16,
     queue_size: u16,
@@ -51,7 +52,7 @@ pub(super) struct InflightRegion {
 impl InflightRegion {
     /// A new zeroed region for `queues` queues of `queue_size` entries, in a memfd (returned
     /// for the frontend), with the size to tell it.
-    pub(super) fn create(queues: u16, queue_size: u16) -> io::Result<(InflightRegion, File, u64)> {
+    pub(crate) fn create(queues: u16, queue_size: u16) -> io::Result<(InflightRegion, File, u64)> {
         if queues == 0 || queue_size == 0 || queue_size > 32768 {
             return Err(invalid("inflight region: bad queue count or size"));
         }
@@ -68,7 +69,7 @@ impl InflightRegion {
     }
 
     /// Maps a region the frontend handed back (after a restart of the backend).
-    pub(super) fn map(
+    pub(crate) fn map(
         file: File,
         offset: u64,
         size: u64,
@@ -92,7 +93,7 @@ impl InflightRegion {
     }
 
     /// The part of queue `index`, for a queue of `size` entries (at most the region's).
-    pub(super) fn queue(&self, index: u16, size: u16) -> Option<InflightQueue> {
+    pub(crate) fn queue(&self, index: u16, size: u16) -> Option<InflightQueue> {
         if index >= self.queues || size == 0 || size > self.queue_size {
             return None;
         }
@@ -106,7 +107,7 @@ impl InflightRegion {
 }
 
 /// One queue's inflight record, kept by the queue's worker.
-pub(super) struct InflightQueue {
+pub struct InflightQueue {
     map: Arc<MmapRegion>,
     base: usize,
     size: u16,
@@ -129,7 +130,7 @@ impl InflightQueue {
     /// Brings the record up to date with the ring, whose used index is `used_idx`, and
     /// returns how many requests were in flight when the previous backend stopped (0 for a
     /// fresh record, which is initialised).
-    pub(super) fn recover(&mut self, used_idx: u16) -> usize {
+    pub(crate) fn recover(&mut self, used_idx: u16) -> usize {
         let Some(s) = self.slice() else { return 0 };
         let version: u16 = s.load(8, Ordering::Acquire).unwrap_or(0);
         if version == 0 {
@@ -161,7 +162,7 @@ impl InflightQueue {
     }
 
     /// Marks request `head` taken (before any of its I/O starts).
-    pub(super) fn take(&mut self, head: u16) {
+    pub fn take(&mut self, head: u16) {
         if let (Some(at), Some(s)) = (self.desc(head), self.slice()) {
             let _ = s.store(self.counter, at + 8, Ordering::Relaxed);
             let _ = s.store(1u8, at, Ordering::Release);
@@ -170,14 +171,14 @@ impl InflightQueue {
     }
 
     /// Before request `head`'s completion is published on the used ring.
-    pub(super) fn completing(&mut self, head: u16) {
+    pub fn completing(&mut self, head: u16) {
         if let Some(s) = self.slice() {
             let _ = s.store(head, 12, Ordering::Release);
         }
     }
 
     /// After request `head`'s completion was published and the used index is `used_idx`.
-    pub(super) fn completed(&mut self, head: u16, used_idx: u16) {
+    pub fn completed(&mut self, head: u16, used_idx: u16) {
         if let (Some(at), Some(s)) = (self.desc(head), self.slice()) {
             let _ = s.store(0u8, at, Ordering::Release);
             let _ = s.store(used_idx, 14, Ordering::Release);

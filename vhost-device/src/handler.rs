@@ -1,16 +1,11 @@
-//! The vhost-user protocol side of an export: guest memory, virtqueues, features, the
-//! inflight record, and one worker thread per started queue.
-//!
-//! Built on the `vhost` crate's request dispatcher and `vhost-user-backend`'s vrings; this
-//! replaces `vhost-user-backend`'s own handler, which cannot track requests in flight
-//! (its `GET_INFLIGHT_FD` always fails), so that a restarted vblockd learns from the
-//! frontend what its predecessor had taken.
+//! One frontend connection: guest memory, virtqueues, features and the inflight record; a
+//! queue is handed to its device when it is ready (it has a kick) and enabled, and taken back
+//! when the frontend stops it.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::atomic::Ordering;
 
 use vhost::VhostUserMemoryRegionBase;
 use vhost::vhost_user::message::{
@@ -29,13 +24,9 @@ use virtio_queue::QueueT;
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
 };
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::event::EventConsumer;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::inflight::{InflightQueue, InflightRegion};
-use super::{BlkBackend, Counters, QUEUE_SIZE};
-use crate::device::Device;
+use crate::inflight::{InflightQueue, InflightRegion};
+use crate::{StartedQueue, Stats, VhostDevice};
 
 /// Memory slots offered with `CONFIGURE_MEM_SLOTS`.
 const MAX_MEM_SLOTS: u64 = 509;
@@ -47,50 +38,45 @@ struct Mapping {
     gpa: u64,
 }
 
-/// A queue's worker: serves kicks until told to stop.
-struct Worker {
-    stop: EventFd,
-    thread: JoinHandle<()>,
-}
-
-/// The state of one vhost-user connection.
-pub(super) struct Handler<D: Device> {
-    backend: Arc<BlkBackend<D>>,
+/// The state of one vhost-user connection to device `D`.
+pub struct Handler<D: VhostDevice> {
+    device: Arc<D>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     mappings: Vec<Mapping>,
     vrings: Vec<VringRwLock>,
     enabled: Vec<bool>,
-    workers: Vec<Option<Worker>>,
+    /// Queues handed to the device.
+    started: Vec<bool>,
     acked_features: u64,
     inflight: Option<InflightRegion>,
-    counters: Arc<Counters>,
+    stats: Arc<Stats>,
 }
 
 fn internal(e: impl std::fmt::Display) -> VhostUserError {
     VhostUserError::ReqHandlerError(io::Error::other(e.to_string()))
 }
 
-impl<D: Device + 'static> Handler<D> {
-    pub(super) fn new(
-        backend: Arc<BlkBackend<D>>,
-        counters: Arc<Counters>,
-    ) -> io::Result<Handler<D>> {
+impl<D: VhostDevice> Handler<D> {
+    /// A connection's state for `device`, counting into `stats`.
+    pub fn new(device: Arc<D>, stats: Arc<Stats>) -> Handler<D> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let queues = backend.queues;
+        let queues = device.queues();
+        let size = device.max_queue_size();
+        // A queue of a size the device offers can always be made.
         let vrings = (0..queues)
-            .map(|_| VringRwLock::new(mem.clone(), QUEUE_SIZE as u16).map_err(io::Error::other))
-            .collect::<io::Result<Vec<_>>>()?;
-        Ok(Handler {
-            backend,
+            .filter_map(|_| VringRwLock::new(mem.clone(), size).ok())
+            .collect::<Vec<_>>();
+        Handler {
+            device,
             mem,
             mappings: Vec::new(),
+            enabled: vec![false; vrings.len()],
+            started: vec![false; vrings.len()],
             vrings,
-            enabled: vec![false; queues],
-            workers: (0..queues).map(|_| None).collect(),
             acked_features: 0,
             inflight: None,
-            counters,
-        })
+            stats,
+        }
     }
 
     fn vring(&self, index: u32) -> VhostUserResult<&VringRwLock> {
@@ -107,17 +93,36 @@ impl<D: Device + 'static> Handler<D> {
             .ok_or(VhostUserError::InvalidParam)
     }
 
-    /// Starts or stops queue `index`'s worker to match its state: it runs while the queue is
-    /// ready (it has a kick) and enabled.
+    /// Hands queue `index` to the device or takes it back to match its state: the device
+    /// serves it while it is ready (it has a kick) and enabled.
     fn update(&mut self, index: usize) -> VhostUserResult<()> {
         let vring = &self.vrings[index];
-        let run = {
+        let (run, kick) = {
             let state = vring.get_ref();
-            state.get_queue().ready() && state.get_kick().is_some() && self.enabled[index]
+            let kick = state.get_kick().as_ref().map(|k| k.try_clone());
+            (
+                state.get_queue().ready() && kick.is_some() && self.enabled[index],
+                kick,
+            )
         };
-        if run && self.workers[index].is_none() {
+        if run && !self.started[index] {
             let inflight = self.recover(index)?;
-            self.workers[index] = Some(self.spawn(index, inflight)?);
+            let kick = kick
+                .ok_or(VhostUserError::InvalidParam)?
+                .map_err(VhostUserError::ReqHandlerError)?;
+            self.device
+                .clone()
+                .queue_started(
+                    index,
+                    StartedQueue {
+                        vring: vring.clone(),
+                        kick,
+                        mem: self.mem.clone(),
+                        inflight,
+                    },
+                )
+                .map_err(VhostUserError::ReqHandlerError)?;
+            self.started[index] = true;
         } else if !run {
             self.stop(index);
         }
@@ -125,8 +130,8 @@ impl<D: Device + 'static> Handler<D> {
     }
 
     /// With an inflight record: where the queue stands. Requests the previous backend took
-    /// and did not complete are the avail-ring entries from the used index on (requests
-    /// complete in order), so the queue resumes from there, whatever the frontend said.
+    /// and did not complete are the avail-ring entries from the used index on (the device
+    /// completes in order), so the queue resumes from there, whatever the frontend said.
     fn recover(&self, index: usize) -> VhostUserResult<Option<InflightQueue>> {
         let Some(region) = &self.inflight else {
             return Ok(None);
@@ -140,57 +145,35 @@ impl<D: Device + 'static> Handler<D> {
         let in_flight = record.recover(used);
         if in_flight > 0 {
             tracing::info!(
-                volume = %self.backend.volume,
                 queue = index,
                 requests = in_flight,
                 "resubmitting the requests a previous backend had in flight"
             );
-            self.counters
+            self.stats
                 .resubmitted
-                .fetch_add(in_flight as u64, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(in_flight as u64, Ordering::Relaxed);
             vring.set_queue_next_avail(used);
             vring.set_queue_next_used(used);
         }
         Ok(Some(record))
     }
 
-    fn spawn(&self, index: usize, inflight: Option<InflightQueue>) -> VhostUserResult<Worker> {
-        let vring = self.vrings[index].clone();
-        let kick = vring
-            .get_ref()
-            .get_kick()
-            .as_ref()
-            .ok_or(VhostUserError::InvalidParam)?
-            .try_clone()
-            .map_err(VhostUserError::ReqHandlerError)?;
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(VhostUserError::ReqHandlerError)?;
-        let stop_worker = stop.try_clone().map_err(VhostUserError::ReqHandlerError)?;
-        let backend = self.backend.clone();
-        let mem = self.mem.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("vhost-blk-q{index}"))
-            .spawn(move || serve_queue(&backend, &mem, &vring, &kick, &stop_worker, inflight))
-            .map_err(VhostUserError::ReqHandlerError)?;
-        Ok(Worker { stop, thread })
-    }
-
-    /// Stops queue `index`'s worker (it finishes the requests it took) and waits for it.
+    /// Takes queue `index` back from the device (it completes the requests it took).
     fn stop(&mut self, index: usize) {
-        if let Some(w) = self.workers[index].take() {
-            let _ = w.stop.write(1);
-            let _ = w.thread.join();
+        if std::mem::take(&mut self.started[index]) {
+            self.device.queue_stopped(index);
         }
     }
 
-    /// Stops every worker (the connection is gone).
-    pub(super) fn stop_all(&mut self) {
-        for i in 0..self.workers.len() {
+    /// Takes every queue back (the connection is gone).
+    pub fn stop_all(&mut self) {
+        for i in 0..self.started.len() {
             self.stop(i);
         }
     }
 
     fn set_memory(&mut self, mem: GuestMemoryMmap, mappings: Vec<Mapping>) {
-        // Workers see the new memory at their next burst.
+        // Queues see the new memory at their next burst.
         self.mem
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -199,52 +182,7 @@ impl<D: Device + 'static> Handler<D> {
     }
 }
 
-/// A queue's worker loop: a burst per kick, until `stop` is signalled.
-fn serve_queue<D: Device + 'static>(
-    backend: &BlkBackend<D>,
-    mem: &GuestMemoryAtomic<GuestMemoryMmap>,
-    vring: &VringRwLock,
-    kick: &EventConsumer,
-    stop: &EventFd,
-    mut inflight: Option<InflightQueue>,
-) {
-    const KICK: u64 = 0;
-    const STOP: u64 = 1;
-    let Ok(epoll) = Epoll::new() else { return };
-    let fds = [(kick.as_raw_fd(), KICK), (stop.as_raw_fd(), STOP)];
-    for (fd, token) in fds {
-        let ev = EpollEvent::new(EventSet::IN, token);
-        if epoll.ctl(ControlOperation::Add, fd, ev).is_err() {
-            return;
-        }
-    }
-    // Requests queued (or resubmitted) before the worker started are served at once.
-    let mut pending = true;
-    let mut events = [EpollEvent::default(); 2];
-    loop {
-        if pending && backend.serve(vring, mem, inflight.as_mut()).is_err() {
-            // A broken ring (hostile guest): the queue stops, the rest keeps serving.
-            return;
-        }
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
-        };
-        pending = false;
-        for ev in &events[..n] {
-            match ev.data() {
-                STOP => return,
-                _ => {
-                    let _ = kick.consume();
-                    pending = true;
-                }
-            }
-        }
-    }
-}
-
-impl<D: Device + 'static> VhostUserBackendReqHandlerMut for Handler<D> {
+impl<D: VhostDevice> VhostUserBackendReqHandlerMut for Handler<D> {
     fn set_owner(&mut self) -> VhostUserResult<()> {
         Ok(())
     }
@@ -260,11 +198,11 @@ impl<D: Device + 'static> VhostUserBackendReqHandlerMut for Handler<D> {
     }
 
     fn get_features(&mut self) -> VhostUserResult<u64> {
-        Ok(self.backend.features())
+        Ok(self.device.features())
     }
 
     fn set_features(&mut self, features: u64) -> VhostUserResult<()> {
-        if features & !self.backend.features() != 0 {
+        if features & !self.device.features() != 0 {
             return Err(VhostUserError::InvalidParam);
         }
         self.acked_features = features;
@@ -272,7 +210,7 @@ impl<D: Device + 'static> VhostUserBackendReqHandlerMut for Handler<D> {
         for vring in &self.vrings {
             vring.set_queue_event_idx(event_idx);
         }
-        self.backend.set_event_idx(event_idx);
+        self.device.set_features(features);
         // Without protocol features, rings are enabled from the start.
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
             for i in 0..self.vrings.len() {
@@ -313,7 +251,7 @@ impl<D: Device + 'static> VhostUserBackendReqHandlerMut for Handler<D> {
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VhostUserResult<()> {
-        if num == 0 || num as usize > QUEUE_SIZE {
+        if num == 0 || num > u32::from(self.device.max_queue_size()) {
             return Err(VhostUserError::InvalidParam);
         }
         self.vring(index)?.set_queue_size(num as u16);
@@ -382,11 +320,7 @@ impl<D: Device + 'static> VhostUserBackendReqHandlerMut for Handler<D> {
     }
 
     fn get_protocol_features(&mut self) -> VhostUserResult<VhostUserProtocolFeatures> {
-        Ok(VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        Ok(self.device.protocol_features())
     }
 
     fn set_protocol_features(&mut self, _features: u64) -> VhostUserResult<()> {
@@ -414,7 +348,7 @@ impl<D: Device + 'static> VhostUserBackendReqHandlerMut for Handler<D> {
         size: u32,
         _flags: VhostUserConfigFlags,
     ) -> VhostUserResult<Vec<u8>> {
-        Ok(self.backend.get_config(offset, size))
+        Ok(self.device.config(offset, size))
     }
 
     fn set_config(
@@ -535,11 +469,8 @@ impl<D: Device + 'static> VhostUserBackendReqHandlerMut for Handler<D> {
     }
 }
 
-impl<D: Device> Drop for Handler<D> {
+impl<D: VhostDevice> Drop for Handler<D> {
     fn drop(&mut self) {
-        for w in self.workers.iter_mut().filter_map(Option::take) {
-            let _ = w.stop.write(1);
-            let _ = w.thread.join();
-        }
+        self.stop_all();
     }
 }

@@ -1,0 +1,119 @@
+//! `vhost-device`: the vhost-user protocol side of libvirtual's devices — guest memory,
+//! virtqueues, feature negotiation and the inflight record — for a device that says what it
+//! offers and serves the queues it is handed ([`VhostDevice`]).
+//!
+//! Built on rust-vmm: the `vhost` crate's request dispatcher, `vhost-user-backend`'s vrings,
+//! `virtio-queue`, `vm-memory`. It replaces `vhost-user-backend`'s own handler, which cannot
+//! track requests in flight (its `GET_INFLIGHT_FD` always fails) and runs its own threads per
+//! queue; here the device decides who serves a queue (vblock: a thread per queue with its own
+//! io_uring ring; vswitch: its datapath workers).
+//!
+//! * [`handler`]: one frontend connection's state and messages.
+//! * [`inflight`]: the inflight record (`INFLIGHT_SHMFD`), libvhost-user's layout.
+
+pub mod handler;
+pub mod inflight;
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::{BackendListener, Listener};
+use vhost_user_backend::VringRwLock;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::event::EventConsumer;
+
+pub use handler::Handler;
+pub use inflight::InflightQueue;
+
+/// Errors of the vhost-user side.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The socket could not be listened on or accepted from.
+    #[error("vhost-user socket: {0}")]
+    Socket(String),
+    /// A system call failed.
+    #[error("{0}: {1}")]
+    Io(String, #[source] io::Error),
+}
+
+/// A device served over vhost-user.
+pub trait VhostDevice: Send + Sync + 'static {
+    /// Number of virtqueues.
+    fn queues(&self) -> usize;
+    /// Largest queue size offered.
+    fn max_queue_size(&self) -> u16;
+    /// The virtio features offered (with `VHOST_USER_F_PROTOCOL_FEATURES`).
+    fn features(&self) -> u64;
+    /// The vhost-user protocol features offered (`INFLIGHT_SHMFD` only by a device that
+    /// completes each queue's requests in the order it takes them).
+    fn protocol_features(&self) -> VhostUserProtocolFeatures;
+    /// `size` bytes of the configuration space from `offset` (zeros past its end).
+    fn config(&self, offset: u32, size: u32) -> Vec<u8>;
+    /// The features the frontend accepted (`VIRTIO_RING_F_EVENT_IDX` among them).
+    fn set_features(&self, features: u64);
+    /// Queue `index` starts: serve it from `queue` (kicks arrive on `queue.kick`) until
+    /// [`Self::queue_stopped`].
+    fn queue_started(self: Arc<Self>, index: usize, queue: StartedQueue) -> io::Result<()>;
+    /// Queue `index` stops: return once nothing touches it any more (every request taken
+    /// completed).
+    fn queue_stopped(&self, index: usize);
+}
+
+/// A started queue, handed to its device.
+pub struct StartedQueue {
+    /// The ring (addresses, indexes, notifications).
+    pub vring: VringRwLock,
+    /// Becomes readable when the driver kicks.
+    pub kick: EventConsumer,
+    /// Guest memory (follows the frontend's memory updates).
+    pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    /// The queue's inflight record, if the frontend keeps one: mark requests taken and
+    /// completed in it.
+    pub inflight: Option<InflightQueue>,
+}
+
+/// Counters of a device's connections.
+#[derive(Debug, Default)]
+pub struct Stats {
+    connections: AtomicU64,
+    resubmitted: AtomicU64,
+}
+
+impl Stats {
+    /// Frontend connections served so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Requests found in flight when a connection started (taken by a predecessor that was
+    /// killed) and run again.
+    pub fn resubmitted(&self) -> u64 {
+        self.resubmitted.load(Ordering::Relaxed)
+    }
+}
+
+/// Waits for one frontend on `listener` and serves it until it goes away (or breaks the
+/// protocol); every queue is stopped on return.
+pub fn serve_connection<D: VhostDevice>(
+    listener: &mut Listener,
+    device: Arc<D>,
+    stats: &Arc<Stats>,
+) -> Result<(), Error> {
+    let handler = Arc::new(std::sync::Mutex::new(Handler::new(device, stats.clone())));
+    let mut accepting = BackendListener::new(listener, handler.clone())
+        .map_err(|e| Error::Socket(e.to_string()))?;
+    let mut conn = loop {
+        match accepting.accept() {
+            Ok(Some(conn)) => break conn,
+            Ok(None) => continue,
+            Err(e) => return Err(Error::Socket(e.to_string())),
+        }
+    };
+    stats.connections.fetch_add(1, Ordering::Relaxed);
+    // One message after another until the frontend goes away.
+    while conn.handle_request().is_ok() {}
+    handler.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
+    Ok(())
+}
