@@ -47,6 +47,8 @@ pub struct Handler<D: VhostDevice> {
     enabled: Vec<bool>,
     /// Queues handed to the device.
     started: Vec<bool>,
+    /// Each queue's kick eventfd, as the frontend sent it.
+    kicks: Vec<Option<File>>,
     acked_features: u64,
     inflight: Option<InflightRegion>,
     stats: Arc<Stats>,
@@ -72,6 +74,7 @@ impl<D: VhostDevice> Handler<D> {
             mappings: Vec::new(),
             enabled: vec![false; vrings.len()],
             started: vec![false; vrings.len()],
+            kicks: (0..vrings.len()).map(|_| None).collect(),
             vrings,
             acked_features: 0,
             inflight: None,
@@ -97,19 +100,18 @@ impl<D: VhostDevice> Handler<D> {
     /// serves it while it is ready (it has a kick) and enabled.
     fn update(&mut self, index: usize) -> VhostUserResult<()> {
         let vring = &self.vrings[index];
-        let (run, kick) = {
-            let state = vring.get_ref();
-            let kick = state.get_kick().as_ref().map(|k| k.try_clone());
-            (
-                state.get_queue().ready() && kick.is_some() && self.enabled[index],
-                kick,
-            )
-        };
+        let kick = self.kicks[index].as_ref().map(File::try_clone);
+        let run = vring.get_ref().get_queue().ready() && kick.is_some() && self.enabled[index];
         if run && !self.started[index] {
             let inflight = self.recover(index)?;
             let kick = kick
                 .ok_or(VhostUserError::InvalidParam)?
                 .map_err(VhostUserError::ReqHandlerError)?;
+            let flags =
+                nix::fcntl::fcntl(&kick, nix::fcntl::FcntlArg::F_GETFL).map_err(internal)?;
+            let flags =
+                nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+            nix::fcntl::fcntl(&kick, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(internal)?;
             self.device
                 .clone()
                 .queue_started(
@@ -294,6 +296,7 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for Handler<D> {
         let next_avail = vring.queue_next_avail();
         vring.set_kick(None);
         vring.set_call(None);
+        self.kicks[index as usize] = None;
         Ok(VhostUserVringState::new(index, u32::from(next_avail)))
     }
 
@@ -302,6 +305,10 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for Handler<D> {
         let has_kick = fd.is_some();
         // A new kick while running: the worker restarts on it.
         self.stop(usize::from(index));
+        self.kicks[usize::from(index)] = match &fd {
+            Some(f) => Some(f.try_clone().map_err(VhostUserError::ReqHandlerError)?),
+            None => None,
+        };
         vring.set_kick(fd);
         if has_kick {
             vring.set_queue_ready(true);

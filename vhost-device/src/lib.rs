@@ -14,15 +14,17 @@
 pub mod handler;
 pub mod inflight;
 
+use std::fs::File;
 use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{BackendListener, Listener};
 use vhost_user_backend::VringRwLock;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::event::EventConsumer;
 
 pub use handler::Handler;
 pub use inflight::InflightQueue;
@@ -65,8 +67,9 @@ pub trait VhostDevice: Send + Sync + 'static {
 pub struct StartedQueue {
     /// The ring (addresses, indexes, notifications).
     pub vring: VringRwLock,
-    /// Becomes readable when the driver kicks.
-    pub kick: EventConsumer,
+    /// The kick eventfd (non-blocking): readable when the driver kicks; read 8 bytes to
+    /// consume, write 8 to wake the server again.
+    pub kick: File,
     /// Guest memory (follows the frontend's memory updates).
     pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
     /// The queue's inflight record, if the frontend keeps one: mark requests taken and
@@ -116,4 +119,84 @@ pub fn serve_connection<D: VhostDevice>(
     while conn.handle_request().is_ok() {}
     handler.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
     Ok(())
+}
+
+/// A vhost-user socket served by a thread, one frontend connection after another (QEMU with
+/// `reconnect=` comes back after a restart of either side), until dropped.
+pub struct Server {
+    socket: PathBuf,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Listens on `socket` (replaced if it exists); each connection is served with the device
+    /// `device()` makes (None ends the server), and `disconnected()` runs after each.
+    pub fn start<D: VhostDevice>(
+        socket: &Path,
+        name: &str,
+        mut device: impl FnMut() -> Option<Arc<D>> + Send + 'static,
+        mut disconnected: impl FnMut() + Send + 'static,
+    ) -> Result<Server, Error> {
+        let _ = std::fs::remove_file(socket);
+        let mut listener = Listener::new(socket, true)
+            .map_err(|e| Error::Socket(format!("listen on {}: {e}", socket.display())))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(Stats::default());
+        let (stop_t, stats_t, name_t) = (stop.clone(), stats.clone(), name.to_owned());
+        let thread = std::thread::Builder::new()
+            .name(format!("vhost-{name}"))
+            .spawn(move || {
+                while !stop_t.load(Ordering::Acquire) {
+                    let Some(dev) = device() else { return };
+                    let served = serve_connection(&mut listener, dev, &stats_t);
+                    if stop_t.load(Ordering::Acquire) {
+                        return;
+                    }
+                    match served {
+                        Ok(()) => {
+                            tracing::debug!(device = %name_t, "vhost-user frontend disconnected");
+                            disconnected();
+                        }
+                        Err(e) => {
+                            tracing::warn!(device = %name_t, error = %e, "vhost-user socket");
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::Io("spawn vhost-user thread".into(), e))?;
+        Ok(Server {
+            socket: socket.to_owned(),
+            stats,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake the accept (or the served connection) by connecting and closing.
+        let _ = std::os::unix::net::UnixStream::connect(&self.socket);
+        let _ = std::fs::remove_file(&self.socket);
+        // The thread ends once its frontend disconnects; do not wait for a VM that stays.
+        if let Some(t) = self.thread.take()
+            && t.is_finished()
+        {
+            let _ = t.join();
+        }
+    }
 }

@@ -14,14 +14,13 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use vhost::vhost_user::Listener;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_device::{InflightQueue, StartedQueue, Stats, VhostDevice};
+use vhost_device::{InflightQueue, StartedQueue, VhostDevice};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -386,7 +385,7 @@ impl<D: Device + 'static> BlkBackend<D> {
                 if ev.data() == STOP {
                     return;
                 }
-                let _ = queue.kick.consume();
+                let _ = (&queue.kick).read(&mut [0u8; 8]);
                 pending = true;
             }
         }
@@ -547,10 +546,7 @@ pub struct ExportStats {
 /// A running export: a thread that serves the socket, one VMM connection after another
 /// (QEMU with `reconnect=` comes back after a restart), until dropped.
 pub struct Export {
-    socket: PathBuf,
-    stats: Arc<Stats>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    server: vhost_device::Server,
 }
 
 impl Export {
@@ -563,77 +559,37 @@ impl Export {
     ) -> Result<Export, Error> {
         // Validate now, so that errors reach the caller.
         BlkBackend::new(pool.clone(), volume, &cfg)?;
-        let _ = std::fs::remove_file(socket);
-        let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(Stats::default());
-        let (socket_t, stop_t, volume) = (socket.to_owned(), stop.clone(), volume.to_owned());
-        let stats_t = stats.clone();
-        let listener = Listener::new(&socket_t, true).map_err(|e| {
-            Error::Io(
-                format!("listen on {}", socket_t.display()),
-                io::Error::other(e.to_string()),
-            )
-        })?;
-        let thread = std::thread::Builder::new()
-            .name(format!("vhost-blk-{volume}"))
-            .spawn(move || {
-                let mut listener = listener;
-                while !stop_t.load(Ordering::Acquire) {
-                    let Ok(backend) = BlkBackend::new(pool.clone(), &volume, &cfg) else {
-                        return;
-                    };
-                    let served =
-                        vhost_device::serve_connection(&mut listener, Arc::new(backend), &stats_t);
-                    if stop_t.load(Ordering::Acquire) {
-                        return;
-                    }
-                    match served {
-                        Ok(()) => {
-                            // Whatever the guest wrote is made durable when it goes away.
-                            let _ = pool.flush();
-                            tracing::debug!(volume, "vhost-user frontend disconnected");
-                        }
-                        Err(e) => {
-                            tracing::warn!(volume, error = %e, "vhost-user socket");
-                            std::thread::sleep(std::time::Duration::from_millis(100));
-                        }
-                    }
-                }
-            })
-            .map_err(|e| Error::Io("spawn vhost-user thread".into(), e))?;
-        Ok(Export {
-            socket: socket.to_owned(),
-            stats,
-            stop,
-            thread: Some(thread),
-        })
+        let (pool_c, volume_c) = (pool.clone(), volume.to_owned());
+        let device = move || {
+            BlkBackend::new(pool_c.clone(), &volume_c, &cfg)
+                .ok()
+                .map(Arc::new)
+        };
+        // Whatever the guest wrote is made durable when it goes away.
+        let disconnected = move || {
+            let _ = pool.flush();
+        };
+        let server =
+            vhost_device::Server::start(socket, &format!("blk-{volume}"), device, disconnected)
+                .map_err(|e| {
+                    Error::Io(
+                        format!("vhost-user export of {volume}"),
+                        io::Error::other(e.to_string()),
+                    )
+                })?;
+        Ok(Export { server })
     }
 
     /// The socket path.
     pub fn socket(&self) -> &Path {
-        &self.socket
+        self.server.socket()
     }
 
     /// The export's counters.
     pub fn stats(&self) -> ExportStats {
         ExportStats {
-            connections: self.stats.connections(),
-            resubmitted: self.stats.resubmitted(),
-        }
-    }
-}
-
-impl Drop for Export {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        // Wake the accept (or the served connection) by connecting and closing.
-        let _ = std::os::unix::net::UnixStream::connect(&self.socket);
-        let _ = std::fs::remove_file(&self.socket);
-        // The thread ends once its VMM disconnects; do not wait for a guest that stays.
-        if let Some(t) = self.thread.take()
-            && t.is_finished()
-        {
-            let _ = t.join();
+            connections: self.server.stats().connections(),
+            resubmitted: self.server.stats().resubmitted(),
         }
     }
 }
