@@ -15,10 +15,16 @@ const CACHE: &str = "/var/cache/libvirtual/guest";
 /// The private apt configuration of `scripts/install-qemu`.
 const APT: &str = "/var/cache/libvirtual/apt";
 /// Version of the initramfs layout (bumped with every change of INIT or MODULES).
-const LAYOUT: u32 = 3;
+const LAYOUT: u32 = 4;
 /// Modules the guest needs (Debian 6.1 builds virtio and ext4 as modules); their
 /// dependencies are found with depmod/modprobe and loaded first.
-const MODULES: &[&str] = &["virtio_pci", "virtio_blk", "qemu_fw_cfg", "ext4"];
+const MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_net",
+    "qemu_fw_cfg",
+    "ext4",
+];
 /// Host programs packed into the guest with the libraries they need (e2fsprogs).
 const PROGRAMS: &[&str] = &["/usr/sbin/mke2fs", "/usr/sbin/e2fsck"];
 
@@ -257,6 +263,18 @@ impl Guest {
         script: &str,
         scratch: &Path,
     ) -> Result<Guest, Error> {
+        Self::boot_with_nics(image, disks, &[], script, scratch)
+    }
+
+    /// [`Self::boot`] with network cards too: one virtio-net device per (vhost-user socket,
+    /// MAC) (`eth0`, `eth1`, ...; QEMU reconnects to a restarted switch).
+    pub fn boot_with_nics(
+        image: &GuestImage,
+        disks: &[(PathBuf, u16)],
+        nics: &[(PathBuf, String)],
+        script: &str,
+        scratch: &Path,
+    ) -> Result<Guest, Error> {
         std::fs::create_dir_all(scratch)
             .map_err(|e| Error::Io(scratch.display().to_string(), e))?;
         let script_file = scratch.join("script.sh");
@@ -301,6 +319,16 @@ impl Guest {
             cmd.arg("-device").arg(format!(
                 "vhost-user-blk-pci,chardev=blk{i},num-queues={queues}"
             ));
+        }
+        for (i, (sock, mac)) in nics.iter().enumerate() {
+            cmd.arg("-chardev").arg(format!(
+                "socket,id=net{i},path={},reconnect=1",
+                sock.display()
+            ));
+            cmd.arg("-netdev")
+                .arg(format!("vhost-user,id=n{i},chardev=net{i}"));
+            cmd.arg("-device")
+                .arg(format!("virtio-net-pci,netdev=n{i},mac={mac},romfile="));
         }
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         let child = cmd

@@ -339,7 +339,9 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for Handler<D> {
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostUserResult<()> {
-        if self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+        // QEMU's net frontend enables and disables rings before it sets features: offering
+        // VHOST_USER_F_PROTOCOL_FEATURES is what counts here.
+        if self.device.features() & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
             return Err(VhostUserError::InactiveFeature(
                 VhostUserVirtioFeatures::PROTOCOL_FEATURES,
             ));

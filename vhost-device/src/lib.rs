@@ -115,8 +115,18 @@ pub fn serve_connection<D: VhostDevice>(
         }
     };
     stats.connections.fetch_add(1, Ordering::Relaxed);
-    // One message after another until the frontend goes away.
-    while conn.handle_request().is_ok() {}
+    // One message after another until the frontend goes away or breaks the protocol.
+    loop {
+        use vhost::vhost_user::Error as E;
+        match conn.handle_request() {
+            Ok(()) => {}
+            Err(E::Disconnected | E::PartialMessage) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "vhost-user connection ends");
+                break;
+            }
+        }
+    }
     handler.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
     Ok(())
 }

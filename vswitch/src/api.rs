@@ -47,7 +47,8 @@ pub struct PortSpec {
     pub name: String,
     /// The tenant it belongs to.
     pub tenant: String,
-    /// Port kind; only `"tap"` for now.
+    /// Port kind: `"tap"` (a TAP interface, for containers and the host) or
+    /// `"vhost-user-net"` (a VM's virtio-net over `RUN_DIR/vhost/<name>.sock`).
     #[serde(default = "default_kind")]
     pub kind: String,
     /// Port security: the only source MAC allowed (`"02:00:00:00:00:01"`).

@@ -44,10 +44,12 @@ use crate::tap::{
     VnetHeader,
 };
 use crate::uplink::{BATCH, QueueError, Uplink};
+use crate::vhost_net::VhostNetPort;
 use crate::{
     DropReason, Error, Ingress, Nanos, PortConfig, Switch, TenantConfig, TenantSwitch, Verdict,
 };
 use overlay_net::gso::{TcpCoalescer, TcpSegmenter, complete_checksum};
+use vhost_device::VhostDevice;
 
 /// epoll token of a worker's control eventfd.
 const TOKEN_CONTROL: u64 = u64::MAX;
@@ -112,7 +114,9 @@ struct WorkerLink {
 /// them. Reached through [`DatapathWorkers::call`].
 pub struct Datapath {
     switch: Switch,
-    taps: HashMap<PortId, Arc<Tap>, FastHash>,
+    endpoints: HashMap<PortId, Endpoint, FastHash>,
+    /// The vhost-user sockets of vhost-user-net ports.
+    servers: HashMap<PortId, vhost_device::Server, FastHash>,
     owner: HashMap<PortId, usize, FastHash>,
     workers: Vec<WorkerLink>,
     /// Each underlay's family and the tenant MTU it carries.
@@ -260,7 +264,62 @@ impl Datapath {
             let _ = tap.destroy();
             return Err(nix_err("epoll_ctl tap", e));
         }
-        self.taps.insert(id, Arc::new(tap));
+        self.endpoints.insert(id, Endpoint::Tap(Arc::new(tap)));
+        self.owner.insert(id, worker);
+        Ok(id)
+    }
+
+    /// Adds a vhost-user-net port for a VM to `tenant`: the switch serves the vhost-user
+    /// socket `socket` (QEMU: `-chardev socket,path=SOCKET,reconnect=1 -netdev vhost-user`),
+    /// one VM connection after another. The guest is offered the port's security MAC, if it
+    /// has one, and the tenant's MTU.
+    pub fn add_vhost_port(
+        &mut self,
+        tenant: &str,
+        config: PortConfig,
+        socket: &std::path::Path,
+    ) -> Result<PortId, Error> {
+        config.validate()?;
+        let mtu = self
+            .switch
+            .tenant(tenant)
+            .ok_or_else(|| Error::NoSuchTenant(tenant.into()))?
+            .config()
+            .mtu;
+        if self.switch.port_id(&config.name).is_some() {
+            return Err(Error::PortExists(config.name));
+        }
+        let mac = config.security.as_ref().map(|s| s.mac);
+        let port_name = config.name.clone();
+        let id = self.switch.add_port(tenant, config)?;
+        let worker = (0..self.workers.len())
+            .min_by_key(|w| self.owner.values().filter(|o| *o == w).count())
+            .unwrap_or(0);
+        let port = Arc::new(VhostNetPort::new(
+            &port_name,
+            mac,
+            mtu,
+            self.workers[worker].epoll.clone(),
+            u64::from(id.0),
+        ));
+        let device = port.clone();
+        let server = match vhost_device::Server::start(
+            socket,
+            &format!("net-{port_name}"),
+            move || Some(device.clone()),
+            || {},
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = self.switch.remove_port(&port_name);
+                return Err(Error::Io(
+                    format!("vhost-user socket {}", socket.display()),
+                    std::io::Error::other(e.to_string()),
+                ));
+            }
+        };
+        self.endpoints.insert(id, Endpoint::Vhost(port));
+        self.servers.insert(id, server);
         self.owner.insert(id, worker);
         Ok(id)
     }
@@ -272,13 +331,23 @@ impl Datapath {
             .port_id(name)
             .ok_or_else(|| Error::NoSuchPort(name.into()))?;
         self.switch.remove_port(name)?;
-        if let Some(tap) = self.taps.remove(&id) {
-            if let Some(w) = self.owner.remove(&id) {
-                let _ = self.workers[w].epoll.delete(tap.fd());
+        let worker = self.owner.remove(&id);
+        match self.endpoints.remove(&id) {
+            Some(Endpoint::Tap(tap)) => {
+                if let Some(w) = worker {
+                    let _ = self.workers[w].epoll.delete(tap.fd());
+                }
+                // A worker in the middle of a burst may still hold the TAP; the interface
+                // goes when it lets go (at the end of that burst).
+                tap.destroy()?;
             }
-            // A worker in the middle of a burst may still hold the TAP; the interface goes
-            // when it lets go (at the end of that burst).
-            tap.destroy()?;
+            Some(Endpoint::Vhost(port)) => {
+                // The socket goes; the VM's queues are let go (the kick leaves the epoll set).
+                self.servers.remove(&id);
+                port.queue_stopped(0);
+                port.queue_stopped(1);
+            }
+            None => {}
         }
         Ok(())
     }
@@ -306,7 +375,7 @@ impl Datapath {
 
 /// Where one copy of a frame goes, resolved under the lock.
 enum Target {
-    Local(PortId, Arc<Tap>),
+    Local(PortId, Endpoint),
     Remote(IpAddr),
 }
 
@@ -339,7 +408,40 @@ impl Tally {
     }
 }
 
-/// A frame read from a TAP, waiting for its forwarding decision.
+/// A local port's frame endpoint: a TAP, or a VM's virtio-net queues over vhost-user.
+#[derive(Clone)]
+enum Endpoint {
+    Tap(Arc<Tap>),
+    Vhost(Arc<VhostNetPort>),
+}
+
+impl Endpoint {
+    /// The next frame (virtio-net header first), if any.
+    fn recv(&self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        match self {
+            Endpoint::Tap(t) => t.recv(buf),
+            Endpoint::Vhost(v) => v.recv(buf),
+        }
+    }
+
+    /// Sends a complete frame.
+    fn send_frame(&self, frame: &[u8]) -> std::io::Result<()> {
+        match self {
+            Endpoint::Tap(t) => t.send_frame(frame),
+            Endpoint::Vhost(v) => v.send_frame(frame),
+        }
+    }
+
+    /// Sends a frame with offload metadata.
+    fn send_with_header(&self, header: &[u8; VNET_HDR_LEN], frame: &[u8]) -> std::io::Result<()> {
+        match self {
+            Endpoint::Tap(t) => t.send_with_header(header, frame),
+            Endpoint::Vhost(v) => v.send_with_header(header, frame),
+        }
+    }
+}
+
+/// A frame read from a port, waiting for its forwarding decision.
 struct Pending {
     len: usize,
     header: [u8; VNET_HDR_LEN],
@@ -370,15 +472,15 @@ struct Worker {
 /// as a send error) and remote VTEPs.
 fn resolve(
     tenant: &mut TenantSwitch,
-    taps: &HashMap<PortId, Arc<Tap>, FastHash>,
+    endpoints: &HashMap<PortId, Endpoint, FastHash>,
     from: Ingress,
     verdict: Verdict,
     flood: &mut Vec<Destination>,
     out: &mut Vec<Target>,
 ) {
     let mut push = |tenant: &mut TenantSwitch, dest: Destination| match dest {
-        Destination::Local(q) => match taps.get(&q) {
-            Some(tap) => out.push(Target::Local(q, tap.clone())),
+        Destination::Local(q) => match endpoints.get(&q) {
+            Some(ep) => out.push(Target::Local(q, ep.clone())),
             None => tenant.count_drop(Some(q), DropReason::TxError),
         },
         Destination::Remote(vtep) => out.push(Target::Remote(vtep)),
@@ -443,7 +545,7 @@ impl Worker {
     fn on_tap(&mut self, port: PortId) {
         let (tap, vni) = {
             let s = lock(&self.shared);
-            (s.taps.get(&port).cloned(), s.switch.port_vni(port))
+            (s.endpoints.get(&port).cloned(), s.switch.port_vni(port))
         };
         let (Some(tap), Some(vni)) = (tap, vni) else {
             return;
@@ -465,6 +567,10 @@ impl Worker {
 
         // 1. Read a burst and check its offload metadata.
         pending.clear();
+        if let Endpoint::Vhost(v) = &tap {
+            v.consume_kick();
+        }
+        let mut taken = 0;
         for _ in 0..BATCH {
             let at = pending.len() * FRAME_SLOT;
             let buf = &mut frames[at..at + FRAME_SLOT];
@@ -472,6 +578,7 @@ impl Worker {
                 Ok(Some(n)) => n,
                 Ok(None) | Err(_) => break,
             };
+            taken += 1;
             let Some(header) = buf
                 .first_chunk::<VNET_HDR_LEN>()
                 .filter(|_| n >= VNET_HDR_LEN)
@@ -505,6 +612,10 @@ impl Worker {
             });
         }
 
+        if let Endpoint::Vhost(v) = &tap {
+            v.end_tx_burst(taken == BATCH);
+        }
+
         // 2. Decide, under the lock.
         decisions.clear();
         {
@@ -520,7 +631,7 @@ impl Worker {
                 let frame = &frames[at + VNET_HDR_LEN..at + p.len];
                 let verdict = tenant.ingress_sized(from, frame, p.wire_len, now);
                 let start = targets.len();
-                resolve(tenant, &s.taps, from, verdict, flood, targets);
+                resolve(tenant, &s.endpoints, from, verdict, flood, targets);
                 decisions.push(start..targets.len());
             }
         }
@@ -597,7 +708,7 @@ impl Worker {
                         let verdict = s.switch.ingress_uplink(vni, from.ip(), inner, now);
                         if let Some(tenant) = s.switch.tenant_by_vni_mut(vni) {
                             let ingress = Ingress::Uplink(from.ip());
-                            resolve(tenant, &s.taps, ingress, verdict, flood, targets);
+                            resolve(tenant, &s.endpoints, ingress, verdict, flood, targets);
                         }
                     }
                     Some((Err(_), _)) => {
@@ -612,7 +723,7 @@ impl Worker {
         // Send, without it. In-order TCP segments of one flow for one local port are merged
         // (GRO) and written to the TAP as one frame with segmentation offload. Frames from the
         // underlay go to local ports only (split horizon).
-        let mut gro_dest: Option<(Vni, PortId, Arc<Tap>)> = None;
+        let mut gro_dest: Option<(Vni, PortId, Endpoint)> = None;
         for (i, range) in decisions.iter().enumerate() {
             let Some((Ok((vni, inner)), _)) = up.datagram(i) else {
                 continue;
@@ -650,7 +761,7 @@ impl Worker {
 /// header if segments were merged.
 fn flush_gro(
     gro: &mut TcpCoalescer,
-    dest: &mut Option<(Vni, PortId, Arc<Tap>)>,
+    dest: &mut Option<(Vni, PortId, Endpoint)>,
     tally: &mut Tally,
 ) {
     let Some((vni, port, tap)) = dest.take() else {
@@ -701,8 +812,9 @@ impl Payload<'_> {
     }
 }
 
-/// Writes a frame to a local TAP as it is: offloads pending are the kernel's to finish.
-fn send_local(tally: &mut Tally, vni: Vni, port: PortId, tap: &Tap, payload: Payload<'_>) {
+/// Writes a frame to a local port as it is: offloads pending are the kernel's (a TAP) or the
+/// port's (a guest that did not accept them) to finish.
+fn send_local(tally: &mut Tally, vni: Vni, port: PortId, tap: &Endpoint, payload: Payload<'_>) {
     let sent = match payload {
         Payload::Plain(f) => tap.send_frame(f),
         Payload::Offloaded { frame, header, .. } => tap.send_with_header(&header, frame),
@@ -925,7 +1037,8 @@ impl DatapathWorkers {
         let stats: Vec<_> = links.iter().map(|l| l.stats.clone()).collect();
         let shared = Arc::new(Mutex::new(Datapath {
             switch: Switch::new(),
-            taps: HashMap::default(),
+            endpoints: HashMap::default(),
+            servers: HashMap::default(),
             owner: HashMap::default(),
             workers: links,
             underlays,

@@ -32,6 +32,7 @@ mod switch;
 pub mod tap;
 mod tenant;
 pub mod uplink;
+pub mod vhost_net;
 
 pub use counters::{DropReason, Drops, PortCounters, TenantCounters};
 pub use error::Error;

@@ -85,7 +85,8 @@ fn main() -> anyhow::Result<()> {
     )
     .context("starting the datapath")?;
     info!(workers = dp.workers(), "datapath started");
-    let (control, problems) = Control::restore(dp, &cfg.state_dir).context("restoring state")?;
+    let (control, problems) =
+        Control::restore(dp, &cfg.state_dir, &cfg.run_dir).context("restoring state")?;
     for p in &problems {
         warn!(problem = %p, "could not restore");
     }

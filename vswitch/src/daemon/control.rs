@@ -98,6 +98,8 @@ pub struct Control {
     dp: DatapathWorkers,
     state: State,
     path: PathBuf,
+    /// Where vhost-user sockets go (`RUN_DIR/vhost/<port>.sock`).
+    run_dir: PathBuf,
 }
 
 fn call<R: Send + 'static>(
@@ -109,11 +111,16 @@ fn call<R: Send + 'static>(
 }
 
 fn port_config(spec: &PortSpec) -> Result<PortConfig> {
-    if spec.kind != "tap" {
+    if spec.kind != "tap" && spec.kind != "vhost-user-net" {
         return Err(ControlError::Invalid(format!(
-            "port kind {:?}: only \"tap\" is supported",
+            "port kind {:?}: \"tap\" or \"vhost-user-net\"",
             spec.kind
         )));
+    }
+    if spec.kind == "vhost-user-net" && spec.netns.is_some() {
+        return Err(ControlError::Invalid(
+            "a vhost-user-net port has no interface to move into a netns".into(),
+        ));
     }
     let security = match (&spec.mac, spec.ips.is_empty()) {
         (Some(mac), _) => Some(PortSecurity {
@@ -192,9 +199,11 @@ fn add_drops(family: &Family<Labels, Counter>, labels: &Labels, drops: &Drops) {
 impl Control {
     /// Takes over a running datapath, restores the state saved in `state_dir` (if any) and
     /// returns the control plane with the errors of items that could not be restored.
+    /// vhost-user sockets go to `run_dir/vhost/`.
     pub fn restore(
         dp: DatapathWorkers,
         state_dir: &Path,
+        run_dir: &Path,
     ) -> std::io::Result<(Control, Vec<String>)> {
         std::fs::create_dir_all(state_dir)?;
         let path = state_dir.join("vswitchd.json");
@@ -206,6 +215,7 @@ impl Control {
                 ..State::default()
             },
             path,
+            run_dir: run_dir.to_owned(),
         };
         let mut problems = Vec::new();
         for t in saved.tenants {
@@ -302,7 +312,8 @@ impl Control {
             .ok_or_else(|| ControlError::NotFound(format!("no tenant {name}")))
     }
 
-    /// Creates a TAP port.
+    /// Creates a port: a TAP interface, or a vhost-user-net socket for a VM
+    /// (`RUN_DIR/vhost/<port>.sock`).
     pub fn create_port(&mut self, spec: PortSpec) -> Result<PortInfo> {
         let cfg = port_config(&spec)?;
         let tenant = spec.tenant.clone();
@@ -313,9 +324,17 @@ impl Control {
             netns: ns.into(),
             ifname: spec.ifname.clone().unwrap_or_else(|| spec.name.clone()),
         });
-        call(&self.dp, move |dp| {
-            dp.add_tap_port(&tenant, cfg, Offloads::TCP, placement.as_ref())
-        })??;
+        if spec.kind == "vhost-user-net" {
+            let dir = self.run_dir.join("vhost");
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| ControlError::Internal(format!("creating {}: {e}", dir.display())))?;
+            let socket = dir.join(format!("{}.sock", spec.name));
+            call(&self.dp, move |dp| dp.add_vhost_port(&tenant, cfg, &socket))??;
+        } else {
+            call(&self.dp, move |dp| {
+                dp.add_tap_port(&tenant, cfg, Offloads::TCP, placement.as_ref())
+            })??;
+        }
         tracing::info!(port = %spec.name, tenant = %spec.tenant, netns = ?spec.netns, "port created");
         self.state.ports.push(spec.clone());
         self.save()?;
