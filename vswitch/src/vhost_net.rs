@@ -118,7 +118,11 @@ impl VhostNetPort {
             return Ok(None);
         };
         let head = chain.head_index();
+        // A chain as long as the queue went round in a loop (the walk stops there).
+        let size = q.vring.get_ref().get_queue().size();
+        let looped = chain.clone().count() >= usize::from(size);
         let n = match chain.reader(&mem) {
+            _ if looped => 0,
             Ok(mut r) if r.available_bytes() <= buf.len() => {
                 let n = r.available_bytes();
                 r.read_exact(&mut buf[..n]).map(|()| n).unwrap_or(0)

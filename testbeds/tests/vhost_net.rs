@@ -1,0 +1,153 @@
+//! vhost-user-net ports of a real vswitchd, driven by a raw vhost-user frontend with crafted
+//! rings: descriptors outside guest memory, chain loops, oversize chains and garbage
+//! virtio-net headers are dropped and counted; frames around them still reach the tenant's
+//! container, and the daemon keeps serving.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use testbeds::daemon::{Daemon, workspace_binary};
+use testbeds::netns::{Netns, missing_privileges};
+use testbeds::scratch::Scratch;
+use testbeds::switch_bed::Underlay;
+use vm_memory::{Bytes, GuestAddress};
+
+#[path = "common/raw_frontend.rs"]
+mod raw;
+
+fn post(d: &Daemon, path: &str, body: &str) {
+    let (status, resp) = d.request("POST", path, Some(body)).unwrap();
+    assert_eq!(status, 201, "POST {path} {body}: {resp}");
+}
+
+/// A broadcast ARP request from 02:00:00:00:0a:01 (10.9.0.2) for 10.9.0.1, after a zeroed
+/// 12-byte virtio-net header.
+fn arp_request() -> Vec<u8> {
+    let mut f = vec![0u8; 12];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&[2, 0, 0, 0, 0x0a, 1]);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&[2, 0, 0, 0, 0x0a, 1, 10, 9, 0, 2]);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&[10, 9, 0, 1]);
+    f.resize(12 + 60, 0);
+    f
+}
+
+fn counter(d: &Daemon, port: &str, field: &str) -> u64 {
+    let (_, body) = d
+        .request("GET", &format!("/v1/ports/{port}"), None)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    match field {
+        "malformed" => v["counters"]["drops"]["malformed"].as_u64().unwrap_or(0),
+        f => v["counters"][f].as_u64().unwrap_or(0),
+    }
+}
+
+#[test]
+fn hostile_transmit_rings_are_dropped_and_counted_and_the_switch_keeps_forwarding() {
+    if let Some(why) = missing_privileges() {
+        panic!("needs root: {why}");
+    }
+    let dir = Scratch::new(Path::new("/var/tmp"), "lv-vhost-net").unwrap();
+    let mut ul = Underlay::new().unwrap();
+    let host = ul.host("h1", Ipv4Addr::new(198, 18, 0, 1)).unwrap();
+    let args: Vec<String> = [
+        "--underlay",
+        "198.18.0.1",
+        "--run-dir",
+        &dir.join("run").display().to_string(),
+        "--state-dir",
+        &dir.join("state").display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let d = Daemon::start(
+        &host,
+        &workspace_binary("vswitchd").unwrap(),
+        &args,
+        dir.join("run/vswitchd.sock"),
+    )
+    .unwrap();
+    post(&d, "/v1/tenants", r#"{"name":"a","vni":100}"#);
+    let ct = Netns::create("ct").unwrap();
+    post(
+        &d,
+        "/v1/ports",
+        &format!(
+            r#"{{"name":"ct1","tenant":"a","netns":"/run/netns/{}","ifname":"eth0"}}"#,
+            ct.name()
+        ),
+    );
+    ct.ip(&["addr", "add", "10.9.0.1/24", "dev", "eth0"])
+        .unwrap();
+    ct.ip(&["link", "set", "eth0", "up"]).unwrap();
+    post(
+        &d,
+        "/v1/ports",
+        r#"{"name":"vm1","tenant":"a","kind":"vhost-user-net"}"#,
+    );
+    // The transmit queue (1) of the VM's device.
+    let mut r = raw::Ring::connect_queue(&dir.join("run/vhost/vm1.sock"), 1);
+    let frame = arp_request();
+    let data = raw::DATA;
+    r.mem.write_slice(&frame, GuestAddress(data)).unwrap();
+    let send_valid = |r: &mut raw::Ring| {
+        assert_eq!(
+            r.submit(&[(data, frame.len() as u32, false)], false),
+            Some(0)
+        );
+    };
+    send_valid(&mut r);
+    // A buffer outside guest memory.
+    assert_eq!(r.submit(&[(0x7fff_0000_0000, 64, false)], false), Some(0));
+    // A chain that loops back on itself.
+    assert_eq!(
+        r.submit(&[(data, 12, false), (data + 12, 60, false)], true),
+        Some(0)
+    );
+    // A chain longer than any frame (64 KiB + header): refused, not read.
+    assert_eq!(
+        r.submit(
+            &[
+                (data, 0x8000, false),
+                (data, 0x8000, false),
+                (data, 0x8000, false)
+            ],
+            false
+        ),
+        Some(0)
+    );
+    // A garbage virtio-net header: an unknown segmentation type.
+    let mut bad = frame.clone();
+    bad[1] = 0x33;
+    r.mem
+        .write_slice(&bad, GuestAddress(data + 0x1000))
+        .unwrap();
+    assert_eq!(
+        r.submit(&[(data + 0x1000, bad.len() as u32, false)], false),
+        Some(0)
+    );
+    // A buffer too short for the header.
+    assert_eq!(r.submit(&[(data, 6, false)], false), Some(0));
+    send_valid(&mut r);
+    // The two valid frames were switched (the container saw them: ARP requests for its
+    // address, answered), the rest dropped and counted; the daemon serves on.
+    let mut seen = 0;
+    for _ in 0..50 {
+        seen = counter(&d, "vm1", "rx_packets");
+        if seen >= 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(seen, 2);
+    assert!(counter(&d, "vm1", "malformed") >= 4);
+    assert!(counter(&d, "ct1", "tx_packets") >= 2);
+    let stats = ct
+        .exec("cat", &["/sys/class/net/eth0/statistics/rx_packets"])
+        .unwrap();
+    assert!(stats.trim().parse::<u64>().unwrap() >= 2, "{stats}");
+}
