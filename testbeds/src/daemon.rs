@@ -111,6 +111,15 @@ impl Daemon {
         c.wait().map(|s| s.success()).unwrap_or(false)
     }
 
+    /// POSTs `body` to `path` and returns the reply, which must be `201 Created`.
+    pub fn create(&self, path: &str, body: &str) -> Result<String, Error> {
+        let (status, resp) = self.request("POST", path, Some(body))?;
+        if status != 201 {
+            return Err(Error::Setup(format!("POST {path} {body}: {status} {resp}")));
+        }
+        Ok(resp)
+    }
+
     /// Sends an API request and returns the status and the body.
     pub fn request(
         &self,
@@ -120,6 +129,32 @@ impl Daemon {
     ) -> Result<(u16, String), Error> {
         http(&self.socket, method, path, body)
     }
+}
+
+/// Starts vswitchd (the workspace binary) inside host `ns`, on underlay address `underlay`,
+/// with its run and state directories in `dir` (`dir/run/vswitchd.sock` is its API), plus
+/// `extra` flags.
+pub fn start_vswitchd(
+    ns: &Netns,
+    underlay: std::net::IpAddr,
+    dir: &Path,
+    extra: &[&str],
+) -> Result<Daemon, Error> {
+    let mut args: Vec<String> = vec![
+        "--underlay".into(),
+        underlay.to_string(),
+        "--run-dir".into(),
+        dir.join("run").display().to_string(),
+        "--state-dir".into(),
+        dir.join("state").display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Daemon::start(
+        ns,
+        &workspace_binary("vswitchd")?,
+        &args,
+        dir.join("run/vswitchd.sock"),
+    )
 }
 
 impl Drop for Daemon {

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
 
-use testbeds::daemon::{Daemon, workspace_binary};
+use testbeds::daemon::{Daemon, start_vswitchd};
 use testbeds::guest;
 use testbeds::netns::{Netns, missing_privileges};
 use testbeds::probe::ping;
@@ -15,8 +15,7 @@ use testbeds::scratch::Scratch;
 use testbeds::switch_bed::Underlay;
 
 fn post(d: &Daemon, path: &str, body: &str) {
-    let (status, resp) = d.request("POST", path, Some(body)).unwrap();
-    assert_eq!(status, 201, "POST {path} {body}: {resp}");
+    d.create(path, body).unwrap();
 }
 
 #[test]
@@ -31,22 +30,8 @@ fn a_vm_and_a_container_of_one_tenant_talk_and_survive_a_switch_restart() {
     let dir = Scratch::new(Path::new("/var/tmp"), "lv-guest-net").unwrap();
     let mut ul = Underlay::new().unwrap();
     let host = ul.host("h1", Ipv4Addr::new(198, 18, 0, 1)).unwrap();
-    let args: Vec<String> = [
-        "--underlay",
-        "198.18.0.1",
-        "--run-dir",
-        &dir.join("run").display().to_string(),
-        "--state-dir",
-        &dir.join("state").display().to_string(),
-        "--workers",
-        "2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let bin = workspace_binary("vswitchd").unwrap();
-    let api = dir.join("run/vswitchd.sock");
-    let mut d = Daemon::start(&host, &bin, &args, api.clone()).unwrap();
+    let underlay = "198.18.0.1".parse().unwrap();
+    let mut d = start_vswitchd(&host, underlay, dir.path(), &["--workers", "2"]).unwrap();
     post(&d, "/v1/tenants", r#"{"name":"a","vni":100}"#);
     post(&d, "/v1/tenants", r#"{"name":"b","vni":200}"#);
     // The container: a TAP moved into its namespace.
@@ -131,7 +116,7 @@ ping -c 2 -W 1 10.9.0.1 > /dev/null 2>&1; echo "PING-OTHER-TENANT $?"
     // kill -9 and a restart: QEMU comes back by itself, the VM reaches the container again.
     d.kill9();
     std::thread::sleep(Duration::from_millis(1500));
-    d = Daemon::start(&host, &bin, &args, api).unwrap();
+    d = start_vswitchd(&host, underlay, dir.path(), &["--workers", "2"]).unwrap();
     let run1 = vm1.finish(Duration::from_secs(180)).unwrap();
     assert!(
         run1.console.contains("PING-AFTER-RESTART 0"),

@@ -6,7 +6,7 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use testbeds::daemon::{Daemon, workspace_binary};
+use testbeds::daemon::{Daemon, start_vswitchd};
 use testbeds::netns::{Netns, missing_privileges};
 use testbeds::scratch::Scratch;
 use testbeds::switch_bed::Underlay;
@@ -16,8 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 mod raw;
 
 fn post(d: &Daemon, path: &str, body: &str) {
-    let (status, resp) = d.request("POST", path, Some(body)).unwrap();
-    assert_eq!(status, 201, "POST {path} {body}: {resp}");
+    d.create(path, body).unwrap();
 }
 
 /// A broadcast ARP request from 02:00:00:00:0a:01 (10.9.0.2) for 10.9.0.1, after a zeroed
@@ -53,24 +52,7 @@ fn hostile_transmit_rings_are_dropped_and_counted_and_the_switch_keeps_forwardin
     let dir = Scratch::new(Path::new("/var/tmp"), "lv-vhost-net").unwrap();
     let mut ul = Underlay::new().unwrap();
     let host = ul.host("h1", Ipv4Addr::new(198, 18, 0, 1)).unwrap();
-    let args: Vec<String> = [
-        "--underlay",
-        "198.18.0.1",
-        "--run-dir",
-        &dir.join("run").display().to_string(),
-        "--state-dir",
-        &dir.join("state").display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let d = Daemon::start(
-        &host,
-        &workspace_binary("vswitchd").unwrap(),
-        &args,
-        dir.join("run/vswitchd.sock"),
-    )
-    .unwrap();
+    let d = start_vswitchd(&host, "198.18.0.1".parse().unwrap(), dir.path(), &[]).unwrap();
     post(&d, "/v1/tenants", r#"{"name":"a","vni":100}"#);
     let ct = Netns::create("ct").unwrap();
     post(

@@ -45,9 +45,7 @@ impl Host {
 }
 
 fn post(d: &Daemon, path: &str, body: &str) -> String {
-    let (status, resp) = d.request("POST", path, Some(body)).unwrap();
-    assert_eq!(status, 201, "POST {path} {body}: {resp}");
-    resp
+    d.create(path, body).unwrap()
 }
 
 #[test]
