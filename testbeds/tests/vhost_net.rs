@@ -1,7 +1,7 @@
 //! vhost-user-net ports of a real vswitchd, driven by a raw vhost-user frontend with crafted
 //! rings: descriptors outside guest memory, chain loops, oversize chains and garbage
-//! virtio-net headers are dropped and counted; frames around them still reach the tenant's
-//! container, and the daemon keeps serving.
+//! virtio-net headers are dropped and counted, port security drops a spoofed source; frames
+//! around them still reach the tenant's container, and the daemon keeps serving.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -39,7 +39,7 @@ fn counter(d: &Daemon, port: &str, field: &str) -> u64 {
         .unwrap();
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     match field {
-        "malformed" => v["counters"]["drops"]["malformed"].as_u64().unwrap_or(0),
+        "malformed" | "spoofed_mac" => v["counters"]["drops"][field].as_u64().unwrap_or(0),
         f => v["counters"][f].as_u64().unwrap_or(0),
     }
 }
@@ -66,10 +66,11 @@ fn hostile_transmit_rings_are_dropped_and_counted_and_the_switch_keeps_forwardin
     ct.ip(&["addr", "add", "10.9.0.1/24", "dev", "eth0"])
         .unwrap();
     ct.ip(&["link", "set", "eth0", "up"]).unwrap();
+    // Port security applies to VMs as to containers: only this MAC and address.
     post(
         &d,
         "/v1/ports",
-        r#"{"name":"vm1","tenant":"a","kind":"vhost-user-net"}"#,
+        r#"{"name":"vm1","tenant":"a","kind":"vhost-user-net","mac":"02:00:00:00:0a:01","ips":["10.9.0.2"]}"#,
     );
     // The transmit queue (1) of the VM's device.
     let mut r = raw::Ring::connect_queue(&dir.join("run/vhost/vm1.sock"), 1);
@@ -114,19 +115,31 @@ fn hostile_transmit_rings_are_dropped_and_counted_and_the_switch_keeps_forwardin
     );
     // A buffer too short for the header.
     assert_eq!(r.submit(&[(data, 6, false)], false), Some(0));
+    // A frame from another MAC than the port's: port security drops it.
+    let mut spoofed = frame.clone();
+    spoofed[12 + 11] = 0x99;
+    r.mem
+        .write_slice(&spoofed, GuestAddress(data + 0x2000))
+        .unwrap();
+    assert_eq!(
+        r.submit(&[(data + 0x2000, spoofed.len() as u32, false)], false),
+        Some(0)
+    );
     send_valid(&mut r);
     // The two valid frames were switched (the container saw them: ARP requests for its
-    // address, answered), the rest dropped and counted; the daemon serves on.
+    // address, answered), the spoofed one received and dropped by port security, the broken
+    // ones dropped before that and counted; the daemon serves on.
     let mut seen = 0;
     for _ in 0..50 {
         seen = counter(&d, "vm1", "rx_packets");
-        if seen >= 2 {
+        if seen >= 3 {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    assert_eq!(seen, 2);
+    assert_eq!(seen, 3);
     assert!(counter(&d, "vm1", "malformed") >= 4);
+    assert_eq!(counter(&d, "vm1", "spoofed_mac"), 1);
     assert!(counter(&d, "ct1", "tx_packets") >= 2);
     let stats = ct
         .exec("cat", &["/sys/class/net/eth0/statistics/rx_packets"])
