@@ -145,4 +145,12 @@ fn hostile_transmit_rings_are_dropped_and_counted_and_the_switch_keeps_forwardin
         .exec("cat", &["/sys/class/net/eth0/statistics/rx_packets"])
         .unwrap();
     assert!(stats.trim().parse::<u64>().unwrap() >= 2, "{stats}");
+    // The port is deleted while its "VM" is still connected: the socket goes, the VM's frames
+    // go nowhere, the daemon serves on.
+    let (status, _) = d.request("DELETE", "/v1/ports/vm1", None).unwrap();
+    assert_eq!(status, 204);
+    assert!(!dir.join("run/vhost/vm1.sock").exists());
+    assert_eq!(r.submit(&[(data, frame.len() as u32, false)], false), None);
+    let (status, _) = d.request("GET", "/v1/ports/ct1", None).unwrap();
+    assert_eq!(status, 200);
 }

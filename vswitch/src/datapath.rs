@@ -49,7 +49,6 @@ use crate::{
     DropReason, Error, Ingress, Nanos, PortConfig, Switch, TenantConfig, TenantSwitch, Verdict,
 };
 use overlay_net::gso::{TcpCoalescer, TcpSegmenter, complete_checksum};
-use vhost_device::VhostDevice;
 
 /// epoll token of a worker's control eventfd.
 const TOKEN_CONTROL: u64 = u64::MAX;
@@ -344,8 +343,7 @@ impl Datapath {
             Some(Endpoint::Vhost(port)) => {
                 // The socket goes; the VM's queues are let go (the kick leaves the epoll set).
                 self.servers.remove(&id);
-                port.queue_stopped(0);
-                port.queue_stopped(1);
+                port.close();
             }
             None => {}
         }

@@ -65,6 +65,9 @@ pub struct VhostNetPort {
     pub tx_malformed: AtomicU64,
     /// Frames for the guest dropped for want of receive buffers.
     pub rx_no_buffers: AtomicU64,
+    /// The port was removed: its queues are not taken again (a VM still connected sees a
+    /// dead card until it goes away).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl VhostNetPort {
@@ -88,7 +91,15 @@ impl VhostNetPort {
             tx: Mutex::new(None),
             tx_malformed: AtomicU64::new(0),
             rx_no_buffers: AtomicU64::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The port was removed from the switch: lets go of the queues for good.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.queue_stopped(RX);
+        self.queue_stopped(TX);
     }
 
     /// The port's name.
@@ -339,19 +350,25 @@ impl VhostDevice for VhostNetPort {
             mem: queue.mem,
             kick: queue.kick,
         };
-        match index {
-            RX => *lock(&self.rx) = Some(q),
-            TX => {
-                self.epoll
-                    .add(
-                        q.kick.as_fd(),
-                        EpollEvent::new(EpollFlags::EPOLLIN, self.token),
-                    )
-                    .map_err(io::Error::from)?;
-                *lock(&self.tx) = Some(q);
-            }
+        let slot = match index {
+            RX => &self.rx,
+            TX => &self.tx,
             _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "no such queue")),
+        };
+        // Checked under the queue's lock, which `close` takes after setting the flag.
+        let mut guard = lock(slot);
+        if self.closed.load(Ordering::Acquire) {
+            return Err(io::Error::new(io::ErrorKind::NotConnected, "port removed"));
         }
+        if index == TX {
+            self.epoll
+                .add(
+                    q.kick.as_fd(),
+                    EpollEvent::new(EpollFlags::EPOLLIN, self.token),
+                )
+                .map_err(io::Error::from)?;
+        }
+        *guard = Some(q);
         Ok(())
     }
 
