@@ -63,6 +63,16 @@ pub trait VhostDevice: Send + Sync + 'static {
     fn queue_stopped(&self, index: usize);
 }
 
+/// `size` bytes of a configuration space from `offset`, zeros past its end (what
+/// [`VhostDevice::config`] answers).
+pub fn config_slice(space: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    let start = (offset as usize).min(space.len());
+    let end = start.saturating_add(size as usize).min(space.len());
+    let mut out = space[start..end].to_vec();
+    out.resize(size as usize, 0);
+    out
+}
+
 /// A started queue, handed to its device.
 pub struct StartedQueue {
     /// The ring (addresses, indexes, notifications).

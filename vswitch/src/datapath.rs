@@ -206,16 +206,7 @@ impl Datapath {
         offloads: Offloads,
         placement: Option<&Placement>,
     ) -> Result<PortId, Error> {
-        config.validate()?;
-        let mtu = self
-            .switch
-            .tenant(tenant)
-            .ok_or_else(|| Error::NoSuchTenant(tenant.into()))?
-            .config()
-            .mtu;
-        if self.switch.port_id(&config.name).is_some() {
-            return Err(Error::PortExists(config.name));
-        }
+        let mtu = self.check_new_port(tenant, &config)?;
         let tap = match placement {
             None => {
                 let tap = Tap::create_persistent(&config.name, offloads)?;
@@ -252,9 +243,7 @@ impl Datapath {
                 return Err(e);
             }
         };
-        let worker = (0..self.workers.len())
-            .min_by_key(|w| self.owner.values().filter(|o| *o == w).count())
-            .unwrap_or(0);
+        let worker = self.least_loaded_worker();
         if let Err(e) = self.workers[worker]
             .epoll
             .add(tap.fd(), EpollEvent::new(EpollFlags::EPOLLIN, id.0 as u64))
@@ -268,6 +257,28 @@ impl Datapath {
         Ok(id)
     }
 
+    /// Validates a new port of `tenant`; returns the tenant's MTU.
+    fn check_new_port(&self, tenant: &str, config: &PortConfig) -> Result<u16, Error> {
+        config.validate()?;
+        let mtu = self
+            .switch
+            .tenant(tenant)
+            .ok_or_else(|| Error::NoSuchTenant(tenant.into()))?
+            .config()
+            .mtu;
+        if self.switch.port_id(&config.name).is_some() {
+            return Err(Error::PortExists(config.name.clone()));
+        }
+        Ok(mtu)
+    }
+
+    /// The worker serving the fewest ports (a new port goes there).
+    fn least_loaded_worker(&self) -> usize {
+        (0..self.workers.len())
+            .min_by_key(|w| self.owner.values().filter(|o| *o == w).count())
+            .unwrap_or(0)
+    }
+
     /// Adds a vhost-user-net port for a VM to `tenant`: the switch serves the vhost-user
     /// socket `socket` (QEMU: `-chardev socket,path=SOCKET,reconnect=1 -netdev vhost-user`),
     /// one VM connection after another. The guest is offered the port's security MAC, if it
@@ -278,22 +289,11 @@ impl Datapath {
         config: PortConfig,
         socket: &std::path::Path,
     ) -> Result<PortId, Error> {
-        config.validate()?;
-        let mtu = self
-            .switch
-            .tenant(tenant)
-            .ok_or_else(|| Error::NoSuchTenant(tenant.into()))?
-            .config()
-            .mtu;
-        if self.switch.port_id(&config.name).is_some() {
-            return Err(Error::PortExists(config.name));
-        }
+        let mtu = self.check_new_port(tenant, &config)?;
         let mac = config.security.as_ref().map(|s| s.mac);
         let port_name = config.name.clone();
         let id = self.switch.add_port(tenant, config)?;
-        let worker = (0..self.workers.len())
-            .min_by_key(|w| self.owner.values().filter(|o| *o == w).count())
-            .unwrap_or(0);
+        let worker = self.least_loaded_worker();
         let port = Arc::new(VhostNetPort::new(
             &port_name,
             mac,

@@ -333,11 +333,7 @@ impl VhostDevice for VhostNetPort {
         c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         c[8..10].copy_from_slice(&1u16.to_le_bytes());
         c[10..12].copy_from_slice(&self.mtu.to_le_bytes());
-        let start = (offset as usize).min(c.len());
-        let end = start.saturating_add(size as usize).min(c.len());
-        let mut out = c[start..end].to_vec();
-        out.resize(size as usize, 0);
-        out
+        vhost_device::config_slice(&c, offset, size)
     }
 
     fn set_features(&self, features: u64) {

@@ -486,12 +486,7 @@ impl<D: Device + 'static> VhostDevice for BlkBackend<D> {
     }
 
     fn config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let c = self.config_space();
-        let start = (offset as usize).min(c.len());
-        let end = start.saturating_add(size as usize).min(c.len());
-        let mut out = c[start..end].to_vec();
-        out.resize(size as usize, 0);
-        out
+        vhost_device::config_slice(&self.config_space(), offset, size)
     }
 
     fn set_features(&self, features: u64) {
