@@ -153,4 +153,26 @@ fn hostile_transmit_rings_are_dropped_and_counted_and_the_switch_keeps_forwardin
     assert_eq!(r.submit(&[(data, frame.len() as u32, false)], false), None);
     let (status, _) = d.request("GET", "/v1/ports/ct1", None).unwrap();
     assert_eq!(status, 200);
+    // Ingress policing applies to VMs too: 1 packet/s (burst 32), 60 frames sent.
+    post(
+        &d,
+        "/v1/ports",
+        r#"{"name":"vm2","tenant":"a","kind":"vhost-user-net","rate_limit":{"packets_per_sec":1}}"#,
+    );
+    let mut r2 = raw::Ring::connect_queue(&dir.join("run/vhost/vm2.sock"), 1);
+    r2.mem.write_slice(&frame, GuestAddress(data)).unwrap();
+    for i in 0..60u16 {
+        // Each frame in its own descriptor (the table is not reused).
+        r2.next_desc = i;
+        assert_eq!(
+            r2.submit(&[(data, frame.len() as u32, false)], false),
+            Some(0)
+        );
+    }
+    let limited = {
+        let (_, body) = d.request("GET", "/v1/ports/vm2", None).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["counters"]["drops"]["rate_limited"].as_u64().unwrap_or(0)
+    };
+    assert!((20..=30).contains(&limited), "{limited} of 60 dropped");
 }
