@@ -157,6 +157,22 @@ pub fn start_vswitchd(
     )
 }
 
+/// A container on a tenant of the vswitchd `d`: a new namespace holding the TAP port `port`
+/// as `eth0`, with address `cidr` (`"10.9.0.1/24"`), up.
+pub fn container_port(d: &Daemon, port: &str, tenant: &str, cidr: &str) -> Result<Netns, Error> {
+    let ns = Netns::create(port)?;
+    d.create(
+        "/v1/ports",
+        &format!(
+            r#"{{"name":"{port}","tenant":"{tenant}","netns":"/run/netns/{}","ifname":"eth0"}}"#,
+            ns.name()
+        ),
+    )?;
+    ns.ip(&["addr", "add", cidr, "dev", "eth0"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    Ok(ns)
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();

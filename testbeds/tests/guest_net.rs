@@ -7,9 +7,9 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
 
-use testbeds::daemon::{Daemon, start_vswitchd};
+use testbeds::daemon::{Daemon, container_port, start_vswitchd};
 use testbeds::guest;
-use testbeds::netns::{Netns, missing_privileges};
+use testbeds::netns::missing_privileges;
 use testbeds::probe::ping;
 use testbeds::scratch::Scratch;
 use testbeds::switch_bed::Underlay;
@@ -35,18 +35,7 @@ fn a_vm_and_a_container_of_one_tenant_talk_and_survive_a_switch_restart() {
     post(&d, "/v1/tenants", r#"{"name":"a","vni":100}"#);
     post(&d, "/v1/tenants", r#"{"name":"b","vni":200}"#);
     // The container: a TAP moved into its namespace.
-    let ct = Netns::create("ct").unwrap();
-    post(
-        &d,
-        "/v1/ports",
-        &format!(
-            r#"{{"name":"ct1","tenant":"a","netns":"/run/netns/{}","ifname":"eth0"}}"#,
-            ct.name()
-        ),
-    );
-    ct.ip(&["addr", "add", "10.9.0.1/24", "dev", "eth0"])
-        .unwrap();
-    ct.ip(&["link", "set", "eth0", "up"]).unwrap();
+    let ct = container_port(&d, "ct1", "a", "10.9.0.1/24").unwrap();
     // The VMs: vhost-user-net ports, one per tenant, the same address in both.
     post(
         &d,

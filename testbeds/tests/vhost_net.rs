@@ -6,8 +6,8 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use testbeds::daemon::{Daemon, start_vswitchd};
-use testbeds::netns::{Netns, missing_privileges};
+use testbeds::daemon::{Daemon, container_port, start_vswitchd};
+use testbeds::netns::missing_privileges;
 use testbeds::scratch::Scratch;
 use testbeds::switch_bed::Underlay;
 use vm_memory::{Bytes, GuestAddress};
@@ -54,18 +54,7 @@ fn hostile_transmit_rings_are_dropped_and_counted_and_the_switch_keeps_forwardin
     let host = ul.host("h1", Ipv4Addr::new(198, 18, 0, 1)).unwrap();
     let d = start_vswitchd(&host, "198.18.0.1".parse().unwrap(), dir.path(), &[]).unwrap();
     post(&d, "/v1/tenants", r#"{"name":"a","vni":100}"#);
-    let ct = Netns::create("ct").unwrap();
-    post(
-        &d,
-        "/v1/ports",
-        &format!(
-            r#"{{"name":"ct1","tenant":"a","netns":"/run/netns/{}","ifname":"eth0"}}"#,
-            ct.name()
-        ),
-    );
-    ct.ip(&["addr", "add", "10.9.0.1/24", "dev", "eth0"])
-        .unwrap();
-    ct.ip(&["link", "set", "eth0", "up"]).unwrap();
+    let ct = container_port(&d, "ct1", "a", "10.9.0.1/24").unwrap();
     // Port security applies to VMs as to containers: only this MAC and address.
     post(
         &d,
