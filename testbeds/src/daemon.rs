@@ -93,6 +93,11 @@ impl Daemon {
         Ok(d)
     }
 
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Kills the daemon with SIGKILL (no chance to clean up), as a crash would.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -26,6 +26,7 @@ fn sw(e: vswitch::Error) -> Error {
 pub struct Underlay {
     ns: Netns,
     next_link: u32,
+    mtu: Option<u16>,
 }
 
 impl Underlay {
@@ -34,7 +35,19 @@ impl Underlay {
         let ns = Netns::create("ul")?;
         ns.ip(&["link", "add", "name", "br0", "type", "bridge"])?;
         ns.ip(&["link", "set", "br0", "up"])?;
-        Ok(Underlay { ns, next_link: 0 })
+        Ok(Underlay {
+            ns,
+            next_link: 0,
+            mtu: None,
+        })
+    }
+
+    /// Creates the underlay bridge; every host's link gets MTU `mtu` (jumbo frames: room for
+    /// full-size tenant frames in VXLAN).
+    pub fn with_mtu(mtu: u16) -> Result<Underlay, Error> {
+        let mut ul = Self::new()?;
+        ul.mtu = Some(mtu);
+        Ok(ul)
     }
 
     /// Plugs a new namespace into the bridge as `eth0` with `addr/24` and returns it.
@@ -56,6 +69,11 @@ impl Underlay {
             host.name(),
         ])?;
         self.ns.ip(&["link", "set", &link, "master", "br0"])?;
+        if let Some(mtu) = self.mtu {
+            let mtu = mtu.to_string();
+            self.ns.ip(&["link", "set", &link, "mtu", &mtu])?;
+            host.ip(&["link", "set", "eth0", "mtu", &mtu])?;
+        }
         // Both ends behave like NICs on a wire: MTU-sized packets out, GRO in.
         self.ns.wire_like(&link)?;
         self.ns.ip(&["link", "set", &link, "up"])?;

@@ -415,10 +415,10 @@ enum Endpoint {
 
 impl Endpoint {
     /// The next frame (virtio-net header first), if any.
-    fn recv(&self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
-        match self {
-            Endpoint::Tap(t) => t.recv(buf),
-            Endpoint::Vhost(v) => v.recv(buf),
+    /// After a burst: a guest is notified of the frames put on its receive ring.
+    fn end_rx_burst(&self) {
+        if let Endpoint::Vhost(v) = self {
+            v.end_rx_burst();
         }
     }
 
@@ -441,6 +441,8 @@ impl Endpoint {
 
 /// A frame read from a port, waiting for its forwarding decision.
 struct Pending {
+    /// Where the frame starts in the worker's frame buffer.
+    at: usize,
     len: usize,
     header: [u8; VNET_HDR_LEN],
     vnet: VnetHeader,
@@ -504,8 +506,16 @@ impl Worker {
     /// Serves events until told to stop. Worker 0 also runs configuration commands.
     fn run(mut self, wake: &EventFd, stop: &AtomicBool, commands: Option<mpsc::Receiver<Command>>) {
         let mut events = [EpollEvent::empty(); 64];
+        // Ports with more waiting than one burst took: served again without sleeping.
+        let mut again: Vec<PortId> = Vec::new();
+        let mut next: Vec<PortId> = Vec::new();
         loop {
-            let n = match self.epoll.wait(&mut events, EpollTimeout::from(500u16)) {
+            let timeout = if again.is_empty() {
+                EpollTimeout::from(500u16)
+            } else {
+                EpollTimeout::ZERO
+            };
+            let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => 0,
                 Err(_) => {
@@ -522,9 +532,20 @@ impl Worker {
                         control = true;
                     }
                     t if t >= TOKEN_UPLINK => self.on_uplink((t - TOKEN_UPLINK) as usize),
-                    t => self.on_tap(PortId(t as u32)),
+                    t => {
+                        let port = PortId(t as u32);
+                        if self.on_tap(port) && !next.contains(&port) {
+                            next.push(port);
+                        }
+                    }
                 }
             }
+            for port in again.drain(..) {
+                if !next.contains(&port) && self.on_tap(port) {
+                    next.push(port);
+                }
+            }
+            std::mem::swap(&mut again, &mut next);
             if stop.load(Ordering::Acquire) {
                 return;
             }
@@ -540,13 +561,15 @@ impl Worker {
         }
     }
 
-    fn on_tap(&mut self, port: PortId) {
+    /// Serves a burst from a port; true if the port may have more (a vhost-user ring is
+    /// served again without waiting for a kick).
+    fn on_tap(&mut self, port: PortId) -> bool {
         let (tap, vni) = {
             let s = lock(&self.shared);
             (s.endpoints.get(&port).cloned(), s.switch.port_vni(port))
         };
         let (Some(tap), Some(vni)) = (tap, vni) else {
-            return;
+            return false;
         };
         let now = self.now();
         let Worker {
@@ -565,18 +588,27 @@ impl Worker {
 
         // 1. Read a burst and check its offload metadata.
         pending.clear();
-        if let Endpoint::Vhost(v) = &tap {
-            v.consume_kick();
-        }
-        let mut taken = 0;
-        for _ in 0..BATCH {
-            let at = pending.len() * FRAME_SLOT;
-            let buf = &mut frames[at..at + FRAME_SLOT];
-            let n = match tap.recv(buf) {
-                Ok(Some(n)) => n,
-                Ok(None) | Err(_) => break,
-            };
-            taken += 1;
+        let mut lens = [0usize; BATCH];
+        let (taken, more) = match &tap {
+            Endpoint::Vhost(v) => v.recv_burst(frames, FRAME_SLOT, &mut lens),
+            Endpoint::Tap(t) => {
+                let mut n = 0;
+                while n < BATCH {
+                    match t.recv(&mut frames[n * FRAME_SLOT..(n + 1) * FRAME_SLOT]) {
+                        Ok(Some(len)) => {
+                            lens[n] = len;
+                            n += 1;
+                        }
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                // A TAP with more to read stays readable: epoll comes back to it.
+                (n, false)
+            }
+        };
+        for (i, &n) in lens[..taken].iter().enumerate() {
+            let at = i * FRAME_SLOT;
+            let buf = &frames[at..at + FRAME_SLOT];
             let Some(header) = buf
                 .first_chunk::<VNET_HDR_LEN>()
                 .filter(|_| n >= VNET_HDR_LEN)
@@ -603,15 +635,12 @@ impl Worker {
                 continue;
             };
             pending.push(Pending {
+                at,
                 len: n,
                 header,
                 vnet,
                 wire_len,
             });
-        }
-
-        if let Endpoint::Vhost(v) = &tap {
-            v.end_tx_burst(taken == BATCH);
         }
 
         // 2. Decide, under the lock.
@@ -621,12 +650,11 @@ impl Worker {
             let s = &mut *guard;
             tally.apply(&mut s.switch);
             let from = Ingress::Port(port);
-            for (i, p) in pending.iter().enumerate() {
+            for p in pending.iter() {
                 let Some(tenant) = s.switch.tenant_by_vni_mut(vni) else {
                     break;
                 };
-                let at = i * FRAME_SLOT;
-                let frame = &frames[at + VNET_HDR_LEN..at + p.len];
+                let frame = &frames[p.at + VNET_HDR_LEN..p.at + p.len];
                 let verdict = tenant.ingress_sized(from, frame, p.wire_len, now);
                 let start = targets.len();
                 resolve(tenant, &s.endpoints, from, verdict, flood, targets);
@@ -637,8 +665,7 @@ impl Worker {
         // 3. Send, without it.
         for (i, range) in decisions.iter().enumerate() {
             let p = &pending[i];
-            let at = i * FRAME_SLOT;
-            let frame = &frames[at + VNET_HDR_LEN..at + p.len];
+            let frame = &frames[p.at + VNET_HDR_LEN..p.at + p.len];
             let payload = if p.vnet.is_plain() {
                 Payload::Plain(frame)
             } else {
@@ -657,7 +684,7 @@ impl Worker {
                 }
             }
         }
-        targets.clear();
+        end_rx_bursts(targets);
         let mut tx_dropped = 0;
         for up in uplinks.iter_mut() {
             up.flush();
@@ -669,6 +696,7 @@ impl Worker {
         if !tally.events.is_empty() {
             tally.apply(&mut lock(shared).switch);
         }
+        more
     }
 
     fn on_uplink(&mut self, index: usize) {
@@ -747,12 +775,22 @@ impl Worker {
             }
         }
         flush_gro(gro, &mut gro_dest, tally);
-        targets.clear();
+        end_rx_bursts(targets);
 
         if !tally.events.is_empty() {
             tally.apply(&mut lock(shared).switch);
         }
     }
+}
+
+/// The end of a burst: notifies the guests among the local targets, clears the targets.
+fn end_rx_bursts(targets: &mut Vec<Target>) {
+    for t in targets.iter() {
+        if let Target::Local(_, ep) = t {
+            ep.end_rx_burst();
+        }
+    }
+    targets.clear();
 }
 
 /// Writes what the coalescer holds to its port: one frame, with a TCP segmentation offload

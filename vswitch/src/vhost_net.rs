@@ -14,11 +14,11 @@
 //! counted, never followed.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 use overlay_net::MacAddr;
@@ -28,9 +28,14 @@ use vhost_device::{StartedQueue, VhostDevice};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT,
+};
+use virtio_queue::{DescriptorChain, Queue as VirtQueue, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
+    GuestMemoryBackend, GuestMemoryMmap,
+};
 
 use crate::tap::{VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_HDR_LEN, VnetHeader};
 
@@ -48,6 +53,8 @@ struct Queue {
     vring: VringRwLock,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     kick: File,
+    /// Receive buffers one frame fills (head, bytes written); kept to avoid allocating.
+    used: Vec<(u16, u32)>,
 }
 
 /// A vhost-user-net port: the device the VM sees, and the switch's endpoint.
@@ -65,9 +72,11 @@ pub struct VhostNetPort {
     pub tx_malformed: AtomicU64,
     /// Frames for the guest dropped for want of receive buffers.
     pub rx_no_buffers: AtomicU64,
+    /// Frames were put on the receive ring since the guest was last notified.
+    rx_pending: AtomicBool,
     /// The port was removed: its queues are not taken again (a VM still connected sees a
     /// dead card until it goes away).
-    closed: std::sync::atomic::AtomicBool,
+    closed: AtomicBool,
 }
 
 impl VhostNetPort {
@@ -91,7 +100,8 @@ impl VhostNetPort {
             tx: Mutex::new(None),
             tx_malformed: AtomicU64::new(0),
             rx_no_buffers: AtomicU64::new(0),
-            closed: std::sync::atomic::AtomicBool::new(false),
+            rx_pending: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -111,61 +121,59 @@ impl VhostNetPort {
         self.features.load(Ordering::Relaxed) & (1u64 << bit) != 0
     }
 
-    /// Takes the next frame the guest sent (virtio-net header first) into `buf`; `Ok(None)`
-    /// when there is none. A chain that cannot be read (outside guest memory, a loop, larger
-    /// than `buf`) is completed and reported as length 0.
-    pub fn recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    /// Takes up to `lens.len()` frames the guest sent (virtio-net header first): frame `i`
+    /// into `frames[i * slot..]`, its length into `lens[i]` (0: a chain that could not be
+    /// read — outside guest memory, a loop, larger than a slot — dropped and counted).
+    /// Returns how many were taken and whether more may wait (the caller comes back without
+    /// a kick: the guest does not kick while a burst is being taken).
+    pub fn recv_burst(&self, frames: &mut [u8], slot: usize, lens: &mut [usize]) -> (usize, bool) {
         let guard = lock(&self.tx);
         let Some(q) = guard.as_ref() else {
-            return Ok(None);
+            return (0, false);
         };
+        // Consumed first: a kick from here on wakes the worker again.
+        let _ = (&q.kick).read(&mut [0u8; 8]);
         let mem = q.mem.memory();
-        let Some(chain) = q
-            .vring
-            .get_mut()
-            .get_queue_mut()
-            .pop_descriptor_chain(mem.clone())
-        else {
-            return Ok(None);
-        };
-        let head = chain.head_index();
-        // A chain as long as the queue went round in a loop (the walk stops there).
-        let size = q.vring.get_ref().get_queue().size();
-        let looped = chain.clone().count() >= usize::from(size);
-        let n = match chain.reader(&mem) {
-            _ if looped => 0,
-            Ok(mut r) if r.available_bytes() <= buf.len() => {
-                let n = r.available_bytes();
-                r.read_exact(&mut buf[..n]).map(|()| n).unwrap_or(0)
+        let mem = &*mem;
+        let mut state = q.vring.get_mut();
+        let queue = state.get_queue_mut();
+        let size = queue.size();
+        let _ = queue.disable_notification(mem);
+        let mut taken = 0;
+        let mut malformed = 0;
+        let mut empty = false;
+        while taken < lens.len() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                // Ask for kicks again, and look once more: a frame may have come in between.
+                match queue.enable_notification(mem) {
+                    Ok(true) => continue,
+                    _ => {
+                        empty = true;
+                        break;
+                    }
+                }
+            };
+            let head = chain.head_index();
+            let Some(buf) = frames.get_mut(taken * slot..(taken + 1) * slot) else {
+                break;
+            };
+            let len = read_chain(chain, mem, buf, size).unwrap_or(0);
+            if len == 0 {
+                malformed += 1;
             }
-            _ => 0,
-        };
-        if n == 0 {
-            self.tx_malformed.fetch_add(1, Ordering::Relaxed);
-        }
-        q.vring.add_used(head, 0).map_err(io::Error::other)?;
-        Ok(Some(n))
-    }
-
-    /// After a burst of [`Self::recv`]: tells the guest its frames are sent, and, if the
-    /// burst stopped short of an empty ring, makes the worker come back.
-    pub fn end_tx_burst(&self, full: bool) {
-        let guard = lock(&self.tx);
-        if let Some(q) = guard.as_ref() {
-            if q.vring.needs_notification().unwrap_or(true) {
-                let _ = q.vring.signal_used_queue();
-            }
-            if full {
-                let _ = (&q.kick).write(&1u64.to_ne_bytes());
+            lens[taken] = len;
+            taken += 1;
+            if queue.add_used(mem, head, 0).is_err() {
+                break;
             }
         }
-    }
-
-    /// Consumes the transmit kick (the worker was woken by it).
-    pub fn consume_kick(&self) {
-        if let Some(q) = lock(&self.tx).as_ref() {
-            let _ = (&q.kick).read(&mut [0u8; 8]);
+        if malformed > 0 {
+            self.tx_malformed.fetch_add(malformed, Ordering::Relaxed);
         }
+        if taken > 0 && needs_interrupt(queue, mem) {
+            let _ = state.signal_used_queue();
+        }
+        (taken, !empty)
     }
 
     /// Puts a frame without offload metadata into the guest's receive buffers.
@@ -211,79 +219,195 @@ impl VhostNetPort {
     }
 
     /// Writes header + frame into as many receive buffers as it takes (one without
-    /// MRG_RXBUF), then notifies the guest.
+    /// MRG_RXBUF). The guest is notified by [`Self::end_rx_burst`].
     fn deliver(&self, header: &[u8; VNET_HDR_LEN], frame: &[u8]) -> io::Result<()> {
-        let guard = lock(&self.rx);
-        let Some(q) = guard.as_ref() else {
+        let mut guard = lock(&self.rx);
+        let Some(q) = guard.as_mut() else {
             return Err(io::Error::new(io::ErrorKind::NotConnected, "no guest"));
         };
         let mem = q.mem.memory();
-        let total = VNET_HDR_LEN + frame.len();
+        let mem = &*mem;
         let mergeable = self.accepted(VIRTIO_NET_F_MRG_RXBUF);
-        let mut writers = Vec::new();
-        // Buffers that cannot be written (outside guest memory): given back empty.
-        let mut broken = Vec::new();
-        let mut room = 0;
-        {
-            let mut state = q.vring.get_mut();
-            let queue = state.get_queue_mut();
-            let start = queue.next_avail();
-            while room < total {
-                let Some(chain) = queue.pop_descriptor_chain(mem.clone()) else {
-                    break;
-                };
-                let head = chain.head_index();
-                match chain.writer(&mem) {
-                    Ok(w) if w.available_bytes() > 0 => {
-                        room += w.available_bytes();
-                        writers.push((head, w));
-                        if !mergeable {
-                            break;
-                        }
-                    }
-                    _ => broken.push(head),
-                }
-            }
-            if room < total {
-                // Not enough buffers: leave them for the next frame.
-                queue.set_next_avail(start);
-                drop(state);
-                self.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
-                return Err(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    "no receive buffers",
-                ));
-            }
-        }
-        for head in broken {
-            q.vring.add_used(head, 0).map_err(io::Error::other)?;
-        }
         let mut hdr = *header;
-        hdr[10..12].copy_from_slice(&(writers.len() as u16).to_le_bytes());
-        // The header, then the frame, across the buffers in order.
-        let mut parts: [&[u8]; 2] = [&hdr, frame];
-        for (head, w) in writers.iter_mut() {
-            let mut written = 0usize;
-            for part in parts.iter_mut() {
-                let n = part.len().min(w.available_bytes());
-                if n == 0 {
+        // num_buffers: 1 unless the frame spans several buffers (patched below).
+        hdr[10..12].copy_from_slice(&1u16.to_le_bytes());
+        let total = VNET_HDR_LEN + frame.len();
+        let mut state = q.vring.get_mut();
+        let queue = state.get_queue_mut();
+        let start = queue.next_avail();
+        let used = &mut q.used;
+        used.clear();
+        // Where num_buffers (header bytes 10 and 11) landed in guest memory.
+        let mut num_buffers_at = [None; 2];
+        let mut done = 0;
+        while done < total {
+            if !mergeable && used.iter().any(|(_, len)| *len > 0) {
+                break;
+            }
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let from = done;
+            let mut ok = true;
+            for desc in chain {
+                if done == total {
+                    break;
+                }
+                if !desc.is_write_only() {
                     continue;
                 }
-                if w.write_all(&part[..n]).is_err() {
+                let n = (desc.len() as usize).min(total - done);
+                for (slot, at) in num_buffers_at.iter_mut().zip(10..12) {
+                    if (done..done + n).contains(&at) {
+                        *slot = desc.addr().checked_add((at - done) as u64);
+                    }
+                }
+                if write_concat(mem, desc.addr(), &hdr, frame, done, n).is_err() {
+                    ok = false;
                     break;
                 }
-                *part = &part[n..];
-                written += n;
+                done += n;
             }
-            q.vring
-                .add_used(*head, written as u32)
-                .map_err(io::Error::other)?;
+            if ok && done > from {
+                used.push((head, (done - from) as u32));
+            } else {
+                // Outside guest memory, or no room at all: given back empty.
+                done = from;
+                used.push((head, 0));
+            }
         }
-        if q.vring.needs_notification().unwrap_or(true) {
-            let _ = q.vring.signal_used_queue();
+        if done < total {
+            // Not enough buffers: leave them for the next frame.
+            queue.set_next_avail(start);
+            self.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "no receive buffers",
+            ));
         }
+        let buffers = used.iter().filter(|(_, len)| *len > 0).count() as u16;
+        if buffers > 1 {
+            for (addr, byte) in num_buffers_at.iter().zip(buffers.to_le_bytes()) {
+                if let Some(addr) = addr {
+                    let _ = mem.write_obj(byte, *addr);
+                }
+            }
+        }
+        for (head, len) in used.iter() {
+            queue.add_used(mem, *head, *len).map_err(io::Error::other)?;
+        }
+        self.rx_pending.store(true, Ordering::Release);
         Ok(())
     }
+
+    /// After a burst of frames to this port: notifies the guest once, if it wants to be.
+    pub fn end_rx_burst(&self) {
+        if !self.rx_pending.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let guard = lock(&self.rx);
+        if let Some(q) = guard.as_ref() {
+            let mem = q.mem.memory();
+            let mut state = q.vring.get_mut();
+            if needs_interrupt(state.get_queue_mut(), &*mem) {
+                let _ = state.signal_used_queue();
+            }
+        }
+    }
+}
+
+/// Copies the readable buffers of a transmit chain into `buf`; `None` if the chain loops
+/// (as long as the queue), leaves guest memory or does not fit.
+fn read_chain(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    buf: &mut [u8],
+    queue_size: u16,
+) -> Option<usize> {
+    let mut len = 0usize;
+    for (count, desc) in chain.enumerate() {
+        if count + 1 >= usize::from(queue_size) {
+            return None;
+        }
+        if desc.is_write_only() {
+            continue;
+        }
+        let end = len.checked_add(desc.len() as usize)?;
+        read_guest(mem, desc.addr(), buf.get_mut(len..end)?).ok()?;
+        len = end;
+    }
+    Some(len)
+}
+
+/// Copies guest memory at `addr` into `buf`: one region lookup and one copy when the range
+/// lies in one region (as a buffer nearly always does), vm-memory's walk across regions
+/// otherwise.
+fn read_guest(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    buf: &mut [u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    match mem.get_slice(addr, buf.len()) {
+        Ok(slice) => {
+            slice.copy_to(buf);
+            Ok(())
+        }
+        Err(_) => mem.read_slice(buf, addr),
+    }
+}
+
+/// Copies `data` into guest memory at `addr` (like [`read_guest`]).
+fn write_guest(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    data: &[u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    match mem.get_slice(addr, data.len()) {
+        Ok(slice) => {
+            slice.copy_from(data);
+            Ok(())
+        }
+        Err(_) => mem.write_slice(data, addr),
+    }
+}
+
+/// Writes bytes `from..from + n` of `head ++ body` at `addr`.
+fn write_concat(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    head: &[u8],
+    body: &[u8],
+    from: usize,
+    n: usize,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut addr = addr;
+    let end = from + n;
+    if from < head.len() {
+        let part = &head[from..end.min(head.len())];
+        write_guest(mem, addr, part)?;
+        addr = addr.unchecked_add(part.len() as u64);
+    }
+    let from = from.max(head.len()) - head.len();
+    let end = end.saturating_sub(head.len());
+    if end > from {
+        write_guest(mem, addr, &body[from..end])?;
+    }
+    Ok(())
+}
+
+/// Whether the guest wants an interrupt for what was just put on `queue`'s used ring: with
+/// EVENT_IDX its used_event says; without, the avail ring's NO_INTERRUPT flag (which
+/// `virtio-queue` does not read).
+fn needs_interrupt<M: GuestMemory>(queue: &mut VirtQueue, mem: &M) -> bool {
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(mem).unwrap_or(true);
+    }
+    let flags: u16 = mem
+        .read_obj(GuestAddress(queue.avail_ring()))
+        .map(u16::from_le)
+        .unwrap_or(0);
+    flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0
 }
 
 fn lock(m: &Mutex<Option<Queue>>) -> std::sync::MutexGuard<'_, Option<Queue>> {
@@ -302,6 +426,7 @@ impl VhostDevice for VhostNetPort {
     fn features(&self) -> u64 {
         let mut f = 1u64 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_NET_F_MRG_RXBUF
             | 1 << VIRTIO_NET_F_CSUM
             | 1 << VIRTIO_NET_F_GUEST_CSUM
@@ -345,6 +470,7 @@ impl VhostDevice for VhostNetPort {
             vring: queue.vring,
             mem: queue.mem,
             kick: queue.kick,
+            used: Vec::new(),
         };
         let slot = match index {
             RX => &self.rx,

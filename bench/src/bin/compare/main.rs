@@ -10,7 +10,10 @@
 //!   `qemu-img bench` on qcow2 (64 KiB clusters) and raw, on one file system.
 //! * `vhost-blk`: a VM-less vhost-user-blk client (libblkio) against vblock's export and
 //!   `qemu-storage-daemon` exporting raw and qcow2.
-//! * `all`: every suite.
+//! * `vhost-net`: `dpdk-testpmd` (virtio_user ports) looping frames through two
+//!   vhost-user-net ports of vswitchd, on one host and across two over VXLAN, against testpmd's
+//!   vhost PMD bouncing them back directly (the bound).
+//! * `all`: every suite (`vhost-net` only when dpdk-testpmd is installed).
 //!
 //! Each row is ours, the peer and the ratio (> 1: ours is better); `--json` prints
 //! `[{"name","ours","peer","peer_name","unit","ratio"}]`.
@@ -22,6 +25,7 @@ use testbeds::netns::missing_privileges;
 mod block;
 mod switch;
 mod vhost_blk;
+mod vhost_net;
 
 /// One comparison: ours against a peer.
 pub struct Row {
@@ -57,11 +61,12 @@ fn main() -> ExitCode {
         "switch" => need("iperf3", "iperf3"),
         "block" => need("fio", "fio").and(need("qemu-img", "qemu-utils")),
         "vhost-blk" => need("qemu-storage-daemon", "qemu-utils"),
+        "vhost-net" => need("dpdk-testpmd", "dpdk-dev"),
         "all" => need("iperf3", "iperf3")
             .and(need("fio", "fio"))
             .and(need("qemu-img", "qemu-utils")),
         other => Err(format!(
-            "unknown suite {other:?}; suites: switch, block, all"
+            "unknown suite {other:?}; suites: switch, block, vhost-blk, vhost-net, all"
         )),
     };
     if let Err(e) = ready {
@@ -90,9 +95,13 @@ fn main() -> ExitCode {
         "switch" => switch::suite(secs, workers),
         "block" => block::suite(block_secs),
         "vhost-blk" => vhost_blk::suite(block_secs),
+        "vhost-net" => vhost_net::suite(secs),
         _ => switch::suite(secs, workers).and_then(|mut rows| {
             rows.extend(block::suite(block_secs)?);
             rows.extend(vhost_blk::suite(block_secs)?);
+            if need("dpdk-testpmd", "dpdk-dev").is_ok() {
+                rows.extend(vhost_net::suite(secs)?);
+            }
             Ok(rows)
         }),
     };
