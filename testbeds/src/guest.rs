@@ -185,6 +185,17 @@ fn cache_lock() -> Result<nix::fcntl::Flock<std::fs::File>, Error> {
 /// The guest image with the host's fio (and the libraries it links) as one more initramfs
 /// layer; large (~36 MB compressed), so only the tests that run fio boot it.
 pub fn image_with_fio() -> Result<GuestImage, Error> {
+    image_with_program("fio", "/usr/bin/fio")
+}
+
+/// The guest image with the host's iperf3 (and its libraries) as one more initramfs layer.
+pub fn image_with_iperf3() -> Result<GuestImage, Error> {
+    image_with_program("iperf3", "/usr/bin/iperf3")
+}
+
+/// The guest image with the host's `program` and the libraries it links as one more
+/// initramfs layer, cached as `initramfs-NAME.cpio.gz`.
+fn image_with_program(name: &str, program: &str) -> Result<GuestImage, Error> {
     let base = image()?;
     let dir = base
         .initramfs
@@ -193,37 +204,63 @@ pub fn image_with_fio() -> Result<GuestImage, Error> {
         .to_owned();
     let image = GuestImage {
         kernel: base.kernel.clone(),
-        initramfs: dir.join("initramfs-fio.cpio.gz"),
+        initramfs: dir.join(format!("initramfs-{name}.cpio.gz")),
     };
     if image.initramfs.is_file() {
         return Ok(image);
     }
-    if !Path::new("/usr/bin/fio").is_file() {
-        return Err(Error::Setup(
-            "fio is not installed (scripts/install-deps installs it)".into(),
-        ));
+    if !Path::new(program).is_file() {
+        return Err(Error::Setup(format!(
+            "{program} is not installed (scripts/install-deps installs it)"
+        )));
     }
     let _lock = cache_lock()?;
     if image.initramfs.is_file() {
         return Ok(image);
     }
-    let work = dir.join("work-fio");
+    let work = dir.join(format!("work-{name}"));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| Error::Io(work.display().to_string(), e))?;
     // Compressed cpio archives laid one after another form one initramfs.
     sh(
         &format!(
-            "for f in /usr/bin/fio $(ldd /usr/bin/fio | grep -o '/[^ ]*'); do mkdir -p layer$(dirname $f); cp -L $f layer$f; done \
-             && (cd layer && find . | cpio -o -H newc --quiet | gzip -1 > ../fio.cpio.gz) \
-             && cat {} fio.cpio.gz > initramfs.cpio.gz",
+            "for f in {program} $(ldd {program} | grep -o '/[^ ]*'); do mkdir -p layer$(dirname $f); cp -L $f layer$f; done \
+             && (cd layer && find . | cpio -o -H newc --quiet | gzip -1 > ../layer.cpio.gz) \
+             && cat {} layer.cpio.gz > initramfs.cpio.gz",
             base.initramfs.display()
         ),
         &work,
     )?;
     std::fs::rename(work.join("initramfs.cpio.gz"), &image.initramfs)
-        .map_err(|e| Error::Io("guest image with fio".into(), e))?;
+        .map_err(|e| Error::Io(format!("guest image with {name}"), e))?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(image)
+}
+
+/// A guest network card on a vhost-user-net socket.
+#[derive(Clone, Debug)]
+pub struct Nic {
+    /// The switch's vhost-user socket.
+    pub socket: PathBuf,
+    /// The card's MAC address.
+    pub mac: String,
+    /// The MTU QEMU announces to the guest (`host_mtu`; vhost-user leaves the device's
+    /// configuration space to QEMU): the tenant MTU the switch reports for the port.
+    pub mtu: Option<u16>,
+    /// Queue pairs.
+    pub queues: u16,
+}
+
+impl Nic {
+    /// A card with one queue pair and no MTU announced.
+    pub fn new(socket: PathBuf, mac: &str) -> Nic {
+        Nic {
+            socket,
+            mac: mac.to_owned(),
+            mtu: None,
+            queues: 1,
+        }
+    }
 }
 
 /// What a guest run printed.
@@ -266,12 +303,12 @@ impl Guest {
         Self::boot_with_nics(image, disks, &[], script, scratch)
     }
 
-    /// [`Self::boot`] with network cards too: one virtio-net device per (vhost-user socket,
-    /// MAC) (`eth0`, `eth1`, ...; QEMU reconnects to a restarted switch).
+    /// [`Self::boot`] with network cards too: one virtio-net device per [`Nic`] (`eth0`,
+    /// `eth1`, ...; QEMU reconnects to a restarted switch).
     pub fn boot_with_nics(
         image: &GuestImage,
         disks: &[(PathBuf, u16)],
-        nics: &[(PathBuf, String)],
+        nics: &[Nic],
         script: &str,
         scratch: &Path,
     ) -> Result<Guest, Error> {
@@ -320,15 +357,24 @@ impl Guest {
                 "vhost-user-blk-pci,chardev=blk{i},num-queues={queues}"
             ));
         }
-        for (i, (sock, mac)) in nics.iter().enumerate() {
+        for (i, nic) in nics.iter().enumerate() {
             cmd.arg("-chardev").arg(format!(
                 "socket,id=net{i},path={},reconnect=1",
-                sock.display()
+                nic.socket.display()
             ));
-            cmd.arg("-netdev")
-                .arg(format!("vhost-user,id=n{i},chardev=net{i}"));
-            cmd.arg("-device")
-                .arg(format!("virtio-net-pci,netdev=n{i},mac={mac},romfile="));
+            cmd.arg("-netdev").arg(format!(
+                "vhost-user,id=n{i},chardev=net{i},queues={}",
+                nic.queues
+            ));
+            let mut device = format!("virtio-net-pci,netdev=n{i},mac={},romfile=", nic.mac);
+            if let Some(mtu) = nic.mtu {
+                device.push_str(&format!(",host_mtu={mtu}"));
+            }
+            if nic.queues > 1 {
+                // One MSI-X vector per queue, plus config and control.
+                device.push_str(&format!(",mq=on,vectors={}", 2 * nic.queues + 2));
+            }
+            cmd.arg("-device").arg(device);
         }
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         let child = cmd

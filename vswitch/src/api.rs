@@ -144,6 +144,11 @@ pub struct PortInfo {
     /// The datapath worker thread that reads it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<usize>,
+    /// The tenant's MTU, the largest IP packet the port carries. A VMM gives it to its
+    /// guest (QEMU: `-device virtio-net-pci,host_mtu=MTU`): vhost-user leaves the device's
+    /// configuration space to the VMM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
 }
 
 /// A forwarding entry as reported (`GET /v1/tenants/{name}/fdb`).

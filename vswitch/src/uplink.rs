@@ -178,6 +178,33 @@ fn from_sockaddr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
+/// Receive and send buffer size of an uplink socket.
+const SOCKET_BUFFER: libc::c_int = 4 << 20;
+
+/// Sets an integer socket option.
+fn set_int_option(
+    socket: &UdpSocket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the option value is one int read through a pointer valid for the call.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// A UDP socket bound to `local` with `SO_REUSEPORT` set before the bind.
 fn bind_reuse_port(local: SocketAddr) -> io::Result<UdpSocket> {
     let domain = match local {
@@ -239,17 +266,18 @@ impl Uplink {
             .map_err(|e| Error::Io("set_nonblocking".into(), e))?;
         // Where the kernel can (UDP GRO on the underlay device), take runs of datagrams in
         // one piece: fewer, larger receives. Without it datagrams come one by one.
-        let one: libc::c_int = 1;
-        // SAFETY: UDP_GRO reads one int through the pointer, which is valid for the call.
-        let _ = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_UDP,
-                UDP_GRO,
-                (&raw const one).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        let _ = set_int_option(&socket, libc::SOL_UDP, UDP_GRO, 1);
+        // Room for bursts: a few GRO'd 64 KiB datagrams fill the default 208 KiB, and a
+        // worker that falls behind for a moment (sharing a core) would drop what comes next.
+        for (force, plain) in [
+            (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+            (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        ] {
+            if set_int_option(&socket, libc::SOL_SOCKET, force, SOCKET_BUFFER).is_err() {
+                // Without CAP_NET_ADMIN: as much as net.core.[rw]mem_max allows.
+                let _ = set_int_option(&socket, libc::SOL_SOCKET, plain, SOCKET_BUFFER);
+            }
+        }
         Ok(Uplink {
             socket,
             port: local.port(),

@@ -18,6 +18,7 @@ use std::io::{self, Read};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
@@ -53,8 +54,11 @@ struct Queue {
     vring: VringRwLock,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     kick: File,
-    /// Receive buffers one frame fills (head, bytes written); kept to avoid allocating.
+    /// Used-ring entries of one frame (receive) or burst (transmit); kept to avoid
+    /// allocating.
     used: Vec<(u16, u32)>,
+    /// The used index when the guest's wish for an interrupt was last checked.
+    last_check: u16,
 }
 
 /// A vhost-user-net port: the device the VM sees, and the switch's endpoint.
@@ -127,8 +131,8 @@ impl VhostNetPort {
     /// Returns how many were taken and whether more may wait (the caller comes back without
     /// a kick: the guest does not kick while a burst is being taken).
     pub fn recv_burst(&self, frames: &mut [u8], slot: usize, lens: &mut [usize]) -> (usize, bool) {
-        let guard = lock(&self.tx);
-        let Some(q) = guard.as_ref() else {
+        let mut guard = lock(&self.tx);
+        let Some(q) = guard.as_mut() else {
             return (0, false);
         };
         // Consumed first: a kick from here on wakes the worker again.
@@ -139,6 +143,8 @@ impl VhostNetPort {
         let queue = state.get_queue_mut();
         let size = queue.size();
         let _ = queue.disable_notification(mem);
+        let used = &mut q.used;
+        used.clear();
         let mut taken = 0;
         let mut malformed = 0;
         let mut empty = false;
@@ -163,14 +169,15 @@ impl VhostNetPort {
             }
             lens[taken] = len;
             taken += 1;
-            if queue.add_used(mem, head, 0).is_err() {
-                break;
-            }
+            used.push((head, 0));
         }
         if malformed > 0 {
             self.tx_malformed.fetch_add(malformed, Ordering::Relaxed);
         }
-        if taken > 0 && needs_interrupt(queue, mem) {
+        if taken > 0
+            && publish_used(queue, mem, used).is_ok()
+            && needs_interrupt(queue, mem, &mut q.last_check)
+        {
             let _ = state.signal_used_queue();
         }
         (taken, !empty)
@@ -294,9 +301,10 @@ impl VhostNetPort {
                 }
             }
         }
-        for (head, len) in used.iter() {
-            queue.add_used(mem, *head, *len).map_err(io::Error::other)?;
-        }
+        // Buffers given back empty first, then the frame's: the guest reads num_buffers
+        // entries in a row.
+        used.sort_by_key(|(_, len)| *len > 0);
+        publish_used(queue, mem, used)?;
         self.rx_pending.store(true, Ordering::Release);
         Ok(())
     }
@@ -306,11 +314,11 @@ impl VhostNetPort {
         if !self.rx_pending.swap(false, Ordering::AcqRel) {
             return;
         }
-        let guard = lock(&self.rx);
-        if let Some(q) = guard.as_ref() {
+        let mut guard = lock(&self.rx);
+        if let Some(q) = guard.as_mut() {
             let mem = q.mem.memory();
             let mut state = q.vring.get_mut();
-            if needs_interrupt(state.get_queue_mut(), &*mem) {
+            if needs_interrupt(state.get_queue_mut(), &*mem, &mut q.last_check) {
                 let _ = state.signal_used_queue();
             }
         }
@@ -396,15 +404,63 @@ fn write_concat(
     Ok(())
 }
 
-/// Whether the guest wants an interrupt for what was just put on `queue`'s used ring: with
-/// EVENT_IDX its used_event says; without, the avail ring's NO_INTERRUPT flag (which
-/// `virtio-queue` does not read).
-fn needs_interrupt<M: GuestMemory>(queue: &mut VirtQueue, mem: &M) -> bool {
+/// Puts `entries` (head, length) on `queue`'s used ring and publishes them with one index
+/// update, so the guest never sees part of a frame's buffers (`virtio-queue`'s `add_used`
+/// publishes one entry at a time).
+fn publish_used<M: GuestMemory>(
+    queue: &mut VirtQueue,
+    mem: &M,
+    entries: &[(u16, u32)],
+) -> io::Result<()> {
+    let size = queue.size();
+    if size == 0 {
+        return Err(io::Error::other("queue not configured"));
+    }
+    let ring = GuestAddress(queue.used_ring());
+    let mut idx = queue.next_used();
+    for &(head, len) in entries {
+        // struct virtq_used_elem { le32 id; le32 len; } after the flags and index words.
+        let at = 4 + u64::from(idx % size) * 8;
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        let addr = ring
+            .checked_add(at)
+            .ok_or_else(|| io::Error::other("used ring address overflows"))?;
+        mem.write_slice(&elem, addr).map_err(io::Error::other)?;
+        idx = idx.wrapping_add(1);
+    }
+    // The elements before the index that makes them visible.
+    mem.store(idx.to_le(), ring.unchecked_add(2), AtomicOrdering::Release)
+        .map_err(io::Error::other)?;
+    queue.set_next_used(idx);
+    Ok(())
+}
+
+/// Whether the guest wants an interrupt for what was put on `queue`'s used ring since the
+/// last check (`last_check`: the used index then): with EVENT_IDX, whether its used_event
+/// was passed; without, the avail ring's NO_INTERRUPT flag (which `virtio-queue` does not
+/// read).
+fn needs_interrupt<M: GuestMemory>(queue: &mut VirtQueue, mem: &M, last_check: &mut u16) -> bool {
+    let new = queue.next_used();
+    let old = std::mem::replace(last_check, new);
+    // The used index is written before the guest's side is read.
+    std::sync::atomic::fence(AtomicOrdering::SeqCst);
+    let avail = GuestAddress(queue.avail_ring());
     if queue.event_idx_enabled() {
-        return queue.needs_notification(mem).unwrap_or(true);
+        // used_event follows the avail ring's flags, index and `size` entries.
+        let at = 4 + 2 * u64::from(queue.size());
+        let Some(used_event) = avail
+            .checked_add(at)
+            .and_then(|a| mem.load::<u16>(a, AtomicOrdering::Acquire).ok())
+            .map(u16::from_le)
+        else {
+            return true;
+        };
+        return new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old);
     }
     let flags: u16 = mem
-        .read_obj(GuestAddress(queue.avail_ring()))
+        .load::<u16>(avail, AtomicOrdering::Acquire)
         .map(u16::from_le)
         .unwrap_or(0);
     flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0
@@ -466,11 +522,13 @@ impl VhostDevice for VhostNetPort {
     }
 
     fn queue_started(self: Arc<Self>, index: usize, queue: StartedQueue) -> io::Result<()> {
+        let last_check = queue.vring.get_ref().get_queue().next_used();
         let q = Queue {
             vring: queue.vring,
             mem: queue.mem,
             kick: queue.kick,
             used: Vec::new(),
+            last_check,
         };
         let slot = match index {
             RX => &self.rx,
