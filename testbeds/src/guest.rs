@@ -247,7 +247,8 @@ pub struct Nic {
     /// The MTU QEMU announces to the guest (`host_mtu`; vhost-user leaves the device's
     /// configuration space to QEMU): the tenant MTU the switch reports for the port.
     pub mtu: Option<u16>,
-    /// Queue pairs.
+    /// Queue pairs (the guest gets as many vCPUs as the most queue pairs of its cards, so
+    /// that it uses them all).
     pub queues: u16,
 }
 
@@ -318,6 +319,14 @@ impl Guest {
         std::fs::write(&script_file, script).map_err(|e| Error::Io("script".into(), e))?;
         let log = scratch.join("console.log");
         let _ = std::fs::remove_file(&log);
+        // One vCPU per queue pair: Linux uses min(pairs, CPUs) pairs.
+        let cpus = nics
+            .iter()
+            .map(|n| n.queues)
+            .max()
+            .unwrap_or(1)
+            .max(1)
+            .to_string();
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args([
             "-machine",
@@ -325,7 +334,7 @@ impl Guest {
             "-cpu",
             "max",
             "-smp",
-            "1",
+            &cpus,
             "-m",
             "768M",
             "-object",

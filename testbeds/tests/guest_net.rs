@@ -233,3 +233,78 @@ cat /proc/net/dev | grep eth0
     );
     eprintln!("{both}\naverage frame from vm1 {sent:.0} B, to vm2 {received:.0} B");
 }
+
+#[test]
+fn a_vm_with_two_queue_pairs_sends_on_both_and_two_workers_serve_them() {
+    if let Some(why) = missing_privileges() {
+        panic!("needs root: {why}");
+    }
+    if !guest::available() {
+        panic!("QEMU is not installed: scripts/install-qemu installs it");
+    }
+    let image = guest::image_with_iperf3().unwrap();
+    let dir = Scratch::new(Path::new("/var/tmp"), "lv-guest-mq").unwrap();
+    let mut ul = Underlay::new().unwrap();
+    let host = ul.host("h1", Ipv4Addr::new(198, 18, 0, 1)).unwrap();
+    let d = start_vswitchd(
+        &host,
+        "198.18.0.1".parse().unwrap(),
+        dir.path(),
+        &["--workers", "2"],
+    )
+    .unwrap();
+    post(&d, "/v1/tenants", r#"{"name":"a","vni":100}"#);
+    let ct = container_port(&d, "ct1", "a", "10.9.0.1/24").unwrap();
+    post(
+        &d,
+        "/v1/ports",
+        r#"{"name":"vm1","tenant":"a","kind":"vhost-user-net","mac":"02:00:00:00:0a:01"}"#,
+    );
+    // One iperf3 server per guest CPU.
+    let servers: Vec<_> = ["5201", "5202"]
+        .iter()
+        .map(|p| {
+            ct.command("iperf3", &["-s", "-1", "-p", p])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // A TCP stream from each vCPU: Linux maps CPU k to transmit queue k (XPS).
+    let script = r#"
+ip link set eth0 up
+ip addr add 10.9.0.2/24 dev eth0
+echo "CPUS $(nproc) QUEUES $(ls /sys/class/net/eth0/queues | tr '\n' ' ')"
+i=0; until ping -c 1 -W 1 10.9.0.1 > /dev/null 2>&1 || [ $i -ge 90 ]; do i=$((i+1)); done
+taskset 1 iperf3 -c 10.9.0.1 -p 5201 -t 3 > /tmp/a 2>&1 &
+taskset 2 iperf3 -c 10.9.0.1 -p 5202 -t 3 > /tmp/b 2>&1 &
+wait
+echo "STREAMS $(cat /tmp/a /tmp/b | grep -c receiver)"
+"#;
+    let nic = guest::Nic {
+        queues: 2,
+        mtu: Some(1450),
+        ..guest::Nic::new(dir.join("run/vhost/vm1.sock"), "02:00:00:00:0a:01")
+    };
+    let vm = guest::Guest::boot_with_nics(&image, &[], &[nic], script, &dir.join("vm1")).unwrap();
+    let run = vm.finish(Duration::from_secs(300)).unwrap();
+    for mut s in servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    let (_, port) = d.request("GET", "/v1/ports/vm1", None).unwrap();
+    let info = format!("{}\n{port}", run.console);
+    assert!(run.console.contains("CPUS 2"), "{info}");
+    assert!(run.console.contains("rx-1"), "{info}");
+    assert!(run.console.contains("STREAMS 2"), "{info}");
+    let v: serde_json::Value = serde_json::from_str(&port).unwrap();
+    let pairs = v["queue_pairs"].as_array().cloned().unwrap_or_default();
+    assert_eq!(pairs.len(), 2, "{info}");
+    // Both transmit queues carried the guest's frames, each served by its own worker.
+    for p in &pairs {
+        assert!(p["from_guest"].as_u64().unwrap_or(0) > 100, "{info}");
+    }
+    assert_ne!(pairs[0]["worker"], pairs[1]["worker"], "{info}");
+    eprintln!("{info}");
+}

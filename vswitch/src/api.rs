@@ -149,6 +149,21 @@ pub struct PortInfo {
     /// configuration space to the VMM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u16>,
+    /// A vhost-user-net port's queue pairs (one per datapath worker, as many as the guest
+    /// uses).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queue_pairs: Vec<QueuePairInfo>,
+}
+
+/// One queue pair of a vhost-user-net port.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuePairInfo {
+    /// The datapath worker that takes the guest's frames off the pair's transmit queue.
+    pub worker: usize,
+    /// Frames the guest sent on the pair.
+    pub from_guest: u64,
+    /// Frames put on the pair's receive queue.
+    pub to_guest: u64,
 }
 
 /// A forwarding entry as reported (`GET /v1/tenants/{name}/fdb`).

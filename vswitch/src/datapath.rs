@@ -44,11 +44,16 @@ use crate::tap::{
     VnetHeader,
 };
 use crate::uplink::{BATCH, QueueError, Uplink};
-use crate::vhost_net::VhostNetPort;
+use crate::vhost_net::{self, KickTarget, VhostNetPort};
 use crate::{
     DropReason, Error, Ingress, Nanos, PortConfig, Switch, TenantConfig, TenantSwitch, Verdict,
 };
 use overlay_net::gso::{TcpCoalescer, TcpSegmenter, complete_checksum};
+
+/// epoll token of a port's queue pair `pair` (0 for a TAP): the port id, the pair above it.
+fn port_token(port: PortId, pair: usize) -> u64 {
+    u64::from(port.0) | (pair as u64) << 32
+}
 
 /// epoll token of a worker's control eventfd.
 const TOKEN_CONTROL: u64 = u64::MAX;
@@ -279,6 +284,28 @@ impl Datapath {
             .unwrap_or(0)
     }
 
+    /// The queue pairs of vhost-user-net port `name`: the worker serving each, and its frame
+    /// counts.
+    pub fn vhost_queue_pairs(&self, name: &str) -> Vec<crate::api::QueuePairInfo> {
+        let Some(id) = self.switch.port_id(name) else {
+            return Vec::new();
+        };
+        let (Some(Endpoint::Vhost(port)), Some(first)) =
+            (self.endpoints.get(&id), self.owner.get(&id))
+        else {
+            return Vec::new();
+        };
+        port.pairs
+            .iter()
+            .enumerate()
+            .map(|(k, c)| crate::api::QueuePairInfo {
+                worker: (first + k) % self.workers.len().max(1),
+                from_guest: c.tx_frames.load(Ordering::Relaxed),
+                to_guest: c.rx_frames.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
     /// Adds a vhost-user-net port for a VM to `tenant`: the switch serves the vhost-user
     /// socket `socket` (QEMU: `-chardev socket,path=SOCKET,reconnect=1 -netdev vhost-user`),
     /// one VM connection after another. The guest is offered the port's security MAC, if it
@@ -294,13 +321,15 @@ impl Datapath {
         let port_name = config.name.clone();
         let id = self.switch.add_port(tenant, config)?;
         let worker = self.least_loaded_worker();
-        let port = Arc::new(VhostNetPort::new(
-            &port_name,
-            mac,
-            mtu,
-            self.workers[worker].epoll.clone(),
-            u64::from(id.0),
-        ));
+        // One queue pair per worker, pair k served by the k-th worker from the least loaded.
+        let n = self.workers.len();
+        let kicks = (0..n.min(vhost_net::MAX_PAIRS))
+            .map(|k| KickTarget {
+                epoll: self.workers[(worker + k) % n].epoll.clone(),
+                token: port_token(id, k),
+            })
+            .collect();
+        let port = Arc::new(VhostNetPort::new(&port_name, mac, mtu, kicks));
         let device = port.clone();
         let server = match vhost_device::Server::start(
             socket,
@@ -423,18 +452,23 @@ impl Endpoint {
     }
 
     /// Sends a complete frame.
-    fn send_frame(&self, frame: &[u8]) -> std::io::Result<()> {
+    fn send_frame(&self, lane: usize, frame: &[u8]) -> std::io::Result<()> {
         match self {
             Endpoint::Tap(t) => t.send_frame(frame),
-            Endpoint::Vhost(v) => v.send_frame(frame),
+            Endpoint::Vhost(v) => v.send_frame(lane, frame),
         }
     }
 
     /// Sends a frame with offload metadata.
-    fn send_with_header(&self, header: &[u8; VNET_HDR_LEN], frame: &[u8]) -> std::io::Result<()> {
+    fn send_with_header(
+        &self,
+        lane: usize,
+        header: &[u8; VNET_HDR_LEN],
+        frame: &[u8],
+    ) -> std::io::Result<()> {
         match self {
             Endpoint::Tap(t) => t.send_with_header(header, frame),
-            Endpoint::Vhost(v) => v.send_with_header(header, frame),
+            Endpoint::Vhost(v) => v.send_with_header(lane, header, frame),
         }
     }
 }
@@ -507,8 +541,8 @@ impl Worker {
     fn run(mut self, wake: &EventFd, stop: &AtomicBool, commands: Option<mpsc::Receiver<Command>>) {
         let mut events = [EpollEvent::empty(); 64];
         // Ports with more waiting than one burst took: served again without sleeping.
-        let mut again: Vec<PortId> = Vec::new();
-        let mut next: Vec<PortId> = Vec::new();
+        let mut again: Vec<(PortId, usize)> = Vec::new();
+        let mut next: Vec<(PortId, usize)> = Vec::new();
         loop {
             let timeout = if again.is_empty() {
                 EpollTimeout::from(500u16)
@@ -533,16 +567,16 @@ impl Worker {
                     }
                     t if t >= TOKEN_UPLINK => self.on_uplink((t - TOKEN_UPLINK) as usize),
                     t => {
-                        let port = PortId(t as u32);
-                        if self.on_tap(port) && !next.contains(&port) {
-                            next.push(port);
+                        let queue = (PortId(t as u32), (t >> 32) as usize);
+                        if self.on_tap(queue.0, queue.1) && !next.contains(&queue) {
+                            next.push(queue);
                         }
                     }
                 }
             }
-            for port in again.drain(..) {
-                if !next.contains(&port) && self.on_tap(port) {
-                    next.push(port);
+            for queue in again.drain(..) {
+                if !next.contains(&queue) && self.on_tap(queue.0, queue.1) {
+                    next.push(queue);
                 }
             }
             std::mem::swap(&mut again, &mut next);
@@ -563,7 +597,7 @@ impl Worker {
 
     /// Serves a burst from a port; true if the port may have more (a vhost-user ring is
     /// served again without waiting for a kick).
-    fn on_tap(&mut self, port: PortId) -> bool {
+    fn on_tap(&mut self, port: PortId, pair: usize) -> bool {
         let (tap, vni) = {
             let s = lock(&self.shared);
             (s.endpoints.get(&port).cloned(), s.switch.port_vni(port))
@@ -572,6 +606,8 @@ impl Worker {
             return false;
         };
         let now = self.now();
+        // The worker's index picks a guest's receive queue: workers fill different queues.
+        let lane = self.index;
         let Worker {
             shared,
             stats,
@@ -590,7 +626,7 @@ impl Worker {
         pending.clear();
         let mut lens = [0usize; BATCH];
         let (taken, more) = match &tap {
-            Endpoint::Vhost(v) => v.recv_burst(frames, FRAME_SLOT, &mut lens),
+            Endpoint::Vhost(v) => v.recv_burst(pair, frames, FRAME_SLOT, &mut lens),
             Endpoint::Tap(t) => {
                 let mut n = 0;
                 while n < BATCH {
@@ -677,7 +713,7 @@ impl Worker {
             };
             for target in &targets[range.clone()] {
                 match target {
-                    Target::Local(q, tap) => send_local(tally, vni, *q, tap, payload),
+                    Target::Local(q, tap) => send_local(tally, lane, vni, *q, tap, payload),
                     Target::Remote(vtep) => {
                         send_remote(tally, uplinks, scratch, port, *vtep, vni, payload)
                     }
@@ -701,6 +737,8 @@ impl Worker {
 
     fn on_uplink(&mut self, index: usize) {
         let now = self.now();
+        // The worker's index picks a guest's receive queue: workers fill different queues.
+        let lane = self.index;
         let Worker {
             shared,
             stats,
@@ -760,21 +798,21 @@ impl Worker {
                 {
                     continue;
                 }
-                flush_gro(gro, &mut gro_dest, tally);
+                flush_gro(gro, &mut gro_dest, tally, lane);
                 if gro.push(inner) {
                     gro_dest = Some((vni, *q, tap.clone()));
                     continue;
                 }
             } else {
-                flush_gro(gro, &mut gro_dest, tally);
+                flush_gro(gro, &mut gro_dest, tally, lane);
             }
             for target in dests {
                 if let Target::Local(q, tap) = target {
-                    send_local(tally, vni, *q, tap, Payload::Plain(inner));
+                    send_local(tally, lane, vni, *q, tap, Payload::Plain(inner));
                 }
             }
         }
-        flush_gro(gro, &mut gro_dest, tally);
+        flush_gro(gro, &mut gro_dest, tally, lane);
         end_rx_bursts(targets);
 
         if !tally.events.is_empty() {
@@ -799,6 +837,7 @@ fn flush_gro(
     gro: &mut TcpCoalescer,
     dest: &mut Option<(Vni, PortId, Endpoint)>,
     tally: &mut Tally,
+    lane: usize,
 ) {
     let Some((vni, port, tap)) = dest.take() else {
         return;
@@ -807,7 +846,7 @@ fn flush_gro(
         return;
     };
     let sent = match info {
-        None => tap.send_frame(frame),
+        None => tap.send_frame(lane, frame),
         Some(c) => {
             let mut h = [0u8; VNET_HDR_LEN];
             h[0] = VNET_F_NEEDS_CSUM;
@@ -820,7 +859,7 @@ fn flush_gro(
             h[4..6].copy_from_slice(&c.segment_size.to_le_bytes());
             h[6..8].copy_from_slice(&c.csum_start.to_le_bytes());
             h[8..10].copy_from_slice(&c.csum_offset.to_le_bytes());
-            tap.send_with_header(&h, frame)
+            tap.send_with_header(lane, &h, frame)
         }
     };
     match sent {
@@ -850,10 +889,19 @@ impl Payload<'_> {
 
 /// Writes a frame to a local port as it is: offloads pending are the kernel's (a TAP) or the
 /// port's (a guest that did not accept them) to finish.
-fn send_local(tally: &mut Tally, vni: Vni, port: PortId, tap: &Endpoint, payload: Payload<'_>) {
+///
+/// `lane` is the sending worker: a guest's receive queue is picked by it.
+fn send_local(
+    tally: &mut Tally,
+    lane: usize,
+    vni: Vni,
+    port: PortId,
+    tap: &Endpoint,
+    payload: Payload<'_>,
+) {
     let sent = match payload {
-        Payload::Plain(f) => tap.send_frame(f),
-        Payload::Offloaded { frame, header, .. } => tap.send_with_header(&header, frame),
+        Payload::Plain(f) => tap.send_frame(lane, f),
+        Payload::Offloaded { frame, header, .. } => tap.send_with_header(lane, &header, frame),
     };
     match sent {
         Ok(()) => tally.tx(vni, port, payload.len()),

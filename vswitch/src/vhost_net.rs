@@ -1,17 +1,22 @@
 //! vhost-user-net ports: a VM's virtio-net device served by the switch over a vhost-user
 //! socket (`RUN_DIR/vhost/<port>.sock`; QEMU: `-netdev vhost-user`), with `vhost-device`.
 //!
-//! Queue 0 receives (switch to guest), queue 1 transmits (guest to switch). The transmit
-//! queue's kick is one more descriptor in the epoll set of the port's datapath worker, which
-//! takes frames off the ring in bursts like it reads a TAP; frames to the guest are written
-//! into its receive buffers (mergeable) by whichever worker forwards them. Frames carry the
-//! 12-byte virtio-net header both ways, so checksum and TSO offloads go through the switch
-//! untouched; toward a guest that did not accept them, checksums are completed and TCP
-//! super-frames cut into segments here.
+//! Queue pair `k` is queues `2k` (receive: switch to guest) and `2k + 1` (transmit: guest
+//! to switch); a port offers one pair per datapath worker (MQ). Pair `k`'s transmit kick is
+//! one more descriptor in the epoll set of the `k`-th worker from the port's first, which
+//! takes frames off the ring in bursts like it reads a TAP, with the guest's kicks turned off
+//! while it does (EVENT_IDX or the used ring's NO_NOTIFY flag) and coming back by itself
+//! while frames keep arriving. Frames to the guest are written into its receive buffers
+//! (mergeable) by whichever worker forwards them, on the receive queue of that worker's
+//! lane, and all buffers of one frame are published with one used-index update; the guest
+//! is notified once per burst, if it asked to be (EVENT_IDX's used_event, NO_INTERRUPT).
+//! Frames carry the 12-byte virtio-net header both ways, so checksum and TSO offloads go
+//! through the switch untouched; toward a guest that did not accept them, checksums are
+//! completed and TCP super-frames cut into segments here.
 //!
-//! Everything read from the guest goes through `virtio-queue`'s checked readers and
-//! writers: a chain outside guest memory, a loop or an oversize frame is dropped and
-//! counted, never followed.
+//! Everything read from the guest is bounds-checked against its memory map (`vm-memory`):
+//! a chain outside guest memory, a loop or an oversize frame is dropped and counted, never
+//! followed.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -40,10 +45,8 @@ use vm_memory::{
 
 use crate::tap::{VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_HDR_LEN, VnetHeader};
 
-/// Receive queue index.
-const RX: usize = 0;
-/// Transmit queue index.
-const TX: usize = 1;
+/// Most queue pairs a port offers.
+pub const MAX_PAIRS: usize = 8;
 /// Queue size offered.
 const QUEUE_SIZE: u16 = 256;
 /// Largest frame a guest may send (a 64 KiB TSO super-frame and its header).
@@ -61,50 +64,72 @@ struct Queue {
     last_check: u16,
 }
 
-/// A vhost-user-net port: the device the VM sees, and the switch's endpoint.
+/// Where a transmit queue's kick goes: the epoll set of the worker serving the queue pair,
+/// with the token that names the port and the pair there.
+#[derive(Clone, Debug)]
+pub struct KickTarget {
+    /// The worker's epoll set.
+    pub epoll: Arc<Epoll>,
+    /// The token epoll reports.
+    pub token: u64,
+}
+
+/// Counters of one queue pair.
+#[derive(Debug, Default)]
+pub struct PairCounters {
+    /// Frames the guest sent on the pair's transmit queue.
+    pub tx_frames: AtomicU64,
+    /// Frames put on the pair's receive queue.
+    pub rx_frames: AtomicU64,
+}
+
+/// A vhost-user-net port: the device the VM sees, and the switch's endpoint. Queue pair `k`
+/// is queues `2k` (receive) and `2k + 1` (transmit).
 pub struct VhostNetPort {
     name: String,
     mac: Option<MacAddr>,
     mtu: u16,
-    /// The worker serving the port, and the port's token there.
-    epoll: Arc<Epoll>,
-    token: u64,
+    /// Per queue pair: where its transmit kick goes.
+    kicks: Vec<KickTarget>,
     features: AtomicU64,
-    rx: Mutex<Option<Queue>>,
-    tx: Mutex<Option<Queue>>,
+    rx: Vec<Mutex<Option<Queue>>>,
+    tx: Vec<Mutex<Option<Queue>>>,
+    /// Per queue pair.
+    pub pairs: Vec<PairCounters>,
     /// Frames the guest sent that were not forwardable (bad chains, oversize).
     pub tx_malformed: AtomicU64,
     /// Frames for the guest dropped for want of receive buffers.
     pub rx_no_buffers: AtomicU64,
-    /// Frames were put on the receive ring since the guest was last notified.
-    rx_pending: AtomicBool,
+    /// Receive queues (bits) given frames since the guest was last notified.
+    rx_pending: AtomicU64,
+    /// Receive queues (bits) started.
+    rx_started: AtomicU64,
     /// The port was removed: its queues are not taken again (a VM still connected sees a
     /// dead card until it goes away).
     closed: AtomicBool,
 }
 
 impl VhostNetPort {
-    /// A port named `name` served by the worker whose epoll set is `epoll` (the transmit
-    /// kick is added there with `token`); `mac` is offered to the guest if set.
-    pub fn new(
-        name: &str,
-        mac: Option<MacAddr>,
-        mtu: u16,
-        epoll: Arc<Epoll>,
-        token: u64,
-    ) -> VhostNetPort {
+    /// A port named `name` with one queue pair per kick target (at most [`MAX_PAIRS`]):
+    /// pair `k`'s transmit kick is added to `kicks[k]`'s epoll set; `mac` is offered to the
+    /// guest if set.
+    pub fn new(name: &str, mac: Option<MacAddr>, mtu: u16, kicks: Vec<KickTarget>) -> VhostNetPort {
+        let mut kicks = kicks;
+        kicks.truncate(MAX_PAIRS);
+        let n = kicks.len();
         VhostNetPort {
             name: name.to_owned(),
             mac,
             mtu,
-            epoll,
-            token,
+            kicks,
             features: AtomicU64::new(0),
-            rx: Mutex::new(None),
-            tx: Mutex::new(None),
+            rx: (0..n).map(|_| Mutex::new(None)).collect(),
+            tx: (0..n).map(|_| Mutex::new(None)).collect(),
+            pairs: (0..n).map(|_| PairCounters::default()).collect(),
             tx_malformed: AtomicU64::new(0),
             rx_no_buffers: AtomicU64::new(0),
-            rx_pending: AtomicBool::new(false),
+            rx_pending: AtomicU64::new(0),
+            rx_started: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         }
     }
@@ -112,8 +137,14 @@ impl VhostNetPort {
     /// The port was removed from the switch: lets go of the queues for good.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        self.queue_stopped(RX);
-        self.queue_stopped(TX);
+        for q in 0..2 * self.kicks.len() {
+            self.queue_stopped(q);
+        }
+    }
+
+    /// Queue pairs offered.
+    pub fn queue_pairs(&self) -> usize {
+        self.kicks.len()
     }
 
     /// The port's name.
@@ -130,8 +161,17 @@ impl VhostNetPort {
     /// read — outside guest memory, a loop, larger than a slot — dropped and counted).
     /// Returns how many were taken and whether more may wait (the caller comes back without
     /// a kick: the guest does not kick while a burst is being taken).
-    pub fn recv_burst(&self, frames: &mut [u8], slot: usize, lens: &mut [usize]) -> (usize, bool) {
-        let mut guard = lock(&self.tx);
+    pub fn recv_burst(
+        &self,
+        pair: usize,
+        frames: &mut [u8],
+        slot: usize,
+        lens: &mut [usize],
+    ) -> (usize, bool) {
+        let Some(tx) = self.tx.get(pair) else {
+            return (0, false);
+        };
+        let mut guard = lock(tx);
         let Some(q) = guard.as_mut() else {
             return (0, false);
         };
@@ -174,6 +214,9 @@ impl VhostNetPort {
         if malformed > 0 {
             self.tx_malformed.fetch_add(malformed, Ordering::Relaxed);
         }
+        self.pairs[pair]
+            .tx_frames
+            .fetch_add(taken as u64, Ordering::Relaxed);
         if taken > 0
             && publish_used(queue, mem, used).is_ok()
             && needs_interrupt(queue, mem, &mut q.last_check)
@@ -183,17 +226,24 @@ impl VhostNetPort {
         (taken, !empty)
     }
 
-    /// Puts a frame without offload metadata into the guest's receive buffers.
-    pub fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
-        self.deliver(&[0u8; VNET_HDR_LEN], frame)
+    /// Puts a frame without offload metadata into the guest's receive buffers, on the
+    /// receive queue of pair `lane` (modulo the pairs the guest uses; a worker passes its
+    /// own index, so workers fill different queues).
+    pub fn send_frame(&self, lane: usize, frame: &[u8]) -> io::Result<()> {
+        self.deliver(lane, &[0u8; VNET_HDR_LEN], frame)
     }
 
     /// Puts a frame with its virtio-net header into the guest's receive buffers; offloads the
     /// guest did not accept are finished here (checksum completed, TCP segmented).
-    pub fn send_with_header(&self, header: &[u8; VNET_HDR_LEN], frame: &[u8]) -> io::Result<()> {
+    pub fn send_with_header(
+        &self,
+        lane: usize,
+        header: &[u8; VNET_HDR_LEN],
+        frame: &[u8],
+    ) -> io::Result<()> {
         let vnet = VnetHeader::parse(header);
         if vnet.is_plain() {
-            return self.deliver(header, frame);
+            return self.deliver(lane, header, frame);
         }
         let tso_ok = match vnet.gso_type & 0x7f {
             t if t == VNET_GSO_NONE => true,
@@ -203,7 +253,7 @@ impl VhostNetPort {
         };
         let csum_ok = vnet.flags & VNET_F_NEEDS_CSUM == 0 || self.accepted(VIRTIO_NET_F_GUEST_CSUM);
         if tso_ok && csum_ok {
-            return self.deliver(header, frame);
+            return self.deliver(lane, header, frame);
         }
         if vnet.is_tcp_gso() {
             let mut seg = TcpSegmenter::new(frame, vnet.gso_size as usize)
@@ -211,7 +261,7 @@ impl VhostNetPort {
             let mut out = vec![0u8; seg.max_segment_len()];
             while let Some(r) = seg.next_into(&mut out) {
                 let n = r.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-                self.send_frame(&out[..n])?;
+                self.send_frame(lane, &out[..n])?;
             }
             return Ok(());
         }
@@ -222,13 +272,25 @@ impl VhostNetPort {
             vnet.csum_offset as usize,
         )
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        self.send_frame(&copy)
+        self.send_frame(lane, &copy)
+    }
+
+    /// The receive queue for `lane`: among the pairs with a started receive queue, the
+    /// `lane`-th (modulo); the first pair if none is started.
+    fn rx_queue(&self, lane: usize) -> usize {
+        let n = self.rx.len();
+        let start = lane % n.max(1);
+        (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&k| self.rx_started.load(Ordering::Relaxed) & (1 << k) != 0)
+            .unwrap_or(0)
     }
 
     /// Writes header + frame into as many receive buffers as it takes (one without
     /// MRG_RXBUF). The guest is notified by [`Self::end_rx_burst`].
-    fn deliver(&self, header: &[u8; VNET_HDR_LEN], frame: &[u8]) -> io::Result<()> {
-        let mut guard = lock(&self.rx);
+    fn deliver(&self, lane: usize, header: &[u8; VNET_HDR_LEN], frame: &[u8]) -> io::Result<()> {
+        let pair = self.rx_queue(lane);
+        let mut guard = lock(&self.rx[pair]);
         let Some(q) = guard.as_mut() else {
             return Err(io::Error::new(io::ErrorKind::NotConnected, "no guest"));
         };
@@ -305,21 +367,24 @@ impl VhostNetPort {
         // entries in a row.
         used.sort_by_key(|(_, len)| *len > 0);
         publish_used(queue, mem, used)?;
-        self.rx_pending.store(true, Ordering::Release);
+        self.rx_pending.fetch_or(1 << pair, Ordering::AcqRel);
+        self.pairs[pair].rx_frames.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
     /// After a burst of frames to this port: notifies the guest once, if it wants to be.
     pub fn end_rx_burst(&self) {
-        if !self.rx_pending.swap(false, Ordering::AcqRel) {
-            return;
-        }
-        let mut guard = lock(&self.rx);
-        if let Some(q) = guard.as_mut() {
-            let mem = q.mem.memory();
-            let mut state = q.vring.get_mut();
-            if needs_interrupt(state.get_queue_mut(), &*mem, &mut q.last_check) {
-                let _ = state.signal_used_queue();
+        let mut pending = self.rx_pending.swap(0, Ordering::AcqRel);
+        while pending != 0 {
+            let pair = pending.trailing_zeros() as usize;
+            pending &= pending - 1;
+            let mut guard = lock(&self.rx[pair]);
+            if let Some(q) = guard.as_mut() {
+                let mem = q.mem.memory();
+                let mut state = q.vring.get_mut();
+                if needs_interrupt(state.get_queue_mut(), &*mem, &mut q.last_check) {
+                    let _ = state.signal_used_queue();
+                }
             }
         }
     }
@@ -472,7 +537,7 @@ fn lock(m: &Mutex<Option<Queue>>) -> std::sync::MutexGuard<'_, Option<Queue>> {
 
 impl VhostDevice for VhostNetPort {
     fn queues(&self) -> usize {
-        2
+        2 * self.kicks.len()
     }
 
     fn max_queue_size(&self) -> u16 {
@@ -492,6 +557,7 @@ impl VhostDevice for VhostNetPort {
             | 1 << VIRTIO_NET_F_GUEST_TSO6
             | 1 << VIRTIO_NET_F_STATUS
             | 1 << VIRTIO_NET_F_MTU
+            | 1 << VIRTIO_NET_F_MQ
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if self.mac.is_some() {
             f |= 1 << VIRTIO_NET_F_MAC;
@@ -502,7 +568,11 @@ impl VhostDevice for VhostNetPort {
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         // No CONFIG: QEMU's net frontend keeps the configuration space itself (the MAC of
         // `-device virtio-net-pci,mac=`).
-        VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        // MQ: the frontend asks how many queues there are (GET_QUEUE_NUM) and enables the
+        // pairs the guest uses (SET_VRING_ENABLE).
+        VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::MQ
     }
 
     fn config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -512,7 +582,7 @@ impl VhostDevice for VhostNetPort {
             c[0..6].copy_from_slice(&mac.0);
         }
         c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c[8..10].copy_from_slice(&(self.kicks.len() as u16).to_le_bytes());
         c[10..12].copy_from_slice(&self.mtu.to_le_bytes());
         vhost_device::config_slice(&c, offset, size)
     }
@@ -530,39 +600,49 @@ impl VhostDevice for VhostNetPort {
             used: Vec::new(),
             last_check,
         };
-        let slot = match index {
-            RX => &self.rx,
-            TX => &self.tx,
-            _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "no such queue")),
+        let (pair, transmit) = (index / 2, index % 2 == 1);
+        let slot = match (transmit, pair < self.kicks.len()) {
+            (_, false) => {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "no such queue"));
+            }
+            (false, true) => &self.rx[pair],
+            (true, true) => &self.tx[pair],
         };
         // Checked under the queue's lock, which `close` takes after setting the flag.
         let mut guard = lock(slot);
         if self.closed.load(Ordering::Acquire) {
             return Err(io::Error::new(io::ErrorKind::NotConnected, "port removed"));
         }
-        if index == TX {
-            self.epoll
+        if transmit {
+            let k = &self.kicks[pair];
+            k.epoll
                 .add(
                     q.kick.as_fd(),
-                    EpollEvent::new(EpollFlags::EPOLLIN, self.token),
+                    EpollEvent::new(EpollFlags::EPOLLIN, k.token),
                 )
                 .map_err(io::Error::from)?;
+        } else {
+            self.rx_started.fetch_or(1 << pair, Ordering::AcqRel);
         }
         *guard = Some(q);
         Ok(())
     }
 
     fn queue_stopped(&self, index: usize) {
-        match index {
-            RX => *lock(&self.rx) = None,
-            TX => {
-                let mut tx = lock(&self.tx);
-                if let Some(q) = tx.as_ref() {
-                    let _ = self.epoll.delete(q.kick.as_fd());
-                }
-                *tx = None;
+        let pair = index / 2;
+        if pair >= self.kicks.len() {
+            return;
+        }
+        if index.is_multiple_of(2) {
+            let mut rx = lock(&self.rx[pair]);
+            self.rx_started.fetch_and(!(1 << pair), Ordering::AcqRel);
+            *rx = None;
+        } else {
+            let mut tx = lock(&self.tx[pair]);
+            if let Some(q) = tx.as_ref() {
+                let _ = self.kicks[pair].epoll.delete(q.kick.as_fd());
             }
-            _ => {}
+            *tx = None;
         }
     }
 }

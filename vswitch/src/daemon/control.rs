@@ -363,20 +363,26 @@ impl Control {
             .cloned()
             .ok_or_else(|| ControlError::NotFound(format!("no port {name}")))?;
         let n = name.to_owned();
-        let (counters, worker, mtu) = self.dp.with(|dp| {
+        let (counters, worker, mtu, queue_pairs) = self.dp.with(|dp| {
             let sw = dp.switch();
             let tenant = sw
                 .port_id(&n)
                 .and_then(|id| Some((id, sw.port_tenant(id)?)));
             let counters = tenant.and_then(|(id, t)| t.port(id).map(|(_, c)| counters_info(c)));
             let mtu = tenant.map(|(_, t)| t.config().mtu);
-            (counters.unwrap_or_default(), dp.port_worker(&n), mtu)
+            (
+                counters.unwrap_or_default(),
+                dp.port_worker(&n),
+                mtu,
+                dp.vhost_queue_pairs(&n),
+            )
         });
         Ok(PortInfo {
             spec,
             counters,
             worker,
             mtu,
+            queue_pairs,
         })
     }
 
