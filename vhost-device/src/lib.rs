@@ -10,9 +10,13 @@
 //!
 //! * [`handler`]: one frontend connection's state and messages.
 //! * [`inflight`]: the inflight record (`INFLIGHT_SHMFD`), libvhost-user's layout.
+//! * [`ring`]: a split virtqueue resolved to host pointers once per burst (the fast path).
 
 pub mod handler;
 pub mod inflight;
+#[allow(unsafe_code)]
+// ring access through host pointers; every unsafe block carries a SAFETY note.
+pub mod ring;
 
 use std::fs::File;
 use std::io;

@@ -23,25 +23,20 @@ use std::io::{self, Read};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 use overlay_net::MacAddr;
 use overlay_net::gso::{TcpSegmenter, complete_checksum};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_device::ring::{RingError, RingView};
 use vhost_device::{StartedQueue, VhostDevice};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
-use virtio_bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT,
-};
-use virtio_queue::{DescriptorChain, Queue as VirtQueue, QueueT};
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
-    GuestMemoryBackend, GuestMemoryMmap,
-};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{Address, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::tap::{VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_HDR_LEN, VnetHeader};
 
@@ -178,38 +173,50 @@ impl VhostNetPort {
         // Consumed first: a kick from here on wakes the worker again.
         let _ = (&q.kick).read(&mut [0u8; 8]);
         let mem = q.mem.memory();
-        let mem = &*mem;
         let mut state = q.vring.get_mut();
         let queue = state.get_queue_mut();
-        let size = queue.size();
-        let _ = queue.disable_notification(mem);
-        let used = &mut q.used;
-        used.clear();
+        let Some(mut ring) = RingView::new(queue, &mem) else {
+            // Rings outside guest memory: nothing can be taken.
+            return (0, false);
+        };
+        ring.set_kicks(false);
+        let mut avail = ring.avail_idx();
         let mut taken = 0;
         let mut malformed = 0;
         let mut empty = false;
         while taken < lens.len() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(head) = ring.pop(avail) else {
                 // Ask for kicks again, and look once more: a frame may have come in between.
-                match queue.enable_notification(mem) {
-                    Ok(true) => continue,
-                    _ => {
-                        empty = true;
-                        break;
-                    }
+                if ring.set_kicks(true) {
+                    avail = ring.avail_idx();
+                    continue;
                 }
-            };
-            let head = chain.head_index();
-            let Some(buf) = frames.get_mut(taken * slot..(taken + 1) * slot) else {
+                empty = true;
                 break;
             };
-            let len = read_chain(chain, mem, buf, size).unwrap_or(0);
-            if len == 0 {
+            let Some(buf) = frames.get_mut(taken * slot..(taken + 1) * slot) else {
+                ring.unpop(1);
+                break;
+            };
+            let mut len = 0usize;
+            let walked = ring.walk(head, |b| {
+                if b.writable {
+                    return Ok(());
+                }
+                let end = len + b.len as usize;
+                // Larger than a slot: as unusable as a buffer outside memory.
+                let dst = buf.get_mut(len..end).ok_or(RingError::OutsideMemory)?;
+                ring.read(b.addr, dst)?;
+                len = end;
+                Ok(())
+            });
+            if walked.is_err() || len == 0 {
                 malformed += 1;
+                len = 0;
             }
             lens[taken] = len;
             taken += 1;
-            used.push((head, 0));
+            ring.push_used(head, 0);
         }
         if malformed > 0 {
             self.tx_malformed.fetch_add(malformed, Ordering::Relaxed);
@@ -217,12 +224,13 @@ impl VhostNetPort {
         self.pairs[pair]
             .tx_frames
             .fetch_add(taken as u64, Ordering::Relaxed);
-        if taken > 0
-            && publish_used(queue, mem, used).is_ok()
-            && needs_interrupt(queue, mem, &mut q.last_check)
-        {
-            let _ = state.signal_used_queue();
+        if taken > 0 {
+            ring.publish();
+            if ring.needs_interrupt(&mut q.last_check) {
+                let _ = state.signal_used_queue();
+            }
         }
+        ring.finish(state.get_queue_mut());
         (taken, !empty)
     }
 
@@ -295,7 +303,6 @@ impl VhostNetPort {
             return Err(io::Error::new(io::ErrorKind::NotConnected, "no guest"));
         };
         let mem = q.mem.memory();
-        let mem = &*mem;
         let mergeable = self.accepted(VIRTIO_NET_F_MRG_RXBUF);
         let mut hdr = *header;
         // num_buffers: 1 unless the frame spans several buffers (patched below).
@@ -303,7 +310,10 @@ impl VhostNetPort {
         let total = VNET_HDR_LEN + frame.len();
         let mut state = q.vring.get_mut();
         let queue = state.get_queue_mut();
-        let start = queue.next_avail();
+        let Some(mut ring) = RingView::new(queue, &mem) else {
+            return Err(io::Error::other("receive ring outside guest memory"));
+        };
+        let avail = ring.avail_idx();
         let used = &mut q.used;
         used.clear();
         // Where num_buffers (header bytes 10 and 11) landed in guest memory.
@@ -313,32 +323,36 @@ impl VhostNetPort {
             if !mergeable && used.iter().any(|(_, len)| *len > 0) {
                 break;
             }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(head) = ring.pop(avail) else {
                 break;
             };
-            let head = chain.head_index();
             let from = done;
-            let mut ok = true;
-            for desc in chain {
-                if done == total {
-                    break;
+            let walked = ring.walk(head, |b| {
+                if done == total || !b.writable {
+                    return Ok(());
                 }
-                if !desc.is_write_only() {
-                    continue;
-                }
-                let n = (desc.len() as usize).min(total - done);
+                let n = (b.len as usize).min(total - done);
                 for (slot, at) in num_buffers_at.iter_mut().zip(10..12) {
                     if (done..done + n).contains(&at) {
-                        *slot = desc.addr().checked_add((at - done) as u64);
+                        *slot = b.addr.checked_add((at - done) as u64);
                     }
                 }
-                if write_concat(mem, desc.addr(), &hdr, frame, done, n).is_err() {
-                    ok = false;
-                    break;
+                // The header, then the frame.
+                let mut addr = b.addr;
+                let end = done + n;
+                if done < VNET_HDR_LEN {
+                    let part = &hdr[done..end.min(VNET_HDR_LEN)];
+                    ring.write(addr, part)?;
+                    addr = addr.unchecked_add(part.len() as u64);
                 }
-                done += n;
-            }
-            if ok && done > from {
+                let (f, e) = (done.max(VNET_HDR_LEN) - VNET_HDR_LEN, end - VNET_HDR_LEN);
+                if e > f {
+                    ring.write(addr, &frame[f..e])?;
+                }
+                done = end;
+                Ok(())
+            });
+            if walked.is_ok() && done > from {
                 used.push((head, (done - from) as u32));
             } else {
                 // Outside guest memory, or no room at all: given back empty.
@@ -347,8 +361,7 @@ impl VhostNetPort {
             }
         }
         if done < total {
-            // Not enough buffers: leave them for the next frame.
-            queue.set_next_avail(start);
+            // Not enough buffers: they stay for the next frame (the ring is not finished).
             self.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
             return Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
@@ -359,15 +372,23 @@ impl VhostNetPort {
         if buffers > 1 {
             for (addr, byte) in num_buffers_at.iter().zip(buffers.to_le_bytes()) {
                 if let Some(addr) = addr {
-                    let _ = mem.write_obj(byte, *addr);
+                    let _ = ring.write(*addr, &[byte]);
                 }
             }
         }
         // Buffers given back empty first, then the frame's: the guest reads num_buffers
-        // entries in a row.
+        // entries in a row; all become visible with one index update.
         used.sort_by_key(|(_, len)| *len > 0);
-        publish_used(queue, mem, used)?;
-        self.rx_pending.fetch_or(1 << pair, Ordering::AcqRel);
+        for &(head, len) in used.iter() {
+            ring.push_used(head, len);
+        }
+        // Made visible at the end of the burst (one index update for all its frames; the
+        // guest polls the used index, and every update costs both sides a cache line).
+        ring.finish(state.get_queue_mut());
+        let bit = 1 << pair;
+        if self.rx_pending.load(Ordering::Acquire) & bit == 0 {
+            self.rx_pending.fetch_or(bit, Ordering::AcqRel);
+        }
         self.pairs[pair].rx_frames.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -380,155 +401,23 @@ impl VhostNetPort {
             pending &= pending - 1;
             let mut guard = lock(&self.rx[pair]);
             if let Some(q) = guard.as_mut() {
-                let mem = q.mem.memory();
-                let mut state = q.vring.get_mut();
-                if needs_interrupt(state.get_queue_mut(), &*mem, &mut q.last_check) {
-                    let _ = state.signal_used_queue();
-                }
+                publish_and_notify(q);
             }
         }
     }
 }
 
-/// Copies the readable buffers of a transmit chain into `buf`; `None` if the chain loops
-/// (as long as the queue), leaves guest memory or does not fit.
-fn read_chain(
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    mem: &GuestMemoryMmap,
-    buf: &mut [u8],
-    queue_size: u16,
-) -> Option<usize> {
-    let mut len = 0usize;
-    for (count, desc) in chain.enumerate() {
-        if count + 1 >= usize::from(queue_size) {
-            return None;
+/// Makes the used elements put on a receive queue visible to the guest and notifies it if
+/// it asked to be.
+fn publish_and_notify(q: &mut Queue) {
+    let mem = q.mem.memory();
+    let state = q.vring.get_ref();
+    if let Some(ring) = RingView::new(state.get_queue(), &mem) {
+        ring.publish();
+        if ring.needs_interrupt(&mut q.last_check) {
+            let _ = state.signal_used_queue();
         }
-        if desc.is_write_only() {
-            continue;
-        }
-        let end = len.checked_add(desc.len() as usize)?;
-        read_guest(mem, desc.addr(), buf.get_mut(len..end)?).ok()?;
-        len = end;
     }
-    Some(len)
-}
-
-/// Copies guest memory at `addr` into `buf`: one region lookup and one copy when the range
-/// lies in one region (as a buffer nearly always does), vm-memory's walk across regions
-/// otherwise.
-fn read_guest(
-    mem: &GuestMemoryMmap,
-    addr: GuestAddress,
-    buf: &mut [u8],
-) -> Result<(), vm_memory::GuestMemoryError> {
-    match mem.get_slice(addr, buf.len()) {
-        Ok(slice) => {
-            slice.copy_to(buf);
-            Ok(())
-        }
-        Err(_) => mem.read_slice(buf, addr),
-    }
-}
-
-/// Copies `data` into guest memory at `addr` (like [`read_guest`]).
-fn write_guest(
-    mem: &GuestMemoryMmap,
-    addr: GuestAddress,
-    data: &[u8],
-) -> Result<(), vm_memory::GuestMemoryError> {
-    match mem.get_slice(addr, data.len()) {
-        Ok(slice) => {
-            slice.copy_from(data);
-            Ok(())
-        }
-        Err(_) => mem.write_slice(data, addr),
-    }
-}
-
-/// Writes bytes `from..from + n` of `head ++ body` at `addr`.
-fn write_concat(
-    mem: &GuestMemoryMmap,
-    addr: GuestAddress,
-    head: &[u8],
-    body: &[u8],
-    from: usize,
-    n: usize,
-) -> Result<(), vm_memory::GuestMemoryError> {
-    let mut addr = addr;
-    let end = from + n;
-    if from < head.len() {
-        let part = &head[from..end.min(head.len())];
-        write_guest(mem, addr, part)?;
-        addr = addr.unchecked_add(part.len() as u64);
-    }
-    let from = from.max(head.len()) - head.len();
-    let end = end.saturating_sub(head.len());
-    if end > from {
-        write_guest(mem, addr, &body[from..end])?;
-    }
-    Ok(())
-}
-
-/// Puts `entries` (head, length) on `queue`'s used ring and publishes them with one index
-/// update, so the guest never sees part of a frame's buffers (`virtio-queue`'s `add_used`
-/// publishes one entry at a time).
-fn publish_used<M: GuestMemory>(
-    queue: &mut VirtQueue,
-    mem: &M,
-    entries: &[(u16, u32)],
-) -> io::Result<()> {
-    let size = queue.size();
-    if size == 0 {
-        return Err(io::Error::other("queue not configured"));
-    }
-    let ring = GuestAddress(queue.used_ring());
-    let mut idx = queue.next_used();
-    for &(head, len) in entries {
-        // struct virtq_used_elem { le32 id; le32 len; } after the flags and index words.
-        let at = 4 + u64::from(idx % size) * 8;
-        let mut elem = [0u8; 8];
-        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        elem[4..].copy_from_slice(&len.to_le_bytes());
-        let addr = ring
-            .checked_add(at)
-            .ok_or_else(|| io::Error::other("used ring address overflows"))?;
-        mem.write_slice(&elem, addr).map_err(io::Error::other)?;
-        idx = idx.wrapping_add(1);
-    }
-    // The elements before the index that makes them visible.
-    mem.store(idx.to_le(), ring.unchecked_add(2), AtomicOrdering::Release)
-        .map_err(io::Error::other)?;
-    queue.set_next_used(idx);
-    Ok(())
-}
-
-/// Whether the guest wants an interrupt for what was put on `queue`'s used ring since the
-/// last check (`last_check`: the used index then): with EVENT_IDX, whether its used_event
-/// was passed; without, the avail ring's NO_INTERRUPT flag (which `virtio-queue` does not
-/// read).
-fn needs_interrupt<M: GuestMemory>(queue: &mut VirtQueue, mem: &M, last_check: &mut u16) -> bool {
-    let new = queue.next_used();
-    let old = std::mem::replace(last_check, new);
-    // The used index is written before the guest's side is read.
-    std::sync::atomic::fence(AtomicOrdering::SeqCst);
-    let avail = GuestAddress(queue.avail_ring());
-    if queue.event_idx_enabled() {
-        // used_event follows the avail ring's flags, index and `size` entries.
-        let at = 4 + 2 * u64::from(queue.size());
-        let Some(used_event) = avail
-            .checked_add(at)
-            .and_then(|a| mem.load::<u16>(a, AtomicOrdering::Acquire).ok())
-            .map(u16::from_le)
-        else {
-            return true;
-        };
-        return new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old);
-    }
-    let flags: u16 = mem
-        .load::<u16>(avail, AtomicOrdering::Acquire)
-        .map(u16::from_le)
-        .unwrap_or(0);
-    flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0
 }
 
 fn lock(m: &Mutex<Option<Queue>>) -> std::sync::MutexGuard<'_, Option<Queue>> {
@@ -636,6 +525,10 @@ impl VhostDevice for VhostNetPort {
         if index.is_multiple_of(2) {
             let mut rx = lock(&self.rx[pair]);
             self.rx_started.fetch_and(!(1 << pair), Ordering::AcqRel);
+            // What a burst in progress put on the ring is the guest's: published.
+            if let Some(q) = rx.as_mut() {
+                publish_and_notify(q);
+            }
             *rx = None;
         } else {
             let mut tx = lock(&self.tx[pair]);
