@@ -14,6 +14,11 @@ use crate::Error;
 /// `UDP_SEGMENT` (linux/udp.h): the segment size of a UDP GSO send.
 const UDP_SEGMENT: libc::c_int = 103;
 
+/// Most datagrams in one UDP GSO send (the kernel's UDP_MAX_SEGMENTS is 64 or more).
+const MAX_GSO_SEGMENTS: usize = 64;
+/// Most bytes in one UDP GSO send (one IP packet before it is cut).
+const MAX_GSO_BYTES: usize = 65000;
+
 /// Datagrams per system call.
 pub const BATCH: usize = 32;
 /// Room for one datagram: VXLAN header + the largest inner frame of a 9000-byte underlay.
@@ -100,6 +105,8 @@ pub struct Uplink {
     tx: Slots,
     tx_count: usize,
     tx_dropped: u64,
+    /// Runs of queued datagrams go out as one UDP GSO send (until the kernel refuses one).
+    gso: bool,
 }
 
 impl std::fmt::Debug for Uplink {
@@ -287,6 +294,7 @@ impl Uplink {
             tx: Slots::new(),
             tx_count: 0,
             tx_dropped: 0,
+            gso: true,
         })
     }
 
@@ -478,46 +486,125 @@ impl Uplink {
         let mut iov: [MaybeUninit<libc::iovec>; BATCH] = [MaybeUninit::uninit(); BATCH];
         // SAFETY: mmsghdr is plain old data; all-zero is a valid value.
         let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        // One UDP_SEGMENT control message per message that carries a run.
+        let mut control = [[0u64; 4]; BATCH];
+        // Datagrams per message.
+        let mut datagrams = [0usize; BATCH];
         let base = self.tx.data.as_mut_ptr();
-        for i in 0..count {
-            iov[i].write(libc::iovec {
+        for (i, v) in iov.iter_mut().enumerate().take(count) {
+            v.write(libc::iovec {
                 // SAFETY: slot i lies inside `data`.
                 iov_base: unsafe { base.add(i * SLOT) }.cast(),
                 iov_len: self.tx.lens[i],
             });
-            let h = &mut msgs[i].msg_hdr;
+        }
+        let namelen = match self.family {
+            UnderlayFamily::V4 => std::mem::size_of::<libc::sockaddr_in>(),
+            UnderlayFamily::V6 => std::mem::size_of::<libc::sockaddr_in6>(),
+        } as libc::socklen_t;
+        // Messages: runs of datagrams of one size to one VTEP are one GSO message (the
+        // kernel builds and routes them as one packet and cuts it late, or hands it whole to
+        // a receiver that takes UDP GRO); other datagrams one message each.
+        let same_dest = |a: &libc::sockaddr_storage, b: &libc::sockaddr_storage| {
+            // SAFETY: both are initialised sockaddr_storage values; comparing `namelen`
+            // bytes of them stays inside.
+            unsafe {
+                libc::memcmp(
+                    (a as *const libc::sockaddr_storage).cast(),
+                    (b as *const libc::sockaddr_storage).cast(),
+                    namelen as usize,
+                ) == 0
+            }
+        };
+        let mut nmsgs = 0;
+        let mut i = 0;
+        while i < count {
+            let len = self.tx.lens[i];
+            let mut j = i + 1;
+            if self.gso {
+                while j < count
+                    && j - i < MAX_GSO_SEGMENTS
+                    && self.tx.lens[j] == len
+                    && (j - i + 1) * len <= MAX_GSO_BYTES
+                    && same_dest(&self.tx.addrs[i], &self.tx.addrs[j])
+                {
+                    j += 1;
+                }
+            }
+            let h = &mut msgs[nmsgs].msg_hdr;
             h.msg_name = (&raw mut self.tx.addrs[i]).cast();
-            h.msg_namelen = match self.family {
-                UnderlayFamily::V4 => std::mem::size_of::<libc::sockaddr_in>(),
-                UnderlayFamily::V6 => std::mem::size_of::<libc::sockaddr_in6>(),
-            } as libc::socklen_t;
+            h.msg_namelen = namelen;
             h.msg_iov = iov[i].as_mut_ptr();
-            h.msg_iovlen = 1;
+            h.msg_iovlen = j - i;
+            if j - i > 1 {
+                let c = &mut control[nmsgs];
+                h.msg_control = c.as_mut_ptr().cast();
+                // SAFETY: CMSG_SPACE only computes a size.
+                h.msg_controllen =
+                    unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+                // SAFETY: the control buffer (32 bytes, 8-aligned) holds one cmsghdr with a
+                // u16 of data, which is what msg_controllen says; CMSG_FIRSTHDR points into it.
+                unsafe {
+                    let c = libc::CMSG_FIRSTHDR(h);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), len as u16);
+                }
+            }
+            datagrams[nmsgs] = j - i;
+            nmsgs += 1;
+            i = j;
         }
         let mut sent = 0;
         let mut failed = 0;
-        while sent < count {
-            // SAFETY: headers sent..count point at live iovecs, buffers and addresses.
+        while sent < nmsgs {
+            // SAFETY: headers sent..nmsgs point at live iovecs, buffers, addresses and
+            // control messages.
             let n = unsafe {
                 libc::sendmmsg(
                     self.socket.as_raw_fd(),
-                    msgs[sent..].as_mut_ptr(),
-                    (count - sent) as libc::c_uint,
+                    msgs[sent..nmsgs].as_mut_ptr(),
+                    (nmsgs - sent) as libc::c_uint,
                     libc::MSG_DONTWAIT,
                 )
             };
             if n <= 0 {
-                // EAGAIN (buffer full) or an error: what is left is dropped, never blocked on.
-                // An unreachable peer (ICMP error) fails one message: skip it and go on.
-                if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
-                    sent += 1;
-                    failed += 1;
-                    continue;
+                let err = io::Error::last_os_error();
+                if n < 0 && err.kind() == io::ErrorKind::WouldBlock {
+                    // Buffer full: what is left is dropped, never blocked on.
+                    return failed + datagrams[sent..nmsgs].iter().sum::<usize>();
                 }
-                return failed + count - sent;
+                if n < 0 && datagrams[sent] > 1 && self.gso {
+                    // The kernel refused the offload (no checksum offload on the route's
+                    // device, an old kernel): send this run, and everything after, one
+                    // datagram at a time.
+                    self.gso = false;
+                    let first = (msgs[sent].msg_hdr.msg_iov as usize - iov.as_ptr() as usize)
+                        / std::mem::size_of::<libc::iovec>();
+                    let rest = datagrams[sent..nmsgs].iter().sum::<usize>();
+                    self.requeue(first, rest);
+                    return failed + self.flush_queue();
+                }
+                // An unreachable peer (ICMP error) fails one message: skip it and go on.
+                failed += datagrams[sent];
+                sent += 1;
+                continue;
             }
             sent += n as usize;
         }
         failed
+    }
+
+    /// Moves queued datagrams `first..first + n` to the front of the queue.
+    fn requeue(&mut self, first: usize, n: usize) {
+        if first > 0 {
+            self.tx
+                .data
+                .copy_within(first * SLOT..(first + n) * SLOT, 0);
+            self.tx.lens.copy_within(first..first + n, 0);
+            self.tx.addrs.copy_within(first..first + n, 0);
+        }
+        self.tx_count = n;
     }
 }
