@@ -500,6 +500,8 @@ struct Worker {
     tally: Tally,
     scratch: Box<[u8]>,
     gro: TcpCoalescer,
+    /// Frames of a burst bound for guests: (index in `targets`, index in `pending`).
+    vhost_out: Vec<(usize, usize)>,
 }
 
 /// Resolves a verdict to targets: TAP handles of local ports (a port that is gone is counted
@@ -619,6 +621,7 @@ impl Worker {
             flood,
             tally,
             scratch,
+            vhost_out,
             ..
         } = self;
 
@@ -711,8 +714,15 @@ impl Worker {
                     vnet: p.vnet,
                 }
             };
-            for target in &targets[range.clone()] {
+            for (t, target) in targets[range.clone()].iter().enumerate() {
                 match target {
+                    // A guest that takes the frame as it is: written with the others of the
+                    // burst for it, under one lock.
+                    Target::Local(_, Endpoint::Vhost(v))
+                        if p.vnet.is_plain() || v.takes_as_is(&p.header) =>
+                    {
+                        vhost_out.push((range.start + t, i));
+                    }
                     Target::Local(q, tap) => send_local(tally, lane, vni, *q, tap, payload),
                     Target::Remote(vtep) => {
                         send_remote(tally, uplinks, scratch, port, *vtep, vni, payload)
@@ -720,6 +730,7 @@ impl Worker {
                 }
             }
         }
+        deliver_to_guests(vhost_out, targets, pending, frames, tally, lane, vni);
         end_rx_bursts(targets);
         let mut tx_dropped = 0;
         for up in uplinks.iter_mut() {
@@ -819,6 +830,45 @@ impl Worker {
             tally.apply(&mut lock(shared).switch);
         }
     }
+}
+
+/// Writes the frames of a burst bound for guests (`out`: target, frame), each guest's under
+/// one lock, in the order they came; counts them.
+fn deliver_to_guests(
+    out: &mut Vec<(usize, usize)>,
+    targets: &[Target],
+    pending: &[Pending],
+    frames: &[u8],
+    tally: &mut Tally,
+    lane: usize,
+    vni: Vni,
+) {
+    const PLAIN: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+    let port_of = |t: usize| match &targets[t] {
+        Target::Local(q, _) => q.0,
+        Target::Remote(_) => u32::MAX,
+    };
+    // Stable: each guest's frames stay in order.
+    out.sort_by_key(|&(t, _)| port_of(t));
+    for run in out.chunk_by(|a, b| port_of(a.0) == port_of(b.0)) {
+        let Target::Local(q, Endpoint::Vhost(v)) = &targets[run[0].0] else {
+            continue;
+        };
+        let items = run.iter().map(|&(_, i)| {
+            let p = &pending[i];
+            let header = if p.vnet.is_plain() { &PLAIN } else { &p.header };
+            (header, &frames[p.at + VNET_HDR_LEN..p.at + p.len])
+        });
+        let mut lens = run.iter().map(|&(_, i)| pending[i].len - VNET_HDR_LEN);
+        v.deliver_burst(lane, items, |result| {
+            let len = lens.next().unwrap_or(0);
+            match result {
+                Ok(()) => tally.tx(vni, *q, len),
+                Err(_) => tally.drop(vni, Some(*q), DropReason::TxError),
+            }
+        });
+    }
+    out.clear();
 }
 
 /// The end of a burst: notifies the guests among the local targets, clears the targets.
@@ -1190,6 +1240,7 @@ impl DatapathWorkers {
                         pending: Vec::with_capacity(BATCH),
                         decisions: Vec::with_capacity(BATCH),
                         targets: Vec::with_capacity(4 * BATCH),
+                        vhost_out: Vec::with_capacity(4 * BATCH),
                         flood: Vec::with_capacity(64),
                         tally: Tally {
                             events: Vec::with_capacity(4 * BATCH),

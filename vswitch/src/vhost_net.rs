@@ -181,6 +181,7 @@ impl VhostNetPort {
         };
         ring.set_kicks(false);
         let mut avail = ring.avail_idx();
+        ring.prefetch(avail, lens.len());
         let mut taken = 0;
         let mut malformed = 0;
         let mut empty = false;
@@ -249,20 +250,10 @@ impl VhostNetPort {
         header: &[u8; VNET_HDR_LEN],
         frame: &[u8],
     ) -> io::Result<()> {
+        if self.takes_as_is(header) {
+            return self.deliver(lane, header, frame);
+        }
         let vnet = VnetHeader::parse(header);
-        if vnet.is_plain() {
-            return self.deliver(lane, header, frame);
-        }
-        let tso_ok = match vnet.gso_type & 0x7f {
-            t if t == VNET_GSO_NONE => true,
-            1 => self.accepted(VIRTIO_NET_F_GUEST_TSO4),
-            4 => self.accepted(VIRTIO_NET_F_GUEST_TSO6),
-            _ => false,
-        };
-        let csum_ok = vnet.flags & VNET_F_NEEDS_CSUM == 0 || self.accepted(VIRTIO_NET_F_GUEST_CSUM);
-        if tso_ok && csum_ok {
-            return self.deliver(lane, header, frame);
-        }
         if vnet.is_tcp_gso() {
             let mut seg = TcpSegmenter::new(frame, vnet.gso_size as usize)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
@@ -297,100 +288,83 @@ impl VhostNetPort {
     /// Writes header + frame into as many receive buffers as it takes (one without
     /// MRG_RXBUF). The guest is notified by [`Self::end_rx_burst`].
     fn deliver(&self, lane: usize, header: &[u8; VNET_HDR_LEN], frame: &[u8]) -> io::Result<()> {
+        let mut result = Ok(());
+        self.deliver_burst(lane, std::iter::once((header, frame)), |r| result = r);
+        result
+    }
+
+    /// Whether a frame with this header goes to the guest as it is (its offloads are ones
+    /// the guest accepted): then it can be part of a [`Self::deliver_burst`].
+    pub fn takes_as_is(&self, header: &[u8; VNET_HDR_LEN]) -> bool {
+        let vnet = VnetHeader::parse(header);
+        if vnet.is_plain() {
+            return true;
+        }
+        let tso_ok = match vnet.gso_type & 0x7f {
+            t if t == VNET_GSO_NONE => true,
+            1 => self.accepted(VIRTIO_NET_F_GUEST_TSO4),
+            4 => self.accepted(VIRTIO_NET_F_GUEST_TSO6),
+            _ => false,
+        };
+        tso_ok && (vnet.flags & VNET_F_NEEDS_CSUM == 0 || self.accepted(VIRTIO_NET_F_GUEST_CSUM))
+    }
+
+    /// Puts frames (virtio-net header, frame: offloads the guest accepted, see
+    /// [`Self::takes_as_is`]) into the guest's receive buffers, on the receive queue of
+    /// `lane`, under one lock; `done` is told each frame's fate, in order. The guest sees
+    /// them and is notified at [`Self::end_rx_burst`].
+    pub fn deliver_burst<'a>(
+        &self,
+        lane: usize,
+        frames: impl Iterator<Item = (&'a [u8; VNET_HDR_LEN], &'a [u8])>,
+        mut done: impl FnMut(io::Result<()>),
+    ) {
         let pair = self.rx_queue(lane);
         let mut guard = lock(&self.rx[pair]);
         let Some(q) = guard.as_mut() else {
-            return Err(io::Error::new(io::ErrorKind::NotConnected, "no guest"));
+            for _ in frames {
+                done(Err(io::Error::new(io::ErrorKind::NotConnected, "no guest")));
+            }
+            return;
         };
         let mem = q.mem.memory();
         let mergeable = self.accepted(VIRTIO_NET_F_MRG_RXBUF);
-        let mut hdr = *header;
-        // num_buffers: 1 unless the frame spans several buffers (patched below).
-        hdr[10..12].copy_from_slice(&1u16.to_le_bytes());
-        let total = VNET_HDR_LEN + frame.len();
         let mut state = q.vring.get_mut();
         let queue = state.get_queue_mut();
         let Some(mut ring) = RingView::new(queue, &mem) else {
-            return Err(io::Error::other("receive ring outside guest memory"));
+            for _ in frames {
+                done(Err(io::Error::other("receive ring outside guest memory")));
+            }
+            return;
         };
-        let avail = ring.avail_idx();
-        let used = &mut q.used;
-        used.clear();
-        // Where num_buffers (header bytes 10 and 11) landed in guest memory.
-        let mut num_buffers_at = [None; 2];
-        let mut done = 0;
-        while done < total {
-            if !mergeable && used.iter().any(|(_, len)| *len > 0) {
-                break;
-            }
-            let Some(head) = ring.pop(avail) else {
-                break;
-            };
-            let from = done;
-            let walked = ring.walk(head, |b| {
-                if done == total || !b.writable {
-                    return Ok(());
+        let mut avail = ring.avail_idx();
+        let (hint, _) = frames.size_hint();
+        ring.prefetch(avail, hint);
+        let mut delivered = 0u64;
+        for (header, frame) in frames {
+            match fill(&mut ring, &mut avail, &mut q.used, mergeable, header, frame) {
+                Ok(()) => {
+                    delivered += 1;
+                    done(Ok(()));
                 }
-                let n = (b.len as usize).min(total - done);
-                for (slot, at) in num_buffers_at.iter_mut().zip(10..12) {
-                    if (done..done + n).contains(&at) {
-                        *slot = b.addr.checked_add((at - done) as u64);
-                    }
-                }
-                // The header, then the frame.
-                let mut addr = b.addr;
-                let end = done + n;
-                if done < VNET_HDR_LEN {
-                    let part = &hdr[done..end.min(VNET_HDR_LEN)];
-                    ring.write(addr, part)?;
-                    addr = addr.unchecked_add(part.len() as u64);
-                }
-                let (f, e) = (done.max(VNET_HDR_LEN) - VNET_HDR_LEN, end - VNET_HDR_LEN);
-                if e > f {
-                    ring.write(addr, &frame[f..e])?;
-                }
-                done = end;
-                Ok(())
-            });
-            if walked.is_ok() && done > from {
-                used.push((head, (done - from) as u32));
-            } else {
-                // Outside guest memory, or no room at all: given back empty.
-                done = from;
-                used.push((head, 0));
-            }
-        }
-        if done < total {
-            // Not enough buffers: they stay for the next frame (the ring is not finished).
-            self.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
-            return Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                "no receive buffers",
-            ));
-        }
-        let buffers = used.iter().filter(|(_, len)| *len > 0).count() as u16;
-        if buffers > 1 {
-            for (addr, byte) in num_buffers_at.iter().zip(buffers.to_le_bytes()) {
-                if let Some(addr) = addr {
-                    let _ = ring.write(*addr, &[byte]);
+                Err(e) => {
+                    self.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
+                    done(Err(e));
                 }
             }
-        }
-        // Buffers given back empty first, then the frame's: the guest reads num_buffers
-        // entries in a row; all become visible with one index update.
-        used.sort_by_key(|(_, len)| *len > 0);
-        for &(head, len) in used.iter() {
-            ring.push_used(head, len);
         }
         // Made visible at the end of the burst (one index update for all its frames; the
         // guest polls the used index, and every update costs both sides a cache line).
         ring.finish(state.get_queue_mut());
-        let bit = 1 << pair;
-        if self.rx_pending.load(Ordering::Acquire) & bit == 0 {
-            self.rx_pending.fetch_or(bit, Ordering::AcqRel);
+        if delivered > 0 {
+            let bit = 1 << pair;
+            if self.rx_pending.load(Ordering::Acquire) & bit == 0 {
+                self.rx_pending.fetch_or(bit, Ordering::AcqRel);
+            }
+            self.pairs[pair]
+                .rx_frames
+                .fetch_add(delivered, Ordering::Relaxed);
         }
-        self.pairs[pair].rx_frames.fetch_add(1, Ordering::Relaxed);
-        Ok(())
     }
 
     /// After a burst of frames to this port: notifies the guest once, if it wants to be.
@@ -405,6 +379,98 @@ impl VhostNetPort {
             }
         }
     }
+}
+
+/// Writes one frame after its header into as many receive buffers of `ring` as it takes
+/// (one without MRG_RXBUF) and puts them on the used ring (`used`: scratch). Without enough
+/// buffers, nothing is taken.
+fn fill(
+    ring: &mut RingView<'_>,
+    avail: &mut u16,
+    used: &mut Vec<(u16, u32)>,
+    mergeable: bool,
+    header: &[u8; VNET_HDR_LEN],
+    frame: &[u8],
+) -> io::Result<()> {
+    let mut hdr = *header;
+    // num_buffers: 1 unless the frame spans several buffers (patched below).
+    hdr[10..12].copy_from_slice(&1u16.to_le_bytes());
+    let total = VNET_HDR_LEN + frame.len();
+    used.clear();
+    // Where num_buffers (header bytes 10 and 11) landed in guest memory.
+    let mut num_buffers_at = [None; 2];
+    let mut done = 0;
+    let mut looked_again = false;
+    while done < total {
+        if !mergeable && used.iter().any(|(_, len)| *len > 0) {
+            break;
+        }
+        let Some(head) = ring.pop(*avail) else {
+            // The guest may have added buffers since the burst started: look once more.
+            if looked_again {
+                break;
+            }
+            looked_again = true;
+            *avail = ring.avail_idx();
+            continue;
+        };
+        let from = done;
+        let walked = ring.walk(head, |b| {
+            if done == total || !b.writable {
+                return Ok(());
+            }
+            let n = (b.len as usize).min(total - done);
+            for (slot, at) in num_buffers_at.iter_mut().zip(10..12) {
+                if (done..done + n).contains(&at) {
+                    *slot = b.addr.checked_add((at - done) as u64);
+                }
+            }
+            // The header, then the frame.
+            let mut addr = b.addr;
+            let end = done + n;
+            if done < VNET_HDR_LEN {
+                let part = &hdr[done..end.min(VNET_HDR_LEN)];
+                ring.write(addr, part)?;
+                addr = addr.unchecked_add(part.len() as u64);
+            }
+            let (f, e) = (done.max(VNET_HDR_LEN) - VNET_HDR_LEN, end - VNET_HDR_LEN);
+            if e > f {
+                ring.write(addr, &frame[f..e])?;
+            }
+            done = end;
+            Ok(())
+        });
+        if walked.is_ok() && done > from {
+            used.push((head, (done - from) as u32));
+        } else {
+            // Outside guest memory, or no room at all: given back empty.
+            done = from;
+            used.push((head, 0));
+        }
+    }
+    if done < total {
+        // Not enough buffers: they stay for the next frame.
+        ring.unpop(used.len() as u16);
+        return Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "no receive buffers",
+        ));
+    }
+    let buffers = used.iter().filter(|(_, len)| *len > 0).count() as u16;
+    if buffers > 1 {
+        for (addr, byte) in num_buffers_at.iter().zip(buffers.to_le_bytes()) {
+            if let Some(addr) = addr {
+                let _ = ring.write(*addr, &[byte]);
+            }
+        }
+    }
+    // Buffers given back empty first, then the frame's: the guest reads num_buffers entries
+    // in a row.
+    used.sort_by_key(|(_, len)| *len > 0);
+    for &(head, len) in used.iter() {
+        ring.push_used(head, len);
+    }
+    Ok(())
 }
 
 /// Makes the used elements put on a receive queue visible to the guest and notifies it if
