@@ -409,26 +409,35 @@ enum Target {
 /// What a burst did to the counters, applied under the lock at its end.
 #[derive(Default)]
 struct Tally {
-    events: Vec<(Vni, Option<PortId>, Option<DropReason>, usize)>,
+    /// (tenant, port, drop reason or none for frames sent, frames, bytes); consecutive frames
+    /// sent to one port are one entry.
+    events: Vec<(Vni, Option<PortId>, Option<DropReason>, u64, u64)>,
 }
 
 impl Tally {
     fn tx(&mut self, vni: Vni, port: PortId, len: usize) {
-        self.events.push((vni, Some(port), None, len));
+        if let Some((v, Some(p), None, frames, bytes)) = self.events.last_mut()
+            && (*v, *p) == (vni, port)
+        {
+            *frames += 1;
+            *bytes += len as u64;
+            return;
+        }
+        self.events.push((vni, Some(port), None, 1, len as u64));
     }
 
     fn drop(&mut self, vni: Vni, port: Option<PortId>, reason: DropReason) {
-        self.events.push((vni, port, Some(reason), 0));
+        self.events.push((vni, port, Some(reason), 1, 0));
     }
 
     fn apply(&mut self, switch: &mut Switch) {
-        for (vni, port, reason, len) in self.events.drain(..) {
+        for (vni, port, reason, frames, bytes) in self.events.drain(..) {
             let Some(tenant) = switch.tenant_by_vni_mut(vni) else {
                 continue;
             };
             match (reason, port) {
                 (Some(r), p) => tenant.count_drop(p, r),
-                (None, Some(p)) => tenant.count_tx(p, len),
+                (None, Some(p)) => tenant.count_tx_frames(p, frames, bytes),
                 (None, None) => {}
             }
         }
@@ -443,7 +452,6 @@ enum Endpoint {
 }
 
 impl Endpoint {
-    /// The next frame (virtio-net header first), if any.
     /// After a burst: a guest is notified of the frames put on its receive ring.
     fn end_rx_burst(&self) {
         if let Endpoint::Vhost(v) = self {
@@ -570,14 +578,14 @@ impl Worker {
                     t if t >= TOKEN_UPLINK => self.on_uplink((t - TOKEN_UPLINK) as usize),
                     t => {
                         let queue = (PortId(t as u32), (t >> 32) as usize);
-                        if self.on_tap(queue.0, queue.1) && !next.contains(&queue) {
+                        if self.on_tap(queue.0, queue.1, true) && !next.contains(&queue) {
                             next.push(queue);
                         }
                     }
                 }
             }
             for queue in again.drain(..) {
-                if !next.contains(&queue) && self.on_tap(queue.0, queue.1) {
+                if !next.contains(&queue) && self.on_tap(queue.0, queue.1, false) {
                     next.push(queue);
                 }
             }
@@ -597,9 +605,10 @@ impl Worker {
         }
     }
 
-    /// Serves a burst from a port; true if the port may have more (a vhost-user ring is
-    /// served again without waiting for a kick).
-    fn on_tap(&mut self, port: PortId, pair: usize) -> bool {
+    /// Serves a burst from a port (`kicked`: epoll reported it, rather than the port having
+    /// had more last time); true if the port may have more (a vhost-user ring is served
+    /// again without waiting for a kick).
+    fn on_tap(&mut self, port: PortId, pair: usize, kicked: bool) -> bool {
         let (tap, vni) = {
             let s = lock(&self.shared);
             (s.endpoints.get(&port).cloned(), s.switch.port_vni(port))
@@ -629,7 +638,7 @@ impl Worker {
         pending.clear();
         let mut lens = [0usize; BATCH];
         let (taken, more) = match &tap {
-            Endpoint::Vhost(v) => v.recv_burst(pair, frames, FRAME_SLOT, &mut lens),
+            Endpoint::Vhost(v) => v.recv_burst(pair, kicked, frames, FRAME_SLOT, &mut lens),
             Endpoint::Tap(t) => {
                 let mut n = 0;
                 while n < BATCH {

@@ -295,9 +295,14 @@ impl TenantSwitch {
     /// Counts a frame the datapath sent to a local port.
     #[inline]
     pub fn count_tx(&mut self, port: PortId, bytes: usize) {
+        self.count_tx_frames(port, 1, bytes as u64);
+    }
+
+    /// Counts `frames` frames of `bytes` bytes in all sent to a local port.
+    pub fn count_tx_frames(&mut self, port: PortId, frames: u64, bytes: u64) {
         if let Some(p) = self.ports.get_mut(&port) {
-            p.counters.tx_packets += 1;
-            p.counters.tx_bytes += bytes as u64;
+            p.counters.tx_packets += frames;
+            p.counters.tx_bytes += bytes;
         }
     }
 

@@ -151,7 +151,8 @@ impl VhostNetPort {
         self.features.load(Ordering::Relaxed) & (1u64 << bit) != 0
     }
 
-    /// Takes up to `lens.len()` frames the guest sent (virtio-net header first): frame `i`
+    /// Takes up to `lens.len()` frames the guest sent on pair `pair` (`kicked`: the worker
+    /// was woken by its kick, which is consumed) (virtio-net header first): frame `i`
     /// into `frames[i * slot..]`, its length into `lens[i]` (0: a chain that could not be
     /// read — outside guest memory, a loop, larger than a slot — dropped and counted).
     /// Returns how many were taken and whether more may wait (the caller comes back without
@@ -159,6 +160,7 @@ impl VhostNetPort {
     pub fn recv_burst(
         &self,
         pair: usize,
+        kicked: bool,
         frames: &mut [u8],
         slot: usize,
         lens: &mut [usize],
@@ -170,8 +172,10 @@ impl VhostNetPort {
         let Some(q) = guard.as_mut() else {
             return (0, false);
         };
-        // Consumed first: a kick from here on wakes the worker again.
-        let _ = (&q.kick).read(&mut [0u8; 8]);
+        // Consumed first when it woke the worker: a kick from here on wakes it again.
+        if kicked {
+            let _ = (&q.kick).read(&mut [0u8; 8]);
+        }
         let mem = q.mem.memory();
         let mut state = q.vring.get_mut();
         let queue = state.get_queue_mut();
