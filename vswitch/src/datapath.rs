@@ -409,35 +409,57 @@ enum Target {
 /// What a burst did to the counters, applied under the lock at its end.
 #[derive(Default)]
 struct Tally {
-    /// (tenant, port, drop reason or none for frames sent, frames, bytes); consecutive frames
-    /// sent to one port are one entry.
-    events: Vec<(Vni, Option<PortId>, Option<DropReason>, u64, u64)>,
+    /// Consecutive frames sent to one port are one entry.
+    events: Vec<TallyEvent>,
+}
+
+/// Frames sent to a port, or a drop.
+struct TallyEvent {
+    vni: Vni,
+    port: Option<PortId>,
+    /// None: frames sent.
+    reason: Option<DropReason>,
+    frames: u64,
+    bytes: u64,
 }
 
 impl Tally {
     fn tx(&mut self, vni: Vni, port: PortId, len: usize) {
-        if let Some((v, Some(p), None, frames, bytes)) = self.events.last_mut()
-            && (*v, *p) == (vni, port)
+        if let Some(e) = self.events.last_mut()
+            && e.reason.is_none()
+            && (e.vni, e.port) == (vni, Some(port))
         {
-            *frames += 1;
-            *bytes += len as u64;
+            e.frames += 1;
+            e.bytes += len as u64;
             return;
         }
-        self.events.push((vni, Some(port), None, 1, len as u64));
+        self.events.push(TallyEvent {
+            vni,
+            port: Some(port),
+            reason: None,
+            frames: 1,
+            bytes: len as u64,
+        });
     }
 
     fn drop(&mut self, vni: Vni, port: Option<PortId>, reason: DropReason) {
-        self.events.push((vni, port, Some(reason), 1, 0));
+        self.events.push(TallyEvent {
+            vni,
+            port,
+            reason: Some(reason),
+            frames: 1,
+            bytes: 0,
+        });
     }
 
     fn apply(&mut self, switch: &mut Switch) {
-        for (vni, port, reason, frames, bytes) in self.events.drain(..) {
-            let Some(tenant) = switch.tenant_by_vni_mut(vni) else {
+        for e in self.events.drain(..) {
+            let Some(tenant) = switch.tenant_by_vni_mut(e.vni) else {
                 continue;
             };
-            match (reason, port) {
+            match (e.reason, e.port) {
                 (Some(r), p) => tenant.count_drop(p, r),
-                (None, Some(p)) => tenant.count_tx_frames(p, frames, bytes),
+                (None, Some(p)) => tenant.count_tx_frames(p, e.frames, e.bytes),
                 (None, None) => {}
             }
         }
