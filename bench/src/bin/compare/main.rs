@@ -95,12 +95,12 @@ fn main() -> ExitCode {
         "switch" => switch::suite(secs, workers),
         "block" => block::suite(block_secs),
         "vhost-blk" => vhost_blk::suite(block_secs),
-        "vhost-net" => vhost_net::suite(secs),
+        "vhost-net" => vhost_net::suite(secs / 2),
         _ => switch::suite(secs, workers).and_then(|mut rows| {
             rows.extend(block::suite(block_secs)?);
             rows.extend(vhost_blk::suite(block_secs)?);
             if need("dpdk-testpmd", "dpdk-dev").is_ok() {
-                rows.extend(vhost_net::suite(secs)?);
+                rows.extend(vhost_net::suite(secs / 2)?);
             }
             Ok(rows)
         }),
