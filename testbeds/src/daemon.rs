@@ -136,15 +136,9 @@ impl Daemon {
     }
 }
 
-/// Starts vswitchd (the workspace binary) inside host `ns`, on underlay address `underlay`,
-/// with its run and state directories in `dir` (`dir/run/vswitchd.sock` is its API), plus
-/// `extra` flags.
-pub fn start_vswitchd(
-    ns: &Netns,
-    underlay: std::net::IpAddr,
-    dir: &Path,
-    extra: &[&str],
-) -> Result<Daemon, Error> {
+/// vswitchd's command line for a host on underlay address `underlay`, with its run and state
+/// directories in `dir` (`dir/run/vswitchd.sock` is its API), plus `extra` flags.
+pub fn vswitchd_args(underlay: std::net::IpAddr, dir: &Path, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "--underlay".into(),
         underlay.to_string(),
@@ -154,10 +148,20 @@ pub fn start_vswitchd(
         dir.join("state").display().to_string(),
     ];
     args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// Starts vswitchd (the workspace binary) inside host `ns` with [`vswitchd_args`].
+pub fn start_vswitchd(
+    ns: &Netns,
+    underlay: std::net::IpAddr,
+    dir: &Path,
+    extra: &[&str],
+) -> Result<Daemon, Error> {
     Daemon::start(
         ns,
         &workspace_binary("vswitchd")?,
-        &args,
+        &vswitchd_args(underlay, dir, extra),
         dir.join("run/vswitchd.sock"),
     )
 }

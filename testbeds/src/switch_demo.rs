@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use crate::Error;
-use crate::daemon::{Daemon, workspace_binary};
+use crate::daemon::{Daemon, start_vswitchd};
 use crate::netns::Netns;
 use crate::probe::ping;
 use crate::switch_bed::{KernelHost, Underlay};
@@ -66,7 +66,6 @@ fn post(d: &Daemon, path: &str, body: &str) -> Result<(), Error> {
 
 /// Runs the tour. Needs root and the vswitchd binary next to the running program.
 pub fn run() -> Result<SwitchTour, Error> {
-    let bin = workspace_binary("vswitchd")?;
     let tmp: PathBuf = std::env::temp_dir().join(format!("libvirtual-demo-{}", std::process::id()));
     let mut ul = Underlay::new()?;
     let mut hosts = Vec::new();
@@ -75,23 +74,7 @@ pub fn run() -> Result<SwitchTour, Error> {
         let ip = Ipv4Addr::new(198, 18, 0, n);
         let ns = ul.host(&format!("h{n}"), ip)?;
         let dir = tmp.join(format!("h{n}"));
-        let args: Vec<String> = [
-            "--underlay",
-            &ip.to_string(),
-            "--run-dir",
-            &dir.join("run").display().to_string(),
-            "--state-dir",
-            &dir.join("state").display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        daemons.push(Daemon::start(
-            &ns,
-            &bin,
-            &args,
-            dir.join("run/vswitchd.sock"),
-        )?);
+        daemons.push(start_vswitchd(&ns, ip.into(), &dir, &[])?);
         hosts.push((ns, ip));
     }
     let kernel_peers: Vec<IpAddr> = hosts.iter().map(|(_, ip)| IpAddr::V4(*ip)).collect();

@@ -22,7 +22,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use testbeds::daemon::{Daemon, workspace_binary};
+use testbeds::daemon::{Daemon, vswitchd_args, workspace_binary};
 use testbeds::netns::Netns;
 use testbeds::scratch::Scratch;
 use testbeds::switch_bed::Underlay;
@@ -229,24 +229,17 @@ impl LoopDriver {
 /// vswitchd in `ns` on `underlay`, one datapath worker, pinned to CPU 1.
 fn vswitchd(ns: &Netns, underlay: IpAddr, dir: &Path) -> Result<Daemon, String> {
     let bin = workspace_binary("vswitchd").map_err(|e| e.to_string())?;
-    let args: Vec<String> = [
-        "-c",
-        "1",
-        &bin.display().to_string(),
-        "--underlay",
-        &underlay.to_string(),
-        "--underlay-mtu",
-        &UNDERLAY_MTU.to_string(),
-        "--workers",
-        "1",
-        "--run-dir",
-        &dir.join("run").display().to_string(),
-        "--state-dir",
-        &dir.join("state").display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = vec!["-c".to_string(), "1".into(), bin.display().to_string()];
+    args.extend(vswitchd_args(
+        underlay,
+        dir,
+        &[
+            "--underlay-mtu",
+            &UNDERLAY_MTU.to_string(),
+            "--workers",
+            "1",
+        ],
+    ));
     Daemon::start(
         ns,
         Path::new("taskset"),
