@@ -186,7 +186,6 @@ fn hostile_rings_get_errors_and_the_device_keeps_serving() {
 #[test]
 fn a_restarted_backend_resubmits_what_its_predecessor_took_from_the_inflight_record() {
     use raw::{DATA, Ring};
-    use std::time::Duration;
     use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
     let pool = Arc::new(Pool::create(MemDevice::new(64 << 20), PoolOptions::default()).unwrap());
     pool.create_volume("v", 16 << 20).unwrap();
@@ -220,6 +219,8 @@ fn a_restarted_backend_resubmits_what_its_predecessor_took_from_the_inflight_rec
     // The state a backend killed mid-request leaves: a request taken (marked in the record)
     // and never completed; the frontend, unable to ask the dead backend, believes the ring
     // is past it.
+    // The connection goes first, so that no backend can take the request for real.
+    r.disconnect();
     let chain = write(&mut r, 16, 0x77);
     let head = r.post(&chain, false);
     let (info, file) = record.as_ref().unwrap();
@@ -233,7 +234,6 @@ fn a_restarted_backend_resubmits_what_its_predecessor_took_from_the_inflight_rec
     shared.write_obj(5u64, desc.unchecked_add(8)).unwrap();
     shared.write_obj(1u8, desc).unwrap();
     drop(r);
-    std::thread::sleep(Duration::from_millis(100));
     assert!(
         pool.read("v", 16 * 512, &mut [0u8; 4096]).is_ok(),
         "the device is still there"

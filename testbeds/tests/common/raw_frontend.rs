@@ -24,7 +24,7 @@ const AVAIL: u64 = BASE + 0x20000;
 pub const DATA: u64 = BASE + 0x40000;
 
 pub struct Ring {
-    _fe: Frontend,
+    fe: Option<Frontend>,
     pub mem: GuestMemoryMmap,
     kick: EventFd,
     avail_idx: u16,
@@ -119,13 +119,20 @@ impl Ring {
         let used_seen: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
         let avail_idx: u16 = mem.read_obj(GuestAddress(AVAIL + 2)).unwrap();
         Ring {
-            _fe: fe,
+            fe: Some(fe),
             mem,
             kick,
             avail_idx,
             used_seen,
             next_desc: 0,
         }
+    }
+
+    /// Closes the vhost-user connection (as a frontend whose backend died) and waits until
+    /// the backend has let go of the queue; the rings stay writable here.
+    pub fn disconnect(&mut self) {
+        self.fe = None;
+        std::thread::sleep(Duration::from_millis(100));
     }
 
     /// Puts a chain of (address, length, device-writable) descriptors on the ring; with
