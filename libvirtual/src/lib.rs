@@ -6,9 +6,12 @@
 //! * [`net`]: the typed client of vswitchd (tenants, ports, VTEPs, forwarding tables,
 //!   metrics), on the request/response types of [`vswitch::api`].
 //!
+//! * [`cni`]: the CNI plugin `vswitch-cni` (containers join tenants).
+//!
 //! The `vctl` binary is the command line over these clients.
 
 pub mod block;
+pub mod cni;
 pub mod http;
 pub mod net;
 

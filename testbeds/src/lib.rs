@@ -1,6 +1,7 @@
 //! `testbeds`: network-namespace hosts, kernel peers and the end-to-end proofs of libvirtual.
 //!
 //! * [`daemon`]: daemons as processes in test hosts, and an HTTP client for their sockets.
+//! * [`cni`]: a miniature CNI runtime that runs `vswitch-cni` and the reference plugins.
 //! * [`netns`]: uniquely named namespaces that are always removed.
 //! * [`transport`]: a userspace VTEP's underlay, as a UDP socket or a raw packet socket.
 //! * [`overlay_host`]: a `smoltcp` tenant host living inside a VNI through overlay-net.
@@ -15,6 +16,7 @@
 //! Everything here needs root (network namespaces); the library crates never depend on it.
 
 pub mod blk_client;
+pub mod cni;
 pub mod daemon;
 pub mod guest;
 pub mod kernel_peer;

@@ -67,6 +67,10 @@ pub struct PortSpec {
     /// The interface's name inside `netns` (default: the port name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ifname: Option<String>,
+    /// Free-form key/value labels kept with the port, for the software that made it (the
+    /// CNI plugin records its network, container and interface here).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 fn default_kind() -> String {

@@ -653,6 +653,7 @@ impl Worker {
             tally,
             scratch,
             vhost_out,
+            epoll,
             ..
         } = self;
 
@@ -669,7 +670,16 @@ impl Worker {
                             lens[n] = len;
                             n += 1;
                         }
-                        Ok(None) | Err(_) => break,
+                        Ok(None) => break,
+                        Err(e) => {
+                            // EBADFD: the interface is gone (its namespace was deleted).
+                            // It would stay readable for ever: stop watching it. The port
+                            // stays until it is deleted through the API.
+                            if e.raw_os_error() == Some(libc::EBADFD) {
+                                let _ = epoll.delete(t.fd());
+                            }
+                            break;
+                        }
                     }
                 }
                 // A TAP with more to read stays readable: epoll comes back to it.

@@ -192,9 +192,14 @@ impl Tap {
             )
         } < 0
         {
+            let e = io::Error::last_os_error();
+            // EBADFD: the interface is gone already (its network namespace was deleted).
+            if e.raw_os_error() == Some(libc::EBADFD) {
+                return Ok(());
+            }
             return Err(Error::Io(
                 format!("TAP {}: TUNSETPERSIST off", self.name),
-                io::Error::last_os_error(),
+                e,
             ));
         }
         Ok(())

@@ -399,6 +399,7 @@ fn run(c: &Client, cmd: Net, out: Output) -> Result<(), Error> {
                 },
                 netns,
                 ifname,
+                labels: Default::default(),
             })?;
             emit(out, &vec![p], port_rows);
         }
