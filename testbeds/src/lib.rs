@@ -7,6 +7,7 @@
 //! * [`overlay_host`]: a `smoltcp` tenant host living inside a VNI through overlay-net.
 //! * [`kernel_peer`]: the interop bed against the Linux kernel's `vxlan` device and the
 //!   scenario the tests and the demo run.
+//! * [`podman`]: podman with the CNI backend, confined to a scratch directory.
 //! * [`probe`]: `ping` and TCP transfers between endpoints.
 //! * [`switch_bed`]: hosts running the vswitch datapath on a shared underlay, TAP endpoints,
 //!   and a kernel VXLAN host for interop.
@@ -22,6 +23,7 @@ pub mod guest;
 pub mod kernel_peer;
 pub mod netns;
 pub mod overlay_host;
+pub mod podman;
 pub mod probe;
 pub mod scratch;
 pub mod switch_bed;

@@ -1,5 +1,5 @@
-//! QEMU guests (TCG) on vhost-user-net ports of vswitchd: a VM and a container endpoint (TAP)
-//! of one tenant reach each other; a VM of another tenant with the same address reaches
+//! QEMU guests (TCG) on vhost-user-net ports of vswitchd: a VM and a container (attached by
+//! `vswitch-cni`) of one tenant reach each other; a VM of another tenant with the same address reaches
 //! neither; after `kill -9` and a restart of vswitchd, QEMU re-attaches by itself and the VM
 //! reaches its peer again.
 
@@ -7,9 +7,10 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
 
+use testbeds::cni::Runtime;
 use testbeds::daemon::{Daemon, container_port, start_vswitchd};
 use testbeds::guest;
-use testbeds::netns::missing_privileges;
+use testbeds::netns::{Netns, missing_privileges};
 use testbeds::probe::ping;
 use testbeds::scratch::Scratch;
 use testbeds::switch_bed::Underlay;
@@ -34,8 +35,17 @@ fn a_vm_and_a_container_of_one_tenant_talk_and_survive_a_switch_restart() {
     let mut d = start_vswitchd(&host, underlay, dir.path(), &["--workers", "2"]).unwrap();
     post(&d, "/v1/tenants", r#"{"name":"a","vni":100}"#);
     post(&d, "/v1/tenants", r#"{"name":"b","vni":200}"#);
-    // The container: a TAP moved into its namespace.
-    let ct = container_port(&d, "ct1", "a", "10.9.0.1/24").unwrap();
+    // The container: attached by the CNI plugin as a runtime would (the reference `static`
+    // IPAM plugin gives it its address).
+    let ct = Netns::create("ct1").unwrap();
+    let net = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "vmnet", "type": "vswitch-cni", "tenant": "a",
+        "socket": dir.join("run/vswitchd.sock"),
+        "ipam": {"type": "static", "addresses": [{"address": "10.9.0.1/24"}]}
+    });
+    let cni = Runtime::new().unwrap();
+    cni.add(&net, "ct1", &format!("/run/netns/{}", ct.name()), "eth0")
+        .unwrap();
     // The VMs: vhost-user-net ports, one per tenant, the same address in both.
     post(
         &d,
@@ -114,6 +124,19 @@ ping -c 2 -W 1 10.9.0.1 > /dev/null 2>&1; echo "PING-OTHER-TENANT $?"
     );
     let (_, ports) = d.request("GET", "/v1/ports/vm1", None).unwrap();
     assert!(ports.contains("vhost-user-net"), "{ports}");
+    // The restarted switch kept the container's attachment: CNI DEL finds and removes it.
+    let del = cni
+        .del(
+            &net,
+            "ct1",
+            Some(&format!("/run/netns/{}", ct.name())),
+            "eth0",
+        )
+        .unwrap();
+    assert!(del.ok, "{del:?}");
+    let (_, ports) = d.request("GET", "/v1/ports", None).unwrap();
+    assert!(!ports.contains("cni.container"), "{ports}");
+    assert!(ct.ip(&["link", "show", "eth0"]).is_err(), "eth0 is gone");
 }
 
 /// Average frame size a port's counters show in one direction (`rx`: from the VM).
