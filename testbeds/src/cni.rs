@@ -46,6 +46,8 @@ impl Outcome {
 #[derive(Clone, Debug)]
 pub struct Runtime {
     path: String,
+    /// The namespace plugins run in (the host's, where vswitchd is), if not the caller's.
+    host: Option<String>,
 }
 
 impl Runtime {
@@ -57,7 +59,17 @@ impl Runtime {
             .ok_or_else(|| Error::Setup("vswitch-cni has no directory".into()))?;
         Ok(Runtime {
             path: format!("{}:{REFERENCE_PLUGINS}", dir.display()),
+            host: None,
         })
+    }
+
+    /// The same runtime running its plugins inside host namespace `ns` (as a runtime on
+    /// that host would: the reference plugins act on the host's interfaces there).
+    pub fn on_host(&self, ns: &crate::netns::Netns) -> Runtime {
+        Runtime {
+            host: Some(ns.name().to_owned()),
+            ..self.clone()
+        }
     }
 
     /// The `CNI_PATH` it passes.
@@ -86,7 +98,15 @@ impl Runtime {
             .map(|d| Path::new(d).join(kind))
             .find(|p| p.is_file())
             .ok_or_else(|| Error::Setup(format!("no plugin {kind} in {}", self.path)))?;
-        let mut child = Command::new(&program)
+        let mut cmd = match &self.host {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg(&program);
+                c
+            }
+            None => Command::new(&program),
+        };
+        let mut child = cmd
             .env_remove("CNI_NETNS")
             .env("CNI_COMMAND", command)
             .env("CNI_PATH", &self.path)
@@ -153,6 +173,75 @@ impl Runtime {
         }
         self.exec("DEL", conf, &vars)
     }
+}
+
+impl Runtime {
+    /// ADD of a network list (`{"cniVersion","name","plugins":[...]}`) as libcni runs one:
+    /// each plugin gets the list's version and name, the previous plugin's result and the
+    /// `runtime` settings of the capabilities it declares. Returns the last result.
+    pub fn add_list(
+        &self,
+        list: &Value,
+        runtime: &Value,
+        container: &str,
+        netns: &str,
+        ifname: &str,
+    ) -> Result<Value, Error> {
+        let mut prev: Option<Value> = None;
+        for plugin in list["plugins"].as_array().into_iter().flatten() {
+            let conf = list_member(list, plugin, runtime, prev.take());
+            prev = Some(self.add(&conf, container, netns, ifname)?);
+        }
+        prev.ok_or_else(|| Error::Setup("empty network list".into()))
+    }
+
+    /// DEL of a network list: the plugins in reverse order, each with `result` (ADD's).
+    pub fn del_list(
+        &self,
+        list: &Value,
+        runtime: &Value,
+        result: &Value,
+        container: &str,
+        netns: Option<&str>,
+        ifname: &str,
+    ) -> Result<(), Error> {
+        let plugins: Vec<&Value> = list["plugins"].as_array().into_iter().flatten().collect();
+        for plugin in plugins.into_iter().rev() {
+            let conf = list_member(list, plugin, runtime, Some(result.clone()));
+            let o = self.del(&conf, container, netns, ifname)?;
+            if !o.ok {
+                return Err(Error::Setup(format!(
+                    "CNI DEL {}: {} {}",
+                    plugin["type"], o.out, o.stderr
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One plugin's configuration out of a list.
+fn list_member(list: &Value, plugin: &Value, runtime: &Value, prev: Option<Value>) -> Value {
+    let mut conf = plugin.clone();
+    conf["cniVersion"] = list["cniVersion"].clone();
+    conf["name"] = list["name"].clone();
+    let mut rc = serde_json::Map::new();
+    if let Some(caps) = plugin["capabilities"].as_object() {
+        for (cap, on) in caps {
+            if on.as_bool() == Some(true)
+                && let Some(v) = runtime.get(cap)
+            {
+                rc.insert(cap.clone(), v.clone());
+            }
+        }
+    }
+    if !rc.is_empty() {
+        conf["runtimeConfig"] = Value::Object(rc);
+    }
+    if let Some(p) = prev {
+        conf["prevResult"] = p;
+    }
+    conf
 }
 
 /// A `vswitch-cni` network configuration: tenant `tenant` of the vswitchd at `socket`,

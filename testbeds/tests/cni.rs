@@ -44,9 +44,9 @@ impl Bed {
             .unwrap();
         Bed {
             _ul: ul,
-            host,
             switch,
-            rt: Runtime::new().unwrap(),
+            rt: Runtime::new().unwrap().on_host(&host),
+            host,
             dir,
         }
     }
@@ -110,20 +110,48 @@ fn has_link(ns: &Netns, ifname: &str) -> bool {
     ns.ip(&["link", "show", ifname]).is_ok()
 }
 
+/// The index and entry of the result's interface inside a sandbox.
+fn sandbox_interface(r: &Value) -> (usize, &Value) {
+    r["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .find(|(_, i)| i.get("sandbox").is_some())
+        .unwrap_or_else(|| panic!("no sandbox interface in {r}"))
+}
+
 #[test]
 fn add_check_del_and_del_again_leave_nothing_behind() {
-    let bed = Bed::new("lv-cni-basic");
-    let conf = bed.net("neta", "a");
+    lifecycle("veth");
+}
+
+#[test]
+fn add_check_del_and_del_again_leave_nothing_behind_with_a_tap() {
+    lifecycle("tap");
+}
+
+fn lifecycle(link: &str) {
+    let bed = Bed::new(&format!("lv-cni-{link}"));
+    let mut conf = bed.net("neta", "a");
+    conf["link"] = json!(link);
     let (c1, c2) = (Netns::create("c1").unwrap(), Netns::create("c2").unwrap());
     let r1 = bed.rt.add(&conf, "ctr1", &netns_path(&c1), "eth0").unwrap();
     let r2 = bed.rt.add(&conf, "ctr2", &netns_path(&c2), "eth0").unwrap();
-    // The result: the interface in the sandbox with MAC and MTU, its address from host-local.
-    let iface = &r1["interfaces"][0];
+    // The result: the interface in the sandbox with MAC and MTU, its address from host-local;
+    // with a veth, first the switch's end on the host.
+    let (index, iface) = sandbox_interface(&r1);
+    assert_eq!(index, if link == "veth" { 1 } else { 0 }, "{r1}");
     assert_eq!(iface["name"], "eth0");
     assert_eq!(iface["sandbox"], netns_path(&c1));
     assert_eq!(r1["cniVersion"], "1.0.0");
     assert!(iface.get("mtu").is_none(), "mtu is a 1.1.0 field");
-    assert_eq!(r1["ips"][0]["interface"], 0);
+    assert_eq!(r1["ips"][0]["interface"], index);
+    let kind = c1.ip(&["-d", "-o", "link", "show", "eth0"]).unwrap();
+    assert!(
+        kind.contains(if link == "veth" { "veth" } else { "tun" }),
+        "{kind}"
+    );
     assert!(
         r1["ips"][0]["address"]
             .as_str()
@@ -279,8 +307,8 @@ fn chained_results_pass_through_and_versions_convert() {
     let r = bed.rt.add(&conf, "ctr1", &netns_path(&c1), "net1").unwrap();
     assert_eq!(r["cniVersion"], "0.4.0");
     assert_eq!(r["interfaces"][0]["name"], "lo0", "{r}");
-    assert_eq!(r["interfaces"][1]["name"], "net1", "{r}");
-    assert_eq!(r["ips"][0]["interface"], 1, "{r}");
+    assert_eq!(r["interfaces"][2]["name"], "net1", "{r}");
+    assert_eq!(r["ips"][0]["interface"], 2, "{r}");
     assert_eq!(
         r["ips"][0]["version"], "4",
         "0.4.0 results name the IP version"
@@ -307,8 +335,8 @@ fn chained_results_pass_through_and_versions_convert() {
         )
         .unwrap();
     assert!(o.ok, "{o:?}");
-    assert_eq!(o.out["interfaces"][0]["mtu"], 1400);
-    assert_eq!(o.out["interfaces"][0]["mac"], "02:aa:bb:cc:dd:ee");
+    assert_eq!(sandbox_interface(&o.out).1["mtu"], 1400);
+    assert_eq!(sandbox_interface(&o.out).1["mac"], "02:aa:bb:cc:dd:ee");
     let link = c2.ip(&["-o", "link", "show", "eth0"]).unwrap();
     assert!(
         link.contains("mtu 1400") && link.contains("02:aa:bb:cc:dd:ee"),
@@ -480,4 +508,92 @@ fn twenty_concurrent_add_del_pairs_leave_nothing() {
     let failed: Vec<_> = results.into_iter().filter_map(Result::err).collect();
     assert!(failed.is_empty(), "{failed:#?}");
     bed.nothing_left("netp");
+}
+
+/// TCP throughput (Mbit/s) from `from` to `to_ip` (an iperf3 server in `to`) over 2 s.
+fn throughput(from: &Netns, to: &Netns, to_ip: Ipv4Addr, port: u16) -> f64 {
+    let p = port.to_string();
+    let mut server = to
+        .command("iperf3", &["-s", "-1", "-p", &p])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let out = from
+        .exec(
+            "iperf3",
+            &["-c", &to_ip.to_string(), "-p", &p, "-t", "2", "-J"],
+        )
+        .unwrap();
+    let _ = server.wait();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap()
+        / 1e6
+}
+
+#[test]
+fn chained_bandwidth_limits_hold_in_both_directions_and_del_removes_them() {
+    let bed = Bed::new("lv-cni-bw");
+    let mut main = bed.net("netb", "a");
+    main["capabilities"] = json!({"bandwidth": true});
+    let list = json!({
+        "cniVersion": "1.0.0",
+        "name": "netb",
+        "plugins": [main, {"type": "bandwidth", "capabilities": {"bandwidth": true}}]
+    });
+    // 20 Mbit/s each way for the limited container, nothing for its peer.
+    let runtime = json!({"bandwidth": {
+        "ingressRate": 20_000_000, "ingressBurst": 200_000,
+        "egressRate": 20_000_000, "egressBurst": 200_000
+    }});
+    let (c1, c2) = (Netns::create("c1").unwrap(), Netns::create("c2").unwrap());
+    let r1 = bed
+        .rt
+        .add_list(&list, &runtime, "ctr1", &netns_path(&c1), "eth0")
+        .unwrap();
+    let r2 = bed
+        .rt
+        .add_list(&list, &json!({}), "ctr2", &netns_path(&c2), "eth0")
+        .unwrap();
+    // The reference plugin found the switch's end of the veth and shapes it.
+    let host_end = r1["interfaces"][0]["name"].as_str().unwrap().to_owned();
+    let qdiscs = bed
+        .host
+        .exec("tc", &["qdisc", "show", "dev", &host_end])
+        .unwrap();
+    assert!(qdiscs.contains("tbf"), "{qdiscs}");
+    let (_, port) = bed
+        .switch
+        .request("GET", &format!("/v1/ports/{host_end}"), None)
+        .unwrap();
+    assert!(port.contains("\"bits_per_sec\":20000000"), "{port}");
+    // Both directions stay near 20 Mbit/s (well under what the path carries unlimited).
+    let (ip1, ip2) = (first_ip(&r1), first_ip(&r2));
+    let out = throughput(&c1, &c2, ip2, 5301);
+    let into = throughput(&c2, &c1, ip1, 5302);
+    assert!(out < 40.0, "from the container: {out:.1} Mbit/s");
+    assert!(into < 40.0, "into the container: {into:.1} Mbit/s");
+    eprintln!("limited to 20 Mbit/s: from the container {out:.1}, into it {into:.1}");
+    // DEL of the list: the shaping, its ifb device and the port go.
+    bed.rt
+        .del_list(&list, &runtime, &r1, "ctr1", Some(&netns_path(&c1)), "eth0")
+        .unwrap();
+    bed.rt
+        .del_list(
+            &list,
+            &json!({}),
+            &r2,
+            "ctr2",
+            Some(&netns_path(&c2)),
+            "eth0",
+        )
+        .unwrap();
+    let links = bed.host.ip(&["-o", "link", "show"]).unwrap();
+    assert_eq!(
+        links.lines().count(),
+        2,
+        "only lo and the underlay remain: {links}"
+    );
+    bed.nothing_left("netb");
 }

@@ -118,6 +118,25 @@ fn api_placement_and_restart_after_kill_9() {
     assert!(body.contains(r#""code":"invalid""#), "{body}");
     let (s, _) = d.request("GET", "/v1/ports/nope", None).unwrap();
     assert_eq!(s, 404);
+    // A veth port needs a namespace for its other end; unknown kinds are named.
+    let (s, body) = d
+        .request(
+            "POST",
+            "/v1/ports",
+            Some(r#"{"name":"v1","tenant":"a","kind":"veth"}"#),
+        )
+        .unwrap();
+    assert_eq!(s, 400, "{body}");
+    assert!(body.contains("netns"), "{body}");
+    let (s, body) = d
+        .request(
+            "POST",
+            "/v1/ports",
+            Some(r#"{"name":"v1","tenant":"a","kind":"macvtap"}"#),
+        )
+        .unwrap();
+    assert_eq!(s, 400, "{body}");
+    assert!(body.contains("veth"), "{body}");
     let (s, body) = d
         .request(
             "POST",

@@ -47,7 +47,8 @@ pub struct PortSpec {
     pub name: String,
     /// The tenant it belongs to.
     pub tenant: String,
-    /// Port kind: `"tap"` (a TAP interface, for containers and the host) or
+    /// Port kind: `"tap"` (a TAP interface, for containers and the host), `"veth"` (a veth
+    /// pair: the switch keeps the end named like the port, the other goes into `netns`) or
     /// `"vhost-user-net"` (a VM's virtio-net over `RUN_DIR/vhost/<name>.sock`).
     #[serde(default = "default_kind")]
     pub kind: String,

@@ -38,7 +38,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use overlay_net::fdb::FastHash;
 use overlay_net::{Destination, PortId, UnderlayFamily, Vni, mtu};
 
-use crate::placement::{Placement, in_netns, open_netns, place, set_mtu};
+use crate::placement::{Placement, create_veth, delete_link, in_netns, open_netns, place, set_mtu};
 use crate::tap::{
     Offloads, Tap, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_TCPV6, VNET_HDR_LEN,
     VnetHeader,
@@ -240,6 +240,49 @@ impl Datapath {
                 }
             }
         };
+        self.attach_interface(tenant, config, tap)
+    }
+
+    /// Attaches a veth port to `tenant`, for a container: the pair's host end (named like
+    /// the port) stays in the switch's namespace, read and written through a packet socket;
+    /// the other end lives in `placement.netns` as `placement.ifname`, with the tenant's
+    /// MTU. A host end of that name that exists already (after a restart) is attached to
+    /// again. Removing the port deletes the pair.
+    pub fn add_veth_port(
+        &mut self,
+        tenant: &str,
+        config: PortConfig,
+        placement: &Placement,
+    ) -> Result<PortId, Error> {
+        let mtu = self.check_new_port(tenant, &config)?;
+        let name = config.name.clone();
+        if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
+            // The peer's name until it moves: unique per port, at most 15 bytes.
+            let fnv = name.bytes().fold(0x811c_9dc5u32, |h, b| {
+                (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+            });
+            let peer = format!("lvp{fnv:08x}");
+            create_veth(&name, &peer, mtu)?;
+            if let Err(e) = place(&peer, placement, mtu) {
+                let _ = delete_link(&name);
+                return Err(e);
+            }
+        }
+        let port = Tap::open_veth(&name).and_then(|t| self.attach_interface(tenant, config, t));
+        if port.is_err() {
+            let _ = delete_link(&name);
+        }
+        port
+    }
+
+    /// Registers a kernel interface as a port of `tenant` and starts serving it on the
+    /// worker with the fewest ports; on failure the interface is let go.
+    fn attach_interface(
+        &mut self,
+        tenant: &str,
+        config: PortConfig,
+        tap: Tap,
+    ) -> Result<PortId, Error> {
         let port_name = config.name.clone();
         let id = match self.switch.add_port(tenant, config) {
             Ok(id) => id,
@@ -366,8 +409,12 @@ impl Datapath {
                     let _ = self.workers[w].epoll.delete(tap.fd());
                 }
                 // A worker in the middle of a burst may still hold the TAP; the interface
-                // goes when it lets go (at the end of that burst).
-                tap.destroy()?;
+                // goes when it lets go (at the end of that burst). A veth pair goes now.
+                if tap.is_veth() {
+                    delete_link(tap.name())?;
+                } else {
+                    tap.destroy()?;
+                }
             }
             Some(Endpoint::Vhost(port)) => {
                 // The socket goes; the VM's queues are let go (the kick leaves the epoll set).

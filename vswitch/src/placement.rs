@@ -113,3 +113,43 @@ pub fn place(name: &str, placement: &Placement, mtu: u16) -> Result<(), Error> {
         })
     })
 }
+
+/// Creates a veth pair in the caller's namespace: `host` (the switch's end: up, no ARP, no
+/// IPv6, MTU `mtu`) and `peer`.
+pub fn create_veth(host: &str, peer: &str, mtu: u16) -> Result<(), Error> {
+    let (h, p) = (host.to_owned(), peer.to_owned());
+    netlink(|handle| async move {
+        handle
+            .link()
+            .add(rtnetlink::LinkVeth::new(&h, &p).mtu(mtu as u32).build())
+            .execute()
+            .await
+            .map_err(rt_err("creating a veth pair"))
+    })?;
+    // The host end is a switch port, not an interface of this host: no IPv6 link-local
+    // address, router solicitations or neighbour discovery of its own on the tenant.
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{host}/disable_ipv6"), "1");
+    let idx = index_of(host)?;
+    netlink(|handle| async move {
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(idx).arp(false).up().build())
+            .execute()
+            .await
+            .map_err(rt_err("bringing the veth up"))
+    })
+}
+
+/// Deletes interface `name` of the caller's namespace (a veth takes its peer along); one
+/// that is gone already is fine.
+pub fn delete_link(name: &str) -> Result<(), Error> {
+    let Ok(idx) = index_of(name) else {
+        return Ok(());
+    };
+    netlink(|handle| async move {
+        match handle.link().del(idx).execute().await {
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+            r => r.map_err(rt_err("deleting the interface")),
+        }
+    })
+}

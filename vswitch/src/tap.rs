@@ -1,10 +1,17 @@
-//! TAP ports: Linux TAP interfaces created through `/dev/net/tun` with raw ioctls.
+//! Kernel interface ports: Linux TAP interfaces created through `/dev/net/tun` with raw
+//! ioctls, and the host ends of veth pairs read and written through an `AF_PACKET` socket.
 //!
 //! Every frame read or written is preceded by a 12-byte virtio-net header (IFF_VNET_HDR,
 //! TUNSETVNETHDRSZ), which carries checksum and segmentation offload metadata. The offloads
 //! the kernel may hand us are chosen with TUNSETOFFLOAD; with none, the kernel gives us only
 //! complete, MTU-sized frames. The fd stays valid when the interface moves to another network
 //! namespace: that is how containers attach.
+//!
+//! A veth port's packet socket carries the same metadata (PACKET_VNET_HDR: the 10-byte
+//! header without `num_buffers`, which reads and writes here pad to and strip from the
+//! 12-byte layout), so both kinds look the same to the datapath. The veth's other end is
+//! what the container sees: an ordinary veth, as the reference CNI plugins (`bandwidth`)
+//! expect.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -94,11 +101,24 @@ impl Offloads {
     };
 }
 
-/// A TAP interface owned by the switch.
+/// The kind of kernel interface behind a [`Tap`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Device {
+    /// A TAP interface (`/dev/net/tun`).
+    Tun,
+    /// The host end of a veth pair, through a bound `AF_PACKET` socket.
+    Veth,
+}
+
+/// Length of the header on a packet socket (`struct virtio_net_hdr`, no `num_buffers`).
+const PACKET_VNET_HDR_LEN: usize = 10;
+
+/// A kernel interface owned by the switch: a TAP, or a veth's host end.
 #[derive(Debug)]
 pub struct Tap {
     file: File,
     name: String,
+    device: Device,
 }
 
 impl Tap {
@@ -177,12 +197,88 @@ impl Tap {
         Ok(Tap {
             file,
             name: name.to_owned(),
+            device: Device::Tun,
         })
+    }
+
+    /// Opens the host end `name` of a veth pair (in the caller's namespace) as a port: a
+    /// non-blocking `AF_PACKET` socket bound to it, with virtio-net headers, not seeing
+    /// frames the host itself sends there.
+    pub fn open_veth(name: &str) -> Result<Tap, Error> {
+        let io_err = |what: &str, e: io::Error| Error::Io(format!("veth {name}: {what}"), e);
+        let index = nix::net::if_::if_nametoindex(name)
+            .map_err(|e| io_err("no such interface", e.into()))?;
+        // Protocol 0: nothing arrives before the socket is bound to the one interface.
+        // SAFETY: plain socket(2) call; the result is checked.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
+        if fd < 0 {
+            return Err(io_err("socket(AF_PACKET)", io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let set = |opt: libc::c_int, value: libc::c_int| -> io::Result<()> {
+            // SAFETY: the option value is one int, valid for the call's duration.
+            let r = unsafe {
+                libc::setsockopt(
+                    file.as_raw_fd(),
+                    libc::SOL_PACKET,
+                    opt,
+                    (&value as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        set(libc::PACKET_VNET_HDR, 1).map_err(|e| io_err("PACKET_VNET_HDR", e))?;
+        // Frames the host's own stack sends on the interface are not the container's (Linux
+        // 4.20+; older kernels have no such frames once the host end has no addresses).
+        let _ = set(libc::PACKET_IGNORE_OUTGOING, 1);
+        crate::uplink::grow_socket_buffers(&file);
+        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        addr.sll_ifindex = index as i32;
+        // SAFETY: `addr` is a valid sockaddr_ll of the length given.
+        if unsafe {
+            libc::bind(
+                file.as_raw_fd(),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        } < 0
+        {
+            return Err(io_err("bind", io::Error::last_os_error()));
+        }
+        Ok(Tap {
+            file,
+            name: name.to_owned(),
+            device: Device::Veth,
+        })
+    }
+
+    /// Whether this is a veth's host end (removing the port deletes the pair).
+    pub fn is_veth(&self) -> bool {
+        self.device == Device::Veth
     }
 
     /// Clears the persist flag: the interface disappears when its last descriptor (this
     /// one, once dropped) closes.
+    /// A veth's pair is deleted by its owner over netlink; nothing happens here.
     pub fn destroy(&self) -> Result<(), Error> {
+        if self.device == Device::Veth {
+            return Ok(());
+        }
         // SAFETY: TUNSETPERSIST takes its argument by value.
         if unsafe {
             libc::ioctl(
@@ -218,6 +314,9 @@ impl Tap {
     /// Reads one frame with its virtio-net header into `buf`; `Ok(None)` when none is
     /// pending. The frame is `buf[VNET_HDR_LEN..n]`.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        if self.device == Device::Veth {
+            return self.recv_packet(buf);
+        }
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the call's duration.
         let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
@@ -233,6 +332,12 @@ impl Tap {
     /// Writes one frame; `buf` starts with a virtio-net header (all zero for a complete
     /// frame). A full queue or a link that is down (EIO) is an error the caller counts.
     pub fn send(&self, buf: &[u8]) -> io::Result<()> {
+        if self.device == Device::Veth {
+            let (header, frame) = buf.split_at_checked(VNET_HDR_LEN).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "shorter than a header")
+            })?;
+            return self.writev(&header[..PACKET_VNET_HDR_LEN], frame);
+        }
         // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the call's duration.
         let n = unsafe { libc::write(self.file.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
         if n < 0 {
@@ -253,10 +358,57 @@ impl Tap {
     /// Writes a frame with its virtio-net header (checksum or segmentation offload the
     /// kernel then carries out or passes on), in one `writev`.
     pub fn send_with_header(&self, header: &[u8; VNET_HDR_LEN], frame: &[u8]) -> io::Result<()> {
+        match self.device {
+            Device::Tun => self.writev(header, frame),
+            Device::Veth => self.writev(&header[..PACKET_VNET_HDR_LEN], frame),
+        }
+    }
+
+    /// A veth's read: the 10-byte header to `buf[..10]`, the frame to `buf[12..]`,
+    /// `num_buffers` zeroed; the length as if the header had 12 bytes.
+    fn recv_packet(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        if buf.len() < VNET_HDR_LEN {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "buffer too small",
+            ));
+        }
+        let (head, frame) = buf.split_at_mut(VNET_HDR_LEN);
+        head[PACKET_VNET_HDR_LEN..].fill(0);
+        let iov = [
+            libc::iovec {
+                iov_base: head.as_mut_ptr().cast(),
+                iov_len: PACKET_VNET_HDR_LEN,
+            },
+            libc::iovec {
+                iov_base: frame.as_mut_ptr().cast(),
+                iov_len: frame.len(),
+            },
+        ];
+        // SAFETY: both iovecs point at disjoint parts of `buf`, valid for writes for the
+        // call's duration.
+        let n = unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), 2) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock => Ok(None),
+                _ => Err(e),
+            };
+        }
+        let n = n as usize;
+        if n < PACKET_VNET_HDR_LEN {
+            // Not even a header: report it as such, the datapath counts it malformed.
+            return Ok(Some(n));
+        }
+        Ok(Some(n + VNET_HDR_LEN - PACKET_VNET_HDR_LEN))
+    }
+
+    /// Writes `header` and `frame` in one `writev`.
+    fn writev(&self, header: &[u8], frame: &[u8]) -> io::Result<()> {
         let iov = [
             libc::iovec {
                 iov_base: header.as_ptr() as *mut libc::c_void,
-                iov_len: VNET_HDR_LEN,
+                iov_len: header.len(),
             },
             libc::iovec {
                 iov_base: frame.as_ptr() as *mut libc::c_void,

@@ -189,8 +189,22 @@ fn from_sockaddr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
 const SOCKET_BUFFER: libc::c_int = 4 << 20;
 
 /// Sets an integer socket option.
-fn set_int_option(
-    socket: &UdpSocket,
+/// Gives a socket 4 MiB send and receive buffers (as much as `net.core.[rw]mem_max`
+/// allows without CAP_NET_ADMIN): room for bursts of 64 KiB super-frames while a worker
+/// shares its core.
+pub(crate) fn grow_socket_buffers(socket: &impl AsRawFd) {
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if set_int_option(socket, libc::SOL_SOCKET, force, SOCKET_BUFFER).is_err() {
+            let _ = set_int_option(socket, libc::SOL_SOCKET, plain, SOCKET_BUFFER);
+        }
+    }
+}
+
+pub(crate) fn set_int_option(
+    socket: &impl AsRawFd,
     level: libc::c_int,
     name: libc::c_int,
     value: libc::c_int,
@@ -276,15 +290,7 @@ impl Uplink {
         let _ = set_int_option(&socket, libc::SOL_UDP, UDP_GRO, 1);
         // Room for bursts: a few GRO'd 64 KiB datagrams fill the default 208 KiB, and a
         // worker that falls behind for a moment (sharing a core) would drop what comes next.
-        for (force, plain) in [
-            (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-            (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-        ] {
-            if set_int_option(&socket, libc::SOL_SOCKET, force, SOCKET_BUFFER).is_err() {
-                // Without CAP_NET_ADMIN: as much as net.core.[rw]mem_max allows.
-                let _ = set_int_option(&socket, libc::SOL_SOCKET, plain, SOCKET_BUFFER);
-            }
-        }
+        grow_socket_buffers(&socket);
         Ok(Uplink {
             socket,
             port: local.port(),

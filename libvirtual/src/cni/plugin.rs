@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use vswitch::api::{PortInfo, PortSpec};
+use vswitch::api::{PortInfo, PortSpec, RateLimitSpec};
 
 use super::ipam::Ipam;
 use super::sandbox::{self, Setup};
@@ -148,6 +148,12 @@ impl<'a> Plugin<'a> {
                     env.command.since(),
                     conf.cni_version
                 ),
+            ));
+        }
+        if conf.link != "veth" && conf.link != "tap" {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("link {:?}: \"veth\" or \"tap\"", conf.link),
             ));
         }
         if conf.name.is_empty() || conf.tenant.is_empty() {
@@ -317,14 +323,24 @@ impl<'a> Plugin<'a> {
         let spec = PortSpec {
             name: name.clone(),
             tenant: self.conf.tenant.clone(),
-            kind: "tap".into(),
+            kind: self.conf.link.clone(),
             mac: self.conf.port_security.then(|| mac_string(&mac)),
             ips: if self.conf.port_security {
                 addresses.iter().map(|(ip, _)| *ip).collect()
             } else {
                 Vec::new()
             },
-            rate_limit: Default::default(),
+            // The container's sending rate, policed by the switch where its frames enter
+            // (the reference `bandwidth` plugin shapes what goes into the container).
+            rate_limit: RateLimitSpec {
+                bits_per_sec: self
+                    .conf
+                    .runtime_config
+                    .bandwidth
+                    .and_then(|b| b.egress_rate)
+                    .filter(|r| *r > 0),
+                packets_per_sec: None,
+            },
             netns: Some(netns.display().to_string()),
             ifname: Some(ifname.to_owned()),
             labels,
@@ -349,6 +365,13 @@ impl<'a> Plugin<'a> {
             return Err(e);
         }
         let mut result = self.prev_result()?.unwrap_or_default();
+        if self.conf.link == "veth" {
+            // The switch's end, on the host (where `bandwidth` shapes the container's traffic).
+            result.interfaces.push(Interface {
+                name: name.clone(),
+                ..Default::default()
+            });
+        }
         let index = result.interfaces.len();
         result.interfaces.push(Interface {
             name: ifname.to_owned(),

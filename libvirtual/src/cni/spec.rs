@@ -243,6 +243,27 @@ pub struct RuntimeConfig {
     /// Capability `mac`: the MAC the container's interface gets.
     #[serde(default)]
     pub mac: Option<String>,
+    /// Capability `bandwidth`: the container's rates (as for the reference `bandwidth`
+    /// plugin). The switch polices what the container sends (`egressRate`).
+    #[serde(default)]
+    pub bandwidth: Option<Bandwidth>,
+}
+
+/// The `bandwidth` capability's settings, bits per second and bits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct Bandwidth {
+    /// Rate into the container.
+    #[serde(default, rename = "ingressRate")]
+    pub ingress_rate: Option<u64>,
+    /// Burst into the container.
+    #[serde(default, rename = "ingressBurst")]
+    pub ingress_burst: Option<u64>,
+    /// Rate out of the container.
+    #[serde(default, rename = "egressRate")]
+    pub egress_rate: Option<u64>,
+    /// Burst out of the container.
+    #[serde(default, rename = "egressBurst")]
+    pub egress_burst: Option<u64>,
 }
 
 /// DNS settings of a result (or of the network configuration).
@@ -288,6 +309,10 @@ pub struct NetConf {
     /// The interface MTU (default: the tenant's, the underlay's minus the VXLAN overhead).
     #[serde(default)]
     pub mtu: Option<u16>,
+    /// The container's interface: `"veth"` (default; the switch's end stays on the host, as
+    /// the reference `bandwidth` plugin needs) or `"tap"` (a TAP moved into the container).
+    #[serde(default = "veth")]
+    pub link: String,
     /// Pin the port to the interface's MAC and the IPAM addresses (default true).
     #[serde(default = "yes", rename = "portSecurity")]
     pub port_security: bool,
@@ -310,6 +335,10 @@ pub struct NetConf {
 
 fn yes() -> bool {
     true
+}
+
+fn veth() -> String {
+    "veth".into()
 }
 
 impl NetConf {

@@ -111,11 +111,16 @@ fn call<R: Send + 'static>(
 }
 
 fn port_config(spec: &PortSpec) -> Result<PortConfig> {
-    if spec.kind != "tap" && spec.kind != "vhost-user-net" {
+    if !["tap", "veth", "vhost-user-net"].contains(&spec.kind.as_str()) {
         return Err(ControlError::Invalid(format!(
-            "port kind {:?}: \"tap\" or \"vhost-user-net\"",
+            "port kind {:?}: \"tap\", \"veth\" or \"vhost-user-net\"",
             spec.kind
         )));
+    }
+    if spec.kind == "veth" && spec.netns.is_none() {
+        return Err(ControlError::Invalid(
+            "a veth port needs netns (its other end goes there)".into(),
+        ));
     }
     if spec.kind == "vhost-user-net" && spec.netns.is_some() {
         return Err(ControlError::Invalid(
@@ -330,6 +335,10 @@ impl Control {
                 .map_err(|e| ControlError::Internal(format!("creating {}: {e}", dir.display())))?;
             let socket = dir.join(format!("{}.sock", spec.name));
             call(&self.dp, move |dp| dp.add_vhost_port(&tenant, cfg, &socket))??;
+        } else if let (true, Some(placement)) = (spec.kind == "veth", placement.clone()) {
+            call(&self.dp, move |dp| {
+                dp.add_veth_port(&tenant, cfg, &placement)
+            })??;
         } else {
             call(&self.dp, move |dp| {
                 dp.add_tap_port(&tenant, cfg, Offloads::TCP, placement.as_ref())

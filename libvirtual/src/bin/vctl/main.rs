@@ -145,11 +145,15 @@ enum PortCmd {
     List,
     /// Show one port.
     Show { name: String },
-    /// Create a TAP port.
+    /// Create a port: a TAP, a veth pair (its other end in --netns) or a VM's
+    /// vhost-user-net socket.
     Create {
         name: String,
         #[arg(long)]
         tenant: String,
+        /// Port kind.
+        #[arg(long, default_value = "tap", value_parser = ["tap", "veth", "vhost-user-net"])]
+        kind: String,
         /// Network namespace file to move the interface into.
         #[arg(long)]
         netns: Option<String>,
@@ -380,6 +384,7 @@ fn run(c: &Client, cmd: Net, out: Output) -> Result<(), Error> {
         Net::Port(PortCmd::Create {
             name,
             tenant,
+            kind,
             netns,
             ifname,
             mac,
@@ -390,7 +395,7 @@ fn run(c: &Client, cmd: Net, out: Output) -> Result<(), Error> {
             let p = c.create_port(&PortSpec {
                 name,
                 tenant,
-                kind: "tap".into(),
+                kind,
                 mac,
                 ips,
                 rate_limit: RateLimitSpec {
