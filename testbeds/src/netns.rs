@@ -19,6 +19,8 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    /// Made (and removed on drop) by us, rather than borrowed from someone else.
+    owned: bool,
 }
 
 impl Netns {
@@ -31,9 +33,22 @@ impl Netns {
         LIVE.lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(name.clone());
-        let ns = Netns { name };
+        let ns = Netns { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// A namespace someone else made (a container's, `/run/netns/NAME`), to run things in;
+    /// it is left alone on drop.
+    pub fn borrowed(name: &str) -> Result<Netns, Error> {
+        let path = format!("/run/netns/{name}");
+        if !std::path::Path::new(&path).exists() {
+            return Err(Error::Setup(format!("no network namespace {path}")));
+        }
+        Ok(Netns {
+            name: name.to_owned(),
+            owned: false,
+        })
     }
 
     /// The namespace's name (as `ip netns` knows it).
@@ -115,6 +130,9 @@ pub fn enter_current_thread(name: &str) -> Result<(), Error> {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();

@@ -257,16 +257,7 @@ impl Datapath {
         let mtu = self.check_new_port(tenant, &config)?;
         let name = config.name.clone();
         if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
-            // The peer's name until it moves: unique per port, at most 15 bytes.
-            let fnv = name.bytes().fold(0x811c_9dc5u32, |h, b| {
-                (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-            });
-            let peer = format!("lvp{fnv:08x}");
-            create_veth(&name, &peer, mtu)?;
-            if let Err(e) = place(&peer, placement, mtu) {
-                let _ = delete_link(&name);
-                return Err(e);
-            }
+            create_veth(&name, placement, mtu)?;
         }
         let port = Tap::open_veth(&name).and_then(|t| self.attach_interface(tenant, config, t));
         if port.is_err() {

@@ -114,18 +114,32 @@ pub fn place(name: &str, placement: &Placement, mtu: u16) -> Result<(), Error> {
     })
 }
 
-/// Creates a veth pair in the caller's namespace: `host` (the switch's end: up, no ARP, no
-/// IPv6, MTU `mtu`) and `peer`.
-pub fn create_veth(host: &str, peer: &str, mtu: u16) -> Result<(), Error> {
-    let (h, p) = (host.to_owned(), peer.to_owned());
+/// Creates a veth pair: `host` (the switch's end) in the caller's namespace — up, no ARP,
+/// no IPv6 — and its peer directly in `placement.netns` as `placement.ifname`, both with MTU
+/// `mtu` (one netlink request; no move or rename afterwards).
+pub fn create_veth(host: &str, placement: &Placement, mtu: u16) -> Result<(), Error> {
+    use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
+    let target = open_netns(&placement.netns)?;
+    let fd = target.as_raw_fd();
+    let peer = LinkUnspec::new_with_name(&placement.ifname)
+        .mtu(mtu as u32)
+        .setns_by_fd(fd)
+        .build();
+    let pair =
+        rtnetlink::LinkMessageBuilder::<rtnetlink::LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(host.to_owned())
+            .mtu(mtu as u32)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
     netlink(|handle| async move {
         handle
             .link()
-            .add(rtnetlink::LinkVeth::new(&h, &p).mtu(mtu as u32).build())
+            .add(pair)
             .execute()
             .await
             .map_err(rt_err("creating a veth pair"))
     })?;
+    drop(target);
     // The host end is a switch port, not an interface of this host: no IPv6 link-local
     // address, router solicitations or neighbour discovery of its own on the tenant.
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{host}/disable_ipv6"), "1");

@@ -1,8 +1,9 @@
 //! IPAM delegation as the spec describes it: the plugin named by `ipam.type` is run from
 //! `CNI_PATH` with the same environment and the whole network configuration on stdin. When
-//! the IPAM plugin speaks an older spec than the configuration (the reference plugins stop
-//! at 1.0.0), the configuration handed to it names the newest version both sides know.
+//! the IPAM plugin refuses the configuration's version (the reference plugins stop at 1.0.0),
+//! it is asked for its versions and handed the configuration with the newest both know.
 
+use std::cell::RefCell;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command as Process, Stdio};
@@ -11,16 +12,17 @@ use serde_json::Value;
 
 use super::spec::{CniError, CniResult, SUPPORTED_VERSIONS, code, version_cmp};
 
-/// One IPAM plugin, found and asked for its versions.
+/// One IPAM plugin, found in `CNI_PATH`.
 pub struct Ipam {
     program: PathBuf,
-    /// The configuration as handed to the plugin (its `cniVersion` possibly lowered).
-    config: Value,
-    supported: Vec<String>,
+    kind: String,
+    /// The configuration as handed to the plugin (its `cniVersion` lowered when the plugin
+    /// refused the original one).
+    config: RefCell<Value>,
 }
 
 impl Ipam {
-    /// Finds plugin `kind` in `path` and prepares `config` for it.
+    /// Finds plugin `kind` in `path`, for `config`.
     pub fn new(kind: &str, path: &[PathBuf], config: &Value) -> Result<Ipam, CniError> {
         let program = path
             .iter()
@@ -33,55 +35,65 @@ impl Ipam {
                 )
                 .with_details(format!("CNI_PATH: {path:?}"))
             })?;
-        let mut ipam = Ipam {
+        Ok(Ipam {
             program,
-            config: config.clone(),
-            supported: Vec::new(),
-        };
-        let asked = config["cniVersion"].as_str().unwrap_or("1.0.0").to_owned();
-        let answer = ipam.run(
+            kind: kind.to_owned(),
+            config: RefCell::new(config.clone()),
+        })
+    }
+
+    /// The versions the plugin speaks (its VERSION answer).
+    fn versions(&self) -> Result<Vec<String>, CniError> {
+        let asked = self.config.borrow()["cniVersion"].clone();
+        let answer = self.run(
             "VERSION",
             &[],
             &serde_json::to_vec(&serde_json::json!({ "cniVersion": asked })).unwrap_or_default(),
         )?;
-        ipam.supported = answer["supportedVersions"]
+        Ok(answer["supportedVersions"]
             .as_array()
             .map(|v| {
                 v.iter()
                     .filter_map(|s| s.as_str().map(str::to_owned))
                     .collect()
             })
-            .unwrap_or_default();
-        if !ipam.supported.contains(&asked) {
-            let common = SUPPORTED_VERSIONS
-                .iter()
-                .filter(|v| {
-                    version_cmp(v, &asked).is_le() && ipam.supported.iter().any(|s| s == *v)
-                })
-                .max_by(|a, b| version_cmp(a, b))
-                .ok_or_else(|| {
-                    CniError::new(
-                        code::INCOMPATIBLE_VERSION,
-                        format!(
-                            "IPAM plugin {kind} speaks {:?}, the configuration {asked}",
-                            ipam.supported
-                        ),
-                    )
-                })?;
-            ipam.config["cniVersion"] = Value::String((*common).to_owned());
-        }
-        Ok(ipam)
+            .unwrap_or_default())
     }
 
-    /// Whether the plugin knows spec `version` (GC and STATUS need 1.1.0).
-    pub fn speaks(&self, version: &str) -> bool {
-        self.supported.iter().any(|v| v == version)
+    /// Runs `command` with the configuration; when the plugin refuses its version (code 1),
+    /// asks the plugin's versions, lowers the configuration's to the newest both speak and
+    /// runs it again.
+    fn call(&self, command: &str, env: &[(&str, &str)]) -> Result<Value, CniError> {
+        match self.run(command, env, &self.stdin()) {
+            Err(e) if e.code == code::INCOMPATIBLE_VERSION => {
+                let asked = self.config.borrow()["cniVersion"]
+                    .as_str()
+                    .unwrap_or("1.0.0")
+                    .to_owned();
+                let supported = self.versions()?;
+                let common = SUPPORTED_VERSIONS
+                    .iter()
+                    .filter(|v| version_cmp(v, &asked).is_lt() && supported.iter().any(|s| s == *v))
+                    .max_by(|a, b| version_cmp(a, b))
+                    .ok_or_else(|| {
+                        CniError::new(
+                            code::INCOMPATIBLE_VERSION,
+                            format!(
+                                "IPAM plugin {} speaks {supported:?}, the configuration {asked}",
+                                self.kind
+                            ),
+                        )
+                    })?;
+                self.config.borrow_mut()["cniVersion"] = Value::String((*common).to_owned());
+                self.run(command, env, &self.stdin())
+            }
+            other => other,
+        }
     }
 
     /// ADD: the addresses, routes and DNS for the attachment.
     pub fn add(&self) -> Result<CniResult, CniError> {
-        let out = self.run("ADD", &[], &self.stdin(None))?;
-        CniResult::parse(&out)
+        CniResult::parse(&self.call("ADD", &[])?)
     }
 
     /// DEL for the current attachment, or for `attachment` (container id, ifname).
@@ -90,27 +102,25 @@ impl Ipam {
             Some((id, ifname)) => vec![("CNI_CONTAINERID", id), ("CNI_IFNAME", ifname)],
             None => Vec::new(),
         };
-        self.run("DEL", &env, &self.stdin(None)).map(|_| ())
+        self.call("DEL", &env).map(|_| ())
     }
 
     /// CHECK against the previous result.
     pub fn check(&self) -> Result<(), CniError> {
-        self.run("CHECK", &[], &self.stdin(None)).map(|_| ())
+        self.call("CHECK", &[]).map(|_| ())
     }
 
     /// GC or STATUS, for plugins that speak 1.1.0 (others are skipped).
     pub fn maintenance(&self, command: &str) -> Result<(), CniError> {
-        if !self.speaks("1.1.0") {
+        if !self.versions()?.iter().any(|v| v == "1.1.0") {
             return Ok(());
         }
-        let mut config = self.config.clone();
-        config["cniVersion"] = Value::String("1.1.0".into());
-        self.run(command, &[], &self.stdin(Some(config)))
-            .map(|_| ())
+        self.config.borrow_mut()["cniVersion"] = Value::String("1.1.0".into());
+        self.run(command, &[], &self.stdin()).map(|_| ())
     }
 
-    fn stdin(&self, config: Option<Value>) -> Vec<u8> {
-        serde_json::to_vec(config.as_ref().unwrap_or(&self.config)).unwrap_or_default()
+    fn stdin(&self) -> Vec<u8> {
+        serde_json::to_vec(&*self.config.borrow()).unwrap_or_default()
     }
 
     /// Runs the plugin for `command` with the caller's environment plus `env`; returns its

@@ -13,7 +13,10 @@
 //! * `vhost-net`: `dpdk-testpmd` (virtio_user ports) looping frames through two
 //!   vhost-user-net ports of vswitchd, on one host and across two over VXLAN, against testpmd's
 //!   vhost PMD bouncing them back directly (the bound).
-//! * `all`: every suite (`vhost-net` only when dpdk-testpmd is installed).
+//! * `cni`: two containers on one host attached by `vswitch-cni` (veth and TAP) against the
+//!   reference `bridge` plugin: TCP between them, ADD+DEL pairs per second.
+//! * `all`: every suite (`vhost-net` only when dpdk-testpmd is installed, `cni` only with
+//!   the reference CNI plugins).
 //!
 //! Each row is ours, the peer and the ratio (> 1: ours is better); `--json` prints
 //! `[{"name","ours","peer","peer_name","unit","ratio"}]`.
@@ -23,6 +26,7 @@ use std::process::{Command, ExitCode};
 use testbeds::netns::missing_privileges;
 
 mod block;
+mod cni;
 mod switch;
 mod vhost_blk;
 mod vhost_net;
@@ -59,6 +63,15 @@ fn main() -> ExitCode {
     };
     let ready = match suite {
         "switch" => need("iperf3", "iperf3"),
+        "cni" => need("iperf3", "iperf3").and(
+            std::path::Path::new("/usr/lib/cni/bridge")
+                .is_file()
+                .then_some(())
+                .ok_or_else(|| {
+                    "the reference CNI plugins are missing (apt-get install containernetworking-plugins)"
+                        .to_owned()
+                }),
+        ),
         "block" => need("fio", "fio").and(need("qemu-img", "qemu-utils")),
         "vhost-blk" => need("qemu-storage-daemon", "qemu-utils"),
         "vhost-net" => need("dpdk-testpmd", "dpdk-dev"),
@@ -66,7 +79,7 @@ fn main() -> ExitCode {
             .and(need("fio", "fio"))
             .and(need("qemu-img", "qemu-utils")),
         other => Err(format!(
-            "unknown suite {other:?}; suites: switch, block, vhost-blk, vhost-net, all"
+            "unknown suite {other:?}; suites: switch, cni, block, vhost-blk, vhost-net, all"
         )),
     };
     if let Err(e) = ready {
@@ -96,7 +109,11 @@ fn main() -> ExitCode {
         "block" => block::suite(block_secs),
         "vhost-blk" => vhost_blk::suite(block_secs),
         "vhost-net" => vhost_net::suite(secs / 2),
+        "cni" => cni::suite(secs),
         _ => switch::suite(secs, workers).and_then(|mut rows| {
+            if std::path::Path::new("/usr/lib/cni/bridge").is_file() {
+                rows.extend(cni::suite(secs)?);
+            }
             rows.extend(block::suite(block_secs)?);
             rows.extend(vhost_blk::suite(block_secs)?);
             if need("dpdk-testpmd", "dpdk-dev").is_ok() {

@@ -40,7 +40,12 @@ fn iperf3(
     serde_json::from_slice(&out.stdout).map_err(|e| format!("iperf3 output: {e}"))
 }
 
-fn tcp_gbps(client: &Netns, server: &Netns, to: IpAddr, secs: u32) -> Result<f64, String> {
+pub(crate) fn tcp_gbps(
+    client: &Netns,
+    server: &Netns,
+    to: IpAddr,
+    secs: u32,
+) -> Result<f64, String> {
     let j = iperf3(client, server, to, &["-t", &secs.to_string()])?;
     j["end"]["sum_received"]["bits_per_second"]
         .as_f64()
