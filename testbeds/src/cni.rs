@@ -141,15 +141,7 @@ impl Runtime {
         netns: &str,
         ifname: &str,
     ) -> Result<Value, Error> {
-        let o = self.exec(
-            "ADD",
-            conf,
-            &[
-                ("CNI_CONTAINERID", container),
-                ("CNI_NETNS", netns),
-                ("CNI_IFNAME", ifname),
-            ],
-        )?;
+        let o = self.try_add(conf, container, netns, ifname)?;
         if !o.ok {
             return Err(Error::Setup(format!(
                 "CNI ADD {container}: {} {}",
@@ -157,6 +149,25 @@ impl Runtime {
             )));
         }
         Ok(o.out)
+    }
+
+    /// ADD of `container` in namespace file `netns` as `ifname`, succeeding or not.
+    pub fn try_add(
+        &self,
+        conf: &Value,
+        container: &str,
+        netns: &str,
+        ifname: &str,
+    ) -> Result<Outcome, Error> {
+        self.exec(
+            "ADD",
+            conf,
+            &[
+                ("CNI_CONTAINERID", container),
+                ("CNI_NETNS", netns),
+                ("CNI_IFNAME", ifname),
+            ],
+        )
     }
 
     /// DEL of `container`'s `ifname` (with its namespace file, if it still has one).

@@ -189,15 +189,7 @@ fn lifecycle(link: &str) {
     // A second ADD with the same interface name fails cleanly and leaves nothing new.
     let again = bed
         .rt
-        .exec(
-            "ADD",
-            &conf,
-            &[
-                ("CNI_CONTAINERID", "ctr3"),
-                ("CNI_NETNS", &netns_path(&c1)),
-                ("CNI_IFNAME", "eth0"),
-            ],
-        )
+        .try_add(&conf, "ctr3", &netns_path(&c1), "eth0")
         .unwrap();
     assert_eq!(again.code(), Some(100), "{again:?}");
     assert_eq!(bed.ports().len(), 2);
@@ -239,15 +231,7 @@ fn a_failed_add_undoes_the_port_the_interface_and_the_reservation() {
     let c1 = Netns::create("c1").unwrap();
     let o = bed
         .rt
-        .exec(
-            "ADD",
-            &conf,
-            &[
-                ("CNI_CONTAINERID", "ctr1"),
-                ("CNI_NETNS", &netns_path(&c1)),
-                ("CNI_IFNAME", "eth0"),
-            ],
-        )
+        .try_add(&conf, "ctr1", &netns_path(&c1), "eth0")
         .unwrap();
     assert_eq!(o.code(), Some(102), "{o:?}");
     assert!(
@@ -259,15 +243,7 @@ fn a_failed_add_undoes_the_port_the_interface_and_the_reservation() {
     // A tenant vswitchd does not have: invalid configuration, nothing made.
     let o = bed
         .rt
-        .exec(
-            "ADD",
-            &bed.net("netx", "nosuch"),
-            &[
-                ("CNI_CONTAINERID", "ctr1"),
-                ("CNI_NETNS", &netns_path(&c1)),
-                ("CNI_IFNAME", "eth0"),
-            ],
-        )
+        .try_add(&bed.net("netx", "nosuch"), "ctr1", &netns_path(&c1), "eth0")
         .unwrap();
     assert_eq!(o.code(), Some(7), "{o:?}");
     // Missing environment: code 4.
@@ -279,14 +255,11 @@ fn a_failed_add_undoes_the_port_the_interface_and_the_reservation() {
     // A namespace that does not exist: unknown container, and nothing reserved.
     let o = bed
         .rt
-        .exec(
-            "ADD",
+        .try_add(
             &bed.net("netx", "a"),
-            &[
-                ("CNI_CONTAINERID", "ctr1"),
-                ("CNI_NETNS", "/run/netns/lv-no-such-ns"),
-                ("CNI_IFNAME", "eth0"),
-            ],
+            "ctr1",
+            "/run/netns/lv-no-such-ns",
+            "eth0",
         )
         .unwrap();
     assert_eq!(o.code(), Some(3), "{o:?}");
@@ -347,15 +320,7 @@ fn chained_results_pass_through_and_versions_convert() {
     let c3 = Netns::create("c3").unwrap();
     let o = bed
         .rt
-        .exec(
-            "ADD",
-            &conf2,
-            &[
-                ("CNI_CONTAINERID", "ctr3"),
-                ("CNI_NETNS", &netns_path(&c3)),
-                ("CNI_IFNAME", "eth0"),
-            ],
-        )
+        .try_add(&conf2, "ctr3", &netns_path(&c3), "eth0")
         .unwrap();
     assert_eq!(o.code(), Some(7), "{o:?}");
     assert!(
@@ -436,15 +401,7 @@ fn gc_status_and_version() {
     let c9 = Netns::create("c9").unwrap();
     let o = bed
         .rt
-        .exec(
-            "ADD",
-            &conf,
-            &[
-                ("CNI_CONTAINERID", "ctr8"),
-                ("CNI_NETNS", &netns_path(&c9)),
-                ("CNI_IFNAME", "eth0"),
-            ],
-        )
+        .try_add(&conf, "ctr8", &netns_path(&c9), "eth0")
         .unwrap();
     assert_eq!(o.code(), Some(11), "{o:?}");
     assert_eq!(

@@ -119,24 +119,12 @@ fn api_placement_and_restart_after_kill_9() {
     let (s, _) = d.request("GET", "/v1/ports/nope", None).unwrap();
     assert_eq!(s, 404);
     // A veth port needs a namespace for its other end; unknown kinds are named.
-    let (s, body) = d
-        .request(
-            "POST",
-            "/v1/ports",
-            Some(r#"{"name":"v1","tenant":"a","kind":"veth"}"#),
-        )
-        .unwrap();
-    assert_eq!(s, 400, "{body}");
-    assert!(body.contains("netns"), "{body}");
-    let (s, body) = d
-        .request(
-            "POST",
-            "/v1/ports",
-            Some(r#"{"name":"v1","tenant":"a","kind":"macvtap"}"#),
-        )
-        .unwrap();
-    assert_eq!(s, 400, "{body}");
-    assert!(body.contains("veth"), "{body}");
+    for (kind, hint) in [("veth", "netns"), ("macvtap", "veth")] {
+        let spec = format!(r#"{{"name":"v1","tenant":"a","kind":"{kind}"}}"#);
+        let (s, body) = d.request("POST", "/v1/ports", Some(&spec)).unwrap();
+        assert_eq!(s, 400, "{body}");
+        assert!(body.contains(hint), "{body}");
+    }
     let (s, body) = d
         .request(
             "POST",
