@@ -10,6 +10,7 @@
 //! * [`api`]: vblockd's API types; `daemon` (feature `daemon`, on by default): vblockd's
 //!   config, control logic and HTTP server.
 //! * `vhost_blk` (feature `vhost`): volumes served to VMs as vhost-user-blk devices.
+//! * [`nbd`]: volumes exported over NBD (unix socket, optionally TCP).
 //! * [`diffstream`]: snapshot diff streams (incremental export/import between pools).
 //! * [`pool`]: a pool on a device: volume I/O, flush = commit, open = recovery, check.
 
@@ -23,6 +24,7 @@ mod error;
 pub mod format;
 pub mod journal;
 pub mod meta;
+pub mod nbd;
 pub mod pool;
 pub mod qos;
 #[allow(unsafe_code)] // io_uring submissions; every unsafe block carries a SAFETY note.

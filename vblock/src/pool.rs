@@ -869,6 +869,45 @@ impl<D: Device> Pool<D> {
         Ok(out)
     }
 
+    /// Which parts of `len` bytes at `offset` of a volume or snapshot hold data: runs of
+    /// (length, allocated), at 4 KiB granularity, clipped to the range. Unallocated parts
+    /// read as zeros. One lookup per 64 KiB cluster.
+    pub fn allocation(&self, name: &str, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, Error> {
+        let s = self.read_lock();
+        let v = s
+            .meta
+            .volume(name)
+            .ok_or_else(|| Error::NotFound(name.into()))?;
+        let end = offset
+            .checked_add(len)
+            .filter(|e| *e <= v.size)
+            .ok_or_else(|| {
+                Error::OutOfRange(format!(
+                    "{len} bytes at {offset} of {name} ({} bytes)",
+                    v.size
+                ))
+            })?;
+        let (cluster, block) = (CLUSTER_SIZE as u64, BLOCK_SIZE as u64);
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let vc = pos / cluster;
+            let bitmap = s.meta.lookup(v.id, vc).bitmap;
+            let cluster_end = ((vc + 1) * cluster).min(end);
+            while pos < cluster_end {
+                let k = (pos % cluster) / block;
+                let piece_end = ((pos / block + 1) * block).min(cluster_end);
+                let allocated = bitmap & (1 << k) != 0;
+                match runs.last_mut() {
+                    Some((l, a)) if *a == allocated => *l += piece_end - pos,
+                    _ => runs.push((piece_end - pos, allocated)),
+                }
+                pos = piece_end;
+            }
+        }
+        Ok(runs)
+    }
+
     /// Makes everything written so far durable (a commit).
     pub fn flush(&self) -> Result<(), Error> {
         let mut s = self.lock();

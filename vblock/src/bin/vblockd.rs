@@ -12,8 +12,9 @@ use clap::Parser;
 use tracing::{info, warn};
 use vblock::api::PoolSpec;
 use vblock::daemon::config::FileConfig;
-use vblock::daemon::control::Control;
+use vblock::daemon::control::{Control, NbdCatalog};
 use vblock::daemon::server::router;
+use vblock::nbd::{AllowedNet, NbdServer};
 
 /// libvirtual's block storage daemon.
 #[derive(Parser, Debug)]
@@ -24,6 +25,17 @@ struct Args {
     /// A pool to serve, NAME=PATH (an existing pool; repeatable).
     #[arg(long = "pool", value_parser = parse_pool)]
     pools: Vec<PoolSpec>,
+    /// Also serve NBD over TCP on ADDR:PORT (repeatable; needs --nbd-allow). The unix
+    /// socket RUN_DIR/nbd.sock is always served.
+    #[arg(long = "nbd-listen")]
+    nbd_listen: Vec<std::net::SocketAddr>,
+    /// A client network allowed on the NBD TCP listeners (CIDR; repeatable).
+    #[arg(long = "nbd-allow", value_parser = parse_net)]
+    nbd_allow: Vec<AllowedNet>,
+}
+
+fn parse_net(s: &str) -> Result<AllowedNet, String> {
+    s.parse()
 }
 
 fn parse_pool(s: &str) -> Result<PoolSpec, String> {
@@ -58,13 +70,36 @@ fn main() -> anyhow::Result<()> {
     }
     let shared = Arc::new(Mutex::new(control));
     info!(state = %state_dir.display(), pools = shared.lock().map(|c| c.pools().len()).unwrap_or(0), "configuration");
+    let mut nbd = NbdServer::new(Arc::new(NbdCatalog(shared.clone())));
+    let nbd_socket = run_dir.join("nbd.sock");
+    nbd.listen_unix(&nbd_socket)
+        .with_context(|| format!("NBD socket {}", nbd_socket.display()))?;
+    let mut listen = file.nbd_listen;
+    listen.extend(args.nbd_listen);
+    let mut allow: Vec<AllowedNet> = file
+        .nbd_allow
+        .iter()
+        .map(|s| s.parse().map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<_>>()?;
+    allow.extend(args.nbd_allow);
+    if !listen.is_empty() && allow.is_empty() {
+        anyhow::bail!("NBD over TCP needs an allow-list (--nbd-allow CIDR)");
+    }
+    for addr in listen {
+        nbd.listen_tcp(addr, allow.clone())
+            .with_context(|| format!("NBD on {addr}"))?;
+        info!(%addr, allow = ?allow, "NBD over TCP");
+    }
+    info!(socket = %nbd_socket.display(), "NBD exports");
     let socket = run_dir.join("vblockd.sock");
     let served = daemon_kit::runtime()?.block_on(daemon_kit::serve(
         &socket,
         router(shared.clone()),
         "vblockd",
     ));
-    // Clean shutdown: every pool's journal is folded into a checkpoint.
+    // Clean shutdown: NBD clients go (their writes flushed), then every pool's journal is
+    // folded into a checkpoint.
+    drop(nbd);
     shared.lock().unwrap_or_else(|e| e.into_inner()).close_all();
     served
 }

@@ -19,6 +19,13 @@ pub struct FileConfig {
     pub pools: Vec<PoolSpec>,
     /// `human` or `json`.
     pub log_format: Option<String>,
+    /// NBD over TCP: addresses to listen on (off when empty; the unix socket
+    /// `RUN_DIR/nbd.sock` is always served).
+    #[serde(default)]
+    pub nbd_listen: Vec<std::net::SocketAddr>,
+    /// NBD over TCP: client networks allowed (`10.0.0.0/8`); required with `nbd_listen`.
+    #[serde(default)]
+    pub nbd_allow: Vec<String>,
 }
 
 impl FileConfig {
@@ -41,6 +48,8 @@ mod tests {
             run_dir = "/tmp/run"
             state_dir = "/tmp/state"
             log_format = "json"
+            nbd_listen = ["127.0.0.1:10809"]
+            nbd_allow = ["127.0.0.0/8"]
             [[pools]]
             name = "fast"
             path = "/var/lib/libvirtual/fast.pool"
@@ -48,6 +57,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.pools.len(), 1);
+        assert_eq!(cfg.nbd_listen.len(), 1);
         assert_eq!(cfg.pools[0].name, "fast");
         assert!(toml::from_str::<FileConfig>("pool = 1").is_err());
     }

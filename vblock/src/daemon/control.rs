@@ -564,3 +564,41 @@ fn close(h: Arc<PoolHandle>) {
         }
     }
 }
+
+/// vblockd's NBD exports: every volume and snapshot of every open pool, as `VOLUME` (when
+/// only one pool has that name) or `POOL/VOLUME`.
+pub struct NbdCatalog(pub Arc<Mutex<Control>>);
+
+impl crate::nbd::Exports for NbdCatalog {
+    type Dev = crate::uring::UringDevice;
+
+    fn find(&self, name: &str) -> Option<crate::nbd::Target<Self::Dev>> {
+        let c = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let target = |h: &Arc<PoolHandle>, volume: &str| {
+            h.pool.volume(volume).ok().map(|_| crate::nbd::Target {
+                pool: h.pool.clone(),
+                volume: volume.to_owned(),
+            })
+        };
+        if let Some((pool, volume)) = name.split_once('/')
+            && let Some(h) = c.pools.get(pool)
+        {
+            return target(h, volume);
+        }
+        let mut found = c.pools.values().filter_map(|h| target(h, name));
+        let first = found.next()?;
+        // A name in two pools is ambiguous: only POOL/VOLUME selects it.
+        found.next().is_none().then_some(first)
+    }
+
+    fn names(&self) -> Vec<String> {
+        let c = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut names = Vec::new();
+        for (pool, h) in &c.pools {
+            for v in h.pool.list() {
+                names.push(format!("{pool}/{}", v.name));
+            }
+        }
+        names
+    }
+}

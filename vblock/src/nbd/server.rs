@@ -1,0 +1,953 @@
+//! The NBD server: a listener thread per socket (a unix socket, and TCP only when
+//! configured, then restricted to an allow-list of client networks), a thread per
+//! connection. A connection negotiates (fixed newstyle), then takes requests in bursts:
+//! every request already waiting is read before any is executed, runs of reads and of
+//! writes go to the pool as one batch each (the same io_uring engine vhost-user-blk uses),
+//! and the replies of a burst leave in one write. Per-volume I/O limits apply as everywhere.
+
+use std::io::{self, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use super::proto::{self, Request, cflag, chunk, cmd, errno, info, opt, rep, tflag};
+use crate::device::{AlignedBuf, Device};
+use crate::{Error, Kind, Pool, ReadRequest, WriteRequest};
+
+/// Smallest request granularity (the pool's sector).
+pub const MIN_BLOCK: u32 = 512;
+/// Preferred request granularity (the pool's block).
+pub const PREFERRED_BLOCK: u32 = 4096;
+/// Largest READ or WRITE payload.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Requests read before a burst is executed.
+const BURST: usize = 32;
+/// Longest option data accepted.
+const MAX_OPTION: u32 = 64 << 10;
+
+/// A volume an export name resolves to.
+pub struct Target<D: Device> {
+    /// Its pool.
+    pub pool: Arc<Pool<D>>,
+    /// The volume or snapshot name in that pool.
+    pub volume: String,
+}
+
+/// What a server exports: names to volumes.
+pub trait Exports: Send + Sync + 'static {
+    /// The pools' device type.
+    type Dev: Device + 'static;
+    /// The volume an export name means, if any.
+    fn find(&self, name: &str) -> Option<Target<Self::Dev>>;
+    /// Every export name (NBD_OPT_LIST).
+    fn names(&self) -> Vec<String>;
+}
+
+/// Every volume and snapshot of one pool, by name.
+pub struct PoolExports<D: Device>(pub Arc<Pool<D>>);
+
+impl<D: Device + 'static> Exports for PoolExports<D> {
+    type Dev = D;
+    fn find(&self, name: &str) -> Option<Target<D>> {
+        self.0.volume(name).ok().map(|_| Target {
+            pool: self.0.clone(),
+            volume: name.to_owned(),
+        })
+    }
+    fn names(&self) -> Vec<String> {
+        self.0.list().into_iter().map(|v| v.name).collect()
+    }
+}
+
+/// A client network allowed on a TCP listener (`10.0.0.0/8`, `::1/128`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllowedNet {
+    /// Network address.
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl std::str::FromStr for AllowedNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<AllowedNet, String> {
+        let (a, p) = s.split_once('/').unwrap_or((s, ""));
+        let addr: IpAddr = a.parse().map_err(|_| format!("{s:?}: not an address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if p.is_empty() {
+            max
+        } else {
+            p.parse().map_err(|_| format!("{s:?}: bad prefix"))?
+        };
+        if prefix > max {
+            return Err(format!("{s:?}: prefix longer than {max}"));
+        }
+        Ok(AllowedNet { addr, prefix })
+    }
+}
+
+impl AllowedNet {
+    /// Whether `ip` is inside.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        let bits = |a: IpAddr| -> u128 {
+            match a {
+                IpAddr::V4(v) => u128::from(u32::from(v)) << 96,
+                IpAddr::V6(v) => u128::from(v),
+            }
+        };
+        if ip.is_ipv4() != self.addr.is_ipv4() {
+            return false;
+        }
+        // IPv4 addresses sit in the top 32 of the 128 bits: the same top-bits mask serves.
+        let prefix = u32::from(self.prefix);
+        let mask = if prefix == 0 {
+            0
+        } else {
+            u128::MAX << (128 - prefix)
+        };
+        bits(ip) & mask == bits(self.addr) & mask
+    }
+}
+
+/// Counters of a server.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections accepted.
+    pub connections: AtomicU64,
+    /// Connections refused (allow-list).
+    pub refused: AtomicU64,
+    /// Requests served.
+    pub requests: AtomicU64,
+    /// Requests answered with an error.
+    pub errors: AtomicU64,
+}
+
+/// A stream a connection runs on.
+trait Conn: Read + Write + AsFd + Send + Sized + 'static {
+    fn duplicate(&self) -> io::Result<Self>;
+    fn close(&self);
+}
+
+impl Conn for UnixStream {
+    fn duplicate(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn close(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Conn for TcpStream {
+    fn duplicate(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn close(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+type Closer = Box<dyn Fn() + Send>;
+
+struct Shared<E: Exports> {
+    exports: Arc<E>,
+    stop: AtomicBool,
+    stats: ServerStats,
+    /// Open connections, so that stopping the server ends them.
+    open: Mutex<Vec<(u64, Closer)>>,
+    next_id: AtomicU64,
+}
+
+/// A running NBD server; stops (closing every connection) when dropped.
+pub struct NbdServer<E: Exports> {
+    shared: Arc<Shared<E>>,
+    listeners: Vec<JoinHandle<()>>,
+    socket: Option<PathBuf>,
+    tcp: Option<SocketAddr>,
+}
+
+impl<E: Exports> NbdServer<E> {
+    /// Serves `exports` on the unix socket `path` (replaced if it exists; mode 0600).
+    pub fn start_unix(path: &Path, exports: Arc<E>) -> Result<NbdServer<E>, Error> {
+        let mut s = NbdServer::new(exports);
+        s.listen_unix(path)?;
+        Ok(s)
+    }
+
+    /// A server with no listener yet.
+    pub fn new(exports: Arc<E>) -> NbdServer<E> {
+        NbdServer {
+            shared: Arc::new(Shared {
+                exports,
+                stop: AtomicBool::new(false),
+                stats: ServerStats::default(),
+                open: Mutex::new(Vec::new()),
+                next_id: AtomicU64::new(0),
+            }),
+            listeners: Vec::new(),
+            socket: None,
+            tcp: None,
+        }
+    }
+
+    /// Adds the unix socket `path`.
+    pub fn listen_unix(&mut self, path: &Path) -> Result<(), Error> {
+        let io_err = |e| Error::Io(format!("NBD socket {}", path.display()), e);
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(io_err)?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(io_err)?;
+        let shared = self.shared.clone();
+        self.listeners.push(spawn_acceptor(listener, shared, |l| {
+            l.accept().map(|(s, _)| (s, None))
+        })?);
+        self.socket = Some(path.to_owned());
+        Ok(())
+    }
+
+    /// Adds a TCP listener on `addr`, for clients in `allow` only (an empty list refuses
+    /// everyone).
+    pub fn listen_tcp(&mut self, addr: SocketAddr, allow: Vec<AllowedNet>) -> Result<(), Error> {
+        let listener =
+            TcpListener::bind(addr).map_err(|e| Error::Io(format!("NBD on {addr}"), e))?;
+        self.tcp = listener.local_addr().ok();
+        let shared = self.shared.clone();
+        self.listeners
+            .push(spawn_acceptor(listener, shared, move |l| {
+                l.accept().map(|(s, peer)| {
+                    let ok = allow.iter().any(|n| n.contains(peer.ip()));
+                    let _ = s.set_nodelay(true);
+                    (s, (!ok).then_some(peer))
+                })
+            })?);
+        Ok(())
+    }
+
+    /// The unix socket, if any.
+    pub fn socket(&self) -> Option<&Path> {
+        self.socket.as_deref()
+    }
+
+    /// The TCP address bound, if any.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.shared.stats
+    }
+}
+
+impl<E: Exports> Drop for NbdServer<E> {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        for (_, close) in self
+            .shared
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            close();
+        }
+        for l in self.listeners.drain(..) {
+            let _ = l.join();
+        }
+        if let Some(p) = &self.socket {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Accepts connections until the server stops (`accept` gives a stream, and the peer if it
+/// is to be refused).
+fn spawn_acceptor<L, S, E>(
+    listener: L,
+    shared: Arc<Shared<E>>,
+    accept: impl Fn(&L) -> io::Result<(S, Option<SocketAddr>)> + Send + 'static,
+) -> Result<JoinHandle<()>, Error>
+where
+    L: AsFd + Send + 'static,
+    S: Conn,
+    E: Exports,
+{
+    std::thread::Builder::new()
+        .name("nbd-accept".into())
+        .spawn(move || {
+            while !shared.stop.load(Ordering::Acquire) {
+                let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                match poll(&mut fds, PollTimeout::from(200u16)) {
+                    Ok(n) if n > 0 => {}
+                    _ => continue,
+                }
+                let Ok((stream, refused)) = accept(&listener) else {
+                    continue;
+                };
+                if let Some(peer) = refused {
+                    shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, "NBD client not in the allow-list");
+                    continue;
+                }
+                shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+                let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+                if let Ok(closer) = stream.duplicate() {
+                    shared
+                        .open
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((id, Box::new(move || closer.close())));
+                }
+                let sh = shared.clone();
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("nbd-conn".into())
+                        .spawn(move || {
+                            if let Err(e) = serve(stream, &sh) {
+                                tracing::debug!(error = %e, "NBD connection ended");
+                            }
+                            sh.open
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .retain(|(i, _)| *i != id);
+                        });
+                if spawned.is_err() {
+                    tracing::warn!("cannot start an NBD connection thread");
+                }
+            }
+        })
+        .map_err(|e| Error::Io("NBD listener thread".into(), e))
+}
+
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn protocol_error(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
+}
+
+/// The export selected by negotiation.
+struct Selected<D: Device> {
+    target: Target<D>,
+    read_only: bool,
+    size: u64,
+}
+
+/// What negotiation settled.
+struct Session<D: Device> {
+    export: Selected<D>,
+    structured: bool,
+    allocation: bool,
+}
+
+fn select<E: Exports>(exports: &E, name: &str) -> Option<Selected<E::Dev>> {
+    let target = exports.find(name)?;
+    let v = target.pool.volume(&target.volume).ok()?;
+    Some(Selected {
+        read_only: v.kind == Kind::Snapshot,
+        size: v.size,
+        target,
+    })
+}
+
+fn transmission_flags(read_only: bool) -> u16 {
+    let mut f = tflag::HAS_FLAGS
+        | tflag::SEND_FLUSH
+        | tflag::SEND_FUA
+        | tflag::SEND_DF
+        | tflag::CAN_MULTI_CONN;
+    if read_only {
+        f |= tflag::READ_ONLY;
+    } else {
+        f |= tflag::SEND_TRIM | tflag::SEND_WRITE_ZEROES | tflag::SEND_FAST_ZERO;
+    }
+    f
+}
+
+/// Serves one connection: negotiation, then transmission.
+fn serve<S: Conn, E: Exports>(stream: S, shared: &Shared<E>) -> io::Result<()> {
+    let mut writer = stream.duplicate()?;
+    let poller = stream.duplicate()?;
+    let mut reader = BufReader::with_capacity(256 << 10, stream);
+    let Some(session) = negotiate(&mut reader, &mut writer, &*shared.exports)? else {
+        return Ok(());
+    };
+    transmit(reader, writer, &poller, session, shared)
+}
+
+/// Fixed newstyle negotiation; None when the client ends it without choosing an export.
+fn negotiate<E: Exports>(
+    r: &mut impl Read,
+    w: &mut impl Write,
+    exports: &E,
+) -> io::Result<Option<Session<E::Dev>>> {
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
+    w.write_all(&hello)?;
+    let client = read_u32(r)?;
+    if client & !(proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES) != 0 {
+        return Err(protocol_error("unknown client flags"));
+    }
+    let no_zeroes = client & proto::CLIENT_NO_ZEROES != 0;
+    let mut structured = false;
+    let mut allocation = false;
+    loop {
+        if read_u64(r)? != proto::IHAVEOPT {
+            return Err(protocol_error("option without IHAVEOPT"));
+        }
+        let option = read_u32(r)?;
+        let len = read_u32(r)?;
+        let mut out = Vec::new();
+        if len > MAX_OPTION {
+            // Skip the data, then refuse; a client that keeps going is served.
+            io::copy(&mut r.take(u64::from(len)), &mut io::sink())?;
+            proto::option_reply(&mut out, option, rep::ERR_TOO_BIG, b"option data too long");
+            w.write_all(&out)?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        r.read_exact(&mut data)?;
+        let reply =
+            |out: &mut Vec<u8>, kind: u32, d: &[u8]| proto::option_reply(out, option, kind, d);
+        match option {
+            opt::EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data);
+                let Some(sel) = select(exports, &name) else {
+                    // No way to refuse but hanging up.
+                    return Ok(None);
+                };
+                out.extend_from_slice(&sel.size.to_be_bytes());
+                out.extend_from_slice(&transmission_flags(sel.read_only).to_be_bytes());
+                if !no_zeroes {
+                    out.extend_from_slice(&[0u8; 124]);
+                }
+                w.write_all(&out)?;
+                return Ok(Some(Session {
+                    export: sel,
+                    structured,
+                    allocation,
+                }));
+            }
+            opt::ABORT => {
+                reply(&mut out, rep::ACK, &[]);
+                let _ = w.write_all(&out);
+                return Ok(None);
+            }
+            opt::LIST if len != 0 => reply(&mut out, rep::ERR_INVALID, b"LIST takes no data"),
+            opt::LIST => {
+                for name in exports.names() {
+                    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+                    d.extend_from_slice(name.as_bytes());
+                    reply(&mut out, rep::SERVER, &d);
+                }
+                reply(&mut out, rep::ACK, &[]);
+            }
+            opt::STARTTLS => reply(&mut out, rep::ERR_POLICY, b"TLS is not offered"),
+            opt::STRUCTURED_REPLY if len != 0 => reply(
+                &mut out,
+                rep::ERR_INVALID,
+                b"STRUCTURED_REPLY takes no data",
+            ),
+            opt::STRUCTURED_REPLY => {
+                structured = true;
+                reply(&mut out, rep::ACK, &[]);
+            }
+            opt::INFO | opt::GO => match proto::parse_info_request(&data) {
+                None => reply(&mut out, rep::ERR_INVALID, b"malformed INFO/GO"),
+                Some((name, asked)) => match select(exports, name) {
+                    None => reply(&mut out, rep::ERR_UNKNOWN, b"no such export"),
+                    Some(sel) => {
+                        let mut d = info::EXPORT.to_be_bytes().to_vec();
+                        d.extend_from_slice(&sel.size.to_be_bytes());
+                        d.extend_from_slice(&transmission_flags(sel.read_only).to_be_bytes());
+                        reply(&mut out, rep::INFO, &d);
+                        let mut b = info::BLOCK_SIZE.to_be_bytes().to_vec();
+                        for x in [MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD] {
+                            b.extend_from_slice(&x.to_be_bytes());
+                        }
+                        reply(&mut out, rep::INFO, &b);
+                        if asked.contains(&info::NAME) {
+                            let mut n = info::NAME.to_be_bytes().to_vec();
+                            n.extend_from_slice(name.as_bytes());
+                            reply(&mut out, rep::INFO, &n);
+                        }
+                        reply(&mut out, rep::ACK, &[]);
+                        if option == opt::GO {
+                            w.write_all(&out)?;
+                            return Ok(Some(Session {
+                                export: sel,
+                                structured,
+                                allocation,
+                            }));
+                        }
+                    }
+                },
+            },
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                match proto::parse_meta_request(&data) {
+                    None => reply(
+                        &mut out,
+                        rep::ERR_INVALID,
+                        b"malformed meta context request",
+                    ),
+                    Some(_) if !structured && option == opt::SET_META_CONTEXT => reply(
+                        &mut out,
+                        rep::ERR_INVALID,
+                        b"meta contexts need structured replies",
+                    ),
+                    Some((name, queries)) if exports.find(name).is_none() => {
+                        let _ = queries;
+                        reply(&mut out, rep::ERR_UNKNOWN, b"no such export")
+                    }
+                    Some((_, queries)) => {
+                        let listing = option == opt::LIST_META_CONTEXT;
+                        let wanted = queries
+                            .iter()
+                            .any(|q| *q == proto::BASE_ALLOCATION || (listing && *q == "base:"))
+                            || (listing && queries.is_empty());
+                        if option == opt::SET_META_CONTEXT {
+                            allocation = wanted;
+                        }
+                        if wanted {
+                            let mut d = proto::BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                            d.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
+                            reply(&mut out, rep::META_CONTEXT, &d);
+                        }
+                        reply(&mut out, rep::ACK, &[]);
+                    }
+                }
+            }
+            _ => reply(&mut out, rep::ERR_UNSUP, b"unknown option"),
+        }
+        w.write_all(&out)?;
+    }
+}
+
+/// A request of a burst, with its payload or buffer.
+enum Work {
+    Read(Request, AlignedBuf),
+    Write(Request, AlignedBuf),
+    /// Answered already (a request refused before any I/O).
+    Refused(Request, u32),
+    Other(Request),
+}
+
+/// Why a READ/WRITE/TRIM/WRITE_ZEROES range is refused, if it is.
+fn range_error(req: &Request, size: u64, write: bool) -> Option<u32> {
+    let end = req.offset.checked_add(u64::from(req.length));
+    if end.is_none_or(|e| e > size) {
+        return Some(if write { errno::ENOSPC } else { errno::EINVAL });
+    }
+    let (a, b) = (req.offset, u64::from(req.length));
+    if !a.is_multiple_of(u64::from(MIN_BLOCK)) || !b.is_multiple_of(u64::from(MIN_BLOCK)) {
+        return Some(errno::EINVAL);
+    }
+    None
+}
+
+fn error_value(e: &Error) -> u32 {
+    match e {
+        Error::ReadOnly(_) => errno::EPERM,
+        Error::NoSpace => errno::ENOSPC,
+        Error::OutOfRange(_) | Error::Invalid(_) => errno::EINVAL,
+        _ => errno::EIO,
+    }
+}
+
+fn transmit<S: Conn, E: Exports>(
+    mut reader: BufReader<S>,
+    mut writer: S,
+    poller: &S,
+    session: Session<E::Dev>,
+    shared: &Shared<E>,
+) -> io::Result<()> {
+    let Session {
+        export,
+        structured,
+        allocation,
+    } = session;
+    let (pool, volume) = (&export.target.pool, export.target.volume.as_str());
+    let mut wrote = false;
+    let mut out: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut burst: Vec<Work> = Vec::with_capacity(BURST);
+    let result = loop {
+        // 1. Read what is waiting (at least one request).
+        burst.clear();
+        let mut disconnect = false;
+        let mut broken = None;
+        while burst.len() < BURST {
+            if !burst.is_empty() && reader.buffer().len() < proto::REQUEST_LEN && !readable(poller)
+            {
+                break;
+            }
+            let mut hdr = [0u8; proto::REQUEST_LEN];
+            if let Err(e) = reader.read_exact(&mut hdr) {
+                broken = Some(e);
+                break;
+            }
+            let Some(req) = Request::parse(&hdr) else {
+                broken = Some(protocol_error("bad request magic"));
+                break;
+            };
+            match req.kind {
+                cmd::WRITE => {
+                    if req.length > MAX_PAYLOAD {
+                        // The payload cannot be taken: answer, then hang up.
+                        burst.push(Work::Refused(req, errno::EOVERFLOW));
+                        broken = Some(protocol_error("oversize write"));
+                        break;
+                    }
+                    let mut data = AlignedBuf::new(req.length as usize);
+                    if let Err(e) = reader.read_exact(&mut data) {
+                        broken = Some(e);
+                        break;
+                    }
+                    let refusal = if export.read_only {
+                        Some(errno::EPERM)
+                    } else {
+                        range_error(&req, export.size, true)
+                    };
+                    burst.push(match refusal {
+                        Some(e) => Work::Refused(req, e),
+                        None => Work::Write(req, data),
+                    });
+                }
+                cmd::READ => {
+                    let refusal = if req.length > MAX_PAYLOAD {
+                        Some(errno::EOVERFLOW)
+                    } else {
+                        range_error(&req, export.size, false)
+                    };
+                    burst.push(match refusal {
+                        Some(e) => Work::Refused(req, e),
+                        None => Work::Read(req, AlignedBuf::new(req.length as usize)),
+                    });
+                }
+                cmd::DISC => {
+                    disconnect = true;
+                    break;
+                }
+                _ => burst.push(Work::Other(req)),
+            }
+        }
+        // 2. Execute: runs of reads and of writes as batches, the rest in order.
+        out.clear();
+        let mut i = 0;
+        while i < burst.len() {
+            let mut j = i;
+            match &burst[i] {
+                Work::Read(..) => {
+                    while j < burst.len() && matches!(burst[j], Work::Read(..)) {
+                        j += 1;
+                    }
+                    read_run(pool, volume, &mut burst[i..j], structured, &mut out, shared);
+                }
+                Work::Write(..) => {
+                    while j < burst.len() && matches!(burst[j], Work::Write(..)) {
+                        j += 1;
+                    }
+                    write_run(pool, volume, &burst[i..j], &mut out, shared);
+                    wrote = true;
+                    j = j.max(i + 1);
+                }
+                Work::Refused(req, e) => {
+                    reply_error(&mut out, req, *e, structured);
+                    shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    j = i + 1;
+                }
+                Work::Other(req) => {
+                    let req = *req;
+                    if matches!(req.kind, cmd::TRIM | cmd::WRITE_ZEROES) {
+                        wrote = true;
+                    }
+                    other(
+                        pool, volume, &export, &req, structured, allocation, &mut out, shared,
+                    );
+                    j = i + 1;
+                }
+            }
+            i = j.max(i + 1);
+        }
+        shared
+            .stats
+            .requests
+            .fetch_add(burst.len() as u64, Ordering::Relaxed);
+        // 3. Reply, all at once.
+        if !out.is_empty()
+            && let Err(e) = writer.write_all(&out)
+        {
+            break Err(e);
+        }
+        if disconnect {
+            break Ok(());
+        }
+        if let Some(e) = broken {
+            break if e.kind() == io::ErrorKind::UnexpectedEof {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+    };
+    // What the client wrote is made durable when it goes away.
+    if wrote {
+        let _ = pool.flush();
+    }
+    result
+}
+
+/// Whether more bytes wait on the socket (without blocking).
+fn readable(stream: &impl AsFd) -> bool {
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
+fn reply_error(out: &mut Vec<u8>, req: &Request, e: u32, structured: bool) {
+    if structured && req.kind == cmd::READ {
+        proto::error_chunk(out, req.cookie, e, "");
+    } else {
+        proto::simple_reply(out, e, req.cookie);
+    }
+}
+
+fn reply_data(out: &mut Vec<u8>, req: &Request, data: &[u8], structured: bool) {
+    if structured {
+        proto::chunk_header(
+            out,
+            chunk::FLAG_DONE,
+            chunk::OFFSET_DATA,
+            req.cookie,
+            8 + data.len() as u32,
+        );
+        out.extend_from_slice(&req.offset.to_be_bytes());
+    } else {
+        proto::simple_reply(out, 0, req.cookie);
+    }
+    out.extend_from_slice(data);
+}
+
+fn read_run<D: Device, E: Exports>(
+    pool: &Pool<D>,
+    volume: &str,
+    run: &mut [Work],
+    structured: bool,
+    out: &mut Vec<u8>,
+    shared: &Shared<E>,
+) {
+    let batched = {
+        let mut reqs: Vec<ReadRequest<'_>> = run
+            .iter_mut()
+            .filter_map(|w| match w {
+                Work::Read(req, buf) => Some(ReadRequest {
+                    volume,
+                    offset: req.offset,
+                    buf: &mut buf[..],
+                }),
+                _ => None,
+            })
+            .collect();
+        pool.read_batch(&mut reqs).is_ok()
+    };
+    for w in run.iter_mut() {
+        let Work::Read(req, buf) = w else { continue };
+        // A failed batch: each read on its own, so that only the bad one errs.
+        let outcome = if batched {
+            Ok(())
+        } else {
+            pool.read(volume, req.offset, buf)
+        };
+        match outcome {
+            Ok(()) => reply_data(out, req, buf, structured),
+            Err(e) => {
+                shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+                reply_error(out, req, error_value(&e), structured);
+            }
+        }
+    }
+}
+
+fn write_run<D: Device, E: Exports>(
+    pool: &Pool<D>,
+    volume: &str,
+    run: &[Work],
+    out: &mut Vec<u8>,
+    shared: &Shared<E>,
+) {
+    let mut reqs = Vec::with_capacity(run.len());
+    let mut meta = Vec::with_capacity(run.len());
+    for w in run {
+        if let Work::Write(req, data) = w {
+            reqs.push(WriteRequest {
+                volume,
+                offset: req.offset,
+                data: &data[..],
+            });
+            meta.push(*req);
+        }
+    }
+    let outcomes = pool.write_batch(&reqs);
+    // FUA: durable before the reply (one commit covers the run).
+    let fua = meta.iter().any(|r| r.flags & cflag::FUA != 0);
+    let flushed = if fua {
+        pool.flush().map_err(|e| error_value(&e))
+    } else {
+        Ok(())
+    };
+    for (req, outcome) in meta.iter().zip(outcomes) {
+        let e = match (outcome, req.flags & cflag::FUA != 0) {
+            (Err(e), _) => error_value(&e),
+            (Ok(()), true) => flushed.err().unwrap_or(0),
+            (Ok(()), false) => 0,
+        };
+        if e != 0 {
+            shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        proto::simple_reply(out, e, req.cookie);
+    }
+}
+
+/// Writes real zeros (NO_HOLE): the range stays allocated.
+fn write_zero_data<D: Device>(
+    pool: &Pool<D>,
+    volume: &str,
+    offset: u64,
+    len: u64,
+) -> Result<(), Error> {
+    let chunk = 1u64 << 20;
+    let zeros = AlignedBuf::new(chunk as usize);
+    let mut at = 0;
+    while at < len {
+        let n = chunk.min(len - at);
+        pool.write(volume, offset + at, &zeros[..n as usize])?;
+        at += n;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn other<D: Device, E: Exports>(
+    pool: &Pool<D>,
+    volume: &str,
+    export: &Selected<D>,
+    req: &Request,
+    structured: bool,
+    allocation: bool,
+    out: &mut Vec<u8>,
+    shared: &Shared<E>,
+) {
+    let len = u64::from(req.length);
+    let fua = req.flags & cflag::FUA != 0;
+    let then_flush = |r: Result<(), Error>| -> Result<(), u32> {
+        r.map_err(|e| error_value(&e))?;
+        if fua {
+            pool.flush().map_err(|e| error_value(&e))?;
+        }
+        Ok(())
+    };
+    let outcome: Result<(), u32> = match req.kind {
+        cmd::FLUSH => pool.flush().map_err(|e| error_value(&e)),
+        cmd::TRIM | cmd::WRITE_ZEROES if export.read_only => Err(errno::EPERM),
+        cmd::TRIM => match range_error(req, export.size, true) {
+            Some(e) => Err(e),
+            None => then_flush(pool.discard(volume, req.offset, len)),
+        },
+        cmd::WRITE_ZEROES => {
+            let no_hole = req.flags & cflag::NO_HOLE != 0;
+            match range_error(req, export.size, true) {
+                Some(e) => Err(e),
+                // Writing real zeros is not fast: refuse as FAST_ZERO asks.
+                None if no_hole && req.flags & cflag::FAST_ZERO != 0 => Err(errno::ENOTSUP),
+                None if no_hole => then_flush(write_zero_data(pool, volume, req.offset, len)),
+                None => then_flush(pool.write_zeroes(volume, req.offset, len)),
+            }
+        }
+        cmd::BLOCK_STATUS => {
+            if !structured || !allocation || req.length == 0 {
+                Err(errno::EINVAL)
+            } else {
+                match pool.allocation(volume, req.offset, len) {
+                    Err(e) => Err(error_value(&e)),
+                    Ok(runs) => {
+                        let take = if req.flags & cflag::REQ_ONE != 0 {
+                            1
+                        } else {
+                            runs.len()
+                        };
+                        let mut payload = proto::BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                        for (l, allocated) in runs.iter().take(take) {
+                            let state = if *allocated {
+                                0
+                            } else {
+                                proto::STATE_HOLE | proto::STATE_ZERO
+                            };
+                            payload.extend_from_slice(&(*l as u32).to_be_bytes());
+                            payload.extend_from_slice(&state.to_be_bytes());
+                        }
+                        proto::chunk_header(
+                            out,
+                            chunk::FLAG_DONE,
+                            chunk::BLOCK_STATUS,
+                            req.cookie,
+                            payload.len() as u32,
+                        );
+                        out.extend_from_slice(&payload);
+                        return;
+                    }
+                }
+            }
+        }
+        _ => Err(errno::EINVAL),
+    };
+    match outcome {
+        Ok(()) => proto::simple_reply(out, 0, req.cookie),
+        Err(e) => {
+            shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+            if structured && req.kind == cmd::BLOCK_STATUS {
+                proto::error_chunk(out, req.cookie, e, "");
+            } else {
+                proto::simple_reply(out, e, req.cookie);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_lists_match_prefixes_and_mapped_addresses() {
+        let lan: AllowedNet = "10.1.0.0/16".parse().unwrap();
+        assert!(lan.contains("10.1.200.3".parse().unwrap()));
+        assert!(!lan.contains("10.2.0.1".parse().unwrap()));
+        assert!(lan.contains("::ffff:10.1.0.9".parse().unwrap()));
+        let one: AllowedNet = "::1".parse().unwrap();
+        assert!(one.contains("::1".parse().unwrap()));
+        assert!(!one.contains("::2".parse().unwrap()));
+        assert!(!one.contains("127.0.0.1".parse().unwrap()));
+        let all: AllowedNet = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("192.0.2.1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<AllowedNet>().is_err());
+        assert!("nonsense".parse::<AllowedNet>().is_err());
+    }
+}
