@@ -576,7 +576,7 @@ fn error_value(e: &Error) -> u32 {
 
 fn transmit<S: Conn, E: Exports>(
     mut reader: BufReader<S>,
-    mut writer: S,
+    writer: S,
     poller: &S,
     session: Session<E::Dev>,
     shared: &Shared<E>,
@@ -588,7 +588,22 @@ fn transmit<S: Conn, E: Exports>(
     } = session;
     let (pool, volume) = (&export.target.pool, export.target.volume.as_str());
     let mut wrote = false;
-    let mut out: Vec<u8> = Vec::with_capacity(1 << 20);
+    // Replies leave from a thread of their own: while one burst's replies are on their way
+    // to the client, the next burst's I/O already runs.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Replies>(2);
+    let sender =
+        std::thread::Builder::new()
+            .name("nbd-reply".into())
+            .spawn(move || -> io::Result<()> {
+                let mut w = io::BufWriter::with_capacity(256 << 10, writer);
+                for replies in rx {
+                    replies.send(&mut w)?;
+                    w.flush()?;
+                }
+                Ok(())
+            })?;
+    let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
+    let mut data: Vec<(usize, AlignedBuf)> = Vec::new();
     let mut burst: Vec<Work> = Vec::with_capacity(BURST);
     let result = loop {
         // 1. Read what is waiting (at least one request).
@@ -652,6 +667,7 @@ fn transmit<S: Conn, E: Exports>(
         }
         // 2. Execute: runs of reads and of writes as batches, the rest in order.
         out.clear();
+        data.clear();
         let mut i = 0;
         while i < burst.len() {
             let mut j = i;
@@ -660,7 +676,8 @@ fn transmit<S: Conn, E: Exports>(
                     while j < burst.len() && matches!(burst[j], Work::Read(..)) {
                         j += 1;
                     }
-                    read_run(pool, volume, &mut burst[i..j], structured, &mut out, shared);
+                    let run = &mut burst[i..j];
+                    read_run(pool, volume, run, structured, &mut out, &mut data, shared);
                 }
                 Work::Write(..) => {
                     while j < burst.len() && matches!(burst[j], Work::Write(..)) {
@@ -692,11 +709,16 @@ fn transmit<S: Conn, E: Exports>(
             .stats
             .requests
             .fetch_add(burst.len() as u64, Ordering::Relaxed);
-        // 3. Reply, all at once.
-        if !out.is_empty()
-            && let Err(e) = writer.write_all(&out)
-        {
-            break Err(e);
+        // 3. Reply, all at once (from the reply thread).
+        let replies = Replies {
+            bytes: std::mem::replace(&mut out, Vec::with_capacity(64 << 10)),
+            data: std::mem::take(&mut data),
+        };
+        if tx.send(replies).is_err() {
+            break Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "reply thread ended",
+            ));
         }
         if disconnect {
             break Ok(());
@@ -709,11 +731,34 @@ fn transmit<S: Conn, E: Exports>(
             };
         }
     };
+    drop(tx);
+    let sent = sender
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("reply thread panicked")));
     // What the client wrote is made durable when it goes away.
     if wrote {
         let _ = pool.flush();
     }
-    result
+    result.and(sent)
+}
+
+/// The replies of a burst: header bytes, and read data to go in at given positions of
+/// them (sent from its own buffer, not copied).
+struct Replies {
+    bytes: Vec<u8>,
+    data: Vec<(usize, AlignedBuf)>,
+}
+
+impl Replies {
+    fn send(self, w: &mut impl Write) -> io::Result<()> {
+        let mut at = 0;
+        for (pos, buf) in &self.data {
+            w.write_all(&self.bytes[at..*pos])?;
+            w.write_all(buf)?;
+            at = *pos;
+        }
+        w.write_all(&self.bytes[at..])
+    }
 }
 
 /// Whether more bytes wait on the socket (without blocking).
@@ -730,7 +775,13 @@ fn reply_error(out: &mut Vec<u8>, req: &Request, e: u32, structured: bool) {
     }
 }
 
-fn reply_data(out: &mut Vec<u8>, req: &Request, data: &[u8], structured: bool) {
+fn reply_data(
+    out: &mut Vec<u8>,
+    data_out: &mut Vec<(usize, AlignedBuf)>,
+    req: &Request,
+    data: AlignedBuf,
+    structured: bool,
+) {
     if structured {
         proto::chunk_header(
             out,
@@ -743,7 +794,7 @@ fn reply_data(out: &mut Vec<u8>, req: &Request, data: &[u8], structured: bool) {
     } else {
         proto::simple_reply(out, 0, req.cookie);
     }
-    out.extend_from_slice(data);
+    data_out.push((out.len(), data));
 }
 
 fn read_run<D: Device, E: Exports>(
@@ -752,6 +803,7 @@ fn read_run<D: Device, E: Exports>(
     run: &mut [Work],
     structured: bool,
     out: &mut Vec<u8>,
+    data_out: &mut Vec<(usize, AlignedBuf)>,
     shared: &Shared<E>,
 ) {
     let batched = {
@@ -777,7 +829,10 @@ fn read_run<D: Device, E: Exports>(
             pool.read(volume, req.offset, buf)
         };
         match outcome {
-            Ok(()) => reply_data(out, req, buf, structured),
+            Ok(()) => {
+                let buf = std::mem::replace(buf, AlignedBuf::new(0));
+                reply_data(out, data_out, req, buf, structured)
+            }
             Err(e) => {
                 shared.stats.errors.fetch_add(1, Ordering::Relaxed);
                 reply_error(out, req, error_value(&e), structured);

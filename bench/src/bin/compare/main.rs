@@ -13,6 +13,9 @@
 //! * `vhost-net`: `dpdk-testpmd` (virtio_user ports) looping frames through two
 //!   vhost-user-net ports of vswitchd, on one host and across two over VXLAN, against testpmd's
 //!   vhost PMD bouncing them back directly (the bound).
+//! * `nbd`: fio's `nbd` engine against vblock's NBD export and `qemu-storage-daemon`
+//!   exporting qcow2 (64 KiB clusters) and raw: 4 KiB random writes into thin space and
+//!   random reads at QD 32, 1 MiB sequential.
 //! * `cni`: two containers on one host attached by `vswitch-cni` (veth and TAP) against the
 //!   reference `bridge` plugin: TCP between them, ADD+DEL pairs per second.
 //! * `all`: every suite (`vhost-net` only when dpdk-testpmd is installed, `cni` only with
@@ -27,6 +30,7 @@ use testbeds::netns::missing_privileges;
 
 mod block;
 mod cni;
+mod nbd;
 mod switch;
 mod vhost_blk;
 mod vhost_net;
@@ -74,19 +78,20 @@ fn main() -> ExitCode {
         ),
         "block" => need("fio", "fio").and(need("qemu-img", "qemu-utils")),
         "vhost-blk" => need("qemu-storage-daemon", "qemu-utils"),
+        "nbd" => need("qemu-storage-daemon", "qemu-utils").and(need("fio", "fio")),
         "vhost-net" => need("dpdk-testpmd", "dpdk-dev"),
         "all" => need("iperf3", "iperf3")
             .and(need("fio", "fio"))
             .and(need("qemu-img", "qemu-utils")),
         other => Err(format!(
-            "unknown suite {other:?}; suites: switch, cni, block, vhost-blk, vhost-net, all"
+            "unknown suite {other:?}; suites: switch, cni, block, vhost-blk, nbd, vhost-net, all"
         )),
     };
     if let Err(e) = ready {
         eprintln!("compare: {e}");
         return ExitCode::from(2);
     }
-    if !matches!(suite, "block" | "vhost-blk")
+    if !matches!(suite, "block" | "vhost-blk" | "nbd")
         && let Some(why) = missing_privileges()
     {
         eprintln!("compare: {why}");
@@ -110,12 +115,14 @@ fn main() -> ExitCode {
         "vhost-blk" => vhost_blk::suite(block_secs),
         "vhost-net" => vhost_net::suite(secs / 2),
         "cni" => cni::suite(secs),
+        "nbd" => nbd::suite(block_secs),
         _ => switch::suite(secs, workers).and_then(|mut rows| {
             if std::path::Path::new("/usr/lib/cni/bridge").is_file() {
                 rows.extend(cni::suite(secs)?);
             }
             rows.extend(block::suite(block_secs)?);
             rows.extend(vhost_blk::suite(block_secs)?);
+            rows.extend(nbd::suite(block_secs)?);
             if need("dpdk-testpmd", "dpdk-dev").is_ok() {
                 rows.extend(vhost_net::suite(secs / 2)?);
             }

@@ -22,7 +22,7 @@ use crate::Row;
 const SIZE: u64 = 1 << 30;
 
 /// A qemu-storage-daemon serving `image` (`format` raw or qcow2) on `sock`; killed on drop.
-struct Qsd(Child);
+pub(crate) struct Qsd(Child);
 
 impl Drop for Qsd {
     fn drop(&mut self) {
@@ -32,6 +32,22 @@ impl Drop for Qsd {
 }
 
 fn qsd(image: &Path, format: &str, sock: &Path) -> Result<Qsd, String> {
+    let export = format!(
+        "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={},writable=on",
+        sock.display()
+    );
+    qsd_with(image, format, &[], &export, sock)
+}
+
+/// A qemu-storage-daemon with node `d` (`format` over `image`, O_DIRECT, io_uring), the
+/// `extra` arguments and the `--export` given, ready once `sock` accepts connections.
+pub(crate) fn qsd_with(
+    image: &Path,
+    format: &str,
+    extra: &[String],
+    export: &str,
+    sock: &Path,
+) -> Result<Qsd, String> {
     let child = Command::new("qemu-storage-daemon")
         .arg("--blockdev")
         .arg(format!(
@@ -40,11 +56,9 @@ fn qsd(image: &Path, format: &str, sock: &Path) -> Result<Qsd, String> {
         ))
         .arg("--blockdev")
         .arg(format!("driver={format},node-name=d,file=f"))
+        .args(extra)
         .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={},writable=on",
-            sock.display()
-        ))
+        .arg(export)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -89,14 +103,17 @@ fn first_writes(c: &mut BlkClient, next: &mut u64, secs: f64) -> f64 {
     kiops
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
 /// Alternates `ours` and `peer` for `ROUNDS` rounds (who goes first alternates too) and
 /// returns both medians.
-fn rounds(mut ours: impl FnMut(usize) -> f64, mut peer: impl FnMut(usize) -> f64) -> (f64, f64) {
+pub(crate) fn rounds(
+    mut ours: impl FnMut(usize) -> f64,
+    mut peer: impl FnMut(usize) -> f64,
+) -> (f64, f64) {
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for r in 0..ROUNDS {
         if r % 2 == 0 {
