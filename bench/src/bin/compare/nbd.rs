@@ -18,8 +18,8 @@ use crate::vhost_blk::{Qsd, qsd_with, rounds};
 
 const SIZE: u64 = 1 << 30;
 
-/// Runs fio for `secs` on `uri` (`rw`, block size `bs`, depth 32); returns IOPS (4 KiB) or
-/// MiB/s (1 MiB).
+/// Runs fio for `secs` (0: one pass over the size) on `uri` (`rw`, block size `bs`, depth
+/// 32); returns IOPS (4 KiB) or MiB/s (1 MiB).
 fn fio(uri: &str, rw: &str, bs: &str, secs: f64) -> Result<f64, String> {
     let out = Command::new("fio")
         .args([
@@ -30,11 +30,18 @@ fn fio(uri: &str, rw: &str, bs: &str, secs: f64) -> Result<f64, String> {
             &format!("--bs={bs}"),
             "--iodepth=32",
             &format!("--size={SIZE}"),
-            "--time_based",
-            &format!("--runtime={}ms", (secs * 1000.0) as u64),
             "--randrepeat=0",
             "--output-format=json",
         ])
+        // secs 0: the whole size once (a sweep), else that long.
+        .args(if secs > 0.0 {
+            vec![
+                "--time_based".to_owned(),
+                format!("--runtime={}ms", (secs * 1000.0) as u64),
+            ]
+        } else {
+            Vec::new()
+        })
         .output()
         .map_err(|e| format!("fio: {e}"))?;
     // The nbd engine prints "fio: connected to NBD server" before the JSON.
@@ -97,7 +104,7 @@ pub fn suite(secs: f64) -> Result<Vec<Row>, String> {
     let dir = Scratch::new(Path::new("/var/tmp"), "lv-compare-nbd").map_err(|e| e.to_string())?;
     let e = |e: vblock::Error| e.to_string();
     eprintln!("nbd: setting up vblock and qemu-storage-daemon (raw, qcow2) ...");
-    let dev = UringDevice::create(&dir.join("pool"), 6 * SIZE).map_err(e)?;
+    let dev = UringDevice::create(&dir.join("pool"), 8 * SIZE).map_err(e)?;
     let pool = Arc::new(Pool::create(dev, PoolOptions::default()).map_err(e)?);
     pool.create_volume("v", SIZE).map_err(e)?;
     let ours_sock = dir.join("ours.sock");
@@ -133,46 +140,49 @@ pub fn suite(secs: f64) -> Result<Vec<Row>, String> {
         }
     }
     let mut rows = Vec::new();
-    // Random writes into thin space: a fresh volume / qcow2 per round.
-    eprintln!("nbd: random writes into thin space ...");
-    let (ours_w, qcow_w) = rounds(
-        |r| {
-            let name = format!("thin{r}");
-            if pool.create_volume(&name, SIZE).is_err() {
-                return 0.0;
-            }
-            let iops = fio(&ours_uri(&name), "randwrite", "4k", secs).unwrap_or(0.0);
-            let _ = pool.delete(&name);
-            iops
-        },
-        |r| {
-            let img = dir.join(format!("thin{r}.qcow2"));
-            let sock = dir.join(format!("thin{r}.sock"));
-            let Ok(q) = qcow2(&img).and_then(|_| qsd_nbd(&img, "qcow2", &sock)) else {
-                return 0.0;
-            };
-            let iops = fio(
-                &format!("nbd+unix:///d?socket={}", sock.display()),
-                "randwrite",
-                "4k",
-                secs,
-            )
-            .unwrap_or(0.0);
-            drop(q);
-            let _ = std::fs::remove_file(&img);
-            iops
-        },
-    );
-    if ours_w == 0.0 || qcow_w == 0.0 {
-        return Err("a random-write round failed".into());
+    // Writes into thin space, a fresh volume / qcow2 per round: 4 KiB at random places, and
+    // the first-write sweep (4 KiB into each 64 KiB cluster in turn, as `compare vhost-blk`).
+    for (name, rw, run_secs) in [
+        ("nbd/randwrite_4k_qd32_thin", "randwrite", secs),
+        ("nbd/firstwrite_4k_qd32_thin", "write:60k", 0.0),
+    ] {
+        eprintln!("nbd: {name} ...");
+        let (ours, qcow) = rounds(
+            |r| {
+                let vol = format!("thin{r}");
+                if pool.create_volume(&vol, SIZE).is_err() {
+                    return 0.0;
+                }
+                let iops = fio(&ours_uri(&vol), rw, "4k", run_secs).unwrap_or(0.0);
+                // Deleted and committed: the next round starts from the same free space.
+                let _ = pool.delete(&vol);
+                let _ = pool.flush();
+                iops
+            },
+            |r| {
+                let img = dir.join(format!("thin{r}.qcow2"));
+                let sock = dir.join(format!("thin{r}.sock"));
+                let Ok(q) = qcow2(&img).and_then(|_| qsd_nbd(&img, "qcow2", &sock)) else {
+                    return 0.0;
+                };
+                let uri = format!("nbd+unix:///d?socket={}", sock.display());
+                let iops = fio(&uri, rw, "4k", run_secs).unwrap_or(0.0);
+                drop(q);
+                let _ = std::fs::remove_file(&img);
+                iops
+            },
+        );
+        if ours == 0.0 || qcow == 0.0 {
+            return Err(format!("{name}: a round failed"));
+        }
+        rows.push(Row {
+            name,
+            ours: ours / 1000.0,
+            peer: qcow / 1000.0,
+            peer_name: "qemu-storage-daemon qcow2 64K",
+            unit: "kIOPS",
+        });
     }
-    rows.push(Row {
-        name: "nbd/randwrite_4k_qd32_thin",
-        ours: ours_w / 1000.0,
-        peer: qcow_w / 1000.0,
-        peer_name: "qemu-storage-daemon qcow2 64K",
-        unit: "kIOPS",
-    });
     let raw_name = "qemu-storage-daemon raw";
     for (name, rw, bs, unit) in [
         ("nbd/randread_4k_qd32", "randread", "4k", "kIOPS"),
