@@ -84,11 +84,16 @@ fn tool(program: &str, args: &[&str]) -> (bool, String) {
 }
 
 fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
-    let mut args = vec!["-f", "raw"];
+    qemu_io_format("raw", uri, cmds)
+}
+
+/// qemu-io on an image of `format` with the commands given.
+fn qemu_io_format(format: &str, image: &str, cmds: &[&str]) -> (bool, String) {
+    let mut args = vec!["-f", format];
     for c in cmds {
         args.extend(["-c", c]);
     }
-    args.push(uri);
+    args.push(image);
     tool("qemu-io", &args)
 }
 
@@ -141,7 +146,8 @@ fn qemu_io_and_qemu_img_read_write_discard_zero_map_and_compare() {
     let src = bed.dir.join("src.qcow2");
     let src_s = src.display().to_string();
     assert!(tool("qemu-img", &["create", "-f", "qcow2", &src_s, "32M"]).0);
-    let (ok, out) = qemu_io_file(
+    let (ok, out) = qemu_io_format(
+        "qcow2",
         &src_s,
         &[
             "write -P 0x5a 1M 3M",
@@ -186,15 +192,6 @@ fn qemu_io_and_qemu_img_read_write_discard_zero_map_and_compare() {
         .map(|e| e["length"].as_u64().unwrap())
         .sum();
     assert!(allocated <= (5 << 20) + (64 << 10), "{out}");
-}
-
-fn qemu_io_file(path: &str, cmds: &[&str]) -> (bool, String) {
-    let mut args = vec!["-f", "qcow2"];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(path);
-    tool("qemu-io", &args)
 }
 
 #[test]
