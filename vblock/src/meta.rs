@@ -160,6 +160,16 @@ pub struct Meta {
     pending_free: Vec<u32>,
     deleted_in_txn: bool,
     txn: Vec<Record>,
+    /// What a sealed transaction (being committed without the pool's lock) freed, pinned and
+    /// deleted: kept so until it is durable.
+    sealed: Sealed,
+}
+
+#[derive(Debug, Default)]
+struct Sealed {
+    pinned: HashSet<u32>,
+    free: Vec<u32>,
+    deleted: bool,
 }
 
 fn index(vcluster: u64, level: u32) -> usize {
@@ -183,6 +193,7 @@ impl Meta {
             pinned: HashSet::new(),
             pending_free: Vec::new(),
             deleted_in_txn: false,
+            sealed: Sealed::default(),
             txn: Vec::new(),
         }
     }
@@ -278,17 +289,54 @@ impl Meta {
         &self.txn
     }
 
-    /// The running transaction is durable: freed space becomes reusable, pins are lifted.
+    /// The running transaction (and a sealed one) is durable: freed space becomes reusable,
+    /// pins are lifted.
     pub fn committed(&mut self) {
         self.txn.clear();
         self.pinned.clear();
         self.deleted_in_txn = false;
         self.free.append(&mut self.pending_free);
+        self.sealed_durable();
+    }
+
+    /// Ends the running transaction so that it can be committed while changes go on: returns
+    /// its records (a new transaction starts empty). What it freed stays unallocatable, and
+    /// the clusters it pinned or the deletions it made keep in-place writes away, until
+    /// [`Self::sealed_durable`] — or until [`Self::unseal`] hands it back to the running
+    /// transaction (the commit failed). One transaction is sealed at a time; sealing again
+    /// before either merges into it.
+    pub fn seal(&mut self) -> Vec<Record> {
+        self.sealed.pinned.extend(self.pinned.drain());
+        self.sealed.free.append(&mut self.pending_free);
+        self.sealed.deleted |= std::mem::take(&mut self.deleted_in_txn);
+        std::mem::take(&mut self.txn)
+    }
+
+    /// The sealed transaction is durable.
+    pub fn sealed_durable(&mut self) {
+        self.sealed.pinned.clear();
+        self.free.append(&mut self.sealed.free);
+        self.sealed.deleted = false;
+    }
+
+    /// The sealed transaction's commit failed: its records go back in front of the running
+    /// transaction's, to be committed with it.
+    pub fn unseal(&mut self, mut records: Vec<Record>) {
+        records.append(&mut self.txn);
+        self.txn = records;
+        self.pinned.extend(self.sealed.pinned.drain());
+        self.pending_free.append(&mut self.sealed.free);
+        self.deleted_in_txn |= std::mem::take(&mut self.sealed.deleted);
     }
 
     /// Recomputes free space from the reference counts (after a replay).
     pub fn rebuild_free(&mut self) {
-        let pending: HashSet<u32> = self.pending_free.iter().copied().collect();
+        let pending: HashSet<u32> = self
+            .pending_free
+            .iter()
+            .chain(&self.sealed.free)
+            .copied()
+            .collect();
         self.free = (0..self.refs.len() as u32)
             .rev()
             .filter(|c| self.refs[*c as usize] == 0 && !pending.contains(c))
@@ -417,7 +465,7 @@ impl Meta {
     pub fn exclusive(&self, id: u64, vcluster: u64) -> bool {
         // A delete in this transaction may have ended sharing that the committed state still
         // has (a deleted snapshot's nodes): until the commit, nothing is overwritten in place.
-        if self.deleted_in_txn {
+        if self.deleted_in_txn || self.sealed.deleted {
             return false;
         }
         let Some(mut node) = self.volumes.get(&id).and_then(|v| v.root.as_ref()) else {
@@ -439,7 +487,10 @@ impl Meta {
             return false;
         };
         let e = entries[index(vcluster, 0)];
-        e.is_mapped() && self.refs(e.cluster) == 1 && !self.pinned.contains(&e.cluster)
+        e.is_mapped()
+            && self.refs(e.cluster) == 1
+            && !self.pinned.contains(&e.cluster)
+            && !self.sealed.pinned.contains(&e.cluster)
     }
 
     /// Takes a free cluster for new data. Give it back with [`Self::unallocate`] if it ends up
@@ -814,6 +865,38 @@ mod tests {
         m.committed();
         assert_eq!(m.free_clusters(), free + 1);
         assert_eq!(m.used_clusters(), 1);
+    }
+
+    #[test]
+    fn a_sealed_transaction_keeps_its_freed_space_until_durable_or_hands_it_back() {
+        let mut m = Meta::new(100);
+        let v = m.create_volume("v", 1 << 30).unwrap();
+        let c = m.allocate().unwrap();
+        m.set_entry(v, 0, e(c)).unwrap();
+        m.snapshot("v", "s").unwrap();
+        m.committed();
+        let free = m.free_clusters();
+        let c2 = m.allocate().unwrap();
+        m.set_entry(v, 0, e(c2)).unwrap();
+        m.delete("s").unwrap();
+        let sealed = m.seal();
+        assert_eq!(sealed.len(), 2, "the entry and the delete");
+        assert!(m.pending().is_empty());
+        // A new transaction meanwhile: c stays unallocatable, the volume not exclusive.
+        let c3 = m.allocate().unwrap();
+        m.set_entry(v, 1, e(c3)).unwrap();
+        assert!(!m.exclusive(v, 0), "a delete is being committed");
+        assert_eq!(m.free_clusters(), free - 2, "c is not free yet");
+        // The commit failed: its records go first again, its space stays pinned.
+        let later = m.pending().to_vec();
+        m.unseal(sealed.clone());
+        assert_eq!(m.pending()[..2], sealed[..]);
+        assert_eq!(m.pending()[2..], later[..]);
+        assert!(!m.exclusive(v, 0));
+        m.seal();
+        m.sealed_durable();
+        assert!(m.exclusive(v, 0));
+        assert_eq!(m.free_clusters(), free - 2 + 1, "c is free once durable");
     }
 
     #[test]

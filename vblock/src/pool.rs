@@ -13,8 +13,9 @@
 //! the journal's complete transactions and folds them into a new checkpoint.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
 use crate::qos::Limiter;
 
@@ -31,6 +32,18 @@ use crate::format::{
 };
 use crate::journal::{Segment, decode_block, encode_txn};
 use crate::meta::{Entry, Kind, Meta, Qos, Record, clusters_of};
+
+/// Records in the running transaction at which a write commits, when no background committer
+/// runs: the transaction, and the space it pins, stay bounded without flushes from the user.
+const COMMIT_RECORDS: usize = 65_536;
+
+/// With a background committer, which commits every interval: records at which writes ask it
+/// to commit at once (about 25 MiB of memory), and four times that, at which they commit
+/// themselves. A commit flushes the device, which stalls writes on some disks for as long as
+/// the host takes to write back what it cached, so the committer does not commit more often
+/// than the interval unless the transaction grows this large (dm-thin commits every second;
+/// ext4 every 5 s).
+const COMMIT_RECORDS_BACKGROUND: usize = 1 << 19;
 
 /// Geometry choices when creating a pool (blocks of 4 KiB; `None`: a default from the size).
 #[derive(Clone, Copy, Debug, Default)]
@@ -128,8 +141,42 @@ pub struct Pool<D: Device> {
     state: RwLock<State>,
     limiters: Mutex<HashMap<u64, Limiter>>,
     /// Set once any volume has had limits (until then no request looks at `limiters`).
-    limited: std::sync::atomic::AtomicBool,
+    limited: AtomicBool,
     epoch: Instant,
+    /// Held by a commit from sealing its transaction until it is durable (commits and
+    /// checkpoints run one at a time; changes go on meanwhile). Taken before `state`.
+    commit_lock: Mutex<()>,
+    /// Wakes the background committer ([`Pool::start_committer`]), if one runs.
+    committer: Arc<CommitSignal>,
+    /// A background committer runs.
+    background: AtomicBool,
+}
+
+/// A request for the background committer.
+#[derive(Default)]
+struct CommitSignal {
+    wanted: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl CommitSignal {
+    fn want(&self) {
+        let mut wanted = self.wanted.lock().unwrap_or_else(|p| p.into_inner());
+        if !*wanted {
+            *wanted = true;
+            self.cv.notify_one();
+        }
+    }
+
+    /// Waits up to `timeout` for a request; true if one came.
+    fn wait(&self, timeout: Duration) -> bool {
+        let wanted = self.wanted.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut wanted, _) = self
+            .cv
+            .wait_timeout_while(wanted, timeout, |w| !*w)
+            .unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *wanted)
+    }
 }
 
 impl<D: Device> std::fmt::Debug for Pool<D> {
@@ -232,8 +279,11 @@ impl<D: Device> Pool<D> {
             dev,
             state: RwLock::new(state),
             limiters: Mutex::new(HashMap::new()),
-            limited: std::sync::atomic::AtomicBool::new(false),
+            limited: AtomicBool::new(false),
             epoch: Instant::now(),
+            commit_lock: Mutex::new(()),
+            committer: Arc::new(CommitSignal::default()),
+            background: AtomicBool::new(false),
         })
     }
 
@@ -332,9 +382,9 @@ impl<D: Device> Pool<D> {
     /// is then empty), and returns the device.
     pub fn close(self) -> Result<D, Error> {
         {
-            let mut s = self.lock();
-            commit(&self.dev, &mut s)?;
-            checkpoint(&self.dev, &mut s)?;
+            let commit = self.commit_guard();
+            self.commit_locked(&commit)?;
+            checkpoint(&self.dev, &mut self.lock())?;
         }
         Ok(self.dev)
     }
@@ -597,7 +647,9 @@ impl<D: Device> Pool<D> {
                 })
             })());
         }
-        if let Err(e) = self.commit_if_large(&mut s) {
+        let pending = s.meta.pending().len();
+        drop(s);
+        if let Err(e) = self.commit_if_large(pending) {
             let msg = e.to_string();
             for r in results.iter_mut().filter(|r| matches!(r, Some(Ok(())))) {
                 *r = Some(Err(Error::Invalid(format!("commit: {msg}"))));
@@ -661,7 +713,9 @@ impl<D: Device> Pool<D> {
                 len,
             )
         })?;
-        self.commit_if_large(&mut s)
+        let pending = s.meta.pending().len();
+        drop(s);
+        self.commit_if_large(pending)
     }
 
     /// A write of whole 4 KiB blocks into clusters the volume has never written (thin
@@ -765,7 +819,9 @@ impl<D: Device> Pool<D> {
                 return Err(e);
             }
         }
-        self.commit_if_large(&mut s)?;
+        let pending = s.meta.pending().len();
+        drop(s);
+        self.commit_if_large(pending)?;
         Ok(true)
     }
 
@@ -818,7 +874,9 @@ impl<D: Device> Pool<D> {
             }
             Ok(())
         })?;
-        self.commit_if_large(&mut s)
+        let pending = s.meta.pending().len();
+        drop(s);
+        self.commit_if_large(pending)
     }
 
     /// The ranges in which `to` differs from `from` (or from an empty volume): where `to` has
@@ -910,23 +968,102 @@ impl<D: Device> Pool<D> {
 
     /// Makes everything written so far durable (a commit).
     pub fn flush(&self) -> Result<(), Error> {
-        let mut s = self.lock();
-        commit(&self.dev, &mut s)
+        let commit = self.commit_guard();
+        self.commit_locked(&commit)
     }
 
-    fn commit_if_large(&self, s: &mut State) -> Result<(), Error> {
-        // Without flushes from the user, commit now and then so that the transaction (and
-        // the space it pins) stays bounded.
-        if s.meta.pending().len() >= 65_536 {
-            commit(&self.dev, s)?;
+    fn commit_guard(&self) -> MutexGuard<'_, ()> {
+        self.commit_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commits the running transaction: sealed under the pool's lock, written and flushed
+    /// without it (reads and writes go on), made the committed state under it again. On a
+    /// failure the transaction goes back to the running one, for the next commit.
+    fn commit_locked(&self, _commit: &MutexGuard<'_, ()>) -> Result<(), Error> {
+        let sealed = {
+            let mut s = self.lock();
+            if s.meta.pending().is_empty() {
+                None
+            } else {
+                Some(seal(&mut s)?)
+            }
+        };
+        let Some((records, mut commit)) = sealed else {
+            return self.dev.flush().map_err(io("flushing data"));
+        };
+        let written = write_sealed(&self.dev, &mut commit);
+        let mut s = self.lock();
+        match written {
+            Ok(()) => {
+                sealed_done(&mut s, commit);
+                Ok(())
+            }
+            Err(e) => {
+                s.meta.unseal(records);
+                Err(e)
+            }
         }
-        Ok(())
+    }
+
+    /// After a change that left `pending` records in the running transaction: commits when
+    /// that is large — through the background committer if one runs (the writer goes on),
+    /// here otherwise, or when the committer falls far behind.
+    fn commit_if_large(&self, pending: usize) -> Result<(), Error> {
+        let background = self.background.load(Ordering::Relaxed);
+        let threshold = if background {
+            COMMIT_RECORDS_BACKGROUND
+        } else {
+            COMMIT_RECORDS
+        };
+        if pending < threshold {
+            return Ok(());
+        }
+        if background && pending < 4 * threshold {
+            self.committer.want();
+            return Ok(());
+        }
+        let commit = self.commit_guard();
+        if self.read_lock().meta.pending().len() < threshold {
+            return Ok(()); // another writer committed meanwhile
+        }
+        self.commit_locked(&commit)
+    }
+
+    /// Starts a thread that commits in the background every `interval` (when there is
+    /// something to commit), so that what no client flushes is durable within about that
+    /// time, and at once when the running transaction grows very large; writes go on
+    /// meanwhile. It ends within `interval` of the pool being dropped.
+    pub fn start_committer(self: &Arc<Self>, interval: Duration) -> std::io::Result<()>
+    where
+        D: Send + Sync + 'static,
+    {
+        let pool = Arc::downgrade(self);
+        let signal = self.committer.clone();
+        self.background.store(true, Ordering::Relaxed);
+        std::thread::Builder::new()
+            .name("vblock-commit".into())
+            .spawn(move || {
+                loop {
+                    let wanted = signal.wait(interval);
+                    let Some(pool) = pool.upgrade() else {
+                        return;
+                    };
+                    if !wanted && pool.read_lock().meta.pending().is_empty() {
+                        continue;
+                    }
+                    if let Err(e) = pool.flush() {
+                        tracing::warn!(error = %e, "background commit failed (retried)");
+                    }
+                }
+            })
+            .map(|_| ())
     }
 
     /// Verifies the metadata: every reference inside the pool, every count matching the
     /// trees, no cluster owned at two virtual addresses. With `repair`, recounts and reclaims
     /// leaked clusters (and commits).
     pub fn check(&self, repair: bool) -> Result<CheckReport, Error> {
+        let _commit = self.commit_guard();
         let mut s = self.lock();
         let meta = &s.meta;
         let total = meta.clusters();
@@ -1304,66 +1441,113 @@ fn write_super<D: Device>(dev: &D, sb: &mut Superblock) -> Result<(), Error> {
         .map_err(io("writing the superblock"))
 }
 
-/// Writes the whole metadata to the inactive checkpoint area and switches to it.
-fn checkpoint<D: Device>(dev: &D, s: &mut State) -> Result<(), Error> {
+/// How a sealed transaction reaches the disk.
+enum CommitIo {
+    /// Its records, as `blocks` journal blocks written at `at` (byte offsets).
+    Journal { image: Vec<u8>, at: Vec<u64> },
+    /// A checkpoint of the metadata with it applied, then the superblock `sb` pointing there.
+    Checkpoint {
+        image: Vec<u8>,
+        at: u64,
+        sb: Superblock,
+    },
+}
+
+/// Seals the running transaction (under the pool's lock) and prepares its I/O: its journal
+/// blocks, or — when they would fill the journal past half — a checkpoint of the metadata as
+/// of now. Returns the sealed records with it.
+fn seal(s: &mut State) -> Result<(Vec<Record>, CommitIo), Error> {
+    let seg = Segment {
+        uuid: s.sb.uuid,
+        epoch: s.sb.generation.get(),
+    };
+    let image = encode_txn(s.meta.pending(), s.next_seq, seg);
+    let n = (image.len() / BLOCK_SIZE) as u64;
+    let jb = s.sb.journal_blocks.get();
+    let io = if s.journal_used + n > jb / 2 {
+        let (image, sb) = checkpoint_image(s)?;
+        let at = s.sb.ckpt_start[sb.active_ckpt.get() as usize].get() * BLOCK_SIZE as u64;
+        CommitIo::Checkpoint { image, at, sb }
+    } else {
+        let at = (s.next_seq..s.next_seq + n)
+            .map(|seq| (s.sb.journal_start.get() + seq % jb) * BLOCK_SIZE as u64)
+            .collect();
+        CommitIo::Journal { image, at }
+    };
+    Ok((s.meta.seal(), io))
+}
+
+/// The checkpoint of the metadata as it is now, and the superblock that switches to it.
+fn checkpoint_image(s: &State) -> Result<(Vec<u8>, Superblock), Error> {
     let generation = s.sb.generation.get() + 1;
-    let area = 1 - s.sb.active_ckpt.get() as usize;
-    let blocks = crate::checkpoint::write(&s.meta, generation);
-    let used = (blocks.len() / BLOCK_SIZE) as u64;
+    let image = crate::checkpoint::write(&s.meta, generation);
+    let used = (image.len() / BLOCK_SIZE) as u64;
     if used > s.sb.ckpt_blocks.get() {
         return Err(Error::NoSpace);
     }
-    dev.write_at(s.sb.ckpt_start[area].get() * BLOCK_SIZE as u64, &blocks)
-        .map_err(io("writing a checkpoint"))?;
-    dev.flush().map_err(io("flushing a checkpoint"))?;
     let mut sb = s.sb;
     sb.generation = U64::new(generation);
-    sb.active_ckpt = U32::new(area as u32);
+    sb.active_ckpt = U32::new(1 - s.sb.active_ckpt.get());
     sb.ckpt_generation = U64::new(generation);
     sb.ckpt_used = U64::new(used);
     sb.journal_seq = U64::new(s.next_seq);
+    Ok((image, sb))
+}
+
+/// Writes a sealed transaction (no lock of the pool held): a flush for the data its records
+/// point at, then its journal blocks or checkpoint and superblock, each followed by a flush.
+fn write_sealed<D: Device>(dev: &D, commit: &mut CommitIo) -> Result<(), Error> {
+    dev.flush().map_err(io("flushing data"))?;
+    match commit {
+        CommitIo::Journal { image, at } => {
+            // The transaction's blocks in one submission (unordered until the flush).
+            let mut ops: Vec<IoOp<'_>> = image
+                .chunks(BLOCK_SIZE)
+                .zip(at.iter())
+                .map(|(b, at)| IoOp::Write(*at, b))
+                .collect();
+            dev.submit(&mut ops).map_err(io("writing the journal"))?;
+            drop(ops);
+            dev.flush().map_err(io("flushing the journal"))
+        }
+        CommitIo::Checkpoint { image, at, sb } => {
+            dev.write_at(*at, image)
+                .map_err(io("writing a checkpoint"))?;
+            dev.flush().map_err(io("flushing a checkpoint"))?;
+            write_super(dev, sb)?;
+            dev.flush().map_err(io("flushing the superblock"))
+        }
+    }
+}
+
+/// Makes a written transaction the committed state (under the pool's lock).
+fn sealed_done(s: &mut State, commit: CommitIo) {
+    match commit {
+        CommitIo::Journal { at, .. } => {
+            s.next_seq += at.len() as u64;
+            s.journal_used += at.len() as u64;
+        }
+        CommitIo::Checkpoint { sb, .. } => {
+            s.sb = sb;
+            s.journal_used = 0;
+        }
+    }
+    s.meta.sealed_durable();
+}
+
+/// Writes the whole metadata to the inactive checkpoint area and switches to it (with the
+/// pool's lock held throughout: creation, close, repair).
+fn checkpoint<D: Device>(dev: &D, s: &mut State) -> Result<(), Error> {
+    let (image, mut sb) = checkpoint_image(s)?;
+    let at = s.sb.ckpt_start[sb.active_ckpt.get() as usize].get() * BLOCK_SIZE as u64;
+    dev.write_at(at, &image)
+        .map_err(io("writing a checkpoint"))?;
+    dev.flush().map_err(io("flushing a checkpoint"))?;
     write_super(dev, &mut sb)?;
     dev.flush().map_err(io("flushing the superblock"))?;
     s.sb = sb;
     s.journal_used = 0;
     s.meta.committed();
-    Ok(())
-}
-
-/// Commits the running transaction: data first, then its journal records.
-fn commit<D: Device>(dev: &D, s: &mut State) -> Result<(), Error> {
-    dev.flush().map_err(io("flushing data"))?;
-    if s.meta.pending().is_empty() {
-        return Ok(());
-    }
-    let seg = Segment {
-        uuid: s.sb.uuid,
-        epoch: s.sb.generation.get(),
-    };
-    let blocks = encode_txn(s.meta.pending(), s.next_seq, seg);
-    let n = (blocks.len() / BLOCK_SIZE) as u64;
-    let jb = s.sb.journal_blocks.get();
-    if s.journal_used + n > jb {
-        return checkpoint(dev, s);
-    }
-    // The transaction's blocks in one submission (they are unordered until the flush).
-    let mut ops: Vec<IoOp<'_>> = blocks
-        .chunks(BLOCK_SIZE)
-        .enumerate()
-        .map(|(i, b)| {
-            let seq = s.next_seq + i as u64;
-            IoOp::Write((s.sb.journal_start.get() + seq % jb) * BLOCK_SIZE as u64, b)
-        })
-        .collect();
-    dev.submit(&mut ops).map_err(io("writing the journal"))?;
-    drop(ops);
-    dev.flush().map_err(io("flushing the journal"))?;
-    s.next_seq += n;
-    s.journal_used += n;
-    s.meta.committed();
-    if s.journal_used > jb / 2 {
-        checkpoint(dev, s)?;
-    }
     Ok(())
 }
 

@@ -23,6 +23,11 @@ use crate::uring::UringDevice;
 use crate::vhost_blk::{Export, ExportConfig};
 use crate::{Error, Kind, Pool, PoolOptions, Qos};
 
+/// How long a write no client flushes stays uncommitted at most (about; as ext4's commit
+/// interval): the pools' background committers run this often when there is something to
+/// commit, and at once when a transaction grows large.
+const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 type Result<T> = std::result::Result<T, ApiError>;
 
 /// Maps store errors to API errors.
@@ -426,9 +431,12 @@ impl Control {
                 })?
             }
         };
+        let pool = Arc::new(pool);
+        pool.start_committer(COMMIT_INTERVAL)
+            .map_err(|e| ApiError::Internal(format!("starting the committer: {e}")))?;
         Ok(Arc::new(PoolHandle {
             spec: PoolSpec { size: None, ..spec },
-            pool: Arc::new(pool),
+            pool,
             stats: Mutex::new(HashMap::new()),
         }))
     }
