@@ -25,7 +25,11 @@ fn main() {
         None => UringDevice::create(&path, 20 << 30).expect("pool file"),
     };
     let pool = Arc::new(Pool::create(dev, PoolOptions::default()).expect("pool"));
-    pool.start_committer(Duration::from_secs(5))
+    let commit_secs = std::env::var("COMMIT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    pool.start_committer(Duration::from_secs(commit_secs))
         .expect("committer");
     pool.create_volume("thin", VOLUME).expect("volume");
     let next = Arc::new(AtomicU64::new(0));

@@ -34,4 +34,7 @@ pub mod vhost_blk;
 
 pub use error::Error;
 pub use meta::{Kind, Qos};
-pub use pool::{CheckReport, DiffRange, Pool, PoolOptions, ReadRequest, VolumeInfo, WriteRequest};
+pub use pool::{
+    CheckReport, DEFAULT_COMMIT_INTERVAL, DiffRange, Pool, PoolOptions, ReadRequest, VolumeInfo,
+    WriteRequest,
+};

@@ -33,6 +33,14 @@ use crate::format::{
 use crate::journal::{Segment, decode_block, encode_txn};
 use crate::meta::{Entry, Kind, Meta, Qos, Record, clusters_of};
 
+/// How long, by default, a write no client flushes stays uncommitted at most (about; the
+/// kernel keeps dirty page-cache data as long, XFS its log): the pools' background
+/// committers run this often when there is something to commit, and at once when a
+/// transaction grows large. Clients that flush (guests do, every few seconds) are not
+/// affected; a commit flushes the device, which on a virtual disk can stall writes for as
+/// long as the host takes to write back what it cached.
+pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(30);
+
 /// Records in the running transaction at which a write commits, when no background committer
 /// runs: the transaction, and the space it pins, stay bounded without flushes from the user.
 const COMMIT_RECORDS: usize = 65_536;

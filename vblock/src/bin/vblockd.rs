@@ -32,6 +32,10 @@ struct Args {
     /// A client network allowed on the NBD TCP listeners (CIDR; repeatable).
     #[arg(long = "nbd-allow", value_parser = parse_net)]
     nbd_allow: Vec<AllowedNet>,
+    /// Commit writes no client flushed after this many seconds at most (default 30; each
+    /// commit flushes the pool's device).
+    #[arg(long = "commit-interval", value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    commit_interval: Option<u64>,
 }
 
 fn parse_net(s: &str) -> Result<AllowedNet, String> {
@@ -60,11 +64,16 @@ fn main() -> anyhow::Result<()> {
         .resolve(file.run_dir, file.state_dir, file.log_format)?;
     daemon_kit::init_logs(common.json_logs);
     let (run_dir, state_dir) = (common.run_dir, common.state_dir);
+    let commit_interval = match args.commit_interval.or(file.commit_interval) {
+        Some(0) => anyhow::bail!("commit_interval: at least 1 second"),
+        Some(s) => std::time::Duration::from_secs(s),
+        None => vblock::DEFAULT_COMMIT_INTERVAL,
+    };
     let mut pools = file.pools;
     pools.extend(args.pools);
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let (control, problems) =
-        Control::restore(&state_dir, &run_dir, &pools).context("restoring state")?;
+    let (control, problems) = Control::restore(&state_dir, &run_dir, &pools, commit_interval)
+        .context("restoring state")?;
     for p in &problems {
         warn!(problem = %p, "could not open");
     }

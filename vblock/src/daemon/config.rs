@@ -26,6 +26,8 @@ pub struct FileConfig {
     /// NBD over TCP: client networks allowed (`10.0.0.0/8`); required with `nbd_listen`.
     #[serde(default)]
     pub nbd_allow: Vec<String>,
+    /// Seconds after which writes no client flushed are committed (default 30).
+    pub commit_interval: Option<u64>,
 }
 
 impl FileConfig {
@@ -50,6 +52,7 @@ mod tests {
             log_format = "json"
             nbd_listen = ["127.0.0.1:10809"]
             nbd_allow = ["127.0.0.0/8"]
+            commit_interval = 5
             [[pools]]
             name = "fast"
             path = "/var/lib/libvirtual/fast.pool"
@@ -58,6 +61,7 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.pools.len(), 1);
         assert_eq!(cfg.nbd_listen.len(), 1);
+        assert_eq!(cfg.commit_interval, Some(5));
         assert_eq!(cfg.pools[0].name, "fast");
         assert!(toml::from_str::<FileConfig>("pool = 1").is_err());
     }

@@ -23,11 +23,6 @@ use crate::uring::UringDevice;
 use crate::vhost_blk::{Export, ExportConfig};
 use crate::{Error, Kind, Pool, PoolOptions, Qos};
 
-/// How long a write no client flushes stays uncommitted at most (about; as ext4's commit
-/// interval): the pools' background committers run this often when there is something to
-/// commit, and at once when a transaction grows large.
-const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
-
 type Result<T> = std::result::Result<T, ApiError>;
 
 /// Maps store errors to API errors.
@@ -265,6 +260,7 @@ pub struct Control {
     state: State,
     path: PathBuf,
     run_dir: PathBuf,
+    commit_interval: std::time::Duration,
 }
 
 fn check_pool_name(name: &str) -> Result<()> {
@@ -288,6 +284,7 @@ impl Control {
         state_dir: &Path,
         run_dir: &Path,
         configured: &[PoolSpec],
+        commit_interval: std::time::Duration,
     ) -> std::io::Result<(Control, Vec<String>)> {
         std::fs::create_dir_all(state_dir)?;
         let path = state_dir.join("vblockd.json");
@@ -302,6 +299,7 @@ impl Control {
             },
             path,
             run_dir: run_dir.to_owned(),
+            commit_interval,
         };
         let mut problems = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -432,7 +430,7 @@ impl Control {
             }
         };
         let pool = Arc::new(pool);
-        pool.start_committer(COMMIT_INTERVAL)
+        pool.start_committer(self.commit_interval)
             .map_err(|e| ApiError::Internal(format!("starting the committer: {e}")))?;
         Ok(Arc::new(PoolHandle {
             spec: PoolSpec { size: None, ..spec },

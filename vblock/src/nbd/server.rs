@@ -575,7 +575,7 @@ fn error_value(e: &Error) -> u32 {
 }
 
 fn transmit<S: Conn, E: Exports>(
-    mut reader: BufReader<S>,
+    reader: BufReader<S>,
     writer: S,
     poller: &S,
     session: Session<E::Dev>,
@@ -602,68 +602,35 @@ fn transmit<S: Conn, E: Exports>(
                 }
                 Ok(())
             })?;
+    // Requests are read (payloads included) by a thread of their own, so that the next
+    // burst gathers while this one's I/O runs: a burst is what waits when the last is done.
+    let (read_only, size) = (export.read_only, export.size);
+    let (incoming_tx, incoming) = std::sync::mpsc::sync_channel::<Incoming>(BURST);
+    let request_reader = std::thread::Builder::new()
+        .name("nbd-requests".into())
+        .spawn(move || read_requests(reader, read_only, size, &incoming_tx))?;
     let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
     let mut data: Vec<(usize, AlignedBuf)> = Vec::new();
     let mut burst: Vec<Work> = Vec::with_capacity(BURST);
     let result = loop {
-        // 1. Read what is waiting (at least one request).
+        // 1. Take what has been read (at least one request, or the end).
         burst.clear();
-        let mut disconnect = false;
-        let mut broken = None;
-        while burst.len() < BURST {
-            if !burst.is_empty() && reader.buffer().len() < proto::REQUEST_LEN && !readable(poller)
-            {
+        let mut end = None;
+        let mut next = incoming.recv().map_err(|_| None);
+        loop {
+            match next {
+                Ok(Incoming::Work(w)) => burst.push(w),
+                Ok(Incoming::End(e)) => end = Some(e),
+                Err(None) => end = Some(None),
+                Err(Some(())) => break,
+            }
+            if end.is_some() || burst.len() >= BURST {
                 break;
             }
-            let mut hdr = [0u8; proto::REQUEST_LEN];
-            if let Err(e) = reader.read_exact(&mut hdr) {
-                broken = Some(e);
-                break;
-            }
-            let Some(req) = Request::parse(&hdr) else {
-                broken = Some(protocol_error("bad request magic"));
-                break;
-            };
-            match req.kind {
-                cmd::WRITE => {
-                    if req.length > MAX_PAYLOAD {
-                        // The payload cannot be taken: answer, then hang up.
-                        burst.push(Work::Refused(req, errno::EOVERFLOW));
-                        broken = Some(protocol_error("oversize write"));
-                        break;
-                    }
-                    let mut data = AlignedBuf::new(req.length as usize);
-                    if let Err(e) = reader.read_exact(&mut data) {
-                        broken = Some(e);
-                        break;
-                    }
-                    let refusal = if export.read_only {
-                        Some(errno::EPERM)
-                    } else {
-                        range_error(&req, export.size, true)
-                    };
-                    burst.push(match refusal {
-                        Some(e) => Work::Refused(req, e),
-                        None => Work::Write(req, data),
-                    });
-                }
-                cmd::READ => {
-                    let refusal = if req.length > MAX_PAYLOAD {
-                        Some(errno::EOVERFLOW)
-                    } else {
-                        range_error(&req, export.size, false)
-                    };
-                    burst.push(match refusal {
-                        Some(e) => Work::Refused(req, e),
-                        None => Work::Read(req, AlignedBuf::new(req.length as usize)),
-                    });
-                }
-                cmd::DISC => {
-                    disconnect = true;
-                    break;
-                }
-                _ => burst.push(Work::Other(req)),
-            }
+            next = incoming.try_recv().map_err(|e| match e {
+                std::sync::mpsc::TryRecvError::Empty => Some(()),
+                std::sync::mpsc::TryRecvError::Disconnected => None,
+            });
         }
         // 2. Execute: runs of reads and of writes as batches, the rest in order.
         out.clear();
@@ -720,21 +687,24 @@ fn transmit<S: Conn, E: Exports>(
                 "reply thread ended",
             ));
         }
-        if disconnect {
-            break Ok(());
-        }
-        if let Some(e) = broken {
-            break if e.kind() == io::ErrorKind::UnexpectedEof {
-                Ok(())
-            } else {
-                Err(e)
-            };
+        match end {
+            None => {}
+            Some(None) => break Ok(()),
+            Some(Some(e)) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
+            Some(Some(e)) => break Err(e),
         }
     };
     drop(tx);
     let sent = sender
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("reply thread panicked")));
+    if result.is_err() || sent.is_err() {
+        // The request reader may still wait on the socket: end it (the connection is
+        // broken; after a disconnect or the client's end it has ended by itself).
+        poller.close();
+    }
+    drop(incoming);
+    let _ = request_reader.join();
     // What the client wrote is made durable when it goes away.
     if wrote {
         let _ = pool.flush();
@@ -762,9 +732,68 @@ impl Replies {
 }
 
 /// Whether more bytes wait on the socket (without blocking).
-fn readable(stream: &impl AsFd) -> bool {
-    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
-    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+/// What the request reader hands over: a request (with its payload), or the end of the
+/// requests — a disconnect (`None`) or why they broke off.
+enum Incoming {
+    Work(Work),
+    End(Option<io::Error>),
+}
+
+/// Reads requests until a disconnect or an error, handing them over one by one.
+fn read_requests(
+    mut reader: BufReader<impl Read>,
+    read_only: bool,
+    size: u64,
+    to: &std::sync::mpsc::SyncSender<Incoming>,
+) {
+    let end = loop {
+        let mut hdr = [0u8; proto::REQUEST_LEN];
+        if let Err(e) = reader.read_exact(&mut hdr) {
+            break Some(e);
+        }
+        let Some(req) = Request::parse(&hdr) else {
+            break Some(protocol_error("bad request magic"));
+        };
+        let work = match req.kind {
+            cmd::WRITE => {
+                if req.length > MAX_PAYLOAD {
+                    // The payload cannot be taken: answer, then hang up.
+                    let _ = to.send(Incoming::Work(Work::Refused(req, errno::EOVERFLOW)));
+                    break Some(protocol_error("oversize write"));
+                }
+                let mut data = AlignedBuf::new(req.length as usize);
+                if let Err(e) = reader.read_exact(&mut data) {
+                    break Some(e);
+                }
+                let refusal = if read_only {
+                    Some(errno::EPERM)
+                } else {
+                    range_error(&req, size, true)
+                };
+                match refusal {
+                    Some(e) => Work::Refused(req, e),
+                    None => Work::Write(req, data),
+                }
+            }
+            cmd::READ => {
+                let refusal = if req.length > MAX_PAYLOAD {
+                    Some(errno::EOVERFLOW)
+                } else {
+                    range_error(&req, size, false)
+                };
+                match refusal {
+                    Some(e) => Work::Refused(req, e),
+                    None => Work::Read(req, AlignedBuf::new(req.length as usize)),
+                }
+            }
+            cmd::DISC => break None,
+            _ => Work::Other(req),
+        };
+        if to.send(Incoming::Work(work)).is_err() {
+            return; // the connection is over
+        }
+    };
+    let _ = to.send(Incoming::End(end));
 }
 
 fn reply_error(out: &mut Vec<u8>, req: &Request, e: u32, structured: bool) {

@@ -240,6 +240,9 @@ pub fn suite(secs: f64) -> Result<Vec<Row>, String> {
     // Sparse: only written blocks take disk space. First writes take a 64 KiB cluster each.
     let dev = UringDevice::create(&dir.join("pool"), DATA * 16).map_err(e)?;
     let pool = Arc::new(Pool::create(dev, PoolOptions::default()).map_err(e)?);
+    // Commits in the background, as in vblockd.
+    pool.start_committer(vblock::DEFAULT_COMMIT_INTERVAL)
+        .map_err(|e| e.to_string())?;
     pool.create_volume("data", DATA).map_err(e)?;
     let chunk = vec![0x5au8; 1 << 20];
     for off in (0..DATA).step_by(1 << 20) {

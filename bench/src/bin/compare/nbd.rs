@@ -106,6 +106,9 @@ pub fn suite(secs: f64) -> Result<Vec<Row>, String> {
     eprintln!("nbd: setting up vblock and qemu-storage-daemon (raw, qcow2) ...");
     let dev = UringDevice::create(&dir.join("pool"), 8 * SIZE).map_err(e)?;
     let pool = Arc::new(Pool::create(dev, PoolOptions::default()).map_err(e)?);
+    // Commits in the background, as in vblockd.
+    pool.start_committer(vblock::DEFAULT_COMMIT_INTERVAL)
+        .map_err(|e| e.to_string())?;
     pool.create_volume("v", SIZE).map_err(e)?;
     let ours_sock = dir.join("ours.sock");
     let _server =
