@@ -51,6 +51,22 @@ pub struct Row {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    const USAGE: &str = "usage: compare [switch|cni|block|vhost-blk|nbd|vhost-net|all] [--quick] [--json] [--workers N]";
+    for (i, a) in args.iter().enumerate() {
+        let value_of_workers = i > 0 && args[i - 1] == "--workers";
+        match a.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}\n(root; see the suites in bench/src/bin/compare/main.rs)");
+                return ExitCode::SUCCESS;
+            }
+            "--json" | "--quick" | "--workers" => {}
+            flag if flag.starts_with('-') && !value_of_workers => {
+                eprintln!("compare: unknown option {flag}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+            _ => {}
+        }
+    }
     let json = args.iter().any(|a| a == "--json");
     let quick = args.iter().any(|a| a == "--quick");
     let suite = args
