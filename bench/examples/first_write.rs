@@ -1,6 +1,6 @@
 //! Thin-write throughput and stalls over time (for profiling): `CONNS` threads each write
 //! bursts of 32 random 4 KiB blocks (`Pool::write_batch`, as an NBD connection or a
-//! vhost-user-blk queue does) into a 16 GiB thin volume for `SECS` seconds, printing every
+//! vhost-user-blk queue does) into a thin volume (16 GiB) for `SECS` seconds, printing every
 //! second's rate and the slowest burst; `fresh` writes each block into a cluster of its own.
 //! `cargo run --release -p bench --example first_write -- [SECS] [CONNS] [random|fresh]`
 
@@ -12,13 +12,18 @@ use vblock::device::AlignedBuf;
 use vblock::uring::UringDevice;
 use vblock::{Pool, PoolOptions, WriteRequest};
 
-const VOLUME: u64 = 16 << 30;
-
 fn main() {
     let mut args = std::env::args().skip(1);
     let secs: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
     let conns: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1);
     let fresh = args.next().as_deref() == Some("fresh");
+    // VOLUME_GIB (default 16) and POOL_FILE (an existing file to format instead of a new
+    // 20 GiB one) let the pool file's state be compared (preallocated vs written).
+    let volume: u64 = std::env::var("VOLUME_GIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16)
+        << 30;
     let path = std::path::PathBuf::from(format!("/var/tmp/lv-first-write-{}", std::process::id()));
     let dev = match std::env::var_os("POOL_FILE") {
         Some(p) => UringDevice::open(std::path::Path::new(&p)).expect("pool file"),
@@ -31,7 +36,7 @@ fn main() {
         .unwrap_or(30);
     pool.start_committer(Duration::from_secs(commit_secs))
         .expect("committer");
-    pool.create_volume("thin", VOLUME).expect("volume");
+    pool.create_volume("thin", volume).expect("volume");
     let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let slowest_us = Arc::new(AtomicU64::new(0));
@@ -48,9 +53,9 @@ fn main() {
                         .map(|b| {
                             let n = next.fetch_add(1, Ordering::Relaxed);
                             let offset = if fresh {
-                                n.wrapping_mul(0x9E37_79B1) % (VOLUME / 65536) * 65536
+                                n.wrapping_mul(0x9E37_79B1) % (volume / 65536) * 65536
                             } else {
-                                n.wrapping_mul(0x9E37_79B1_7F4A_7C15) % (VOLUME / 4096) * 4096
+                                n.wrapping_mul(0x9E37_79B1_7F4A_7C15) % (volume / 4096) * 4096
                             };
                             WriteRequest {
                                 volume: "thin",

@@ -23,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         name: pool.clone(),
         path: path.clone(),
         size: Some(256 * MIB),
+        preallocation: Default::default(),
     })?;
     let result = tour(&vblockd, &pool);
     // Clean up whatever happened.

@@ -38,6 +38,7 @@ impl Bed {
             name: "p".into(),
             path: dir.join("p.pool"),
             size: Some(1 << 30),
+            preallocation: Default::default(),
         })
         .unwrap();
         Bed {

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::device::Preallocation;
+
 pub use daemon_kit::default_run_dir;
 
 /// The default API socket of vblockd: `vblockd.sock` in [`default_run_dir`].
@@ -23,6 +25,13 @@ pub struct PoolSpec {
     /// an existing pool is opened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// How a new pool file's space is reserved: `falloc` (default) or `full` (zeros written).
+    #[serde(default, skip_serializing_if = "is_falloc")]
+    pub preallocation: Preallocation,
+}
+
+fn is_falloc(p: &Preallocation) -> bool {
+    *p == Preallocation::Falloc
 }
 
 /// A pool as reported.

@@ -50,6 +50,7 @@ fn parse_pool(s: &str) -> Result<PoolSpec, String> {
         name: name.into(),
         path: path.into(),
         size: None,
+        preallocation: Default::default(),
     })
 }
 

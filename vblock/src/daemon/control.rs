@@ -407,7 +407,8 @@ impl Control {
                         spec.path.display()
                     )));
                 }
-                let dev = UringDevice::create(&spec.path, size).map_err(api_error)?;
+                let dev = UringDevice::create_preallocated(&spec.path, size, spec.preallocation)
+                    .map_err(api_error)?;
                 Pool::create(dev, PoolOptions::default()).map_err(|e| match e {
                     Error::Invalid(m) => ApiError::Invalid(m),
                     e => api_error(e),
@@ -433,7 +434,11 @@ impl Control {
         pool.start_committer(self.commit_interval)
             .map_err(|e| ApiError::Internal(format!("starting the committer: {e}")))?;
         Ok(Arc::new(PoolHandle {
-            spec: PoolSpec { size: None, ..spec },
+            spec: PoolSpec {
+                size: None,
+                preallocation: Default::default(),
+                ..spec
+            },
             pool,
             stats: Mutex::new(HashMap::new()),
         }))
@@ -477,6 +482,7 @@ impl Control {
         self.state.pools.retain(|p| p.name != spec.name);
         self.state.pools.push(PoolSpec {
             size: None,
+            preallocation: Default::default(),
             ..spec.clone()
         });
         self.save()?;

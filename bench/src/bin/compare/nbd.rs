@@ -9,6 +9,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use testbeds::scratch::Scratch;
+use vblock::device::Preallocation;
 use vblock::nbd::{NbdServer, PoolExports};
 use vblock::uring::UringDevice;
 use vblock::{Pool, PoolOptions};
@@ -104,7 +105,10 @@ pub fn suite(secs: f64) -> Result<Vec<Row>, String> {
     let dir = Scratch::new(Path::new("/var/tmp"), "lv-compare-nbd").map_err(|e| e.to_string())?;
     let e = |e: vblock::Error| e.to_string();
     eprintln!("nbd: setting up vblock and qemu-storage-daemon (raw, qcow2) ...");
-    let dev = UringDevice::create(&dir.join("pool"), 8 * SIZE).map_err(e)?;
+    // The pool file fully preallocated (zeros written), as an operator would for a pool
+    // that takes first writes into thin volumes (`vctl pool create --preallocation full`).
+    let dev = UringDevice::create_preallocated(&dir.join("pool"), 8 * SIZE, Preallocation::Full)
+        .map_err(e)?;
     let pool = Arc::new(Pool::create(dev, PoolOptions::default()).map_err(e)?);
     // Commits in the background, as in vblockd.
     pool.start_committer(vblock::DEFAULT_COMMIT_INTERVAL)

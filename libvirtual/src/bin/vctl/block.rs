@@ -45,6 +45,10 @@ pub enum PoolCmd {
         path: PathBuf,
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
+        /// With --size: how the file's space is reserved, `falloc` (instant) or `full` (zeros
+        /// written: slower to create, faster first writes into thin volumes).
+        #[arg(long, default_value = "falloc", requires = "size")]
+        preallocation: vblock::api::Preallocation,
     },
     /// Stop serving a pool (its file stays).
     Remove { name: String },
@@ -220,9 +224,19 @@ pub fn pool(c: &Client, cmd: PoolCmd, out: Output) -> Result<(), Error> {
     match cmd {
         PoolCmd::List => emit(out, &c.pools()?, |v| pool_rows(v)),
         PoolCmd::Show { name } => emit(out, &vec![c.pool(&name)?], |v| pool_rows(v)),
-        PoolCmd::Create { name, path, size } => {
+        PoolCmd::Create {
+            name,
+            path,
+            size,
+            preallocation,
+        } => {
             let path = std::path::absolute(&path).unwrap_or(path);
-            let p = c.create_pool(&PoolSpec { name, path, size })?;
+            let p = c.create_pool(&PoolSpec {
+                name,
+                path,
+                size,
+                preallocation,
+            })?;
             emit(out, &vec![p], |v| pool_rows(v));
         }
         PoolCmd::Remove { name } => {
