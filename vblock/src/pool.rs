@@ -1,13 +1,15 @@
 //! A pool on a device: volume I/O, flush (commit), open (recovery) and check.
 //!
-//! Commit protocol, on [`Pool::flush`]: (1) flush the device, so every data write the new
-//! metadata points at is durable; (2) append the transaction's records to the journal;
-//! (3) flush again. Only then is freed space reused. A crash at any point leaves the state of
+//! Commit protocol, on [`Pool::flush`] (and from the background committer): the running
+//! transaction is sealed under the pool's lock, then, without it, (1) the device is flushed,
+//! so every data write the new metadata points at is durable; (2) the sealed transaction's
+//! records are appended to the journal; (3) the device is flushed again. Reads and writes go
+//! on meanwhile. Only then is the space it freed reused. A crash at any point leaves the state of
 //! the last commit whose journal blocks all reached the disk; data written since is old or new
 //! per block, never another volume's, because new data only ever goes to clusters that the
 //! committed state does not reference (or that are exclusively the writer's in both states).
 //!
-//! When the journal is half full (and whenever a transaction does not fit), the whole metadata
+//! When a transaction would fill the journal past half, the whole metadata (as of the seal)
 //! is written as a checkpoint to the inactive checkpoint area and the other superblock slot
 //! is switched to it. Opening a pool loads the newest valid superblock's checkpoint, replays
 //! the journal's complete transactions and folds them into a new checkpoint.
@@ -1451,7 +1453,7 @@ fn write_super<D: Device>(dev: &D, sb: &mut Superblock) -> Result<(), Error> {
 
 /// How a sealed transaction reaches the disk.
 enum CommitIo {
-    /// Its records, as `blocks` journal blocks written at `at` (byte offsets).
+    /// Its records as journal blocks (`image`), block i written at byte offset `at[i]`.
     Journal { image: Vec<u8>, at: Vec<u64> },
     /// A checkpoint of the metadata with it applied, then the superblock `sb` pointing there.
     Checkpoint {
