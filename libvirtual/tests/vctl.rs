@@ -47,3 +47,24 @@ fn bad_usage_exits_2() {
         Some(2)
     );
 }
+
+#[test]
+fn completion_scripts_are_valid_shell_and_know_the_commands() {
+    let out = vctl(&["completions", "bash"]);
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout).into_owned();
+    for word in ["tenant", "snapshot", "clone", "vhost", "--output"] {
+        assert!(script.contains(word), "bash completion lacks {word}");
+    }
+    // bash itself parses it (syntax only).
+    let path = std::env::temp_dir().join(format!("vctl-completion-{}.bash", std::process::id()));
+    std::fs::write(&path, &script).unwrap();
+    let checked = Command::new("bash").arg("-n").arg(&path).output().unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert_eq!(vctl(&["completions", "tcsh"]).status.code(), Some(2));
+}

@@ -4,7 +4,8 @@
 //! `vctl pool|volume|snapshot|clone ...` drive vblockd: pools, thin volumes, snapshots,
 //! clones, I/O limits, raw image import/export. Tables for humans, `--output json` for
 //! scripts. Exit codes: 0 done, 1 the daemon refused (its error is printed) or a local file
-//! failed, 2 bad usage, 3 the daemon cannot be reached.
+//! failed, 2 bad usage, 3 the daemon cannot be reached. `vctl completions SHELL` prints a
+//! completion script.
 
 mod block;
 
@@ -12,7 +13,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use libvirtual::Error;
 use libvirtual::net::{Client, default_socket};
 use serde::Serialize;
@@ -95,6 +96,11 @@ enum Top {
         pool: String,
         #[command(subcommand)]
         command: block::CloneCmd,
+    },
+    /// Print a shell completion script (`vctl completions bash > /etc/bash_completion.d/vctl`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -237,6 +243,10 @@ fn main() -> ExitCode {
             pool,
             command,
         } => block::vhost(&bsock(socket), &pool, command, out),
+        Top::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "vctl", &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
