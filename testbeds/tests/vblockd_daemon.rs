@@ -142,7 +142,12 @@ fn pools_volumes_images_snapshots_and_restarts() {
     // Snapshot, export it, back to qcow2: qemu-img compares it equal to the source.
     bed.ok(&["snapshot", "create", "disk", "snap1"]);
     c.write("default", "disk", 0, &vec![0x11u8; 65536]).unwrap();
-    c.flush("default").unwrap();
+    assert!(bed.ok(&["pool", "flush", "default"]).contains("committed"));
+    let metrics = bed.ok(&["pool", "metrics"]);
+    assert!(
+        metrics.contains("vblock_volume_allocated_bytes{pool=\"default\",volume=\"disk\"}"),
+        "{metrics}"
+    );
     let out = bed.dir.join("out.raw");
     bed.ok(&["volume", "export", "snap1", &path(&out)]);
     let outq = bed.dir.join("out.qcow2");

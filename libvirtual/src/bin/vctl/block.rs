@@ -58,6 +58,10 @@ pub enum PoolCmd {
         #[arg(long)]
         repair: bool,
     },
+    /// Commit a pool now: everything written so far becomes durable.
+    Flush { name: String },
+    /// vblockd's metrics (Prometheus text format).
+    Metrics,
 }
 
 #[derive(Subcommand)]
@@ -243,6 +247,11 @@ pub fn pool(c: &Client, cmd: PoolCmd, out: Output) -> Result<(), Error> {
             c.remove_pool(&name)?;
             done(out, format!("pool {name} no longer served"));
         }
+        PoolCmd::Flush { name } => {
+            c.flush(&name)?;
+            done(out, format!("pool {name} committed"));
+        }
+        PoolCmd::Metrics => print!("{}", c.metrics()?),
         PoolCmd::Check { name, repair } => {
             let r = c.check(&name, repair)?;
             emit(out, &r, |r| {
