@@ -143,6 +143,22 @@ fn pools_volumes_images_snapshots_and_restarts() {
     bed.ok(&["snapshot", "create", "disk", "snap1"]);
     c.write("default", "disk", 0, &vec![0x11u8; 65536]).unwrap();
     assert!(bed.ok(&["pool", "flush", "default"]).contains("committed"));
+    // Zeroing releases space: a volume written in its first 2 MiB, half of it zeroed.
+    bed.ok(&["volume", "create", "wipe", "--size", "4M"]);
+    c.write("default", "wipe", 0, &vec![0x5au8; 2 << 20])
+        .unwrap();
+    bed.ok(&["volume", "zero", "wipe", "--offset", "1M", "--length", "1M"]);
+    let wiped = c.volume("default", "wipe").unwrap();
+    assert_eq!(wiped.allocated, 1 << 20, "{wiped:?}");
+    assert_eq!(
+        c.read("default", "wipe", 1 << 20, 4096).unwrap(),
+        vec![0u8; 4096]
+    );
+    assert_eq!(
+        c.read("default", "wipe", 0, 4096).unwrap(),
+        vec![0x5au8; 4096]
+    );
+    bed.ok(&["volume", "delete", "wipe"]);
     let metrics = bed.ok(&["pool", "metrics"]);
     assert!(
         metrics.contains("vblock_volume_allocated_bytes{pool=\"default\",volume=\"disk\"}"),

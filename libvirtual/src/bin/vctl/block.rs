@@ -93,6 +93,17 @@ pub enum VolumeCmd {
         #[arg(long, value_parser = parse_size, default_value = "0")]
         bps: u64,
     },
+    /// Zero a range (whole 4 KiB blocks are released and read as zeros; the volume gets
+    /// thinner), e.g. to wipe a volume: `--offset 0 --length SIZE`.
+    Zero {
+        name: String,
+        /// Byte offset (suffixes allowed; a multiple of 512).
+        #[arg(long, value_parser = parse_size, default_value = "0")]
+        offset: u64,
+        /// Bytes (suffixes allowed; a multiple of 512).
+        #[arg(long, value_parser = parse_size)]
+        length: u64,
+    },
     /// Copy a raw image into a volume (created with the image's size if it does not exist);
     /// all-zero 4 KiB blocks are skipped, so the volume stays thin.
     Import { name: String, file: PathBuf },
@@ -317,6 +328,14 @@ pub fn volume(c: &Client, pool: &str, cmd: VolumeCmd, out: Output) -> Result<(),
             &vec![c.set_qos(pool, &name, QosSpec { iops, bps })?],
             |v| volume_rows(v),
         ),
+        VolumeCmd::Zero {
+            name,
+            offset,
+            length,
+        } => {
+            c.write_zeroes(pool, &name, offset, length)?;
+            emit(out, &vec![c.volume(pool, &name)?], |v| volume_rows(v));
+        }
         VolumeCmd::Import { name, file } => {
             let mut f = File::open(&file).map_err(local(format!("opening {}", file.display())))?;
             let len = f
