@@ -616,21 +616,16 @@ fn transmit<S: Conn, E: Exports>(
         // 1. Take what has been read (at least one request, or the end).
         burst.clear();
         let mut end = None;
-        let mut next = incoming.recv().map_err(|_| None);
-        loop {
-            match next {
-                Ok(Incoming::Work(w)) => burst.push(w),
-                Ok(Incoming::End(e)) => end = Some(e),
-                Err(None) => end = Some(None),
-                Err(Some(())) => break,
+        // The reader gone without a word (it cannot be, short of a panic) counts as a disconnect.
+        let first = incoming.recv().unwrap_or(Incoming::End(None));
+        for item in std::iter::once(first).chain(incoming.try_iter()) {
+            match item {
+                Incoming::Work(w) => burst.push(w),
+                Incoming::End(e) => end = Some(e),
             }
             if end.is_some() || burst.len() >= BURST {
                 break;
             }
-            next = incoming.try_recv().map_err(|e| match e {
-                std::sync::mpsc::TryRecvError::Empty => Some(()),
-                std::sync::mpsc::TryRecvError::Disconnected => None,
-            });
         }
         // 2. Execute: runs of reads and of writes as batches, the rest in order.
         out.clear();

@@ -15,7 +15,7 @@ use vblock::uring::UringDevice;
 use vblock::{Pool, PoolOptions};
 
 use crate::Row;
-use crate::vhost_blk::{Qsd, qsd_with, rounds};
+use crate::vhost_blk::{Qsd, qsd_with, raw_image, rounds};
 
 const SIZE: u64 = 1 << 30;
 
@@ -119,9 +119,7 @@ pub fn suite(secs: f64) -> Result<Vec<Row>, String> {
         NbdServer::start_unix(&ours_sock, Arc::new(PoolExports(pool.clone()))).map_err(e)?;
     let ours_uri = |vol: &str| format!("nbd+unix:///{vol}?socket={}", ours_sock.display());
     let raw = dir.join("raw.img");
-    std::fs::File::create(&raw)
-        .and_then(|f| f.set_len(SIZE))
-        .map_err(|e| e.to_string())?;
+    raw_image(&raw, SIZE)?;
     let raw_sock = dir.join("raw.sock");
     let _raw = qsd_nbd(&raw, "raw", &raw_sock)?;
     let raw_uri = format!("nbd+unix:///d?socket={}", raw_sock.display());

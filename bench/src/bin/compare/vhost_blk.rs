@@ -21,6 +21,12 @@ use crate::Row;
 
 const SIZE: u64 = 1 << 30;
 
+/// A sparse raw image of `size` bytes for qemu-storage-daemon.
+pub fn raw_image(path: &Path, size: u64) -> Result<(), String> {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(size))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
 /// A qemu-storage-daemon serving `image` (`format` raw or qcow2) on `sock`; killed on drop.
 pub(crate) struct Qsd(Child);
 
@@ -159,9 +165,7 @@ pub fn suite(secs: f64) -> Result<Vec<Row>, String> {
     let _ours_thin =
         Export::start(pool.clone(), "thin", &ours_thin, ExportConfig::default()).map_err(e)?;
     let raw = dir.join("raw.img");
-    std::fs::File::create(&raw)
-        .and_then(|f| f.set_len(SIZE))
-        .map_err(|e| e.to_string())?;
+    raw_image(&raw, SIZE)?;
     let raw_sock = dir.join("raw.sock");
     let _raw = qsd(&raw, "raw", &raw_sock)?;
     let qcow = dir.join("thin.qcow2");
