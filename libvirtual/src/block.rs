@@ -1,6 +1,7 @@
 //! The typed client of vblockd's control API (see `docs/api.md`): pools, volumes, snapshots,
 //! clones, I/O limits, data transfer.
 
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use vblock::api::{
@@ -228,4 +229,100 @@ impl Client {
     pub fn metrics(&self) -> Result<String, Error> {
         text(&self.socket, "/metrics")
     }
+
+    /// Copies `len` bytes of a raw image from `image` into volume `name` (created with the
+    /// image's size rounded up to 512 if missing; an existing one must be large enough) and
+    /// commits it. Runs of zero 4 KiB blocks are not sent: they stay unallocated (and are
+    /// released in an existing volume). `progress` hears the bytes done after every chunk.
+    pub fn import(
+        &self,
+        pool: &str,
+        name: &str,
+        image: &mut impl Read,
+        len: u64,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<VolumeInfo, Error> {
+        let size = len.div_ceil(512) * 512;
+        let existed = match self.volume(pool, name) {
+            Ok(v) if v.size < size => {
+                return Err(Error::Protocol(format!(
+                    "{len} bytes do not fit volume {name} ({} bytes)",
+                    v.size
+                )));
+            }
+            Ok(_) => true,
+            Err(Error::Api { code, .. }) if code == "not_found" => {
+                let spec = VolumeSpec {
+                    name: name.to_owned(),
+                    size,
+                };
+                self.create_volume(pool, &spec)?;
+                false
+            }
+            Err(e) => return Err(e),
+        };
+        let mut buf = vec![0u8; TRANSFER_CHUNK as usize];
+        let mut off = 0u64;
+        while off < len {
+            let n = (len - off).min(TRANSFER_CHUNK) as usize;
+            image
+                .read_exact(&mut buf[..n])
+                .map_err(|e| Error::Protocol(format!("reading the image at {off}: {e}")))?;
+            let padded = n.div_ceil(512) * 512;
+            buf[n..padded].fill(0);
+            let mut at = 0;
+            while at < padded {
+                let zero = |i: usize| buf[i..(i + 4096).min(padded)].iter().all(|b| *b == 0);
+                let start = at;
+                let run_is_zero = zero(at);
+                while at < padded && zero(at) == run_is_zero {
+                    at += 4096;
+                }
+                let end = at.min(padded);
+                if !run_is_zero {
+                    self.write(pool, name, off + start as u64, &buf[start..end])?;
+                } else if existed {
+                    // The volume may hold data there: zero it (released).
+                    self.write_zeroes(pool, name, off + start as u64, (end - start) as u64)?;
+                }
+            }
+            off += n as u64;
+            progress(off);
+        }
+        self.flush(pool)?;
+        self.volume(pool, name)
+    }
+
+    /// Copies volume (or snapshot) `name` whole into `image` as a raw image, leaving holes
+    /// (seeking past them) where it reads zeros; `progress` hears the bytes done after every
+    /// chunk. The caller syncs the file.
+    pub fn export(
+        &self,
+        pool: &str,
+        name: &str,
+        image: &mut (impl Write + Seek),
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<VolumeInfo, Error> {
+        let v = self.volume(pool, name)?;
+        let werr = |e: std::io::Error| Error::Protocol(format!("writing the image: {e}"));
+        let mut off = 0u64;
+        while off < v.size {
+            let n = (v.size - off).min(TRANSFER_CHUNK);
+            let data = self.read(pool, name, off, n)?;
+            if data.len() as u64 != n {
+                return Err(Error::Protocol(format!("short read at {off}")));
+            }
+            if data.iter().all(|b| *b == 0) {
+                image.seek(SeekFrom::Current(n as i64)).map_err(werr)?;
+            } else {
+                image.write_all(&data).map_err(werr)?;
+            }
+            off += n;
+            progress(off);
+        }
+        Ok(v)
+    }
 }
+
+/// Bytes per request of [`Client::import`] and [`Client::export`].
+pub const TRANSFER_CHUNK: u64 = 4 << 20;

@@ -31,6 +31,23 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf, Error> {
         })
 }
 
+/// Makes the child of `cmd` die with its parent (also on a crash of the test), never
+/// outliving the namespaces it was started in, and puts it in a process group of its own, so
+/// that a Ctrl-C on the terminal reaches only the parent, which then stops it in order.
+pub fn tie_to_parent(cmd: &mut std::process::Command) {
+    std::os::unix::process::CommandExt::process_group(cmd, 0);
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
+    // which is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A daemon process; killed (SIGKILL) on drop if still running.
 pub struct Daemon {
     child: Option<Child>,
@@ -60,17 +77,7 @@ impl Daemon {
 
     fn spawn(mut cmd: std::process::Command, prog: &str, socket: PathBuf) -> Result<Daemon, Error> {
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
-        // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
-        // which is async-signal-safe. The daemon then dies with its parent (also on Ctrl-C or
-        // a crash of the test), never outliving the namespaces it was started in.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        tie_to_parent(&mut cmd);
         let child = cmd
             .spawn()
             .map_err(|e| Error::Io(format!("starting {prog}"), e))?;

@@ -386,6 +386,7 @@ impl Guest {
             cmd.arg("-device").arg(device);
         }
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        crate::daemon::tie_to_parent(&mut cmd);
         let child = cmd
             .spawn()
             .map_err(|e| Error::Io("qemu-system-x86_64".into(), e))?;
@@ -404,6 +405,7 @@ impl Guest {
             if self.console().lines().any(|l| l.trim().starts_with(marker)) {
                 return Ok(());
             }
+            crate::interrupt::check()?;
             if Instant::now() > deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
                 return Err(Error::Setup(format!(
                     "the guest never printed {marker:?}:\n{}",

@@ -13,6 +13,8 @@
 //!   and a kernel VXLAN host for interop.
 //! * [`switch_demo`]: the vswitchd part of the demo.
 //! * [`scratch`]: scratch directories removed on drop.
+//! * [`tour`]: the whole-system demo (two hosts, tenants, containers, a VM from a clone).
+//! * [`interrupt`]: Ctrl-C that unwinds a bed so that everything is cleaned up.
 //!
 //! Everything here needs root (network namespaces); the library crates never depend on it.
 
@@ -20,6 +22,7 @@ pub mod blk_client;
 pub mod cni;
 pub mod daemon;
 pub mod guest;
+pub mod interrupt;
 pub mod kernel_peer;
 pub mod netns;
 pub mod overlay_host;
@@ -28,6 +31,7 @@ pub mod probe;
 pub mod scratch;
 pub mod switch_bed;
 pub mod switch_demo;
+pub mod tour;
 pub mod transport;
 
 /// Errors of the test beds.
@@ -50,4 +54,7 @@ pub enum Error {
     /// The bed could not be set up or a check could not run.
     #[error("{0}")]
     Setup(String),
+    /// Ctrl-C was pressed ([`interrupt`]).
+    #[error("interrupted")]
+    Interrupted,
 }

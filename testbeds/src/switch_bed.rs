@@ -50,6 +50,11 @@ impl Underlay {
         Ok(ul)
     }
 
+    /// The underlay's own namespace (holding the bridge).
+    pub fn netns(&self) -> &Netns {
+        &self.ns
+    }
+
     /// Plugs a new namespace into the bridge as `eth0` with `addr/24` and returns it.
     pub fn host(&mut self, role: &str, addr: Ipv4Addr) -> Result<Netns, Error> {
         let host = Netns::create(role)?;

@@ -85,6 +85,24 @@ pub struct VolumeInfo {
     pub allocated: u64,
     /// I/O limits.
     pub qos: QosSpec,
+    /// I/O since its pool was opened, from every client (API, vhost-user-blk, NBD).
+    #[serde(default)]
+    pub io: IoInfo,
+}
+
+/// A volume's I/O counters ([`VolumeInfo::io`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoInfo {
+    /// Read requests.
+    pub reads: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Write requests.
+    pub writes: u64,
+    /// Bytes written.
+    pub written_bytes: u64,
+    /// Discard and write-zeroes requests.
+    pub releases: u64,
 }
 
 /// A snapshot to take (`POST /v1/pools/{pool}/snapshots`).

@@ -81,6 +81,8 @@ pub struct VolumeInfo {
     pub allocated: u64,
     /// I/O limits.
     pub qos: Qos,
+    /// I/O since the pool was opened.
+    pub io: IoCounters,
 }
 
 /// One read of a batch ([`Pool::read_batch`]).
@@ -145,11 +147,36 @@ struct State {
     journal_used: u64,
 }
 
+/// I/O counters of one volume: requests and bytes by kind, whoever sent them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoCounters {
+    /// Read requests.
+    pub reads: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Write requests.
+    pub writes: u64,
+    /// Bytes written.
+    pub written_bytes: u64,
+    /// Discard and write-zeroes requests.
+    pub releases: u64,
+}
+
+/// What a request does, for [`IoCounters`].
+#[derive(Clone, Copy)]
+enum IoKind {
+    Read,
+    Write,
+    Release,
+}
+
 /// A pool of thin volumes on a device.
 pub struct Pool<D: Device> {
     dev: D,
     state: RwLock<State>,
     limiters: Mutex<HashMap<u64, Limiter>>,
+    /// I/O counters by volume id (every path: API, vhost-user-blk, NBD).
+    io: Mutex<HashMap<u64, IoCounters>>,
     /// Set once any volume has had limits (until then no request looks at `limiters`).
     limited: AtomicBool,
     epoch: Instant,
@@ -289,6 +316,7 @@ impl<D: Device> Pool<D> {
             dev,
             state: RwLock::new(state),
             limiters: Mutex::new(HashMap::new()),
+            io: Mutex::new(HashMap::new()),
             limited: AtomicBool::new(false),
             epoch: Instant::now(),
             commit_lock: Mutex::new(()),
@@ -444,27 +472,44 @@ impl<D: Device> Pool<D> {
     /// All volumes, snapshots and clones.
     pub fn list(&self) -> Vec<VolumeInfo> {
         let s = self.read_lock();
+        let io = self.io.lock().unwrap_or_else(|p| p.into_inner());
         s.meta
             .volumes()
-            .filter_map(|v| info(&s.meta, v.id))
+            .filter_map(|v| info(&s.meta, v.id, &io))
             .collect()
     }
 
     /// One volume.
     pub fn volume(&self, name: &str) -> Result<VolumeInfo, Error> {
         let s = self.read_lock();
+        let io = self.io.lock().unwrap_or_else(|p| p.into_inner());
         s.meta
             .volume(name)
-            .and_then(|v| info(&s.meta, v.id))
+            .and_then(|v| info(&s.meta, v.id, &io))
             .ok_or_else(|| Error::NotFound(name.into()))
     }
 
-    /// Waits as long as the volume's I/O limits require before a request of `bytes`
-    /// (without holding any lock of the pool).
-    fn throttle(&self, name: &str, bytes: u64) {
+    /// Counts a request of `bytes` and waits as long as the volume's I/O limits require
+    /// before it (without holding any lock of the pool).
+    fn throttle(&self, name: &str, kind: IoKind, bytes: u64) {
         let Some((id, qos)) = self.read_lock().meta.volume(name).map(|v| (v.id, v.qos)) else {
             return;
         };
+        {
+            let mut io = self.io.lock().unwrap_or_else(|p| p.into_inner());
+            let c = io.entry(id).or_default();
+            match kind {
+                IoKind::Read => {
+                    c.reads += 1;
+                    c.read_bytes += bytes;
+                }
+                IoKind::Write => {
+                    c.writes += 1;
+                    c.written_bytes += bytes;
+                }
+                IoKind::Release => c.releases += 1,
+            }
+        }
         if qos == Qos::default() && !self.limited.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
@@ -491,7 +536,7 @@ impl<D: Device> Pool<D> {
     /// Reads `buf.len()` bytes at `offset` (both multiples of 512). Never-written ranges read
     /// as zeros.
     pub fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
-        self.throttle(name, buf.len() as u64);
+        self.throttle(name, IoKind::Read, buf.len() as u64);
         let s = self.read_lock();
         let id = check_io(&s.meta, name, offset, buf.len(), false)?;
         read_range(&self.dev, &s, id, offset, buf)
@@ -503,7 +548,7 @@ impl<D: Device> Pool<D> {
     /// like a device queue's, they may complete in any order.
     pub fn write_batch(&self, reqs: &[WriteRequest<'_>]) -> Vec<Result<(), Error>> {
         for r in reqs {
-            self.throttle(r.volume, r.data.len() as u64);
+            self.throttle(r.volume, IoKind::Write, r.data.len() as u64);
         }
         let mut results: Vec<Option<Result<(), Error>>> = (0..reqs.len()).map(|_| None).collect();
         {
@@ -672,7 +717,7 @@ impl<D: Device> Pool<D> {
     /// request.
     pub fn read_batch(&self, reqs: &mut [ReadRequest<'_>]) -> Result<(), Error> {
         for r in reqs.iter() {
-            self.throttle(r.volume, r.buf.len() as u64);
+            self.throttle(r.volume, IoKind::Read, r.buf.len() as u64);
         }
         let s = self.read_lock();
         let mut ops = Vec::with_capacity(reqs.len());
@@ -689,7 +734,7 @@ impl<D: Device> Pool<D> {
     /// Writes `data` at `offset` (both multiples of 512). Durable after the next
     /// [`Self::flush`].
     pub fn write(&self, name: &str, offset: u64, data: &[u8]) -> Result<(), Error> {
-        self.throttle(name, data.len() as u64);
+        self.throttle(name, IoKind::Write, data.len() as u64);
         self.write_unthrottled(name, offset, data)
     }
 
@@ -848,7 +893,7 @@ impl<D: Device> Pool<D> {
     }
 
     fn release(&self, name: &str, offset: u64, len: u64, zero_partial: bool) -> Result<(), Error> {
-        self.throttle(name, 0);
+        self.throttle(name, IoKind::Release, 0);
         let mut s = self.lock();
         let len = usize::try_from(len).map_err(|_| Error::Invalid("length".into()))?;
         let id = check_io(&s.meta, name, offset, len, true)?;
@@ -1122,7 +1167,7 @@ impl<D: Device> Pool<D> {
     }
 }
 
-fn info(meta: &Meta, id: u64) -> Option<VolumeInfo> {
+fn info(meta: &Meta, id: u64, io: &HashMap<u64, IoCounters>) -> Option<VolumeInfo> {
     let v = meta.volume_by_id(id)?;
     Some(VolumeInfo {
         id: v.id,
@@ -1132,6 +1177,7 @@ fn info(meta: &Meta, id: u64) -> Option<VolumeInfo> {
         size: v.size,
         allocated: meta.allocated_bytes(v.id),
         qos: v.qos,
+        io: io.get(&v.id).copied().unwrap_or_default(),
     })
 }
 

@@ -602,3 +602,57 @@ fn the_background_committer_makes_writes_nobody_flushed_durable() {
     let pool = Pool::open(dev).unwrap();
     assert!(pool.check(false).unwrap().is_clean());
 }
+
+#[test]
+fn io_counters_count_every_path_per_volume() {
+    let pool = Pool::create(MemDevice::new(64 << 20), PoolOptions::default()).unwrap();
+    pool.create_volume("v", 8 << 20).unwrap();
+    pool.create_volume("w", 8 << 20).unwrap();
+    assert_eq!(pool.volume("v").unwrap().io, vblock::IoCounters::default());
+    pool.write("v", 0, &[1u8; 8192]).unwrap();
+    let writes = [
+        WriteRequest {
+            volume: "v",
+            offset: 65536,
+            data: &[2u8; 4096],
+        },
+        WriteRequest {
+            volume: "w",
+            offset: 0,
+            data: &[3u8; 512],
+        },
+    ];
+    assert!(pool.write_batch(&writes).iter().all(Result::is_ok));
+    let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 1024]);
+    pool.read_batch(&mut [
+        vblock::ReadRequest {
+            volume: "v",
+            offset: 0,
+            buf: &mut a,
+        },
+        vblock::ReadRequest {
+            volume: "v",
+            offset: 4096,
+            buf: &mut b,
+        },
+    ])
+    .unwrap();
+    pool.discard("v", 0, 4096).unwrap();
+    pool.write_zeroes("w", 0, 512).unwrap();
+    let v = pool.volume("v").unwrap().io;
+    assert_eq!(
+        v,
+        vblock::IoCounters {
+            reads: 2,
+            read_bytes: 5120,
+            writes: 2,
+            written_bytes: 12288,
+            releases: 1,
+        }
+    );
+    let w = pool.list().into_iter().find(|v| v.name == "w").unwrap().io;
+    assert_eq!(
+        (w.writes, w.written_bytes, w.releases, w.reads),
+        (1, 512, 1, 0)
+    );
+}

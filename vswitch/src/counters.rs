@@ -28,11 +28,14 @@ pub enum DropReason {
     UnderlayMtu,
     /// The egress queue or socket could not take the frame.
     TxError,
+    /// A VM's port had no receive buffers for the frame: no guest attached, its driver not
+    /// started yet, or not keeping up.
+    NoRxBuffers,
 }
 
 impl DropReason {
     /// Every reason, in a fixed order (the order of the counters array).
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Malformed,
         DropReason::Oversize,
         DropReason::InvalidSource,
@@ -44,6 +47,7 @@ impl DropReason {
         DropReason::UnknownVni,
         DropReason::UnderlayMtu,
         DropReason::TxError,
+        DropReason::NoRxBuffers,
     ];
 
     /// A stable snake_case name (API and metrics label).
@@ -60,6 +64,7 @@ impl DropReason {
             DropReason::UnknownVni => "unknown_vni",
             DropReason::UnderlayMtu => "underlay_mtu",
             DropReason::TxError => "tx_error",
+            DropReason::NoRxBuffers => "no_rx_buffers",
         }
     }
 

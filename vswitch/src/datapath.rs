@@ -943,7 +943,15 @@ fn deliver_to_guests(
             let len = lens.next().unwrap_or(0);
             match result {
                 Ok(()) => tally.tx(vni, *q, len),
-                Err(_) => tally.drop(vni, Some(*q), DropReason::TxError),
+                Err(e) => {
+                    let reason = match e.kind() {
+                        std::io::ErrorKind::NotConnected | std::io::ErrorKind::WouldBlock => {
+                            DropReason::NoRxBuffers
+                        }
+                        _ => DropReason::TxError,
+                    };
+                    tally.drop(vni, Some(*q), reason)
+                }
             }
         });
     }

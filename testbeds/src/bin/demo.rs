@@ -1,17 +1,28 @@
-//! The libvirtual demo (for now: the overlay interop tour).
+//! The libvirtual demo: the whole-system tour ([`testbeds::tour`]): two hosts with vswitchd
+//! and vblockd, tenants with overlapping subnets, containers attached by vswitch-cni, a VM
+//! booted from a thin clone over vhost-user-net and vhost-user-blk; a connectivity matrix by
+//! real pings, the storage thin clones save, the daemons' counters.
 //!
-//! Builds, in network namespaces, a Linux kernel VTEP (vxlan + bridge, tenants in VNI 42 and
-//! 43 with the same subnet) and a userspace VTEP built on overlay-net with a smoltcp host in
-//! VNI 42, then shows ping, a TCP transfer and tenant isolation over IPv4 and IPv6 underlays,
-//! through a UDP socket and through raw frames. Needs root. Cleans up, also on Ctrl-C.
+//! With `--interop`, also the interop tour: a Linux kernel VTEP (vxlan + bridge) against
+//! overlay-net's userspace VTEP (IPv4/IPv6 underlays, UDP socket and raw frames) and vswitchd
+//! hosts sharing a tenant with a kernel vxlan host. Needs root. Cleans up, also on Ctrl-C.
 
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use overlay_net::UnderlayFamily;
 use testbeds::kernel_peer::{ScenarioReport, run_scenario};
-use testbeds::netns::{missing_privileges, remove_all};
+use testbeds::netns::missing_privileges;
+use testbeds::tour::{self, Containers, TourOptions, TourReport};
 use testbeds::transport::TransportKind;
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum PodmanChoice {
+    Auto,
+    Yes,
+    No,
+}
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Family {
@@ -27,20 +38,29 @@ enum Transport {
     All,
 }
 
-/// Interop tour: Linux kernel VXLAN <-> overlay-net userspace VTEP.
+/// The libvirtual tour: two hosts, two tenants, containers and a VM from a thin clone.
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
-    /// Underlay address family.
+    /// Containers with podman (`yes`), in plain namespaces (`no`), or podman if installed.
+    #[arg(long, value_enum, default_value = "auto")]
+    podman: PodmanChoice,
+    /// Where the tour's files go while it runs.
+    #[arg(long, default_value = "/var/tmp")]
+    scratch: std::path::PathBuf,
+    /// Also run the interop tour against the Linux kernel's vxlan (about a minute more).
+    #[arg(long)]
+    interop: bool,
+    /// With --interop: underlay address family.
     #[arg(long, value_enum, default_value = "all")]
     family: Family,
-    /// Userspace VTEP transport: UDP socket, raw AF_PACKET frames, or both.
+    /// With --interop: userspace VTEP transport: UDP socket, raw AF_PACKET frames, or both.
     #[arg(long, value_enum, default_value = "all")]
     transport: Transport,
-    /// Bytes of the TCP transfer (echoed back).
+    /// With --interop: bytes of the TCP transfer (echoed back).
     #[arg(long, default_value_t = 8 << 20)]
     bytes: usize,
-    /// Skip the vswitchd part.
+    /// With --interop: skip its vswitchd part.
     #[arg(long)]
     skip_switch: bool,
 }
@@ -51,13 +71,55 @@ fn main() -> ExitCode {
         eprintln!("demo: cannot run: {why}. Run as root (see README).");
         return ExitCode::from(2);
     }
-    if let Err(e) = ctrlc::set_handler(|| {
-        eprintln!("\ninterrupted: removing the namespaces this demo made");
-        remove_all();
-        std::process::exit(130);
-    }) {
-        eprintln!("demo: warning: no Ctrl-C handler ({e}); namespaces may stay behind on Ctrl-C");
+    if let Err(e) = testbeds::interrupt::install() {
+        eprintln!("demo: warning: {e}; namespaces may stay behind on Ctrl-C");
     }
+    let started = Instant::now();
+    let opts = TourOptions {
+        scratch: args.scratch.clone(),
+        podman: match args.podman {
+            PodmanChoice::Auto => None,
+            PodmanChoice::Yes => Some(true),
+            PodmanChoice::No => Some(false),
+        },
+    };
+    println!(
+        "libvirtual demo: two hosts, tenants a and b on the same subnet, containers, and a VM"
+    );
+    println!("booted from a thin clone of a golden volume\n");
+    let mut say = |line: &str| println!("[{:>5.1}s] {line}", started.elapsed().as_secs_f64());
+    let mut all_passed = match tour::run(&opts, &mut say) {
+        Ok(report) => {
+            print_report(&report);
+            report.passed()
+        }
+        Err(testbeds::Error::Interrupted) => {
+            println!("interrupted: everything the demo made was removed");
+            return ExitCode::from(130);
+        }
+        Err(e) => {
+            println!("\nERROR: {e}");
+            false
+        }
+    };
+    if args.interop && !testbeds::interrupt::requested() {
+        all_passed &= interop(&args);
+    }
+    if all_passed {
+        println!(
+            "\nall checks passed in {:.0} s; everything the demo made was removed",
+            started.elapsed().as_secs_f64()
+        );
+        ExitCode::SUCCESS
+    } else {
+        println!("\nsome checks FAILED");
+        ExitCode::FAILURE
+    }
+}
+
+/// The interop tour: kernel vxlan against the userspace VTEP, and vswitchd hosts with a
+/// kernel vxlan host in one tenant.
+fn interop(args: &Args) -> bool {
     let families: &[UnderlayFamily] = match args.family {
         Family::V4 => &[UnderlayFamily::V4],
         Family::V6 => &[UnderlayFamily::V6],
@@ -68,7 +130,7 @@ fn main() -> ExitCode {
         Transport::Raw => &[TransportKind::Raw],
         Transport::All => &[TransportKind::Udp, TransportKind::Raw],
     };
-    println!("libvirtual demo: Linux kernel VXLAN (VNI 42 + 43, bridge, veth tenants)");
+    println!("\ninterop: Linux kernel VXLAN (VNI 42 + 43, bridge, veth tenants)");
     println!("             <-> overlay-net userspace VTEP + smoltcp host 10.42.0.2 in VNI 42\n");
     let mut all_passed = true;
     let mut rows = Vec::new();
@@ -95,7 +157,7 @@ fn main() -> ExitCode {
         println!("\n(vswitchd part skipped)");
     } else {
         println!(
-            "\nlibvirtual demo, part 2: vswitchd on two hosts + a kernel vxlan host; tenants a (VNI 100)"
+            "\ninterop, part 2: vswitchd on two hosts + a kernel vxlan host; tenants a (VNI 100)"
         );
         println!(
             "and b (VNI 200) both use 10.0.0.0/24; every endpoint pings 10.0.0.1, .2 and .9\n"
@@ -111,13 +173,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    if all_passed {
-        println!("\nall checks passed; every namespace was removed");
-        ExitCode::SUCCESS
-    } else {
-        println!("\nsome checks FAILED");
-        ExitCode::FAILURE
-    }
+    all_passed
 }
 
 fn family_name(f: UnderlayFamily) -> &'static str {
@@ -207,4 +263,86 @@ fn print_tour(t: &testbeds::switch_demo::SwitchTour) {
         "\n  {}: answers come only from the pinger's own tenant",
         if t.passed() { "PASS" } else { "FAIL" }
     );
+}
+
+fn print_report(r: &TourReport) {
+    println!(
+        "\nConnectivity, measured by ping (a cell names who answered; tenants a and b share 10.0.0.0/24):"
+    );
+    print!("  {:<14}", "from \\ to");
+    for t in &r.targets {
+        print!("{:<16}", t.to_string());
+    }
+    println!();
+    for (i, row) in r.answers.iter().enumerate() {
+        let me = &r.endpoints[i];
+        print!("  {:<14}", format!("{} ({})", me.name, me.tenant));
+        for (answer, ip) in row.iter().zip(&r.targets) {
+            let cell = match answer {
+                _ if *ip == me.ip => "(itself)".to_owned(),
+                Some(j) => format!("{} ({})", r.endpoints[*j].name, r.endpoints[*j].tenant),
+                None => "-".to_owned(),
+            };
+            print!("{cell:<16}");
+        }
+        println!();
+    }
+    println!(
+        "  {}: every endpoint reaches its own tenant on both hosts and nothing of the other",
+        if r.isolation_holds() { "PASS" } else { "FAIL" }
+    );
+    println!(
+        "  containers: {}",
+        match r.containers {
+            Containers::Podman => "podman 4 (CNI backend) + vswitch-cni + host-local",
+            Containers::Netns => "network namespaces + vswitch-cni + host-local",
+        }
+    );
+    println!("\nThe VM (its console):");
+    for l in &r.vm_log {
+        println!("  {l}");
+    }
+    let s = &r.storage;
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    println!("\nStorage (vblockd on h1, pool demo):");
+    println!(
+        "  golden volume      {:>4} MiB virtual, {:>6.1} MiB stored (zeros are not stored)",
+        s.size >> 20,
+        mib(s.golden_allocated)
+    );
+    println!(
+        "  clone vm1-root     maps {:.1} MiB; {:.1} MiB of it its own (the VM's writes), the rest shared",
+        mib(s.clone_allocated),
+        mib(s.clone_own)
+    );
+    println!(
+        "  the VM's disk I/O  {} reads ({:.1} MiB), {} writes ({:.1} MiB) through vhost-user-blk",
+        s.clone_io.reads,
+        mib(s.clone_io.read_bytes),
+        s.clone_io.writes,
+        mib(s.clone_io.written_bytes)
+    );
+    println!(
+        "  pool data in use   {:.1} MiB for golden + snapshot + clone; full copies would need {:.1} MiB",
+        mib(s.pool_used),
+        mib(s.golden_allocated * 2 + s.clone_allocated)
+    );
+    println!(
+        "  to h2              golden@v1 replicated by sending {:.1} MiB (its mapped ranges) of {} MiB",
+        mib(s.replicated),
+        s.size >> 20
+    );
+    println!(
+        "  {}: golden@v1 unchanged after the VM wrote to its clone",
+        if s.golden_untouched { "PASS" } else { "FAIL" }
+    );
+    println!("\nCounters, from the daemons' APIs:");
+    for c in &r.counters {
+        println!("  {c}");
+    }
+    print!("\nPhases:");
+    for (name, secs) in &r.phases {
+        print!("  {name} {secs:.1} s;");
+    }
+    println!();
 }

@@ -1,7 +1,7 @@
 //! vblockd's control logic: pools opened on io_uring devices, volume operations made durable
 //! before they are acknowledged, the list of pools persisted atomically.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -15,8 +15,8 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{
-    CheckInfo, CloneSpec, DataRange, MAX_TRANSFER, PoolInfo, PoolSpec, QosSpec, SnapshotSpec,
-    VhostInfo, VhostSpec, VolumeInfo, VolumeSpec,
+    CheckInfo, CloneSpec, DataRange, IoInfo, MAX_TRANSFER, PoolInfo, PoolSpec, QosSpec,
+    SnapshotSpec, VhostInfo, VhostSpec, VolumeInfo, VolumeSpec,
 };
 use crate::format::CLUSTER_SIZE;
 use crate::uring::UringDevice;
@@ -37,26 +37,12 @@ pub fn api_error(e: Error) -> ApiError {
     }
 }
 
-/// I/O counters of one volume (through the API and, later, vhost-user and NBD).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IoStats {
-    /// Read requests.
-    pub reads: u64,
-    /// Bytes read.
-    pub read_bytes: u64,
-    /// Write requests.
-    pub writes: u64,
-    /// Bytes written.
-    pub write_bytes: u64,
-}
-
 /// An open pool.
 pub struct PoolHandle {
     /// Name and path.
     pub spec: PoolSpec,
     /// The pool (shared with its vhost-user exports).
     pub pool: Arc<Pool<UringDevice>>,
-    stats: Mutex<HashMap<String, IoStats>>,
 }
 
 impl std::fmt::Debug for PoolHandle {
@@ -80,6 +66,13 @@ fn volume_info(v: crate::VolumeInfo) -> VolumeInfo {
         qos: QosSpec {
             iops: v.qos.iops,
             bps: v.qos.bps,
+        },
+        io: IoInfo {
+            reads: v.io.reads,
+            read_bytes: v.io.read_bytes,
+            writes: v.io.writes,
+            written_bytes: v.io.written_bytes,
+            releases: v.io.releases,
         },
     }
 }
@@ -128,9 +121,7 @@ impl PoolHandle {
 
     /// Deletes a volume, snapshot or clone.
     pub fn delete_volume(&self, name: &str) -> Result<()> {
-        self.durable(&format!("{name} deleted"), |p| p.delete(name))?;
-        self.stats_lock().remove(name);
-        Ok(())
+        self.durable(&format!("{name} deleted"), |p| p.delete(name))
     }
 
     /// Grows a volume.
@@ -190,10 +181,6 @@ impl PoolHandle {
         })
     }
 
-    fn stats_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, IoStats>> {
-        self.stats.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Reads `range.length` bytes (default: to the end, at most [`MAX_TRANSFER`]).
     pub fn read(&self, name: &str, range: DataRange) -> Result<Vec<u8>> {
         let size = self.pool.volume(name).map_err(api_error)?.size;
@@ -205,10 +192,6 @@ impl PoolHandle {
         self.pool
             .read(name, range.offset, &mut buf)
             .map_err(api_error)?;
-        let mut stats = self.stats_lock();
-        let s = stats.entry(name.to_owned()).or_default();
-        s.reads += 1;
-        s.read_bytes += len;
         Ok(buf)
     }
 
@@ -231,12 +214,7 @@ impl PoolHandle {
                 data.len()
             )));
         }
-        self.pool.write(name, offset, data).map_err(api_error)?;
-        let mut stats = self.stats_lock();
-        let s = stats.entry(name.to_owned()).or_default();
-        s.writes += 1;
-        s.write_bytes += data.len() as u64;
-        Ok(())
+        self.pool.write(name, offset, data).map_err(api_error)
     }
 }
 
@@ -440,7 +418,6 @@ impl Control {
                 ..spec
             },
             pool,
-            stats: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -525,12 +502,12 @@ impl Control {
         let read_bytes = Family::<Labels, Counter>::default();
         let writes = Family::<Labels, Counter>::default();
         let write_bytes = Family::<Labels, Counter>::default();
+        let releases = Family::<Labels, Counter>::default();
         for h in self.pools.values() {
             let info = h.info();
             let pl = vec![("pool".to_owned(), info.name.clone())];
             capacity.get_or_create(&pl).set(info.capacity as i64);
             free.get_or_create(&pl).set(info.free as i64);
-            let stats = h.stats_lock().clone();
             for v in h.volumes() {
                 let vl = vec![
                     ("pool".to_owned(), info.name.clone()),
@@ -538,11 +515,12 @@ impl Control {
                 ];
                 size.get_or_create(&vl).set(v.size as i64);
                 allocated.get_or_create(&vl).set(v.allocated as i64);
-                let s = stats.get(&v.name).copied().unwrap_or_default();
+                let s = v.io;
                 reads.get_or_create(&vl).inc_by(s.reads);
                 read_bytes.get_or_create(&vl).inc_by(s.read_bytes);
                 writes.get_or_create(&vl).inc_by(s.writes);
-                write_bytes.get_or_create(&vl).inc_by(s.write_bytes);
+                write_bytes.get_or_create(&vl).inc_by(s.written_bytes);
+                releases.get_or_create(&vl).inc_by(s.releases);
             }
         }
         reg.register("pool_capacity_bytes", "Data space of a pool", capacity);
@@ -553,6 +531,11 @@ impl Control {
         reg.register("volume_read_bytes", "Bytes read", read_bytes);
         reg.register("volume_writes", "Write requests", writes);
         reg.register("volume_written_bytes", "Bytes written", write_bytes);
+        reg.register(
+            "volume_releases",
+            "Discard and write-zeroes requests",
+            releases,
+        );
         let mut out = String::new();
         encode(&mut out, &reg).map_err(|e| ApiError::Internal(e.to_string()))?;
         let _ = writeln!(out);

@@ -1,7 +1,6 @@
 //! `vctl pool|volume|snapshot|clone`: vblockd's pools, volumes, snapshots and clones.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
 use clap::Subcommand;
@@ -14,7 +13,7 @@ use vblock::diffstream::{Change, DiffWriter, next_change, read_header};
 use crate::{Output, done, emit};
 
 /// Transfer unit of import and export.
-const CHUNK: u64 = 4 << 20;
+const CHUNK: u64 = libvirtual::block::TRANSFER_CHUNK;
 
 /// Parses a size: bytes, or with a K/M/G/T suffix (powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -209,9 +208,19 @@ fn pool_rows(ps: &[PoolInfo]) -> Vec<Vec<String>> {
 
 fn volume_rows(vs: &[VolumeInfo]) -> Vec<Vec<String>> {
     let mut rows = vec![
-        ["NAME", "KIND", "PARENT", "SIZE", "ALLOCATED", "IOPS", "BPS"]
-            .map(String::from)
-            .to_vec(),
+        [
+            "NAME",
+            "KIND",
+            "PARENT",
+            "SIZE",
+            "ALLOCATED",
+            "IOPS",
+            "BPS",
+            "READ",
+            "WRITTEN",
+        ]
+        .map(String::from)
+        .to_vec(),
     ];
     let limit = |n: u64| {
         if n == 0 {
@@ -229,6 +238,8 @@ fn volume_rows(vs: &[VolumeInfo]) -> Vec<Vec<String>> {
             human(v.allocated),
             limit(v.qos.iops),
             limit(v.qos.bps),
+            human(v.io.read_bytes),
+            human(v.io.written_bytes),
         ]
     }));
     rows
@@ -303,6 +314,16 @@ fn progress(total: u64, what: &str) -> ProgressBar {
     bar
 }
 
+/// Names the file in a local error of an import or export.
+fn in_file(e: Error, file: &std::path::Path) -> Error {
+    match e {
+        Error::Protocol(m) if m.contains("the image") => {
+            Error::Protocol(format!("{}: {m}", file.display()))
+        }
+        e => e,
+    }
+}
+
 fn local(what: String) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::Protocol(format!("{what}: {e}"))
 }
@@ -342,66 +363,11 @@ pub fn volume(c: &Client, pool: &str, cmd: VolumeCmd, out: Output) -> Result<(),
                 .metadata()
                 .map_err(local(format!("reading {}", file.display())))?
                 .len();
-            let size = len.div_ceil(512) * 512;
-            let existed = match c.volume(pool, &name) {
-                Ok(v) if v.size < size => {
-                    return Err(Error::Protocol(format!(
-                        "{}: {len} bytes do not fit volume {name} ({} bytes)",
-                        file.display(),
-                        v.size
-                    )));
-                }
-                Ok(_) => true,
-                Err(Error::Api { code, .. }) if code == "not_found" => {
-                    c.create_volume(
-                        pool,
-                        &VolumeSpec {
-                            name: name.clone(),
-                            size,
-                        },
-                    )?;
-                    false
-                }
-                Err(e) => return Err(e),
-            };
             let bar = progress(len, &format!("import {name}"));
-            let mut buf = vec![0u8; CHUNK as usize];
-            let mut off = 0u64;
-            while off < len {
-                let n = (len - off).min(CHUNK) as usize;
-                f.read_exact(&mut buf[..n])
-                    .map_err(local(format!("reading {}", file.display())))?;
-                let padded = n.div_ceil(512) * 512;
-                buf[n..padded].fill(0);
-                // Only runs of non-zero 4 KiB blocks are sent: zeros stay unallocated.
-                let mut at = 0;
-                while at < padded {
-                    let block = |i: usize| &buf[i..(i + 4096).min(padded)];
-                    if block(at).iter().all(|b| *b == 0) {
-                        let start = at;
-                        while at < padded && block(at).iter().all(|b| *b == 0) {
-                            at += 4096;
-                        }
-                        // A volume that existed may hold data there: zero it (released).
-                        if existed {
-                            let len = (at.min(padded) - start) as u64;
-                            c.write_zeroes(pool, &name, off + start as u64, len)?;
-                        }
-                        continue;
-                    }
-                    let start = at;
-                    while at < padded && block(at).iter().any(|b| *b != 0) {
-                        at += 4096;
-                    }
-                    let end = at.min(padded);
-                    c.write(pool, &name, off + start as u64, &buf[start..end])?;
-                }
-                off += n as u64;
-                bar.set_position(off);
-            }
-            c.flush(pool)?;
+            let v = c
+                .import(pool, &name, &mut f, len, &mut |n| bar.set_position(n))
+                .map_err(|e| in_file(e, &file))?;
             bar.finish_and_clear();
-            let v = c.volume(pool, &name)?;
             done(
                 out,
                 format!(
@@ -411,35 +377,19 @@ pub fn volume(c: &Client, pool: &str, cmd: VolumeCmd, out: Output) -> Result<(),
             );
         }
         VolumeCmd::Export { name, file } => {
-            let v = c.volume(pool, &name)?;
             let mut f =
                 File::create(&file).map_err(local(format!("creating {}", file.display())))?;
-            let bar = progress(v.size, &format!("export {name}"));
-            let mut off = 0u64;
-            while off < v.size {
-                let n = (v.size - off).min(CHUNK);
-                let data = c.read(pool, &name, off, n)?;
-                if data.len() as u64 != n {
-                    return Err(Error::Protocol(format!("short read at {off}")));
-                }
-                if data.iter().all(|b| *b == 0) {
-                    f.seek(SeekFrom::Current(n as i64))
-                        .map_err(local(format!("writing {}", file.display())))?;
-                } else {
-                    f.write_all(&data)
-                        .map_err(local(format!("writing {}", file.display())))?;
-                }
-                off += n;
-                bar.set_position(off);
-            }
-            f.set_len(v.size)
-                .map_err(local(format!("writing {}", file.display())))?;
-            f.sync_all()
+            let size = c.volume(pool, &name)?.size;
+            let bar = progress(size, &format!("export {name}"));
+            c.export(pool, &name, &mut f, &mut |n| bar.set_position(n))
+                .map_err(|e| in_file(e, &file))?;
+            f.set_len(size)
+                .and_then(|()| f.sync_all())
                 .map_err(local(format!("writing {}", file.display())))?;
             bar.finish_and_clear();
             done(
                 out,
-                format!("exported {name} ({} bytes) to {}", v.size, file.display()),
+                format!("exported {name} ({size} bytes) to {}", file.display()),
             );
         }
     }
