@@ -1,144 +1,142 @@
-//! The typed client of vblockd's control API (see `docs/api.md`): pools, volumes, snapshots,
-//! clones, I/O limits, data transfer.
+//! The typed clients of vblockd's control API (see `docs/api.md`): pools, volumes, snapshots,
+//! clones, I/O limits, data transfer, image import and export. [`AsyncClient`], and
+//! [`Client`], its blocking wrapper.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 use vblock::api::{
-    CheckInfo, CloneSpec, PoolInfo, PoolSpec, QosSpec, ResizeSpec, SnapshotSpec, VolumeInfo,
-    VolumeSpec,
+    CheckInfo, CloneSpec, PoolInfo, PoolSpec, QosSpec, ResizeSpec, SnapshotSpec, VhostInfo,
+    VhostSpec, VolumeInfo, VolumeSpec,
 };
 
 use crate::Error;
+use crate::blocking::{SyncIo, blocking_methods};
 use crate::http::{call, check, request, text};
 
 pub use vblock::api::{MAX_TRANSFER, default_socket};
 
-/// A blocking client of one vblockd.
+/// Bytes per request of [`AsyncClient::import`] and [`AsyncClient::export`].
+pub const TRANSFER_CHUNK: u64 = 4 << 20;
+
+/// An async client of one vblockd (any tokio runtime).
 #[derive(Clone, Debug)]
-pub struct Client {
+pub struct AsyncClient {
     socket: PathBuf,
 }
 
-impl Client {
+impl AsyncClient {
     /// A client of the daemon listening on `socket`.
-    pub fn new(socket: impl AsRef<Path>) -> Client {
-        Client {
+    pub fn new(socket: impl AsRef<Path>) -> AsyncClient {
+        AsyncClient {
             socket: socket.as_ref().to_owned(),
         }
     }
 
+    /// The daemon's socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
+        call(&self.socket, "GET", path, None::<&()>).await
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&(impl serde::Serialize + ?Sized)>,
+    ) -> Result<T, Error> {
+        call(&self.socket, method, path, body).await
+    }
+
     /// All pools.
-    pub fn pools(&self) -> Result<Vec<PoolInfo>, Error> {
-        call(&self.socket, "GET", "/v1/pools", None::<&()>)
+    pub async fn pools(&self) -> Result<Vec<PoolInfo>, Error> {
+        self.get("/v1/pools").await
     }
 
     /// One pool.
-    pub fn pool(&self, name: &str) -> Result<PoolInfo, Error> {
-        call(
-            &self.socket,
-            "GET",
-            &format!("/v1/pools/{name}"),
-            None::<&()>,
-        )
+    pub async fn pool(&self, name: &str) -> Result<PoolInfo, Error> {
+        self.get(&format!("/v1/pools/{name}")).await
     }
 
     /// Creates (with a size) or opens (without) a pool and serves it.
-    pub fn create_pool(&self, spec: &PoolSpec) -> Result<PoolInfo, Error> {
-        call(&self.socket, "POST", "/v1/pools", Some(spec))
+    pub async fn create_pool(&self, spec: &PoolSpec) -> Result<PoolInfo, Error> {
+        self.send("POST", "/v1/pools", Some(spec)).await
     }
 
     /// Stops serving a pool (its file stays).
-    pub fn remove_pool(&self, name: &str) -> Result<(), Error> {
-        call(
-            &self.socket,
-            "DELETE",
-            &format!("/v1/pools/{name}"),
-            None::<&()>,
-        )
+    pub async fn remove_pool(&self, name: &str) -> Result<(), Error> {
+        self.send("DELETE", &format!("/v1/pools/{name}"), None::<&()>)
+            .await
     }
 
     /// Verifies a pool; with `repair`, reclaims leaked space.
-    pub fn check(&self, pool: &str, repair: bool) -> Result<CheckInfo, Error> {
+    pub async fn check(&self, pool: &str, repair: bool) -> Result<CheckInfo, Error> {
         let body = serde_json::json!({ "repair": repair });
-        call(
-            &self.socket,
-            "POST",
-            &format!("/v1/pools/{pool}/check"),
-            Some(&body),
-        )
+        self.send("POST", &format!("/v1/pools/{pool}/check"), Some(&body))
+            .await
     }
 
     /// Makes everything written to a pool durable.
-    pub fn flush(&self, pool: &str) -> Result<(), Error> {
-        call(
-            &self.socket,
-            "POST",
-            &format!("/v1/pools/{pool}/flush"),
-            None::<&()>,
-        )
+    pub async fn flush(&self, pool: &str) -> Result<(), Error> {
+        self.send("POST", &format!("/v1/pools/{pool}/flush"), None::<&()>)
+            .await
     }
 
     /// A pool's volumes, snapshots and clones.
-    pub fn volumes(&self, pool: &str) -> Result<Vec<VolumeInfo>, Error> {
-        call(
-            &self.socket,
-            "GET",
-            &format!("/v1/pools/{pool}/volumes"),
-            None::<&()>,
-        )
+    pub async fn volumes(&self, pool: &str) -> Result<Vec<VolumeInfo>, Error> {
+        self.get(&format!("/v1/pools/{pool}/volumes")).await
     }
 
     /// One of them.
-    pub fn volume(&self, pool: &str, name: &str) -> Result<VolumeInfo, Error> {
-        let path = format!("/v1/pools/{pool}/volumes/{name}");
-        call(&self.socket, "GET", &path, None::<&()>)
+    pub async fn volume(&self, pool: &str, name: &str) -> Result<VolumeInfo, Error> {
+        self.get(&format!("/v1/pools/{pool}/volumes/{name}")).await
     }
 
     /// Creates a thin volume.
-    pub fn create_volume(&self, pool: &str, spec: &VolumeSpec) -> Result<VolumeInfo, Error> {
-        call(
-            &self.socket,
-            "POST",
-            &format!("/v1/pools/{pool}/volumes"),
-            Some(spec),
-        )
+    pub async fn create_volume(&self, pool: &str, spec: &VolumeSpec) -> Result<VolumeInfo, Error> {
+        let path = format!("/v1/pools/{pool}/volumes");
+        self.send("POST", &path, Some(spec)).await
     }
 
     /// Deletes a volume, snapshot or clone.
-    pub fn delete_volume(&self, pool: &str, name: &str) -> Result<(), Error> {
+    pub async fn delete_volume(&self, pool: &str, name: &str) -> Result<(), Error> {
         let path = format!("/v1/pools/{pool}/volumes/{name}");
-        call(&self.socket, "DELETE", &path, None::<&()>)
+        self.send("DELETE", &path, None::<&()>).await
     }
 
     /// Grows a volume.
-    pub fn resize(&self, pool: &str, name: &str, size: u64) -> Result<VolumeInfo, Error> {
+    pub async fn resize(&self, pool: &str, name: &str, size: u64) -> Result<VolumeInfo, Error> {
         let path = format!("/v1/pools/{pool}/volumes/{name}/resize");
-        call(&self.socket, "POST", &path, Some(&ResizeSpec { size }))
+        self.send("POST", &path, Some(&ResizeSpec { size })).await
     }
 
     /// Sets a volume's I/O limits (0: unlimited).
-    pub fn set_qos(&self, pool: &str, name: &str, qos: QosSpec) -> Result<VolumeInfo, Error> {
+    pub async fn set_qos(&self, pool: &str, name: &str, qos: QosSpec) -> Result<VolumeInfo, Error> {
         let path = format!("/v1/pools/{pool}/volumes/{name}/qos");
-        call(&self.socket, "PUT", &path, Some(&qos))
+        self.send("PUT", &path, Some(&qos)).await
     }
 
     /// Takes a snapshot of `source`.
-    pub fn snapshot(&self, pool: &str, source: &str, name: &str) -> Result<VolumeInfo, Error> {
+    pub async fn snapshot(
+        &self,
+        pool: &str,
+        source: &str,
+        name: &str,
+    ) -> Result<VolumeInfo, Error> {
         let spec = SnapshotSpec {
             source: source.into(),
             name: name.into(),
         };
-        call(
-            &self.socket,
-            "POST",
-            &format!("/v1/pools/{pool}/snapshots"),
-            Some(&spec),
-        )
+        let path = format!("/v1/pools/{pool}/snapshots");
+        self.send("POST", &path, Some(&spec)).await
     }
 
     /// Clones a snapshot.
-    pub fn clone_snapshot(
+    pub async fn clone_snapshot(
         &self,
         pool: &str,
         snapshot: &str,
@@ -148,29 +146,37 @@ impl Client {
             snapshot: snapshot.into(),
             name: name.into(),
         };
-        call(
-            &self.socket,
-            "POST",
-            &format!("/v1/pools/{pool}/clones"),
-            Some(&spec),
-        )
+        let path = format!("/v1/pools/{pool}/clones");
+        self.send("POST", &path, Some(&spec)).await
     }
 
     /// Reads `length` bytes at `offset` (at most [`MAX_TRANSFER`]).
-    pub fn read(&self, pool: &str, name: &str, offset: u64, length: u64) -> Result<Vec<u8>, Error> {
+    pub async fn read(
+        &self,
+        pool: &str,
+        name: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<u8>, Error> {
         let path = format!("/v1/pools/{pool}/volumes/{name}/data?offset={offset}&length={length}");
-        Ok(check(request(&self.socket, "GET", &path, None)?)?.body)
+        Ok(check(request(&self.socket, "GET", &path, None).await?)?.body)
     }
 
     /// Writes `data` at `offset` (durable after [`Self::flush`]).
-    pub fn write(&self, pool: &str, name: &str, offset: u64, data: &[u8]) -> Result<(), Error> {
+    pub async fn write(
+        &self,
+        pool: &str,
+        name: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), Error> {
         let path = format!("/v1/pools/{pool}/volumes/{name}/data?offset={offset}");
-        check(request(&self.socket, "PUT", &path, Some(data))?)?;
+        check(request(&self.socket, "PUT", &path, Some(data)).await?)?;
         Ok(())
     }
 
     /// Zeroes `length` bytes at `offset` (whole 4 KiB blocks are released).
-    pub fn write_zeroes(
+    pub async fn write_zeroes(
         &self,
         pool: &str,
         name: &str,
@@ -178,72 +184,63 @@ impl Client {
         length: u64,
     ) -> Result<(), Error> {
         let path = format!("/v1/pools/{pool}/volumes/{name}/zero?offset={offset}&length={length}");
-        check(request(&self.socket, "POST", &path, None)?)?;
+        check(request(&self.socket, "POST", &path, None).await?)?;
         Ok(())
     }
 
     /// Where `to` differs from `from` (or, without, everything `to` maps).
-    pub fn diff(
+    pub async fn diff(
         &self,
         pool: &str,
         to: &str,
         from: Option<&str>,
     ) -> Result<Vec<vblock::DiffRange>, Error> {
         let q = from.map(|f| format!("?from={f}")).unwrap_or_default();
-        call(
-            &self.socket,
-            "GET",
-            &format!("/v1/pools/{pool}/volumes/{to}/diff{q}"),
-            None::<&()>,
-        )
+        self.get(&format!("/v1/pools/{pool}/volumes/{to}/diff{q}"))
+            .await
     }
 
     /// Exports a volume (a snapshot read-only) to VMs as vhost-user-blk.
-    pub fn export_vhost(
+    pub async fn export_vhost(
         &self,
         pool: &str,
         volume: &str,
         queues: usize,
-    ) -> Result<vblock::api::VhostInfo, Error> {
+    ) -> Result<VhostInfo, Error> {
         let path = format!("/v1/pools/{pool}/volumes/{volume}/vhost");
-        call(
-            &self.socket,
-            "PUT",
-            &path,
-            Some(&vblock::api::VhostSpec { queues }),
-        )
+        self.send("PUT", &path, Some(&VhostSpec { queues })).await
     }
 
     /// Stops a vhost-user export.
-    pub fn unexport_vhost(&self, pool: &str, volume: &str) -> Result<(), Error> {
+    pub async fn unexport_vhost(&self, pool: &str, volume: &str) -> Result<(), Error> {
         let path = format!("/v1/pools/{pool}/volumes/{volume}/vhost");
-        call(&self.socket, "DELETE", &path, None::<&()>)
+        self.send("DELETE", &path, None::<&()>).await
     }
 
     /// Running vhost-user exports.
-    pub fn vhost_exports(&self) -> Result<Vec<vblock::api::VhostInfo>, Error> {
-        call(&self.socket, "GET", "/v1/vhost", None::<&()>)
+    pub async fn vhost_exports(&self) -> Result<Vec<VhostInfo>, Error> {
+        self.get("/v1/vhost").await
     }
 
     /// The Prometheus text of every counter.
-    pub fn metrics(&self) -> Result<String, Error> {
-        text(&self.socket, "/metrics")
+    pub async fn metrics(&self) -> Result<String, Error> {
+        text(&self.socket, "/metrics").await
     }
 
     /// Copies `len` bytes of a raw image from `image` into volume `name` (created with the
     /// image's size rounded up to 512 if missing; an existing one must be large enough) and
     /// commits it. Runs of zero 4 KiB blocks are not sent: they stay unallocated (and are
     /// released in an existing volume). `progress` hears the bytes done after every chunk.
-    pub fn import(
+    pub async fn import(
         &self,
         pool: &str,
         name: &str,
-        image: &mut impl Read,
+        image: &mut (impl AsyncRead + Unpin),
         len: u64,
         progress: &mut dyn FnMut(u64),
     ) -> Result<VolumeInfo, Error> {
         let size = len.div_ceil(512) * 512;
-        let existed = match self.volume(pool, name) {
+        let existed = match self.volume(pool, name).await {
             Ok(v) if v.size < size => {
                 return Err(Error::Protocol(format!(
                     "{len} bytes do not fit volume {name} ({} bytes)",
@@ -256,7 +253,7 @@ impl Client {
                     name: name.to_owned(),
                     size,
                 };
-                self.create_volume(pool, &spec)?;
+                self.create_volume(pool, &spec).await?;
                 false
             }
             Err(e) => return Err(e),
@@ -267,6 +264,7 @@ impl Client {
             let n = (len - off).min(TRANSFER_CHUNK) as usize;
             image
                 .read_exact(&mut buf[..n])
+                .await
                 .map_err(|e| Error::Protocol(format!("reading the image at {off}: {e}")))?;
             let padded = n.div_ceil(512) * 512;
             buf[n..padded].fill(0);
@@ -279,50 +277,146 @@ impl Client {
                     at += 4096;
                 }
                 let end = at.min(padded);
+                let to = off + start as u64;
                 if !run_is_zero {
-                    self.write(pool, name, off + start as u64, &buf[start..end])?;
+                    self.write(pool, name, to, &buf[start..end]).await?;
                 } else if existed {
                     // The volume may hold data there: zero it (released).
-                    self.write_zeroes(pool, name, off + start as u64, (end - start) as u64)?;
+                    self.write_zeroes(pool, name, to, (end - start) as u64)
+                        .await?;
                 }
             }
             off += n as u64;
             progress(off);
         }
-        self.flush(pool)?;
-        self.volume(pool, name)
+        self.flush(pool).await?;
+        self.volume(pool, name).await
     }
 
     /// Copies volume (or snapshot) `name` whole into `image` as a raw image, leaving holes
     /// (seeking past them) where it reads zeros; `progress` hears the bytes done after every
-    /// chunk. The caller syncs the file.
-    pub fn export(
+    /// chunk. The caller sets the file's length and syncs it.
+    pub async fn export(
         &self,
         pool: &str,
         name: &str,
-        image: &mut (impl Write + Seek),
+        image: &mut (impl AsyncWrite + AsyncSeek + Unpin),
         progress: &mut dyn FnMut(u64),
     ) -> Result<VolumeInfo, Error> {
-        let v = self.volume(pool, name)?;
+        let v = self.volume(pool, name).await?;
         let werr = |e: std::io::Error| Error::Protocol(format!("writing the image: {e}"));
         let mut off = 0u64;
         while off < v.size {
             let n = (v.size - off).min(TRANSFER_CHUNK);
-            let data = self.read(pool, name, off, n)?;
+            let data = self.read(pool, name, off, n).await?;
             if data.len() as u64 != n {
                 return Err(Error::Protocol(format!("short read at {off}")));
             }
             if data.iter().all(|b| *b == 0) {
-                image.seek(SeekFrom::Current(n as i64)).map_err(werr)?;
+                image
+                    .seek(SeekFrom::Current(n as i64))
+                    .await
+                    .map_err(werr)?;
             } else {
-                image.write_all(&data).map_err(werr)?;
+                image.write_all(&data).await.map_err(werr)?;
             }
             off += n;
             progress(off);
         }
+        image.flush().await.map_err(werr)?;
         Ok(v)
     }
 }
 
-/// Bytes per request of [`Client::import`] and [`Client::export`].
-pub const TRANSFER_CHUNK: u64 = 4 << 20;
+/// A blocking client of one vblockd: [`AsyncClient`] run to completion on the calling
+/// thread. Not for use inside an async runtime (it says so with an error there).
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: AsyncClient,
+}
+
+impl Client {
+    /// A client of the daemon listening on `socket`.
+    pub fn new(socket: impl AsRef<Path>) -> Client {
+        Client {
+            inner: AsyncClient::new(socket),
+        }
+    }
+
+    /// The async client it wraps.
+    pub fn as_async(&self) -> &AsyncClient {
+        &self.inner
+    }
+
+    blocking_methods! {
+        /// All pools.
+        fn pools(&self) -> Vec<PoolInfo>;
+        /// One pool.
+        fn pool(&self, name: &str) -> PoolInfo;
+        /// Creates (with a size) or opens (without) a pool and serves it.
+        fn create_pool(&self, spec: &PoolSpec) -> PoolInfo;
+        /// Stops serving a pool (its file stays).
+        fn remove_pool(&self, name: &str) -> ();
+        /// Verifies a pool; with `repair`, reclaims leaked space.
+        fn check(&self, pool: &str, repair: bool) -> CheckInfo;
+        /// Makes everything written to a pool durable.
+        fn flush(&self, pool: &str) -> ();
+        /// A pool's volumes, snapshots and clones.
+        fn volumes(&self, pool: &str) -> Vec<VolumeInfo>;
+        /// One of them.
+        fn volume(&self, pool: &str, name: &str) -> VolumeInfo;
+        /// Creates a thin volume.
+        fn create_volume(&self, pool: &str, spec: &VolumeSpec) -> VolumeInfo;
+        /// Deletes a volume, snapshot or clone.
+        fn delete_volume(&self, pool: &str, name: &str) -> ();
+        /// Grows a volume.
+        fn resize(&self, pool: &str, name: &str, size: u64) -> VolumeInfo;
+        /// Sets a volume's I/O limits (0: unlimited).
+        fn set_qos(&self, pool: &str, name: &str, qos: QosSpec) -> VolumeInfo;
+        /// Takes a snapshot of `source`.
+        fn snapshot(&self, pool: &str, source: &str, name: &str) -> VolumeInfo;
+        /// Clones a snapshot.
+        fn clone_snapshot(&self, pool: &str, snapshot: &str, name: &str) -> VolumeInfo;
+        /// Reads `length` bytes at `offset` (at most [`MAX_TRANSFER`]).
+        fn read(&self, pool: &str, name: &str, offset: u64, length: u64) -> Vec<u8>;
+        /// Writes `data` at `offset` (durable after [`Self::flush`]).
+        fn write(&self, pool: &str, name: &str, offset: u64, data: &[u8]) -> ();
+        /// Zeroes `length` bytes at `offset` (whole 4 KiB blocks are released).
+        fn write_zeroes(&self, pool: &str, name: &str, offset: u64, length: u64) -> ();
+        /// Where `to` differs from `from` (or, without, everything `to` maps).
+        fn diff(&self, pool: &str, to: &str, from: Option<&str>) -> Vec<vblock::DiffRange>;
+        /// Exports a volume (a snapshot read-only) to VMs as vhost-user-blk.
+        fn export_vhost(&self, pool: &str, volume: &str, queues: usize) -> VhostInfo;
+        /// Stops a vhost-user export.
+        fn unexport_vhost(&self, pool: &str, volume: &str) -> ();
+        /// Running vhost-user exports.
+        fn vhost_exports(&self) -> Vec<VhostInfo>;
+        /// The Prometheus text of every counter.
+        fn metrics(&self) -> String;
+    }
+
+    /// [`AsyncClient::import`] from a `std::io` reader.
+    pub fn import(
+        &self,
+        pool: &str,
+        name: &str,
+        image: &mut (impl Read + Unpin),
+        len: u64,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<VolumeInfo, Error> {
+        let mut image = SyncIo(image);
+        crate::blocking::run(self.inner.import(pool, name, &mut image, len, progress))
+    }
+
+    /// [`AsyncClient::export`] into a `std::io` file.
+    pub fn export(
+        &self,
+        pool: &str,
+        name: &str,
+        image: &mut (impl Write + Seek + Unpin),
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<VolumeInfo, Error> {
+        let mut image = SyncIo(image);
+        crate::blocking::run(self.inner.export(pool, name, &mut image, progress))
+    }
+}

@@ -1,12 +1,16 @@
-//! A minimal blocking HTTP/1.1 client over a unix socket: one request per connection
-//! (`Connection: close`), `Content-Length` and chunked responses.
+//! A minimal async HTTP/1.1 client over a unix socket: one request per connection
+//! (`Connection: close`), `Content-Length` and chunked responses, a 60 s limit per request.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
 use crate::Error;
+
+/// How long one request may take, connection to last byte.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A response: status and body.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,7 +22,29 @@ pub struct Response {
 }
 
 /// Sends one request and reads the whole response.
-pub fn request(
+pub async fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<Response, Error> {
+    let name = socket.display().to_string();
+    match tokio::time::timeout(REQUEST_TIMEOUT, exchange(socket, method, path, body)).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Io {
+            socket: name,
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "{method} {path}: no answer in {} s",
+                    REQUEST_TIMEOUT.as_secs()
+                ),
+            ),
+        }),
+    }
+}
+
+async fn exchange(
     socket: &Path,
     method: &str,
     path: &str,
@@ -29,23 +55,22 @@ pub fn request(
         socket: name.clone(),
         source,
     };
-    let mut stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
-        socket: name.clone(),
-        source,
-    })?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .map_err(io)?;
+    let mut stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| Error::Connect {
+            socket: name.clone(),
+            source,
+        })?;
     let body = body.unwrap_or(&[]);
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes()).map_err(io)?;
-    stream.write_all(body).map_err(io)?;
+    stream.write_all(head.as_bytes()).await.map_err(io)?;
+    stream.write_all(body).await.map_err(io)?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
-    reader.read_line(&mut line).map_err(io)?;
+    reader.read_line(&mut line).await.map_err(io)?;
     let status: u16 = line
         .split_whitespace()
         .nth(1)
@@ -55,7 +80,7 @@ pub fn request(
     let mut chunked = false;
     loop {
         line.clear();
-        reader.read_line(&mut line).map_err(io)?;
+        reader.read_line(&mut line).await.map_err(io)?;
         let l = line.trim_end();
         if l.is_empty() {
             break;
@@ -73,7 +98,7 @@ pub fn request(
     if chunked {
         loop {
             line.clear();
-            reader.read_line(&mut line).map_err(io)?;
+            reader.read_line(&mut line).await.map_err(io)?;
             let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
                 .map_err(|_| Error::Protocol(format!("bad chunk size {line:?}")))?;
             if size == 0 {
@@ -81,15 +106,15 @@ pub fn request(
             }
             let start = out.len();
             out.resize(start + size, 0);
-            reader.read_exact(&mut out[start..]).map_err(io)?;
+            reader.read_exact(&mut out[start..]).await.map_err(io)?;
             line.clear();
-            reader.read_line(&mut line).map_err(io)?;
+            reader.read_line(&mut line).await.map_err(io)?;
         }
     } else if let Some(n) = length {
         out.resize(n, 0);
-        reader.read_exact(&mut out).map_err(io)?;
+        reader.read_exact(&mut out).await.map_err(io)?;
     } else {
-        reader.read_to_end(&mut out).map_err(io)?;
+        reader.read_to_end(&mut out).await.map_err(io)?;
     }
     Ok(Response { status, body: out })
 }
@@ -126,17 +151,17 @@ pub fn check(resp: Response) -> Result<Response, Error> {
 }
 
 /// One JSON request: the body serialised, the answer (an empty one is `null`) parsed.
-pub fn call<T: serde::de::DeserializeOwned>(
+pub async fn call<T: serde::de::DeserializeOwned>(
     socket: &Path,
     method: &str,
     path: &str,
-    body: Option<&impl serde::Serialize>,
+    body: Option<&(impl serde::Serialize + ?Sized)>,
 ) -> Result<T, Error> {
     let bytes = match body {
         Some(b) => Some(serde_json::to_vec(b).map_err(|e| Error::Protocol(e.to_string()))?),
         None => None,
     };
-    let resp = check(request(socket, method, path, bytes.as_deref())?)?;
+    let resp = check(request(socket, method, path, bytes.as_deref()).await?)?;
     let body = if resp.body.is_empty() {
         b"null".to_vec()
     } else {
@@ -146,7 +171,7 @@ pub fn call<T: serde::de::DeserializeOwned>(
 }
 
 /// A text answer (`/metrics`).
-pub fn text(socket: &Path, path: &str) -> Result<String, Error> {
-    let resp = check(request(socket, "GET", path, None)?)?;
+pub async fn text(socket: &Path, path: &str) -> Result<String, Error> {
+    let resp = check(request(socket, "GET", path, None).await?)?;
     String::from_utf8(resp.body).map_err(|e| Error::Protocol(e.to_string()))
 }

@@ -1,17 +1,24 @@
 //! `libvirtual`: the public Rust API over libvirtual's daemons.
 //!
-//! * [`http`]: a small blocking HTTP/1.1 client for unix-socket APIs.
-//! * [`block`]: the typed client of vblockd (pools, volumes, snapshots, clones, data), on the
-//!   request/response types of [`vblock::api`].
-//! * [`net`]: the typed client of vswitchd (tenants, ports, VTEPs, forwarding tables,
+//! * [`net`]: the typed clients of vswitchd (tenants, ports, VTEPs, forwarding tables,
 //!   metrics), on the request/response types of [`vswitch::api`].
+//! * [`block`]: the typed clients of vblockd (pools, volumes, snapshots, clones, data,
+//!   image import and export), on the request/response types of [`vblock::api`].
+//! * Each comes as an `AsyncClient` (any tokio runtime) and a blocking `Client` that wraps
+//!   it (for programs without a runtime; it refuses to run inside one).
+//! * [`host`]: the high-level model: a host with tenants, ports, pools and volumes, and a
+//!   VM's attachment (NIC + disk) with the QEMU arguments that use it.
+//! * [`http`]: the small async HTTP/1.1 client for unix-socket APIs under them.
 //!
 //! * [`cni`]: the CNI plugin `vswitch-cni` (containers join tenants).
 //!
 //! The `vctl` binary is the command line over these clients.
 
+mod blocking;
+
 pub mod block;
 pub mod cni;
+pub mod host;
 pub mod http;
 pub mod net;
 

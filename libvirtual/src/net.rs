@@ -1,4 +1,5 @@
-//! The typed client of vswitchd's control API (see `docs/api.md`).
+//! The typed clients of vswitchd's control API (see `docs/api.md`): [`AsyncClient`], and
+//! [`Client`], its blocking wrapper.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -10,119 +11,176 @@ use vswitch::api::{
 };
 
 use crate::Error;
+use crate::blocking::blocking_methods;
 
 pub use vswitch::api::default_socket;
 
-/// A blocking client of one vswitchd.
+/// An async client of one vswitchd (any tokio runtime).
+#[derive(Clone, Debug)]
+pub struct AsyncClient {
+    socket: PathBuf,
+}
+
+impl AsyncClient {
+    /// A client of the daemon listening on `socket`.
+    pub fn new(socket: impl AsRef<Path>) -> AsyncClient {
+        AsyncClient {
+            socket: socket.as_ref().to_owned(),
+        }
+    }
+
+    /// The daemon's socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, Error> {
+        crate::http::call(&self.socket, method, path, body).await
+    }
+
+    /// All tenants.
+    pub async fn tenants(&self) -> Result<Vec<TenantInfo>, Error> {
+        self.call("GET", "/v1/tenants", None::<&()>).await
+    }
+
+    /// One tenant.
+    pub async fn tenant(&self, name: &str) -> Result<TenantInfo, Error> {
+        self.call("GET", &format!("/v1/tenants/{name}"), None::<&()>)
+            .await
+    }
+
+    /// Creates a tenant.
+    pub async fn create_tenant(&self, spec: &TenantSpec) -> Result<TenantInfo, Error> {
+        self.call("POST", "/v1/tenants", Some(spec)).await
+    }
+
+    /// Deletes a tenant (it must have no ports).
+    pub async fn delete_tenant(&self, name: &str) -> Result<(), Error> {
+        self.call("DELETE", &format!("/v1/tenants/{name}"), None::<&()>)
+            .await
+    }
+
+    /// All ports.
+    pub async fn ports(&self) -> Result<Vec<PortInfo>, Error> {
+        self.call("GET", "/v1/ports", None::<&()>).await
+    }
+
+    /// One port.
+    pub async fn port(&self, name: &str) -> Result<PortInfo, Error> {
+        self.call("GET", &format!("/v1/ports/{name}"), None::<&()>)
+            .await
+    }
+
+    /// Creates a port.
+    pub async fn create_port(&self, spec: &PortSpec) -> Result<PortInfo, Error> {
+        self.call("POST", "/v1/ports", Some(spec)).await
+    }
+
+    /// Deletes a port.
+    pub async fn delete_port(&self, name: &str) -> Result<(), Error> {
+        self.call("DELETE", &format!("/v1/ports/{name}"), None::<&()>)
+            .await
+    }
+
+    /// A tenant's remote VTEPs.
+    pub async fn vteps(&self, tenant: &str) -> Result<Vec<VtepSpec>, Error> {
+        self.call("GET", &format!("/v1/tenants/{tenant}/vteps"), None::<&()>)
+            .await
+    }
+
+    /// Adds a remote VTEP.
+    pub async fn add_vtep(&self, tenant: &str, ip: IpAddr) -> Result<(), Error> {
+        let path = format!("/v1/tenants/{tenant}/vteps");
+        let _: VtepSpec = self.call("POST", &path, Some(&VtepSpec { ip })).await?;
+        Ok(())
+    }
+
+    /// Removes a remote VTEP.
+    pub async fn remove_vtep(&self, tenant: &str, ip: IpAddr) -> Result<(), Error> {
+        let path = format!("/v1/tenants/{tenant}/vteps/{ip}");
+        self.call("DELETE", &path, None::<&()>).await
+    }
+
+    /// A tenant's forwarding table.
+    pub async fn fdb(&self, tenant: &str) -> Result<Vec<FdbEntryInfo>, Error> {
+        self.call("GET", &format!("/v1/tenants/{tenant}/fdb"), None::<&()>)
+            .await
+    }
+
+    /// Adds a static forwarding entry.
+    pub async fn add_fdb(&self, tenant: &str, entry: &FdbEntrySpec) -> Result<(), Error> {
+        let path = format!("/v1/tenants/{tenant}/fdb");
+        let _: FdbEntrySpec = self.call("POST", &path, Some(entry)).await?;
+        Ok(())
+    }
+
+    /// Removes a forwarding entry.
+    pub async fn remove_fdb(&self, tenant: &str, mac: &str) -> Result<(), Error> {
+        let path = format!("/v1/tenants/{tenant}/fdb/{mac}");
+        self.call("DELETE", &path, None::<&()>).await
+    }
+
+    /// The Prometheus text of every counter.
+    pub async fn metrics(&self) -> Result<String, Error> {
+        crate::http::text(&self.socket, "/metrics").await
+    }
+}
+
+/// A blocking client of one vswitchd: [`AsyncClient`] run to completion on the calling
+/// thread. Not for use inside an async runtime (it says so with an error there).
 #[derive(Clone, Debug)]
 pub struct Client {
-    socket: PathBuf,
+    inner: AsyncClient,
 }
 
 impl Client {
     /// A client of the daemon listening on `socket`.
     pub fn new(socket: impl AsRef<Path>) -> Client {
         Client {
-            socket: socket.as_ref().to_owned(),
+            inner: AsyncClient::new(socket),
         }
     }
 
-    fn call<T: DeserializeOwned>(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&impl Serialize>,
-    ) -> Result<T, Error> {
-        crate::http::call(&self.socket, method, path, body)
+    /// The async client it wraps.
+    pub fn as_async(&self) -> &AsyncClient {
+        &self.inner
     }
 
-    /// All tenants.
-    pub fn tenants(&self) -> Result<Vec<TenantInfo>, Error> {
-        self.call("GET", "/v1/tenants", None::<&()>)
-    }
-
-    /// One tenant.
-    pub fn tenant(&self, name: &str) -> Result<TenantInfo, Error> {
-        self.call("GET", &format!("/v1/tenants/{name}"), None::<&()>)
-    }
-
-    /// Creates a tenant.
-    pub fn create_tenant(&self, spec: &TenantSpec) -> Result<TenantInfo, Error> {
-        self.call("POST", "/v1/tenants", Some(spec))
-    }
-
-    /// Deletes a tenant (it must have no ports).
-    pub fn delete_tenant(&self, name: &str) -> Result<(), Error> {
-        self.call("DELETE", &format!("/v1/tenants/{name}"), None::<&()>)
-    }
-
-    /// All ports.
-    pub fn ports(&self) -> Result<Vec<PortInfo>, Error> {
-        self.call("GET", "/v1/ports", None::<&()>)
-    }
-
-    /// One port.
-    pub fn port(&self, name: &str) -> Result<PortInfo, Error> {
-        self.call("GET", &format!("/v1/ports/{name}"), None::<&()>)
-    }
-
-    /// Creates a port.
-    pub fn create_port(&self, spec: &PortSpec) -> Result<PortInfo, Error> {
-        self.call("POST", "/v1/ports", Some(spec))
-    }
-
-    /// Deletes a port.
-    pub fn delete_port(&self, name: &str) -> Result<(), Error> {
-        self.call("DELETE", &format!("/v1/ports/{name}"), None::<&()>)
-    }
-
-    /// A tenant's remote VTEPs.
-    pub fn vteps(&self, tenant: &str) -> Result<Vec<VtepSpec>, Error> {
-        self.call("GET", &format!("/v1/tenants/{tenant}/vteps"), None::<&()>)
-    }
-
-    /// Adds a remote VTEP.
-    pub fn add_vtep(&self, tenant: &str, ip: IpAddr) -> Result<(), Error> {
-        let _: VtepSpec = self.call(
-            "POST",
-            &format!("/v1/tenants/{tenant}/vteps"),
-            Some(&VtepSpec { ip }),
-        )?;
-        Ok(())
-    }
-
-    /// Removes a remote VTEP.
-    pub fn remove_vtep(&self, tenant: &str, ip: IpAddr) -> Result<(), Error> {
-        self.call(
-            "DELETE",
-            &format!("/v1/tenants/{tenant}/vteps/{ip}"),
-            None::<&()>,
-        )
-    }
-
-    /// A tenant's forwarding table.
-    pub fn fdb(&self, tenant: &str) -> Result<Vec<FdbEntryInfo>, Error> {
-        self.call("GET", &format!("/v1/tenants/{tenant}/fdb"), None::<&()>)
-    }
-
-    /// Adds a static forwarding entry.
-    pub fn add_fdb(&self, tenant: &str, entry: &FdbEntrySpec) -> Result<(), Error> {
-        let _: FdbEntrySpec =
-            self.call("POST", &format!("/v1/tenants/{tenant}/fdb"), Some(entry))?;
-        Ok(())
-    }
-
-    /// Removes a forwarding entry.
-    pub fn remove_fdb(&self, tenant: &str, mac: &str) -> Result<(), Error> {
-        self.call(
-            "DELETE",
-            &format!("/v1/tenants/{tenant}/fdb/{mac}"),
-            None::<&()>,
-        )
-    }
-
-    /// The Prometheus text of every counter.
-    pub fn metrics(&self) -> Result<String, Error> {
-        crate::http::text(&self.socket, "/metrics")
+    blocking_methods! {
+        /// All tenants.
+        fn tenants(&self) -> Vec<TenantInfo>;
+        /// One tenant.
+        fn tenant(&self, name: &str) -> TenantInfo;
+        /// Creates a tenant.
+        fn create_tenant(&self, spec: &TenantSpec) -> TenantInfo;
+        /// Deletes a tenant (it must have no ports).
+        fn delete_tenant(&self, name: &str) -> ();
+        /// All ports.
+        fn ports(&self) -> Vec<PortInfo>;
+        /// One port.
+        fn port(&self, name: &str) -> PortInfo;
+        /// Creates a port.
+        fn create_port(&self, spec: &PortSpec) -> PortInfo;
+        /// Deletes a port.
+        fn delete_port(&self, name: &str) -> ();
+        /// A tenant's remote VTEPs.
+        fn vteps(&self, tenant: &str) -> Vec<VtepSpec>;
+        /// Adds a remote VTEP.
+        fn add_vtep(&self, tenant: &str, ip: IpAddr) -> ();
+        /// Removes a remote VTEP.
+        fn remove_vtep(&self, tenant: &str, ip: IpAddr) -> ();
+        /// A tenant's forwarding table.
+        fn fdb(&self, tenant: &str) -> Vec<FdbEntryInfo>;
+        /// Adds a static forwarding entry.
+        fn add_fdb(&self, tenant: &str, entry: &FdbEntrySpec) -> ();
+        /// Removes a forwarding entry.
+        fn remove_fdb(&self, tenant: &str, mac: &str) -> ();
+        /// The Prometheus text of every counter.
+        fn metrics(&self) -> String;
     }
 }

@@ -13,11 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use libvirtual::block::Client as BlockClient;
-use libvirtual::net::Client as NetClient;
+use libvirtual::host::Host as Api;
 use serde_json::{Value, json};
 use vblock::api::PoolSpec;
-use vswitch::api::{PortSpec, TenantSpec};
 
 use crate::Error;
 use crate::cni::{self, Runtime};
@@ -121,6 +119,8 @@ pub struct TourReport {
     pub namespaces: Vec<String>,
     /// Its scratch directory: gone when it returns.
     pub scratch: PathBuf,
+    /// What `vctl status` printed on h1 with the VM attached.
+    pub status: String,
 }
 
 impl TourReport {
@@ -164,8 +164,8 @@ struct Host {
     dir: PathBuf,
     vswitchd: Daemon,
     vblockd: Daemon,
-    net: NetClient,
-    block: BlockClient,
+    /// Both daemons through libvirtual's high-level model.
+    api: Api,
 }
 
 impl Host {
@@ -189,8 +189,10 @@ impl Host {
             vblock_dir.join("run/vblockd.sock"),
         )?;
         Ok(Host {
-            net: NetClient::new(dir.join("vswitchd/run/vswitchd.sock")),
-            block: BlockClient::new(vblock_dir.join("run/vblockd.sock")),
+            api: Api::new(
+                dir.join("vswitchd/run/vswitchd.sock"),
+                vblock_dir.join("run/vblockd.sock"),
+            ),
             name,
             ns,
             ip,
@@ -255,15 +257,10 @@ pub fn run(opts: &TourOptions, say: &mut dyn FnMut(&str)) -> Result<TourReport, 
     for (i, h) in hosts.iter().enumerate() {
         let peer = IpAddr::V4(hosts[1 - i].ip);
         for (tenant, vni) in TENANTS {
-            h.net
-                .create_tenant(&TenantSpec {
-                    name: tenant.into(),
-                    vni,
-                    mtu: 0,
-                    max_macs: None,
-                })
+            h.api
+                .create_tenant(tenant, vni)
+                .and_then(|t| t.add_vtep(peer))
                 .map_err(api("creating a tenant"))?;
-            h.net.add_vtep(tenant, peer).map_err(api("adding a VTEP"))?;
         }
     }
     let mut namespaces: Vec<String> = std::iter::once(ul.netns())
@@ -301,7 +298,7 @@ pub fn run(opts: &TourOptions, say: &mut dyn FnMut(&str)) -> Result<TourReport, 
         check()?;
         lap("containers", &mut phases);
         let outcome = vm_and_matrix(&hosts[0], &image, &containers, dir.path(), say)
-            .and_then(|m| Ok((m, counters(&hosts)?)));
+            .and_then(|m| Ok((m, counters(&hosts)?, vctl_status(&hosts[0])?)));
         // Plain namespaces are detached as a runtime would (CNI DEL); podman's go with it.
         for c in &containers {
             if let Some(conf) = &c.conf {
@@ -313,7 +310,7 @@ pub fn run(opts: &TourOptions, say: &mut dyn FnMut(&str)) -> Result<TourReport, 
         outcome
     })();
     drop(pm);
-    let ((endpoints, answers, vm_log), counters) = result?;
+    let ((endpoints, answers, vm_log), counters, status) = result?;
     lap("VM boot and connectivity", &mut phases);
     let targets = target_addresses();
 
@@ -340,6 +337,7 @@ pub fn run(opts: &TourOptions, say: &mut dyn FnMut(&str)) -> Result<TourReport, 
         phases,
         namespaces,
         scratch,
+        status,
     })
 }
 
@@ -358,7 +356,8 @@ fn golden_and_clone(
     say: &mut dyn FnMut(&str),
 ) -> Result<StorageReport, Error> {
     for h in hosts {
-        h.block
+        h.api
+            .block
             .create_pool(&PoolSpec {
                 name: POOL.into(),
                 path: h.dir.join("pool.img"),
@@ -378,14 +377,14 @@ fn golden_and_clone(
             .arg(format!("{}k", GOLDEN_SIZE >> 10)),
     )?;
     let _ = std::fs::remove_dir_all(&root);
-    let h1 = &hosts[0].block;
-    let mut f = std::fs::File::open(&file).map_err(|e| Error::Io("golden image".into(), e))?;
-    let golden = h1
-        .import(POOL, "golden", &mut f, GOLDEN_SIZE, &mut |_| {})
+    let h1 = &hosts[0].api.block;
+    let pool = hosts[0].api.pool(POOL);
+    let golden = pool
+        .import("golden", &file)
         .map_err(api("importing the golden image"))?;
     let _ = std::fs::remove_file(&file);
-    h1.snapshot(POOL, "golden", "golden@v1")
-        .map_err(api("snapshot"))?;
+    let snapshot = golden.snapshot("golden@v1").map_err(api("snapshot"))?;
+    let golden = golden.info().map_err(api("golden"))?;
     say(&format!(
         "golden volume on h1: an ext4 root file system ({} MiB virtual, {:.1} MiB stored), snapshot golden@v1",
         GOLDEN_SIZE >> 20,
@@ -393,7 +392,7 @@ fn golden_and_clone(
     ));
     // Replication, as `vctl snapshot diff-export | diff-import` does it: the snapshot's
     // mapped ranges only.
-    let h2 = &hosts[1].block;
+    let h2 = &hosts[1].api.block;
     h2.create_volume(
         POOL,
         &vblock::api::VolumeSpec {
@@ -427,15 +426,8 @@ fn golden_and_clone(
         mib(replicated),
         GOLDEN_SIZE >> 20
     ));
-    h1.clone_snapshot(POOL, "golden@v1", "vm1-root")
-        .map_err(api("clone"))?;
-    let export = h1
-        .export_vhost(POOL, "vm1-root", 1)
-        .map_err(api("vhost-user-blk export"))?;
-    say(&format!(
-        "clone vm1-root of golden@v1, exported as vhost-user-blk at {}",
-        export.socket.display()
-    ));
+    snapshot.clone_to("vm1-root").map_err(api("clone"))?;
+    say("clone vm1-root of golden@v1 (shares all its data until written)");
     Ok(StorageReport {
         size: GOLDEN_SIZE,
         golden_allocated: golden.allocated,
@@ -649,33 +641,26 @@ fn vm_and_matrix(
         ip: VM_IP,
         mac: VM_MAC.into(),
     });
-    let port = host
-        .net
-        .create_port(&PortSpec {
-            name: "vm1".into(),
-            tenant: "a".into(),
-            kind: "vhost-user-net".into(),
-            mac: Some(VM_MAC.into()),
-            ips: Vec::new(),
-            rate_limit: Default::default(),
-            netns: None,
-            ifname: None,
-            labels: Default::default(),
-        })
-        .map_err(api("vhost-user-net port"))?;
+    let m = &host.api;
+    let vm = m
+        .attach_vm(
+            "vm1",
+            &m.tenant("a"),
+            VM_MAC,
+            &m.pool(POOL).volume("vm1-root"),
+        )
+        .map_err(api("attaching the VM"))?;
+    say(&format!(
+        "VM attachment: NIC {}, disk {}",
+        vm.net_socket.display(),
+        vm.disk_socket.display()
+    ));
     let nic = Nic {
-        socket: host.dir.join("vswitchd/run/vhost/vm1.sock"),
-        mac: VM_MAC.into(),
-        mtu: port.mtu,
+        socket: vm.net_socket.clone(),
+        mac: vm.mac.clone(),
+        mtu: vm.mtu,
         queues: 1,
     };
-    let disk = host
-        .block
-        .vhost_exports()
-        .map_err(api("vhost exports"))?
-        .into_iter()
-        .find(|e| e.volume == "vm1-root")
-        .ok_or_else(|| Error::Setup("the clone is not exported".into()))?;
     let targets: Vec<String> = target_addresses().iter().map(|t| t.to_string()).collect();
     // Stage one, from the initramfs: mount the clone and run the init it holds.
     let script = format!(
@@ -690,7 +675,7 @@ fn vm_and_matrix(
     let started = Instant::now();
     let mut vm = Guest::boot_with_nics(
         image,
-        &[(disk.socket.clone(), 1)],
+        &[(vm.disk_socket.clone(), 1)],
         &[nic],
         &script,
         &dir.join("vm1"),
@@ -760,16 +745,15 @@ fn vm_and_matrix(
 /// The clone's own data after the VM ran, the pool's use, and whether golden@v1 still reads
 /// as it did.
 fn storage_after_vm(host: &Host, s: &mut StorageReport) -> Result<(), Error> {
-    let b = &host.block;
-    let clone = b.volume(POOL, "vm1-root").map_err(api("clone"))?;
-    s.clone_allocated = clone.allocated;
-    s.clone_io = clone.io;
-    s.clone_own = b
-        .diff(POOL, "vm1-root", Some("golden@v1"))
-        .map_err(api("diff"))?
-        .iter()
-        .map(|r| r.length)
-        .sum();
+    let b = &host.api.block;
+    let pool = host.api.pool(POOL);
+    let clone = pool.volume("vm1-root");
+    let info = clone.info().map_err(api("clone"))?;
+    s.clone_allocated = info.allocated;
+    s.clone_io = info.io;
+    s.clone_own = clone
+        .bytes_differing_from(&pool.volume("golden@v1"))
+        .map_err(api("diff"))?;
     let pool = b.pool(POOL).map_err(api("pool"))?;
     s.pool_used = pool.capacity - pool.free;
     // The snapshot maps exactly what the golden volume maps (nobody wrote either).
@@ -781,11 +765,23 @@ fn storage_after_vm(host: &Host, s: &mut StorageReport) -> Result<(), Error> {
     Ok(())
 }
 
+/// `vctl status` on `host` (both daemons).
+fn vctl_status(host: &Host) -> Result<String, Error> {
+    crate::netns::run(
+        Command::new(workspace_binary("vctl")?)
+            .arg("status")
+            .arg("--vswitchd-socket")
+            .arg(host.api.net.as_async().socket())
+            .arg("--vblockd-socket")
+            .arg(host.api.block.as_async().socket()),
+    )
+}
+
 /// Counter lines from both daemons of every host.
 fn counters(hosts: &[Host]) -> Result<Vec<String>, Error> {
     let mut lines = Vec::new();
     for h in hosts {
-        for p in h.net.ports().map_err(api("ports"))? {
+        for p in h.api.net.ports().map_err(api("ports"))? {
             let c = &p.counters;
             let drops = if c.drops.is_empty() {
                 "none".to_owned()
@@ -813,13 +809,13 @@ fn counters(hosts: &[Host]) -> Result<Vec<String>, Error> {
                 drops
             ));
         }
-        for t in h.net.tenants().map_err(api("tenants"))? {
+        for t in h.api.net.tenants().map_err(api("tenants"))? {
             lines.push(format!(
                 "{} vswitchd tenant {} (VNI {})  learned MACs {}  unicast {}  flooded {}",
                 h.name, t.name, t.vni, t.learned_macs, t.unicast, t.flooded
             ));
         }
-        for v in h.block.volumes(POOL).map_err(api("volumes"))? {
+        for v in h.api.block.volumes(POOL).map_err(api("volumes"))? {
             lines.push(format!(
                 "{} vblockd  {:<10} {:<8} {:>6.1} MiB mapped  reads {:>5} ({:.1} MiB)  writes {:>5} ({:.1} MiB)",
                 h.name,

@@ -83,6 +83,18 @@ fn check(r: &TourReport) {
         "the pool holds golden, snapshot and clone in less than two copies: {s:?}"
     );
     assert_eq!(s.replicated, s.golden_allocated, "{s:?}");
+    // vctl status saw the VM's port and its exported clone.
+    assert!(r.status.contains("vhost-user-net"), "{}", r.status);
+    let clone_row = r
+        .status
+        .lines()
+        .find(|l| l.contains("vm1-root"))
+        .unwrap_or_default();
+    assert!(
+        clone_row.contains("golden@v1") && clone_row.contains("vhost-user-blk"),
+        "{}",
+        r.status
+    );
     assert!(r.passed());
 }
 

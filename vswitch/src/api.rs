@@ -158,6 +158,9 @@ pub struct PortInfo {
     /// uses).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub queue_pairs: Vec<QueuePairInfo>,
+    /// A vhost-user-net port's socket, for the VMM (`RUN_DIR/vhost/<port>.sock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
 }
 
 /// One queue pair of a vhost-user-net port.

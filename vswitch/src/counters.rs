@@ -28,8 +28,8 @@ pub enum DropReason {
     UnderlayMtu,
     /// The egress queue or socket could not take the frame.
     TxError,
-    /// A VM's port had no receive buffers for the frame: no guest attached, its driver not
-    /// started yet, or not keeping up.
+    /// The receiver had no room: a VM's port without a guest or receive buffers (its driver
+    /// not started yet, or not keeping up), or a full TAP queue.
     NoRxBuffers,
 }
 

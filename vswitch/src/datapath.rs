@@ -943,15 +943,7 @@ fn deliver_to_guests(
             let len = lens.next().unwrap_or(0);
             match result {
                 Ok(()) => tally.tx(vni, *q, len),
-                Err(e) => {
-                    let reason = match e.kind() {
-                        std::io::ErrorKind::NotConnected | std::io::ErrorKind::WouldBlock => {
-                            DropReason::NoRxBuffers
-                        }
-                        _ => DropReason::TxError,
-                    };
-                    tally.drop(vni, Some(*q), reason)
-                }
+                Err(e) => tally.drop(vni, Some(*q), send_failure(&e)),
             }
         });
     }
@@ -1001,7 +993,7 @@ fn flush_gro(
     };
     match sent {
         Ok(()) => tally.tx(vni, port, frame.len()),
-        Err(_) => tally.drop(vni, Some(port), DropReason::TxError),
+        Err(e) => tally.drop(vni, Some(port), send_failure(&e)),
     }
 }
 
@@ -1027,6 +1019,17 @@ impl Payload<'_> {
 /// Writes a frame to a local port as it is: offloads pending are the kernel's (a TAP) or the
 /// port's (a guest that did not accept them) to finish.
 ///
+/// Why a local port could not take a frame: no room at the receiver (a VM without a
+/// guest, rings or receive buffers; a full TAP queue), or another failure.
+fn send_failure(e: &std::io::Error) -> DropReason {
+    match e.kind() {
+        std::io::ErrorKind::NotConnected | std::io::ErrorKind::WouldBlock => {
+            DropReason::NoRxBuffers
+        }
+        _ => DropReason::TxError,
+    }
+}
+
 /// `lane` is the sending worker: a guest's receive queue is picked by it.
 fn send_local(
     tally: &mut Tally,
@@ -1042,7 +1045,7 @@ fn send_local(
     };
     match sent {
         Ok(()) => tally.tx(vni, port, payload.len()),
-        Err(_) => tally.drop(vni, Some(port), DropReason::TxError),
+        Err(e) => tally.drop(vni, Some(port), send_failure(&e)),
     }
 }
 

@@ -336,6 +336,10 @@ fn print_report(r: &TourReport) {
         "  {}: golden@v1 unchanged after the VM wrote to its clone",
         if s.golden_untouched { "PASS" } else { "FAIL" }
     );
+    println!("\n`vctl status` on h1 while the VM ran:");
+    for l in r.status.lines() {
+        println!("  {l}");
+    }
     println!("\nCounters, from the daemons' APIs:");
     for c in &r.counters {
         println!("  {c}");

@@ -330,10 +330,10 @@ impl Control {
             ifname: spec.ifname.clone().unwrap_or_else(|| spec.name.clone()),
         });
         if spec.kind == "vhost-user-net" {
+            let socket = self.vhost_socket(&spec.name);
             let dir = self.run_dir.join("vhost");
             std::fs::create_dir_all(&dir)
                 .map_err(|e| ControlError::Internal(format!("creating {}: {e}", dir.display())))?;
-            let socket = dir.join(format!("{}.sock", spec.name));
             call(&self.dp, move |dp| dp.add_vhost_port(&tenant, cfg, &socket))??;
         } else if let (true, Some(placement)) = (spec.kind == "veth", placement.clone()) {
             call(&self.dp, move |dp| {
@@ -386,13 +386,20 @@ impl Control {
                 dp.vhost_queue_pairs(&n),
             )
         });
+        let socket = (spec.kind == "vhost-user-net").then(|| self.vhost_socket(&spec.name));
         Ok(PortInfo {
             spec,
             counters,
             worker,
             mtu,
             queue_pairs,
+            socket,
         })
+    }
+
+    /// Where a vhost-user-net port's socket lives: `RUN_DIR/vhost/<port>.sock`.
+    fn vhost_socket(&self, port: &str) -> PathBuf {
+        self.run_dir.join("vhost").join(format!("{port}.sock"))
     }
 
     /// All ports.

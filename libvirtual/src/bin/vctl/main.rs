@@ -4,8 +4,8 @@
 //! `vctl pool|volume|snapshot|clone ...` drive vblockd: pools, thin volumes, snapshots,
 //! clones, I/O limits, raw image import/export. Tables for humans, `--output json` for
 //! scripts. Exit codes: 0 done, 1 the daemon refused (its error is printed) or a local file
-//! failed, 2 bad usage, 3 the daemon cannot be reached. `vctl completions SHELL` prints a
-//! completion script.
+//! failed, 2 bad usage, 3 the daemon cannot be reached. `vctl status` shows everything both
+//! daemons run. `vctl completions SHELL` prints a completion script.
 
 mod block;
 
@@ -96,6 +96,16 @@ enum Top {
         pool: String,
         #[command(subcommand)]
         command: block::CloneCmd,
+    },
+    /// Everything this host runs: tenants, ports, pools, volumes, VM disk exports, and what
+    /// thin provisioning saves (both daemons).
+    Status {
+        /// vswitchd's API socket.
+        #[arg(long)]
+        vswitchd_socket: Option<PathBuf>,
+        /// vblockd's API socket.
+        #[arg(long)]
+        vblockd_socket: Option<PathBuf>,
     },
     /// Print a shell completion script (`vctl completions bash > /etc/bash_completion.d/vctl`).
     Completions {
@@ -243,6 +253,16 @@ fn main() -> ExitCode {
             pool,
             command,
         } => block::vhost(&bsock(socket), &pool, command, out),
+        Top::Status {
+            vswitchd_socket,
+            vblockd_socket,
+        } => status(
+            &libvirtual::host::Host::new(
+                vswitchd_socket.unwrap_or_else(default_socket),
+                vblockd_socket.unwrap_or_else(libvirtual::block::default_socket),
+            ),
+            out,
+        ),
         Top::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "vctl", &mut std::io::stdout());
             Ok(())
@@ -305,6 +325,89 @@ fn drops(c: &CountersInfo) -> String {
             .collect::<Vec<_>>()
             .join(",")
     }
+}
+
+/// `vctl status`: one section per kind of object.
+fn status(host: &libvirtual::host::Host, out: Output) -> Result<(), Error> {
+    let inv = host.inventory()?;
+    if out == Output::Json {
+        emit(out, &inv, |_| Vec::new());
+        return Ok(());
+    }
+    let human = |b: u64| indicatif::BinaryBytes(b).to_string();
+    println!("TENANTS");
+    let mut rows = vec![
+        ["NAME", "VNI", "MTU", "PORTS", "VTEPS", "MACS"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    rows.extend(inv.tenants.iter().map(|t| {
+        vec![
+            t.name.clone(),
+            t.vni.to_string(),
+            t.mtu.to_string(),
+            t.ports.len().to_string(),
+            t.vteps.len().to_string(),
+            t.learned_macs.to_string(),
+        ]
+    }));
+    print_table(&rows);
+    println!("\nPORTS");
+    let mut rows = vec![
+        ["NAME", "TENANT", "KIND", "RX", "TX", "DROPS"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    rows.extend(inv.ports.iter().map(|p| {
+        vec![
+            p.spec.name.clone(),
+            p.spec.tenant.clone(),
+            p.spec.kind.clone(),
+            p.counters.rx_packets.to_string(),
+            p.counters.tx_packets.to_string(),
+            drops(&p.counters),
+        ]
+    }));
+    print_table(&rows);
+    println!("\nVOLUMES");
+    let mut rows = vec![
+        [
+            "POOL",
+            "NAME",
+            "KIND",
+            "PARENT",
+            "SIZE",
+            "ALLOCATED",
+            "EXPORTED",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for p in &inv.pools {
+        rows.extend(p.volumes.iter().map(|v| {
+            let exported = inv
+                .exports
+                .iter()
+                .any(|e| e.pool == p.pool.name && e.volume == v.name);
+            vec![
+                p.pool.name.clone(),
+                v.name.clone(),
+                v.kind.clone(),
+                v.parent.clone().unwrap_or_else(|| "-".into()),
+                human(v.size),
+                human(v.allocated),
+                if exported { "vhost-user-blk" } else { "-" }.to_owned(),
+            ]
+        }));
+    }
+    print_table(&rows);
+    let (mapped, used) = inv.thin_savings();
+    println!(
+        "\nvolumes map {} of data; the pools store it in {} (snapshots and clones share it)",
+        human(mapped),
+        human(used)
+    );
+    Ok(())
 }
 
 pub(crate) fn done(out: Output, what: String) {
