@@ -61,6 +61,10 @@ const TOKEN_CONTROL: u64 = u64::MAX;
 const TOKEN_UPLINK: u64 = 1 << 40;
 /// Room for one frame read from a TAP: virtio-net header + a 64 KiB TSO super-frame.
 const FRAME_SLOT: usize = VNET_HDR_LEN + 65536;
+/// How long a guest queue is polled after its last frame before the worker asks for kicks
+/// again and may sleep: under load the guest never has to kick (an eventfd write) nor the
+/// worker to wake; idle, the worker sleeps after this long.
+const POLL_WINDOW: Nanos = 50_000;
 
 /// Settings of a datapath.
 #[derive(Clone, Debug)]
@@ -610,9 +614,11 @@ impl Worker {
     /// Serves events until told to stop. Worker 0 also runs configuration commands.
     fn run(mut self, wake: &EventFd, stop: &AtomicBool, commands: Option<mpsc::Receiver<Command>>) {
         let mut events = [EpollEvent::empty(); 64];
-        // Ports with more waiting than one burst took: served again without sleeping.
-        let mut again: Vec<(PortId, usize)> = Vec::new();
-        let mut next: Vec<(PortId, usize)> = Vec::new();
+        // Guest queues served again without sleeping: those with more waiting than one burst
+        // took, and those polled for POLL_WINDOW after their last frame (kicks off). Each
+        // with the time it last gave frames.
+        let mut again: Vec<(PortId, usize, Nanos)> = Vec::new();
+        let mut next: Vec<(PortId, usize, Nanos)> = Vec::new();
         loop {
             let timeout = if again.is_empty() {
                 EpollTimeout::from(500u16)
@@ -629,6 +635,11 @@ impl Worker {
                 }
             };
             let mut control = false;
+            let mut busy = n > 0;
+            let now = self.now();
+            let listed = |list: &[(PortId, usize, Nanos)], port, pair| {
+                list.iter().any(|&(p, q, _)| p == port && q == pair)
+            };
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_CONTROL => {
@@ -637,19 +648,31 @@ impl Worker {
                     }
                     t if t >= TOKEN_UPLINK => self.on_uplink((t - TOKEN_UPLINK) as usize),
                     t => {
-                        let queue = (PortId(t as u32), (t >> 32) as usize);
-                        if self.on_tap(queue.0, queue.1, true) && !next.contains(&queue) {
-                            next.push(queue);
+                        let (port, pair) = (PortId(t as u32), (t >> 32) as usize);
+                        let (_, more) = self.on_tap(port, pair, true, true);
+                        if more && !listed(&next, port, pair) {
+                            next.push((port, pair, now));
                         }
                     }
                 }
             }
-            for queue in again.drain(..) {
-                if !next.contains(&queue) && self.on_tap(queue.0, queue.1, false) {
-                    next.push(queue);
+            for (port, pair, last) in again.drain(..) {
+                if listed(&next, port, pair) {
+                    continue;
+                }
+                let poll = now.saturating_sub(last) < POLL_WINDOW;
+                let (taken, more) = self.on_tap(port, pair, false, poll);
+                busy |= taken > 0;
+                if more {
+                    next.push((port, pair, if taken > 0 { now } else { last }));
                 }
             }
             std::mem::swap(&mut again, &mut next);
+            if !busy && !again.is_empty() {
+                // Only polling: let another thread on this core (a second switch, the
+                // guest's own vCPU) run in between.
+                std::thread::yield_now();
+            }
             if stop.load(Ordering::Acquire) {
                 return;
             }
@@ -666,15 +689,16 @@ impl Worker {
     }
 
     /// Serves a burst from a port (`kicked`: epoll reported it, rather than the port having
-    /// had more last time); true if the port may have more (a vhost-user ring is served
-    /// again without waiting for a kick).
-    fn on_tap(&mut self, port: PortId, pair: usize, kicked: bool) -> bool {
+    /// had more last time; `poll`: a guest queue found empty keeps its kicks off, to be
+    /// polled). Returns the frames taken and whether to serve the port again without waiting
+    /// for a kick (a guest queue with more, or being polled).
+    fn on_tap(&mut self, port: PortId, pair: usize, kicked: bool, poll: bool) -> (usize, bool) {
         let (tap, vni) = {
             let s = lock(&self.shared);
             (s.endpoints.get(&port).cloned(), s.switch.port_vni(port))
         };
         let (Some(tap), Some(vni)) = (tap, vni) else {
-            return false;
+            return (0, false);
         };
         let now = self.now();
         // The worker's index picks a guest's receive queue: workers fill different queues.
@@ -699,7 +723,7 @@ impl Worker {
         pending.clear();
         let mut lens = [0usize; BATCH];
         let (taken, more) = match &tap {
-            Endpoint::Vhost(v) => v.recv_burst(pair, kicked, frames, FRAME_SLOT, &mut lens),
+            Endpoint::Vhost(v) => v.recv_burst(pair, kicked, poll, frames, FRAME_SLOT, &mut lens),
             Endpoint::Tap(t) => {
                 let mut n = 0;
                 while n < BATCH {
@@ -822,7 +846,7 @@ impl Worker {
         if !tally.events.is_empty() {
             tally.apply(&mut lock(shared).switch);
         }
-        more
+        (taken, more)
     }
 
     fn on_uplink(&mut self, index: usize) {

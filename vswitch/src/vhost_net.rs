@@ -156,11 +156,14 @@ impl VhostNetPort {
     /// into `frames[i * slot..]`, its length into `lens[i]` (0: a chain that could not be
     /// read — outside guest memory, a loop, larger than a slot — dropped and counted).
     /// Returns how many were taken and whether more may wait (the caller comes back without
-    /// a kick: the guest does not kick while a burst is being taken).
+    /// a kick: the guest does not kick while a burst is being taken). With `poll`, an empty
+    /// ring leaves kicks off and also answers "more": the caller polls it (until it calls
+    /// without `poll`, which asks for kicks again).
     pub fn recv_burst(
         &self,
         pair: usize,
         kicked: bool,
+        poll: bool,
         frames: &mut [u8],
         slot: usize,
         lens: &mut [usize],
@@ -191,6 +194,11 @@ impl VhostNetPort {
         let mut empty = false;
         while taken < lens.len() {
             let Some(head) = ring.pop(avail) else {
+                if poll {
+                    // The caller polls for a while: kicks stay off (the guest saves its
+                    // eventfd writes, the worker its wake-ups), and it comes back.
+                    break;
+                }
                 // Ask for kicks again, and look once more: a frame may have come in between.
                 if ring.set_kicks(true) {
                     avail = ring.avail_idx();
