@@ -3,12 +3,8 @@
 //! `std::io` files stand where the async clients take tokio's I/O traits.
 
 use std::future::Future;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::pin::Pin;
 use std::sync::OnceLock;
-use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 use tokio::runtime::Runtime;
 
 use crate::Error;
@@ -50,48 +46,63 @@ macro_rules! blocking_methods {
 }
 pub(crate) use blocking_methods;
 
-/// A `std::io` file (or any reader, writer, seeker) as the tokio I/O traits: each call does
-/// the blocking operation at once (the blocking clients' runtime runs on the caller's thread).
-pub(crate) struct SyncIo<T>(pub T);
+#[cfg(feature = "block")]
+pub(crate) use sync_io::SyncIo;
 
-impl<T: Read + Unpin> AsyncRead for SyncIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let n = self.0.read(buf.initialize_unfilled())?;
-        buf.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
+#[cfg(feature = "block")]
+mod sync_io {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
 
-impl<T: Write + Unpin> AsyncWrite for SyncIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Poll::Ready(self.0.write(buf))
-    }
+    use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
-    fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(self.0.flush())
+    /// A `std::io` file (or any reader, writer, seeker) as the tokio I/O traits: each call does
+    /// the blocking operation at once (the blocking clients' runtime runs on the caller's thread).
+    pub(crate) struct SyncIo<T>(pub T);
+
+    impl<T: Read + Unpin> AsyncRead for SyncIo<T> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let n = self.0.read(buf.initialize_unfilled())?;
+            buf.advance(n);
+            Poll::Ready(Ok(()))
+        }
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.poll_flush(cx)
-    }
-}
+    impl<T: Write + Unpin> AsyncWrite for SyncIo<T> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(self.0.write(buf))
+        }
 
-/// Seeks happen in `start_seek`; `poll_complete` reports the position.
-impl<T: Seek + Unpin> AsyncSeek for SyncIo<T> {
-    fn start_seek(mut self: Pin<&mut Self>, position: SeekFrom) -> std::io::Result<()> {
-        self.0.seek(position).map(|_| ())
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(self.0.flush())
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.poll_flush(cx)
+        }
     }
 
-    fn poll_complete(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
-        Poll::Ready(self.0.stream_position())
+    /// Seeks happen in `start_seek`; `poll_complete` reports the position.
+    impl<T: Seek + Unpin> AsyncSeek for SyncIo<T> {
+        fn start_seek(mut self: Pin<&mut Self>, position: SeekFrom) -> std::io::Result<()> {
+            self.0.seek(position).map(|_| ())
+        }
+
+        fn poll_complete(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<std::io::Result<u64>> {
+            Poll::Ready(self.0.stream_position())
+        }
     }
 }
 
@@ -100,6 +111,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(all(feature = "net", feature = "block"))]
     fn a_blocking_call_inside_a_runtime_is_an_error_not_a_panic() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -116,7 +128,9 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "block")]
     fn sync_io_stands_for_tokio_io() {
+        use std::io::SeekFrom;
         let file = std::io::Cursor::new(Vec::new());
         let mut io = SyncIo(file);
         run(async {

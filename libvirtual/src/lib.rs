@@ -13,20 +13,34 @@
 //! * [`cni`]: the CNI plugin `vswitch-cni` (containers join tenants).
 //!
 //! The `vctl` binary is the command line over these clients.
+//!
+//! Cargo features (all on by default): `net` (vswitchd's clients, `vswitch` re-exported),
+//! `block` (vblockd's clients, `vblock` re-exported), `overlay` (`overlay_net` re-exported),
+//! `cni` (the plugin; needs `net`), `cli` (`vctl`; needs `net` and `block`). `host` needs
+//! `net` and `block`. A program that only drives vblockd takes
+//! `default-features = false, features = ["block"]`.
 
+#[cfg(any(feature = "net", feature = "block"))]
 mod blocking;
 
+#[cfg(feature = "block")]
 pub mod block;
+#[cfg(feature = "cni")]
 pub mod cni;
+#[cfg(all(feature = "net", feature = "block"))]
 pub mod host;
 pub mod http;
+#[cfg(feature = "net")]
 pub mod net;
 
-/// Re-export of the overlay wire core.
+/// Re-export of the overlay wire core (feature `overlay`).
+#[cfg(feature = "overlay")]
 pub use overlay_net;
-/// Re-export of the block store crate (its API types and embeddable core).
+/// Re-export of the block store crate: its API types and embeddable core (feature `block`).
+#[cfg(feature = "block")]
 pub use vblock;
-/// Re-export of the switch crate (its API types and embeddable core).
+/// Re-export of the switch crate: its API types and embeddable core (feature `net`).
+#[cfg(feature = "net")]
 pub use vswitch;
 
 /// Errors of the clients.

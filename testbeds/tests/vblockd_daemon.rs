@@ -210,6 +210,23 @@ fn pools_volumes_images_snapshots_and_restarts() {
     c.write("default", "c1", 32 << 20, &vec![0x22u8; 4096])
         .unwrap();
     c.flush("default").unwrap();
+    // Clones and snapshots have list, show and delete like volumes; each refuses the other
+    // kind.
+    bed.ok(&["clone", "create", "snap1", "c2"]);
+    let clones = bed.ok(&["clone", "list"]);
+    assert!(clones.contains("c1") && clones.contains("c2"), "{clones}");
+    assert!(!clones.contains("disk "), "{clones}");
+    assert!(bed.ok(&["clone", "show", "c2"]).contains("snap1"));
+    assert!(bed.ok(&["snapshot", "show", "snap1"]).contains("snapshot"));
+    let (code, text) = bed.vctl(&["clone", "show", "disk"]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("not a clone"), "{text}");
+    let (code, text) = bed.vctl(&["snapshot", "show", "c2"]);
+    assert_eq!(code, 1, "{text}");
+    let (code, _) = bed.vctl(&["clone", "delete", "snap1"]);
+    assert_eq!(code, 1, "a snapshot is not deleted as a clone");
+    bed.ok(&["clone", "delete", "c2"]);
+    assert!(!bed.ok(&["clone", "list"]).contains("c2"));
 
     // Limits, listed; JSON output for scripts.
     bed.ok(&["volume", "limit", "disk", "--iops", "5000", "--bps", "100M"]);

@@ -114,6 +114,8 @@ pub enum VolumeCmd {
 pub enum SnapshotCmd {
     /// List snapshots.
     List,
+    /// Show one snapshot.
+    Show { name: String },
     /// Take a snapshot of a volume.
     Create { volume: String, name: String },
     /// Delete a snapshot.
@@ -180,8 +182,34 @@ pub fn vhost(c: &Client, pool: &str, cmd: VhostCmd, out: Output) -> Result<(), E
 
 #[derive(Subcommand)]
 pub enum CloneCmd {
+    /// List clones (volumes made from a snapshot).
+    List,
+    /// Show one clone.
+    Show { name: String },
     /// Make a writable clone of a snapshot.
     Create { snapshot: String, name: String },
+    /// Delete a clone (the snapshot it came from stays).
+    Delete { name: String },
+}
+
+/// The clones among a pool's volumes: writable volumes whose parent is a snapshot.
+fn clones(all: &[VolumeInfo]) -> Vec<VolumeInfo> {
+    let is_snapshot = |name: &str| all.iter().any(|v| v.name == name && v.kind == "snapshot");
+    all.iter()
+        .filter(|v| v.kind == "volume" && v.parent.as_deref().is_some_and(is_snapshot))
+        .cloned()
+        .collect()
+}
+
+/// The clone `name`, or an error saying what it is instead.
+fn one_clone(c: &Client, pool: &str, name: &str) -> Result<VolumeInfo, Error> {
+    clones(&c.volumes(pool)?)
+        .into_iter()
+        .find(|v| v.name == name)
+        .ok_or_else(|| match c.volume(pool, name) {
+            Ok(_) => Error::Protocol(format!("{name} is not a clone of a snapshot")),
+            Err(e) => e,
+        })
 }
 
 fn human(bytes: u64) -> String {
@@ -407,6 +435,13 @@ pub fn snapshot(c: &Client, pool: &str, cmd: SnapshotCmd, out: Output) -> Result
                 .collect();
             emit(out, &snaps, |v| volume_rows(v));
         }
+        SnapshotCmd::Show { name } => {
+            let v = c.volume(pool, &name)?;
+            if v.kind != "snapshot" {
+                return Err(Error::Protocol(format!("{name} is not a snapshot")));
+            }
+            emit(out, &vec![v], |v| volume_rows(v));
+        }
         SnapshotCmd::Create { volume, name } => {
             emit(out, &vec![c.snapshot(pool, &volume, &name)?], |v| {
                 volume_rows(v)
@@ -536,10 +571,17 @@ pub fn snapshot(c: &Client, pool: &str, cmd: SnapshotCmd, out: Output) -> Result
 /// Runs a clone command.
 pub fn clone(c: &Client, pool: &str, cmd: CloneCmd, out: Output) -> Result<(), Error> {
     match cmd {
+        CloneCmd::List => emit(out, &clones(&c.volumes(pool)?), |v| volume_rows(v)),
+        CloneCmd::Show { name } => emit(out, &vec![one_clone(c, pool, &name)?], |v| volume_rows(v)),
         CloneCmd::Create { snapshot, name } => {
             emit(out, &vec![c.clone_snapshot(pool, &snapshot, &name)?], |v| {
                 volume_rows(v)
             })
+        }
+        CloneCmd::Delete { name } => {
+            one_clone(c, pool, &name)?;
+            c.delete_volume(pool, &name)?;
+            done(out, format!("clone {name} deleted"));
         }
     }
     Ok(())

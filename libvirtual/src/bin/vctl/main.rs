@@ -198,8 +198,10 @@ enum VtepCmd {
     /// List a tenant's remote VTEPs.
     List { tenant: String },
     /// Add a remote VTEP.
+    #[command(visible_alias = "create")]
     Add { tenant: String, ip: IpAddr },
     /// Remove a remote VTEP.
+    #[command(visible_alias = "delete")]
     Remove { tenant: String, ip: IpAddr },
 }
 
@@ -208,6 +210,7 @@ enum FdbCmd {
     /// Show a tenant's forwarding table.
     List { tenant: String },
     /// Add a static entry: the MAC lives at a local port or a remote VTEP.
+    #[command(visible_alias = "create")]
     Add {
         tenant: String,
         mac: String,
@@ -217,6 +220,7 @@ enum FdbCmd {
         vtep: Option<IpAddr>,
     },
     /// Remove an entry.
+    #[command(visible_alias = "delete")]
     Remove { tenant: String, mac: String },
 }
 
