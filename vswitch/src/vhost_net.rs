@@ -353,6 +353,7 @@ impl VhostNetPort {
         let (hint, _) = frames.size_hint();
         ring.prefetch(avail, hint);
         let mut delivered = 0u64;
+        q.used.clear();
         for (header, frame) in frames {
             match fill(&mut ring, &mut avail, &mut q.used, mergeable, header, frame) {
                 Ok(()) => {
@@ -365,8 +366,12 @@ impl VhostNetPort {
                 }
             }
         }
-        // Made visible at the end of the burst (one index update for all its frames; the
-        // guest polls the used index, and every update costs both sides a cache line).
+        // The burst's used elements, in one run, made visible at its end (one index update
+        // for all its frames; the guest polls the used index, and every update costs both
+        // sides a cache line).
+        for &(head, len) in q.used.iter() {
+            ring.push_used(head, len);
+        }
         ring.finish(state.get_queue_mut());
         if delivered > 0 {
             let bit = 1 << pair;
@@ -394,8 +399,10 @@ impl VhostNetPort {
 }
 
 /// Writes one frame after its header into as many receive buffers of `ring` as it takes
-/// (one without MRG_RXBUF) and puts them on the used ring (`used`: scratch). Without enough
-/// buffers, nothing is taken.
+/// (one without MRG_RXBUF) and appends them to `used`, the burst's used elements (written to
+/// the used ring together at the end of the burst, as DPDK's shadow used ring does: the
+/// guest polls that ring, and every line written there is taken from its core). Without
+/// enough buffers, nothing is taken.
 fn fill(
     ring: &mut RingView<'_>,
     avail: &mut u16,
@@ -408,13 +415,13 @@ fn fill(
     // num_buffers: 1 unless the frame spans several buffers (patched below).
     hdr[10..12].copy_from_slice(&1u16.to_le_bytes());
     let total = VNET_HDR_LEN + frame.len();
-    used.clear();
+    let start = used.len();
     // Where num_buffers (header bytes 10 and 11) landed in guest memory.
     let mut num_buffers_at = [None; 2];
     let mut done = 0;
     let mut looked_again = false;
     while done < total {
-        if !mergeable && used.iter().any(|(_, len)| *len > 0) {
+        if !mergeable && used[start..].iter().any(|(_, len)| *len > 0) {
             break;
         }
         let Some(head) = ring.pop(*avail) else {
@@ -462,13 +469,14 @@ fn fill(
     }
     if done < total {
         // Not enough buffers: they stay for the next frame.
-        ring.unpop(used.len() as u16);
+        ring.unpop((used.len() - start) as u16);
+        used.truncate(start);
         return Err(io::Error::new(
             io::ErrorKind::WouldBlock,
             "no receive buffers",
         ));
     }
-    let buffers = used.iter().filter(|(_, len)| *len > 0).count() as u16;
+    let buffers = used[start..].iter().filter(|(_, len)| *len > 0).count() as u16;
     if buffers > 1 {
         for (addr, byte) in num_buffers_at.iter().zip(buffers.to_le_bytes()) {
             if let Some(addr) = addr {
@@ -478,10 +486,7 @@ fn fill(
     }
     // Buffers given back empty first, then the frame's: the guest reads num_buffers entries
     // in a row.
-    used.sort_by_key(|(_, len)| *len > 0);
-    for &(head, len) in used.iter() {
-        ring.push_used(head, len);
-    }
+    used[start..].sort_by_key(|(_, len)| *len > 0);
     Ok(())
 }
 
