@@ -12,7 +12,7 @@ use vblock::api::{
 };
 
 use crate::Error;
-use crate::blocking::{SyncIo, blocking_methods};
+use crate::blocking::{SyncIo, blocking_client, blocking_methods};
 use crate::http::{call, check, request, text};
 
 pub use vblock::api::{MAX_TRANSFER, default_socket};
@@ -328,26 +328,9 @@ impl AsyncClient {
     }
 }
 
-/// A blocking client of one vblockd: [`AsyncClient`] run to completion on the calling
-/// thread. Not for use inside an async runtime (it says so with an error there).
-#[derive(Clone, Debug)]
-pub struct Client {
-    inner: AsyncClient,
-}
+blocking_client!("vblockd");
 
 impl Client {
-    /// A client of the daemon listening on `socket`.
-    pub fn new(socket: impl AsRef<Path>) -> Client {
-        Client {
-            inner: AsyncClient::new(socket),
-        }
-    }
-
-    /// The async client it wraps.
-    pub fn as_async(&self) -> &AsyncClient {
-        &self.inner
-    }
-
     blocking_methods! {
         /// All pools.
         fn pools(&self) -> Vec<PoolInfo>;

@@ -46,6 +46,36 @@ macro_rules! blocking_methods {
 }
 pub(crate) use blocking_methods;
 
+/// The blocking `Client` of a client module: its `AsyncClient` run to completion on the
+/// calling thread.
+macro_rules! blocking_client {
+    ($daemon:literal) => {
+        #[doc = concat!(
+            "A blocking client of one ", $daemon, ": [`AsyncClient`] run to completion on the ",
+            "calling thread. Not for use inside an async runtime (it says so with an error there)."
+        )]
+        #[derive(Clone, Debug)]
+        pub struct Client {
+            inner: AsyncClient,
+        }
+
+        impl Client {
+            /// A client of the daemon listening on `socket`.
+            pub fn new(socket: impl AsRef<std::path::Path>) -> Client {
+                Client {
+                    inner: AsyncClient::new(socket),
+                }
+            }
+
+            /// The async client it wraps.
+            pub fn as_async(&self) -> &AsyncClient {
+                &self.inner
+            }
+        }
+    };
+}
+pub(crate) use blocking_client;
+
 #[cfg(feature = "block")]
 pub(crate) use sync_io::SyncIo;
 

@@ -11,7 +11,7 @@ use vswitch::api::{
 };
 
 use crate::Error;
-use crate::blocking::blocking_methods;
+use crate::blocking::{blocking_client, blocking_methods};
 
 pub use vswitch::api::default_socket;
 
@@ -131,26 +131,9 @@ impl AsyncClient {
     }
 }
 
-/// A blocking client of one vswitchd: [`AsyncClient`] run to completion on the calling
-/// thread. Not for use inside an async runtime (it says so with an error there).
-#[derive(Clone, Debug)]
-pub struct Client {
-    inner: AsyncClient,
-}
+blocking_client!("vswitchd");
 
 impl Client {
-    /// A client of the daemon listening on `socket`.
-    pub fn new(socket: impl AsRef<Path>) -> Client {
-        Client {
-            inner: AsyncClient::new(socket),
-        }
-    }
-
-    /// The async client it wraps.
-    pub fn as_async(&self) -> &AsyncClient {
-        &self.inner
-    }
-
     blocking_methods! {
         /// All tenants.
         fn tenants(&self) -> Vec<TenantInfo>;
