@@ -40,7 +40,10 @@ enum Transport {
 
 /// The libvirtual tour: two hosts, two tenants, containers and a VM from a thin clone.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about = "The libvirtual tour: two hosts, tenants with one subnet, containers, a VM from a thin clone"
+)]
 struct Args {
     /// Containers with podman (`yes`), in plain namespaces (`no`), or podman if installed.
     #[arg(long, value_enum, default_value = "auto")]
