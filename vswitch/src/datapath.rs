@@ -721,15 +721,18 @@ impl Worker {
 
         // 1. Read a burst and check its offload metadata.
         pending.clear();
-        let mut lens = [0usize; BATCH];
+        let mut spans = [(0usize, 0usize); BATCH];
         let (taken, more) = match &tap {
-            Endpoint::Vhost(v) => v.recv_burst(pair, kicked, poll, frames, FRAME_SLOT, &mut lens),
+            Endpoint::Vhost(v) => v.recv_burst(pair, kicked, poll, frames, FRAME_SLOT, &mut spans),
             Endpoint::Tap(t) => {
+                // Packed like a guest's frames (see `recv_burst`).
                 let mut n = 0;
-                while n < BATCH {
-                    match t.recv(&mut frames[n * FRAME_SLOT..(n + 1) * FRAME_SLOT]) {
+                let mut at = 0;
+                while n < BATCH && at + FRAME_SLOT <= frames.len() {
+                    match t.recv(&mut frames[at..at + FRAME_SLOT]) {
                         Ok(Some(len)) => {
-                            lens[n] = len;
+                            spans[n] = (at, len);
+                            at += len.next_multiple_of(64);
                             n += 1;
                         }
                         Ok(None) => break,
@@ -748,9 +751,8 @@ impl Worker {
                 (n, false)
             }
         };
-        for (i, &n) in lens[..taken].iter().enumerate() {
-            let at = i * FRAME_SLOT;
-            let buf = &frames[at..at + FRAME_SLOT];
+        for &(at, n) in &spans[..taken] {
+            let buf = &frames[at..at + n];
             let Some(header) = buf
                 .first_chunk::<VNET_HDR_LEN>()
                 .filter(|_| n >= VNET_HDR_LEN)

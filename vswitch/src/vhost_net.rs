@@ -151,10 +151,12 @@ impl VhostNetPort {
         self.features.load(Ordering::Relaxed) & (1u64 << bit) != 0
     }
 
-    /// Takes up to `lens.len()` frames the guest sent on pair `pair` (`kicked`: the worker
-    /// was woken by its kick, which is consumed) (virtio-net header first): frame `i`
-    /// into `frames[i * slot..]`, its length into `lens[i]` (0: a chain that could not be
-    /// read — outside guest memory, a loop, larger than a slot — dropped and counted).
+    /// Takes up to `spans.len()` frames the guest sent on pair `pair` (`kicked`: the worker
+    /// was woken by its kick, which is consumed) (virtio-net header first), packed one after
+    /// the other in `frames` (each at a multiple of 64 bytes: small frames of a burst share
+    /// lines and pages instead of lying 64 KiB apart, in the same cache sets): frame `i`'s
+    /// start and length in `spans[i]` (length 0: a chain that could not be read — outside
+    /// guest memory, a loop, larger than `slot` — dropped and counted).
     /// Returns how many were taken and whether more may wait (the caller comes back without
     /// a kick: the guest does not kick while a burst is being taken). With `poll`, an empty
     /// ring leaves kicks off and also answers "more": the caller polls it (until it calls
@@ -166,7 +168,7 @@ impl VhostNetPort {
         poll: bool,
         frames: &mut [u8],
         slot: usize,
-        lens: &mut [usize],
+        spans: &mut [(usize, usize)],
     ) -> (usize, bool) {
         let Some(tx) = self.tx.get(pair) else {
             return (0, false);
@@ -188,11 +190,12 @@ impl VhostNetPort {
         };
         ring.set_kicks(false);
         let mut avail = ring.avail_idx();
-        ring.prefetch(avail, lens.len());
+        ring.prefetch(avail, spans.len());
         let mut taken = 0;
         let mut malformed = 0;
         let mut empty = false;
-        while taken < lens.len() {
+        let mut at = 0;
+        while taken < spans.len() {
             let Some(head) = ring.pop(avail) else {
                 if poll {
                     // The caller polls for a while: kicks stay off (the guest saves its
@@ -207,7 +210,7 @@ impl VhostNetPort {
                 empty = true;
                 break;
             };
-            let Some(buf) = frames.get_mut(taken * slot..(taken + 1) * slot) else {
+            let Some(buf) = frames.get_mut(at..at + slot) else {
                 ring.unpop(1);
                 break;
             };
@@ -227,7 +230,8 @@ impl VhostNetPort {
                 malformed += 1;
                 len = 0;
             }
-            lens[taken] = len;
+            spans[taken] = (at, len);
+            at += len.next_multiple_of(64);
             taken += 1;
             ring.push_used(head, 0);
         }
