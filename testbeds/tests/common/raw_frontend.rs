@@ -111,12 +111,14 @@ impl Ring {
         )
         .unwrap();
         fe.set_vring_base(queue, base).unwrap();
+        // What the driver has consumed, read before the queue starts: a backend that
+        // resubmits requests from an inflight record may complete them at once.
+        let used_seen: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
         let kick = EventFd::new(0).unwrap();
         let call = EventFd::new(0).unwrap();
         fe.set_vring_kick(queue, &kick).unwrap();
         fe.set_vring_call(queue, &call).unwrap();
         fe.set_vring_enable(queue, true).unwrap();
-        let used_seen: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
         let avail_idx: u16 = mem.read_obj(GuestAddress(AVAIL + 2)).unwrap();
         Ring {
             fe: Some(fe),
