@@ -753,10 +753,8 @@ impl Worker {
         };
         for &(at, n) in &spans[..taken] {
             let buf = &frames[at..at + n];
-            let Some(header) = buf
-                .first_chunk::<VNET_HDR_LEN>()
-                .filter(|_| n >= VNET_HDR_LEN)
-            else {
+            // `buf` is the frame's own bytes: shorter than a header, none.
+            let Some(header) = buf.first_chunk::<VNET_HDR_LEN>() else {
                 tally.drop(vni, Some(port), DropReason::Malformed);
                 continue;
             };

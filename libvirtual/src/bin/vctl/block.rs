@@ -212,7 +212,7 @@ fn one_clone(c: &Client, pool: &str, name: &str) -> Result<VolumeInfo, Error> {
         })
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     indicatif::BinaryBytes(bytes).to_string()
 }
 

@@ -338,7 +338,7 @@ fn status(host: &libvirtual::host::Host, out: Output) -> Result<(), Error> {
         emit(out, &inv, |_| Vec::new());
         return Ok(());
     }
-    let human = |b: u64| indicatif::BinaryBytes(b).to_string();
+    let human = block::human;
     println!("TENANTS");
     let mut rows = vec![
         ["NAME", "VNI", "MTU", "PORTS", "VTEPS", "MACS"]
