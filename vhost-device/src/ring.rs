@@ -23,7 +23,8 @@ use virtio_bindings::virtio_ring::{
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
 };
 
 /// Why a guest buffer could not be used.
@@ -121,6 +122,13 @@ impl<'m> RingView<'m> {
         self.size
     }
 
+    /// The ring slot of free-running index `index` (the size is a power of two: no division).
+    #[inline]
+    fn slot(&self, index: u16) -> usize {
+        usize::from(index & (self.size - 1))
+    }
+
+    #[inline]
     fn avail_u16(&self, offset: usize) -> &AtomicU16 {
         // SAFETY: `avail` points at the whole avail ring (4 + 2 * size + 2 bytes, checked in
         // `new`), 2-aligned; callers pass offsets inside it; the mapping lives while `mem` is
@@ -128,22 +136,25 @@ impl<'m> RingView<'m> {
         unsafe { &*(self.avail.add(offset) as *const AtomicU16) }
     }
 
+    #[inline]
     fn used_u16(&self, offset: usize) -> &AtomicU16 {
         // SAFETY: as `avail_u16`, for the used ring (4 + 8 * size + 2 bytes, 4-aligned).
         unsafe { &*(self.used.add(offset) as *const AtomicU16) }
     }
 
     /// The guest's avail index (acquire: the entries before it are visible after).
+    #[inline]
     pub fn avail_idx(&self) -> u16 {
         u16::from_le(self.avail_u16(2).load(Ordering::Acquire))
     }
 
     /// The next available head, if the guest made one available (`avail_idx` read before).
+    #[inline]
     pub fn pop(&mut self, avail_idx: u16) -> Option<u16> {
         if self.next_avail == avail_idx {
             return None;
         }
-        let slot = usize::from(self.next_avail % self.size);
+        let slot = self.slot(self.next_avail);
         let head = u16::from_le(self.avail_u16(4 + 2 * slot).load(Ordering::Relaxed));
         self.next_avail = self.next_avail.wrapping_add(1);
         Some(head)
@@ -155,7 +166,7 @@ impl<'m> RingView<'m> {
     pub fn prefetch(&self, avail_idx: u16, n: usize) {
         let ready = usize::from(avail_idx.wrapping_sub(self.next_avail));
         for k in 0..n.min(ready).min(usize::from(self.size)) {
-            let slot = usize::from(self.next_avail.wrapping_add(k as u16) % self.size);
+            let slot = self.slot(self.next_avail.wrapping_add(k as u16));
             let head = u16::from_le(self.avail_u16(4 + 2 * slot).load(Ordering::Relaxed));
             if head >= self.size {
                 continue;
@@ -174,6 +185,7 @@ impl<'m> RingView<'m> {
     }
 
     /// Puts back the last `n` heads taken (not enough buffers for a frame).
+    #[inline]
     pub fn unpop(&mut self, n: u16) {
         self.next_avail = self.next_avail.wrapping_sub(n);
     }
@@ -244,7 +256,27 @@ impl<'m> RingView<'m> {
         }
     }
 
+    /// The buffer of the chain at `head` if the chain is that one direct descriptor (the
+    /// common case of small frames); `None` for longer or indirect chains and bad heads,
+    /// which [`Self::walk`] handles (and refuses).
+    #[inline]
+    pub fn single(&self, head: u16) -> Option<Buffer> {
+        if head >= self.size {
+            return None;
+        }
+        let (addr, len, flags, _) = self.descriptor(self.desc, head);
+        if flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT) as u16 != 0 {
+            return None;
+        }
+        Some(Buffer {
+            addr: GuestAddress(addr),
+            len,
+            writable: flags & VRING_DESC_F_WRITE as u16 != 0,
+        })
+    }
+
     /// Descriptor `index` of the table at `table` (in bounds: checked by the caller).
+    #[inline]
     fn descriptor(&self, table: *const u8, index: u16) -> (u64, u32, u16, u16) {
         let mut raw = [0u8; 16];
         // SAFETY: `table` is a descriptor table whole inside a mapped region (the ring's,
@@ -261,6 +293,7 @@ impl<'m> RingView<'m> {
     }
 
     /// Host address of a buffer of `len` bytes at `addr`, if it lies inside one region.
+    #[inline]
     fn host(&self, addr: GuestAddress, len: usize) -> Result<*mut u8, RingError> {
         let (start, size, host) = self.cache.get();
         let a = addr.0;
@@ -287,6 +320,7 @@ impl<'m> RingView<'m> {
 
     /// Copies guest memory at `addr` into `buf` (a range across regions goes through
     /// `vm-memory`).
+    #[inline]
     pub fn read(&self, addr: GuestAddress, buf: &mut [u8]) -> Result<(), RingError> {
         match self.host(addr, buf.len()) {
             // SAFETY: `host` checked that the range lies inside a mapped region, which lives
@@ -301,6 +335,7 @@ impl<'m> RingView<'m> {
     }
 
     /// Copies `data` into guest memory at `addr`.
+    #[inline]
     pub fn write(&self, addr: GuestAddress, data: &[u8]) -> Result<(), RingError> {
         match self.host(addr, data.len()) {
             // SAFETY: as in `read`, the other way round.
@@ -313,9 +348,39 @@ impl<'m> RingView<'m> {
         Ok(())
     }
 
+    /// Copies `parts` one after the other into guest memory at `addr` (one lookup of the
+    /// address for all of them when they land in one region).
+    #[inline]
+    pub fn write_all(&self, addr: GuestAddress, parts: &[&[u8]]) -> Result<(), RingError> {
+        let total = parts.iter().map(|p| p.len()).sum();
+        match self.host(addr, total) {
+            Ok(mut p) => {
+                for part in parts {
+                    // SAFETY: as in `write`: the whole range (`total` bytes) lies inside a
+                    // mapped region; each part is copied to the next bytes of it.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(part.as_ptr(), p, part.len());
+                        p = p.add(part.len());
+                    }
+                }
+            }
+            Err(_) => {
+                let mut at = addr;
+                for part in parts {
+                    self.write(at, part)?;
+                    at = at
+                        .checked_add(part.len() as u64)
+                        .ok_or(RingError::OutsideMemory)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Puts a used element (not yet visible to the guest: see [`Self::publish`]).
+    #[inline]
     pub fn push_used(&mut self, head: u16, len: u32) {
-        let slot = usize::from(self.next_used % self.size);
+        let slot = self.slot(self.next_used);
         let mut elem = [0u8; 8];
         elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
         elem[4..].copy_from_slice(&len.to_le_bytes());
@@ -324,7 +389,28 @@ impl<'m> RingView<'m> {
         self.next_used = self.next_used.wrapping_add(1);
     }
 
+    /// Puts used elements (head, length) in a row, as [`Self::push_used`] does one.
+    #[inline]
+    pub fn push_used_all(&mut self, elements: &[(u16, u32)]) {
+        let mut next = self.next_used;
+        for &(head, len) in elements {
+            let slot = self.slot(next);
+            let elem = u64::from(head) | u64::from(len) << 32;
+            // SAFETY: as in `push_used`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    elem.to_le_bytes().as_ptr(),
+                    self.used.add(4 + 8 * slot),
+                    8,
+                )
+            };
+            next = next.wrapping_add(1);
+        }
+        self.next_used = next;
+    }
+
     /// Makes the used elements pushed so far visible to the guest (one index update).
+    #[inline]
     pub fn publish(&self) {
         self.used_u16(2)
             .store(self.next_used.to_le(), Ordering::Release);
@@ -464,8 +550,19 @@ mod tests {
         assert_eq!(c.len(), 2);
         assert!(c.iter().all(|b| b.writable));
         assert_eq!(r.pop(idx), None);
+        assert_eq!(r.single(0), None, "a chain of two");
+        assert_eq!(r.single(2), None, "indirect");
+        assert_eq!(r.single(SIZE), None, "out of range");
+        assert_eq!(
+            r.single(1),
+            Some(Buffer {
+                addr: GuestAddress(0x5100),
+                len: 60,
+                writable: false
+            })
+        );
         r.push_used(0, 0);
-        r.push_used(2, 300);
+        r.push_used_all(&[(2, 300)]);
         // Nothing visible before publish.
         assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 0);
         r.publish();
@@ -524,6 +621,15 @@ mod tests {
             Err(RingError::OutsideMemory)
         );
         assert!(r.write(GuestAddress(0x10000 - 16), &b).is_ok());
+        assert_eq!(
+            r.write_all(GuestAddress(0x10000 - 16), &[&b, &b]),
+            Err(RingError::OutsideMemory)
+        );
+        r.write_all(GuestAddress(0x8000), &[b"head", b"er"])
+            .unwrap();
+        let mut out = [0u8; 6];
+        r.read(GuestAddress(0x8000), &mut out).unwrap();
+        assert_eq!(&out, b"header");
     }
 
     #[test]

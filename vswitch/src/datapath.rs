@@ -443,9 +443,52 @@ impl Datapath {
 }
 
 /// Where one copy of a frame goes, resolved under the lock.
+#[derive(Clone, Copy)]
 enum Target {
-    Local(PortId, Endpoint),
+    /// A local port: its index in the burst's [`BurstPorts`].
+    Local(usize),
     Remote(IpAddr),
+}
+
+/// The local ports a burst sends to, each once, with their endpoints (taken from the shared
+/// state under the lock, used without it). A burst's frames mostly go to one or two ports:
+/// a frame's target is an index here rather than its own handle (no reference count taken
+/// and dropped per frame), and the guests among them are notified once per burst.
+#[derive(Default)]
+struct BurstPorts {
+    ports: Vec<(PortId, Endpoint)>,
+}
+
+impl BurstPorts {
+    /// The index of local port `q`, looked up in `endpoints` the first time in a burst;
+    /// `None` if the port is gone.
+    fn index(
+        &mut self,
+        q: PortId,
+        endpoints: &HashMap<PortId, Endpoint, FastHash>,
+    ) -> Option<usize> {
+        // Latest first: consecutive frames mostly go where the previous one went.
+        if let Some(i) = self.ports.iter().rposition(|(p, _)| *p == q) {
+            return Some(i);
+        }
+        let ep = endpoints.get(&q)?;
+        self.ports.push((q, ep.clone()));
+        Some(self.ports.len() - 1)
+    }
+
+    fn get(&self, i: usize) -> (PortId, &Endpoint) {
+        let (q, ep) = &self.ports[i];
+        (*q, ep)
+    }
+
+    /// The end of a burst: the guests among the ports are notified of the frames put on
+    /// their receive rings; the list is cleared.
+    fn end_burst(&mut self) {
+        for (_, ep) in &self.ports {
+            ep.end_rx_burst();
+        }
+        self.ports.clear();
+    }
 }
 
 /// What a burst did to the counters, applied under the lock at its end.
@@ -568,6 +611,7 @@ struct Worker {
     pending: Vec<Pending>,
     decisions: Vec<Range<usize>>,
     targets: Vec<Target>,
+    ports: BurstPorts,
     flood: Vec<Destination>,
     tally: Tally,
     scratch: Box<[u8]>,
@@ -576,19 +620,20 @@ struct Worker {
     vhost_out: Vec<(usize, usize)>,
 }
 
-/// Resolves a verdict to targets: TAP handles of local ports (a port that is gone is counted
-/// as a send error) and remote VTEPs.
+/// Resolves a verdict to targets: local ports (entered in `ports`; a port that is gone is
+/// counted as a send error) and remote VTEPs.
 fn resolve(
     tenant: &mut TenantSwitch,
     endpoints: &HashMap<PortId, Endpoint, FastHash>,
     from: Ingress,
     verdict: Verdict,
     flood: &mut Vec<Destination>,
+    ports: &mut BurstPorts,
     out: &mut Vec<Target>,
 ) {
     let mut push = |tenant: &mut TenantSwitch, dest: Destination| match dest {
-        Destination::Local(q) => match endpoints.get(&q) {
-            Some(ep) => out.push(Target::Local(q, ep.clone())),
+        Destination::Local(q) => match ports.index(q, endpoints) {
+            Some(i) => out.push(Target::Local(i)),
             None => tenant.count_drop(Some(q), DropReason::TxError),
         },
         Destination::Remote(vtep) => out.push(Target::Remote(vtep)),
@@ -711,6 +756,7 @@ impl Worker {
             pending,
             decisions,
             targets,
+            ports,
             flood,
             tally,
             scratch,
@@ -799,7 +845,7 @@ impl Worker {
                 let frame = &frames[p.at + VNET_HDR_LEN..p.at + p.len];
                 let verdict = tenant.ingress_sized(from, frame, p.wire_len, now);
                 let start = targets.len();
-                resolve(tenant, &s.endpoints, from, verdict, flood, targets);
+                resolve(tenant, &s.endpoints, from, verdict, flood, ports, targets);
                 decisions.push(start..targets.len());
             }
         }
@@ -817,24 +863,27 @@ impl Worker {
                     vnet: p.vnet,
                 }
             };
-            for (t, target) in targets[range.clone()].iter().enumerate() {
-                match target {
-                    // A guest that takes the frame as it is: written with the others of the
-                    // burst for it, under one lock.
-                    Target::Local(_, Endpoint::Vhost(v))
-                        if p.vnet.is_plain() || v.takes_as_is(&p.header) =>
-                    {
-                        vhost_out.push((range.start + t, i));
-                    }
-                    Target::Local(q, tap) => send_local(tally, lane, vni, *q, tap, payload),
+            for target in &targets[range.clone()] {
+                match *target {
+                    Target::Local(k) => match ports.get(k) {
+                        // A guest that takes the frame as it is: written with the others of
+                        // the burst for it, under one lock.
+                        (_, Endpoint::Vhost(v))
+                            if p.vnet.is_plain() || v.takes_as_is(&p.header) =>
+                        {
+                            vhost_out.push((k, i));
+                        }
+                        (q, ep) => send_local(tally, lane, vni, q, ep, payload),
+                    },
                     Target::Remote(vtep) => {
-                        send_remote(tally, uplinks, scratch, port, *vtep, vni, payload)
+                        send_remote(tally, uplinks, scratch, port, vtep, vni, payload)
                     }
                 }
             }
         }
-        deliver_to_guests(vhost_out, targets, pending, frames, tally, lane, vni);
-        end_rx_bursts(targets);
+        deliver_to_guests(vhost_out, ports, pending, frames, tally, lane, vni);
+        ports.end_burst();
+        targets.clear();
         let mut tx_dropped = 0;
         for up in uplinks.iter_mut() {
             up.flush();
@@ -859,6 +908,7 @@ impl Worker {
             uplinks,
             decisions,
             targets,
+            ports,
             flood,
             tally,
             gro,
@@ -886,7 +936,15 @@ impl Worker {
                         let verdict = s.switch.ingress_uplink(vni, from.ip(), inner, now);
                         if let Some(tenant) = s.switch.tenant_by_vni_mut(vni) {
                             let ingress = Ingress::Uplink(from.ip());
-                            resolve(tenant, &s.endpoints, ingress, verdict, flood, targets);
+                            resolve(
+                                tenant,
+                                &s.endpoints,
+                                ingress,
+                                verdict,
+                                flood,
+                                ports,
+                                targets,
+                            );
                         }
                     }
                     Some((Err(_), _)) => {
@@ -907,27 +965,29 @@ impl Worker {
                 continue;
             };
             let dests = &targets[range.clone()];
-            if let [Target::Local(q, tap)] = dests {
-                if matches!(&gro_dest, Some((v, p, _)) if (*v, *p) == (vni, *q)) && gro.push(inner)
-                {
+            if let [Target::Local(k)] = dests {
+                let (q, tap) = ports.get(*k);
+                if matches!(&gro_dest, Some((v, p, _)) if (*v, *p) == (vni, q)) && gro.push(inner) {
                     continue;
                 }
                 flush_gro(gro, &mut gro_dest, tally, lane);
                 if gro.push(inner) {
-                    gro_dest = Some((vni, *q, tap.clone()));
+                    gro_dest = Some((vni, q, tap.clone()));
                     continue;
                 }
             } else {
                 flush_gro(gro, &mut gro_dest, tally, lane);
             }
             for target in dests {
-                if let Target::Local(q, tap) = target {
-                    send_local(tally, lane, vni, *q, tap, Payload::Plain(inner));
+                if let Target::Local(k) = *target {
+                    let (q, tap) = ports.get(k);
+                    send_local(tally, lane, vni, q, tap, Payload::Plain(inner));
                 }
             }
         }
         flush_gro(gro, &mut gro_dest, tally, lane);
-        end_rx_bursts(targets);
+        ports.end_burst();
+        targets.clear();
 
         if !tally.events.is_empty() {
             tally.apply(&mut lock(shared).switch);
@@ -935,11 +995,11 @@ impl Worker {
     }
 }
 
-/// Writes the frames of a burst bound for guests (`out`: target, frame), each guest's under
-/// one lock, in the order they came; counts them.
+/// Writes the frames of a burst bound for guests (`out`: index in `ports`, frame), each
+/// guest's under one lock, in the order they came; counts them.
 fn deliver_to_guests(
     out: &mut Vec<(usize, usize)>,
-    targets: &[Target],
+    ports: &BurstPorts,
     pending: &[Pending],
     frames: &[u8],
     tally: &mut Tally,
@@ -947,14 +1007,12 @@ fn deliver_to_guests(
     vni: Vni,
 ) {
     const PLAIN: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
-    let port_of = |t: usize| match &targets[t] {
-        Target::Local(q, _) => q.0,
-        Target::Remote(_) => u32::MAX,
-    };
-    // Stable: each guest's frames stay in order.
-    out.sort_by_key(|&(t, _)| port_of(t));
-    for run in out.chunk_by(|a, b| port_of(a.0) == port_of(b.0)) {
-        let Target::Local(q, Endpoint::Vhost(v)) = &targets[run[0].0] else {
+    // Stable: each guest's frames stay in order (a burst for one guest is sorted already).
+    if !out.is_sorted_by_key(|&(k, _)| k) {
+        out.sort_by_key(|&(k, _)| k);
+    }
+    for run in out.chunk_by(|a, b| a.0 == b.0) {
+        let (q, Endpoint::Vhost(v)) = ports.get(run[0].0) else {
             continue;
         };
         let items = run.iter().map(|&(_, i)| {
@@ -966,22 +1024,12 @@ fn deliver_to_guests(
         v.deliver_burst(lane, items, |result| {
             let len = lens.next().unwrap_or(0);
             match result {
-                Ok(()) => tally.tx(vni, *q, len),
-                Err(e) => tally.drop(vni, Some(*q), send_failure(&e)),
+                Ok(()) => tally.tx(vni, q, len),
+                Err(e) => tally.drop(vni, Some(q), send_failure(&e)),
             }
         });
     }
     out.clear();
-}
-
-/// The end of a burst: notifies the guests among the local targets, clears the targets.
-fn end_rx_bursts(targets: &mut Vec<Target>) {
-    for t in targets.iter() {
-        if let Target::Local(_, ep) = t {
-            ep.end_rx_burst();
-        }
-    }
-    targets.clear();
 }
 
 /// Writes what the coalescer holds to its port: one frame, with a TCP segmentation offload
@@ -1040,9 +1088,6 @@ impl Payload<'_> {
     }
 }
 
-/// Writes a frame to a local port as it is: offloads pending are the kernel's (a TAP) or the
-/// port's (a guest that did not accept them) to finish.
-///
 /// Why a local port could not take a frame: no room at the receiver (a VM without a
 /// guest, rings or receive buffers; a full TAP queue), or another failure.
 fn send_failure(e: &std::io::Error) -> DropReason {
@@ -1054,7 +1099,9 @@ fn send_failure(e: &std::io::Error) -> DropReason {
     }
 }
 
-/// `lane` is the sending worker: a guest's receive queue is picked by it.
+/// Writes a frame to a local port as it is: offloads pending are the kernel's (a TAP) or the
+/// port's (a guest that did not accept them) to finish. `lane` is the sending worker: a
+/// guest's receive queue is picked by it.
 fn send_local(
     tally: &mut Tally,
     lane: usize,
@@ -1354,6 +1401,7 @@ impl DatapathWorkers {
                         pending: Vec::with_capacity(BATCH),
                         decisions: Vec::with_capacity(BATCH),
                         targets: Vec::with_capacity(4 * BATCH),
+                        ports: BurstPorts::default(),
                         vhost_out: Vec::with_capacity(4 * BATCH),
                         flood: Vec::with_capacity(64),
                         tally: Tally {

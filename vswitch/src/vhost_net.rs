@@ -191,6 +191,7 @@ impl VhostNetPort {
         ring.set_kicks(false);
         let mut avail = ring.avail_idx();
         ring.prefetch(avail, spans.len());
+        q.used.clear();
         let mut taken = 0;
         let mut malformed = 0;
         let mut empty = false;
@@ -215,17 +216,27 @@ impl VhostNetPort {
                 break;
             };
             let mut len = 0usize;
-            let walked = ring.walk(head, |b| {
-                if b.writable {
-                    return Ok(());
-                }
-                let end = len + b.len as usize;
-                // Larger than a slot: as unusable as a buffer outside memory.
-                let dst = buf.get_mut(len..end).ok_or(RingError::OutsideMemory)?;
-                ring.read(b.addr, dst)?;
-                len = end;
-                Ok(())
-            });
+            let walked = match ring.single(head) {
+                // The common case: the frame in one buffer.
+                Some(b) if !b.writable => buf
+                    .get_mut(..b.len as usize)
+                    .ok_or(RingError::OutsideMemory)
+                    .and_then(|dst| ring.read(b.addr, dst))
+                    .map(|()| len = b.len as usize),
+                _ => ring
+                    .walk(head, |b| {
+                        if b.writable {
+                            return Ok(());
+                        }
+                        let end = len + b.len as usize;
+                        // Larger than a slot: as unusable as a buffer outside memory.
+                        let dst = buf.get_mut(len..end).ok_or(RingError::OutsideMemory)?;
+                        ring.read(b.addr, dst)?;
+                        len = end;
+                        Ok(())
+                    })
+                    .map(|_| ()),
+            };
             if walked.is_err() || len == 0 {
                 malformed += 1;
                 len = 0;
@@ -233,8 +244,11 @@ impl VhostNetPort {
             spans[taken] = (at, len);
             at += len.next_multiple_of(64);
             taken += 1;
-            ring.push_used(head, 0);
+            q.used.push((head, 0));
         }
+        // The burst's used elements together, after its copies (see `fill`).
+        ring.push_used_all(&q.used);
+        q.used.clear();
         if malformed > 0 {
             self.tx_malformed.fetch_add(malformed, Ordering::Relaxed);
         }
@@ -373,9 +387,7 @@ impl VhostNetPort {
         // The burst's used elements, in one run, made visible at its end (one index update
         // for all its frames; the guest polls the used index, and every update costs both
         // sides a cache line).
-        for &(head, len) in q.used.iter() {
-            ring.push_used(head, len);
-        }
+        ring.push_used_all(&q.used);
         ring.finish(state.get_queue_mut());
         if delivered > 0 {
             let bit = 1 << pair;
@@ -419,6 +431,19 @@ fn fill(
     // num_buffers: 1 unless the frame spans several buffers (patched below).
     hdr[10..12].copy_from_slice(&1u16.to_le_bytes());
     let total = VNET_HDR_LEN + frame.len();
+    // The common case: the next buffer is one descriptor that holds the whole frame.
+    if let Some(head) = ring.pop(*avail) {
+        if let Some(b) = ring.single(head)
+            && b.writable
+            && b.len as usize >= total
+            && ring.write_all(b.addr, &[&hdr, frame]).is_ok()
+        {
+            used.push((head, total as u32));
+            return Ok(());
+        }
+        // Anything else the general way, from the same buffer.
+        ring.unpop(1);
+    }
     let start = used.len();
     // Where num_buffers (header bytes 10 and 11) landed in guest memory.
     let mut num_buffers_at = [None; 2];
