@@ -380,30 +380,19 @@ impl<'m> RingView<'m> {
     /// Puts a used element (not yet visible to the guest: see [`Self::publish`]).
     #[inline]
     pub fn push_used(&mut self, head: u16, len: u32) {
-        let slot = self.slot(self.next_used);
-        let mut elem = [0u8; 8];
-        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        elem[4..].copy_from_slice(&len.to_le_bytes());
-        // SAFETY: the element lies inside the used ring (slot < size, checked in `new`).
-        unsafe { std::ptr::copy_nonoverlapping(elem.as_ptr(), self.used.add(4 + 8 * slot), 8) };
-        self.next_used = self.next_used.wrapping_add(1);
+        self.push_used_all(&[(head, len)]);
     }
 
-    /// Puts used elements (head, length) in a row, as [`Self::push_used`] does one.
+    /// Puts used elements (head, length) in a row, as a burst's: the position is kept in a
+    /// register for the run, written back once.
     #[inline]
     pub fn push_used_all(&mut self, elements: &[(u16, u32)]) {
         let mut next = self.next_used;
         for &(head, len) in elements {
             let slot = self.slot(next);
-            let elem = u64::from(head) | u64::from(len) << 32;
-            // SAFETY: as in `push_used`.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    elem.to_le_bytes().as_ptr(),
-                    self.used.add(4 + 8 * slot),
-                    8,
-                )
-            };
+            let elem = (u64::from(head) | u64::from(len) << 32).to_le_bytes();
+            // SAFETY: the element lies inside the used ring (slot < size, checked in `new`).
+            unsafe { std::ptr::copy_nonoverlapping(elem.as_ptr(), self.used.add(4 + 8 * slot), 8) };
             next = next.wrapping_add(1);
         }
         self.next_used = next;
