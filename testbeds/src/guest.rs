@@ -1,9 +1,15 @@
 //! QEMU test guests built from Debian packages in seconds: Debian's kernel (the uncompressed
 //! `vmlinux`, booted directly), a busybox initramfs with the virtio modules, and a test script
 //! handed in through fw_cfg. The guest prints its script's output and an exit marker on the
-//! serial console and powers off. TCG only (KVM cannot boot a stock kernel here; see
-//! ../shared/notes/qemu-guests.md). `scripts/install-qemu` installs QEMU and busybox.
+//! serial console and powers off. TCG only (`/dev/kvm` on the machines this was built on cannot
+//! boot a stock kernel). `scripts/install-qemu` installs QEMU and busybox.
+//!
+//! Tests and guests wait for events, never for a count of iterations: the host waits for
+//! console lines ([`Guest::wait_for`]); a guest script waits for the host with
+//! `wait-host EVENT`, which prints `LV-WAIT EVENT` and blocks until the host sends that event
+//! ([`Guest::send`]) on a second serial port (`ttyS1`, a pipe on the host side).
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,7 +21,7 @@ const CACHE: &str = "/var/cache/libvirtual/guest";
 /// The private apt configuration of `scripts/install-qemu`.
 const APT: &str = "/var/cache/libvirtual/apt";
 /// Version of the initramfs layout (bumped with every change of INIT or MODULES).
-const LAYOUT: u32 = 4;
+const LAYOUT: u32 = 5;
 /// Modules the guest needs (Debian 6.1 builds virtio and ext4 as modules); their
 /// dependencies are found with depmod/modprobe and loaded first.
 const MODULES: &[&str] = &[
@@ -71,10 +77,23 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /tmp && mount -t tmpfs tmp /tmp
 for m in $(cat /lib/modules/order); do insmod /lib/modules/$m 2>/dev/null; done
-for i in $(seq 1 50); do [ -e /sys/firmware/qemu_fw_cfg/by_name/opt/lv/script/raw ] && break; sleep 0.1; done
+# The script arrives with the fw_cfg module; the host's deadline bounds this wait.
+until [ -e /sys/firmware/qemu_fw_cfg/by_name/opt/lv/script/raw ]; do sleep 0.1; done
 cat /sys/firmware/qemu_fw_cfg/by_name/opt/lv/script/raw > /script.sh
+# Events from the host arrive as lines on ttyS1; it is held open from here on (fd 3) so that
+# nothing the host sends is dropped when the port starts.
+stty -F /dev/ttyS1 -echo 2>/dev/null
+cat > /bin/wait-host <<'WAIT'
+#!/bin/busybox sh
+# wait-host EVENT: blocks until the host sends EVENT (Guest::send); the host bounds the wait.
+echo "LV-WAIT $1"
+while read -r line <&3; do [ "$line" = "$1" ] && exit 0; done
+echo "LV-WAIT-FAILED $1"
+exit 1
+WAIT
+chmod +x /bin/wait-host
 echo LV-START
-sh /script.sh
+sh /script.sh 3</dev/ttyS1
 echo "LV-EXIT $?"
 sync
 poweroff -f
@@ -289,6 +308,8 @@ pub fn run(
 pub struct Guest {
     child: std::process::Child,
     log: PathBuf,
+    /// The host end of the guest's `ttyS1` (QEMU's `pipe:` chardev reads `<path>.in`).
+    events: PathBuf,
 }
 
 impl Guest {
@@ -319,6 +340,13 @@ impl Guest {
         std::fs::write(&script_file, script).map_err(|e| Error::Io("script".into(), e))?;
         let log = scratch.join("console.log");
         let _ = std::fs::remove_file(&log);
+        let events = scratch.join("events");
+        for end in ["in", "out"] {
+            let fifo = events.with_extension(end);
+            let _ = std::fs::remove_file(&fifo);
+            nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                .map_err(|e| Error::Io(fifo.display().to_string(), e.into()))?;
+        }
         // One vCPU per queue pair: Linux uses min(pairs, CPUs) pairs.
         let cpus = nics
             .iter()
@@ -352,6 +380,7 @@ impl Guest {
             "/usr/share/qemu/qboot.rom",
         ]);
         cmd.arg("-serial").arg(format!("file:{}", log.display()));
+        cmd.arg("-serial").arg(format!("pipe:{}", events.display()));
         cmd.arg("-kernel").arg(&image.kernel);
         cmd.arg("-initrd").arg(&image.initramfs);
         cmd.args(["-append", "console=ttyS0 panic=-1 quiet"]);
@@ -390,7 +419,7 @@ impl Guest {
         let child = cmd
             .spawn()
             .map_err(|e| Error::Io("qemu-system-x86_64".into(), e))?;
-        Ok(Guest { child, log })
+        Ok(Guest { child, log, events })
     }
 
     /// What the guest printed on its serial console so far.
@@ -414,6 +443,22 @@ impl Guest {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Sends `event` to the guest once its script waits for it (`wait-host EVENT` printed
+    /// `LV-WAIT EVENT`; at most `timeout`).
+    pub fn send(&mut self, event: &str, timeout: Duration) -> Result<(), Error> {
+        self.wait_for(&format!("LV-WAIT {event}"), timeout)?;
+        // Non-blocking: QEMU holds the pipe open for reading; if it died, this fails (ENXIO)
+        // instead of waiting for a reader forever.
+        let path = self.events.with_extension("in");
+        let mut pipe = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|e| Error::Io(path.display().to_string(), e))?;
+        std::io::Write::write_all(&mut pipe, format!("{event}\n").as_bytes())
+            .map_err(|e| Error::Io(path.display().to_string(), e))
     }
 
     /// Waits for the guest to power off (at most `timeout`, then it is killed) and returns its
