@@ -1,10 +1,12 @@
 //! `daemon-kit`: what libvirtual's daemons (vswitchd, vblockd) and their clients share.
 //!
-//! Always: the conventions both sides agree on ([`default_run_dir`]). With the `server`
+//! Always: the conventions both sides agree on ([`default_run_dir`], the rule for
+//! [`names`]). With the `server`
 //! feature (default): logs, the unix-socket API server, state files and API errors.
 
 use std::path::PathBuf;
 
+pub mod names;
 #[cfg(feature = "server")]
 mod server;
 #[cfg(feature = "server")]

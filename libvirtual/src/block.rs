@@ -13,6 +13,7 @@ use vblock::api::{
 
 use crate::Error;
 use crate::blocking::{SyncIo, blocking_client, blocking_methods};
+use crate::http::seg;
 use crate::http::{call, check, request, text};
 
 pub use vblock::api::{MAX_TRANSFER, default_socket};
@@ -59,7 +60,8 @@ impl AsyncClient {
 
     /// One pool.
     pub async fn pool(&self, name: &str) -> Result<PoolInfo, Error> {
-        self.get(&format!("/v1/pools/{name}")).await
+        self.get(&format!("/v1/pools/{name}", name = seg(name)))
+            .await
     }
 
     /// Creates (with a size) or opens (without) a pool and serves it.
@@ -69,54 +71,84 @@ impl AsyncClient {
 
     /// Stops serving a pool (its file stays).
     pub async fn remove_pool(&self, name: &str) -> Result<(), Error> {
-        self.send("DELETE", &format!("/v1/pools/{name}"), None::<&()>)
-            .await
+        self.send(
+            "DELETE",
+            &format!("/v1/pools/{name}", name = seg(name)),
+            None::<&()>,
+        )
+        .await
     }
 
     /// Verifies a pool; with `repair`, reclaims leaked space.
     pub async fn check(&self, pool: &str, repair: bool) -> Result<CheckInfo, Error> {
         let body = serde_json::json!({ "repair": repair });
-        self.send("POST", &format!("/v1/pools/{pool}/check"), Some(&body))
-            .await
+        self.send(
+            "POST",
+            &format!("/v1/pools/{pool}/check", pool = seg(pool)),
+            Some(&body),
+        )
+        .await
     }
 
     /// Makes everything written to a pool durable.
     pub async fn flush(&self, pool: &str) -> Result<(), Error> {
-        self.send("POST", &format!("/v1/pools/{pool}/flush"), None::<&()>)
-            .await
+        self.send(
+            "POST",
+            &format!("/v1/pools/{pool}/flush", pool = seg(pool)),
+            None::<&()>,
+        )
+        .await
     }
 
     /// A pool's volumes, snapshots and clones.
     pub async fn volumes(&self, pool: &str) -> Result<Vec<VolumeInfo>, Error> {
-        self.get(&format!("/v1/pools/{pool}/volumes")).await
+        self.get(&format!("/v1/pools/{pool}/volumes", pool = seg(pool)))
+            .await
     }
 
     /// One of them.
     pub async fn volume(&self, pool: &str, name: &str) -> Result<VolumeInfo, Error> {
-        self.get(&format!("/v1/pools/{pool}/volumes/{name}")).await
+        self.get(&format!(
+            "/v1/pools/{pool}/volumes/{name}",
+            pool = seg(pool),
+            name = seg(name)
+        ))
+        .await
     }
 
     /// Creates a thin volume.
     pub async fn create_volume(&self, pool: &str, spec: &VolumeSpec) -> Result<VolumeInfo, Error> {
-        let path = format!("/v1/pools/{pool}/volumes");
+        let path = format!("/v1/pools/{pool}/volumes", pool = seg(pool));
         self.send("POST", &path, Some(spec)).await
     }
 
     /// Deletes a volume, snapshot or clone.
     pub async fn delete_volume(&self, pool: &str, name: &str) -> Result<(), Error> {
-        let path = format!("/v1/pools/{pool}/volumes/{name}");
+        let path = format!(
+            "/v1/pools/{pool}/volumes/{name}",
+            pool = seg(pool),
+            name = seg(name)
+        );
         self.send("DELETE", &path, None::<&()>).await
     }
 
     /// Grows a volume.
     pub async fn resize(&self, pool: &str, name: &str, size: u64) -> Result<VolumeInfo, Error> {
-        let path = format!("/v1/pools/{pool}/volumes/{name}/resize");
+        let path = format!(
+            "/v1/pools/{pool}/volumes/{name}/resize",
+            pool = seg(pool),
+            name = seg(name)
+        );
         self.send("POST", &path, Some(&ResizeSpec { size })).await
     }
 
     /// Sets a volume's I/O limits (0: unlimited).
     pub async fn set_qos(&self, pool: &str, name: &str, qos: QosSpec) -> Result<VolumeInfo, Error> {
-        let path = format!("/v1/pools/{pool}/volumes/{name}/qos");
+        let path = format!(
+            "/v1/pools/{pool}/volumes/{name}/qos",
+            pool = seg(pool),
+            name = seg(name)
+        );
         self.send("PUT", &path, Some(&qos)).await
     }
 
@@ -131,7 +163,7 @@ impl AsyncClient {
             source: source.into(),
             name: name.into(),
         };
-        let path = format!("/v1/pools/{pool}/snapshots");
+        let path = format!("/v1/pools/{pool}/snapshots", pool = seg(pool));
         self.send("POST", &path, Some(&spec)).await
     }
 
@@ -146,7 +178,7 @@ impl AsyncClient {
             snapshot: snapshot.into(),
             name: name.into(),
         };
-        let path = format!("/v1/pools/{pool}/clones");
+        let path = format!("/v1/pools/{pool}/clones", pool = seg(pool));
         self.send("POST", &path, Some(&spec)).await
     }
 
@@ -158,7 +190,11 @@ impl AsyncClient {
         offset: u64,
         length: u64,
     ) -> Result<Vec<u8>, Error> {
-        let path = format!("/v1/pools/{pool}/volumes/{name}/data?offset={offset}&length={length}");
+        let path = format!(
+            "/v1/pools/{pool}/volumes/{name}/data?offset={offset}&length={length}",
+            pool = seg(pool),
+            name = seg(name)
+        );
         Ok(check(request(&self.socket, "GET", &path, None).await?)?.body)
     }
 
@@ -170,7 +206,11 @@ impl AsyncClient {
         offset: u64,
         data: &[u8],
     ) -> Result<(), Error> {
-        let path = format!("/v1/pools/{pool}/volumes/{name}/data?offset={offset}");
+        let path = format!(
+            "/v1/pools/{pool}/volumes/{name}/data?offset={offset}",
+            pool = seg(pool),
+            name = seg(name)
+        );
         check(request(&self.socket, "PUT", &path, Some(data)).await?)?;
         Ok(())
     }
@@ -183,7 +223,11 @@ impl AsyncClient {
         offset: u64,
         length: u64,
     ) -> Result<(), Error> {
-        let path = format!("/v1/pools/{pool}/volumes/{name}/zero?offset={offset}&length={length}");
+        let path = format!(
+            "/v1/pools/{pool}/volumes/{name}/zero?offset={offset}&length={length}",
+            pool = seg(pool),
+            name = seg(name)
+        );
         check(request(&self.socket, "POST", &path, None).await?)?;
         Ok(())
     }
@@ -196,8 +240,12 @@ impl AsyncClient {
         from: Option<&str>,
     ) -> Result<Vec<vblock::DiffRange>, Error> {
         let q = from.map(|f| format!("?from={f}")).unwrap_or_default();
-        self.get(&format!("/v1/pools/{pool}/volumes/{to}/diff{q}"))
-            .await
+        self.get(&format!(
+            "/v1/pools/{pool}/volumes/{to}/diff{q}",
+            pool = seg(pool),
+            to = seg(to)
+        ))
+        .await
     }
 
     /// Exports a volume (a snapshot read-only) to VMs as vhost-user-blk.
@@ -207,13 +255,21 @@ impl AsyncClient {
         volume: &str,
         queues: usize,
     ) -> Result<VhostInfo, Error> {
-        let path = format!("/v1/pools/{pool}/volumes/{volume}/vhost");
+        let path = format!(
+            "/v1/pools/{pool}/volumes/{volume}/vhost",
+            pool = seg(pool),
+            volume = seg(volume)
+        );
         self.send("PUT", &path, Some(&VhostSpec { queues })).await
     }
 
     /// Stops a vhost-user export.
     pub async fn unexport_vhost(&self, pool: &str, volume: &str) -> Result<(), Error> {
-        let path = format!("/v1/pools/{pool}/volumes/{volume}/vhost");
+        let path = format!(
+            "/v1/pools/{pool}/volumes/{volume}/vhost",
+            pool = seg(pool),
+            volume = seg(volume)
+        );
         self.send("DELETE", &path, None::<&()>).await
     }
 

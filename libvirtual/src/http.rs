@@ -175,3 +175,9 @@ pub async fn text(socket: &Path, path: &str) -> Result<String, Error> {
     let resp = check(request(socket, "GET", path, None).await?)?;
     String::from_utf8(resp.body).map_err(|e| Error::Protocol(e.to_string()))
 }
+
+/// One URL path segment, percent-encoded (names are checked by the daemons; this keeps a
+/// bad one from changing the path: `x?y#z` stays one segment and gets a clear refusal).
+pub(crate) fn seg(value: impl std::fmt::Display) -> String {
+    daemon_kit::names::encode_path_segment(&value.to_string())
+}

@@ -12,6 +12,7 @@ use vswitch::api::{
 
 use crate::Error;
 use crate::blocking::{blocking_client, blocking_methods};
+use crate::http::seg;
 
 pub use vswitch::api::default_socket;
 
@@ -50,8 +51,12 @@ impl AsyncClient {
 
     /// One tenant.
     pub async fn tenant(&self, name: &str) -> Result<TenantInfo, Error> {
-        self.call("GET", &format!("/v1/tenants/{name}"), None::<&()>)
-            .await
+        self.call(
+            "GET",
+            &format!("/v1/tenants/{name}", name = seg(name)),
+            None::<&()>,
+        )
+        .await
     }
 
     /// Creates a tenant.
@@ -61,8 +66,12 @@ impl AsyncClient {
 
     /// Deletes a tenant (it must have no ports).
     pub async fn delete_tenant(&self, name: &str) -> Result<(), Error> {
-        self.call("DELETE", &format!("/v1/tenants/{name}"), None::<&()>)
-            .await
+        self.call(
+            "DELETE",
+            &format!("/v1/tenants/{name}", name = seg(name)),
+            None::<&()>,
+        )
+        .await
     }
 
     /// All ports.
@@ -72,8 +81,12 @@ impl AsyncClient {
 
     /// One port.
     pub async fn port(&self, name: &str) -> Result<PortInfo, Error> {
-        self.call("GET", &format!("/v1/ports/{name}"), None::<&()>)
-            .await
+        self.call(
+            "GET",
+            &format!("/v1/ports/{name}", name = seg(name)),
+            None::<&()>,
+        )
+        .await
     }
 
     /// Creates a port.
@@ -83,45 +96,65 @@ impl AsyncClient {
 
     /// Deletes a port.
     pub async fn delete_port(&self, name: &str) -> Result<(), Error> {
-        self.call("DELETE", &format!("/v1/ports/{name}"), None::<&()>)
-            .await
+        self.call(
+            "DELETE",
+            &format!("/v1/ports/{name}", name = seg(name)),
+            None::<&()>,
+        )
+        .await
     }
 
     /// A tenant's remote VTEPs.
     pub async fn vteps(&self, tenant: &str) -> Result<Vec<VtepSpec>, Error> {
-        self.call("GET", &format!("/v1/tenants/{tenant}/vteps"), None::<&()>)
-            .await
+        self.call(
+            "GET",
+            &format!("/v1/tenants/{tenant}/vteps", tenant = seg(tenant)),
+            None::<&()>,
+        )
+        .await
     }
 
     /// Adds a remote VTEP.
     pub async fn add_vtep(&self, tenant: &str, ip: IpAddr) -> Result<(), Error> {
-        let path = format!("/v1/tenants/{tenant}/vteps");
+        let path = format!("/v1/tenants/{tenant}/vteps", tenant = seg(tenant));
         let _: VtepSpec = self.call("POST", &path, Some(&VtepSpec { ip })).await?;
         Ok(())
     }
 
     /// Removes a remote VTEP.
     pub async fn remove_vtep(&self, tenant: &str, ip: IpAddr) -> Result<(), Error> {
-        let path = format!("/v1/tenants/{tenant}/vteps/{ip}");
+        let path = format!(
+            "/v1/tenants/{tenant}/vteps/{ip}",
+            tenant = seg(tenant),
+            ip = seg(ip)
+        );
         self.call("DELETE", &path, None::<&()>).await
     }
 
     /// A tenant's forwarding table.
     pub async fn fdb(&self, tenant: &str) -> Result<Vec<FdbEntryInfo>, Error> {
-        self.call("GET", &format!("/v1/tenants/{tenant}/fdb"), None::<&()>)
-            .await
+        self.call(
+            "GET",
+            &format!("/v1/tenants/{tenant}/fdb", tenant = seg(tenant)),
+            None::<&()>,
+        )
+        .await
     }
 
     /// Adds a static forwarding entry.
     pub async fn add_fdb(&self, tenant: &str, entry: &FdbEntrySpec) -> Result<(), Error> {
-        let path = format!("/v1/tenants/{tenant}/fdb");
+        let path = format!("/v1/tenants/{tenant}/fdb", tenant = seg(tenant));
         let _: FdbEntrySpec = self.call("POST", &path, Some(entry)).await?;
         Ok(())
     }
 
     /// Removes a forwarding entry.
     pub async fn remove_fdb(&self, tenant: &str, mac: &str) -> Result<(), Error> {
-        let path = format!("/v1/tenants/{tenant}/fdb/{mac}");
+        let path = format!(
+            "/v1/tenants/{tenant}/fdb/{mac}",
+            tenant = seg(tenant),
+            mac = seg(mac)
+        );
         self.call("DELETE", &path, None::<&()>).await
     }
 

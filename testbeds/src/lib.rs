@@ -15,6 +15,7 @@
 //! * [`scratch`]: scratch directories removed on drop.
 //! * [`tour`]: the whole-system demo (two hosts, tenants, containers, a VM from a clone).
 //! * [`interrupt`]: Ctrl-C that unwinds a bed so that everything is cleaned up.
+//! * [`wait`]: waiting for events with generous deadlines (never for a fixed time).
 //!
 //! Everything here needs root (network namespaces); the library crates never depend on it.
 
@@ -33,6 +34,7 @@ pub mod switch_bed;
 pub mod switch_demo;
 pub mod tour;
 pub mod transport;
+pub mod wait;
 
 /// Errors of the test beds.
 #[derive(Debug, thiserror::Error)]

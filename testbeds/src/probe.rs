@@ -18,44 +18,57 @@ pub struct PingResult {
     pub payload: u16,
 }
 
-/// Runs `ping` in `ns` towards `to`: `count` echo requests with `payload` bytes, DF set.
+/// How long one echo request waits for its reply: generous, so that a loaded machine (or a
+/// TCG guest) answering late is not counted as a loss.
+pub const PING_REPLY_WAIT: Duration = Duration::from_secs(5);
+
+/// Sends `count` echo requests with `payload` bytes (DF set) from `ns` to `to`, one after the
+/// other, each waiting up to [`PING_REPLY_WAIT`] for its own reply (one `ping -c 1` each:
+/// a `ping -c N` run gives the last reply only twice the round trip seen so far).
 pub fn ping(ns: &Netns, to: IpAddr, count: u32, payload: u16) -> Result<PingResult, Error> {
-    let out = ns
-        .command(
-            "ping",
-            &[
-                "-n",
-                "-q",
-                "-c",
-                &count.to_string(),
-                "-i",
-                "0.2",
-                "-W",
-                "3",
-                "-M",
-                "do",
-                "-s",
-                &payload.to_string(),
-                &to.to_string(),
-            ],
-        )
-        .output()
-        .map_err(|e| Error::Io("ping".into(), e))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    // "5 packets transmitted, 5 received, 0% packet loss, time 803ms"
-    let line = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .ok_or_else(|| Error::Setup(format!("unexpected ping output: {text}")))?;
-    let mut nums = line.split(',').map(|part| {
-        part.split_whitespace()
-            .next()
+    let mut received = 0;
+    for _ in 0..count {
+        let out = ns
+            .command(
+                "ping",
+                &[
+                    "-n",
+                    "-q",
+                    "-c",
+                    "1",
+                    "-W",
+                    &PING_REPLY_WAIT.as_secs().to_string(),
+                    "-M",
+                    "do",
+                    "-s",
+                    &payload.to_string(),
+                    &to.to_string(),
+                ],
+            )
+            .output()
+            .map_err(|e| Error::Io("ping".into(), e))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "1 packets transmitted, 1 received, 0% packet loss, time 0ms"
+        let line = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .ok_or_else(|| {
+                Error::Setup(format!(
+                    "unexpected ping output: {text}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            })?;
+        let answered = line
+            .split(',')
+            .nth(1)
+            .and_then(|part| part.split_whitespace().next())
             .and_then(|n| n.parse::<u32>().ok())
-            .unwrap_or(0)
-    });
+            .unwrap_or(0);
+        received += answered.min(1);
+    }
     Ok(PingResult {
-        sent: nums.next().unwrap_or(0),
-        received: nums.next().unwrap_or(0),
+        sent: count,
+        received,
         payload,
     })
 }
@@ -119,7 +132,7 @@ pub fn tcp_transfer(
     let elapsed = client.enter(move || {
         let start = Instant::now();
         let mut s =
-            TcpStream::connect_timeout(&SocketAddr::new(addr, port), Duration::from_secs(5))
+            TcpStream::connect_timeout(&SocketAddr::new(addr, port), Duration::from_secs(20))
                 .map_err(io("connect"))?;
         s.set_write_timeout(Some(Duration::from_secs(30)))
             .map_err(io("timeout"))?;
@@ -143,7 +156,7 @@ pub fn tcp_transfer(
 
 /// Sends UDP datagrams of `size` bytes from `client` to `addr:port` in `server` at about
 /// `offered_bps` for `duration`, and returns the bits per second that arrived (measured over
-/// the sending window).
+/// the time the sender actually took).
 pub fn udp_rate(
     client: &Netns,
     server: &Netns,
@@ -156,17 +169,25 @@ pub fn udp_rate(
     use std::net::UdpSocket;
     let io = |what: &'static str| move |e| Error::Io(what.into(), e);
     let rx = server.enter(move || UdpSocket::bind((addr, port)).map_err(io("bind")))?;
-    rx.set_read_timeout(Some(Duration::from_millis(500)))
+    rx.set_read_timeout(Some(Duration::from_millis(200)))
         .map_err(io("timeout"))?;
+    // The receiver counts until the sender is done and nothing more arrives (not until some
+    // silence: a stall of the sender on a loaded machine must not end the count).
+    let sending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let still_sending = sending.clone();
     let counter = std::thread::spawn(move || {
         let mut buf = vec![0u8; 65536];
         let mut bytes = 0u64;
-        while let Ok(n) = rx.recv(&mut buf) {
-            bytes += n as u64;
+        loop {
+            match rx.recv(&mut buf) {
+                Ok(n) => bytes += n as u64,
+                Err(_) if still_sending.load(std::sync::atomic::Ordering::Acquire) => {}
+                Err(_) => break,
+            }
         }
         bytes
     });
-    client.enter(move || {
+    let sent_for = client.enter(move || {
         let tx = UdpSocket::bind(("0.0.0.0", 0)).map_err(io("bind"))?;
         tx.connect((addr, port)).map_err(io("connect"))?;
         let payload = vec![0x5a; size];
@@ -183,12 +204,75 @@ pub fn udp_rate(
                 std::thread::sleep(wait);
             }
         }
-        Ok(())
-    })?;
+        Ok(start.elapsed())
+    });
+    sending.store(false, std::sync::atomic::Ordering::Release);
+    let sent_for = sent_for?;
     let bytes = counter
         .join()
         .map_err(|_| Error::Setup("counter thread panicked".into()))?;
     // UDP payload bytes -> frame bits: add IP (20) + UDP (8) + Ethernet (14) per datagram.
     let frames = bytes as f64 / size as f64;
-    Ok((bytes as f64 + frames * 42.0) * 8.0 / duration.as_secs_f64())
+    Ok((bytes as f64 + frames * 42.0) * 8.0 / sent_for.as_secs_f64())
+}
+
+/// An `iperf3` server in a namespace, started and listening; killed on drop.
+pub struct Iperf3Server {
+    child: std::process::Child,
+}
+
+impl Iperf3Server {
+    /// Starts `iperf3 -s` (`-1`: one test) on `port` in `ns` and returns once it listens (its
+    /// banner says so; at most 30 s).
+    pub fn start(ns: &Netns, port: u16) -> Result<Iperf3Server, Error> {
+        use std::io::BufRead;
+        let mut child = ns
+            .command(
+                "iperf3",
+                &["-s", "-1", "--forceflush", "-p", &port.to_string()],
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| Error::Io("iperf3 -s".into(), e))?;
+        let out = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // The reader goes on draining the output, so that the server never blocks on it.
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("Server listening")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let mut server = Iperf3Server { child };
+        match rx.recv_timeout(crate::wait::SOON) {
+            Ok(()) => Ok(server),
+            Err(_) => {
+                let status = server.child.try_wait().ok().flatten();
+                Err(Error::Setup(format!(
+                    "iperf3 -s -p {port} did not listen within {} s (exit: {status:?})",
+                    crate::wait::SOON.as_secs()
+                )))
+            }
+        }
+    }
+
+    /// Waits for the server to end after its one test.
+    pub fn wait(mut self) {
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Iperf3Server {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }

@@ -41,7 +41,7 @@ const POOL: &str = "demo";
 /// The golden image's virtual size.
 const GOLDEN_SIZE: u64 = 256 << 20;
 /// How long the VM may take to boot and run its checks (TCG).
-const VM_TIMEOUT: Duration = Duration::from_secs(150);
+const VM_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How the tour attached its containers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -467,7 +467,8 @@ ip link set eth0 up
 ip addr add "$addr" dev eth0
 for t in "$@"; do
   [ "$t" = "${addr%/*}" ] && continue
-  if ping -c 2 -W 2 "$t" > /dev/null 2>&1; then
+  # First contact crosses the overlay under an emulated CPU: wait for it up to a minute.
+  if ping -c 1 -w 60 "$t" > /dev/null 2>&1; then
     echo "VM-PING $t $(awk -v t="$t" '$1 == t { print $4 }' /proc/net/arp)"
   else
     echo "VM-PING $t none"
@@ -704,7 +705,7 @@ fn vm_and_matrix(
                     targets
                         .iter()
                         .map(|t| {
-                            if *t == me.ip || ping(&c.ns, (*t).into(), 2, 56)?.received == 0 {
+                            if *t == me.ip || ping(&c.ns, (*t).into(), 1, 56)?.received == 0 {
                                 return Ok(None);
                             }
                             let neigh = c.ns.ip(&["neigh", "show", &t.to_string()])?;

@@ -207,10 +207,26 @@ fn lifecycle(link: &str) {
         .unwrap();
     assert!(d.ok, "{d:?}");
     // DEL without a namespace (the container's is gone already) and without prevResult.
+    let links = || -> Vec<Value> {
+        let (_, body) = bed.switch.request("GET", "/v1/ports", None).unwrap();
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["link"].clone())
+            .collect()
+    };
+    assert_eq!(links(), vec![json!("present")]);
     drop(c2);
-    // Its interface vanished with the namespace; vswitchd stops watching it instead of
-    // spinning on a descriptor that stays readable (a whole core before the fix).
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    // Its interface vanished with the namespace: the port says so (a stale port an operator
+    // can see and delete), and vswitchd stops watching it instead of spinning on a
+    // descriptor that stays readable (a whole core before the fix).
+    testbeds::wait::until(
+        "the port to show its interface gone",
+        testbeds::wait::SOON,
+        || links() == vec![json!("gone")],
+    )
+    .unwrap();
     let busy = cpu_ticks(&bed.switch, std::time::Duration::from_secs(1));
     assert!(
         busy < 30,
@@ -470,18 +486,14 @@ fn twenty_concurrent_add_del_pairs_leave_nothing() {
 /// TCP throughput (Mbit/s) from `from` to `to_ip` (an iperf3 server in `to`) over 2 s.
 fn throughput(from: &Netns, to: &Netns, to_ip: Ipv4Addr, port: u16) -> f64 {
     let p = port.to_string();
-    let mut server = to
-        .command("iperf3", &["-s", "-1", "-p", &p])
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let server = testbeds::probe::Iperf3Server::start(to, port).unwrap();
     let out = from
         .exec(
             "iperf3",
             &["-c", &to_ip.to_string(), "-p", &p, "-t", "2", "-J"],
         )
         .unwrap();
-    let _ = server.wait();
+    server.wait();
     let v: Value = serde_json::from_str(&out).unwrap();
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()

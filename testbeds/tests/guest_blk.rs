@@ -42,7 +42,7 @@ dd if=/dev/vda bs=1M skip=16 count=1 2>/dev/null | tr -d '\0' | wc -c
         &[(sock.clone(), 2)],
         script,
         &dir.join("vm1"),
-        Duration::from_secs(120),
+        Duration::from_secs(300),
     )
     .unwrap();
     assert_eq!(run.status, Some(0), "{}", run.console);
@@ -100,7 +100,7 @@ sync && umount /mnt && echo FS-MADE
         &[(sock.clone(), 1)],
         make,
         &dir.join("run1"),
-        Duration::from_secs(180),
+        Duration::from_secs(300),
     )
     .unwrap();
     assert_eq!(run.status, Some(0), "{}", run.console);
@@ -116,7 +116,7 @@ cd / && umount /mnt
         &[(sock.clone(), 1)],
         check,
         &dir.join("run2"),
-        Duration::from_secs(180),
+        Duration::from_secs(300),
     )
     .unwrap();
     assert_eq!(run.status, Some(0), "{}", run.console);
@@ -132,7 +132,7 @@ cd / && umount /mnt
         &[(sock2, 1)],
         check,
         &dir.join("run3"),
-        Duration::from_secs(180),
+        Duration::from_secs(300),
     )
     .unwrap();
     assert_eq!(run.status, Some(0), "{}", run.console);
@@ -219,13 +219,22 @@ echo "DMESG-IO-ERRORS $(dmesg | grep -ci 'i/o error')"
 "#;
     let mut guest = guest::Guest::boot(&image, &[(sock, 2)], script, &bed.dir.join("vm")).unwrap();
     guest
-        .wait_for("FIO-START", Duration::from_secs(120))
+        .wait_for("FIO-START", Duration::from_secs(300))
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Kill vblockd once fio is writing: its writes show in the volume's counters.
+    let writes = || -> u64 {
+        let v: vblock::api::VolumeInfo =
+            serde_json::from_str(&bed.call(&vblockd, "GET", "/v1/pools/p/volumes/vm", "")).unwrap();
+        v.io.writes
+    };
+    let before = writes();
+    testbeds::wait::until("fio's writes", Duration::from_secs(300), || {
+        writes() >= before + 200
+    })
+    .unwrap();
     vblockd.kill9();
-    std::thread::sleep(Duration::from_millis(500));
     let vblockd = bed.start();
-    let run = guest.finish(Duration::from_secs(300)).unwrap();
+    let run = guest.finish(Duration::from_secs(600)).unwrap();
     assert_eq!(run.status, Some(0), "{}", run.console);
     assert!(run.console.contains("FIO-OK 0 errors"), "{}", run.console);
     let io_errors = run
@@ -285,7 +294,7 @@ cd / && umount /mnt
 "#;
     let mut guest = guest::Guest::boot(&image, &[(sock, 1)], writer, &dir.join("run1")).unwrap();
     guest
-        .wait_for("SYNCED 10", Duration::from_secs(180))
+        .wait_for("SYNCED 10", Duration::from_secs(300))
         .unwrap();
     // Files announced before the snapshot must be in it, whole.
     let synced = guest
@@ -324,7 +333,7 @@ e2fsck -fn /dev/vda > /dev/null && echo FSCK-CLEAN
         &[(sock2, 1)],
         &check,
         &dir.join("run2"),
-        Duration::from_secs(180),
+        Duration::from_secs(300),
     )
     .unwrap();
     assert_eq!(run.status, Some(0), "{}", run.console);

@@ -82,7 +82,7 @@ ping -c 2 -W 1 10.9.0.1 > /dev/null 2>&1; echo "PING-OTHER-TENANT $?"
         &dir.join("vm1"),
     )
     .unwrap();
-    vm1.wait_for("VM-WAITING", Duration::from_secs(120))
+    vm1.wait_for("VM-WAITING", Duration::from_secs(300))
         .unwrap();
     let (_, info) = d.request("GET", "/v1/ports", None).unwrap();
     assert!(
@@ -102,7 +102,7 @@ ping -c 2 -W 1 10.9.0.1 > /dev/null 2>&1; echo "PING-OTHER-TENANT $?"
         &dir.join("vm2"),
     )
     .unwrap();
-    let run2 = vm2.finish(Duration::from_secs(120)).unwrap();
+    let run2 = vm2.finish(Duration::from_secs(300)).unwrap();
     assert!(
         run2.console.contains("PING-OTHER-TENANT 1"),
         "{}",
@@ -113,7 +113,7 @@ ping -c 2 -W 1 10.9.0.1 > /dev/null 2>&1; echo "PING-OTHER-TENANT $?"
     d = start_vswitchd(&host, underlay, dir.path(), &["--workers", "2"]).unwrap();
     vm1.send("switch-restarted", Duration::from_secs(60))
         .unwrap();
-    let run1 = vm1.finish(Duration::from_secs(180)).unwrap();
+    let run1 = vm1.finish(Duration::from_secs(300)).unwrap();
     assert!(
         run1.console.contains("PING-AFTER-RESTART 0"),
         "{}",
@@ -193,16 +193,20 @@ fn two_vms_on_two_hosts_talk_tcp_across_the_overlay() {
 ip link set eth0 up
 ip addr add 10.9.0.2/24 dev eth0
 echo "MTU $(cat /sys/class/net/eth0/mtu)"
-iperf3 -s -1 > /tmp/s 2>&1; echo "SERVER $?"
+iperf3 -s -1 --forceflush > /tmp/s 2>&1 &
+until grep -q "Server listening" /tmp/s; do sleep 0.1; done
+echo SERVER-LISTENING
+wait $!; echo "SERVER $?"
 tail -n 4 /tmp/s
 cat /proc/net/dev | grep eth0
 "#;
     let client = r#"
 ip link set eth0 up
 ip addr add 10.9.0.1/24 dev eth0
-i=0; until ping -c 1 -W 1 10.9.0.2 > /dev/null 2>&1 || [ $i -ge 90 ]; do i=$((i+1)); done
-ping -c 3 -W 2 10.9.0.2 > /tmp/p 2>&1; echo "PING $?"
-sleep 1
+wait-host server-listening
+# The host's deadline bounds the wait for the overlay path.
+until ping -c 1 -W 1 10.9.0.2 > /dev/null 2>&1; do :; done
+ping -c 3 -W 5 10.9.0.2 > /tmp/p 2>&1; echo "PING $?"
 iperf3 -c 10.9.0.2 -t 5 > /tmp/c 2>&1; echo "IPERF $?"
 cat /tmp/c
 cat /proc/net/dev | grep eth0
@@ -214,10 +218,14 @@ cat /proc/net/dev | grep eth0
             &format!("02:00:00:00:0a:0{n}"),
         )
     };
-    let vm2 =
+    let mut vm2 =
         guest::Guest::boot_with_nics(&image, &[], &[nic(2)], server, &dir.join("vm2")).unwrap();
-    let vm1 =
+    let mut vm1 =
         guest::Guest::boot_with_nics(&image, &[], &[nic(1)], client, &dir.join("vm1")).unwrap();
+    vm2.wait_for("SERVER-LISTENING", Duration::from_secs(300))
+        .unwrap();
+    vm1.send("server-listening", Duration::from_secs(300))
+        .unwrap();
     let run1 = vm1.finish(Duration::from_secs(300)).unwrap();
     let run2 = vm2.finish(Duration::from_secs(60)).unwrap();
     let both = format!("vm1:\n{}\nvm2:\n{}", run1.console, run2.console);
@@ -281,22 +289,17 @@ fn a_vm_with_two_queue_pairs_sends_on_both_and_two_workers_serve_them() {
         r#"{"name":"vm1","tenant":"a","kind":"vhost-user-net","mac":"02:00:00:00:0a:01"}"#,
     );
     // One iperf3 server per guest CPU.
-    let servers: Vec<_> = ["5201", "5202"]
-        .iter()
-        .map(|p| {
-            ct.command("iperf3", &["-s", "-1", "-p", p])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap()
-        })
+    let servers: Vec<_> = [5201, 5202]
+        .into_iter()
+        .map(|p| testbeds::probe::Iperf3Server::start(&ct, p).unwrap())
         .collect();
     // A TCP stream from each vCPU: Linux maps CPU k to transmit queue k (XPS).
     let script = r#"
 ip link set eth0 up
 ip addr add 10.9.0.2/24 dev eth0
 echo "CPUS $(nproc) QUEUES $(ls /sys/class/net/eth0/queues | tr '\n' ' ')"
-i=0; until ping -c 1 -W 1 10.9.0.1 > /dev/null 2>&1 || [ $i -ge 90 ]; do i=$((i+1)); done
+# The host's deadline bounds the wait for the path to the container.
+until ping -c 1 -W 1 10.9.0.1 > /dev/null 2>&1; do :; done
 taskset 1 iperf3 -c 10.9.0.1 -p 5201 -t 3 > /tmp/a 2>&1 &
 taskset 2 iperf3 -c 10.9.0.1 -p 5202 -t 3 > /tmp/b 2>&1 &
 wait
@@ -309,10 +312,7 @@ echo "STREAMS $(cat /tmp/a /tmp/b | grep -c receiver)"
     };
     let vm = guest::Guest::boot_with_nics(&image, &[], &[nic], script, &dir.join("vm1")).unwrap();
     let run = vm.finish(Duration::from_secs(300)).unwrap();
-    for mut s in servers {
-        let _ = s.kill();
-        let _ = s.wait();
-    }
+    drop(servers);
     let (_, port) = d.request("GET", "/v1/ports/vm1", None).unwrap();
     let info = format!("{}\n{port}", run.console);
     assert!(run.console.contains("CPUS 2"), "{info}");

@@ -412,9 +412,17 @@ fn pools_volumes_images_snapshots_and_restarts() {
             }
         })
     };
-    while acked.load(Ordering::SeqCst) < 40 {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    testbeds::wait::until(
+        "40 acknowledged flushes",
+        std::time::Duration::from_secs(300),
+        || acked.load(Ordering::SeqCst) >= 40 || writer.is_finished(),
+    )
+    .unwrap();
+    assert!(
+        acked.load(Ordering::SeqCst) >= 40,
+        "the writer stopped after {} flushes",
+        acked.load(Ordering::SeqCst)
+    );
     d.kill9();
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();

@@ -221,6 +221,10 @@ fn a_restarted_backend_resubmits_what_its_predecessor_took_from_the_inflight_rec
     // is past it.
     // The connection goes first, so that no backend can take the request for real.
     r.disconnect();
+    testbeds::wait::until("the backend to let go", testbeds::wait::SOON, || {
+        export.stats().active == 0
+    })
+    .unwrap();
     let chain = write(&mut r, 16, 0x77);
     let head = r.post(&chain, false);
     let (info, file) = record.as_ref().unwrap();

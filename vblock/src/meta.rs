@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::Error;
-use crate::format::{FANOUT, LEVELS, MAX_VOLUME_CLUSTERS, NAME_LEN, SUBCLUSTERS};
+use crate::format::{FANOUT, LEVELS, MAX_VOLUME_CLUSTERS, SUBCLUSTERS};
 
 /// A mapped virtual cluster: its data cluster and which subclusters hold data.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -344,16 +344,8 @@ impl Meta {
     }
 
     fn check_name(&self, name: &str) -> Result<(), Error> {
-        if name.is_empty() || name.len() > NAME_LEN {
-            return Err(Error::Invalid(format!(
-                "volume name {name:?}: 1 to {NAME_LEN} bytes"
-            )));
-        }
-        if name.contains('/') || name.chars().any(char::is_control) {
-            return Err(Error::Invalid(format!(
-                "volume name {name:?}: no '/' or control characters"
-            )));
-        }
+        // The one rule for names (64 bytes: what a volume record holds, NAME_LEN).
+        daemon_kit::names::check_name("volume", name).map_err(Error::Invalid)?;
         if self.names.contains_key(name) {
             return Err(Error::Exists(name.into()));
         }

@@ -249,33 +249,80 @@ fn parse_super(block: &[u8]) -> Option<Superblock> {
     ok.then_some(sb)
 }
 
+/// Where a pool's areas lie on a device (blocks) and how many data clusters it has.
+struct Layout {
+    journal_start: u64,
+    journal_blocks: u64,
+    ckpt0: u64,
+    ckpt1: u64,
+    ckpt_blocks: u64,
+    data_start: u64,
+    clusters: u64,
+}
+
+/// Plans the areas of a pool on a device of `size` bytes.
+fn layout(size: u64, opts: &PoolOptions) -> Result<Layout, Error> {
+    let blocks = size / BLOCK_SIZE as u64;
+    let journal_blocks = opts
+        .journal_blocks
+        .unwrap_or((blocks / 256).clamp(256, 65536));
+    let ckpt_blocks = opts
+        .ckpt_blocks
+        .unwrap_or((blocks / 64).clamp(256, 1 << 20));
+    if journal_blocks < 4 || ckpt_blocks < 4 {
+        return Err(Error::Invalid(
+            "journal and checkpoint areas: at least 4 blocks".into(),
+        ));
+    }
+    let per_cluster = (CLUSTER_SIZE / BLOCK_SIZE) as u64;
+    let journal_start = 2;
+    let ckpt0 = journal_start + journal_blocks;
+    let ckpt1 = ckpt0 + ckpt_blocks;
+    let data_start = (ckpt1 + ckpt_blocks).div_ceil(per_cluster) * per_cluster;
+    let clusters = blocks.saturating_sub(data_start) / per_cluster;
+    let min = (data_start + per_cluster) * BLOCK_SIZE as u64;
+    if clusters == 0 {
+        return Err(Error::Invalid(format!(
+            "pool size {size} bytes: too small; a pool needs at least {min} bytes ({} MiB) for \
+             its metadata and one data cluster",
+            min.div_ceil(1 << 20)
+        )));
+    }
+    if clusters > u32::MAX as u64 - 1 {
+        return Err(Error::Invalid(format!(
+            "pool size {size} bytes: too large; at most {} data clusters of {CLUSTER_SIZE} bytes",
+            u32::MAX - 1
+        )));
+    }
+    Ok(Layout {
+        journal_start,
+        journal_blocks,
+        ckpt0,
+        ckpt1,
+        ckpt_blocks,
+        data_start,
+        clusters,
+    })
+}
+
 impl<D: Device> Pool<D> {
+    /// Checks that a device of `size` bytes can hold a pool with `opts` (before a pool file
+    /// is made for it): the error says why not.
+    pub fn check_size(size: u64, opts: &PoolOptions) -> Result<(), Error> {
+        layout(size, opts).map(|_| ())
+    }
+
     /// Formats `dev` as an empty pool.
     pub fn create(dev: D, opts: PoolOptions) -> Result<Pool<D>, Error> {
-        let blocks = dev.size() / BLOCK_SIZE as u64;
-        let journal_blocks = opts
-            .journal_blocks
-            .unwrap_or((blocks / 256).clamp(256, 65536));
-        let ckpt_blocks = opts
-            .ckpt_blocks
-            .unwrap_or((blocks / 64).clamp(256, 1 << 20));
-        if journal_blocks < 4 || ckpt_blocks < 4 {
-            return Err(Error::Invalid(
-                "journal and checkpoint areas: at least 4 blocks".into(),
-            ));
-        }
-        let per_cluster = (CLUSTER_SIZE / BLOCK_SIZE) as u64;
-        let journal_start = 2;
-        let ckpt0 = journal_start + journal_blocks;
-        let ckpt1 = ckpt0 + ckpt_blocks;
-        let data_start = (ckpt1 + ckpt_blocks).div_ceil(per_cluster) * per_cluster;
-        let clusters = blocks.saturating_sub(data_start) / per_cluster;
-        if clusters == 0 || clusters > u32::MAX as u64 - 1 {
-            return Err(Error::Invalid(format!(
-                "device of {} bytes: too small or too large for a pool",
-                dev.size()
-            )));
-        }
+        let Layout {
+            journal_start,
+            journal_blocks,
+            ckpt0,
+            ckpt1,
+            ckpt_blocks,
+            data_start,
+            clusters,
+        } = layout(dev.size(), &opts)?;
         let sb = Superblock {
             magic: SUPER_MAGIC,
             version: U32::new(VERSION),
@@ -328,6 +375,12 @@ impl<D: Device> Pool<D> {
     /// Opens a pool: the newest valid superblock, its checkpoint, the journal's complete
     /// transactions; the result is folded into a new checkpoint.
     pub fn open(dev: D) -> Result<Pool<D>, Error> {
+        if dev.size() < 2 * BLOCK_SIZE as u64 {
+            return Err(Error::NotAPool(format!(
+                "{} bytes: too small to hold a pool's superblocks",
+                dev.size()
+            )));
+        }
         let mut two = vec![0u8; 2 * BLOCK_SIZE];
         dev.read_at(0, &mut two)
             .map_err(io("reading the superblocks"))?;

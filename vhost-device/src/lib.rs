@@ -95,6 +95,7 @@ pub struct StartedQueue {
 #[derive(Debug, Default)]
 pub struct Stats {
     connections: AtomicU64,
+    ended: AtomicU64,
     resubmitted: AtomicU64,
 }
 
@@ -102,6 +103,13 @@ impl Stats {
     /// Frontend connections served so far.
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Connections being served now (0 or 1): a connection ends once every queue of it has
+    /// stopped.
+    pub fn active(&self) -> u64 {
+        self.connections()
+            .saturating_sub(self.ended.load(Ordering::Acquire))
     }
 
     /// Requests found in flight when a connection started (taken by a predecessor that was
@@ -142,6 +150,7 @@ pub fn serve_connection<D: VhostDevice>(
         }
     }
     handler.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
+    stats.ended.fetch_add(1, Ordering::Release);
     Ok(())
 }
 

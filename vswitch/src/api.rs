@@ -161,6 +161,21 @@ pub struct PortInfo {
     /// A vhost-user-net port's socket, for the VMM (`RUN_DIR/vhost/<port>.sock`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
+    /// A TAP or veth port's interface: `present`, or `gone` when it vanished without the
+    /// port being deleted (its container's network namespace was removed without a CNI
+    /// DEL). A gone port forwards nothing; delete it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<PortLink>,
+}
+
+/// Whether a port's kernel interface exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortLink {
+    /// The interface exists.
+    Present,
+    /// The interface vanished (with its network namespace); the port is stale.
+    Gone,
 }
 
 /// One queue pair of a vhost-user-net port.

@@ -322,6 +322,16 @@ impl Datapath {
             .unwrap_or(0)
     }
 
+    /// Whether a TAP or veth port's interface still exists (`None` for other ports).
+    pub fn port_link(&self, name: &str) -> Option<crate::api::PortLink> {
+        let id = self.switch.port_id(name)?;
+        match self.endpoints.get(&id)? {
+            Endpoint::Tap(t) if t.is_present() => Some(crate::api::PortLink::Present),
+            Endpoint::Tap(_) => Some(crate::api::PortLink::Gone),
+            Endpoint::Vhost(_) => None,
+        }
+    }
+
     /// The queue pairs of vhost-user-net port `name`: the worker serving each, and its frame
     /// counts.
     pub fn vhost_queue_pairs(&self, name: &str) -> Vec<crate::api::QueuePairInfo> {

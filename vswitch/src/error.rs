@@ -27,6 +27,9 @@ pub enum Error {
         /// What is wrong with it.
         why: String,
     },
+    /// A name breaks the rule for names (`daemon_kit::names`).
+    #[error("{0}")]
+    BadName(String),
     /// A system call failed.
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),

@@ -89,20 +89,9 @@ impl PortConfig {
         }
     }
 
-    /// Checks the name (1–15 bytes of `[A-Za-z0-9_.-]`, a Linux interface name).
+    /// Checks the name ([`daemon_kit::names::check_port_name`]: a Linux interface name).
     pub fn validate(&self) -> Result<(), Error> {
-        let ok = !self.name.is_empty()
-            && self.name.len() <= 15
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-        if !ok {
-            return Err(Error::invalid(
-                "port name",
-                format!("{:?}: 1-15 characters of A-Z a-z 0-9 _ . -", self.name),
-            ));
-        }
+        daemon_kit::names::check_port_name(&self.name).map_err(Error::BadName)?;
         if let Some(sec) = &self.security
             && !sec.mac.is_unicast()
         {

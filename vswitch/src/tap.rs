@@ -267,6 +267,28 @@ impl Tap {
         })
     }
 
+    /// Whether the interface still exists. A TAP moved into a container's network namespace
+    /// disappears with that namespace (the descriptor then answers `EBADFD`); a veth pair
+    /// disappears with its container end.
+    pub fn is_present(&self) -> bool {
+        match self.device {
+            Device::Tun => {
+                // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
+                let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+                // SAFETY: TUNGETIFF fills the `ifreq` it is given, valid for the call.
+                let r = unsafe {
+                    libc::ioctl(
+                        self.file.as_raw_fd(),
+                        libc::TUNGETIFF,
+                        &mut req as *mut libc::ifreq,
+                    )
+                };
+                r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EBADFD)
+            }
+            Device::Veth => nix::net::if_::if_nametoindex(self.name.as_str()).is_ok(),
+        }
+    }
+
     /// Whether this is a veth's host end (removing the port deletes the pair).
     pub fn is_veth(&self) -> bool {
         self.device == Device::Veth

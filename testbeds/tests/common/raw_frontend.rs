@@ -130,11 +130,10 @@ impl Ring {
         }
     }
 
-    /// Closes the vhost-user connection (as a frontend whose backend died) and waits until
-    /// the backend has let go of the queue; the rings stay writable here.
+    /// Closes the vhost-user connection (as a frontend whose backend died); the rings stay
+    /// writable here. The caller waits for the backend to let go (its connection counters).
     pub fn disconnect(&mut self) {
         self.fe = None;
-        std::thread::sleep(Duration::from_millis(100));
     }
 
     /// Puts a chain of (address, length, device-writable) descriptors on the ring; with
@@ -174,9 +173,23 @@ impl Ring {
         head
     }
 
-    /// Waits (at most 5 s) for the backend's next completion; returns its length.
+    /// Waits for the backend's next completion (at most 30 s: generous for one that is
+    /// expected; a test that expects none waits that long); returns its length.
     pub fn wait_used(&mut self) -> Option<u32> {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        self.wait_used_within(Duration::from_secs(30))
+    }
+
+    /// Puts a chain on the ring, notifies the backend and expects no completion: true if
+    /// none came within `quiet`.
+    pub fn submit_unanswered(&mut self, descs: &[(u64, u32, bool)], quiet: Duration) -> bool {
+        self.post(descs, false);
+        let _ = self.kick.write(1);
+        self.wait_used_within(quiet).is_none()
+    }
+
+    /// Waits up to `timeout` for the backend's next completion; returns its length.
+    pub fn wait_used_within(&mut self, timeout: Duration) -> Option<u32> {
+        let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             let used: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
             if used != self.used_seen {

@@ -25,15 +25,28 @@ use crate::{Error, Kind, Pool, PoolOptions, Qos};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
-/// Maps store errors to API errors.
+/// Maps store errors to API errors: what the caller can fix is 4xx, with the system's
+/// reason (a missing file, no permission, a file in the way); only our own failures are 500.
 pub fn api_error(e: Error) -> ApiError {
+    use std::io::ErrorKind;
     let m = e.to_string();
     match e {
         Error::NotFound(_) => ApiError::NotFound(m),
         Error::Exists(_) | Error::ReadOnly(_) => ApiError::Conflict(m),
-        Error::Invalid(_) | Error::OutOfRange(_) => ApiError::Invalid(m),
+        Error::Invalid(_) | Error::OutOfRange(_) | Error::NotAPool(_) => ApiError::Invalid(m),
         Error::NoSpace => ApiError::NoSpace(m),
-        Error::Corrupt(_) | Error::NotAPool(_) | Error::Io(..) => ApiError::Internal(m),
+        Error::Io(_, ref err) => match err.kind() {
+            ErrorKind::NotFound => ApiError::NotFound(m),
+            ErrorKind::AlreadyExists => ApiError::Conflict(m),
+            ErrorKind::PermissionDenied
+            | ErrorKind::ReadOnlyFilesystem
+            | ErrorKind::IsADirectory
+            | ErrorKind::InvalidInput
+            | ErrorKind::FileTooLarge => ApiError::Invalid(m),
+            ErrorKind::StorageFull | ErrorKind::QuotaExceeded => ApiError::NoSpace(m),
+            _ => ApiError::Internal(m),
+        },
+        Error::Corrupt(_) => ApiError::Internal(m),
     }
 }
 
@@ -242,17 +255,27 @@ pub struct Control {
 }
 
 fn check_pool_name(name: &str) -> Result<()> {
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
+    daemon_kit::names::check_name("pool", name).map_err(ApiError::Invalid)
+}
+
+/// A pool path must be absolute (a relative one would depend on the daemon's working
+/// directory) and its directory must exist.
+fn check_pool_path(path: &Path) -> Result<()> {
+    if !path.is_absolute() {
         return Err(ApiError::Invalid(format!(
-            "pool name {name:?}: 1 to 64 of A-Z a-z 0-9 - _ ."
+            "pool path {}: give an absolute path (the daemon does not share your working \
+             directory)",
+            path.display()
         )));
     }
-    Ok(())
+    match path.parent() {
+        Some(dir) if !dir.is_dir() => Err(ApiError::Invalid(format!(
+            "pool path {}: the directory {} does not exist; create it first",
+            path.display(),
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 impl Control {
@@ -377,6 +400,7 @@ impl Control {
     }
 
     fn open(&self, spec: PoolSpec) -> Result<Arc<PoolHandle>> {
+        check_pool_path(&spec.path)?;
         let pool = match spec.size {
             Some(size) => {
                 if spec.path.exists() {
@@ -385,23 +409,25 @@ impl Control {
                         spec.path.display()
                     )));
                 }
-                let dev = UringDevice::create_preallocated(&spec.path, size, spec.preallocation)
+                Pool::<UringDevice>::check_size(size, &PoolOptions::default())
                     .map_err(api_error)?;
-                Pool::create(dev, PoolOptions::default()).map_err(|e| match e {
-                    Error::Invalid(m) => ApiError::Invalid(m),
-                    e => api_error(e),
-                })?
+                // A create that fails leaves nothing behind (a retry must not find a file).
+                let made = UringDevice::create_preallocated(&spec.path, size, spec.preallocation)
+                    .and_then(|dev| Pool::create(dev, PoolOptions::default()));
+                match made {
+                    Ok(pool) => pool,
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&spec.path);
+                        return Err(api_error(e));
+                    }
+                }
             }
             None => {
-                let dev = UringDevice::open(&spec.path).map_err(|e| match e {
-                    Error::Io(what, err) if err.kind() == std::io::ErrorKind::NotFound => {
-                        ApiError::NotFound(format!("{what}: {err}"))
-                    }
-                    e => api_error(e),
-                })?;
+                let dev = UringDevice::open(&spec.path).map_err(api_error)?;
                 Pool::open(dev).map_err(|e| match e {
                     Error::NotAPool(m) => ApiError::Invalid(format!(
-                        "{}: not a vblock pool: {m}",
+                        "{}: not a vblock pool ({m}); to make a new pool there give a size \
+                         (and a path where no file is)",
                         spec.path.display()
                     )),
                     e => api_error(e),

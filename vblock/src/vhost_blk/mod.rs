@@ -534,6 +534,8 @@ impl<D: Device + 'static> VhostDevice for BlkBackend<D> {
 pub struct ExportStats {
     /// Frontend connections served so far.
     pub connections: u64,
+    /// Connections being served now (0 or 1).
+    pub active: u64,
     /// Requests found in flight when a connection started, run again.
     pub resubmitted: u64,
 }
@@ -584,6 +586,7 @@ impl Export {
     pub fn stats(&self) -> ExportStats {
         ExportStats {
             connections: self.server.stats().connections(),
+            active: self.server.stats().active(),
             resubmitted: self.server.stats().resubmitted(),
         }
     }

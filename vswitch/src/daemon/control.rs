@@ -68,7 +68,9 @@ impl From<Error> for ControlError {
             Error::TenantExists(_) | Error::PortExists(_) | Error::TenantInUse(..) => {
                 ControlError::Conflict(m)
             }
-            Error::Invalid { .. } | Error::Overlay(_) => ControlError::Invalid(m),
+            Error::Invalid { .. } | Error::BadName(_) | Error::Overlay(_) => {
+                ControlError::Invalid(m)
+            }
             Error::Io(..) => ControlError::Internal(m),
         }
     }
@@ -263,6 +265,7 @@ impl Control {
 
     /// Creates a tenant.
     pub fn create_tenant(&mut self, spec: TenantSpec) -> Result<TenantInfo> {
+        daemon_kit::names::check_name("tenant", &spec.name).map_err(ControlError::Invalid)?;
         let vni = Vni::new(spec.vni).map_err(|e| ControlError::Invalid(e.to_string()))?;
         let limits = TenantLimits {
             max_learned: spec.max_macs.unwrap_or(TenantLimits::default().max_learned),
@@ -372,7 +375,7 @@ impl Control {
             .cloned()
             .ok_or_else(|| ControlError::NotFound(format!("no port {name}")))?;
         let n = name.to_owned();
-        let (counters, worker, mtu, queue_pairs) = self.dp.with(|dp| {
+        let (counters, worker, mtu, queue_pairs, link) = self.dp.with(|dp| {
             let sw = dp.switch();
             let tenant = sw
                 .port_id(&n)
@@ -384,6 +387,7 @@ impl Control {
                 dp.port_worker(&n),
                 mtu,
                 dp.vhost_queue_pairs(&n),
+                dp.port_link(&n),
             )
         });
         let socket = (spec.kind == "vhost-user-net").then(|| self.vhost_socket(&spec.name));
@@ -394,6 +398,7 @@ impl Control {
             mtu,
             queue_pairs,
             socket,
+            link,
         })
     }
 

@@ -358,7 +358,7 @@ fn status(host: &libvirtual::host::Host, out: Output) -> Result<(), Error> {
     print_table(&rows);
     println!("\nPORTS");
     let mut rows = vec![
-        ["NAME", "TENANT", "KIND", "RX", "TX", "DROPS"]
+        ["NAME", "TENANT", "KIND", "LINK", "RX", "TX", "DROPS"]
             .map(String::from)
             .to_vec(),
     ];
@@ -367,6 +367,7 @@ fn status(host: &libvirtual::host::Host, out: Output) -> Result<(), Error> {
             p.spec.name.clone(),
             p.spec.tenant.clone(),
             p.spec.kind.clone(),
+            link(p),
             p.counters.rx_packets.to_string(),
             p.counters.tx_packets.to_string(),
             drops(&p.counters),
@@ -414,6 +415,16 @@ fn status(host: &libvirtual::host::Host, out: Output) -> Result<(), Error> {
     Ok(())
 }
 
+/// A port's interface as a table cell: `present`, `GONE` (its namespace vanished without a
+/// CNI DEL: the port is stale and should be deleted), or `-` (no kernel interface).
+fn link(p: &vswitch::api::PortInfo) -> String {
+    match p.link {
+        Some(vswitch::api::PortLink::Present) => "present".into(),
+        Some(vswitch::api::PortLink::Gone) => "GONE (netns removed; delete the port)".into(),
+        None => "-".into(),
+    }
+}
+
 pub(crate) fn done(out: Output, what: String) {
     match out {
         Output::Json => println!("{}", serde_json::json!({ "ok": what })),
@@ -453,8 +464,8 @@ fn run(c: &Client, cmd: Net, out: Output) -> Result<(), Error> {
     let port_rows = |ps: &Vec<vswitch::api::PortInfo>| {
         let mut rows = vec![
             vec![
-                "NAME", "TENANT", "NETNS", "SECURITY", "RX PKTS", "RX BYTES", "TX PKTS",
-                "TX BYTES", "DROPS",
+                "NAME", "TENANT", "KIND", "LINK", "NETNS", "SECURITY", "RX PKTS", "RX BYTES",
+                "TX PKTS", "TX BYTES", "DROPS",
             ]
             .into_iter()
             .map(String::from)
@@ -464,6 +475,8 @@ fn run(c: &Client, cmd: Net, out: Output) -> Result<(), Error> {
             vec![
                 p.spec.name.clone(),
                 p.spec.tenant.clone(),
+                p.spec.kind.clone(),
+                link(p),
                 p.spec.netns.clone().unwrap_or_else(|| "-".into()),
                 p.spec.mac.clone().unwrap_or_else(|| "-".into()),
                 p.counters.rx_packets.to_string(),
