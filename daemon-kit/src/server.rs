@@ -12,13 +12,34 @@ use tracing::{error, info};
 pub fn init_logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: logs redirected to a file or a journal stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     if json {
         tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
             .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .with_ansi(ansi)
+            .with_env_filter(filter)
+            .init();
+    }
+}
+
+/// Runs a daemon's or tool's `main` body: an error ends the process with exit status 1
+/// after one line naming the program and the error's chain of causes (never a backtrace:
+/// a startup error is a message for the user, whatever `RUST_BACKTRACE` says).
+pub fn run_main(
+    program: &str,
+    body: impl FnOnce() -> anyhow::Result<()>,
+) -> std::process::ExitCode {
+    match body() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
@@ -259,16 +280,17 @@ mod tests {
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct CommonArgs {
     /// TOML config file (flags override it).
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
-    /// Directory of the control socket (default /run/libvirtual as root).
-    #[arg(long)]
+    /// Directory of the control socket and vhost-user sockets [default: /run/libvirtual as
+    /// root, $XDG_RUNTIME_DIR/libvirtual otherwise].
+    #[arg(long, value_name = "DIR")]
     pub run_dir: Option<std::path::PathBuf>,
-    /// Directory of the persisted state (default /var/lib/libvirtual).
-    #[arg(long)]
+    /// Directory of the persisted state [default: /var/lib/libvirtual].
+    #[arg(long, value_name = "DIR")]
     pub state_dir: Option<std::path::PathBuf>,
-    /// Log format: human or json.
-    #[arg(long)]
+    /// Log format [default: human].
+    #[arg(long, value_parser = ["human", "json"])]
     pub log_format: Option<String>,
 }
 
@@ -309,5 +331,28 @@ impl CommonArgs {
                 .unwrap_or_else(|| std::path::PathBuf::from("/var/lib/libvirtual")),
             json_logs: json_logs(&format)?,
         })
+    }
+}
+
+/// A JSON request body, parsed whatever its `content-type` says (`curl -d` sends
+/// `application/x-www-form-urlencoded` unless told otherwise, and the API takes only JSON).
+/// A body that is not the JSON expected is refused as `invalid` (400) with serde's reason.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<T, S> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::Invalid(format!("request body: {}", e.body_text())))?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::Invalid(format!("request body is not the JSON expected: {e}")))
     }
 }

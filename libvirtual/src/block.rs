@@ -298,7 +298,7 @@ impl AsyncClient {
         let size = len.div_ceil(512) * 512;
         let existed = match self.volume(pool, name).await {
             Ok(v) if v.size < size => {
-                return Err(Error::Protocol(format!(
+                return Err(Error::Refused(format!(
                     "{len} bytes do not fit volume {name} ({} bytes)",
                     v.size
                 )));
@@ -321,7 +321,10 @@ impl AsyncClient {
             image
                 .read_exact(&mut buf[..n])
                 .await
-                .map_err(|e| Error::Protocol(format!("reading the image at {off}: {e}")))?;
+                .map_err(|source| Error::File {
+                    what: format!("reading the image at {off}"),
+                    source,
+                })?;
             let padded = n.div_ceil(512) * 512;
             buf[n..padded].fill(0);
             let mut at = 0;
@@ -360,7 +363,10 @@ impl AsyncClient {
         progress: &mut dyn FnMut(u64),
     ) -> Result<VolumeInfo, Error> {
         let v = self.volume(pool, name).await?;
-        let werr = |e: std::io::Error| Error::Protocol(format!("writing the image: {e}"));
+        let werr = |source| Error::File {
+            what: "writing the image".into(),
+            source,
+        };
         let mut off = 0u64;
         while off < v.size {
             let n = (v.size - off).min(TRANSFER_CHUNK);

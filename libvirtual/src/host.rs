@@ -47,6 +47,10 @@ pub struct Inventory {
     pub pools: Vec<PoolInventory>,
     /// Running vhost-user-blk exports.
     pub exports: Vec<VhostInfo>,
+    /// Daemons that could not be reached, each with why (`vswitchd: cannot reach ...`):
+    /// their parts above are empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unreachable: Vec<String>,
 }
 
 /// A pool and its volumes.
@@ -119,19 +123,53 @@ impl Host {
         }
     }
 
-    /// Reads everything both daemons run.
+    /// Reads everything both daemons run. A daemon that cannot be reached is named in
+    /// [`Inventory::unreachable`] and the other's part is still read; if neither can be
+    /// reached, that is the error.
     pub fn inventory(&self) -> Result<Inventory, Error> {
-        let mut pools = Vec::new();
-        for pool in self.block.pools()? {
-            let volumes = self.block.volumes(&pool.name)?;
-            pools.push(PoolInventory { pool, volumes });
+        let mut unreachable = Vec::new();
+        let mut inv = Inventory {
+            tenants: Vec::new(),
+            ports: Vec::new(),
+            pools: Vec::new(),
+            exports: Vec::new(),
+            unreachable: Vec::new(),
+        };
+        let net = (|| -> Result<(), Error> {
+            inv.tenants = self.net.tenants()?;
+            inv.ports = self.net.ports()?;
+            Ok(())
+        })();
+        let net_down = match net {
+            Err(e @ Error::Connect { .. }) => Some(e),
+            other => {
+                other?;
+                None
+            }
+        };
+        let block = (|| -> Result<(), Error> {
+            for pool in self.block.pools()? {
+                let volumes = self.block.volumes(&pool.name)?;
+                inv.pools.push(PoolInventory { pool, volumes });
+            }
+            inv.exports = self.block.vhost_exports()?;
+            Ok(())
+        })();
+        let block_down = match block {
+            Err(e @ Error::Connect { .. }) => Some(e),
+            other => {
+                other?;
+                None
+            }
+        };
+        match (net_down, block_down) {
+            (Some(e), Some(_)) => return Err(e),
+            (Some(e), None) => unreachable.push(format!("vswitchd: {e}")),
+            (None, Some(e)) => unreachable.push(format!("vblockd: {e}")),
+            (None, None) => {}
         }
-        Ok(Inventory {
-            tenants: self.net.tenants()?,
-            ports: self.net.ports()?,
-            pools,
-            exports: self.block.vhost_exports()?,
-        })
+        inv.unreachable = unreachable;
+        Ok(inv)
     }
 
     /// Attaches a VM: a vhost-user-net port `name` on `tenant` with `mac` (port security
@@ -284,7 +322,10 @@ impl<'h> Pool<'h> {
 
     /// Imports raw image file `path` as volume `name` (zeros are not stored).
     pub fn import(&self, name: &str, path: &Path) -> Result<Volume<'h>, Error> {
-        let local = |e: std::io::Error| Error::Protocol(format!("{}: {e}", path.display()));
+        let local = |source| Error::File {
+            what: path.display().to_string(),
+            source,
+        };
         let mut file = std::fs::File::open(path).map_err(local)?;
         let len = file.metadata().map_err(local)?.len();
         self.host

@@ -46,8 +46,8 @@ pub use vswitch;
 /// Errors of the clients.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The daemon's socket could not be reached.
-    #[error("cannot reach {socket}: {source}")]
+    /// The daemon's socket could not be reached (the message says what to do).
+    #[error("cannot reach {socket}: {}", connect_advice(source))]
     Connect {
         /// The socket path.
         socket: String,
@@ -77,4 +77,35 @@ pub enum Error {
     /// The answer was not what the API promises.
     #[error("unexpected answer: {0}")]
     Protocol(String),
+    /// A local file (an image to import or export) could not be read or written.
+    #[error("{what}: {source}")]
+    File {
+        /// The file and what was being done.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The request cannot be made as asked (checked before anything was sent).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// What a failed connection to a daemon's socket means, and what to do about it.
+fn connect_advice(e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::PermissionDenied => format!(
+            "{e}: the daemons' sockets are for root only (mode 0600); run this as root \
+             (e.g. sudo)"
+        ),
+        ErrorKind::NotFound => format!(
+            "{e}: is the daemon running? (start it, or point --socket at the socket it serves)"
+        ),
+        ErrorKind::ConnectionRefused => format!(
+            "{e}: a socket file is there but no daemon listens on it (it stopped; start it \
+             again)"
+        ),
+        _ => e.to_string(),
+    }
 }

@@ -4,7 +4,7 @@
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A bad argument (name, size, range).
-    #[error("invalid: {0}")]
+    #[error("{0}")]
     Invalid(String),
     /// No volume or snapshot of that name.
     #[error("no such volume or snapshot: {0}")]

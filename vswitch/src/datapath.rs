@@ -224,13 +224,29 @@ impl Datapath {
             }
             Some(p) => {
                 let ifname = p.ifname.clone();
+                let netns = p.netns.clone();
                 let ns = open_netns(&p.netns)?;
-                let existing = in_netns(Some(ns), move || {
-                    if nix::net::if_::if_nametoindex(ifname.as_str()).is_err() {
-                        return Ok(None);
-                    }
-                    Tap::create_persistent(&ifname, offloads).map(Some)
-                })?;
+                let existing =
+                    in_netns(Some(ns), move || {
+                        if nix::net::if_::if_nametoindex(ifname.as_str()).is_err() {
+                            return Ok(None);
+                        }
+                        // Ours from before a restart: attach again. Anything else is in the way.
+                        Tap::create_persistent(&ifname, offloads)
+                        .map(Some)
+                        .map_err(|e| match e {
+                            Error::Io(_, io)
+                                if matches!(io.raw_os_error(), Some(libc::EINVAL | libc::EBUSY)) =>
+                            {
+                                Error::InterfaceInUse(format!(
+                                    "{} has an interface named {ifname} already (not a TAP this \
+                                     port can take over): pick another ifname or remove it",
+                                    netns.display()
+                                ))
+                            }
+                            e => e,
+                        })
+                    })?;
                 match existing {
                     Some(tap) => tap,
                     None => {
@@ -261,7 +277,16 @@ impl Datapath {
         let mtu = self.check_new_port(tenant, &config)?;
         let name = config.name.clone();
         if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
-            create_veth(&name, placement, mtu)?;
+            create_veth(&name, placement, mtu).map_err(|e| match e {
+                Error::Io(_, io) if io.kind() == std::io::ErrorKind::AlreadyExists => {
+                    Error::InterfaceInUse(format!(
+                        "{} has an interface named {} already: pick another ifname or remove it",
+                        placement.netns.display(),
+                        placement.ifname
+                    ))
+                }
+                e => e,
+            })?;
         }
         let port = Tap::open_veth(&name).and_then(|t| self.attach_interface(tenant, config, t));
         if port.is_err() {

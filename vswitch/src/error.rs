@@ -27,6 +27,10 @@ pub enum Error {
         /// What is wrong with it.
         why: String,
     },
+    /// An interface of that name exists where the port's interface should go, and it is not
+    /// one the port can take over.
+    #[error("{0}")]
+    InterfaceInUse(String),
     /// A name breaks the rule for names (`daemon_kit::names`).
     #[error("{0}")]
     BadName(String),

@@ -24,8 +24,17 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::Io(what, e)
 }
 
+/// A netlink error with its errno kept (so that `EEXIST` stays `AlreadyExists`).
 fn rt_err(what: &'static str) -> impl FnOnce(rtnetlink::Error) -> Error {
-    move |e| Error::Io(what.into(), std::io::Error::other(e.to_string()))
+    move |e| {
+        let io = match &e {
+            rtnetlink::Error::NetlinkError(m) if m.raw_code() < 0 => {
+                std::io::Error::from_raw_os_error(-m.raw_code())
+            }
+            _ => std::io::Error::other(e.to_string()),
+        };
+        Error::Io(what.into(), io)
+    }
 }
 
 /// Opens a namespace file.

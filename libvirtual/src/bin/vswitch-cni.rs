@@ -8,6 +8,18 @@ use std::process::ExitCode;
 use libvirtual::cni::{self, CniError, Env};
 
 fn main() -> ExitCode {
+    // Run by hand (no CNI_COMMAND): say what this is, as the reference plugins do.
+    if std::env::var_os("CNI_COMMAND").is_none_or(|c| c.is_empty()) {
+        eprintln!(
+            "CNI vswitch-cni plugin v{}: attaches containers to libvirtual vswitchd tenants",
+            env!("CARGO_PKG_VERSION")
+        );
+        eprintln!(
+            "CNI protocol versions supported: {}",
+            cni::SUPPORTED_VERSIONS.join(", ")
+        );
+        return ExitCode::SUCCESS;
+    }
     let mut stdin = Vec::new();
     let read = std::io::stdin().read_to_end(&mut stdin);
     let (out, version) = match (Env::from_vars(|k| std::env::var(k).ok()), read) {

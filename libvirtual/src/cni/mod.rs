@@ -14,4 +14,4 @@ pub mod sandbox;
 pub mod spec;
 
 pub use plugin::run;
-pub use spec::{CniError, CniResult, Command, Env, NetConf};
+pub use spec::{CniError, CniResult, Command, Env, NetConf, SUPPORTED_VERSIONS};

@@ -28,6 +28,15 @@ pub const LABEL_IFNAME: &str = "cni.ifname";
 /// Runs one plugin invocation: `env` and the configuration on `stdin`. Returns what to
 /// print on success (None: nothing) and the spec version to print errors in.
 pub fn run(env: &Env, stdin: &[u8]) -> (Result<Option<Value>, CniError>, String) {
+    // VERSION needs no configuration (as with the reference plugins): the runtime may send
+    // none, or just `{"cniVersion": ...}`.
+    if env.command == Command::Version {
+        let asked = serde_json::from_slice::<Value>(stdin)
+            .ok()
+            .and_then(|v| v["cniVersion"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "1.1.0".into());
+        return (Ok(Some(version_answer(&asked))), asked);
+    }
     let raw: Value = match serde_json::from_slice(stdin) {
         Ok(v) => v,
         Err(e) => {
@@ -37,9 +46,6 @@ pub fn run(env: &Env, stdin: &[u8]) -> (Result<Option<Value>, CniError>, String)
         }
     };
     let version = raw["cniVersion"].as_str().unwrap_or("1.1.0").to_owned();
-    if env.command == Command::Version {
-        return (Ok(Some(version_answer(&version))), version);
-    }
     let out = Plugin::new(env, raw).and_then(|p| p.dispatch());
     (out, version)
 }

@@ -54,8 +54,12 @@ fn parse_pool(s: &str) -> Result<PoolSpec, String> {
     })
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    daemon_kit::run_main("vblockd", || serve(args))
+}
+
+fn serve(args: Args) -> anyhow::Result<()> {
     let file = match &args.common.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),

@@ -5,11 +5,12 @@ use std::sync::{Arc, Mutex};
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use daemon_kit::JsonBody;
 use daemon_kit::{ApiError, blocking};
 use serde::{Deserialize, Serialize};
 
@@ -92,9 +93,9 @@ async fn list_pools(State(s): State<Shared>) -> ApiResult<Response> {
 
 async fn create_pool(
     State(s): State<Shared>,
-    body: Result<Json<PoolSpec>, JsonRejection>,
+    body: Result<JsonBody<PoolSpec>, daemon_kit::ApiError>,
 ) -> ApiResult<Response> {
-    let Json(spec) = body?;
+    let JsonBody(spec) = body?;
     Ok(created(run(s, move |c| c.create_pool(spec)).await?))
 }
 
@@ -145,9 +146,9 @@ async fn list_volumes(State(s): State<Shared>, Path(pool): Path<String>) -> ApiR
 async fn create_volume(
     State(s): State<Shared>,
     Path(pool): Path<String>,
-    body: Result<Json<VolumeSpec>, JsonRejection>,
+    body: Result<JsonBody<VolumeSpec>, daemon_kit::ApiError>,
 ) -> ApiResult<Response> {
-    let Json(spec) = body?;
+    let JsonBody(spec) = body?;
     Ok(created(
         on_pool(s, pool, move |h| h.create_volume(&spec)).await?,
     ))
@@ -173,18 +174,18 @@ async fn delete_volume(
 async fn resize(
     State(s): State<Shared>,
     Path((pool, name)): Path<(String, String)>,
-    body: Result<Json<ResizeSpec>, JsonRejection>,
+    body: Result<JsonBody<ResizeSpec>, daemon_kit::ApiError>,
 ) -> ApiResult<Response> {
-    let Json(r) = body?;
+    let JsonBody(r) = body?;
     Ok(ok(on_pool(s, pool, move |h| h.resize(&name, r.size)).await?))
 }
 
 async fn set_qos(
     State(s): State<Shared>,
     Path((pool, name)): Path<(String, String)>,
-    body: Result<Json<QosSpec>, JsonRejection>,
+    body: Result<JsonBody<QosSpec>, daemon_kit::ApiError>,
 ) -> ApiResult<Response> {
-    let Json(q) = body?;
+    let JsonBody(q) = body?;
     Ok(ok(on_pool(s, pool, move |h| h.set_qos(&name, q)).await?))
 }
 
@@ -265,18 +266,18 @@ async fn list_exports(State(s): State<Shared>) -> ApiResult<Response> {
 async fn snapshot(
     State(s): State<Shared>,
     Path(pool): Path<String>,
-    body: Result<Json<SnapshotSpec>, JsonRejection>,
+    body: Result<JsonBody<SnapshotSpec>, daemon_kit::ApiError>,
 ) -> ApiResult<Response> {
-    let Json(spec) = body?;
+    let JsonBody(spec) = body?;
     Ok(created(on_pool(s, pool, move |h| h.snapshot(&spec)).await?))
 }
 
 async fn clone_snapshot(
     State(s): State<Shared>,
     Path(pool): Path<String>,
-    body: Result<Json<CloneSpec>, JsonRejection>,
+    body: Result<JsonBody<CloneSpec>, daemon_kit::ApiError>,
 ) -> ApiResult<Response> {
-    let Json(spec) = body?;
+    let JsonBody(spec) = body?;
     Ok(created(
         on_pool(s, pool, move |h| h.clone_snapshot(&spec)).await?,
     ))

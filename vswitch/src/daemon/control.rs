@@ -65,13 +65,23 @@ impl From<Error> for ControlError {
         let m = e.to_string();
         match e {
             Error::NoSuchTenant(_) | Error::NoSuchPort(_) => ControlError::NotFound(m),
-            Error::TenantExists(_) | Error::PortExists(_) | Error::TenantInUse(..) => {
-                ControlError::Conflict(m)
-            }
+            Error::TenantExists(_)
+            | Error::PortExists(_)
+            | Error::TenantInUse(..)
+            | Error::InterfaceInUse(_) => ControlError::Conflict(m),
             Error::Invalid { .. } | Error::BadName(_) | Error::Overlay(_) => {
                 ControlError::Invalid(m)
             }
-            Error::Io(..) => ControlError::Internal(m),
+            // What the caller can fix is theirs (a name taken in a namespace, a namespace
+            // that does not exist, no permission); only our own failures are internal.
+            Error::Io(_, ref io) => match io.kind() {
+                std::io::ErrorKind::AlreadyExists => ControlError::Conflict(m),
+                std::io::ErrorKind::NotFound => ControlError::NotFound(m),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::InvalidInput => {
+                    ControlError::Invalid(m)
+                }
+                _ => ControlError::Internal(m),
+            },
         }
     }
 }

@@ -5,11 +5,11 @@ use std::sync::{Arc, Mutex};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
+use daemon_kit::JsonBody;
 use serde::Serialize;
 
 use super::control::{Control, ControlError};
@@ -46,9 +46,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<JsonRejection> for ApiError {
-    fn from(r: JsonRejection) -> Self {
-        ApiError(ControlError::Invalid(r.body_text()))
+impl From<daemon_kit::ApiError> for ApiError {
+    fn from(e: daemon_kit::ApiError) -> Self {
+        ApiError(ControlError::Invalid(e.message().to_owned()))
     }
 }
 
@@ -103,9 +103,9 @@ async fn list_tenants(State(s): State<Shared>) -> ApiResult<Response> {
 
 async fn create_tenant(
     State(s): State<Shared>,
-    body: Result<Json<TenantSpec>, JsonRejection>,
+    body: Result<JsonBody<TenantSpec>, daemon_kit::ApiError>,
 ) -> ApiResult<Response> {
-    let Json(spec) = body?;
+    let JsonBody(spec) = body?;
     Ok(created(run(s, move |c| c.create_tenant(spec)).await?))
 }
 
@@ -127,9 +127,9 @@ async fn list_vteps(State(s): State<Shared>, Path(name): Path<String>) -> ApiRes
 async fn add_vtep(
     State(s): State<Shared>,
     Path(name): Path<String>,
-    body: Result<Json<VtepSpec>, JsonRejection>,
+    body: Result<JsonBody<VtepSpec>, daemon_kit::ApiError>,
 ) -> ApiResult<Response> {
-    let Json(v) = body?;
+    let JsonBody(v) = body?;
     run(s, move |c| c.add_vtep(&name, v.ip)).await?;
     Ok(created(v))
 }
@@ -150,9 +150,9 @@ async fn list_fdb(State(s): State<Shared>, Path(name): Path<String>) -> ApiResul
 async fn add_fdb(
     State(s): State<Shared>,
     Path(name): Path<String>,
-    body: Result<Json<FdbEntrySpec>, JsonRejection>,
+    body: Result<JsonBody<FdbEntrySpec>, daemon_kit::ApiError>,
 ) -> ApiResult<Response> {
-    let Json(e) = body?;
+    let JsonBody(e) = body?;
     let echo = e.clone();
     run(s, move |c| c.add_fdb(&name, e)).await?;
     Ok(created(echo))
@@ -172,9 +172,9 @@ async fn list_ports(State(s): State<Shared>) -> ApiResult<Response> {
 
 async fn create_port(
     State(s): State<Shared>,
-    body: Result<Json<PortSpec>, JsonRejection>,
+    body: Result<JsonBody<PortSpec>, daemon_kit::ApiError>,
 ) -> ApiResult<Response> {
-    let Json(spec) = body?;
+    let JsonBody(spec) = body?;
     Ok(created(run(s, move |c| c.create_port(spec)).await?))
 }
 

@@ -36,12 +36,18 @@ pub enum PoolCmd {
     /// List pools.
     List,
     /// Show one pool.
-    Show { name: String },
+    Show {
+        /// The pool's name (see NAMES in `vctl --help`).
+        name: String,
+    },
     /// Serve a pool: with --size, create and format a new pool file at PATH; without, open the
     /// existing pool there.
     Create {
+        /// The pool's name (see NAMES in `vctl --help`).
         name: String,
+        /// The pool file (or block device); a relative path is taken from the current directory.
         path: PathBuf,
+        /// Size of a new pool file (suffixes K M G T: 20G); without it the pool at PATH is opened.
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
         /// With --size: how the file's space is reserved, `falloc` (instant) or `full` (zeros
@@ -50,15 +56,23 @@ pub enum PoolCmd {
         preallocation: vblock::api::Preallocation,
     },
     /// Stop serving a pool (its file stays).
-    Remove { name: String },
+    Remove {
+        /// The pool's name (see NAMES in `vctl --help`).
+        name: String,
+    },
     /// Verify a pool's metadata (and reclaim leaked space with --repair).
     Check {
+        /// The pool's name (see NAMES in `vctl --help`).
         name: String,
+        /// Reclaim leaked space (otherwise the check only reads).
         #[arg(long)]
         repair: bool,
     },
     /// Commit a pool now: everything written so far becomes durable.
-    Flush { name: String },
+    Flush {
+        /// The pool's name (see NAMES in `vctl --help`).
+        name: String,
+    },
     /// vblockd's metrics (Prometheus text format).
     Metrics,
 }
@@ -68,24 +82,36 @@ pub enum VolumeCmd {
     /// List volumes, snapshots and clones.
     List,
     /// Show one.
-    Show { name: String },
+    Show {
+        /// The volume, snapshot or clone.
+        name: String,
+    },
     /// Create a thin volume.
     Create {
+        /// The volume's name.
         name: String,
+        /// Virtual size (suffixes K M G T: 10G; a multiple of 512); thin: it may exceed the pool.
         #[arg(long, value_parser = parse_size)]
         size: u64,
     },
     /// Delete a volume, snapshot or clone.
-    Delete { name: String },
+    Delete {
+        /// The volume, snapshot or clone.
+        name: String,
+    },
     /// Grow a volume.
     Resize {
+        /// The volume's name.
         name: String,
+        /// The new, larger size (suffixes K M G T).
         #[arg(long, value_parser = parse_size)]
         size: u64,
     },
     /// Set I/O limits (0: unlimited); they apply at once.
     Limit {
+        /// The volume's name.
         name: String,
+        /// Requests per second.
         #[arg(long, default_value_t = 0)]
         iops: u64,
         /// Bytes per second (suffixes allowed).
@@ -95,6 +121,7 @@ pub enum VolumeCmd {
     /// Zero a range (whole 4 KiB blocks are released and read as zeros; the volume gets
     /// thinner), e.g. to wipe a volume: `--offset 0 --length SIZE`.
     Zero {
+        /// The volume's name.
         name: String,
         /// Byte offset (suffixes allowed; a multiple of 512).
         #[arg(long, value_parser = parse_size, default_value = "0")]
@@ -105,9 +132,19 @@ pub enum VolumeCmd {
     },
     /// Copy a raw image into a volume (created with the image's size if it does not exist);
     /// all-zero 4 KiB blocks are skipped, so the volume stays thin.
-    Import { name: String, file: PathBuf },
+    Import {
+        /// The volume to fill (created if it does not exist).
+        name: String,
+        /// The image file.
+        file: PathBuf,
+    },
     /// Copy a volume or snapshot into a raw image file (sparse where the volume reads zeros).
-    Export { name: String, file: PathBuf },
+    Export {
+        /// The volume or snapshot to copy.
+        name: String,
+        /// The image file to write (replaced if it exists).
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -115,15 +152,28 @@ pub enum SnapshotCmd {
     /// List snapshots.
     List,
     /// Show one snapshot.
-    Show { name: String },
+    Show {
+        /// The snapshot.
+        name: String,
+    },
     /// Take a snapshot of a volume.
-    Create { volume: String, name: String },
+    Create {
+        /// The volume (or snapshot) to take it of.
+        volume: String,
+        /// The snapshot's name (e.g. golden@v1).
+        name: String,
+    },
     /// Delete a snapshot.
-    Delete { name: String },
+    Delete {
+        /// The snapshot.
+        name: String,
+    },
     /// Write the blocks in which SNAPSHOT differs from --from (or all its data) to FILE: a diff
     /// stream that `diff-import` applies on another pool.
     DiffExport {
+        /// The snapshot whose blocks are sent.
         snapshot: String,
+        /// The stream file to write.
         file: PathBuf,
         /// The older snapshot the receiver already has.
         #[arg(long)]
@@ -131,7 +181,12 @@ pub enum SnapshotCmd {
     },
     /// Apply a diff stream to VOLUME (created from a full stream if it does not exist); the
     /// whole stream is checked before anything is written.
-    DiffImport { volume: String, file: PathBuf },
+    DiffImport {
+        /// The volume to apply it to.
+        volume: String,
+        /// The stream file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -141,12 +196,17 @@ pub enum VhostCmd {
     /// Export a volume (a snapshot read-only) on RUN_DIR/vhost/VOLUME.sock for QEMU's
     /// `-device vhost-user-blk-pci`.
     Create {
+        /// The volume or snapshot.
         volume: String,
+        /// Virtqueues (a worker thread and an io_uring ring each).
         #[arg(long, default_value_t = 1)]
         queues: usize,
     },
     /// Stop an export.
-    Delete { volume: String },
+    Delete {
+        /// The exported volume.
+        volume: String,
+    },
 }
 
 /// Runs a vhost command.
@@ -185,11 +245,22 @@ pub enum CloneCmd {
     /// List clones (volumes made from a snapshot).
     List,
     /// Show one clone.
-    Show { name: String },
+    Show {
+        /// The clone.
+        name: String,
+    },
     /// Make a writable clone of a snapshot.
-    Create { snapshot: String, name: String },
+    Create {
+        /// The snapshot to clone.
+        snapshot: String,
+        /// The new volume's name.
+        name: String,
+    },
     /// Delete a clone (the snapshot it came from stays).
-    Delete { name: String },
+    Delete {
+        /// The clone.
+        name: String,
+    },
 }
 
 /// The clones among a pool's volumes: writable volumes whose parent is a snapshot.
@@ -207,7 +278,7 @@ fn one_clone(c: &Client, pool: &str, name: &str) -> Result<VolumeInfo, Error> {
         .into_iter()
         .find(|v| v.name == name)
         .ok_or_else(|| match c.volume(pool, name) {
-            Ok(_) => Error::Protocol(format!("{name} is not a clone of a snapshot")),
+            Ok(_) => Error::Refused(format!("{name} is not a clone of a snapshot")),
             Err(e) => e,
         })
 }
@@ -345,15 +416,16 @@ fn progress(total: u64, what: &str) -> ProgressBar {
 /// Names the file in a local error of an import or export.
 fn in_file(e: Error, file: &std::path::Path) -> Error {
     match e {
-        Error::Protocol(m) if m.contains("the image") => {
-            Error::Protocol(format!("{}: {m}", file.display()))
-        }
+        Error::File { what, source } => Error::File {
+            what: format!("{}: {what}", file.display()),
+            source,
+        },
         e => e,
     }
 }
 
 fn local(what: String) -> impl FnOnce(std::io::Error) -> Error {
-    move |e| Error::Protocol(format!("{what}: {e}"))
+    move |source| Error::File { what, source }
 }
 
 /// Runs a volume command.
@@ -438,7 +510,7 @@ pub fn snapshot(c: &Client, pool: &str, cmd: SnapshotCmd, out: Output) -> Result
         SnapshotCmd::Show { name } => {
             let v = c.volume(pool, &name)?;
             if v.kind != "snapshot" {
-                return Err(Error::Protocol(format!("{name} is not a snapshot")));
+                return Err(Error::Refused(format!("{name} is not a snapshot")));
             }
             emit(out, &vec![v], |v| volume_rows(v));
         }
@@ -454,7 +526,7 @@ pub fn snapshot(c: &Client, pool: &str, cmd: SnapshotCmd, out: Output) -> Result
         } => {
             let v = c.volume(pool, &snapshot)?;
             if v.kind != "snapshot" {
-                return Err(Error::Protocol(format!("{snapshot} is not a snapshot")));
+                return Err(Error::Refused(format!("{snapshot} is not a snapshot")));
             }
             let ranges = c.diff(pool, &snapshot, from.as_deref())?;
             let total: u64 = ranges.iter().filter(|r| !r.zero).map(|r| r.length).sum();
@@ -481,7 +553,10 @@ pub fn snapshot(c: &Client, pool: &str, cmd: SnapshotCmd, out: Output) -> Result
             }
             let f = w.finish().map_err(werr())?;
             f.into_inner()
-                .map_err(|e| Error::Protocol(format!("writing {}: {e}", file.display())))?
+                .map_err(|e| Error::File {
+                    what: format!("writing {}", file.display()),
+                    source: e.into_error(),
+                })?
                 .sync_all()
                 .map_err(werr())?;
             bar.finish_and_clear();
@@ -514,7 +589,7 @@ pub fn snapshot(c: &Client, pool: &str, cmd: SnapshotCmd, out: Output) -> Result
             }
             match c.volume(pool, &volume) {
                 Ok(v) if v.size != head.size => {
-                    return Err(Error::Protocol(format!(
+                    return Err(Error::Refused(format!(
                         "{}: a diff of a {} byte volume, {volume} has {}",
                         file.display(),
                         head.size,
@@ -559,7 +634,7 @@ pub fn snapshot(c: &Client, pool: &str, cmd: SnapshotCmd, out: Output) -> Result
         SnapshotCmd::Delete { name } => {
             let v = c.volume(pool, &name)?;
             if v.kind != "snapshot" {
-                return Err(Error::Protocol(format!("{name} is not a snapshot")));
+                return Err(Error::Refused(format!("{name} is not a snapshot")));
             }
             c.delete_volume(pool, &name)?;
             done(out, format!("deleted snapshot {name}"));

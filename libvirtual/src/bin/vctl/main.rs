@@ -20,11 +20,24 @@ use serde::Serialize;
 use vswitch::api::{CountersInfo, FdbEntrySpec, PortSpec, RateLimitSpec, TenantSpec};
 
 #[derive(Parser)]
-#[command(name = "vctl", version, about = "Control libvirtual's daemons")]
+#[command(
+    name = "vctl",
+    version,
+    about = "Control libvirtual's daemons",
+    after_help = "NAMES: tenants, ports, pools, volumes, snapshots and clones are named with 1 to 64 \
+characters of A-Z a-z 0-9 _ . - @, starting with a letter or digit (ports: at most 15, no @).\n\
+EXIT CODES: 0 done, 1 the daemon refused or a local file failed, 2 bad usage, 3 a daemon \
+cannot be reached.\n\
+The daemons' sockets are root-only: run vctl as root."
+)]
 struct Cli {
     /// Output format.
     #[arg(long, short, value_enum, global = true, default_value = "table")]
     output: Output,
+    /// The API socket of the daemon the command talks to [default: RUN_DIR/vswitchd.sock
+    /// for `net`, RUN_DIR/vblockd.sock for the others; RUN_DIR is /run/libvirtual as root]
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Top,
 }
@@ -39,25 +52,16 @@ pub(crate) enum Output {
 enum Top {
     /// The virtual switch (vswitchd).
     Net {
-        /// vswitchd's API socket.
-        #[arg(long, global = true)]
-        socket: Option<PathBuf>,
         #[command(subcommand)]
         command: Net,
     },
     /// Storage pools (vblockd).
     Pool {
-        /// vblockd's API socket.
-        #[arg(long, global = true)]
-        socket: Option<PathBuf>,
         #[command(subcommand)]
         command: block::PoolCmd,
     },
     /// Thin volumes (vblockd).
     Volume {
-        /// vblockd's API socket.
-        #[arg(long, global = true)]
-        socket: Option<PathBuf>,
         /// The pool.
         #[arg(long, global = true, default_value = "default")]
         pool: String,
@@ -66,9 +70,6 @@ enum Top {
     },
     /// Read-only snapshots of volumes (vblockd).
     Snapshot {
-        /// vblockd's API socket.
-        #[arg(long, global = true)]
-        socket: Option<PathBuf>,
         /// The pool.
         #[arg(long, global = true, default_value = "default")]
         pool: String,
@@ -77,9 +78,6 @@ enum Top {
     },
     /// vhost-user-blk exports of volumes to VMs (vblockd).
     Vhost {
-        /// vblockd's API socket.
-        #[arg(long, global = true)]
-        socket: Option<PathBuf>,
         /// The pool.
         #[arg(long, global = true, default_value = "default")]
         pool: String,
@@ -88,9 +86,6 @@ enum Top {
     },
     /// Writable clones of snapshots (vblockd).
     Clone {
-        /// vblockd's API socket.
-        #[arg(long, global = true)]
-        socket: Option<PathBuf>,
         /// The pool.
         #[arg(long, global = true, default_value = "default")]
         pool: String,
@@ -119,7 +114,8 @@ enum Net {
     /// Tenants: isolated L2 networks keyed by a VXLAN VNI.
     #[command(subcommand)]
     Tenant(TenantCmd),
-    /// Ports: TAP interfaces attached to a tenant.
+    /// Ports: a container's TAP or veth interface, or a VM's vhost-user-net socket, on a
+    /// tenant.
     #[command(subcommand)]
     Port(PortCmd),
     /// Remote VTEPs of a tenant (head-end replication).
@@ -137,9 +133,13 @@ enum TenantCmd {
     /// List tenants.
     List,
     /// Show one tenant.
-    Show { name: String },
+    Show {
+        /// The tenant's name (see NAMES in `vctl --help`).
+        name: String,
+    },
     /// Create a tenant.
     Create {
+        /// The tenant's name (see NAMES in `vctl --help`).
         name: String,
         /// VXLAN network identifier.
         #[arg(long)]
@@ -152,7 +152,10 @@ enum TenantCmd {
         max_macs: Option<usize>,
     },
     /// Delete a tenant without ports.
-    Delete { name: String },
+    Delete {
+        /// The tenant's name (see NAMES in `vctl --help`).
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -160,11 +163,16 @@ enum PortCmd {
     /// List ports with counters.
     List,
     /// Show one port.
-    Show { name: String },
+    Show {
+        /// The port's name.
+        name: String,
+    },
     /// Create a port: a TAP, a veth pair (its other end in --netns) or a VM's
     /// vhost-user-net socket.
     Create {
+        /// The port's name (also the interface's name in vswitchd's namespace: at most 15 characters).
         name: String,
+        /// The tenant it joins.
         #[arg(long)]
         tenant: String,
         /// Port kind.
@@ -190,73 +198,91 @@ enum PortCmd {
         rate_pps: Option<u64>,
     },
     /// Delete a port (its interface disappears).
-    Delete { name: String },
+    Delete {
+        /// The port's name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum VtepCmd {
     /// List a tenant's remote VTEPs.
-    List { tenant: String },
+    List {
+        /// The tenant.
+        tenant: String,
+    },
     /// Add a remote VTEP.
     #[command(visible_alias = "create")]
-    Add { tenant: String, ip: IpAddr },
+    Add {
+        /// The tenant.
+        tenant: String,
+        /// The remote VTEP's underlay address (IPv4 or IPv6).
+        ip: IpAddr,
+    },
     /// Remove a remote VTEP.
     #[command(visible_alias = "delete")]
-    Remove { tenant: String, ip: IpAddr },
+    Remove {
+        /// The tenant.
+        tenant: String,
+        /// The remote VTEP's underlay address (IPv4 or IPv6).
+        ip: IpAddr,
+    },
 }
 
 #[derive(Subcommand)]
 enum FdbCmd {
     /// Show a tenant's forwarding table.
-    List { tenant: String },
+    List {
+        /// The tenant.
+        tenant: String,
+    },
     /// Add a static entry: the MAC lives at a local port or a remote VTEP.
     #[command(visible_alias = "create")]
     Add {
+        /// The tenant.
         tenant: String,
+        /// The MAC address (02:00:00:00:00:01).
         mac: String,
+        /// The local port the MAC lives at.
         #[arg(long, conflicts_with = "vtep", required_unless_present = "vtep")]
         port: Option<String>,
+        /// The remote VTEP the MAC lives behind.
         #[arg(long)]
         vtep: Option<IpAddr>,
     },
     /// Remove an entry.
     #[command(visible_alias = "delete")]
-    Remove { tenant: String, mac: String },
+    Remove {
+        /// The tenant.
+        tenant: String,
+        /// The MAC address.
+        mac: String,
+    },
 }
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = Cli::parse();
     let out = cli.output;
+    let socket = cli.socket;
+    if socket.is_some() && matches!(cli.command, Top::Status { .. }) {
+        eprintln!("vctl: status talks to both daemons: use --vswitchd-socket and --vblockd-socket");
+        return ExitCode::from(2);
+    }
     let bsock = |s: Option<PathBuf>| {
         libvirtual::block::Client::new(s.unwrap_or_else(libvirtual::block::default_socket))
     };
     let result = match cli.command {
-        Top::Net { socket, command } => run(
+        Top::Net { command } => run(
             &Client::new(socket.unwrap_or_else(default_socket)),
             command,
             out,
         ),
-        Top::Pool { socket, command } => block::pool(&bsock(socket), command, out),
-        Top::Volume {
-            socket,
-            pool,
-            command,
-        } => block::volume(&bsock(socket), &pool, command, out),
-        Top::Snapshot {
-            socket,
-            pool,
-            command,
-        } => block::snapshot(&bsock(socket), &pool, command, out),
-        Top::Clone {
-            socket,
-            pool,
-            command,
-        } => block::clone(&bsock(socket), &pool, command, out),
-        Top::Vhost {
-            socket,
-            pool,
-            command,
-        } => block::vhost(&bsock(socket), &pool, command, out),
+        Top::Pool { command } => block::pool(&bsock(socket), command, out),
+        Top::Volume { pool, command } => block::volume(&bsock(socket), &pool, command, out),
+        Top::Snapshot { pool, command } => block::snapshot(&bsock(socket), &pool, command, out),
+        Top::Clone { pool, command } => block::clone(&bsock(socket), &pool, command, out),
+        Top::Vhost { pool, command } => block::vhost(&bsock(socket), &pool, command, out),
         Top::Status {
             vswitchd_socket,
             vblockd_socket,
@@ -281,6 +307,17 @@ fn main() -> ExitCode {
                 _ => ExitCode::from(1),
             }
         }
+    }
+}
+
+/// Lets a closed pipe end vctl quietly, as it ends other Unix tools (`vctl ... | head`):
+/// Rust ignores SIGPIPE, and printing to a closed pipe would panic.
+#[allow(unsafe_code)]
+fn restore_sigpipe() {
+    // SAFETY: resetting a signal's disposition to its default at the start of main, before
+    // any thread exists; no handler is installed.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
@@ -339,79 +376,92 @@ fn status(host: &libvirtual::host::Host, out: Output) -> Result<(), Error> {
         return Ok(());
     }
     let human = block::human;
-    println!("TENANTS");
-    let mut rows = vec![
-        ["NAME", "VNI", "MTU", "PORTS", "VTEPS", "MACS"]
-            .map(String::from)
-            .to_vec(),
-    ];
-    rows.extend(inv.tenants.iter().map(|t| {
-        vec![
-            t.name.clone(),
-            t.vni.to_string(),
-            t.mtu.to_string(),
-            t.ports.len().to_string(),
-            t.vteps.len().to_string(),
-            t.learned_macs.to_string(),
-        ]
-    }));
-    print_table(&rows);
-    println!("\nPORTS");
-    let mut rows = vec![
-        ["NAME", "TENANT", "KIND", "LINK", "RX", "TX", "DROPS"]
-            .map(String::from)
-            .to_vec(),
-    ];
-    rows.extend(inv.ports.iter().map(|p| {
-        vec![
-            p.spec.name.clone(),
-            p.spec.tenant.clone(),
-            p.spec.kind.clone(),
-            link(p),
-            p.counters.rx_packets.to_string(),
-            p.counters.tx_packets.to_string(),
-            drops(&p.counters),
-        ]
-    }));
-    print_table(&rows);
-    println!("\nVOLUMES");
-    let mut rows = vec![
-        [
-            "POOL",
-            "NAME",
-            "KIND",
-            "PARENT",
-            "SIZE",
-            "ALLOCATED",
-            "EXPORTED",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ];
-    for p in &inv.pools {
-        rows.extend(p.volumes.iter().map(|v| {
-            let exported = inv
-                .exports
-                .iter()
-                .any(|e| e.pool == p.pool.name && e.volume == v.name);
+    for down in &inv.unreachable {
+        eprintln!("vctl: {down}");
+    }
+    let reached = |daemon: &str| !inv.unreachable.iter().any(|d| d.starts_with(daemon));
+    if reached("vswitchd") {
+        println!("TENANTS");
+        let mut rows = vec![
+            ["NAME", "VNI", "MTU", "PORTS", "VTEPS", "MACS"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        rows.extend(inv.tenants.iter().map(|t| {
             vec![
-                p.pool.name.clone(),
-                v.name.clone(),
-                v.kind.clone(),
-                v.parent.clone().unwrap_or_else(|| "-".into()),
-                human(v.size),
-                human(v.allocated),
-                if exported { "vhost-user-blk" } else { "-" }.to_owned(),
+                t.name.clone(),
+                t.vni.to_string(),
+                t.mtu.to_string(),
+                t.ports.len().to_string(),
+                t.vteps.len().to_string(),
+                t.learned_macs.to_string(),
             ]
         }));
+        print_table(&rows);
+        println!("\nPORTS");
+        let mut rows = vec![
+            ["NAME", "TENANT", "KIND", "LINK", "RX", "TX", "DROPS"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        rows.extend(inv.ports.iter().map(|p| {
+            vec![
+                p.spec.name.clone(),
+                p.spec.tenant.clone(),
+                p.spec.kind.clone(),
+                link(p),
+                p.counters.rx_packets.to_string(),
+                p.counters.tx_packets.to_string(),
+                drops(&p.counters),
+            ]
+        }));
+        print_table(&rows);
+        println!();
+    } else {
+        println!("TENANTS, PORTS: not shown (vswitchd cannot be reached)\n");
     }
-    print_table(&rows);
-    let (mapped, used) = inv.thin_savings();
-    println!(
-        "\nvolumes map {} of data; the pools store it in {} (snapshots and clones share it)",
-        human(mapped),
-        human(used)
-    );
+    if reached("vblockd") {
+        println!("VOLUMES");
+        let mut rows = vec![
+            [
+                "POOL",
+                "NAME",
+                "KIND",
+                "PARENT",
+                "SIZE",
+                "ALLOCATED",
+                "EXPORTED",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        for p in &inv.pools {
+            rows.extend(p.volumes.iter().map(|v| {
+                let exported = inv
+                    .exports
+                    .iter()
+                    .any(|e| e.pool == p.pool.name && e.volume == v.name);
+                vec![
+                    p.pool.name.clone(),
+                    v.name.clone(),
+                    v.kind.clone(),
+                    v.parent.clone().unwrap_or_else(|| "-".into()),
+                    human(v.size),
+                    human(v.allocated),
+                    if exported { "vhost-user-blk" } else { "-" }.to_owned(),
+                ]
+            }));
+        }
+        print_table(&rows);
+        let (mapped, used) = inv.thin_savings();
+        println!(
+            "\nvolumes map {} of data; the pools store it in {} (snapshots and clones share it)",
+            human(mapped),
+            human(used)
+        );
+    } else {
+        println!("POOLS, VOLUMES: not shown (vblockd cannot be reached)");
+    }
     Ok(())
 }
 
