@@ -282,11 +282,12 @@ pub struct CommonArgs {
     /// TOML config file (flags override it).
     #[arg(long, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
-    /// Directory of the control socket and vhost-user sockets [default: /run/libvirtual as
-    /// root, $XDG_RUNTIME_DIR/libvirtual otherwise].
+    /// Directory of the control socket and vhost-user sockets [default: $LIBVIRTUAL_RUN_DIR,
+    /// else /run/libvirtual as root and $XDG_RUNTIME_DIR/libvirtual otherwise].
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<std::path::PathBuf>,
-    /// Directory of the persisted state [default: /var/lib/libvirtual].
+    /// Directory of the persisted state [default: $LIBVIRTUAL_STATE_DIR, else
+    /// /var/lib/libvirtual].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<std::path::PathBuf>,
     /// Log format [default: human].
@@ -328,7 +329,7 @@ impl CommonArgs {
                 .state_dir
                 .clone()
                 .or(state_dir)
-                .unwrap_or_else(|| std::path::PathBuf::from("/var/lib/libvirtual")),
+                .unwrap_or_else(crate::default_state_dir),
             json_logs: json_logs(&format)?,
         })
     }

@@ -109,3 +109,8 @@ fn connect_advice(e: &std::io::Error) -> String {
         _ => e.to_string(),
     }
 }
+
+/// The README's Rust examples, compiled (and run where they need no daemon) as doc tests.
+#[cfg(all(doctest, feature = "net", feature = "block"))]
+#[doc = include_str!("../../README.md")]
+struct ReadmeExamples;

@@ -8,6 +8,7 @@
 //! * [`kernel_peer`]: the interop bed against the Linux kernel's `vxlan` device and the
 //!   scenario the tests and the demo run.
 //! * [`podman`]: podman with the CNI backend, confined to a scratch directory.
+//! * [`containerd`]: a private containerd driven by `ctr run --cni`, confined likewise.
 //! * [`probe`]: `ping` and TCP transfers between endpoints.
 //! * [`switch_bed`]: hosts running the vswitch datapath on a shared underlay, TAP endpoints,
 //!   and a kernel VXLAN host for interop.
@@ -21,6 +22,7 @@
 
 pub mod blk_client;
 pub mod cni;
+pub mod containerd;
 pub mod daemon;
 pub mod guest;
 pub mod interrupt;

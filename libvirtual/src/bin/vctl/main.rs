@@ -38,6 +38,10 @@ struct Cli {
     /// for `net`, RUN_DIR/vblockd.sock for the others; RUN_DIR is /run/libvirtual as root]
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Wait up to this many seconds for the daemon to accept connections (right after
+    /// starting it) instead of failing at once.
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 0)]
+    wait: u64,
     #[command(subcommand)]
     command: Top,
 }
@@ -265,6 +269,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let out = cli.output;
     let socket = cli.socket;
+    if cli.wait > 0 {
+        wait_for_socket(&cli.command, socket.as_deref(), cli.wait);
+    }
     if socket.is_some() && matches!(cli.command, Top::Status { .. }) {
         eprintln!("vctl: status talks to both daemons: use --vswitchd-socket and --vblockd-socket");
         return ExitCode::from(2);
@@ -306,6 +313,37 @@ fn main() -> ExitCode {
                 Error::Connect { .. } => ExitCode::from(3),
                 _ => ExitCode::from(1),
             }
+        }
+    }
+}
+
+/// Waits up to `secs` for the socket the command talks to to accept connections (the
+/// command then reports what it finds).
+fn wait_for_socket(command: &Top, socket: Option<&std::path::Path>, secs: u64) {
+    let sockets = match (command, socket) {
+        (_, Some(s)) => vec![s.to_owned()],
+        (Top::Net { .. }, None) => vec![default_socket()],
+        (
+            Top::Status {
+                vswitchd_socket,
+                vblockd_socket,
+            },
+            None,
+        ) => vec![
+            vswitchd_socket.clone().unwrap_or_else(default_socket),
+            vblockd_socket
+                .clone()
+                .unwrap_or_else(libvirtual::block::default_socket),
+        ],
+        (Top::Completions { .. }, None) => Vec::new(),
+        (_, None) => vec![libvirtual::block::default_socket()],
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    for s in sockets {
+        while std::os::unix::net::UnixStream::connect(&s).is_err()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
 }
