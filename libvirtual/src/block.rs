@@ -327,29 +327,45 @@ impl AsyncClient {
                 })?;
             let padded = n.div_ceil(512) * 512;
             buf[n..padded].fill(0);
-            let mut at = 0;
-            while at < padded {
-                let zero = |i: usize| buf[i..(i + 4096).min(padded)].iter().all(|b| *b == 0);
-                let start = at;
-                let run_is_zero = zero(at);
-                while at < padded && zero(at) == run_is_zero {
-                    at += 4096;
-                }
-                let end = at.min(padded);
-                let to = off + start as u64;
-                if !run_is_zero {
-                    self.write(pool, name, to, &buf[start..end]).await?;
-                } else if existed {
-                    // The volume may hold data there: zero it (released).
-                    self.write_zeroes(pool, name, to, (end - start) as u64)
-                        .await?;
-                }
-            }
+            self.write_thin(pool, name, off, &buf[..padded], existed)
+                .await?;
             off += n as u64;
             progress(off);
         }
         self.flush(pool).await?;
         self.volume(pool, name).await
+    }
+
+    /// Writes `data` (a multiple of 512 bytes) at `offset` thinly: runs of all-zero 4 KiB
+    /// blocks are not stored; where the volume may hold data already (`existed`), they are
+    /// zeroed (released) instead of skipped.
+    pub async fn write_thin(
+        &self,
+        pool: &str,
+        name: &str,
+        offset: u64,
+        data: &[u8],
+        existed: bool,
+    ) -> Result<(), Error> {
+        let len = data.len();
+        let zero = |i: usize| data[i..(i + 4096).min(len)].iter().all(|b| *b == 0);
+        let mut at = 0;
+        while at < len {
+            let start = at;
+            let run_is_zero = zero(at);
+            while at < len && zero(at) == run_is_zero {
+                at += 4096;
+            }
+            let end = at.min(len);
+            let to = offset + start as u64;
+            if !run_is_zero {
+                self.write(pool, name, to, &data[start..end]).await?;
+            } else if existed {
+                self.write_zeroes(pool, name, to, (end - start) as u64)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     /// Copies volume (or snapshot) `name` whole into `image` as a raw image, leaving holes
@@ -428,6 +444,8 @@ impl Client {
         fn write(&self, pool: &str, name: &str, offset: u64, data: &[u8]) -> ();
         /// Zeroes `length` bytes at `offset` (whole 4 KiB blocks are released).
         fn write_zeroes(&self, pool: &str, name: &str, offset: u64, length: u64) -> ();
+        /// Writes `data` thinly (all-zero blocks not stored; zeroed where `existed`).
+        fn write_thin(&self, pool: &str, name: &str, offset: u64, data: &[u8], existed: bool) -> ();
         /// Where `to` differs from `from` (or, without, everything `to` maps).
         fn diff(&self, pool: &str, to: &str, from: Option<&str>) -> Vec<vblock::DiffRange>;
         /// Exports a volume (a snapshot read-only) to VMs as vhost-user-blk.

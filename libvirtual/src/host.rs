@@ -320,17 +320,23 @@ impl<'h> Pool<'h> {
         Ok(self.volume(name))
     }
 
-    /// Imports raw image file `path` as volume `name` (zeros are not stored).
+    /// Imports the disk image at `path` (raw, or qcow2 with the `images` feature; found by
+    /// its magic) as volume `name`, thinly.
     pub fn import(&self, name: &str, path: &Path) -> Result<Volume<'h>, Error> {
-        let local = |source| Error::File {
-            what: path.display().to_string(),
-            source,
-        };
-        let mut file = std::fs::File::open(path).map_err(local)?;
-        let len = file.metadata().map_err(local)?.len();
-        self.host
-            .block
-            .import(&self.name, name, &mut file, len, &mut |_| {})?;
+        #[cfg(feature = "images")]
+        crate::image::import(&self.host.block, &self.name, name, path, None, &mut |_| {})?;
+        #[cfg(not(feature = "images"))]
+        {
+            let local = |source| Error::File {
+                what: path.display().to_string(),
+                source,
+            };
+            let mut file = std::fs::File::open(path).map_err(local)?;
+            let len = file.metadata().map_err(local)?.len();
+            self.host
+                .block
+                .import(&self.name, name, &mut file, len, &mut |_| {})?;
+        }
         Ok(self.volume(name))
     }
 

@@ -30,6 +30,8 @@ pub mod cni;
 #[cfg(all(feature = "net", feature = "block"))]
 pub mod host;
 pub mod http;
+#[cfg(feature = "images")]
+pub mod image;
 #[cfg(feature = "net")]
 pub mod net;
 

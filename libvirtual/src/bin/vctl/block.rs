@@ -7,6 +7,7 @@ use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use libvirtual::Error;
 use libvirtual::block::Client;
+use libvirtual::image;
 use vblock::api::{PoolInfo, PoolSpec, QosSpec, VolumeInfo, VolumeSpec};
 use vblock::diffstream::{Change, DiffWriter, next_change, read_header};
 
@@ -130,20 +131,29 @@ pub enum VolumeCmd {
         #[arg(long, value_parser = parse_size)]
         length: u64,
     },
-    /// Copy a raw image into a volume (created with the image's size if it does not exist);
-    /// all-zero 4 KiB blocks are skipped, so the volume stays thin.
+    /// Copy a disk image (raw or qcow2, found by its magic) into a volume, created with the
+    /// image's virtual size if it does not exist. Thin: all-zero 4 KiB blocks and qcow2's
+    /// unallocated clusters are not stored. Other formats (vmdk, vhdx, ...) are refused with
+    /// the `qemu-img convert` command that makes them importable.
     Import {
         /// The volume to fill (created if it does not exist).
         name: String,
         /// The image file.
         file: PathBuf,
+        /// Take the file as this format instead of finding it by its magic.
+        #[arg(long, value_parser = ["raw", "qcow2"])]
+        format: Option<String>,
     },
-    /// Copy a volume or snapshot into a raw image file (sparse where the volume reads zeros).
+    /// Copy a volume or snapshot into a new image file, thin: a raw file is sparse where the
+    /// volume reads zeros, a qcow2 image allocates only the clusters the volume holds data in.
     Export {
         /// The volume or snapshot to copy.
         name: String,
         /// The image file to write (replaced if it exists).
         file: PathBuf,
+        /// Image format [default: qcow2 if FILE ends in .qcow2, else raw].
+        #[arg(long, value_parser = ["raw", "qcow2"])]
+        format: Option<String>,
     },
 }
 
@@ -457,39 +467,57 @@ pub fn volume(c: &Client, pool: &str, cmd: VolumeCmd, out: Output) -> Result<(),
             c.write_zeroes(pool, &name, offset, length)?;
             emit(out, &vec![c.volume(pool, &name)?], |v| volume_rows(v));
         }
-        VolumeCmd::Import { name, file } => {
-            let mut f = File::open(&file).map_err(local(format!("opening {}", file.display())))?;
-            let len = f
-                .metadata()
-                .map_err(local(format!("reading {}", file.display())))?
-                .len();
-            let bar = progress(len, &format!("import {name}"));
-            let v = c
-                .import(pool, &name, &mut f, len, &mut |n| bar.set_position(n))
+        VolumeCmd::Import { name, file, format } => {
+            let format = format
+                .map(|f| f.parse())
+                .transpose()
+                .map_err(Error::Refused)?;
+            let format = match format {
+                Some(f) => f,
+                None => image::detect(&file)?,
+            };
+            let size = image::virtual_size(&file, format)?;
+            let bar = progress(size, &format!("import {name}"));
+            let v = image::import(c, pool, &name, &file, Some(format), &mut |n| {
+                bar.set_position(n)
+            })
+            .map_err(|e| in_file(e, &file))?;
+            bar.finish_and_clear();
+            done(
+                out,
+                format!(
+                    "imported {} ({}) into {name}: {} virtual, {} allocated",
+                    file.display(),
+                    match format {
+                        image::Format::Raw => "raw",
+                        image::Format::Qcow2 => "qcow2",
+                    },
+                    human(v.size),
+                    human(v.allocated)
+                ),
+            );
+        }
+        VolumeCmd::Export { name, file, format } => {
+            let format = match format {
+                Some(f) => f.parse().map_err(Error::Refused)?,
+                None if file.extension().is_some_and(|e| e == "qcow2") => image::Format::Qcow2,
+                None => image::Format::Raw,
+            };
+            let size = c.volume(pool, &name)?.size;
+            let bar = progress(size, &format!("export {name}"));
+            image::export(c, pool, &name, &file, format, &mut |n| bar.set_position(n))
                 .map_err(|e| in_file(e, &file))?;
             bar.finish_and_clear();
             done(
                 out,
                 format!(
-                    "imported {len} bytes into {name} ({} allocated)",
-                    human(v.allocated)
+                    "exported {name} ({size} bytes) to {} ({})",
+                    file.display(),
+                    match format {
+                        image::Format::Raw => "raw",
+                        image::Format::Qcow2 => "qcow2",
+                    }
                 ),
-            );
-        }
-        VolumeCmd::Export { name, file } => {
-            let mut f =
-                File::create(&file).map_err(local(format!("creating {}", file.display())))?;
-            let size = c.volume(pool, &name)?.size;
-            let bar = progress(size, &format!("export {name}"));
-            c.export(pool, &name, &mut f, &mut |n| bar.set_position(n))
-                .map_err(|e| in_file(e, &file))?;
-            f.set_len(size)
-                .and_then(|()| f.sync_all())
-                .map_err(local(format!("writing {}", file.display())))?;
-            bar.finish_and_clear();
-            done(
-                out,
-                format!("exported {name} ({size} bytes) to {}", file.display()),
             );
         }
     }
