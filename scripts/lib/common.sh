@@ -11,7 +11,9 @@ as_root() {
         exec sudo -E -- env "PATH=$PATH" "$self" "$@"
     fi
     echo "$(basename "$self"): needs root (network namespaces, packages) and there is no sudo here;" >&2
-    echo "  run it as root, e.g.: su -c '$self $*'" >&2
+    local line=$self
+    [ $# -eq 0 ] || line="$self $*"
+    echo "  run it as root, e.g.: su -c '$line'" >&2
     exit 2
 }
 
