@@ -27,6 +27,9 @@ pub enum Error {
     /// The device is not a pool of a version we read.
     #[error("not a vblock pool: {0}")]
     NotAPool(String),
+    /// The pool file is open elsewhere (a pool has one opener); the message names the holder.
+    #[error("{0}")]
+    InUse(String),
     /// An I/O error, with what was being done.
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
@@ -41,6 +44,7 @@ impl Error {
             Error::OutOfRange(_) | Error::Invalid(_) => libc::EINVAL,
             Error::NotFound(_) => libc::ENOENT,
             Error::Exists(_) => libc::EEXIST,
+            Error::InUse(_) => libc::EBUSY,
             Error::Corrupt(_) | Error::NotAPool(_) | Error::Io(..) => libc::EIO,
         }
     }

@@ -359,7 +359,12 @@ impl<D: Device> Pool<D> {
             journal_used: 0,
         };
         checkpoint(&dev, &mut state)?;
-        Ok(Pool {
+        Ok(Self::assemble(dev, state))
+    }
+
+    /// The pool object around recovered state (nothing written).
+    fn assemble(dev: D, state: State) -> Pool<D> {
+        Pool {
             dev,
             state: RwLock::new(state),
             limiters: Mutex::new(HashMap::new()),
@@ -369,12 +374,37 @@ impl<D: Device> Pool<D> {
             commit_lock: Mutex::new(()),
             committer: Arc::new(CommitSignal::default()),
             background: AtomicBool::new(false),
-        })
+        }
     }
 
     /// Opens a pool: the newest valid superblock, its checkpoint, the journal's complete
     /// transactions; the result is folded into a new checkpoint.
     pub fn open(dev: D) -> Result<Pool<D>, Error> {
+        let (meta, sb, seq) = Self::recover(&dev)?;
+        Self::with_state(dev, meta, sb, seq)
+    }
+
+    /// Opens a pool for inspection without writing anything: the state recovered as
+    /// [`Pool::open`] recovers it, in memory only (the journal is not folded). For a check
+    /// that must not change what it checks; do not write through it (a device opened
+    /// read-only refuses).
+    pub fn open_read_only(dev: D) -> Result<Pool<D>, Error> {
+        let (meta, sb, next_seq) = Self::recover(&dev)?;
+        Ok(Self::assemble(
+            dev,
+            State {
+                meta,
+                sb,
+                next_seq,
+                journal_used: 0,
+            },
+        ))
+    }
+
+    /// Reads a pool's state: the newest valid superblock, its checkpoint and the journal's
+    /// complete transactions. Returns the metadata, the superblock and the next journal
+    /// sequence number.
+    fn recover(dev: &D) -> Result<(Meta, Superblock, u64), Error> {
         if dev.size() < 2 * BLOCK_SIZE as u64 {
             return Err(Error::NotAPool(format!(
                 "{} bytes: too small to hold a pool's superblocks",
@@ -448,10 +478,10 @@ impl<D: Device> Pool<D> {
                 }
             }
         }
-        check_journal_end(&dev, &sb, seq)?;
+        check_journal_end(dev, &sb, seq)?;
         meta.committed();
         meta.rebuild_free();
-        Self::with_state(dev, meta, sb, seq)
+        Ok((meta, sb, seq))
     }
 
     /// The state for changes (writes, configuration, commits).

@@ -27,6 +27,66 @@ thread_local! {
     static RINGS: RefCell<HashMap<u64, IoUring>> = RefCell::new(HashMap::new());
 }
 
+/// Takes the pool file's lock (exclusive for a writer, shared for a reader); held until the
+/// file is closed. A lock a live process holds is an error naming it. A lock whose holder has
+/// just exited is waited for (up to 10 s): the kernel lets go of a dead process's io_uring
+/// rings, and with them its registered files and their locks, a moment after the exit.
+fn lock(file: &File, path: &Path, exclusive: bool) -> Result<(), Error> {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        // SAFETY: flock on a descriptor this function borrows; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(Error::Io(format!("locking {}", path.display()), e));
+        }
+        let holder = lock_holder(file);
+        let alive = holder.is_some_and(|pid| {
+            pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists()
+        });
+        if alive || std::time::Instant::now() > deadline {
+            let who = match holder {
+                Some(pid) if pid == std::process::id() => {
+                    format!("this process (pid {pid}), under another path")
+                }
+                Some(pid) => {
+                    let comm =
+                        std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                    format!("{} (pid {pid})", comm.trim())
+                }
+                None => "another opener".into(),
+            };
+            return Err(Error::InUse(format!(
+                "{} is in use by {who}: a pool has one opener at a time",
+                path.display()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The process holding a `flock` on `file`, from `/proc/locks`.
+fn lock_holder(file: &File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata().ok()?;
+    let (major, minor) = (libc::major(m.dev()), libc::minor(m.dev()));
+    let id = format!("{major:02x}:{minor:02x}:{}", m.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"
+    locks.lines().find_map(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        (w.get(1) == Some(&"FLOCK") && w.get(5) == Some(&id.as_str()))
+            .then(|| w.get(4)?.parse().ok())?
+    })
+}
+
 /// A pool device driven through io_uring.
 #[derive(Debug)]
 pub struct UringDevice {
@@ -36,15 +96,29 @@ pub struct UringDevice {
 }
 
 impl UringDevice {
-    /// Opens a file or block device with O_DIRECT. Fails with a clear error if io_uring is
+    /// Opens a file or block device with O_DIRECT, for reading and writing, as its one
+    /// opener: an exclusive lock (`flock`) is held while it is open, so a second opener — in
+    /// this process under another spelling of the path, or another process — is refused with
+    /// an error naming the holder ([`Error::InUse`]). Fails with a clear error if io_uring is
     /// not available (kernel too old, or disabled by `kernel.io_uring_disabled`).
     pub fn open(path: &Path) -> Result<UringDevice, Error> {
+        Self::open_with(path, true)
+    }
+
+    /// Opens a pool device read-only (for a check that must not change it), under a shared
+    /// lock: refused while a writer holds it ([`Error::InUse`]).
+    pub fn open_read_only(path: &Path) -> Result<UringDevice, Error> {
+        Self::open_with(path, false)
+    }
+
+    fn open_with(path: &Path, write: bool) -> Result<UringDevice, Error> {
         let file = OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(write)
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .map_err(|e| Error::Io(format!("open {}", path.display()), e))?;
+        lock(&file, path, write)?;
         let size = {
             use std::io::{Seek, SeekFrom};
             (&file)
@@ -60,6 +134,13 @@ impl UringDevice {
         dev.with_ring(|_| Ok(()))
             .map_err(|e| Error::Io("io_uring is not available".into(), e))?;
         Ok(dev)
+    }
+
+    /// The device's identity (device and inode numbers): the same file under any path.
+    pub fn identity(&self) -> io::Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata()?;
+        Ok((m.dev(), m.ino()))
     }
 
     /// Creates (or truncates) a file of `size` bytes, its space reserved with `fallocate`,

@@ -1,8 +1,11 @@
 //! vblock: offline tools for a pool file or device that no vblockd is serving.
 //!
-//! `vblock check PATH [--repair]` opens the pool (recovering it after a crash), verifies
-//! every reference and checksum, reports leaks and, with `--repair`, reclaims them. Exit code
-//! 0: clean (or repaired), 1: problems found, 2: not a pool or unreadable.
+//! `vblock check PATH` opens the pool read-only (under a shared lock; what a crash left in
+//! the journal is replayed in memory, never written), verifies every reference and checksum
+//! and reports leaks; it changes nothing. `--repair` opens it like any writer (exclusively)
+//! and reclaims leaks. A pool that vblockd serves is refused (check it through the daemon:
+//! `vctl pool check NAME`). Exit code 0: clean (or repaired), 1: problems found, 2: not a
+//! pool, unreadable or in use.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,9 +23,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Verify a pool; with --repair, reclaim leaked space.
+    /// Verify a pool without changing it; with --repair, reclaim leaked space.
     Check {
+        /// The pool file or device (not served by a vblockd).
         path: PathBuf,
+        /// Reclaim leaked space (opens the pool for writing).
         #[arg(long)]
         repair: bool,
     },
@@ -30,8 +35,20 @@ enum Command {
 
 fn main() -> ExitCode {
     let Command::Check { path, repair } = Cli::parse().command;
-    let pool = match UringDevice::open(&path).and_then(Pool::open) {
+    let opened = if repair {
+        UringDevice::open(&path).and_then(Pool::open)
+    } else {
+        UringDevice::open_read_only(&path).and_then(Pool::open_read_only)
+    };
+    let pool = match opened {
         Ok(p) => p,
+        Err(e @ vblock::Error::InUse(_)) => {
+            eprintln!(
+                "vblock: {e}; if vblockd serves it, check it through the daemon: vctl pool \
+                 check NAME"
+            );
+            return ExitCode::from(2);
+        }
         Err(e) => {
             eprintln!("vblock: {}: {e}", path.display());
             return ExitCode::from(2);
@@ -60,7 +77,7 @@ fn main() -> ExitCode {
     for p in &report.problems {
         println!("problem: {p}");
     }
-    if let Err(e) = pool.close() {
+    if repair && let Err(e) = pool.close() {
         eprintln!("vblock: closing {}: {e}", path.display());
         return ExitCode::from(2);
     }

@@ -32,7 +32,7 @@ pub fn api_error(e: Error) -> ApiError {
     let m = e.to_string();
     match e {
         Error::NotFound(_) => ApiError::NotFound(m),
-        Error::Exists(_) | Error::ReadOnly(_) => ApiError::Conflict(m),
+        Error::Exists(_) | Error::ReadOnly(_) | Error::InUse(_) => ApiError::Conflict(m),
         Error::Invalid(_) | Error::OutOfRange(_) | Error::NotAPool(_) => ApiError::Invalid(m),
         Error::NoSpace => ApiError::NoSpace(m),
         Error::Io(_, ref err) => match err.kind() {
@@ -473,10 +473,20 @@ impl Control {
         if self.pools.contains_key(&spec.name) {
             return Err(ApiError::Conflict(format!("pool {} exists", spec.name)));
         }
-        if self.pools.values().any(|h| h.spec.path == spec.path) {
+        // The same file under any spelling of its path (a symlink, `..`): by identity.
+        let identity = std::fs::metadata(&spec.path).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        });
+        if let Some(h) = self.pools.values().find(|h| {
+            h.spec.path == spec.path
+                || (identity.is_some() && h.pool.device().identity().ok() == identity)
+        }) {
             return Err(ApiError::Conflict(format!(
-                "{} is served already",
-                spec.path.display()
+                "{} is served already: it is pool {} (as {})",
+                spec.path.display(),
+                h.spec.name,
+                h.spec.path.display()
             )));
         }
         let h = self.open(spec.clone())?;

@@ -1,0 +1,176 @@
+//! A pool file has one owner: a second opener — the same vblockd under another spelling of
+//! the path, a second vblockd, `vblock check --repair` — is refused with an error naming
+//! the holder; `vblock check` reads without writing and refuses a served pool instead of
+//! destroying what the daemon writes later.
+
+use std::path::Path;
+use std::process::Command;
+
+use testbeds::daemon::{Daemon, workspace_binary};
+use testbeds::scratch::Scratch;
+
+fn start_vblockd(dir: &Path, extra: &[String]) -> Daemon {
+    let mut args: Vec<String> = vec![
+        "--run-dir".into(),
+        dir.join("run").display().to_string(),
+        "--state-dir".into(),
+        dir.join("state").display().to_string(),
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start_local(
+        &workspace_binary("vblockd").unwrap(),
+        &args,
+        dir.join("run/vblockd.sock"),
+    )
+    .unwrap()
+}
+
+fn crc(path: &Path) -> u32 {
+    crc32fast::hash(&std::fs::read(path).unwrap())
+}
+
+fn check(path: &Path, repair: bool) -> (Option<i32>, String) {
+    let mut cmd = Command::new(workspace_binary("vblock").unwrap());
+    cmd.arg("check").arg(path);
+    if repair {
+        cmd.arg("--repair");
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn a_pool_file_has_one_opener_under_any_path_and_in_any_process() {
+    if let Some(why) = testbeds::netns::missing_privileges() {
+        panic!("needs root: {why}");
+    }
+    let dir = Scratch::new(Path::new("/var/tmp"), "lv-pool-owner").unwrap();
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    let file = dir.join("p.pool");
+    let a = start_vblockd(&dir.join("a"), &[]);
+    let (status, body) = a
+        .request(
+            "POST",
+            "/v1/pools",
+            Some(&format!(
+                r#"{{"name":"p","path":"{}","size":67108864}}"#,
+                file.display()
+            )),
+        )
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    // The same file again in the same daemon: through `..` and through a symlink.
+    std::os::unix::fs::symlink(&file, dir.join("link.pool")).unwrap();
+    for other in [dir.join("sub/../p.pool"), dir.join("link.pool")] {
+        let (status, body) = a
+            .request(
+                "POST",
+                "/v1/pools",
+                Some(&format!(r#"{{"name":"q","path":"{}"}}"#, other.display())),
+            )
+            .unwrap();
+        assert_eq!(status, 409, "{}: {body}", other.display());
+        assert!(body.contains("it is pool p"), "{body}");
+    }
+    // A second vblockd: configured with it, it does not serve it; asked through its API, it
+    // refuses and names the holder.
+    let b = start_vblockd(
+        &dir.join("b"),
+        &["--pool".into(), format!("x={}", file.display())],
+    );
+    let (_, pools) = b.request("GET", "/v1/pools", None).unwrap();
+    assert_eq!(pools.trim(), "[]", "{pools}");
+    let (status, body) = b
+        .request(
+            "POST",
+            "/v1/pools",
+            Some(&format!(r#"{{"name":"y","path":"{}"}}"#, file.display())),
+        )
+        .unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains(&format!("vblockd (pid {})", a.pid().unwrap())),
+        "{body}"
+    );
+    // vblock check, with or without --repair, refuses a served pool and says how to check it.
+    for repair in [false, true] {
+        let (code, out) = check(&file, repair);
+        assert_eq!(code, Some(2), "{out}");
+        assert!(out.contains("vctl pool check"), "{out}");
+    }
+    // The daemon goes on: a volume made and written after those attempts survives its
+    // restart.
+    let (status, body) = a
+        .request(
+            "POST",
+            "/v1/pools/p/volumes",
+            Some(r#"{"name":"later","size":1048576}"#),
+        )
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let mut a = a;
+    assert!(a.terminate(), "vblockd shut down cleanly");
+    let a = start_vblockd(&dir.join("a"), &[]);
+    let (status, body) = a.request("GET", "/v1/pools/p/volumes/later", None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    drop(a);
+    drop(b);
+}
+
+#[test]
+fn vblock_check_reads_without_writing() {
+    if let Some(why) = testbeds::netns::missing_privileges() {
+        panic!("needs root: {why}");
+    }
+    let dir = Scratch::new(Path::new("/var/tmp"), "lv-pool-check").unwrap();
+    let file = dir.join("p.pool");
+    let mut d = start_vblockd(dir.path(), &[]);
+    let (status, body) = d
+        .request(
+            "POST",
+            "/v1/pools",
+            Some(&format!(
+                r#"{{"name":"p","path":"{}","size":67108864}}"#,
+                file.display()
+            )),
+        )
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    d.request(
+        "POST",
+        "/v1/pools/p/volumes",
+        Some(r#"{"name":"v","size":1048576}"#),
+    )
+    .unwrap();
+    let (status, _) = d
+        .request(
+            "PUT",
+            "/v1/pools/p/volumes/v/data?offset=0",
+            Some(&"x".repeat(4096)),
+        )
+        .unwrap();
+    assert_eq!(status, 204);
+    // A crash: what was committed is in the journal, not yet folded into a checkpoint.
+    d.request("POST", "/v1/pools/p/flush", None).unwrap();
+    d.kill9();
+    let before = crc(&file);
+    for _ in 0..2 {
+        let (code, out) = check(&file, false);
+        assert_eq!(code, Some(0), "{out}");
+        assert!(out.contains("1 volumes"), "{out}");
+        assert_eq!(crc(&file), before, "vblock check changed the pool file");
+    }
+    // --repair writes (it recovers the journal into a checkpoint) and says clean.
+    let (code, out) = check(&file, true);
+    assert_eq!(code, Some(0), "{out}");
+    let d = start_vblockd(dir.path(), &[]);
+    let (status, body) = d.request("GET", "/v1/pools/p/volumes/v", None).unwrap();
+    assert_eq!(status, 200, "{body}");
+}
