@@ -21,6 +21,7 @@ fn forwarding(c: &mut Criterion) {
         vni,
         mtu: 1450,
         limits: TenantLimits::default(),
+        learn_vteps: false,
     })
     .unwrap();
     let p1 = sw.add_port("bench", PortConfig::new("p1")).unwrap();

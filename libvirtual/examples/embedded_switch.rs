@@ -127,6 +127,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             vni: Vni::new(vni)?,
             mtu: 1500,
             limits: TenantLimits::default(),
+            learn_vteps: false,
         })?;
     }
     let server_ip = Ipv4Address::new(10, 0, 0, 1);

@@ -20,6 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         vni: 100_000 + id,
         mtu: 0, // the underlay's MTU less the VXLAN overhead
         max_macs: None,
+        learn_vteps: false, // frames only from the tenant's VTEPs
     })?;
     println!("tenant {} on VNI {}, MTU {}", info.name, info.vni, info.mtu);
     let result = vswitchd.create_port(&PortSpec {

@@ -111,6 +111,7 @@ impl Host {
             vni,
             mtu: 0,
             max_macs: None,
+            learn_vteps: false,
         })?;
         Ok(self.tenant(name))
     }

@@ -160,6 +160,7 @@ impl SwitchHost {
             vni: Vni::new(vni)?,
             mtu: 0,
             limits: TenantLimits::default(),
+            learn_vteps: false,
         };
         let peers = peers.to_vec();
         let tenant = name.to_owned();

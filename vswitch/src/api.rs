@@ -27,6 +27,11 @@ pub struct TenantSpec {
     /// Most MAC addresses the tenant may have learned (default 8192).
     #[serde(default)]
     pub max_macs: Option<usize>,
+    /// Accept VXLAN from any underlay host and learn remote MACs behind it (flood-and-learn).
+    /// Default false: only the tenant's VTEPs are heard; frames from any other host are
+    /// dropped and counted as `unknown_vtep`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub learn_vteps: bool,
 }
 
 /// A rate limit; absent fields are unlimited.
@@ -134,6 +139,16 @@ pub struct TenantInfo {
     pub flooded: u64,
     /// Frames forwarded to a known destination.
     pub unicast: u64,
+    /// Whether it hears VXLAN from any underlay host (flood-and-learn) rather than only from
+    /// its VTEPs.
+    #[serde(default)]
+    pub learn_vteps: bool,
+    /// Source MACs not learned because the table was full (frames to them flood).
+    #[serde(default)]
+    pub learn_limit_hits: u64,
+    /// Learned MACs that moved to another port or VTEP.
+    #[serde(default)]
+    pub mac_moves: u64,
     /// Counters (rx: frames that entered the tenant).
     pub counters: CountersInfo,
 }

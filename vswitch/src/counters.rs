@@ -24,6 +24,9 @@ pub enum DropReason {
     PortDown,
     /// A frame from the uplink for a VNI with no tenant here.
     UnknownVni,
+    /// A frame from the uplink sent by a host that is not one of the tenant's VTEPs (and the
+    /// tenant does not learn VTEPs): the underlay cannot inject into a tenant.
+    UnknownVtep,
     /// The encapsulated frame would exceed the underlay MTU (never fragmented).
     UnderlayMtu,
     /// The egress queue or socket could not take the frame.
@@ -35,7 +38,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in a fixed order (the order of the counters array).
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Malformed,
         DropReason::Oversize,
         DropReason::InvalidSource,
@@ -45,6 +48,7 @@ impl DropReason {
         DropReason::Hairpin,
         DropReason::PortDown,
         DropReason::UnknownVni,
+        DropReason::UnknownVtep,
         DropReason::UnderlayMtu,
         DropReason::TxError,
         DropReason::NoRxBuffers,
@@ -62,6 +66,7 @@ impl DropReason {
             DropReason::Hairpin => "hairpin",
             DropReason::PortDown => "port_down",
             DropReason::UnknownVni => "unknown_vni",
+            DropReason::UnknownVtep => "unknown_vtep",
             DropReason::UnderlayMtu => "underlay_mtu",
             DropReason::TxError => "tx_error",
             DropReason::NoRxBuffers => "no_rx_buffers",

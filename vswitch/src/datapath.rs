@@ -129,6 +129,8 @@ pub struct Datapath {
     workers: Vec<WorkerLink>,
     /// Each underlay's family and the tenant MTU it carries.
     underlays: Vec<(UnderlayFamily, u16)>,
+    /// This host's own underlay addresses.
+    local: Vec<IpAddr>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -458,6 +460,23 @@ impl Datapath {
 
     /// Adds a remote VTEP to a tenant's flood list.
     pub fn add_remote_vtep(&mut self, tenant: &str, vtep: IpAddr) -> Result<(), Error> {
+        let vtep = vtep.to_canonical();
+        let unusable = match vtep {
+            IpAddr::V4(a) => a.is_unspecified() || a.is_broadcast() || a.is_multicast(),
+            IpAddr::V6(a) => a.is_unspecified() || a.is_multicast(),
+        };
+        if unusable {
+            return Err(Error::invalid(
+                "remote VTEP",
+                format!("{vtep} is not a host's unicast address"),
+            ));
+        }
+        if self.local.contains(&vtep) {
+            return Err(Error::invalid(
+                "remote VTEP",
+                format!("{vtep} is this host's own underlay address"),
+            ));
+        }
         if !self
             .underlays
             .iter()
@@ -970,7 +989,7 @@ impl Worker {
                     Some((Ok((vni, inner)), from)) => {
                         let verdict = s.switch.ingress_uplink(vni, from.ip(), inner, now);
                         if let Some(tenant) = s.switch.tenant_by_vni_mut(vni) {
-                            let ingress = Ingress::Uplink(from.ip());
+                            let ingress = Ingress::Uplink(from.ip().to_canonical());
                             resolve(
                                 tenant,
                                 &s.endpoints,
@@ -1372,6 +1391,7 @@ impl DatapathWorkers {
             owner: HashMap::default(),
             workers: links,
             underlays,
+            local: config.underlay.iter().map(|a| a.to_canonical()).collect(),
         }));
         let (tx, rx) = mpsc::channel::<Command>();
         let mut workers = DatapathWorkers {

@@ -166,6 +166,8 @@ impl Switch {
         frame: &[u8],
         now: Nanos,
     ) -> Verdict {
+        // An IPv4 peer seen through a dual-stack socket is the IPv4 VTEP it is.
+        let source_vtep = source_vtep.to_canonical();
         match self.tenants.get_mut(&vni) {
             Some(t) => t.ingress(Ingress::Uplink(source_vtep), frame, now),
             None => {

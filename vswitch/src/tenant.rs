@@ -25,6 +25,10 @@ pub struct TenantConfig {
     pub mtu: u16,
     /// Forwarding-table limits.
     pub limits: TenantLimits,
+    /// Accept VXLAN frames from any underlay host and learn it as a VTEP (flood-and-learn).
+    /// Off by default: frames are accepted, and remote MACs learned, only from the tenant's
+    /// configured VTEPs; others are dropped as [`DropReason::UnknownVtep`].
+    pub learn_vteps: bool,
 }
 
 /// Where a frame entered the tenant.
@@ -199,7 +203,7 @@ impl TenantSwitch {
             ports,
             counters,
             fdb,
-            ..
+            config,
         } = self;
         counters.rx_packets += 1;
         counters.rx_bytes += frame.len() as u64;
@@ -212,7 +216,10 @@ impl TenantSwitch {
                 }
                 None => return Self::dropped(counters, None, DropReason::PortDown),
             },
-            Ingress::Uplink(_) => {
+            Ingress::Uplink(vtep) => {
+                if !config.learn_vteps && !fdb.remote_vteps().contains(&vtep) {
+                    return Self::dropped(counters, None, DropReason::UnknownVtep);
+                }
                 counters.from_uplink += 1;
                 None
             }

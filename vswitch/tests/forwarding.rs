@@ -39,6 +39,7 @@ fn tenant(name: &str, vni: u32) -> TenantConfig {
         vni: Vni::new(vni).unwrap(),
         mtu: 1450,
         limits: TenantLimits::default(),
+        learn_vteps: false,
     }
 }
 
@@ -278,4 +279,55 @@ fn configuration_errors_are_clear() {
     bad_rate.rate_limit.packets_per_sec = Some(0);
     sw.add_tenant(tenant("d", 103)).unwrap();
     assert!(sw.add_port("d", bad_rate).is_err());
+}
+
+#[test]
+fn uplink_frames_are_heard_only_from_the_tenants_vteps_unless_it_learns_vteps() {
+    let (mut sw, a, _) = two_tenants();
+    let vtep: IpAddr = "192.0.2.1".parse().unwrap();
+    let stranger: IpAddr = "192.0.2.66".parse().unwrap();
+    sw.tenant_mut("a").unwrap().fdb_mut().add_remote_vtep(vtep);
+    let vni = Vni::new(100).unwrap();
+    let forged = frame(mac(9), mac(1), "10.0.0.9", 64);
+    // From a host that is not one of a's VTEPs: dropped, counted, nothing learned.
+    assert_eq!(
+        sw.ingress_uplink(vni, stranger, &forged, 1),
+        Verdict::Drop(DropReason::UnknownVtep)
+    );
+    // A VTEP of tenant b only is a stranger to tenant a too.
+    sw.tenant_mut("b")
+        .unwrap()
+        .fdb_mut()
+        .add_remote_vtep("192.0.2.2".parse().unwrap());
+    assert_eq!(
+        sw.ingress_uplink(vni, "192.0.2.2".parse().unwrap(), &forged, 2),
+        Verdict::Drop(DropReason::UnknownVtep)
+    );
+    let t = sw.tenant("a").unwrap();
+    assert_eq!(t.counters().drops.get(DropReason::UnknownVtep), 2);
+    assert!(t.fdb().entries().all(|(m, _)| m != mac(9)));
+    // Learning the frames' MAC would have moved traffic to the stranger: it stays local.
+    let to_nine = frame(mac(1), mac(9), "10.0.0.1", 64);
+    assert_eq!(sw.ingress_port(a[0], &to_nine, 3).1, Verdict::Flood);
+    // From the tenant's VTEP (also seen as an IPv4-mapped IPv6 address): heard.
+    let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+    assert_eq!(
+        sw.ingress_uplink(vni, mapped, &forged, 4),
+        Verdict::Unicast(Destination::Local(a[0]))
+    );
+    // A tenant that learns VTEPs hears anyone (flood-and-learn).
+    let mut learning = tenant("c", 300);
+    learning.learn_vteps = true;
+    sw.add_tenant(learning).unwrap();
+    let c = sw.add_port("c", PortConfig::new("c1")).unwrap();
+    let to_c = frame(mac(9), mac(1), "10.0.0.9", 64);
+    assert_eq!(
+        sw.ingress_uplink(Vni::new(300).unwrap(), stranger, &to_c, 5),
+        Verdict::Flood
+    );
+    let back = frame(mac(1), mac(9), "10.0.0.1", 64);
+    assert_eq!(
+        sw.ingress_port(c, &back, 6).1,
+        Verdict::Unicast(Destination::Remote(stranger))
+    );
 }

@@ -192,6 +192,9 @@ fn tenant_info(t: &TenantSwitch) -> TenantInfo {
         learned_macs: t.fdb().learned_len(),
         flooded: c.flooded,
         unicast: c.unicast,
+        learn_vteps: t.config().learn_vteps,
+        learn_limit_hits: c.learn_limit_hits,
+        mac_moves: c.mac_moves,
         counters: CountersInfo {
             rx_packets: c.rx_packets,
             rx_bytes: c.rx_bytes,
@@ -286,6 +289,7 @@ impl Control {
             vni,
             mtu: spec.mtu,
             limits,
+            learn_vteps: spec.learn_vteps,
         };
         let name = spec.name.clone();
         let info = call(&self.dp, move |dp| {
@@ -599,12 +603,18 @@ impl Control {
         let tenant_flooded = Family::<Labels, Counter>::default();
         let tenant_drops = Family::<Labels, Counter>::default();
         let tenant_macs = Family::<Labels, Gauge>::default();
+        let tenant_limit_hits = Family::<Labels, Counter>::default();
+        let tenant_moves = Family::<Labels, Counter>::default();
         let (tenants, dpc, unknown_vni) = snapshot;
         for (tname, tc, macs, ports) in &tenants {
             let tl = vec![("tenant".to_owned(), tname.clone())];
             tenant_rx.get_or_create(&tl).inc_by(tc.rx_packets);
             tenant_flooded.get_or_create(&tl).inc_by(tc.flooded);
             tenant_macs.get_or_create(&tl).set(*macs as i64);
+            tenant_limit_hits
+                .get_or_create(&tl)
+                .inc_by(tc.learn_limit_hits);
+            tenant_moves.get_or_create(&tl).inc_by(tc.mac_moves);
             add_drops(&tenant_drops, &tl, &tc.drops);
             for (pname, pc) in ports {
                 let pl = vec![
@@ -650,6 +660,16 @@ impl Control {
             "tenant_learned_macs",
             "MAC addresses learned in a tenant",
             tenant_macs,
+        );
+        reg.register(
+            "tenant_learn_limit_hits",
+            "Source MACs not learned because the tenant's table was full (frames to them flood)",
+            tenant_limit_hits,
+        );
+        reg.register(
+            "tenant_mac_moves",
+            "Learned MACs that moved to another port or VTEP",
+            tenant_moves,
         );
         let single = |reg: &mut Registry, name: &str, help: &str, value: u64| {
             let c = Counter::<u64>::default();

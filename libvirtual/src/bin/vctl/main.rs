@@ -151,9 +151,13 @@ enum TenantCmd {
         /// MTU (default: what the underlay carries).
         #[arg(long, default_value_t = 0)]
         mtu: u16,
-        /// Most learned MAC addresses.
+        /// Most learned MAC addresses [default: 8192].
         #[arg(long)]
         max_macs: Option<usize>,
+        /// Hear VXLAN from any underlay host and learn VTEPs (flood-and-learn); by default
+        /// only the tenant's VTEPs (`vctl net vtep add`) are heard.
+        #[arg(long)]
+        learn_vteps: bool,
     },
     /// Delete a tenant without ports.
     Delete {
@@ -584,12 +588,14 @@ fn run(c: &Client, cmd: Net, out: Output) -> Result<(), Error> {
             vni,
             mtu,
             max_macs,
+            learn_vteps,
         }) => {
             let t = c.create_tenant(&TenantSpec {
                 name,
                 vni,
                 mtu,
                 max_macs,
+                learn_vteps,
             })?;
             emit(out, &vec![t], tenant_rows);
         }
