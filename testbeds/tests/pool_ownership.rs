@@ -174,3 +174,125 @@ fn vblock_check_reads_without_writing() {
     let (status, body) = d.request("GET", "/v1/pools/p/volumes/v", None).unwrap();
     assert_eq!(status, 200, "{body}");
 }
+
+/// A vblockd whose log goes to a file.
+struct Logged {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    socket: std::path::PathBuf,
+}
+
+impl Logged {
+    fn start(dir: &Path, log: &str) -> Logged {
+        let log = dir.join(log);
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(workspace_binary("vblockd").unwrap());
+        cmd.arg("--run-dir")
+            .arg(dir.join("run"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        testbeds::daemon::tie_to_parent(&mut cmd);
+        let child = cmd.spawn().unwrap();
+        let socket = dir.join("run/vblockd.sock");
+        testbeds::wait::until("vblockd's socket", testbeds::wait::SOON, || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        })
+        .unwrap();
+        Logged { child, log, socket }
+    }
+
+    fn request(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        testbeds::daemon::http(&self.socket, method, path, body).unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_log(&self, what: &str) {
+        testbeds::wait::until(what, testbeds::wait::SOON, || self.log().contains(what))
+            .unwrap_or_else(|e| panic!("{e}:\n{}", self.log()));
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn operators_see_recovery_connections_and_a_full_pool_in_logs_and_metrics() {
+    if let Some(why) = testbeds::netns::missing_privileges() {
+        panic!("needs root: {why}");
+    }
+    let dir = Scratch::new(Path::new("/var/tmp"), "lv-pool-logs").unwrap();
+    let file = dir.join("p.pool");
+    let d = Logged::start(dir.path(), "first.log");
+    let (status, body) = d.request(
+        "POST",
+        "/v1/pools",
+        Some(&format!(
+            r#"{{"name":"p","path":"{}","size":67108864}}"#,
+            file.display()
+        )),
+    );
+    assert_eq!(status, 201, "{body}");
+    d.request(
+        "POST",
+        "/v1/pools/p/volumes",
+        Some(r#"{"name":"v","size":268435456}"#),
+    );
+    d.request(
+        "PUT",
+        "/v1/pools/p/volumes/v/data?offset=0",
+        Some(&"x".repeat(4096)),
+    );
+    d.request("POST", "/v1/pools/p/flush", None);
+    drop(d); // SIGKILL: the committed transactions stay in the journal
+    let d = Logged::start(dir.path(), "second.log");
+    d.wait_log("journal replayed");
+    assert!(d.log().contains("pool=p"), "{}", d.log());
+    // An NBD client: who, which volume, how it ended.
+    let uri = format!(
+        "nbd+unix:///v?socket={}",
+        dir.join("run/nbd.sock").display()
+    );
+    let read = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 4k", &uri])
+        .output()
+        .unwrap();
+    assert!(read.status.success(), "{read:?}");
+    d.wait_log("NBD client disconnected");
+    assert!(
+        d.log().lines().any(|l| l.contains("NBD client connected")
+            && l.contains("volume=v")
+            && l.contains("pid")),
+        "{}",
+        d.log()
+    );
+    // Filling the pool (64 MiB) through a 256 MiB volume: the writes past it fail with
+    // ENOSPC; the log says so once, the metrics count every refusal.
+    let fill = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 7 0 128M", &uri])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&fill.stdout),
+        String::from_utf8_lossy(&fill.stderr)
+    );
+    assert!(said.contains("No space left"), "{said}");
+    d.wait_log("pool full");
+    assert_eq!(d.log().matches("pool full").count(), 1, "{}", d.log());
+    let (_, metrics) = d.request("GET", "/metrics", None);
+    let refused: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("vblock_pool_no_space_writes_total{pool=\"p\"}"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(refused >= 1, "{metrics}");
+}

@@ -36,5 +36,5 @@ pub use error::Error;
 pub use meta::{Kind, Qos};
 pub use pool::{
     CheckReport, DEFAULT_COMMIT_INTERVAL, DiffRange, IoCounters, Pool, PoolOptions, ReadRequest,
-    VolumeInfo, WriteRequest,
+    Recovery, VolumeInfo, WriteRequest,
 };

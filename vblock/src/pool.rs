@@ -15,7 +15,7 @@
 //! the journal's complete transactions and folds them into a new checkpoint.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -187,6 +187,24 @@ pub struct Pool<D: Device> {
     committer: Arc<CommitSignal>,
     /// A background committer runs.
     background: AtomicBool,
+    /// What opening the pool replayed.
+    recovery: Recovery,
+    /// Writes refused because the pool was full.
+    no_space: AtomicU64,
+    /// When a full pool was last reported in the log (one line per episode, not per write).
+    no_space_logged: Mutex<Option<Instant>>,
+}
+
+/// What opening a pool found in its journal: complete transactions replayed after the last
+/// checkpoint (the work a crash left), and how long reading them took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Transactions replayed.
+    pub transactions: u64,
+    /// Metadata records in them.
+    pub records: u64,
+    /// Time spent reading and applying them.
+    pub elapsed: Duration,
 }
 
 /// A request for the background committer.
@@ -359,11 +377,11 @@ impl<D: Device> Pool<D> {
             journal_used: 0,
         };
         checkpoint(&dev, &mut state)?;
-        Ok(Self::assemble(dev, state))
+        Ok(Self::assemble(dev, state, Recovery::default()))
     }
 
     /// The pool object around recovered state (nothing written).
-    fn assemble(dev: D, state: State) -> Pool<D> {
+    fn assemble(dev: D, state: State, recovery: Recovery) -> Pool<D> {
         Pool {
             dev,
             state: RwLock::new(state),
@@ -374,14 +392,57 @@ impl<D: Device> Pool<D> {
             commit_lock: Mutex::new(()),
             committer: Arc::new(CommitSignal::default()),
             background: AtomicBool::new(false),
+            recovery,
+            no_space: AtomicU64::new(0),
+            no_space_logged: Mutex::new(None),
+        }
+    }
+
+    /// What opening the pool replayed from its journal.
+    pub fn recovery(&self) -> Recovery {
+        self.recovery
+    }
+
+    /// Writes refused so far because the pool was full (ENOSPC to the client).
+    pub fn no_space_events(&self) -> u64 {
+        self.no_space.load(Ordering::Relaxed)
+    }
+
+    /// Counts the writes among `outcomes` that found the pool full, and says so in the log
+    /// once per episode (again after a minute without one).
+    fn note_no_space<'a>(&self, outcomes: impl IntoIterator<Item = &'a Result<(), Error>>) {
+        let full = outcomes
+            .into_iter()
+            .filter(|r| matches!(r, Err(Error::NoSpace)))
+            .count() as u64;
+        if full == 0 {
+            return;
+        }
+        let total = self.no_space.fetch_add(full, Ordering::Relaxed) + full;
+        let mut logged = self
+            .no_space_logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if logged.is_none_or(|at| now.duration_since(at) > Duration::from_secs(60)) {
+            *logged = Some(now);
+            let (clusters, free) = self.space();
+            tracing::warn!(
+                refused_writes = total,
+                clusters,
+                free,
+                "pool full: writes into unallocated space fail with ENOSPC"
+            );
         }
     }
 
     /// Opens a pool: the newest valid superblock, its checkpoint, the journal's complete
     /// transactions; the result is folded into a new checkpoint.
     pub fn open(dev: D) -> Result<Pool<D>, Error> {
-        let (meta, sb, seq) = Self::recover(&dev)?;
-        Self::with_state(dev, meta, sb, seq)
+        let (meta, sb, seq, recovery) = Self::recover(&dev)?;
+        let mut pool = Self::with_state(dev, meta, sb, seq)?;
+        pool.recovery = recovery;
+        Ok(pool)
     }
 
     /// Opens a pool for inspection without writing anything: the state recovered as
@@ -389,7 +450,7 @@ impl<D: Device> Pool<D> {
     /// that must not change what it checks; do not write through it (a device opened
     /// read-only refuses).
     pub fn open_read_only(dev: D) -> Result<Pool<D>, Error> {
-        let (meta, sb, next_seq) = Self::recover(&dev)?;
+        let (meta, sb, next_seq, recovery) = Self::recover(&dev)?;
         Ok(Self::assemble(
             dev,
             State {
@@ -398,13 +459,15 @@ impl<D: Device> Pool<D> {
                 next_seq,
                 journal_used: 0,
             },
+            recovery,
         ))
     }
 
     /// Reads a pool's state: the newest valid superblock, its checkpoint and the journal's
-    /// complete transactions. Returns the metadata, the superblock and the next journal
-    /// sequence number.
-    fn recover(dev: &D) -> Result<(Meta, Superblock, u64), Error> {
+    /// complete transactions. Returns the metadata, the superblock, the next journal
+    /// sequence number and what was replayed.
+    fn recover(dev: &D) -> Result<(Meta, Superblock, u64, Recovery), Error> {
+        let started = Instant::now();
         if dev.size() < 2 * BLOCK_SIZE as u64 {
             return Err(Error::NotAPool(format!(
                 "{} bytes: too small to hold a pool's superblocks",
@@ -462,6 +525,7 @@ impl<D: Device> Pool<D> {
         let jb = sb.journal_blocks.get();
         let mut seq = sb.journal_seq.get();
         let mut txn: Vec<Record> = Vec::new();
+        let mut recovery = Recovery::default();
         let mut block = vec![0u8; BLOCK_SIZE];
         for _ in 0..jb {
             let at = (sb.journal_start.get() + seq % jb) * BLOCK_SIZE as u64;
@@ -473,6 +537,8 @@ impl<D: Device> Pool<D> {
             txn.extend(records);
             seq += 1;
             if commit {
+                recovery.transactions += 1;
+                recovery.records += txn.len() as u64;
                 for r in txn.drain(..) {
                     meta.apply(&r)?;
                 }
@@ -481,7 +547,8 @@ impl<D: Device> Pool<D> {
         check_journal_end(dev, &sb, seq)?;
         meta.committed();
         meta.rebuild_free();
-        Ok((meta, sb, seq))
+        recovery.elapsed = started.elapsed();
+        Ok((meta, sb, seq, recovery))
     }
 
     /// The state for changes (writes, configuration, commits).
@@ -665,10 +732,12 @@ impl<D: Device> Pool<D> {
         if results.iter().any(Option::is_none) {
             self.write_batch_locked(reqs, &mut results);
         }
-        results
+        let results: Vec<Result<(), Error>> = results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(Error::Invalid("a write left undone".into()))))
-            .collect()
+            .collect();
+        self.note_no_space(&results);
+        results
     }
 
     /// The writes of a batch the in-place pass left, under the pool lock: whole 4 KiB blocks
@@ -818,7 +887,9 @@ impl<D: Device> Pool<D> {
     /// [`Self::flush`].
     pub fn write(&self, name: &str, offset: u64, data: &[u8]) -> Result<(), Error> {
         self.throttle(name, IoKind::Write, data.len() as u64);
-        self.write_unthrottled(name, offset, data)
+        let done = self.write_unthrottled(name, offset, data);
+        self.note_no_space([&done]);
+        done
     }
 
     fn write_unthrottled(&self, name: &str, offset: u64, data: &[u8]) -> Result<(), Error> {

@@ -125,6 +125,7 @@ pub fn serve_connection<D: VhostDevice>(
     listener: &mut Listener,
     device: Arc<D>,
     stats: &Arc<Stats>,
+    name: &str,
 ) -> Result<(), Error> {
     let handler = Arc::new(std::sync::Mutex::new(Handler::new(device, stats.clone())));
     let mut accepting = BackendListener::new(listener, handler.clone())
@@ -136,15 +137,19 @@ pub fn serve_connection<D: VhostDevice>(
             Err(e) => return Err(Error::Socket(e.to_string())),
         }
     };
-    stats.connections.fetch_add(1, Ordering::Relaxed);
+    let n = stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
+    tracing::info!(device = %name, connection = n, "vhost-user frontend connected");
     // One message after another until the frontend goes away or breaks the protocol.
     loop {
         use vhost::vhost_user::Error as E;
         match conn.handle_request() {
             Ok(()) => {}
-            Err(E::Disconnected | E::PartialMessage) => break,
+            Err(E::Disconnected | E::PartialMessage) => {
+                tracing::info!(device = %name, connection = n, "vhost-user frontend disconnected");
+                break;
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "vhost-user connection ends");
+                tracing::warn!(device = %name, connection = n, error = %e, "vhost-user connection ends: the frontend broke the protocol");
                 break;
             }
         }
@@ -183,15 +188,12 @@ impl Server {
             .spawn(move || {
                 while !stop_t.load(Ordering::Acquire) {
                     let Some(dev) = device() else { return };
-                    let served = serve_connection(&mut listener, dev, &stats_t);
+                    let served = serve_connection(&mut listener, dev, &stats_t, &name_t);
                     if stop_t.load(Ordering::Acquire) {
                         return;
                     }
                     match served {
-                        Ok(()) => {
-                            tracing::debug!(device = %name_t, "vhost-user frontend disconnected");
-                            disconnected();
-                        }
+                        Ok(()) => disconnected(),
                         Err(e) => {
                             tracing::warn!(device = %name_t, error = %e, "vhost-user socket");
                             std::thread::sleep(std::time::Duration::from_millis(100));

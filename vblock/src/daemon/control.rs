@@ -434,6 +434,16 @@ impl Control {
                 })?
             }
         };
+        let r = pool.recovery();
+        if r.transactions > 0 {
+            tracing::info!(
+                pool = %spec.name,
+                transactions = r.transactions,
+                records = r.records,
+                ms = r.elapsed.as_millis() as u64,
+                "journal replayed: the pool was not closed cleanly"
+            );
+        }
         let pool = Arc::new(pool);
         pool.start_committer(self.commit_interval)
             .map_err(|e| ApiError::Internal(format!("starting the committer: {e}")))?;
@@ -532,6 +542,7 @@ impl Control {
         let mut reg = Registry::with_prefix("vblock");
         let capacity = Family::<Labels, Gauge>::default();
         let free = Family::<Labels, Gauge>::default();
+        let no_space = Family::<Labels, Counter>::default();
         let size = Family::<Labels, Gauge>::default();
         let allocated = Family::<Labels, Gauge>::default();
         let reads = Family::<Labels, Counter>::default();
@@ -544,6 +555,7 @@ impl Control {
             let pl = vec![("pool".to_owned(), info.name.clone())];
             capacity.get_or_create(&pl).set(info.capacity as i64);
             free.get_or_create(&pl).set(info.free as i64);
+            no_space.get_or_create(&pl).inc_by(h.pool.no_space_events());
             for v in h.volumes() {
                 let vl = vec![
                     ("pool".to_owned(), info.name.clone()),
@@ -561,6 +573,11 @@ impl Control {
         }
         reg.register("pool_capacity_bytes", "Data space of a pool", capacity);
         reg.register("pool_free_bytes", "Free data space of a pool", free);
+        reg.register(
+            "pool_no_space_writes",
+            "Writes refused because the pool was full (ENOSPC)",
+            no_space,
+        );
         reg.register("volume_size_bytes", "Virtual size of a volume", size);
         reg.register("volume_allocated_bytes", "Data a volume maps", allocated);
         reg.register("volume_reads", "Read requests", reads);

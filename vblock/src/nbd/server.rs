@@ -136,6 +136,8 @@ pub struct ServerStats {
 trait Conn: Read + Write + AsFd + Send + Sized + 'static {
     fn duplicate(&self) -> io::Result<Self>;
     fn close(&self);
+    /// Who is on the other end, for the logs.
+    fn peer(&self) -> String;
 }
 
 impl Conn for UnixStream {
@@ -145,6 +147,13 @@ impl Conn for UnixStream {
     fn close(&self) {
         let _ = self.shutdown(std::net::Shutdown::Both);
     }
+    fn peer(&self) -> String {
+        use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+        match getsockopt(self, PeerCredentials) {
+            Ok(c) => format!("unix pid {} uid {}", c.pid(), c.uid()),
+            Err(_) => "unix".into(),
+        }
+    }
 }
 
 impl Conn for TcpStream {
@@ -153,6 +162,11 @@ impl Conn for TcpStream {
     }
     fn close(&self) {
         let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+    fn peer(&self) -> String {
+        self.peer_addr()
+            .map(|a| format!("tcp {a}"))
+            .unwrap_or_else(|_| "tcp".into())
     }
 }
 
@@ -384,13 +398,23 @@ fn transmission_flags(read_only: bool) -> u16 {
 
 /// Serves one connection: negotiation, then transmission.
 fn serve<S: Conn, E: Exports>(stream: S, shared: &Shared<E>) -> io::Result<()> {
+    let client = stream.peer();
     let mut writer = stream.duplicate()?;
     let poller = stream.duplicate()?;
     let mut reader = BufReader::with_capacity(256 << 10, stream);
     let Some(session) = negotiate(&mut reader, &mut writer, &*shared.exports)? else {
+        tracing::debug!(%client, "NBD client ended the negotiation without an export");
         return Ok(());
     };
-    transmit(reader, writer, &poller, session, shared)
+    let volume = session.export.target.volume.clone();
+    let read_only = session.export.read_only;
+    tracing::info!(%client, %volume, read_only, "NBD client connected");
+    let ended = transmit(reader, writer, &poller, session, shared);
+    match &ended {
+        Ok(()) => tracing::info!(%client, %volume, "NBD client disconnected"),
+        Err(e) => tracing::info!(%client, %volume, error = %e, "NBD connection broken"),
+    }
+    ended
 }
 
 /// Fixed newstyle negotiation; None when the client ends it without choosing an export.
