@@ -132,6 +132,18 @@ impl AsyncClient {
         self.send("DELETE", &path, None::<&()>).await
     }
 
+    /// Deletes a volume, snapshot or clone that has clients (a vhost-user-blk export, NBD
+    /// connections): they are ended first. Without clients, the same as
+    /// [`Self::delete_volume`].
+    pub async fn delete_volume_force(&self, pool: &str, name: &str) -> Result<(), Error> {
+        let path = format!(
+            "/v1/pools/{pool}/volumes/{name}?force=true",
+            pool = seg(pool),
+            name = seg(name)
+        );
+        self.send("DELETE", &path, None::<&()>).await
+    }
+
     /// Grows a volume.
     pub async fn resize(&self, pool: &str, name: &str, size: u64) -> Result<VolumeInfo, Error> {
         let path = format!(
@@ -430,6 +442,8 @@ impl Client {
         fn create_volume(&self, pool: &str, spec: &VolumeSpec) -> VolumeInfo;
         /// Deletes a volume, snapshot or clone.
         fn delete_volume(&self, pool: &str, name: &str) -> ();
+        /// Deletes one that has clients, ending them first.
+        fn delete_volume_force(&self, pool: &str, name: &str) -> ();
         /// Grows a volume.
         fn resize(&self, pool: &str, name: &str, size: u64) -> VolumeInfo;
         /// Sets a volume's I/O limits (0: unlimited).

@@ -457,3 +457,70 @@ fn protocol_violations_get_errors_or_a_closed_connection_and_others_keep_working
     let first = bed.api.read("p", "v", 0, 4096).unwrap();
     assert!(first.iter().all(|b| *b == 0), "a torn request wrote data");
 }
+
+#[test]
+fn a_connection_is_bound_to_its_volume_and_deleting_a_used_one_needs_force() {
+    // In-process: the volume goes past the daemon's checks (as a race would) and a new one
+    // takes its name; the old connection reaches nothing.
+    use std::sync::Arc;
+    use vblock::nbd::{NbdServer, PoolExports};
+    let pool = Arc::new(
+        vblock::Pool::create(
+            vblock::device::MemDevice::new(64 << 20),
+            vblock::PoolOptions::default(),
+        )
+        .unwrap(),
+    );
+    pool.create_volume("v", 1 << 20).unwrap();
+    let dir = Scratch::new(Path::new("/var/tmp"), "lv-nbd-identity").unwrap();
+    let server =
+        NbdServer::start_unix(&dir.join("nbd.sock"), Arc::new(PoolExports(pool.clone()))).unwrap();
+    let mut r = Raw::connect(server.socket().unwrap());
+    assert_eq!(r.go("v"), rep::ACK);
+    pool.delete("v").unwrap();
+    pool.create_volume("v", 1 << 20).unwrap();
+    r.request(cmd::WRITE, 0, 4096, 7);
+    r.s.write_all(&[0x77; 4096]).unwrap();
+    let (error, cookie) = r.reply().unwrap();
+    assert_eq!(cookie, 7);
+    assert_ne!(error, 0, "a write into a deleted volume succeeded");
+    let mut data = vec![0xffu8; 4096];
+    pool.read("v", 0, &mut data).unwrap();
+    assert!(
+        data.iter().all(|b| *b == 0),
+        "the new volume got the old client's data"
+    );
+    drop(server);
+
+    // Through vblockd: deleting a volume with a client is refused, naming it; forced, the
+    // client is disconnected first.
+    if let Some(why) = testbeds::netns::missing_privileges() {
+        panic!("needs root: {why}");
+    }
+    let bed = Bed::new("lv-nbd-delete", &[]);
+    bed.volume("w", 1 << 20);
+    let mut r = Raw::connect(&bed.nbd_socket());
+    assert_eq!(r.go("w"), rep::ACK);
+    let refused = bed.api.delete_volume("p", "w").unwrap_err().to_string();
+    assert!(
+        refused.contains("conflict")
+            && refused.contains("NBD clients")
+            && refused.contains(&format!("pid {}", std::process::id())),
+        "{refused}"
+    );
+    assert!(
+        bed.api.volume("p", "w").is_ok(),
+        "the refused delete left it"
+    );
+    bed.api.delete_volume_force("p", "w").unwrap();
+    assert!(r.closed(), "the forced delete ended the connection");
+    assert!(bed.api.volume("p", "w").is_err());
+    // An exported volume likewise: refused, then forced (the export stops).
+    bed.volume("x", 1 << 20);
+    bed.api.export_vhost("p", "x", 1).unwrap();
+    let refused = bed.api.delete_volume("p", "x").unwrap_err().to_string();
+    assert!(refused.contains("vhost-user-blk export"), "{refused}");
+    bed.api.delete_volume_force("p", "x").unwrap();
+    assert!(bed.api.vhost_exports().unwrap().is_empty());
+    assert!(!bed.dir.join("run/vhost/x.sock").exists());
+}

@@ -377,7 +377,7 @@ fn pools_volumes_images_snapshots_and_restarts() {
     }
     let (code, text) = bed.vctl(&["volume", "delete", "disk"]);
     assert_eq!(code, 1, "{text}");
-    assert!(text.contains("exported"), "{text}");
+    assert!(text.contains("vhost-user-blk export"), "{text}");
 
     // kill -9 under a write workload: what a flush acknowledged survives; the rest is old or
     // new, block by block.

@@ -265,3 +265,36 @@ fn a_restarted_backend_resubmits_what_its_predecessor_took_from_the_inflight_rec
     drop(r);
     drop(export);
 }
+
+#[test]
+fn an_export_is_bound_to_its_volume_not_to_its_name() {
+    let pool = Arc::new(Pool::create(MemDevice::new(128 << 20), PoolOptions::default()).unwrap());
+    pool.create_volume("v", 16 << 20).unwrap();
+    let dir = Scratch::new(&std::env::temp_dir(), "vblock-vhost-identity").unwrap();
+    let sock = dir.join("v.sock");
+    let _export = Export::start(pool.clone(), "v", &sock, ExportConfig { queues: 1 }).unwrap();
+    let mut c = BlkClient::connect(&sock, 1, false).unwrap();
+    c.mem()[..4096].fill(0x11);
+    assert_eq!(c.write(0, 0, 0, 4096), 0);
+    // The volume goes (past the daemon's checks, as a race would) and a new one takes its
+    // name: the guest's next write must not land in it.
+    pool.delete("v").unwrap();
+    pool.create_volume("v", 16 << 20).unwrap();
+    c.mem()[..4096].fill(0x77);
+    assert_ne!(
+        c.write(0, 0, 0, 4096),
+        0,
+        "a write into a deleted volume succeeded"
+    );
+    assert_ne!(
+        c.read(0, 0, 0, 4096),
+        0,
+        "a read of a deleted volume succeeded"
+    );
+    let mut host = vec![0xffu8; 4096];
+    pool.read("v", 0, &mut host).unwrap();
+    assert!(
+        host.iter().all(|b| *b == 0),
+        "the new volume got the old client's data"
+    );
+}

@@ -254,9 +254,11 @@ impl Meta {
         self.volumes.values()
     }
 
-    /// A volume by name.
-    pub fn volume(&self, name: &str) -> Option<&Volume> {
-        self.names.get(name).and_then(|id| self.volumes.get(id))
+    /// A volume by reference: its name, or `#ID` (see [`Meta::id_of`]).
+    pub fn volume(&self, reference: &str) -> Option<&Volume> {
+        self.id_of(reference)
+            .ok()
+            .and_then(|id| self.volumes.get(&id))
     }
 
     /// A volume by id.
@@ -352,11 +354,20 @@ impl Meta {
         Ok(())
     }
 
-    fn id_of(&self, name: &str) -> Result<u64, Error> {
-        self.names
-            .get(name)
-            .copied()
-            .ok_or_else(|| Error::NotFound(name.into()))
+    /// The id a volume reference names: a volume's name, or `#ID`, its identity (ids are
+    /// never reused, and no name starts with `#`): a connection bound to `#ID` can never
+    /// reach a later volume that took the name.
+    fn id_of(&self, reference: &str) -> Result<u64, Error> {
+        let id = match reference.strip_prefix('#') {
+            Some(id) => id.parse().ok().filter(|id| self.volumes.contains_key(id)),
+            None => self.names.get(reference).copied(),
+        };
+        id.ok_or_else(|| match reference.strip_prefix('#') {
+            Some(_) => Error::NotFound(format!(
+                "{reference} (the volume this connection was made to was deleted)"
+            )),
+            None => Error::NotFound(reference.into()),
+        })
     }
 
     /// Creates an empty (thin) volume.

@@ -85,6 +85,10 @@ fn serve(args: Args) -> anyhow::Result<()> {
     let shared = Arc::new(Mutex::new(control));
     info!(state = %state_dir.display(), pools = shared.lock().map(|c| c.pools().len()).unwrap_or(0), "configuration");
     let mut nbd = NbdServer::new(Arc::new(NbdCatalog(shared.clone())));
+    shared
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .set_nbd(nbd.connections());
     let nbd_socket = run_dir.join("nbd.sock");
     nbd.listen_unix(&nbd_socket)
         .with_context(|| format!("NBD socket {}", nbd_socket.display()))?;

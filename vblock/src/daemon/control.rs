@@ -252,6 +252,8 @@ pub struct Control {
     path: PathBuf,
     run_dir: PathBuf,
     commit_interval: std::time::Duration,
+    /// The NBD server's connections (set once it runs).
+    nbd: Option<Arc<dyn crate::nbd::Connections>>,
 }
 
 fn check_pool_name(name: &str) -> Result<()> {
@@ -293,6 +295,7 @@ impl Control {
         let mut control = Control {
             pools: BTreeMap::new(),
             exports: BTreeMap::new(),
+            nbd: None,
             state: State {
                 version: 1,
                 pools: saved.pools.clone(),
@@ -389,14 +392,52 @@ impl Control {
             .collect()
     }
 
-    /// Refuses to delete an exported volume.
-    pub fn check_not_exported(&self, pool: &str, volume: &str) -> Result<()> {
-        match self.exports.get(volume) {
-            Some((info, _)) if info.pool == pool => Err(ApiError::Conflict(format!(
-                "{volume} is exported over vhost-user: stop the export first"
-            ))),
-            _ => Ok(()),
+    /// Tells the control plane about the NBD server's connections (deletes look at them).
+    pub fn set_nbd(&mut self, connections: Arc<dyn crate::nbd::Connections>) {
+        self.nbd = Some(connections);
+    }
+
+    /// Deletes a volume, snapshot or clone of `pool`. One with clients — a vhost-user-blk
+    /// export or NBD connections — is refused (409, naming them) unless `force`, which first
+    /// stops the export and ends the connections. Connections are bound to the volume's
+    /// identity, so none of them can reach a later volume of the same name either way.
+    pub fn delete_volume(&mut self, pool: &str, volume: &str, force: bool) -> Result<()> {
+        let h = self.pool(pool)?;
+        let id = h.pool.volume(volume).map_err(api_error)?.id;
+        let exported = matches!(self.exports.get(volume), Some((info, _)) if info.pool == pool);
+        let clients = self
+            .nbd
+            .as_ref()
+            .map(|n| n.clients_of(crate::nbd::pool_key(&h.pool), id))
+            .unwrap_or_default();
+        if !force && (exported || !clients.is_empty()) {
+            let mut users = Vec::new();
+            if exported {
+                users.push("a vhost-user-blk export (VMs)".to_owned());
+            }
+            if !clients.is_empty() {
+                users.push(format!("NBD clients ({})", clients.join("; ")));
+            }
+            return Err(ApiError::Conflict(format!(
+                "{volume} is in use by {}: stop them, or delete with force (which ends them)",
+                users.join(" and ")
+            )));
         }
+        if exported {
+            self.unexport(volume)?;
+        }
+        if let Some(n) = &self.nbd {
+            let ended = n.disconnect(crate::nbd::pool_key(&h.pool), id);
+            if ended > 0 {
+                tracing::warn!(
+                    pool,
+                    volume,
+                    connections = ended,
+                    "NBD clients disconnected by a forced delete"
+                );
+            }
+        }
+        h.delete_volume(volume)
     }
 
     fn open(&self, spec: PoolSpec) -> Result<Arc<PoolHandle>> {
@@ -623,9 +664,11 @@ impl crate::nbd::Exports for NbdCatalog {
     fn find(&self, name: &str) -> Option<crate::nbd::Target<Self::Dev>> {
         let c = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let target = |h: &Arc<PoolHandle>, volume: &str| {
-            h.pool.volume(volume).ok().map(|_| crate::nbd::Target {
+            h.pool.volume(volume).ok().map(|v| crate::nbd::Target {
                 pool: h.pool.clone(),
-                volume: volume.to_owned(),
+                // Bound to the volume's identity, not its name.
+                volume: format!("#{}", v.id),
+                name: volume.to_owned(),
             })
         };
         if let Some((pool, volume)) = name.split_once('/')

@@ -161,13 +161,20 @@ async fn show_volume(
     Ok(ok(on_pool(s, pool, move |h| h.volume(&name)).await?))
 }
 
+/// `?force=true` on a delete: end the volume's connections and exports first.
+#[derive(serde::Deserialize, Default)]
+struct Force {
+    #[serde(default)]
+    force: bool,
+}
+
 async fn delete_volume(
     State(s): State<Shared>,
     Path((pool, name)): Path<(String, String)>,
+    query: Result<Query<Force>, QueryRejection>,
 ) -> ApiResult<StatusCode> {
-    let (p, n) = (pool.clone(), name.clone());
-    run(s.clone(), move |c| c.check_not_exported(&p, &n)).await?;
-    on_pool(s, pool, move |h| h.delete_volume(&name)).await?;
+    let force = query.map_err(|e| ApiError::Invalid(e.body_text()))?.0.force;
+    run(s, move |c| c.delete_volume(&pool, &name, force)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -12,4 +12,4 @@
 pub mod proto;
 pub mod server;
 
-pub use server::{AllowedNet, Exports, NbdServer, PoolExports, Target};
+pub use server::{AllowedNet, Connections, Exports, NbdServer, PoolExports, Target, pool_key};

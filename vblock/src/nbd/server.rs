@@ -35,8 +35,11 @@ const MAX_OPTION: u32 = 64 << 10;
 pub struct Target<D: Device> {
     /// Its pool.
     pub pool: Arc<Pool<D>>,
-    /// The volume or snapshot name in that pool.
+    /// The volume or snapshot in that pool, by identity (`#ID`: a later volume that takes
+    /// the name is not this one).
     pub volume: String,
+    /// Its name when the connection was made (for the logs).
+    pub name: String,
 }
 
 /// What a server exports: names to volumes.
@@ -55,9 +58,11 @@ pub struct PoolExports<D: Device>(pub Arc<Pool<D>>);
 impl<D: Device + 'static> Exports for PoolExports<D> {
     type Dev = D;
     fn find(&self, name: &str) -> Option<Target<D>> {
-        self.0.volume(name).ok().map(|_| Target {
+        // Bound to the volume's identity, not its name.
+        self.0.volume(name).ok().map(|v| Target {
             pool: self.0.clone(),
-            volume: name.to_owned(),
+            volume: format!("#{}", v.id),
+            name: name.to_owned(),
         })
     }
     fn names(&self) -> Vec<String> {
@@ -172,13 +177,28 @@ impl Conn for TcpStream {
 
 type Closer = Box<dyn Fn() + Send>;
 
+/// An open connection: how to end it, and once it chose an export, what it is bound to.
+struct Open {
+    id: u64,
+    close: Closer,
+    /// The pool (by address: the same `Arc`), the volume's identity, and the client.
+    bound: Option<(usize, u64, String)>,
+}
+
 struct Shared<E: Exports> {
     exports: Arc<E>,
     stop: AtomicBool,
     stats: ServerStats,
-    /// Open connections, so that stopping the server ends them.
-    open: Mutex<Vec<(u64, Closer)>>,
+    /// Open connections, so that stopping the server, or deleting a volume by force, ends
+    /// them.
+    open: Mutex<Vec<Open>>,
     next_id: AtomicU64,
+}
+
+impl<E: Exports> Shared<E> {
+    fn open(&self) -> std::sync::MutexGuard<'_, Vec<Open>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// A running NBD server; stops (closing every connection) when dropped.
@@ -260,19 +280,57 @@ impl<E: Exports> NbdServer<E> {
     pub fn stats(&self) -> &ServerStats {
         &self.shared.stats
     }
+
+    /// The server's connections, for a control plane that must not delete a volume under
+    /// its clients.
+    pub fn connections(&self) -> Arc<dyn Connections> {
+        self.shared.clone()
+    }
+}
+
+/// The identity of a pool object (the same `Arc`), as [`Connections`] take it.
+pub fn pool_key<D: Device>(pool: &Arc<Pool<D>>) -> usize {
+    Arc::as_ptr(pool) as usize
+}
+
+/// The open connections of an NBD server, by the volume identity they are bound to.
+pub trait Connections: Send + Sync {
+    /// The clients connected to volume `id` of the pool [`pool_key`] names (their peers:
+    /// `unix pid P uid U` or `tcp ADDR`).
+    fn clients_of(&self, pool: usize, id: u64) -> Vec<String>;
+    /// Ends every connection to that volume; returns how many there were.
+    fn disconnect(&self, pool: usize, id: u64) -> usize;
+}
+
+impl<E: Exports> Connections for Shared<E> {
+    fn clients_of(&self, pool: usize, id: u64) -> Vec<String> {
+        self.open()
+            .iter()
+            .filter_map(|o| match &o.bound {
+                Some((p, v, peer)) if *p == pool && *v == id => Some(peer.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn disconnect(&self, pool: usize, id: u64) -> usize {
+        let open = self.open();
+        let mut n = 0;
+        for o in open.iter() {
+            if matches!(&o.bound, Some((p, v, _)) if *p == pool && *v == id) {
+                (o.close)();
+                n += 1;
+            }
+        }
+        n
+    }
 }
 
 impl<E: Exports> Drop for NbdServer<E> {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
-        for (_, close) in self
-            .shared
-            .open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            close();
+        for o in self.shared.open().iter() {
+            (o.close)();
         }
         for l in self.listeners.drain(..) {
             let _ = l.join();
@@ -315,24 +373,21 @@ where
                 shared.stats.connections.fetch_add(1, Ordering::Relaxed);
                 let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
                 if let Ok(closer) = stream.duplicate() {
-                    shared
-                        .open
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((id, Box::new(move || closer.close())));
+                    shared.open().push(Open {
+                        id,
+                        close: Box::new(move || closer.close()),
+                        bound: None,
+                    });
                 }
                 let sh = shared.clone();
                 let spawned =
                     std::thread::Builder::new()
                         .name("nbd-conn".into())
                         .spawn(move || {
-                            if let Err(e) = serve(stream, &sh) {
+                            if let Err(e) = serve(stream, &sh, id) {
                                 tracing::debug!(error = %e, "NBD connection ended");
                             }
-                            sh.open
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .retain(|(i, _)| *i != id);
+                            sh.open().retain(|o| o.id != id);
                         });
                 if spawned.is_err() {
                     tracing::warn!("cannot start an NBD connection thread");
@@ -397,7 +452,7 @@ fn transmission_flags(read_only: bool) -> u16 {
 }
 
 /// Serves one connection: negotiation, then transmission.
-fn serve<S: Conn, E: Exports>(stream: S, shared: &Shared<E>) -> io::Result<()> {
+fn serve<S: Conn, E: Exports>(stream: S, shared: &Shared<E>, conn: u64) -> io::Result<()> {
     let client = stream.peer();
     let mut writer = stream.duplicate()?;
     let poller = stream.duplicate()?;
@@ -406,8 +461,15 @@ fn serve<S: Conn, E: Exports>(stream: S, shared: &Shared<E>) -> io::Result<()> {
         tracing::debug!(%client, "NBD client ended the negotiation without an export");
         return Ok(());
     };
-    let volume = session.export.target.volume.clone();
+    let target = &session.export.target;
+    let volume = target.name.clone();
     let read_only = session.export.read_only;
+    // Registered with its identity: a volume with connections is not deleted under them.
+    if let Some(id) = target.volume.strip_prefix('#').and_then(|i| i.parse().ok())
+        && let Some(o) = shared.open().iter_mut().find(|o| o.id == conn)
+    {
+        o.bound = Some((pool_key(&target.pool), id, client.clone()));
+    }
     tracing::info!(%client, %volume, read_only, "NBD client connected");
     let ended = transmit(reader, writer, &poller, session, shared);
     match &ended {

@@ -94,7 +94,8 @@ impl<D: Device + 'static> BlkBackend<D> {
         serial[..id.len().min(20)].copy_from_slice(&id.as_bytes()[..id.len().min(20)]);
         Ok(BlkBackend {
             pool,
-            volume: volume.to_owned(),
+            // Bound to the volume's identity: after a delete, no later volume of that name.
+            volume: format!("#{}", v.id),
             read_only: v.kind == Kind::Snapshot,
             serial,
             queues: cfg.queues,
@@ -554,9 +555,11 @@ impl Export {
         socket: &Path,
         cfg: ExportConfig,
     ) -> Result<Export, Error> {
-        // Validate now, so that errors reach the caller.
-        BlkBackend::new(pool.clone(), volume, &cfg)?;
-        let (pool_c, volume_c) = (pool.clone(), volume.to_owned());
+        // Validate now, so that errors reach the caller; every connection is served by the
+        // volume this is, by identity (`#ID`), never by a later volume of the same name.
+        let identity = format!("#{}", pool.volume(volume)?.id);
+        BlkBackend::new(pool.clone(), &identity, &cfg)?;
+        let (pool_c, volume_c) = (pool.clone(), identity);
         let device = move || {
             BlkBackend::new(pool_c.clone(), &volume_c, &cfg)
                 .ok()

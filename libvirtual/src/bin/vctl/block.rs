@@ -99,6 +99,10 @@ pub enum VolumeCmd {
     Delete {
         /// The volume, snapshot or clone.
         name: String,
+        /// Also when it has clients (a vhost-user-blk export, NBD connections): they are
+        /// ended first.
+        #[arg(long)]
+        force: bool,
     },
     /// Grow a volume.
     Resize {
@@ -447,8 +451,12 @@ pub fn volume(c: &Client, pool: &str, cmd: VolumeCmd, out: Output) -> Result<(),
             let v = c.create_volume(pool, &VolumeSpec { name, size })?;
             emit(out, &vec![v], |v| volume_rows(v));
         }
-        VolumeCmd::Delete { name } => {
-            c.delete_volume(pool, &name)?;
+        VolumeCmd::Delete { name, force } => {
+            if force {
+                c.delete_volume_force(pool, &name)?;
+            } else {
+                c.delete_volume(pool, &name)?;
+            }
             done(out, format!("deleted {name}"));
         }
         VolumeCmd::Resize { name, size } => {
