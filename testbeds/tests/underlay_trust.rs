@@ -258,3 +258,31 @@ fn vteps_are_hosts_and_the_daemon_reports_refusals() {
         "{metrics}"
     );
 }
+
+#[test]
+fn the_underlay_mtu_is_read_from_the_interface_that_carries_it() {
+    if let Some(why) = missing_privileges() {
+        panic!("needs root: {why}");
+    }
+    let dir =
+        testbeds::scratch::Scratch::new(std::path::Path::new("/var/tmp"), "lv-jumbo").unwrap();
+    let mut ul = Underlay::with_mtu(9000);
+    let ul = ul.as_mut().unwrap();
+    let host = ul.host("h1", Ipv4Addr::new(198, 18, 0, 1)).unwrap();
+    let tenant_mtu = |extra: &[&str], dir: &std::path::Path| {
+        let d = testbeds::daemon::start_vswitchd(&host, "198.18.0.1".parse().unwrap(), dir, extra)
+            .unwrap();
+        let (_, body) = d
+            .request("POST", "/v1/tenants", Some(r#"{"name":"j","vni":9}"#))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["mtu"].as_u64().unwrap()
+    };
+    // Jumbo frames on the underlay: tenants get 9000 - 50 without being told.
+    assert_eq!(tenant_mtu(&[], &dir.join("detected")), 8950);
+    // A configured MTU wins.
+    assert_eq!(
+        tenant_mtu(&["--underlay-mtu", "1500"], &dir.join("configured")),
+        1450
+    );
+}

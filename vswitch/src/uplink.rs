@@ -614,3 +614,35 @@ impl Uplink {
         self.tx_count = n;
     }
 }
+
+/// The MTU of the interfaces that carry `addrs` (the smallest, if several): what the underlay
+/// takes without fragmenting, read from the interface that holds each address. None if an
+/// address is on no interface here.
+pub fn detect_underlay_mtu(addrs: &[IpAddr]) -> Option<u16> {
+    let ifaces = nix::ifaddrs::getifaddrs().ok()?;
+    let mut names = Vec::new();
+    for ifa in ifaces {
+        let Some(addr) = ifa.address else { continue };
+        let ip: Option<IpAddr> = if let Some(v4) = addr.as_sockaddr_in() {
+            Some(IpAddr::V4(v4.ip()))
+        } else {
+            addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        };
+        if ip.is_some_and(|ip| addrs.contains(&ip)) {
+            names.push(ifa.interface_name);
+        }
+    }
+    if names.is_empty() {
+        return None;
+    }
+    names
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(format!("/sys/class/net/{n}/mtu"))
+                .ok()
+                .and_then(|m| m.trim().parse::<u16>().ok())
+        })
+        .collect::<Option<Vec<u16>>>()?
+        .into_iter()
+        .min()
+}

@@ -25,7 +25,8 @@ struct Args {
     /// IPv6). Required, here or as `underlay = [...]` in the config file.
     #[arg(long = "underlay", value_name = "ADDR")]
     underlay: Vec<IpAddr>,
-    /// L3 MTU of the underlay; tenants get 50 bytes less (70 over IPv6) [default: 1500].
+    /// L3 MTU of the underlay; tenants get 50 bytes less (70 over IPv6) [default: the MTU
+    /// of the interface that holds the underlay address, else 1500].
     #[arg(long, value_name = "BYTES")]
     underlay_mtu: Option<u16>,
     /// VXLAN UDP port [default: 4789].
@@ -52,11 +53,16 @@ fn effective(args: Args) -> anyhow::Result<Config> {
     if underlay.is_empty() {
         bail!("no underlay address: give --underlay ADDR or `underlay = [...]` in the config");
     }
+    let underlay_mtu = args
+        .underlay_mtu
+        .or(file.underlay_mtu)
+        .or_else(|| vswitch::uplink::detect_underlay_mtu(&underlay))
+        .unwrap_or(1500);
     Ok(Config {
         run_dir: common.run_dir,
         state_dir: common.state_dir,
         underlay,
-        underlay_mtu: args.underlay_mtu.or(file.underlay_mtu).unwrap_or(1500),
+        underlay_mtu,
         udp_port: args
             .udp_port
             .or(file.udp_port)
@@ -98,6 +104,6 @@ fn serve(args: Args) -> anyhow::Result<()> {
     }
     let shared = Arc::new(Mutex::new(control));
     let socket = cfg.run_dir.join("vswitchd.sock");
-    info!(underlay = ?cfg.underlay, state = %cfg.state_dir.display(), "configuration");
+    info!(underlay = ?cfg.underlay, underlay_mtu = cfg.underlay_mtu, state = %cfg.state_dir.display(), "configuration");
     daemon_kit::runtime()?.block_on(daemon_kit::serve(&socket, router(shared), "vswitchd"))
 }
