@@ -24,6 +24,95 @@ pub fn complete_checksum(frame: &mut [u8], start: usize, offset: usize) -> Resul
     Ok(())
 }
 
+/// Finishes the TCP or UDP checksum of an Ethernet frame (untagged or with one 802.1Q tag)
+/// that a sender left partial: a Linux stack that offloads the checksum (a vxlan device on a
+/// link with checksum offload, such as a veth, with its defaults) sends the inner packet with
+/// only the pseudo-header sum in the field, for the "hardware" to finish; a kernel receiver
+/// keeps the packet marked partial, but a userspace switch gets the bytes as they are and must
+/// finish it before handing the frame to anyone who verifies it.
+///
+/// A field that does not hold the pseudo-header sum is left alone (a finished checksum, right
+/// or wrong, is the sender's); one that does is finished unless the packet already verifies
+/// (a finished checksum that happens to equal the pseudo-header sum). Returns whether the
+/// frame was changed. Fragments, IPv6 extension headers and other protocols are left alone.
+pub fn finish_partial_checksum(frame: &mut [u8]) -> bool {
+    let mut l3 = 14;
+    let Some(t) = frame.get(12..14) else {
+        return false;
+    };
+    let mut ethertype = be16(t, 0);
+    if ethertype == 0x8100 {
+        let Some(t) = frame.get(16..18) else {
+            return false;
+        };
+        ethertype = be16(t, 0);
+        l3 = 18;
+    }
+    // (protocol, L4 start, L4 end, pseudo-header sum without the protocol and length)
+    let (proto, l4, end, addrs) = match ethertype {
+        0x0800 => {
+            let Some(ip) = frame.get(l3..l3 + 20) else {
+                return false;
+            };
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let total = usize::from(be16(ip, 2));
+            let fragment = be16(ip, 6) & 0x3fff != 0;
+            if ip[0] >> 4 != 4 || ihl < 20 || total < ihl || fragment {
+                return false;
+            }
+            (
+                ip[9],
+                l3 + ihl,
+                l3 + total,
+                Sum::new().add_bytes(&ip[12..20]),
+            )
+        }
+        0x86dd => {
+            let Some(ip) = frame.get(l3..l3 + 40) else {
+                return false;
+            };
+            let payload = usize::from(be16(ip, 4));
+            (
+                ip[6],
+                l3 + 40,
+                l3 + 40 + payload,
+                Sum::new().add_bytes(&ip[8..40]),
+            )
+        }
+        _ => return false,
+    };
+    let field = match proto {
+        6 => 16,
+        17 => 6,
+        _ => return false,
+    };
+    let Some(segment) = frame.get_mut(l4..end) else {
+        return false;
+    };
+    if segment.len() < field + 2 {
+        return false;
+    }
+    let current = [segment[field], segment[field + 1]];
+    if proto == 17 && ethertype == 0x0800 && current == [0, 0] {
+        return false; // UDP over IPv4 without a checksum
+    }
+    let pseudo = addrs
+        .add_word([0, proto])
+        .add_word((segment.len() as u16).to_be_bytes());
+    if current != pseudo.folded().to_ne_bytes() {
+        return false;
+    }
+    if pseudo.add_bytes(segment).folded() == 0xffff {
+        return false; // already right
+    }
+    let mut c = Sum::new().add_bytes(segment).checksum();
+    if proto == 17 && c == 0 {
+        c = 0xffff;
+    }
+    segment[field..field + 2].copy_from_slice(&c.to_ne_bytes());
+    true
+}
+
 /// Where the headers of a TCP frame are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Layout {
@@ -275,6 +364,92 @@ mod tests {
         complete_checksum(&mut frame, l4, 16).unwrap();
         assert_eq!(frame, good);
         assert!(complete_checksum(&mut frame, 70, 16).is_err());
+    }
+
+    /// A frame whose L4 checksum field is replaced by the pseudo-header sum, as a stack that
+    /// offloads the checksum sends it.
+    fn partial(good: &[u8], l3: usize, l4: usize, field: usize, v6: bool, proto: u8) -> Vec<u8> {
+        let mut f = good.to_vec();
+        let len = if v6 {
+            usize::from(be16(&f, l3 + 4))
+        } else {
+            usize::from(be16(&f, l3 + 2)) - (l4 - l3)
+        };
+        let addrs = if v6 {
+            &f[l3 + 8..l3 + 40]
+        } else {
+            &f[l3 + 12..l3 + 20]
+        };
+        let pseudo = Sum::new()
+            .add_bytes(addrs)
+            .add_word([0, proto])
+            .add_word((len as u16).to_be_bytes());
+        f[l4 + field..l4 + field + 2].copy_from_slice(&pseudo.folded().to_ne_bytes());
+        f
+    }
+
+    #[test]
+    fn partial_checksums_left_by_an_offloading_sender_are_finished() {
+        let payload = vec![0x5au8; 333];
+        let tcp4 = {
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2([2; 6], [4; 6])
+                .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+                .tcp(40000, 80, 7, 1000)
+                .write(&mut out, &payload)
+                .unwrap();
+            out
+        };
+        let udp6 = {
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2([2; 6], [4; 6])
+                .ipv6([0xfd; 16], [0xfe; 16], 64)
+                .udp(5000, 6000)
+                .write(&mut out, &payload)
+                .unwrap();
+            out
+        };
+        let tagged_udp4 = {
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2([2; 6], [4; 6])
+                .single_vlan(etherparse::VlanId::try_new(7).unwrap())
+                .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+                .udp(5000, 6000)
+                .write(&mut out, b"tagged")
+                .unwrap();
+            out
+        };
+        for (good, l3, l4, field, v6, proto) in [
+            (&tcp4, 14, 34, 16, false, 6),
+            (&udp6, 14, 54, 6, true, 17),
+            (&tagged_udp4, 18, 38, 6, false, 17),
+        ] {
+            let mut f = partial(good, l3, l4, field, v6, proto);
+            assert_ne!(&f, good);
+            assert!(finish_partial_checksum(&mut f));
+            assert_eq!(&f, good);
+            // A finished checksum is left alone, and so is a frame finished twice.
+            let mut again = good.clone();
+            assert!(!finish_partial_checksum(&mut again));
+            assert_eq!(&again, good);
+        }
+        // Ethernet padding after the IP packet is not summed.
+        let mut padded = partial(&tcp4, 14, 34, 16, false, 6);
+        padded.extend_from_slice(&[0xee; 6]);
+        assert!(finish_partial_checksum(&mut padded));
+        assert_eq!(&padded[..tcp4.len()], &tcp4[..]);
+        // A wrong checksum that is not the partial one is the sender's: untouched.
+        let mut wrong = tcp4.clone();
+        wrong[34 + 16] ^= 0x55;
+        let before = wrong.clone();
+        assert!(!finish_partial_checksum(&mut wrong));
+        assert_eq!(wrong, before);
+        // Anything short or odd: no change, no panic.
+        for n in 0..tcp4.len() {
+            let mut cut = partial(&tcp4, 14, 34, 16, false, 6)[..n].to_vec();
+            let _ = finish_partial_checksum(&mut cut);
+        }
+        assert!(!finish_partial_checksum(&mut [0u8; 0]));
     }
 
     #[test]

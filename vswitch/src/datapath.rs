@@ -975,6 +975,7 @@ impl Worker {
         if n == 0 {
             return;
         }
+        up.finish_partial_checksums();
         let up = &*up;
 
         // Decide, under the lock.

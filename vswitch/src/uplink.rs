@@ -393,6 +393,20 @@ impl Uplink {
         Ok(self.rx.datagrams.len())
     }
 
+    /// Finishes the inner TCP/UDP checksums that senders left partial in the last batch
+    /// ([`overlay_net::gso::finish_partial_checksum`]): a Linux vxlan peer with its default
+    /// offloads on a link that offloads checksums sends them so, and local receivers verify.
+    pub fn finish_partial_checksums(&mut self) {
+        for &(start, len, _) in &self.rx.datagrams {
+            let Some(d) = self.rx.data.get_mut(start..start + len) else {
+                continue;
+            };
+            if d.len() > vxlan::HEADER_LEN && vxlan::parse(d).is_ok() {
+                overlay_net::gso::finish_partial_checksum(&mut d[vxlan::HEADER_LEN..]);
+            }
+        }
+    }
+
     /// Datagram `i` of the last batch: its VNI and inner frame, or why it is not VXLAN, and
     /// the sender.
     pub fn datagram(&self, i: usize) -> Option<(Parsed<'_>, SocketAddr)> {
