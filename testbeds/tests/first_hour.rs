@@ -404,7 +404,7 @@ fn help_says_what_every_argument_is_and_its_default() {
     let vswitchd = help("vswitchd", &[]);
     for w in [
         "[default: 4789]",
-        "[default: 1500]",
+        "[default: the MTU of the interface that holds the underlay address, else 1500]",
         "Required",
         "[default: human]",
     ] {
