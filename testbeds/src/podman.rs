@@ -1,6 +1,6 @@
 //! podman 4.3 with its CNI backend, confined to a scratch directory: its own
-//! `containers.conf` and `storage.conf` (the settings this machine needs, see
-//! `../shared/notes/cni-and-containers.md`), CNI network lists in its own directory, plugins
+//! `containers.conf` and `storage.conf` (what Debian 12's podman needs here: cgroupfs, runc,
+//! file events, explicit ulimits), CNI network lists in its own directory, plugins
 //! from the workspace and `/usr/lib/cni`, and a busybox image imported from a tarball. Every
 //! podman command runs inside a chosen host namespace (`nsenter --net`), so that the plugins
 //! it calls (and portmap's iptables rules) act there.
