@@ -296,3 +296,120 @@ fn operators_see_recovery_connections_and_a_full_pool_in_logs_and_metrics() {
         .unwrap_or_else(|| panic!("{metrics}"));
     assert!(refused >= 1, "{metrics}");
 }
+
+/// A small tmpfs at `dir`, unmounted on drop (even when the test fails).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: std::path::PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "lv-test"])
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting a tmpfs at {}", dir.display());
+        Tmpfs(dir)
+    }
+
+    /// Fills the file system (a file of zeros until there is no space left).
+    fn fill(&self) {
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=1M"])
+            .arg(format!("of={}", self.0.join("fill").display()))
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+
+    fn free(&self) {
+        let _ = std::fs::remove_file(self.0.join("fill"));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn metadata_changes_on_a_full_file_system_fail_without_a_trace() {
+    if let Some(why) = testbeds::netns::missing_privileges() {
+        panic!("needs root: {why}");
+    }
+    let dir = Scratch::new(Path::new("/var/tmp"), "lv-pool-full").unwrap();
+    let fs = Tmpfs::mount(dir.join("fs"), "48m");
+    let mut d = start_vblockd(dir.path(), &[]);
+    let post = |d: &Daemon, path: &str, body: String| d.request("POST", path, Some(&body)).unwrap();
+    // A pool file with holes where nothing was written yet (its journal): made on the disk,
+    // closed, copied sparse onto the small file system, opened there.
+    let orig = dir.join("orig.pool");
+    let (status, body) = post(
+        &d,
+        "/v1/pools",
+        format!(
+            r#"{{"name":"orig","path":"{}","size":33554432}}"#,
+            orig.display()
+        ),
+    );
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(d.request("DELETE", "/v1/pools/orig", None).unwrap().0, 204);
+    let sparse = fs.0.join("p.pool");
+    let copied = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&orig)
+        .arg(&sparse)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let (status, body) = post(
+        &d,
+        "/v1/pools",
+        format!(r#"{{"name":"p","path":"{}"}}"#, sparse.display()),
+    );
+    assert_eq!(status, 201, "{body}");
+    // The file system fills up: a create and a snapshot fail, and leave nothing.
+    fs.fill();
+    let (status, body) = post(
+        &d,
+        "/v1/pools/p/volumes",
+        r#"{"name":"v","size":1048576}"#.into(),
+    );
+    assert_eq!(status, 507, "{body}");
+    assert!(body.contains("No space left"), "{body}");
+    assert_eq!(
+        d.request("GET", "/v1/pools/p/volumes/v", None).unwrap().0,
+        404
+    );
+    fs.free();
+    let (status, body) = post(
+        &d,
+        "/v1/pools/p/volumes",
+        r#"{"name":"v","size":1048576}"#.into(),
+    );
+    assert_eq!(status, 201, "the retry: {body}");
+    fs.fill();
+    let (status, body) = post(
+        &d,
+        "/v1/pools/p/snapshots",
+        r#"{"source":"v","name":"s"}"#.into(),
+    );
+    assert_eq!(status, 507, "{body}");
+    assert_eq!(
+        d.request("GET", "/v1/pools/p/volumes/s", None).unwrap().0,
+        404
+    );
+    fs.free();
+    // After a restart: what succeeded is there, what failed is not.
+    assert!(d.terminate());
+    let d = start_vblockd(dir.path(), &[]);
+    let (_, list) = d.request("GET", "/v1/pools/p/volumes", None).unwrap();
+    let names: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&list)
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, vec!["v".to_owned()], "{list}");
+    drop(d);
+}

@@ -50,6 +50,9 @@ pub fn api_error(e: Error) -> ApiError {
     }
 }
 
+/// Takes back a metadata change whose commit failed.
+type Undo<'a> = dyn Fn(&Pool<UringDevice>) -> std::result::Result<(), Error> + 'a;
+
 /// An open pool.
 pub struct PoolHandle {
     /// Name and path.
@@ -102,14 +105,26 @@ impl PoolHandle {
         }
     }
 
-    /// Changes metadata and commits it before answering.
+    /// Changes metadata and commits it before answering. If the commit fails (no space for
+    /// the journal on the host file system, say), `undo` takes the change back before the
+    /// error is answered: a new volume, snapshot or clone is removed again — neither listed,
+    /// nor in the way of a retry, nor there after a restart.
     fn durable<T>(
         &self,
         what: &str,
         f: impl FnOnce(&Pool<UringDevice>) -> std::result::Result<T, Error>,
+        undo: Option<&Undo<'_>>,
     ) -> Result<T> {
         let out = f(&self.pool).map_err(api_error)?;
-        self.pool.flush().map_err(api_error)?;
+        if let Err(e) = self.pool.flush() {
+            if let Some(undo) = undo
+                && let Err(u) = undo(&self.pool)
+            {
+                tracing::error!(pool = %self.spec.name, error = %u, "could not take back {what}");
+            }
+            tracing::warn!(pool = %self.spec.name, error = %e, "not done: {what}");
+            return Err(api_error(e));
+        }
         tracing::info!(pool = %self.spec.name, "{what}");
         Ok(out)
     }
@@ -126,22 +141,26 @@ impl PoolHandle {
 
     /// Creates a thin volume.
     pub fn create_volume(&self, spec: &VolumeSpec) -> Result<VolumeInfo> {
-        self.durable(&format!("volume {} created", spec.name), |p| {
-            p.create_volume(&spec.name, spec.size)
-        })?;
+        self.durable(
+            &format!("volume {} created", spec.name),
+            |p| p.create_volume(&spec.name, spec.size),
+            Some(&|p| p.delete(&spec.name)),
+        )?;
         self.volume(&spec.name)
     }
 
     /// Deletes a volume, snapshot or clone.
     pub fn delete_volume(&self, name: &str) -> Result<()> {
-        self.durable(&format!("{name} deleted"), |p| p.delete(name))
+        self.durable(&format!("{name} deleted"), |p| p.delete(name), None)
     }
 
     /// Grows a volume.
     pub fn resize(&self, name: &str, size: u64) -> Result<VolumeInfo> {
-        self.durable(&format!("{name} resized to {size}"), |p| {
-            p.resize(name, size)
-        })?;
+        self.durable(
+            &format!("{name} resized to {size}"),
+            |p| p.resize(name, size),
+            None,
+        )?;
         self.volume(name)
     }
 
@@ -151,23 +170,31 @@ impl PoolHandle {
             iops: q.iops,
             bps: q.bps,
         };
-        self.durable(&format!("{name} limits set"), |p| p.set_qos(name, qos))?;
+        self.durable(
+            &format!("{name} limits set"),
+            |p| p.set_qos(name, qos),
+            None,
+        )?;
         self.volume(name)
     }
 
     /// Takes a snapshot.
     pub fn snapshot(&self, spec: &SnapshotSpec) -> Result<VolumeInfo> {
-        self.durable(&format!("snapshot {} of {}", spec.name, spec.source), |p| {
-            p.snapshot(&spec.source, &spec.name)
-        })?;
+        self.durable(
+            &format!("snapshot {} of {}", spec.name, spec.source),
+            |p| p.snapshot(&spec.source, &spec.name),
+            Some(&|p| p.delete(&spec.name)),
+        )?;
         self.volume(&spec.name)
     }
 
     /// Clones a snapshot.
     pub fn clone_snapshot(&self, spec: &CloneSpec) -> Result<VolumeInfo> {
-        self.durable(&format!("clone {} of {}", spec.name, spec.snapshot), |p| {
-            p.clone_snapshot(&spec.snapshot, &spec.name)
-        })?;
+        self.durable(
+            &format!("clone {} of {}", spec.name, spec.snapshot),
+            |p| p.clone_snapshot(&spec.snapshot, &spec.name),
+            Some(&|p| p.delete(&spec.name)),
+        )?;
         self.volume(&spec.name)
     }
 
