@@ -25,6 +25,21 @@ fn start_vblockd(dir: &Path, extra: &[String]) -> Daemon {
     .unwrap()
 }
 
+/// Makes a new 64 MiB pool `name` at `file` through the daemon's API.
+fn create_pool(d: &Daemon, name: &str, file: &Path) {
+    let (status, body) = d
+        .request(
+            "POST",
+            "/v1/pools",
+            Some(&format!(
+                r#"{{"name":"{name}","path":"{}","size":67108864}}"#,
+                file.display()
+            )),
+        )
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+}
+
 fn crc(path: &Path) -> u32 {
     crc32fast::hash(&std::fs::read(path).unwrap())
 }
@@ -55,17 +70,7 @@ fn a_pool_file_has_one_opener_under_any_path_and_in_any_process() {
     std::fs::create_dir_all(dir.join("sub")).unwrap();
     let file = dir.join("p.pool");
     let a = start_vblockd(&dir.join("a"), &[]);
-    let (status, body) = a
-        .request(
-            "POST",
-            "/v1/pools",
-            Some(&format!(
-                r#"{{"name":"p","path":"{}","size":67108864}}"#,
-                file.display()
-            )),
-        )
-        .unwrap();
-    assert_eq!(status, 201, "{body}");
+    create_pool(&a, "p", &file);
     // The same file again in the same daemon: through `..` and through a symlink.
     std::os::unix::fs::symlink(&file, dir.join("link.pool")).unwrap();
     for other in [dir.join("sub/../p.pool"), dir.join("link.pool")] {
@@ -132,17 +137,7 @@ fn vblock_check_reads_without_writing() {
     let dir = Scratch::new(Path::new("/var/tmp"), "lv-pool-check").unwrap();
     let file = dir.join("p.pool");
     let mut d = start_vblockd(dir.path(), &[]);
-    let (status, body) = d
-        .request(
-            "POST",
-            "/v1/pools",
-            Some(&format!(
-                r#"{{"name":"p","path":"{}","size":67108864}}"#,
-                file.display()
-            )),
-        )
-        .unwrap();
-    assert_eq!(status, 201, "{body}");
+    create_pool(&d, "p", &file);
     d.request(
         "POST",
         "/v1/pools/p/volumes",
