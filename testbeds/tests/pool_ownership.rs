@@ -395,6 +395,29 @@ fn metadata_changes_on_a_full_file_system_fail_without_a_trace() {
         d.request("GET", "/v1/pools/p/volumes/s", None).unwrap().0,
         404
     );
+    // A delete, a resize and new limits fail the same way: the volume is still there,
+    // its size and limits as they were.
+    let (status, body) = d.request("DELETE", "/v1/pools/p/volumes/v", None).unwrap();
+    assert_eq!(status, 507, "{body}");
+    let (status, body) = post(
+        &d,
+        "/v1/pools/p/volumes/v/resize",
+        r#"{"size":2097152}"#.into(),
+    );
+    assert_eq!(status, 507, "{body}");
+    let (status, body) = d
+        .request(
+            "PUT",
+            "/v1/pools/p/volumes/v/qos",
+            Some(r#"{"iops":100,"bps":0}"#),
+        )
+        .unwrap();
+    assert_eq!(status, 507, "{body}");
+    let (status, body) = d.request("GET", "/v1/pools/p/volumes/v", None).unwrap();
+    assert_eq!(status, 200, "the failed delete took the volume: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["size"], 1048576, "{body}");
+    assert_eq!(v["qos"]["iops"], 0, "{body}");
     fs.free();
     // After a restart: what succeeded is there, what failed is not.
     assert!(d.terminate());
@@ -406,5 +429,8 @@ fn metadata_changes_on_a_full_file_system_fail_without_a_trace() {
         .map(|v| v["name"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(names, vec!["v".to_owned()], "{list}");
+    let v: &serde_json::Value = &serde_json::from_str::<Vec<serde_json::Value>>(&list).unwrap()[0];
+    assert_eq!(v["size"], 1048576, "{list}");
+    assert_eq!(v["qos"]["iops"], 0, "{list}");
     drop(d);
 }

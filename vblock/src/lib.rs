@@ -35,6 +35,6 @@ pub mod vhost_blk;
 pub use error::Error;
 pub use meta::{Kind, Qos};
 pub use pool::{
-    CheckReport, DEFAULT_COMMIT_INTERVAL, DiffRange, IoCounters, Pool, PoolOptions, ReadRequest,
-    Recovery, VolumeInfo, WriteRequest,
+    Change, CheckReport, DEFAULT_COMMIT_INTERVAL, DiffRange, IoCounters, Pool, PoolOptions,
+    ReadRequest, Recovery, VolumeInfo, WriteRequest,
 };

@@ -148,6 +148,14 @@ pub enum Record {
     },
 }
 
+/// Where a change of one volume can be taken back to (see [`Meta::mark`]).
+#[derive(Debug)]
+pub struct ChangeMark {
+    txn_len: usize,
+    id: u64,
+    before: Option<Volume>,
+}
+
 /// The whole metadata state of a pool.
 #[derive(Debug)]
 pub struct Meta {
@@ -331,6 +339,52 @@ impl Meta {
         self.deleted_in_txn |= std::mem::take(&mut self.sealed.deleted);
     }
 
+    /// Marks the point a change of volume `id` can be taken back to: the running
+    /// transaction's length and the volume as it is (none for a volume about to be made).
+    /// While the mark lives, a deletion of that volume frees nothing: its tree is held here.
+    pub fn mark(&self, id: u64) -> ChangeMark {
+        ChangeMark {
+            txn_len: self.txn.len(),
+            id,
+            before: self.volumes.get(&id).cloned(),
+        }
+    }
+
+    /// Takes a change back to its mark (its commit failed): the records it added leave the
+    /// running transaction and the volume is as it was. Only valid when nothing else changed
+    /// the metadata since the mark, and for changes that neither allocate nor free space
+    /// (create, snapshot, clone, delete under a mark, resize, limits).
+    pub fn take_back(&mut self, mark: ChangeMark) {
+        self.txn.truncate(mark.txn_len);
+        if let Some(now) = self.volumes.remove(&mark.id) {
+            self.names.remove(&now.name);
+        }
+        if let Some(before) = mark.before {
+            self.names.insert(before.name.clone(), before.id);
+            self.volumes.insert(before.id, before);
+        }
+    }
+
+    /// The change since `mark` is durable: a volume it deleted releases its space now, and
+    /// what only it referenced is free at once (its deletion is committed already).
+    pub fn finish(&mut self, mark: ChangeMark) {
+        let Some(before) = mark.before else {
+            return;
+        };
+        if self.volumes.contains_key(&mark.id) {
+            return;
+        }
+        if let Some(root) = before.root {
+            let from = self.pending_free.len();
+            self.release(root);
+            let freed: Vec<u32> = self.pending_free.drain(from..).collect();
+            for c in &freed {
+                self.pinned.remove(c);
+            }
+            self.free.extend(freed);
+        }
+    }
+
     /// Recomputes free space from the reference counts (after a replay).
     pub fn rebuild_free(&mut self) {
         let pending: HashSet<u32> = self
@@ -357,7 +411,7 @@ impl Meta {
     /// The id a volume reference names: a volume's name, or `#ID`, its identity (ids are
     /// never reused, and no name starts with `#`): a connection bound to `#ID` can never
     /// reach a later volume that took the name.
-    fn id_of(&self, reference: &str) -> Result<u64, Error> {
+    pub fn id_of(&self, reference: &str) -> Result<u64, Error> {
         let id = match reference.strip_prefix('#') {
             Some(id) => id.parse().ok().filter(|id| self.volumes.contains_key(id)),
             None => self.names.get(reference).copied(),

@@ -170,6 +170,51 @@ enum IoKind {
     Release,
 }
 
+/// A change of a pool's configuration, made durable by [`Pool::change`].
+#[derive(Clone, Copy, Debug)]
+pub enum Change<'a> {
+    /// A new thin volume of `size` bytes.
+    Create {
+        /// Its name.
+        name: &'a str,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// A read-only snapshot of `source`.
+    Snapshot {
+        /// The volume or snapshot.
+        source: &'a str,
+        /// The snapshot's name.
+        name: &'a str,
+    },
+    /// A writable clone of a snapshot.
+    Clone {
+        /// The snapshot.
+        snapshot: &'a str,
+        /// The clone's name.
+        name: &'a str,
+    },
+    /// Deletes a volume, snapshot or clone.
+    Delete {
+        /// Its name.
+        name: &'a str,
+    },
+    /// Grows a volume.
+    Resize {
+        /// Its name.
+        name: &'a str,
+        /// The new size in bytes.
+        size: u64,
+    },
+    /// Sets a volume's I/O limits.
+    SetQos {
+        /// Its name.
+        name: &'a str,
+        /// The limits.
+        qos: Qos,
+    },
+}
+
 /// A pool of thin volumes on a device.
 pub struct Pool<D: Device> {
     dev: D,
@@ -617,6 +662,55 @@ impl<D: Device> Pool<D> {
     /// Sets a volume's I/O limits.
     pub fn set_qos(&self, name: &str, qos: Qos) -> Result<(), Error> {
         self.lock().meta.set_qos(name, qos)
+    }
+
+    /// Makes a change of the pool's configuration and commits it before returning: it either
+    /// happened and is durable, or it failed and left no trace (not in memory, not in the
+    /// journal) — on a full host file system under a sparse pool file, say. Data writes wait
+    /// meanwhile (the change's commit also makes them durable).
+    pub fn change(&self, change: Change<'_>) -> Result<(), Error> {
+        let _commit = self.commit_guard();
+        let mut s = self.lock();
+        let id = match change {
+            Change::Create { .. } | Change::Snapshot { .. } | Change::Clone { .. } => {
+                s.meta.next_id()
+            }
+            Change::Delete { name } | Change::Resize { name, .. } | Change::SetQos { name, .. } => {
+                s.meta.id_of(name)?
+            }
+        };
+        let mark = s.meta.mark(id);
+        let applied = match change {
+            Change::Create { name, size } => s.meta.create_volume(name, size).map(|_| ()),
+            Change::Snapshot { source, name } => s.meta.snapshot(source, name).map(|_| ()),
+            Change::Clone { snapshot, name } => s.meta.clone_snapshot(snapshot, name).map(|_| ()),
+            Change::Delete { name } => s.meta.delete(name),
+            Change::Resize { name, size } => s.meta.resize(name, size),
+            Change::SetQos { name, qos } => s.meta.set_qos(name, qos),
+        };
+        if let Err(e) = applied {
+            s.meta.take_back(mark);
+            return Err(e);
+        }
+        let (records, mut commit) = match seal(&mut s) {
+            Ok(sealed) => sealed,
+            Err(e) => {
+                s.meta.take_back(mark);
+                return Err(e);
+            }
+        };
+        match write_sealed(&self.dev, &mut commit) {
+            Ok(()) => {
+                sealed_done(&mut s, commit);
+                s.meta.finish(mark);
+                Ok(())
+            }
+            Err(e) => {
+                s.meta.unseal(records);
+                s.meta.take_back(mark);
+                Err(e)
+            }
+        }
     }
 
     /// All volumes, snapshots and clones.

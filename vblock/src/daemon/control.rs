@@ -21,7 +21,7 @@ use crate::api::{
 use crate::format::CLUSTER_SIZE;
 use crate::uring::UringDevice;
 use crate::vhost_blk::{Export, ExportConfig};
-use crate::{Error, Kind, Pool, PoolOptions, Qos};
+use crate::{Change, Error, Kind, Pool, PoolOptions, Qos};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
@@ -49,9 +49,6 @@ pub fn api_error(e: Error) -> ApiError {
         Error::Corrupt(_) => ApiError::Internal(m),
     }
 }
-
-/// Takes back a metadata change whose commit failed.
-type Undo<'a> = dyn Fn(&Pool<UringDevice>) -> std::result::Result<(), Error> + 'a;
 
 /// An open pool.
 pub struct PoolHandle {
@@ -105,28 +102,26 @@ impl PoolHandle {
         }
     }
 
-    /// Changes metadata and commits it before answering. If the commit fails (no space for
-    /// the journal on the host file system, say), `undo` takes the change back before the
-    /// error is answered: a new volume, snapshot or clone is removed again — neither listed,
-    /// nor in the way of a retry, nor there after a restart.
-    fn durable<T>(
-        &self,
-        what: &str,
-        f: impl FnOnce(&Pool<UringDevice>) -> std::result::Result<T, Error>,
-        undo: Option<&Undo<'_>>,
-    ) -> Result<T> {
-        let out = f(&self.pool).map_err(api_error)?;
-        if let Err(e) = self.pool.flush() {
-            if let Some(undo) = undo
-                && let Err(u) = undo(&self.pool)
-            {
-                tracing::error!(pool = %self.spec.name, error = %u, "could not take back {what}");
+    /// Changes the pool's configuration and commits it before answering: if the commit
+    /// fails (no space for the journal on the host file system, say), the change is taken
+    /// back before the error is answered — neither listed, nor in the way of a retry, nor
+    /// there after a restart; a deleted volume is still there, a size or limit unchanged.
+    fn durable(&self, what: &str, change: Change<'_>) -> Result<()> {
+        match self.pool.change(change) {
+            Ok(()) => {
+                tracing::info!(pool = %self.spec.name, "{what}");
+                Ok(())
             }
-            tracing::warn!(pool = %self.spec.name, error = %e, "not done: {what}");
-            return Err(api_error(e));
+            Err(e) => {
+                if !matches!(
+                    e,
+                    Error::NotFound(_) | Error::Exists(_) | Error::Invalid(_) | Error::ReadOnly(_)
+                ) {
+                    tracing::warn!(pool = %self.spec.name, error = %e, "not done: {what}");
+                }
+                Err(api_error(e))
+            }
         }
-        tracing::info!(pool = %self.spec.name, "{what}");
-        Ok(out)
     }
 
     /// All volumes, snapshots and clones.
@@ -143,23 +138,24 @@ impl PoolHandle {
     pub fn create_volume(&self, spec: &VolumeSpec) -> Result<VolumeInfo> {
         self.durable(
             &format!("volume {} created", spec.name),
-            |p| p.create_volume(&spec.name, spec.size),
-            Some(&|p| p.delete(&spec.name)),
+            Change::Create {
+                name: &spec.name,
+                size: spec.size,
+            },
         )?;
         self.volume(&spec.name)
     }
 
     /// Deletes a volume, snapshot or clone.
     pub fn delete_volume(&self, name: &str) -> Result<()> {
-        self.durable(&format!("{name} deleted"), |p| p.delete(name), None)
+        self.durable(&format!("{name} deleted"), Change::Delete { name })
     }
 
     /// Grows a volume.
     pub fn resize(&self, name: &str, size: u64) -> Result<VolumeInfo> {
         self.durable(
             &format!("{name} resized to {size}"),
-            |p| p.resize(name, size),
-            None,
+            Change::Resize { name, size },
         )?;
         self.volume(name)
     }
@@ -170,11 +166,7 @@ impl PoolHandle {
             iops: q.iops,
             bps: q.bps,
         };
-        self.durable(
-            &format!("{name} limits set"),
-            |p| p.set_qos(name, qos),
-            None,
-        )?;
+        self.durable(&format!("{name} limits set"), Change::SetQos { name, qos })?;
         self.volume(name)
     }
 
@@ -182,8 +174,10 @@ impl PoolHandle {
     pub fn snapshot(&self, spec: &SnapshotSpec) -> Result<VolumeInfo> {
         self.durable(
             &format!("snapshot {} of {}", spec.name, spec.source),
-            |p| p.snapshot(&spec.source, &spec.name),
-            Some(&|p| p.delete(&spec.name)),
+            Change::Snapshot {
+                source: &spec.source,
+                name: &spec.name,
+            },
         )?;
         self.volume(&spec.name)
     }
@@ -192,8 +186,10 @@ impl PoolHandle {
     pub fn clone_snapshot(&self, spec: &CloneSpec) -> Result<VolumeInfo> {
         self.durable(
             &format!("clone {} of {}", spec.name, spec.snapshot),
-            |p| p.clone_snapshot(&spec.snapshot, &spec.name),
-            Some(&|p| p.delete(&spec.name)),
+            Change::Clone {
+                snapshot: &spec.snapshot,
+                name: &spec.name,
+            },
         )?;
         self.volume(&spec.name)
     }
