@@ -43,6 +43,15 @@ pub trait Device: Send + Sync {
     fn flush(&self) -> io::Result<()>;
     /// Size in bytes.
     fn size(&self) -> u64;
+    /// Grows the device to `size` bytes, durably (a pool file is extended and its space
+    /// reserved). Devices that cannot grow say so.
+    fn grow(&self, size: u64) -> io::Result<()> {
+        let _ = size;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this device cannot grow",
+        ))
+    }
 }
 
 /// A device in memory.
@@ -104,6 +113,14 @@ impl Device for MemDevice {
 
     fn size(&self) -> u64 {
         self.data.lock().unwrap_or_else(|p| p.into_inner()).len() as u64
+    }
+    fn grow(&self, size: u64) -> io::Result<()> {
+        let mut data = self.data.lock().unwrap_or_else(|p| p.into_inner());
+        let size = usize::try_from(size).map_err(|_| io::Error::other("too large"))?;
+        if size > data.len() {
+            data.resize(size, 0);
+        }
+        Ok(())
     }
 }
 

@@ -27,6 +27,7 @@ pub mod meta;
 pub mod nbd;
 pub mod pool;
 pub mod qos;
+pub mod space;
 #[allow(unsafe_code)] // io_uring submissions; every unsafe block carries a SAFETY note.
 pub mod uring;
 #[cfg(feature = "vhost")]
@@ -38,3 +39,4 @@ pub use pool::{
     Change, CheckReport, DEFAULT_COMMIT_INTERVAL, DiffRange, IoCounters, Pool, PoolOptions,
     ReadRequest, Recovery, VolumeInfo, WriteRequest,
 };
+pub use space::{SpaceReport, WhenFull};

@@ -148,6 +148,17 @@ pub enum Record {
     },
 }
 
+/// What a volume holds ([`Meta::holdings`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Holdings {
+    /// 4 KiB blocks holding data (written, not released).
+    pub written_blocks: u64,
+    /// Clusters it maps (shared ones included).
+    pub clusters: u64,
+    /// Clusters only it references: what deleting it frees.
+    pub exclusive_clusters: u64,
+}
+
 /// Where a change of one volume can be taken back to (see [`Meta::mark`]).
 #[derive(Debug)]
 pub struct ChangeMark {
@@ -853,6 +864,60 @@ impl Meta {
         if let Some(root) = self.volumes.get(&id).and_then(|v| v.root.as_ref()) {
             walk(root, LEVELS - 1, 0, &mut f);
         }
+    }
+
+    /// What volume `id` holds: blocks written, clusters mapped, and the clusters only it
+    /// references (what deleting it would free).
+    pub fn holdings(&self, id: u64) -> Holdings {
+        fn walk(meta: &Meta, node: &Arc<Node>, shared: bool, h: &mut Holdings) {
+            let shared = shared || Arc::strong_count(node) > 1;
+            match &**node {
+                Node::Leaf(entries) => {
+                    for e in entries.iter().filter(|e| e.is_mapped()) {
+                        h.written_blocks += e.bitmap.count_ones() as u64;
+                        h.clusters += 1;
+                        if !shared && meta.refs(e.cluster) == 1 {
+                            h.exclusive_clusters += 1;
+                        }
+                    }
+                }
+                Node::Inner(children) => {
+                    for c in children.iter().flatten() {
+                        walk(meta, c, shared, h);
+                    }
+                }
+            }
+        }
+        let mut h = Holdings::default();
+        if let Some(root) = self.volumes.get(&id).and_then(|v| v.root.as_ref()) {
+            walk(self, root, false, &mut h);
+        }
+        h
+    }
+
+    /// Clusters freed by the running or sealed transaction: free once it is committed.
+    pub fn pending_free_clusters(&self) -> usize {
+        self.pending_free.len() + self.sealed.free.len()
+    }
+
+    /// Adds data clusters up to `clusters` in all (the pool grew); they are free.
+    pub fn grow(&mut self, clusters: u32) {
+        let old = self.refs.len() as u32;
+        if clusters <= old {
+            return;
+        }
+        self.refs.resize(clusters as usize, 0);
+        // Lower clusters first, as on creation (`allocate` takes from the end).
+        let mut free: Vec<u32> = (old..clusters).rev().collect();
+        free.append(&mut self.free);
+        self.free = free;
+    }
+
+    /// Takes back [`Self::grow`] (its commit failed): the clusters above `clusters` go.
+    /// Only valid while none of them was allocated.
+    pub fn shrink_back(&mut self, clusters: u32) {
+        self.refs.truncate(clusters as usize);
+        self.free.retain(|c| *c < clusters);
     }
 
     /// Clusters referenced by at least one leaf.

@@ -15,7 +15,7 @@
 //! the journal's complete transactions and folds them into a new checkpoint.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -30,10 +30,11 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::Error;
 use crate::device::{Device, IoOp};
 use crate::format::{
-    BLOCK_SIZE, CLUSTER_SIZE, SUBCLUSTERS, SUPER_CRC_AT, SUPER_MAGIC, Superblock, VERSION,
+    BLOCK_SIZE, CLUSTER_SIZE, FANOUT, SUBCLUSTERS, SUPER_CRC_AT, SUPER_MAGIC, Superblock, VERSION,
 };
 use crate::journal::{Segment, decode_block, encode_txn};
 use crate::meta::{Entry, Kind, Meta, Qos, Record, clusters_of};
+use crate::space::{SpaceReport, SpaceWatch, WhenFull};
 
 /// How long, by default, a write no client flushes stays uncommitted at most (about; the
 /// kernel keeps dirty page-cache data as long, XFS its log): the pools' background
@@ -77,8 +78,13 @@ pub struct VolumeInfo {
     pub parent: Option<String>,
     /// Virtual size in bytes.
     pub size: u64,
-    /// Bytes of data it maps (4 KiB granularity; shared data counts for every sharer).
+    /// Bytes written: the 4 KiB blocks holding data (shared data counts for every sharer).
     pub allocated: u64,
+    /// Bytes of the clusters it maps (space is taken by the 64 KiB cluster, so scattered
+    /// 4 KiB writes hold far more than they wrote; shared clusters count for every sharer).
+    pub held: u64,
+    /// Bytes of the clusters only it references: what deleting it frees.
+    pub exclusive: u64,
     /// I/O limits.
     pub qos: Qos,
     /// I/O since the pool was opened.
@@ -234,10 +240,8 @@ pub struct Pool<D: Device> {
     background: AtomicBool,
     /// What opening the pool replayed.
     recovery: Recovery,
-    /// Writes refused because the pool was full.
-    no_space: AtomicU64,
-    /// When a full pool was last reported in the log (one line per episode, not per write).
-    no_space_logged: Mutex<Option<Instant>>,
+    /// Out-of-space policy, low-water event, their counters.
+    space: SpaceWatch,
 }
 
 /// What opening a pool found in its journal: complete transactions replayed after the last
@@ -438,8 +442,7 @@ impl<D: Device> Pool<D> {
             committer: Arc::new(CommitSignal::default()),
             background: AtomicBool::new(false),
             recovery,
-            no_space: AtomicU64::new(0),
-            no_space_logged: Mutex::new(None),
+            space: SpaceWatch::default(),
         }
     }
 
@@ -450,35 +453,121 @@ impl<D: Device> Pool<D> {
 
     /// Writes refused so far because the pool was full (ENOSPC to the client).
     pub fn no_space_events(&self) -> u64 {
-        self.no_space.load(Ordering::Relaxed)
+        self.space_report().refused_writes
     }
 
-    /// Counts the writes among `outcomes` that found the pool full, and says so in the log
-    /// once per episode (again after a minute without one).
-    fn note_no_space<'a>(&self, outcomes: impl IntoIterator<Item = &'a Result<(), Error>>) {
+    /// The pool's space (used, pending free, free) and its events.
+    pub fn space_report(&self) -> SpaceReport {
+        let s = self.read_lock();
+        self.space.report(
+            s.meta.clusters() as u64,
+            s.meta.used_clusters() as u64,
+            s.meta.pending_free_clusters() as u64,
+            s.meta.free_clusters() as u64,
+        )
+    }
+
+    /// What a write that needs new space does when there is none (default: fail at once).
+    pub fn set_when_full(&self, policy: WhenFull) {
+        self.space.set_when_full(policy);
+    }
+
+    /// The policy for writes into a full pool.
+    pub fn when_full(&self) -> WhenFull {
+        self.space.when_full()
+    }
+
+    /// Sets the low-water mark: free space below `bytes` raises an event (0: none).
+    pub fn set_low_water(&self, bytes: u64) {
+        self.space
+            .set_low_water(bytes.div_ceil(CLUSTER_SIZE as u64));
+        self.observe_space();
+    }
+
+    /// Checks free space against the low-water mark (when there is one).
+    fn observe_space(&self) {
+        if self.space.low_water() == 0 {
+            return;
+        }
+        let (clusters, free) = self.space();
+        self.space.observe_free(free, clusters);
+    }
+
+    /// After writes: counts those the full pool refused, and looks at the low-water mark.
+    fn after_writes<'a>(&self, outcomes: impl IntoIterator<Item = &'a Result<(), Error>>) {
         let full = outcomes
             .into_iter()
             .filter(|r| matches!(r, Err(Error::NoSpace)))
             .count() as u64;
-        if full == 0 {
-            return;
-        }
-        let total = self.no_space.fetch_add(full, Ordering::Relaxed) + full;
-        let mut logged = self
-            .no_space_logged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if logged.is_none_or(|at| now.duration_since(at) > Duration::from_secs(60)) {
-            *logged = Some(now);
+        if full > 0 {
             let (clusters, free) = self.space();
-            tracing::warn!(
-                refused_writes = total,
-                clusters,
-                free,
-                "pool full: writes into unallocated space fail with ENOSPC"
-            );
+            self.space.refused(full, free, clusters);
         }
+        self.observe_space();
+    }
+
+    /// A write found no space: under [`WhenFull::Queue`] it waits (from `since`, the first
+    /// time it found none) until space may have appeared after `seen`, and is tried again
+    /// (true); at the timeout, or under [`WhenFull::Error`], it fails (false). Space that
+    /// uncommitted changes freed is committed first, which makes it free.
+    fn wait_for_space(&self, seen: u64, since: &mut Option<Instant>) -> bool {
+        let WhenFull::Queue(timeout) = self.space.when_full() else {
+            return false;
+        };
+        let started = *since.get_or_insert_with(|| {
+            self.space.queued(timeout);
+            Instant::now()
+        });
+        if self.read_lock().meta.pending_free_clusters() > 0
+            && let Err(e) = self.flush()
+        {
+            tracing::warn!(error = %e, "commit for a write waiting for space failed");
+        }
+        self.space.wait(seen, started + timeout)
+    }
+
+    /// Grows the pool to `size` bytes (its device is extended first), online: the new space
+    /// is free at once and writes waiting for space go on. Pools only grow; how far is bounded
+    /// by the metadata area sized at creation (about 16 times the initial size).
+    pub fn grow(&self, size: u64) -> Result<(), Error> {
+        let _commit = self.commit_guard();
+        let mut s = self.lock();
+        let per_cluster = CLUSTER_SIZE as u64;
+        let data_start = s.sb.data_start.get() * BLOCK_SIZE as u64;
+        let old = s.sb.data_clusters.get();
+        let current = data_start + old * per_cluster;
+        let clusters = size.saturating_sub(data_start) / per_cluster;
+        if clusters <= old {
+            return Err(Error::Invalid(format!(
+                "pool size {size} bytes: pools only grow, and this one has {current} bytes \
+                 (grow by at least one cluster of {per_cluster} bytes)"
+            )));
+        }
+        let most = max_clusters(s.sb.ckpt_blocks.get()).min(u32::MAX as u64 - 1);
+        if clusters > most {
+            return Err(Error::Invalid(format!(
+                "pool size {size} bytes: this pool can grow to at most {} bytes (its \
+                 metadata area was sized when it was created); make a larger pool and move \
+                 volumes into it",
+                data_start + most * per_cluster
+            )));
+        }
+        let new_size = data_start + clusters * per_cluster;
+        self.dev
+            .grow(new_size)
+            .map_err(io(format!("growing the pool's device to {new_size} bytes")))?;
+        s.meta.grow(clusters as u32);
+        s.sb.data_clusters = U64::new(clusters);
+        if let Err(e) = checkpoint(&self.dev, &mut s) {
+            s.sb.data_clusters = U64::new(old);
+            s.meta.shrink_back(old as u32);
+            return Err(e);
+        }
+        drop(s);
+        tracing::info!(from = current, to = new_size, "pool grown");
+        self.space.space_changed();
+        self.observe_space();
+        Ok(())
     }
 
     /// Opens a pool: the newest valid superblock, its checkpoint, the journal's complete
@@ -703,6 +792,9 @@ impl<D: Device> Pool<D> {
             Ok(()) => {
                 sealed_done(&mut s, commit);
                 s.meta.finish(mark);
+                drop(s);
+                self.space.space_changed();
+                self.observe_space();
                 Ok(())
             }
             Err(e) => {
@@ -794,6 +886,36 @@ impl<D: Device> Pool<D> {
         for r in reqs {
             self.throttle(r.volume, IoKind::Write, r.data.len() as u64);
         }
+        let mut queued_since = None;
+        let mut seen = self.space.generation();
+        let mut results = self.write_batch_once(reqs);
+        loop {
+            let full: Vec<usize> = (0..results.len())
+                .filter(|i| matches!(results[*i], Err(Error::NoSpace)))
+                .collect();
+            if full.is_empty() || !self.wait_for_space(seen, &mut queued_since) {
+                break;
+            }
+            // The writes that found no space, again (requests of a batch are independent).
+            let again: Vec<WriteRequest<'_>> = full
+                .iter()
+                .map(|i| WriteRequest {
+                    volume: reqs[*i].volume,
+                    offset: reqs[*i].offset,
+                    data: reqs[*i].data,
+                })
+                .collect();
+            seen = self.space.generation();
+            for (i, r) in full.into_iter().zip(self.write_batch_once(&again)) {
+                results[i] = r;
+            }
+        }
+        self.after_writes(&results);
+        results
+    }
+
+    /// One pass over a batch (throttled already).
+    fn write_batch_once(&self, reqs: &[WriteRequest<'_>]) -> Vec<Result<(), Error>> {
         let mut results: Vec<Option<Result<(), Error>>> = (0..reqs.len()).map(|_| None).collect();
         {
             let s = self.read_lock();
@@ -826,12 +948,10 @@ impl<D: Device> Pool<D> {
         if results.iter().any(Option::is_none) {
             self.write_batch_locked(reqs, &mut results);
         }
-        let results: Vec<Result<(), Error>> = results
+        results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(Error::Invalid("a write left undone".into()))))
-            .collect();
-        self.note_no_space(&results);
-        results
+            .collect()
     }
 
     /// The writes of a batch the in-place pass left, under the pool lock: whole 4 KiB blocks
@@ -981,9 +1101,16 @@ impl<D: Device> Pool<D> {
     /// [`Self::flush`].
     pub fn write(&self, name: &str, offset: u64, data: &[u8]) -> Result<(), Error> {
         self.throttle(name, IoKind::Write, data.len() as u64);
-        let done = self.write_unthrottled(name, offset, data);
-        self.note_no_space([&done]);
-        done
+        let mut queued_since = None;
+        loop {
+            let seen = self.space.generation();
+            let done = self.write_unthrottled(name, offset, data);
+            if matches!(done, Err(Error::NoSpace)) && self.wait_for_space(seen, &mut queued_since) {
+                continue;
+            }
+            self.after_writes([&done]);
+            return done;
+        }
     }
 
     fn write_unthrottled(&self, name: &str, offset: u64, data: &[u8]) -> Result<(), Error> {
@@ -1145,6 +1272,7 @@ impl<D: Device> Pool<D> {
         let mut s = self.lock();
         let len = usize::try_from(len).map_err(|_| Error::Invalid("length".into()))?;
         let id = check_io(&s.meta, name, offset, len, true)?;
+        let freed_before = s.meta.pending_free_clusters();
         for_each_piece(offset, len, |vc, start, _, plen| {
             let e = s.meta.lookup(id, vc);
             let bs = BLOCK_SIZE;
@@ -1178,7 +1306,12 @@ impl<D: Device> Pool<D> {
             Ok(())
         })?;
         let pending = s.meta.pending().len();
+        let freed = s.meta.pending_free_clusters() > freed_before;
         drop(s);
+        if freed {
+            // Writes waiting for space commit it and go on.
+            self.space.space_changed();
+        }
         self.commit_if_large(pending)
     }
 
@@ -1299,6 +1432,8 @@ impl<D: Device> Pool<D> {
         match written {
             Ok(()) => {
                 sealed_done(&mut s, commit);
+                drop(s);
+                self.space.space_changed();
                 Ok(())
             }
             Err(e) => {
@@ -1417,13 +1552,16 @@ impl<D: Device> Pool<D> {
 
 fn info(meta: &Meta, id: u64, io: &HashMap<u64, IoCounters>) -> Option<VolumeInfo> {
     let v = meta.volume_by_id(id)?;
+    let h = meta.holdings(id);
     Some(VolumeInfo {
         id: v.id,
         name: v.name.clone(),
         kind: v.kind,
         parent: meta.volume_by_id(v.parent).map(|p| p.name.clone()),
         size: v.size,
-        allocated: meta.allocated_bytes(v.id),
+        allocated: h.written_blocks * BLOCK_SIZE as u64,
+        held: h.clusters * CLUSTER_SIZE as u64,
+        exclusive: h.exclusive_clusters * CLUSTER_SIZE as u64,
         qos: v.qos,
         io: io.get(&v.id).copied().unwrap_or_default(),
     })
@@ -1853,6 +1991,14 @@ fn checkpoint<D: Device>(dev: &D, s: &mut State) -> Result<(), Error> {
     s.journal_used = 0;
     s.meta.committed();
     Ok(())
+}
+
+/// The most data clusters a pool whose checkpoint areas have `ckpt_blocks` blocks each may
+/// grow to: its metadata must fit a checkpoint with room to spare — each mapping leaf (a block)
+/// maps 512 clusters; an eighth of that density leaves room for leaves that snapshots and
+/// clones unshare, and 64 blocks for the rest.
+fn max_clusters(ckpt_blocks: u64) -> u64 {
+    ckpt_blocks.saturating_sub(64) * FANOUT as u64 / 8
 }
 
 /// Number of clusters a volume of `size` bytes spans.

@@ -91,7 +91,8 @@ fn lock_holder(file: &File) -> Option<u32> {
 #[derive(Debug)]
 pub struct UringDevice {
     file: File,
-    size: u64,
+    /// Bytes (grows with [`Device::grow`]).
+    size: AtomicU64,
     id: u64,
 }
 
@@ -127,7 +128,7 @@ impl UringDevice {
         };
         let dev = UringDevice {
             file,
-            size,
+            size: AtomicU64::new(size),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         };
         // Make sure a ring can be set up here and now, not at the first request.
@@ -318,7 +319,36 @@ impl Device for UringDevice {
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// A pool file is extended to `size` with its space reserved (`fallocate`, where the file
+    /// system has it), and the new size made durable; a block device must have been grown
+    /// already (its size is looked up again).
+    fn grow(&self, size: u64) -> io::Result<()> {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::FileTypeExt;
+        let file_type = self.file.metadata()?.file_type();
+        if file_type.is_block_device() {
+            let now = (&self.file).seek(SeekFrom::End(0))?;
+            if now < size {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("the block device has {now} bytes: grow it first"),
+                ));
+            }
+        } else {
+            let len = i64::try_from(size)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "size too large"))?;
+            match nix::fcntl::fallocate(&self.file, nix::fcntl::FallocateFlags::empty(), 0, len) {
+                Ok(()) => {}
+                Err(nix::errno::Errno::EOPNOTSUPP) => self.file.set_len(size)?,
+                Err(e) => return Err(e.into()),
+            }
+            self.file.sync_all()?;
+        }
+        self.size.fetch_max(size, Ordering::Relaxed);
+        Ok(())
     }
 }
 
