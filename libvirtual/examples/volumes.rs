@@ -26,6 +26,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             path: path.clone(),
             size: Some(256 * MIB),
             preallocation: Default::default(),
+            space: Default::default(),
         })
         .await?;
     let result = tour(&vblockd, &pool).await;

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 use vblock::api::{
-    CheckInfo, CloneSpec, PoolInfo, PoolSpec, QosSpec, ResizeSpec, SnapshotSpec, VhostInfo,
-    VhostSpec, VolumeInfo, VolumeSpec,
+    CheckInfo, CloneSpec, PoolInfo, PoolResizeSpec, PoolSpec, QosSpec, ResizeSpec, SnapshotSpec,
+    SpaceSpec, VhostInfo, VhostSpec, VolumeInfo, VolumeSpec,
 };
 
 use crate::Error;
@@ -67,6 +67,19 @@ impl AsyncClient {
     /// Creates (with a size) or opens (without) a pool and serves it.
     pub async fn create_pool(&self, spec: &PoolSpec) -> Result<PoolInfo, Error> {
         self.send("POST", "/v1/pools", Some(spec)).await
+    }
+
+    /// Grows a pool online to `size` bytes (pools only grow); writes waiting for space go on.
+    pub async fn resize_pool(&self, name: &str, size: u64) -> Result<PoolInfo, Error> {
+        let path = format!("/v1/pools/{name}/resize", name = seg(name));
+        self.send("POST", &path, Some(&PoolResizeSpec { size }))
+            .await
+    }
+
+    /// Sets a pool's space settings: out-of-space policy and low-water mark (live, kept).
+    pub async fn set_pool_space(&self, name: &str, space: &SpaceSpec) -> Result<PoolInfo, Error> {
+        let path = format!("/v1/pools/{name}/space", name = seg(name));
+        self.send("PUT", &path, Some(space)).await
     }
 
     /// Stops serving a pool (its file stays).
@@ -428,6 +441,10 @@ impl Client {
         fn pool(&self, name: &str) -> PoolInfo;
         /// Creates (with a size) or opens (without) a pool and serves it.
         fn create_pool(&self, spec: &PoolSpec) -> PoolInfo;
+        /// Grows a pool online to `size` bytes (pools only grow).
+        fn resize_pool(&self, name: &str, size: u64) -> PoolInfo;
+        /// Sets a pool's space settings (live, kept).
+        fn set_pool_space(&self, name: &str, space: &SpaceSpec) -> PoolInfo;
         /// Stops serving a pool (its file stays).
         fn remove_pool(&self, name: &str) -> ();
         /// Verifies a pool; with `repair`, reclaims leaked space.

@@ -363,6 +363,7 @@ fn golden_and_clone(
                 path: h.dir.join("pool.img"),
                 size: Some(1 << 30),
                 preallocation: Default::default(),
+                space: Default::default(),
             })
             .map_err(api("creating a pool"))?;
     }

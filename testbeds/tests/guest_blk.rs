@@ -352,3 +352,103 @@ e2fsck -fn /dev/vda > /dev/null && echo FSCK-CLEAN
         .unwrap();
     assert!(in_clone < 60, "{}", run.console);
 }
+
+#[test]
+fn a_guest_whose_pool_fills_waits_and_goes_on_when_the_pool_grows() {
+    if !guest::available() {
+        panic!("QEMU is not installed: scripts/install-qemu installs it");
+    }
+    let image = guest::image_with_fio().unwrap();
+    let bed = Vblockd {
+        dir: Scratch::new(Path::new("/var/tmp"), "lv-guest-full").unwrap(),
+    };
+    let vblockd = bed.start();
+    let pool_file = bed.dir.join("pool").display().to_string();
+    // A pool of about 20 MiB of data space under a thin 64 MiB volume: fio's scattered
+    // writes over 32 MiB need more clusters than the pool has. Writes into a full pool
+    // queue; below 8 MiB free the low-water event fires.
+    let info: vblock::api::PoolInfo = serde_json::from_str(&bed.call(
+        &vblockd,
+        "POST",
+        "/v1/pools",
+        &format!(
+            r#"{{"name":"p","path":"{pool_file}","size":{},
+                "space":{{"when_full":"queue","queue_timeout":900,"low_water":8388608}}}}"#,
+            24u64 << 20
+        ),
+    ))
+    .unwrap();
+    assert!(info.capacity < 32 << 20, "{info:?}");
+    bed.call(
+        &vblockd,
+        "POST",
+        "/v1/pools/p/volumes",
+        &format!(r#"{{"name":"vm","size":{}}}"#, 64u64 << 20),
+    );
+    let sock = bed.dir.join("run/vhost/vm.sock");
+    bed.call(
+        &vblockd,
+        "PUT",
+        "/v1/pools/p/volumes/vm/vhost",
+        r#"{"queues":1}"#,
+    );
+    let script = r#"
+set -e
+echo FIO-START
+fio --name=fill --filename=/dev/vda --size=32M --rw=randwrite --bs=16k --ioengine=libaio \
+    --iodepth=8 --direct=1 --verify=crc32c --verify_fatal=1 --do_verify=1 \
+    --output-format=terse > /tmp/fio.out
+echo "FIO-OK $(cut -d';' -f5 /tmp/fio.out) errors"
+echo "DMESG-IO-ERRORS $(dmesg | grep -ci 'i/o error')"
+"#;
+    let guest = guest::Guest::boot(&image, &[(sock, 1)], script, &bed.dir.join("vm")).unwrap();
+    let pool = || -> vblock::api::PoolInfo {
+        serde_json::from_str(&bed.call(&vblockd, "GET", "/v1/pools/p", "")).unwrap()
+    };
+    // The pool fills: the low-water event has fired, and the guest's writes wait.
+    testbeds::wait::until(
+        "writes queued on the full pool",
+        Duration::from_secs(600),
+        || pool().queued_writes > 0,
+    )
+    .unwrap();
+    let full = pool();
+    assert!(full.below_low_water, "{full:?}");
+    assert_eq!(full.low_water_events, 1, "{full:?}");
+    assert_eq!(full.refused_writes, 0, "{full:?}");
+    let metrics = bed.call(&vblockd, "GET", "/metrics", "");
+    assert!(
+        metrics.contains("vblock_pool_below_low_water{pool=\"p\"} 1"),
+        "{metrics}"
+    );
+    // Grown online with vctl: the waiting writes go on, fio verifies every block.
+    let vctl = std::process::Command::new(workspace_binary("vctl").unwrap())
+        .arg("--socket")
+        .arg(bed.api())
+        .args(["pool", "resize", "p", "64M"])
+        .output()
+        .unwrap();
+    assert!(
+        vctl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&vctl.stderr)
+    );
+    let run = guest.finish(Duration::from_secs(900)).unwrap();
+    assert_eq!(run.status, Some(0), "{}", run.console);
+    assert!(run.console.contains("FIO-OK 0 errors"), "{}", run.console);
+    let io_errors = run
+        .console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("DMESG-IO-ERRORS "));
+    assert_eq!(io_errors, Some("0"), "{}", run.console);
+    let grown = pool();
+    eprintln!("full: {full:?}\ngrown: {grown:?}");
+    assert!(grown.capacity > full.capacity, "{grown:?}");
+    assert_eq!(grown.refused_writes, 0, "{grown:?}");
+    assert_eq!(
+        grown.used + grown.pending_free + grown.free,
+        grown.capacity,
+        "{grown:?}"
+    );
+    drop(vblockd);
+}

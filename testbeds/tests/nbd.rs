@@ -39,6 +39,7 @@ impl Bed {
             path: dir.join("p.pool"),
             size: Some(1 << 30),
             preallocation: Default::default(),
+            space: Default::default(),
         })
         .unwrap();
         Bed {

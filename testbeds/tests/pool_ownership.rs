@@ -434,3 +434,78 @@ fn metadata_changes_on_a_full_file_system_fail_without_a_trace() {
     assert_eq!(v["qos"]["iops"], 0, "{list}");
     drop(d);
 }
+
+#[test]
+fn space_settings_and_growth_are_live_checked_and_kept() {
+    let dir = Scratch::new(Path::new("/var/tmp"), "lv-pool-space").unwrap();
+    let d = start_vblockd(dir.path(), &[]);
+    let file = dir.join("p.pool");
+    create_pool(&d, "p", &file);
+    let show = |d: &Daemon| -> serde_json::Value {
+        let (status, body) = d.request("GET", "/v1/pools/p", None).unwrap();
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let before = show(&d);
+    assert_eq!(before["space"]["when_full"], "error", "{before}");
+    assert_eq!(
+        before["used"].as_u64().unwrap() + before["free"].as_u64().unwrap(),
+        before["capacity"].as_u64().unwrap(),
+        "{before}"
+    );
+    // Bad settings and a shrink are refused and change nothing.
+    for body in [
+        r#"{"when_full":"queue","queue_timeout":0}"#,
+        r#"{"when_full":"sometimes"}"#,
+    ] {
+        let (status, answer) = d.request("PUT", "/v1/pools/p/space", Some(body)).unwrap();
+        assert_eq!(status, 400, "{body}: {answer}");
+    }
+    let (status, answer) = d
+        .request("POST", "/v1/pools/p/resize", Some(r#"{"size":1048576}"#))
+        .unwrap();
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("only grow"), "{answer}");
+    assert_eq!(show(&d), before);
+    // Set with vctl, grown with the API: both live, both kept across a restart.
+    let vctl = Command::new(workspace_binary("vctl").unwrap())
+        .arg("--socket")
+        .arg(dir.join("run/vblockd.sock"))
+        .args([
+            "pool",
+            "space",
+            "p",
+            "--when-full",
+            "queue",
+            "--queue-timeout",
+            "30",
+            "--low-water",
+            "1M",
+        ])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&vctl.stdout);
+    assert!(
+        vctl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&vctl.stderr)
+    );
+    assert!(table.contains("queue 30s"), "{table}");
+    let (status, answer) = d
+        .request("POST", "/v1/pools/p/resize", Some(r#"{"size":134217728}"#))
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let grown = show(&d);
+    assert!(
+        grown["capacity"].as_u64() > before["capacity"].as_u64(),
+        "{grown}"
+    );
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 128 << 20);
+    drop(d);
+    let d = start_vblockd(dir.path(), &[]);
+    let after = show(&d);
+    assert_eq!(after["capacity"], grown["capacity"], "{after}");
+    assert_eq!(after["space"]["when_full"], "queue", "{after}");
+    assert_eq!(after["space"]["queue_timeout"], 30, "{after}");
+    assert_eq!(after["space"]["low_water"], 1 << 20, "{after}");
+}

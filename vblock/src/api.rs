@@ -28,6 +28,69 @@ pub struct PoolSpec {
     /// How a new pool file's space is reserved: `falloc` (default) or `full` (zeros written).
     #[serde(default, skip_serializing_if = "is_falloc")]
     pub preallocation: Preallocation,
+    /// What happens as the pool fills (default: writes into a full pool fail at once, no
+    /// low-water mark).
+    #[serde(default, skip_serializing_if = "SpaceSpec::is_default")]
+    pub space: SpaceSpec,
+}
+
+/// What a write that needs new space does when the pool is full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenFull {
+    /// Fails at once: ENOSPC to NBD clients, an I/O error to a guest (the default).
+    #[default]
+    Error,
+    /// Waits for space — the pool grown (`POST /v1/pools/{pool}/resize`), a volume deleted,
+    /// space discarded — for up to `queue_timeout` seconds, then fails.
+    Queue,
+}
+
+/// A pool's space settings (`PUT /v1/pools/{pool}/space`, or `space` on creation), as
+/// dm-thin has them: the out-of-space policy and a low-water mark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpaceSpec {
+    /// `error` (default) or `queue`.
+    #[serde(default)]
+    pub when_full: WhenFull,
+    /// Seconds a write waits for space under `queue` before it fails (default 60).
+    #[serde(default = "default_queue_timeout")]
+    pub queue_timeout: u64,
+    /// Free bytes below which the pool raises its low-water event: a log line, a metric,
+    /// `below_low_water` in the pool's info (0, the default: none).
+    #[serde(default)]
+    pub low_water: u64,
+}
+
+/// Seconds a queued write waits by default.
+pub const DEFAULT_QUEUE_TIMEOUT: u64 = 60;
+
+fn default_queue_timeout() -> u64 {
+    DEFAULT_QUEUE_TIMEOUT
+}
+
+impl Default for SpaceSpec {
+    fn default() -> SpaceSpec {
+        SpaceSpec {
+            when_full: WhenFull::Error,
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
+            low_water: 0,
+        }
+    }
+}
+
+impl SpaceSpec {
+    /// The default settings.
+    pub fn is_default(&self) -> bool {
+        *self == SpaceSpec::default()
+    }
+}
+
+/// A pool's new size (`POST /v1/pools/{pool}/resize`): pools grow online.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolResizeSpec {
+    /// New size of the pool's file or device in bytes (larger than now).
+    pub size: u64,
 }
 
 fn is_falloc(p: &Preallocation) -> bool {
@@ -45,8 +108,31 @@ pub struct PoolInfo {
     pub capacity: u64,
     /// Bytes of data space free.
     pub free: u64,
+    /// Bytes of data space holding data of some volume (capacity = used + pending_free +
+    /// free).
+    #[serde(default)]
+    pub used: u64,
+    /// Bytes freed by changes not yet committed (discards, overwrites of shared data,
+    /// deletes): free after the next commit, within the commit interval.
+    #[serde(default)]
+    pub pending_free: u64,
     /// Number of volumes, snapshots and clones.
     pub volumes: usize,
+    /// Space settings.
+    #[serde(default)]
+    pub space: SpaceSpec,
+    /// Free space is below the low-water mark now.
+    #[serde(default)]
+    pub below_low_water: bool,
+    /// Times free space dropped below the low-water mark since the pool was opened.
+    #[serde(default)]
+    pub low_water_events: u64,
+    /// Writes that found the pool full and waited for space.
+    #[serde(default)]
+    pub queued_writes: u64,
+    /// Writes that failed because the pool was full.
+    #[serde(default)]
+    pub refused_writes: u64,
 }
 
 /// A volume to create (`POST /v1/pools/{pool}/volumes`).
@@ -81,8 +167,15 @@ pub struct VolumeInfo {
     pub parent: Option<String>,
     /// Virtual size in bytes.
     pub size: u64,
-    /// Bytes of data it maps (shared data counts for each sharer).
+    /// Bytes written: the 4 KiB blocks holding data (shared data counts for each sharer).
     pub allocated: u64,
+    /// Bytes of pool space it holds: the 64 KiB clusters it maps (scattered 4 KiB writes
+    /// hold up to 16 times what they wrote; shared clusters count for each sharer).
+    #[serde(default)]
+    pub held: u64,
+    /// Bytes of pool space only it holds: what deleting it frees.
+    #[serde(default)]
+    pub exclusive: u64,
     /// I/O limits.
     pub qos: QosSpec,
     /// I/O since its pool was opened, from every client (API, vhost-user-blk, NBD).

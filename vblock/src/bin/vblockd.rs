@@ -51,6 +51,7 @@ fn parse_pool(s: &str) -> Result<PoolSpec, String> {
         path: path.into(),
         size: None,
         preallocation: Default::default(),
+        space: Default::default(),
     })
 }
 

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{
     CheckInfo, CloneSpec, DataRange, IoInfo, MAX_TRANSFER, PoolInfo, PoolSpec, QosSpec,
-    SnapshotSpec, VhostInfo, VhostSpec, VolumeInfo, VolumeSpec,
+    SnapshotSpec, SpaceSpec, VhostInfo, VhostSpec, VolumeInfo, VolumeSpec, WhenFull,
 };
 use crate::format::CLUSTER_SIZE;
 use crate::uring::UringDevice;
@@ -56,6 +56,8 @@ pub struct PoolHandle {
     pub spec: PoolSpec,
     /// The pool (shared with its vhost-user exports).
     pub pool: Arc<Pool<UringDevice>>,
+    /// The queue timeout set (kept while the policy is `error`, for the settings shown).
+    queue_timeout: Mutex<u64>,
 }
 
 impl std::fmt::Debug for PoolHandle {
@@ -76,6 +78,8 @@ fn volume_info(v: crate::VolumeInfo) -> VolumeInfo {
         parent: v.parent,
         size: v.size,
         allocated: v.allocated,
+        held: v.held,
+        exclusive: v.exclusive,
         qos: QosSpec {
             iops: v.qos.iops,
             bps: v.qos.bps,
@@ -92,14 +96,56 @@ fn volume_info(v: crate::VolumeInfo) -> VolumeInfo {
 
 impl PoolHandle {
     fn info(&self) -> PoolInfo {
-        let (total, free) = self.pool.space();
+        let r = self.pool.space_report();
+        let bytes = |clusters: u64| clusters * CLUSTER_SIZE as u64;
         PoolInfo {
             name: self.spec.name.clone(),
             path: self.spec.path.clone(),
-            capacity: total * CLUSTER_SIZE as u64,
-            free: free * CLUSTER_SIZE as u64,
+            capacity: bytes(r.clusters),
+            free: bytes(r.free),
+            used: bytes(r.used),
+            pending_free: bytes(r.pending_free),
             volumes: self.pool.list().len(),
+            space: self.space(),
+            below_low_water: r.below_low_water,
+            low_water_events: r.low_water_events,
+            queued_writes: r.queued_writes,
+            refused_writes: r.refused_writes,
         }
+    }
+
+    /// The pool's space settings as they are.
+    fn space(&self) -> SpaceSpec {
+        let (when_full, queue_timeout) = match self.pool.when_full() {
+            crate::WhenFull::Error => (
+                WhenFull::Error,
+                *self.queue_timeout.lock().unwrap_or_else(|p| p.into_inner()),
+            ),
+            crate::WhenFull::Queue(t) => (WhenFull::Queue, t.as_secs()),
+        };
+        SpaceSpec {
+            when_full,
+            queue_timeout,
+            low_water: self.pool.space_report().low_water * CLUSTER_SIZE as u64,
+        }
+    }
+
+    /// Applies space settings (live).
+    fn set_space(&self, space: SpaceSpec) {
+        *self.queue_timeout.lock().unwrap_or_else(|p| p.into_inner()) = space.queue_timeout;
+        self.pool.set_when_full(match space.when_full {
+            WhenFull::Error => crate::WhenFull::Error,
+            WhenFull::Queue => {
+                crate::WhenFull::Queue(std::time::Duration::from_secs(space.queue_timeout))
+            }
+        });
+        self.pool.set_low_water(space.low_water);
+    }
+
+    /// Grows the pool online to `size` bytes.
+    pub fn grow(&self, size: u64) -> Result<PoolInfo> {
+        self.pool.grow(size).map_err(api_error)?;
+        Ok(self.info())
     }
 
     /// Changes the pool's configuration and commits it before answering: if the commit
@@ -277,6 +323,17 @@ pub struct Control {
     commit_interval: std::time::Duration,
     /// The NBD server's connections (set once it runs).
     nbd: Option<Arc<dyn crate::nbd::Connections>>,
+}
+
+/// Space settings within bounds: a queue timeout of 1 s to 1 day.
+fn check_space(space: &SpaceSpec) -> Result<()> {
+    if !(1..=86_400).contains(&space.queue_timeout) {
+        return Err(ApiError::Invalid(format!(
+            "queue_timeout {}: between 1 and 86400 seconds",
+            space.queue_timeout
+        )));
+    }
+    Ok(())
 }
 
 fn check_pool_name(name: &str) -> Result<()> {
@@ -511,14 +568,17 @@ impl Control {
         let pool = Arc::new(pool);
         pool.start_committer(self.commit_interval)
             .map_err(|e| ApiError::Internal(format!("starting the committer: {e}")))?;
-        Ok(Arc::new(PoolHandle {
+        let h = PoolHandle {
             spec: PoolSpec {
                 size: None,
                 preallocation: Default::default(),
                 ..spec
             },
             pool,
-        }))
+            queue_timeout: Mutex::new(spec.space.queue_timeout),
+        };
+        h.set_space(spec.space);
+        Ok(Arc::new(h))
     }
 
     fn save(&self) -> Result<()> {
@@ -541,9 +601,30 @@ impl Control {
             .ok_or_else(|| ApiError::NotFound(format!("no pool {name}")))
     }
 
+    /// Changes a pool's space settings (live, and kept).
+    pub fn set_pool_space(&mut self, name: &str, space: SpaceSpec) -> Result<PoolInfo> {
+        check_space(&space)?;
+        let h = self.pool(name)?;
+        let before = h.space();
+        h.set_space(space);
+        if let Some(p) = self.state.pools.iter_mut().find(|p| p.name == name) {
+            p.space = space;
+        }
+        if let Err(e) = self.save() {
+            h.set_space(before);
+            if let Some(p) = self.state.pools.iter_mut().find(|p| p.name == name) {
+                p.space = before;
+            }
+            return Err(e);
+        }
+        tracing::info!(pool = %name, when_full = ?space.when_full, queue_timeout = space.queue_timeout, low_water = space.low_water, "space settings");
+        Ok(h.info())
+    }
+
     /// Creates (with a size) or opens a pool and serves it from now on.
     pub fn create_pool(&mut self, spec: PoolSpec) -> Result<PoolInfo> {
         check_pool_name(&spec.name)?;
+        check_space(&spec.space)?;
         if self.pools.contains_key(&spec.name) {
             return Err(ApiError::Conflict(format!("pool {} exists", spec.name)));
         }
@@ -607,6 +688,13 @@ impl Control {
         let capacity = Family::<Labels, Gauge>::default();
         let free = Family::<Labels, Gauge>::default();
         let no_space = Family::<Labels, Counter>::default();
+        let used = Family::<Labels, Gauge>::default();
+        let pending_free = Family::<Labels, Gauge>::default();
+        let below_low_water = Family::<Labels, Gauge>::default();
+        let low_water_events = Family::<Labels, Counter>::default();
+        let queued = Family::<Labels, Counter>::default();
+        let held = Family::<Labels, Gauge>::default();
+        let exclusive = Family::<Labels, Gauge>::default();
         let size = Family::<Labels, Gauge>::default();
         let allocated = Family::<Labels, Gauge>::default();
         let reads = Family::<Labels, Counter>::default();
@@ -619,7 +707,18 @@ impl Control {
             let pl = vec![("pool".to_owned(), info.name.clone())];
             capacity.get_or_create(&pl).set(info.capacity as i64);
             free.get_or_create(&pl).set(info.free as i64);
-            no_space.get_or_create(&pl).inc_by(h.pool.no_space_events());
+            no_space.get_or_create(&pl).inc_by(info.refused_writes);
+            used.get_or_create(&pl).set(info.used as i64);
+            pending_free
+                .get_or_create(&pl)
+                .set(info.pending_free as i64);
+            below_low_water
+                .get_or_create(&pl)
+                .set(i64::from(info.below_low_water));
+            low_water_events
+                .get_or_create(&pl)
+                .inc_by(info.low_water_events);
+            queued.get_or_create(&pl).inc_by(info.queued_writes);
             for v in h.volumes() {
                 let vl = vec![
                     ("pool".to_owned(), info.name.clone()),
@@ -627,6 +726,8 @@ impl Control {
                 ];
                 size.get_or_create(&vl).set(v.size as i64);
                 allocated.get_or_create(&vl).set(v.allocated as i64);
+                held.get_or_create(&vl).set(v.held as i64);
+                exclusive.get_or_create(&vl).set(v.exclusive as i64);
                 let s = v.io;
                 reads.get_or_create(&vl).inc_by(s.reads);
                 read_bytes.get_or_create(&vl).inc_by(s.read_bytes);
@@ -642,8 +743,47 @@ impl Control {
             "Writes refused because the pool was full (ENOSPC)",
             no_space,
         );
+        reg.register(
+            "pool_used_bytes",
+            "Data space holding data of some volume",
+            used,
+        );
+        reg.register(
+            "pool_pending_free_bytes",
+            "Data space freed by changes not yet committed",
+            pending_free,
+        );
+        reg.register(
+            "pool_below_low_water",
+            "1 while free space is below the pool's low-water mark",
+            below_low_water,
+        );
+        reg.register(
+            "pool_low_water_events",
+            "Times free space dropped below the low-water mark",
+            low_water_events,
+        );
+        reg.register(
+            "pool_queued_writes",
+            "Writes that found the pool full and waited for space",
+            queued,
+        );
         reg.register("volume_size_bytes", "Virtual size of a volume", size);
-        reg.register("volume_allocated_bytes", "Data a volume maps", allocated);
+        reg.register(
+            "volume_allocated_bytes",
+            "Bytes written: 4 KiB blocks holding data",
+            allocated,
+        );
+        reg.register(
+            "volume_held_bytes",
+            "Pool space a volume holds: the clusters it maps",
+            held,
+        );
+        reg.register(
+            "volume_exclusive_bytes",
+            "Pool space only this volume holds (freed by deleting it)",
+            exclusive,
+        );
         reg.register("volume_reads", "Read requests", reads);
         reg.register("volume_read_bytes", "Bytes read", read_bytes);
         reg.register("volume_writes", "Write requests", writes);

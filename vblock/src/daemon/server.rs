@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use super::control::{Control, PoolHandle};
 use crate::api::{
-    CloneSpec, DataRange, MAX_TRANSFER, PoolSpec, QosSpec, ResizeSpec, SnapshotSpec, VhostSpec,
-    VolumeSpec,
+    CloneSpec, DataRange, MAX_TRANSFER, PoolResizeSpec, PoolSpec, QosSpec, ResizeSpec,
+    SnapshotSpec, SpaceSpec, VhostSpec, VolumeSpec,
 };
 
 /// Shared control plane.
@@ -57,6 +57,8 @@ pub fn router(shared: Shared) -> Router {
         .route("/v1/pools/{pool}", get(show_pool).delete(remove_pool))
         .route("/v1/pools/{pool}/check", post(check))
         .route("/v1/pools/{pool}/flush", post(flush))
+        .route("/v1/pools/{pool}/resize", post(resize_pool))
+        .route("/v1/pools/{pool}/space", put(set_space))
         .route(
             "/v1/pools/{pool}/volumes",
             get(list_volumes).post(create_volume),
@@ -107,6 +109,24 @@ async fn show_pool(State(s): State<Shared>, Path(pool): Path<String>) -> ApiResu
     .await?;
     info.map(ok)
         .ok_or_else(|| ApiError::NotFound("pool vanished".into()))
+}
+
+async fn resize_pool(
+    State(s): State<Shared>,
+    Path(pool): Path<String>,
+    body: Result<JsonBody<PoolResizeSpec>, daemon_kit::ApiError>,
+) -> ApiResult<Response> {
+    let JsonBody(r) = body?;
+    Ok(ok(on_pool(s, pool, move |h| h.grow(r.size)).await?))
+}
+
+async fn set_space(
+    State(s): State<Shared>,
+    Path(pool): Path<String>,
+    body: Result<JsonBody<SpaceSpec>, daemon_kit::ApiError>,
+) -> ApiResult<Response> {
+    let JsonBody(space) = body?;
+    Ok(ok(run(s, move |c| c.set_pool_space(&pool, space)).await?))
 }
 
 async fn remove_pool(State(s): State<Shared>, Path(pool): Path<String>) -> ApiResult<StatusCode> {

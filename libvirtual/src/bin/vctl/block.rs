@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use libvirtual::Error;
 use libvirtual::block::Client;
 use libvirtual::image;
-use vblock::api::{PoolInfo, PoolSpec, QosSpec, VolumeInfo, VolumeSpec};
+use vblock::api::{PoolInfo, PoolSpec, QosSpec, SpaceSpec, VolumeInfo, VolumeSpec, WhenFull};
 use vblock::diffstream::{Change, DiffWriter, next_change, read_header};
 
 use crate::{Output, done, emit};
@@ -55,6 +55,25 @@ pub enum PoolCmd {
         /// written: slower to create, faster first writes into thin volumes).
         #[arg(long, default_value = "falloc", requires = "size")]
         preallocation: vblock::api::Preallocation,
+        #[command(flatten)]
+        space: SpaceArgs,
+    },
+    /// Grow a pool online (pools only grow): its file is extended and the new space is free at
+    /// once; writes waiting for space (--when-full queue) go on.
+    Resize {
+        /// The pool's name (see NAMES in `vctl --help`).
+        name: String,
+        /// The pool's new size (suffixes K M G T: 40G), larger than now.
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
+    /// Change what happens as a pool fills: the out-of-space policy and the low-water mark
+    /// (live, and kept across restarts); options not given stay as they are.
+    Space {
+        /// The pool's name (see NAMES in `vctl --help`).
+        name: String,
+        #[command(flatten)]
+        space: SpaceArgs,
     },
     /// Stop serving a pool (its file stays).
     Remove {
@@ -297,23 +316,86 @@ fn one_clone(c: &Client, pool: &str, name: &str) -> Result<VolumeInfo, Error> {
         })
 }
 
+/// A pool's space settings on the command line.
+#[derive(clap::Args, Debug, Default)]
+pub struct SpaceArgs {
+    /// What a write that needs new space does when the pool is full: `error` fails it at
+    /// once (ENOSPC; a guest sees an I/O error), `queue` makes it wait for space (grow the
+    /// pool with `vctl pool resize`) for up to --queue-timeout [default: error].
+    #[arg(long, value_enum)]
+    when_full: Option<WhenFullArg>,
+    /// Seconds a write waits for space under `--when-full queue` before it fails
+    /// [default: 60].
+    #[arg(long, value_name = "SECS")]
+    queue_timeout: Option<u64>,
+    /// Free space below which the pool raises its low-water event (a log line, a metric,
+    /// LOW in `vctl pool list`); suffixes K M G T; 0 for none [default: none].
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    low_water: Option<u64>,
+}
+
+/// `--when-full`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum WhenFullArg {
+    /// Fail at once.
+    Error,
+    /// Wait for space, up to --queue-timeout.
+    Queue,
+}
+
+impl SpaceArgs {
+    /// `base` with the options given applied.
+    fn apply(&self, base: SpaceSpec) -> SpaceSpec {
+        SpaceSpec {
+            when_full: match self.when_full {
+                Some(WhenFullArg::Error) => WhenFull::Error,
+                Some(WhenFullArg::Queue) => WhenFull::Queue,
+                None => base.when_full,
+            },
+            queue_timeout: self.queue_timeout.unwrap_or(base.queue_timeout),
+            low_water: self.low_water.unwrap_or(base.low_water),
+        }
+    }
+}
+
 pub(crate) fn human(bytes: u64) -> String {
     indicatif::BinaryBytes(bytes).to_string()
 }
 
 fn pool_rows(ps: &[PoolInfo]) -> Vec<Vec<String>> {
     let mut rows = vec![
-        ["NAME", "PATH", "CAPACITY", "FREE", "VOLUMES"]
-            .map(String::from)
-            .to_vec(),
+        [
+            "NAME",
+            "PATH",
+            "CAPACITY",
+            "USED",
+            "PENDING",
+            "FREE",
+            "VOLUMES",
+            "WHEN-FULL",
+            "LOW-WATER",
+        ]
+        .map(String::from)
+        .to_vec(),
     ];
     rows.extend(ps.iter().map(|p| {
         vec![
             p.name.clone(),
             p.path.display().to_string(),
             human(p.capacity),
+            human(p.used),
+            human(p.pending_free),
             human(p.free),
             p.volumes.to_string(),
+            match p.space.when_full {
+                WhenFull::Error => "error".to_owned(),
+                WhenFull::Queue => format!("queue {}s", p.space.queue_timeout),
+            },
+            match (p.space.low_water, p.below_low_water) {
+                (0, _) => "-".to_owned(),
+                (mark, false) => human(mark),
+                (mark, true) => format!("{} LOW", human(mark)),
+            },
         ]
     }));
     rows
@@ -327,6 +409,7 @@ fn volume_rows(vs: &[VolumeInfo]) -> Vec<Vec<String>> {
             "PARENT",
             "SIZE",
             "ALLOCATED",
+            "HELD",
             "IOPS",
             "BPS",
             "READ",
@@ -349,6 +432,7 @@ fn volume_rows(vs: &[VolumeInfo]) -> Vec<Vec<String>> {
             v.parent.clone().unwrap_or_else(|| "-".into()),
             human(v.size),
             human(v.allocated),
+            human(v.held),
             limit(v.qos.iops),
             limit(v.qos.bps),
             human(v.io.read_bytes),
@@ -368,6 +452,7 @@ pub fn pool(c: &Client, cmd: PoolCmd, out: Output) -> Result<(), Error> {
             path,
             size,
             preallocation,
+            space,
         } => {
             let path = std::path::absolute(&path).unwrap_or(path);
             let p = c.create_pool(&PoolSpec {
@@ -375,7 +460,16 @@ pub fn pool(c: &Client, cmd: PoolCmd, out: Output) -> Result<(), Error> {
                 path,
                 size,
                 preallocation,
+                space: space.apply(SpaceSpec::default()),
             })?;
+            emit(out, &vec![p], |v| pool_rows(v));
+        }
+        PoolCmd::Resize { name, size } => {
+            emit(out, &vec![c.resize_pool(&name, size)?], |v| pool_rows(v))
+        }
+        PoolCmd::Space { name, space } => {
+            let now = c.pool(&name)?.space;
+            let p = c.set_pool_space(&name, &space.apply(now))?;
             emit(out, &vec![p], |v| pool_rows(v));
         }
         PoolCmd::Remove { name } => {
