@@ -53,7 +53,10 @@ pub struct SpaceWatch {
     refused: AtomicU64,
     refused_logged: Mutex<Option<Instant>>,
     queued_logged: Mutex<Option<Instant>>,
-    generation: Mutex<u64>,
+    /// Counts [`Self::space_changed`]; read without a lock on every write, changed under
+    /// `waiters` (so a waiter cannot miss a change between looking and sleeping).
+    generation: AtomicU64,
+    waiters: Mutex<()>,
     changed: Condvar,
 }
 
@@ -154,28 +157,28 @@ impl SpaceWatch {
 
     /// Space may have appeared: waiting writers look again.
     pub fn space_changed(&self) {
-        let mut g = self.generation.lock().unwrap_or_else(|p| p.into_inner());
-        *g += 1;
+        let _w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.changed.notify_all();
     }
 
     /// The count of [`Self::space_changed`] so far: take it before trying a write, and wait
     /// with it, so that space appearing in between is not missed.
     pub fn generation(&self) -> u64 {
-        *self.generation.lock().unwrap_or_else(|p| p.into_inner())
+        self.generation.load(Ordering::SeqCst)
     }
 
     /// Waits until space may have appeared since `seen` or `deadline` passes; true if it may.
     pub fn wait(&self, seen: u64, deadline: Instant) -> bool {
-        let mut g = self.generation.lock().unwrap_or_else(|p| p.into_inner());
-        while *g == seen {
+        let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        while self.generation() == seen {
             let now = Instant::now();
             if now >= deadline {
                 return false;
             }
-            g = self
+            w = self
                 .changed
-                .wait_timeout(g, deadline - now)
+                .wait_timeout(w, deadline - now)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
