@@ -22,6 +22,11 @@ pub struct DecapConfig {
     /// Accept IPv6 UDP datagrams with a zero checksum (RFC 6935/6936 tunnels). Off by default,
     /// as in Linux (`udp6zerocsumrx`).
     pub accept_zero_udp6_checksum: bool,
+    /// The receive path vouches for the UDP checksum (per packet): a NIC verified it, or the
+    /// packet came from this host's own stack and its checksum is still to be computed (a
+    /// veth with checksum offload; `AF_PACKET` reports both as `TP_STATUS_CSUM_VALID` /
+    /// `TP_STATUS_CSUMNOTREADY`). The checksum is then not checked here.
+    pub udp_checksum_verified: bool,
 }
 
 impl Default for DecapConfig {
@@ -30,6 +35,7 @@ impl Default for DecapConfig {
             udp_port: VXLAN_PORT,
             local_ip: None,
             accept_zero_udp6_checksum: false,
+            udp_checksum_verified: false,
         }
     }
 }
@@ -214,7 +220,9 @@ fn udp_vxlan<'a>(
         });
     }
     let datagram = &datagram[..udp_len];
-    if be16(u, 6) == 0 {
+    if cfg.udp_checksum_verified {
+        // Vouched for by the receive path.
+    } else if be16(u, 6) == 0 {
         if is_v6 && !cfg.accept_zero_udp6_checksum {
             return Err(Error::ZeroUdpChecksumV6);
         }

@@ -113,6 +113,73 @@ pub fn finish_partial_checksum(frame: &mut [u8]) -> bool {
     true
 }
 
+/// Prepares a TCP "super-frame" that arrived whole from the underlay for delivery with
+/// segmentation offload, as the sender's NIC would have cut it.
+///
+/// A Linux vxlan peer whose underlay link offloads segmentation (a veth, with its defaults)
+/// builds tunnel-GSO packets: one VXLAN datagram carrying a TCP segment far larger than the
+/// MTU, its checksum partial, for the "hardware" to cut. Received by a UDP socket such a
+/// packet is not segmented (the kernel segments only plain UDP GSO packets a socket did not
+/// ask for) and no segment size comes with it; the receiver must cut it or pass it on with
+/// an offload header. The segment size is what fits `mtu` (the tenant's IP MTU, from which
+/// the sender's own MSS derives).
+///
+/// The IP length must cover the frame exactly (it does in a GSO packet) and an IPv4 packet
+/// must not be a fragment. The TCP checksum field is set to the pseudo-header sum, what a
+/// receiver of a frame with a pending checksum (virtio `NEEDS_CSUM`) expects, whatever the
+/// sender left there. Returns the offload description; a frame that fits the MTU, or is not
+/// TCP over IP, is an error and left unchanged.
+pub fn prepare_tcp_super_frame(frame: &mut [u8], mtu: usize) -> Result<Coalesced, Error> {
+    let bad = |what| Error::Malformed {
+        layer: Layer::Inner,
+        what,
+    };
+    let at = layout(frame)?;
+    let headers = at.payload - at.l3;
+    if mtu <= headers {
+        return Err(bad("IP and TCP headers longer than the MTU"));
+    }
+    let mss = mtu - headers;
+    let payload = frame.len() - at.payload;
+    if payload <= mss {
+        return Err(bad("not larger than the MTU"));
+    }
+    let ip_len = frame.len() - at.l3;
+    if ip_len > usize::from(u16::MAX) {
+        return Err(bad("super-frame longer than an IP packet"));
+    }
+    if at.v6 {
+        if usize::from(be16(frame, at.l3 + 4)) + 40 != ip_len {
+            return Err(bad("IPv6 payload length does not match the frame"));
+        }
+    } else {
+        let fragment = be16(frame, at.l3 + 6) & 0x3fff != 0;
+        if usize::from(be16(frame, at.l3 + 2)) != ip_len || fragment {
+            return Err(bad("IPv4 length does not match the frame, or a fragment"));
+        }
+    }
+    let tcp_len = (frame.len() - at.l4) as u16;
+    let addrs = if at.v6 {
+        &frame[at.l3 + 8..at.l3 + 40]
+    } else {
+        &frame[at.l3 + 12..at.l3 + 20]
+    };
+    let pseudo = Sum::new()
+        .add_bytes(addrs)
+        .add_word([0, 6])
+        .add_word(tcp_len.to_be_bytes())
+        .folded();
+    frame[at.l4 + 16..at.l4 + 18].copy_from_slice(&pseudo.to_ne_bytes());
+    Ok(Coalesced {
+        segments: payload.div_ceil(mss).min(usize::from(u16::MAX)) as u16,
+        segment_size: mss as u16,
+        header_len: at.payload as u16,
+        csum_start: at.l4 as u16,
+        csum_offset: 16,
+        ipv6: at.v6,
+    })
+}
+
 /// Where the headers of a TCP frame are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Layout {
@@ -670,6 +737,86 @@ impl TcpCoalescer {
 #[cfg(test)]
 mod coalesce_tests {
     use super::*;
+
+    #[test]
+    fn a_tunnel_gso_super_frame_becomes_an_offloaded_frame_whose_segments_verify() {
+        for v6 in [false, true] {
+            // What a kernel vxlan peer hands over: one 20000-byte TCP segment, its checksum
+            // field holding anything (here: a checksum over the whole super-frame).
+            let payload: Vec<u8> = (0..20_000u32).map(|i| (i * 31 % 253) as u8).collect();
+            let eth = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+            let mut big = Vec::new();
+            let b = if v6 {
+                eth.ipv6([0xfd; 16], [0xfe; 16], 64).tcp(40000, 80, 7, 512)
+            } else {
+                eth.ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+                    .tcp(40000, 80, 7, 512)
+            };
+            b.ack(99).write(&mut big, &payload).unwrap();
+            let mut frame = big.clone();
+            let c = prepare_tcp_super_frame(&mut frame, 1450).unwrap();
+            let ip_tcp = if v6 { 60 } else { 40 };
+            assert_eq!(usize::from(c.segment_size), 1450 - ip_tcp);
+            assert_eq!(usize::from(c.header_len), 14 + ip_tcp);
+            assert_eq!(
+                (c.csum_start, c.csum_offset, c.ipv6),
+                (14 + ip_tcp as u16 - 20, 16, v6)
+            );
+            // A receiver completes the checksum from the seed: it verifies.
+            let mut whole = frame.clone();
+            complete_checksum(&mut whole, usize::from(c.csum_start), 16).unwrap();
+            assert_eq!(whole, big);
+            // Cut at the segment size: every segment fits the MTU and verifies.
+            let mut seg = TcpSegmenter::new(&frame, usize::from(c.segment_size)).unwrap();
+            let mut buf = vec![0u8; 9000];
+            let mut joined = Vec::new();
+            let mut n = 0;
+            while let Some(r) = seg.next_into(&mut buf) {
+                let len = r.unwrap();
+                assert!(len <= 14 + 1450);
+                let p = etherparse::SlicedPacket::from_ethernet(&buf[..len]).unwrap();
+                let Some(etherparse::TransportSlice::Tcp(tcp)) = p.transport else {
+                    panic!("not TCP")
+                };
+                joined.extend_from_slice(tcp.payload());
+                n += 1;
+            }
+            assert_eq!(n, usize::from(c.segments));
+            assert_eq!(joined, payload);
+        }
+    }
+
+    #[test]
+    fn frames_that_are_not_super_frames_are_refused_unchanged() {
+        let eth = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+        let mut small = Vec::new();
+        eth.ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(1, 2, 3, 4)
+            .write(&mut small, &[0u8; 1000])
+            .unwrap();
+        let before = small.clone();
+        assert!(prepare_tcp_super_frame(&mut small, 1450).is_err());
+        assert_eq!(small, before);
+        // An IPv4 length that does not cover the frame.
+        let mut big = Vec::new();
+        let eth = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+        eth.ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(1, 2, 3, 4)
+            .write(&mut big, &[0u8; 5000])
+            .unwrap();
+        big[16..18].copy_from_slice(&1000u16.to_be_bytes());
+        let before = big.clone();
+        assert!(prepare_tcp_super_frame(&mut big, 1450).is_err());
+        assert_eq!(big, before);
+        // UDP is not cut here.
+        let mut udp = Vec::new();
+        let eth = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+        eth.ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .udp(1, 2)
+            .write(&mut udp, &[0u8; 5000])
+            .unwrap();
+        assert!(prepare_tcp_super_frame(&mut udp, 1450).is_err());
+    }
 
     fn stream(v6: bool, total: usize, mss: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
         let payload: Vec<u8> = (0..total).map(|i| (i * 13 % 251) as u8).collect();

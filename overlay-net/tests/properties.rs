@@ -123,6 +123,7 @@ proptest! {
                     udp_port: cfg.udp_port,
                     local_ip: Some(cfg.remote_ip),
                     accept_zero_udp6_checksum: false,
+                    udp_checksum_verified: false,
                 };
                 let d = decapsulate(&buf[..n], &dcfg).unwrap();
                 prop_assert_eq!(d.vni, vni);

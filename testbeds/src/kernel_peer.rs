@@ -11,9 +11,9 @@
 //!  +---------------------------------------------------+      + smoltcp host 10.42.0.2
 //! ```
 //! The underlay is IPv4 (198.18.42.0/24) or IPv6 (fd42::/64). The userspace VTEP reaches it
-//! through a UDP socket or an `AF_PACKET` socket ([`TransportKind`]). The underlay veth in
-//! `k` has its offloads off, so the kernel puts finished, MTU-sized packets on the "wire" as
-//! a NIC would.
+//! through a UDP socket or an `AF_PACKET` socket ([`TransportKind`]). The underlay veth keeps
+//! the kernel's default offloads: the kernel hands partial checksums and tunnel-GSO
+//! super-frames to it, which the userspace VTEP finishes and cuts as a NIC driver would.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
@@ -121,11 +121,9 @@ impl KernelPeerBed {
             addr_args.push("nodad");
         }
         k.ip(&addr_args)?;
-        // A NIC puts finished packets on the wire: no checksum or segmentation offload.
-        k.wire_like("ul0")?;
-        k.exec("ethtool", &["-K", "ul0", "gro", "off"])?;
+        // The links keep the kernel's defaults: the kernel peer hands partial checksums and
+        // tunnel-GSO super-frames to the veth, and the userspace VTEP takes them as they come.
         k.ip(&["link", "set", "ul0", "up"])?;
-        u.exec("ethtool", &["-K", "ul0", "gro", "off"])?;
         u.ip(&["link", "set", "ul0", "up"])?;
         match kind {
             TransportKind::Udp => {

@@ -74,35 +74,6 @@ impl Netns {
         cmd
     }
 
-    /// Makes `dev` (a veth) behave like a NIC on a wire: checksum and segmentation offloads
-    /// off, so the kernel puts finished, MTU-sized packets on it (a veth would otherwise hand
-    /// partial checksums and GSO packets of tunnelled traffic to its peer), and GRO on, so
-    /// received runs of packets are coalesced as a NIC driver's NAPI does.
-    pub fn wire_like(&self, dev: &str) -> Result<(), Error> {
-        self.exec(
-            "ethtool",
-            &[
-                "-K",
-                dev,
-                "tx",
-                "off",
-                "sg",
-                "off",
-                "tso",
-                "off",
-                "gso",
-                "off",
-                "tx-udp_tnl-segmentation",
-                "off",
-                "tx-udp_tnl-csum-segmentation",
-                "off",
-                "gro",
-                "on",
-            ],
-        )
-        .map(|_| ())
-    }
-
     /// Runs `f` on a thread that has entered the namespace and returns its result. Sockets
     /// created by `f` stay in the namespace wherever they are used afterwards.
     pub fn enter<T: Send + 'static>(

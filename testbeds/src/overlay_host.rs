@@ -149,6 +149,35 @@ struct OverlayDevice<'a> {
     rx: Vec<u8>,
     tx: Vec<u8>,
     shared: &'a Shared,
+    /// Segments of a TCP super-frame still to hand to smoltcp, and the one handed now.
+    segments: std::collections::VecDeque<Vec<u8>>,
+    segment: Vec<u8>,
+}
+
+/// What a NIC's receive path would hand the stack for an inner frame as it came off the
+/// underlay: a partial TCP/UDP checksum finished, a TCP super-frame (a kernel peer's
+/// tunnel GSO) cut into MTU-sized segments (queued in `segments`; `false` then).
+fn as_a_nic_would(
+    frame: &mut [u8],
+    mtu: u16,
+    segments: &mut std::collections::VecDeque<Vec<u8>>,
+) -> bool {
+    if frame.len() <= usize::from(mtu) + 18 {
+        overlay_net::gso::finish_partial_checksum(frame);
+        return true;
+    }
+    let Ok(c) = overlay_net::gso::prepare_tcp_super_frame(frame, usize::from(mtu)) else {
+        return true; // oversize: smoltcp drops it
+    };
+    let Ok(mut cut) = overlay_net::gso::TcpSegmenter::new(frame, usize::from(c.segment_size))
+    else {
+        return true;
+    };
+    let mut buf = vec![0u8; cut.max_segment_len()];
+    while let Some(Ok(n)) = cut.next_into(&mut buf) {
+        segments.push_back(buf[..n].to_vec());
+    }
+    false
 }
 
 impl OverlayDevice<'_> {
@@ -218,6 +247,17 @@ impl Device for OverlayDevice<'_> {
 
     fn receive(&mut self, _ts: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
         let c = &self.shared.counters;
+        if let Some(segment) = self.segments.pop_front() {
+            self.segment = segment;
+            c.rx_frames.fetch_add(1, Ordering::Relaxed);
+            let tx = TxToken {
+                transport: self.transport,
+                vni: self.vni,
+                tx: &mut self.tx,
+                shared: self.shared,
+            };
+            return Some((RxToken(&self.segment), tx));
+        }
         let range = loop {
             match self.transport.recv(&mut self.rx) {
                 Ok(None) | Err(_) => return None,
@@ -230,11 +270,23 @@ impl Device for OverlayDevice<'_> {
                 Ok(Some(Received::Frame(vni, _))) if vni != self.vni => {
                     c.rx_foreign_vni.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(Some(Received::Frame(_, range))) => break range,
+                Ok(Some(Received::Frame(_, range))) => {
+                    if as_a_nic_would(&mut self.rx[range.clone()], self.mtu, &mut self.segments) {
+                        break range;
+                    }
+                    if let Some(segment) = self.segments.pop_front() {
+                        self.segment = segment;
+                        break 0..0;
+                    }
+                }
             }
         };
         c.rx_frames.fetch_add(1, Ordering::Relaxed);
-        let frame = &self.rx[range];
+        let frame = if range.is_empty() {
+            &self.segment[..]
+        } else {
+            &self.rx[range]
+        };
         note_echo_reply(self.shared, frame);
         let tx = TxToken {
             transport: self.transport,
@@ -324,6 +376,8 @@ fn run(transport: Transport, cfg: HostConfig, shared: &Shared) -> Result<(), Err
         rx: vec![0u8; 65536],
         tx: vec![0u8; 4096],
         shared,
+        segments: Default::default(),
+        segment: Vec::new(),
     };
     let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(cfg.mac.0)));
     config.random_seed = u64::from(std::process::id()) << 32 | u64::from(cfg.vni.get());

@@ -154,6 +154,95 @@ pub fn tcp_transfer(
     })
 }
 
+/// Sends `count` UDP datagrams of `size` bytes (each numbered, the rest a pattern) from
+/// `client` to `addr:port` in `server`, paced a millisecond apart, and returns how many
+/// arrived intact (right length and content, each number once). The receiver counts until
+/// all arrived or nothing more came for 5 s after the last was sent.
+pub fn udp_datagrams(
+    client: &Netns,
+    server: &Netns,
+    addr: IpAddr,
+    port: u16,
+    count: u32,
+    size: usize,
+) -> Result<u32, Error> {
+    use std::net::UdpSocket;
+    let io = |what: &'static str| move |e| Error::Io(what.into(), e);
+    let size = size.max(4);
+    let datagram = move |i: u32| {
+        let mut d = pattern(size);
+        d[..4].copy_from_slice(&i.to_be_bytes());
+        d
+    };
+    let rx = server.enter(move || UdpSocket::bind((addr, port)).map_err(io("bind")))?;
+    rx.set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(io("timeout"))?;
+    let sent_at = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let done_sending = sent_at.clone();
+    let counter = std::thread::spawn(move || {
+        let mut seen = std::collections::HashSet::new();
+        let mut buf = vec![0u8; 65536];
+        while seen.len() < count as usize {
+            match rx.recv(&mut buf) {
+                Ok(n) if n >= 4 => {
+                    let i = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+                    if i < count && buf[..n] == datagram(i)[..] {
+                        seen.insert(i);
+                    }
+                }
+                _ => {
+                    let finished = *done_sending.lock().unwrap_or_else(|p| p.into_inner());
+                    if finished.is_some_and(|t: Instant| t.elapsed() > Duration::from_secs(5)) {
+                        break;
+                    }
+                }
+            }
+        }
+        seen.len() as u32
+    });
+    let sent = client.enter(move || {
+        let tx = UdpSocket::bind((
+            if addr.is_ipv4() {
+                IpAddr::from([0u8; 4])
+            } else {
+                IpAddr::from([0u16; 8])
+            },
+            0,
+        ))
+        .map_err(io("bind"))?;
+        tx.connect((addr, port)).map_err(io("connect"))?;
+        for i in 0..count {
+            tx.send(&datagram(i)).map_err(io("send"))?;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    });
+    *sent_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    sent?;
+    counter
+        .join()
+        .map_err(|_| Error::Setup("counter thread panicked".into()))
+}
+
+/// The kernel's checksum error counters in a namespace (`/proc/net/snmp`): TCP and UDP
+/// segments that arrived with a bad checksum.
+pub fn checksum_errors(ns: &Netns) -> Result<(u64, u64), Error> {
+    let snmp = ns.exec("cat", &["/proc/net/snmp"])?;
+    let field = |proto: &str| -> Option<u64> {
+        let mut lines = snmp
+            .lines()
+            .filter(|l| l.starts_with(&format!("{proto}: ")));
+        let names = lines.next()?;
+        let values = lines.next()?;
+        let at = names.split_whitespace().position(|n| n == "InCsumErrors")?;
+        values.split_whitespace().nth(at)?.parse().ok()
+    };
+    match (field("Tcp"), field("Udp")) {
+        (Some(t), Some(u)) => Ok((t, u)),
+        _ => Err(Error::Setup("no InCsumErrors in /proc/net/snmp".into())),
+    }
+}
+
 /// Sends UDP datagrams of `size` bytes from `client` to `addr:port` in `server` at about
 /// `offered_bps` for `duration`, and returns the bits per second that arrived (measured over
 /// the time the sender actually took).

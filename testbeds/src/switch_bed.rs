@@ -79,14 +79,13 @@ impl Underlay {
             self.ns.ip(&["link", "set", &link, "mtu", &mtu])?;
             host.ip(&["link", "set", "eth0", "mtu", &mtu])?;
         }
-        // Both ends behave like NICs on a wire: MTU-sized packets out, GRO in.
-        self.ns.wire_like(&link)?;
+        // The links keep the kernel's defaults (a veth offloads checksums and segmentation):
+        // what users run is what the beds prove.
         self.ns.ip(&["link", "set", &link, "up"])?;
         host.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
         // Every host also has an IPv6 underlay address, fd00:18::<last octet>.
         let v6 = format!("fd00:18::{}/64", addr.octets()[3]);
         host.ip(&["addr", "add", &v6, "dev", "eth0", "nodad"])?;
-        host.wire_like("eth0")?;
         host.ip(&["link", "set", "eth0", "up"])?;
         Ok(host)
     }
@@ -248,8 +247,27 @@ impl KernelHost {
         peers: &[IpAddr],
         addr: Ipv4Addr,
     ) -> Result<KernelHost, Error> {
-        let local = Ipv4Addr::new(198, 18, 0, n);
-        let ns = underlay.host(&format!("k{n}"), local)?;
+        Self::with_family(underlay, n, vni, peers, addr, false)
+    }
+
+    /// Like [`KernelHost::new`]; with `ipv6` the VTEP uses the host's IPv6 underlay address
+    /// `fd00:18::<n>` (tenant MTU 1430).
+    pub fn with_family(
+        underlay: &mut Underlay,
+        n: u8,
+        vni: u32,
+        peers: &[IpAddr],
+        addr: Ipv4Addr,
+        ipv6: bool,
+    ) -> Result<KernelHost, Error> {
+        let v4 = Ipv4Addr::new(198, 18, 0, n);
+        let ns = underlay.host(&format!("k{n}"), v4)?;
+        let local: IpAddr = if ipv6 {
+            std::net::Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, u16::from(n)).into()
+        } else {
+            v4.into()
+        };
+        let tenant_mtu = if ipv6 { "1430" } else { "1450" };
         let id = vni.to_string();
         ns.ip(&[
             "link",
@@ -292,14 +310,14 @@ impl KernelHost {
             "name",
             "tv0",
             "mtu",
-            "1450",
+            tenant_mtu,
             "type",
             "veth",
             "peer",
             "name",
             "eth0",
             "mtu",
-            "1450",
+            tenant_mtu,
             "netns",
             endpoint.name(),
         ])?;
@@ -313,7 +331,113 @@ impl KernelHost {
         Ok(KernelHost {
             ns,
             endpoint,
-            ip: local.into(),
+            ip: local,
         })
+    }
+}
+
+/// Watches the underlay for VXLAN datagrams (UDP to port 4789) and collects their
+/// UDP source ports, until stopped.
+pub struct SourcePortWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<std::collections::BTreeSet<u16>, Error>>>,
+}
+
+impl SourcePortWatch {
+    /// Starts watching the links of the underlay's bridge.
+    pub fn start(underlay: &Underlay) -> Result<SourcePortWatch, Error> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let fd = underlay.ns.enter(|| {
+            // SAFETY: plain socket(2) call with constant arguments; the result is checked.
+            let raw = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    i32::from((libc::ETH_P_ALL as u16).to_be()),
+                )
+            };
+            if raw < 0 {
+                return Err(Error::Io(
+                    "socket(AF_PACKET)".into(),
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+            addr.sll_ifindex = 0; // every port of the bridge
+            // SAFETY: `addr` is a valid sockaddr_ll and the length passed is its size.
+            let rc = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&raw const addr).cast::<libc::sockaddr>(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                )
+            };
+            if rc < 0 {
+                return Err(Error::Io(
+                    "bind AF_PACKET".into(),
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            Ok(fd)
+        })?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+            use std::os::fd::AsFd;
+            let mut ports = std::collections::BTreeSet::new();
+            let mut buf = vec![0u8; 65536];
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+                if !matches!(poll(&mut fds, PollTimeout::from(100u16)), Ok(n) if n > 0) {
+                    continue;
+                }
+                // SAFETY: the buffer is valid for writes of its length.
+                let n = unsafe {
+                    libc::recv(
+                        fd.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                let Ok(n) = usize::try_from(n) else { continue };
+                if let Ok(p) = etherparse::SlicedPacket::from_ethernet(&buf[..n])
+                    && let Some(etherparse::TransportSlice::Udp(udp)) = p.transport
+                    && udp.destination_port() == overlay_net::VXLAN_PORT
+                {
+                    ports.insert(udp.source_port());
+                }
+            }
+            Ok(ports)
+        });
+        Ok(SourcePortWatch {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops and returns the source ports seen.
+    pub fn finish(mut self) -> Result<std::collections::BTreeSet<u16>, Error> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .ok_or_else(|| Error::Setup("watch already finished".into()))?
+            .join()
+            .map_err(|_| Error::Setup("watch thread panicked".into()))?
+    }
+}
+
+impl Drop for SourcePortWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

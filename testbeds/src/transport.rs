@@ -110,6 +110,25 @@ impl Transport {
                 io::Error::last_os_error(),
             ));
         }
+        // Each packet's checksum status (a veth with checksum offload hands over packets of
+        // the local stack with their checksums still to be computed).
+        let on: libc::c_int = 1;
+        // SAFETY: a valid descriptor and an int option of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                PACKET_AUXDATA,
+                (&raw const on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(Error::Io(
+                "PACKET_AUXDATA".into(),
+                io::Error::last_os_error(),
+            ));
+        }
         Ok(Transport::Raw {
             fd,
             encap,
@@ -181,18 +200,22 @@ impl Transport {
             Transport::Raw { fd, decap, .. } => loop {
                 // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
                 let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-                let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-                // SAFETY: the buffer and address pointers are valid for the lengths given.
-                let rc = unsafe {
-                    libc::recvfrom(
-                        fd.as_raw_fd(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        libc::MSG_TRUNC,
-                        (&raw mut from).cast::<libc::sockaddr>(),
-                        &mut len,
-                    )
+                let mut control = [0u64; 8];
+                let mut iov = libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
                 };
+                // SAFETY: msghdr is plain old data; all-zero is a valid value.
+                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                msg.msg_name = (&raw mut from).cast();
+                msg.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                msg.msg_iov = &raw mut iov;
+                msg.msg_iovlen = 1;
+                msg.msg_control = control.as_mut_ptr().cast();
+                msg.msg_controllen = std::mem::size_of_val(&control);
+                // SAFETY: the header points at the buffer, address and control room above,
+                // all valid for the lengths given during the call.
+                let rc = unsafe { libc::recvmsg(fd.as_raw_fd(), &raw mut msg, libc::MSG_TRUNC) };
                 if rc < 0 {
                     let e = io::Error::last_os_error();
                     if e.kind() == io::ErrorKind::WouldBlock {
@@ -212,8 +235,12 @@ impl Transport {
                         },
                     )));
                 }
+                let cfg = DecapConfig {
+                    udp_checksum_verified: checksum_vouched(&msg),
+                    ..*decap
+                };
                 let base = buf.as_ptr() as usize;
-                return Ok(Some(match decapsulate(&buf[..n], decap) {
+                return Ok(Some(match decapsulate(&buf[..n], &cfg) {
                     Ok(d) => {
                         let start = d.inner.as_ptr() as usize - base;
                         Frame(d.vni, start..start + d.inner.len())
@@ -226,3 +253,27 @@ impl Transport {
 }
 
 use Received::Frame;
+
+/// `PACKET_AUXDATA` (linux/if_packet.h): a `tpacket_auxdata` with every received packet.
+const PACKET_AUXDATA: libc::c_int = 8;
+/// The packet's checksum is still to be computed (it comes from this host's stack).
+const TP_STATUS_CSUMNOTREADY: u32 = 1 << 3;
+/// The device verified the packet's checksum.
+const TP_STATUS_CSUM_VALID: u32 = 1 << 7;
+
+/// True if the packet's `tpacket_auxdata` says its checksum is valid or not yet computed.
+fn checksum_vouched(msg: &libc::msghdr) -> bool {
+    // SAFETY: `msg` was filled by recvmsg; the CMSG macros walk its control buffer within
+    // `msg_controllen`, and the data read is the kernel's tpacket_auxdata (status first).
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_PACKET && (*c).cmsg_type == PACKET_AUXDATA {
+                let status = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u32>());
+                return status & (TP_STATUS_CSUMNOTREADY | TP_STATUS_CSUM_VALID) != 0;
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    false
+}

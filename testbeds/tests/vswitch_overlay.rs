@@ -426,3 +426,40 @@ fn several_workers_share_one_switch() {
         "host 1 still forwards after the refused start"
     );
 }
+
+#[test]
+fn a_tenants_flows_leave_from_many_source_ports() {
+    if skip() {
+        return;
+    }
+    let mut ul = Underlay::new().unwrap();
+    let h1 = SwitchHost::new(&mut ul, 1).unwrap();
+    let h2 = SwitchHost::new(&mut ul, 2).unwrap();
+    h1.tenant("a", 100, &[h2.ip]).unwrap();
+    h2.tenant("a", 100, &[h1.ip]).unwrap();
+    let e1 = h1
+        .endpoint("a", "tapa1", ip(1), "02:00:00:00:a0:01")
+        .unwrap();
+    let e2 = h2
+        .endpoint("a", "tapa2", ip(2), "02:00:00:00:a0:02")
+        .unwrap();
+    let r = ping(&e1, ip(2).into(), 1, 56).unwrap();
+    assert_eq!(r.received, r.sent, "{r:?}");
+    // Eight TCP flows (each its own client port): RFC 7348 §5 wants the outer source port
+    // from a hash of the inner flow, so that ECMP and RSS spread them.
+    let watch = testbeds::switch_bed::SourcePortWatch::start(&ul).unwrap();
+    for k in 0..8 {
+        let t = tcp_transfer(&e1, &e2, ip(2).into(), 5100 + k, 256 << 10).unwrap();
+        assert!(t.intact(), "{t:?}");
+    }
+    let ports = watch.finish().unwrap();
+    assert!(
+        !ports.contains(&overlay_net::VXLAN_PORT),
+        "datagrams left from the VXLAN port itself: {ports:?}"
+    );
+    assert!(
+        ports.len() >= 3,
+        "eight flows (both ways) used {} source ports: {ports:?}",
+        ports.len()
+    );
+}

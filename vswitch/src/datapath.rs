@@ -48,7 +48,7 @@ use crate::vhost_net::{self, KickTarget, VhostNetPort};
 use crate::{
     DropReason, Error, Ingress, Nanos, PortConfig, Switch, TenantConfig, TenantSwitch, Verdict,
 };
-use overlay_net::gso::{TcpCoalescer, TcpSegmenter, complete_checksum};
+use overlay_net::gso::{Coalesced, TcpCoalescer, TcpSegmenter, complete_checksum};
 
 /// epoll token of a port's queue pair `pair` (0 for a TAP): the port id, the pair above it.
 fn port_token(port: PortId, pair: usize) -> u64 {
@@ -100,6 +100,9 @@ pub struct DatapathCounters {
     pub tap_offload_dropped: u64,
     /// Datagrams the kernel did not take on send (socket buffer full).
     pub uplink_tx_dropped: u64,
+    /// TCP super-frames received whole from the underlay (a Linux peer's tunnel GSO),
+    /// delivered with segmentation offload.
+    pub uplink_super_frames: u64,
 }
 
 /// A worker's own counters, readable by the control plane without stopping it.
@@ -108,6 +111,7 @@ struct WorkerStats {
     uplink_invalid: AtomicU64,
     tap_offload_dropped: AtomicU64,
     uplink_tx_dropped: AtomicU64,
+    uplink_super_frames: AtomicU64,
 }
 
 /// What the shared state knows of a worker.
@@ -170,6 +174,7 @@ impl Datapath {
             c.uplink_invalid += w.stats.uplink_invalid.load(Ordering::Relaxed);
             c.tap_offload_dropped += w.stats.tap_offload_dropped.load(Ordering::Relaxed);
             c.uplink_tx_dropped += w.stats.uplink_tx_dropped.load(Ordering::Relaxed);
+            c.uplink_super_frames += w.stats.uplink_super_frames.load(Ordering::Relaxed);
         }
         c
     }
@@ -664,6 +669,8 @@ struct Worker {
     frames: Box<[u8]>,
     pending: Vec<Pending>,
     decisions: Vec<Range<usize>>,
+    /// Per datagram of an uplink batch: its segmentation offload, for a TCP super-frame.
+    offloads: Vec<Option<Coalesced>>,
     targets: Vec<Target>,
     ports: BurstPorts,
     flood: Vec<Destination>,
@@ -966,6 +973,7 @@ impl Worker {
             flood,
             tally,
             gro,
+            offloads,
             ..
         } = self;
         let Some(up) = uplinks.get_mut(index) else {
@@ -976,19 +984,42 @@ impl Worker {
             return;
         }
         up.finish_partial_checksums();
-        let up = &*up;
 
         // Decide, under the lock.
         decisions.clear();
+        offloads.clear();
         {
             let mut guard = lock(shared);
             let s = &mut *guard;
             tally.apply(&mut s.switch);
+            // TCP super-frames (a kernel peer's tunnel GSO): delivered with segmentation
+            // offload at the tenant's MTU, checked against it by their largest segment.
             for i in 0..n {
+                let tenant_mtu = match up.datagram(i) {
+                    Some((Ok((vni, inner)), _)) => s
+                        .switch
+                        .tenant_by_vni(vni)
+                        .map(|t| t.config().mtu)
+                        .filter(|mtu| inner.len() > usize::from(*mtu) + 18),
+                    _ => None,
+                };
+                let offload = tenant_mtu.and_then(|mtu| up.prepare_super_frame(i, mtu));
+                if offload.is_some() {
+                    stats.uplink_super_frames.fetch_add(1, Ordering::Relaxed);
+                }
+                offloads.push(offload);
+            }
+            let up = &*up;
+            for (i, offload) in offloads.iter().enumerate() {
                 let start = targets.len();
                 match up.datagram(i) {
                     Some((Ok((vni, inner)), from)) => {
-                        let verdict = s.switch.ingress_uplink(vni, from.ip(), inner, now);
+                        let wire_len = offload.map_or(inner.len(), |c| {
+                            usize::from(c.header_len) + usize::from(c.segment_size)
+                        });
+                        let verdict =
+                            s.switch
+                                .ingress_uplink_sized(vni, from.ip(), inner, wire_len, now);
                         if let Some(tenant) = s.switch.tenant_by_vni_mut(vni) {
                             let ingress = Ingress::Uplink(from.ip().to_canonical());
                             resolve(
@@ -1014,12 +1045,31 @@ impl Worker {
         // Send, without it. In-order TCP segments of one flow for one local port are merged
         // (GRO) and written to the TAP as one frame with segmentation offload. Frames from the
         // underlay go to local ports only (split horizon).
+        let up = &*up;
         let mut gro_dest: Option<(Vni, PortId, Endpoint)> = None;
         for (i, range) in decisions.iter().enumerate() {
             let Some((Ok((vni, inner)), _)) = up.datagram(i) else {
                 continue;
             };
             let dests = &targets[range.clone()];
+            if let Some(c) = offloads.get(i).copied().flatten() {
+                // A super-frame goes on whole, with its offload header (ports that cannot
+                // take it — a guest without TSO — get it cut).
+                flush_gro(gro, &mut gro_dest, tally, lane);
+                let header = tso_header(&c);
+                let payload = Payload::Offloaded {
+                    frame: inner,
+                    header,
+                    vnet: VnetHeader::parse(&header),
+                };
+                for target in dests {
+                    if let Target::Local(k) = *target {
+                        let (q, tap) = ports.get(k);
+                        send_local(tally, lane, vni, q, tap, payload);
+                    }
+                }
+                continue;
+            }
             if let [Target::Local(k)] = dests {
                 let (q, tap) = ports.get(*k);
                 if matches!(&gro_dest, Some((v, p, _)) if (*v, *p) == (vni, q)) && gro.push(inner) {
@@ -1103,25 +1153,28 @@ fn flush_gro(
     };
     let sent = match info {
         None => tap.send_frame(lane, frame),
-        Some(c) => {
-            let mut h = [0u8; VNET_HDR_LEN];
-            h[0] = VNET_F_NEEDS_CSUM;
-            h[1] = if c.ipv6 {
-                VNET_GSO_TCPV6
-            } else {
-                VNET_GSO_TCPV4
-            };
-            h[2..4].copy_from_slice(&c.header_len.to_le_bytes());
-            h[4..6].copy_from_slice(&c.segment_size.to_le_bytes());
-            h[6..8].copy_from_slice(&c.csum_start.to_le_bytes());
-            h[8..10].copy_from_slice(&c.csum_offset.to_le_bytes());
-            tap.send_with_header(lane, &h, frame)
-        }
+        Some(c) => tap.send_with_header(lane, &tso_header(&c), frame),
     };
     match sent {
         Ok(()) => tally.tx(vni, port, frame.len()),
         Err(e) => tally.drop(vni, Some(port), send_failure(&e)),
     }
+}
+
+/// The virtio-net header of a TCP frame with segmentation offload (and its checksum pending).
+fn tso_header(c: &Coalesced) -> [u8; VNET_HDR_LEN] {
+    let mut h = [0u8; VNET_HDR_LEN];
+    h[0] = VNET_F_NEEDS_CSUM;
+    h[1] = if c.ipv6 {
+        VNET_GSO_TCPV6
+    } else {
+        VNET_GSO_TCPV4
+    };
+    h[2..4].copy_from_slice(&c.header_len.to_le_bytes());
+    h[4..6].copy_from_slice(&c.segment_size.to_le_bytes());
+    h[6..8].copy_from_slice(&c.csum_start.to_le_bytes());
+    h[8..10].copy_from_slice(&c.csum_offset.to_le_bytes());
+    h
 }
 
 /// A frame to deliver: complete, or with checksum/segmentation offload pending.
@@ -1456,6 +1509,7 @@ impl DatapathWorkers {
                         frames: vec![0u8; FRAME_SLOT * BATCH].into_boxed_slice(),
                         pending: Vec::with_capacity(BATCH),
                         decisions: Vec::with_capacity(BATCH),
+                        offloads: Vec::with_capacity(BATCH),
                         targets: Vec::with_capacity(4 * BATCH),
                         ports: BurstPorts::default(),
                         vhost_out: Vec::with_capacity(4 * BATCH),

@@ -166,10 +166,23 @@ impl Switch {
         frame: &[u8],
         now: Nanos,
     ) -> Verdict {
+        self.ingress_uplink_sized(vni, source_vtep, frame, frame.len(), now)
+    }
+
+    /// Like [`Switch::ingress_uplink`] for a TCP super-frame from the underlay: the MTU check
+    /// applies to `wire_len`, its largest segment.
+    pub fn ingress_uplink_sized(
+        &mut self,
+        vni: Vni,
+        source_vtep: IpAddr,
+        frame: &[u8],
+        wire_len: usize,
+        now: Nanos,
+    ) -> Verdict {
         // An IPv4 peer seen through a dual-stack socket is the IPv4 VTEP it is.
         let source_vtep = source_vtep.to_canonical();
         match self.tenants.get_mut(&vni) {
-            Some(t) => t.ingress(Ingress::Uplink(source_vtep), frame, now),
+            Some(t) => t.ingress_sized(Ingress::Uplink(source_vtep), frame, wire_len, now),
             None => {
                 self.unknown_vni += 1;
                 Verdict::Drop(DropReason::UnknownVni)

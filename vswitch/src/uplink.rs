@@ -7,6 +7,7 @@ use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
+use overlay_net::gso::Coalesced;
 use overlay_net::{UnderlayFamily, Vni, mtu, vxlan};
 
 use crate::Error;
@@ -29,6 +30,8 @@ struct Slots {
     data: Box<[u8]>,
     lens: [usize; BATCH],
     addrs: [libc::sockaddr_storage; BATCH],
+    /// The sending socket of each datagram (by its inner flow).
+    senders: [u8; BATCH],
 }
 
 impl Slots {
@@ -38,6 +41,7 @@ impl Slots {
             lens: [0; BATCH],
             // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
             addrs: unsafe { std::mem::zeroed() },
+            senders: [0; BATCH],
         }
     }
 
@@ -97,7 +101,13 @@ pub type Parsed<'a> = Result<(Vni, &'a [u8]), overlay_net::Error>;
 
 /// One underlay socket.
 pub struct Uplink {
+    /// Bound to the VXLAN port: receives (peers send to that port).
     socket: UdpSocket,
+    /// Send, each from its own ephemeral port: a datagram leaves from the one its inner flow
+    /// hashes to, so that a tenant's flows spread over the underlay's paths and a receiver's
+    /// queues (RFC 7348 §5) while each flow keeps one port (no reordering). They receive
+    /// nothing (a filter drops whatever is sent to them).
+    senders: Vec<UdpSocket>,
     port: u16,
     family: UnderlayFamily,
     underlay_mtu: u16,
@@ -291,8 +301,13 @@ impl Uplink {
         // Room for bursts: a few GRO'd 64 KiB datagrams fill the default 208 KiB, and a
         // worker that falls behind for a moment (sharing a core) would drop what comes next.
         grow_socket_buffers(&socket);
+        let senders = (0..SENDERS)
+            .map(|_| sender_socket(local.ip()))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| Error::Io(format!("bind a sending socket on {}", local.ip()), e))?;
         Ok(Uplink {
             socket,
+            senders,
             port: local.port(),
             family,
             underlay_mtu,
@@ -396,15 +411,35 @@ impl Uplink {
     /// Finishes the inner TCP/UDP checksums that senders left partial in the last batch
     /// ([`overlay_net::gso::finish_partial_checksum`]): a Linux vxlan peer with its default
     /// offloads on a link that offloads checksums sends them so, and local receivers verify.
+    ///
+    /// Frames larger than the underlay carries are left alone: they are TCP super-frames
+    /// ([`Self::prepare_super_frame`]) or dropped as oversize.
     pub fn finish_partial_checksums(&mut self) {
+        // The largest inner frame (with an 802.1Q tag) one datagram of the underlay carries.
+        let most = usize::from(self.inner_mtu()) + 18;
         for &(start, len, _) in &self.rx.datagrams {
             let Some(d) = self.rx.data.get_mut(start..start + len) else {
                 continue;
             };
-            if d.len() > vxlan::HEADER_LEN && vxlan::parse(d).is_ok() {
+            if d.len() > vxlan::HEADER_LEN
+                && d.len() - vxlan::HEADER_LEN <= most
+                && vxlan::parse(d).is_ok()
+            {
                 overlay_net::gso::finish_partial_checksum(&mut d[vxlan::HEADER_LEN..]);
             }
         }
+    }
+
+    /// Datagram `i` of the last batch holds a TCP super-frame (a Linux vxlan peer's
+    /// tunnel-GSO packet, larger than any datagram of the underlay): prepares it for delivery
+    /// with segmentation offload at a segment size that fits `mtu`, the tenant's MTU
+    /// ([`overlay_net::gso::prepare_tcp_super_frame`]). `None` if it is not one.
+    pub fn prepare_super_frame(&mut self, i: usize, mtu: u16) -> Option<Coalesced> {
+        let &(start, len, _) = self.rx.datagrams.get(i)?;
+        let d = self.rx.data.get_mut(start..start + len)?;
+        vxlan::parse(d).ok()?;
+        overlay_net::gso::prepare_tcp_super_frame(&mut d[vxlan::HEADER_LEN..], usize::from(mtu))
+            .ok()
     }
 
     /// Datagram `i` of the last batch: its VNI and inner frame, or why it is not VXLAN, and
@@ -435,11 +470,25 @@ impl Uplink {
         slot[..vxlan::HEADER_LEN].copy_from_slice(&vxlan::header(vni));
         slot[vxlan::HEADER_LEN..len].copy_from_slice(inner);
         self.tx.lens[i] = len;
+        self.tx.senders[i] = self.sender_of(inner);
         // Peers listen on the same VXLAN port as this VTEP.
         let dest = SocketAddr::new(vtep, self.port);
         to_sockaddr(dest, &mut self.tx.addrs[i]);
         self.tx_count += 1;
         Ok(())
+    }
+
+    /// The sending socket of an inner frame's flow.
+    fn sender_of(&self, inner: &[u8]) -> u8 {
+        (overlay_net::flow::flow_hash(inner) % self.senders.len() as u32) as u8
+    }
+
+    /// The UDP source ports datagrams leave from (one per sending socket).
+    pub fn source_ports(&self) -> Vec<u16> {
+        self.senders
+            .iter()
+            .filter_map(|s| s.local_addr().ok().map(|a| a.port()))
+            .collect()
     }
 
     /// Sends `data`, a run of VXLAN datagrams of `segment` bytes each (the last may be
@@ -476,8 +525,10 @@ impl Uplink {
             (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
             std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), segment);
         }
+        let sender = &self.senders
+            [usize::from(self.sender_of(data.get(vxlan::HEADER_LEN..).unwrap_or_default()))];
         // SAFETY: every pointer in `msg` refers to a local or `data`, alive for the call.
-        let rc = unsafe { libc::sendmsg(self.socket.as_raw_fd(), &msg, libc::MSG_DONTWAIT) };
+        let rc = unsafe { libc::sendmsg(sender.as_raw_fd(), &msg, libc::MSG_DONTWAIT) };
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -503,15 +554,31 @@ impl Uplink {
         if count == 0 {
             return 0;
         }
+        // The slots by sending socket (stable: each flow's datagrams keep their order).
+        let mut order = [0usize; BATCH];
+        let mut starts = [0usize; SENDERS + 1];
+        for &s in &self.tx.senders[..count] {
+            starts[usize::from(s) + 1] += 1;
+        }
+        for s in 0..SENDERS {
+            starts[s + 1] += starts[s];
+        }
+        let mut next = starts;
+        for (i, &s) in self.tx.senders[..count].iter().enumerate() {
+            order[next[usize::from(s)]] = i;
+            next[usize::from(s)] += 1;
+        }
         let mut iov: [MaybeUninit<libc::iovec>; BATCH] = [MaybeUninit::uninit(); BATCH];
         // SAFETY: mmsghdr is plain old data; all-zero is a valid value.
         let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
         // One UDP_SEGMENT control message per message that carries a run.
         let mut control = [[0u64; 4]; BATCH];
-        // Datagrams per message.
+        // Datagrams per message, and its sending socket.
         let mut datagrams = [0usize; BATCH];
+        let mut msg_sender = [0usize; BATCH];
         let base = self.tx.data.as_mut_ptr();
-        for (i, v) in iov.iter_mut().enumerate().take(count) {
+        for (k, v) in iov.iter_mut().enumerate().take(count) {
+            let i = order[k];
             v.write(libc::iovec {
                 // SAFETY: slot i lies inside `data`.
                 iov_base: unsafe { base.add(i * SLOT) }.cast(),
@@ -522,9 +589,9 @@ impl Uplink {
             UnderlayFamily::V4 => std::mem::size_of::<libc::sockaddr_in>(),
             UnderlayFamily::V6 => std::mem::size_of::<libc::sockaddr_in6>(),
         } as libc::socklen_t;
-        // Messages: runs of datagrams of one size to one VTEP are one GSO message (the
-        // kernel builds and routes them as one packet and cuts it late, or hands it whole to
-        // a receiver that takes UDP GRO); other datagrams one message each.
+        // Messages: runs of datagrams of one size to one VTEP from one socket are one GSO
+        // message (the kernel builds and routes them as one packet and cuts it late, or hands
+        // it whole to a receiver that takes UDP GRO); other datagrams one message each.
         let same_dest = |a: &libc::sockaddr_storage, b: &libc::sockaddr_storage| {
             // SAFETY: both are initialised sockaddr_storage values; comparing `namelen`
             // bytes of them stays inside.
@@ -537,26 +604,28 @@ impl Uplink {
             }
         };
         let mut nmsgs = 0;
-        let mut i = 0;
-        while i < count {
+        let mut k = 0;
+        while k < count {
+            let i = order[k];
             let len = self.tx.lens[i];
-            let mut j = i + 1;
+            let mut l = k + 1;
             if self.gso {
-                while j < count
-                    && j - i < MAX_GSO_SEGMENTS
-                    && self.tx.lens[j] == len
-                    && (j - i + 1) * len <= MAX_GSO_BYTES
-                    && same_dest(&self.tx.addrs[i], &self.tx.addrs[j])
+                while l < count
+                    && l - k < MAX_GSO_SEGMENTS
+                    && self.tx.lens[order[l]] == len
+                    && (l - k + 1) * len <= MAX_GSO_BYTES
+                    && self.tx.senders[order[l]] == self.tx.senders[i]
+                    && same_dest(&self.tx.addrs[i], &self.tx.addrs[order[l]])
                 {
-                    j += 1;
+                    l += 1;
                 }
             }
             let h = &mut msgs[nmsgs].msg_hdr;
             h.msg_name = (&raw mut self.tx.addrs[i]).cast();
             h.msg_namelen = namelen;
-            h.msg_iov = iov[i].as_mut_ptr();
-            h.msg_iovlen = j - i;
-            if j - i > 1 {
+            h.msg_iov = iov[k].as_mut_ptr();
+            h.msg_iovlen = l - k;
+            if l - k > 1 {
                 let c = &mut control[nmsgs];
                 h.msg_control = c.as_mut_ptr().cast();
                 // SAFETY: CMSG_SPACE only computes a size.
@@ -572,20 +641,44 @@ impl Uplink {
                     std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), len as u16);
                 }
             }
-            datagrams[nmsgs] = j - i;
+            datagrams[nmsgs] = l - k;
+            msg_sender[nmsgs] = usize::from(self.tx.senders[i]);
             nmsgs += 1;
-            i = j;
+            k = l;
         }
+        // Each socket's messages (contiguous) in as few system calls as it takes.
+        let mut failed = 0;
+        let mut m = 0;
+        while m < nmsgs {
+            let s = msg_sender[m];
+            let mut end = m;
+            while end < nmsgs && msg_sender[end] == s {
+                end += 1;
+            }
+            failed += self.send_messages(s, &mut msgs[m..end], &datagrams[m..end]);
+            m = end;
+        }
+        failed
+    }
+
+    /// Sends prepared messages from sending socket `s`; returns the datagrams not sent.
+    fn send_messages(
+        &mut self,
+        s: usize,
+        msgs: &mut [libc::mmsghdr],
+        datagrams: &[usize],
+    ) -> usize {
+        let fd = self.senders[s].as_raw_fd();
         let mut sent = 0;
         let mut failed = 0;
-        while sent < nmsgs {
-            // SAFETY: headers sent..nmsgs point at live iovecs, buffers, addresses and
-            // control messages.
+        while sent < msgs.len() {
+            // SAFETY: headers sent.. point at live iovecs, buffers, addresses and control
+            // messages.
             let n = unsafe {
                 libc::sendmmsg(
-                    self.socket.as_raw_fd(),
-                    msgs[sent..nmsgs].as_mut_ptr(),
-                    (nmsgs - sent) as libc::c_uint,
+                    fd,
+                    msgs[sent..].as_mut_ptr(),
+                    (msgs.len() - sent) as libc::c_uint,
                     libc::MSG_DONTWAIT,
                 )
             };
@@ -593,18 +686,14 @@ impl Uplink {
                 let err = io::Error::last_os_error();
                 if n < 0 && err.kind() == io::ErrorKind::WouldBlock {
                     // Buffer full: what is left is dropped, never blocked on.
-                    return failed + datagrams[sent..nmsgs].iter().sum::<usize>();
+                    return failed + datagrams[sent..].iter().sum::<usize>();
                 }
                 if n < 0 && datagrams[sent] > 1 && self.gso {
                     // The kernel refused the offload (no checksum offload on the route's
-                    // device, an old kernel): send this run, and everything after, one
-                    // datagram at a time.
+                    // device, an old kernel): from now on one datagram per message; this
+                    // run and the rest go out so now.
                     self.gso = false;
-                    let first = (msgs[sent].msg_hdr.msg_iov as usize - iov.as_ptr() as usize)
-                        / std::mem::size_of::<libc::iovec>();
-                    let rest = datagrams[sent..nmsgs].iter().sum::<usize>();
-                    self.requeue(first, rest);
-                    return failed + self.flush_queue();
+                    return failed + send_one_by_one(fd, &msgs[sent..]);
                 }
                 // An unreachable peer (ICMP error) fails one message: skip it and go on.
                 failed += datagrams[sent];
@@ -615,18 +704,65 @@ impl Uplink {
         }
         failed
     }
+}
 
-    /// Moves queued datagrams `first..first + n` to the front of the queue.
-    fn requeue(&mut self, first: usize, n: usize) {
-        if first > 0 {
-            self.tx
-                .data
-                .copy_within(first * SLOT..(first + n) * SLOT, 0);
-            self.tx.lens.copy_within(first..first + n, 0);
-            self.tx.addrs.copy_within(first..first + n, 0);
+/// Sends the datagrams of `msgs` one per system call, without offload; returns how many
+/// were not sent.
+fn send_one_by_one(fd: libc::c_int, msgs: &[libc::mmsghdr]) -> usize {
+    let mut failed = 0;
+    for m in msgs {
+        for d in 0..m.msg_hdr.msg_iovlen {
+            // SAFETY: a message's iovecs are msg_iovlen consecutive live entries.
+            let iov = unsafe { m.msg_hdr.msg_iov.add(d) };
+            // SAFETY: msghdr is plain old data; all-zero is a valid value.
+            let mut one: libc::msghdr = unsafe { std::mem::zeroed() };
+            one.msg_name = m.msg_hdr.msg_name;
+            one.msg_namelen = m.msg_hdr.msg_namelen;
+            one.msg_iov = iov;
+            one.msg_iovlen = 1;
+            // SAFETY: the name and iovec point at live queue storage for the call.
+            if unsafe { libc::sendmsg(fd, &one, libc::MSG_DONTWAIT) } < 0 {
+                failed += 1;
+            }
         }
-        self.tx_count = n;
     }
+    failed
+}
+
+/// Sending sockets per uplink: the UDP source ports a tenant's flows spread over.
+const SENDERS: usize = 16;
+
+/// A socket that sends from an ephemeral port of `ip` and receives nothing: a socket filter
+/// drops every datagram sent to it, so that nothing piles up in a queue no one reads.
+fn sender_socket(ip: IpAddr) -> io::Result<UdpSocket> {
+    let socket = UdpSocket::bind(SocketAddr::new(ip, 0))?;
+    socket.set_nonblocking(true)?;
+    let mut drop_all = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let prog = libc::sock_fprog {
+        len: 1,
+        filter: drop_all.as_mut_ptr(),
+    };
+    // SAFETY: SO_ATTACH_FILTER reads a sock_fprog (and its one instruction, copied by the
+    // kernel) through pointers valid for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&raw const prog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    grow_socket_buffers(&socket);
+    Ok(socket)
 }
 
 /// The MTU of the interfaces that carry `addrs` (the smallest, if several): what the underlay

@@ -688,6 +688,13 @@ impl Control {
             "Datagrams the uplink socket did not take",
             dpc.uplink_tx_dropped,
         );
+        single(
+            &mut reg,
+            "uplink_super_frames",
+            "TCP super-frames from the underlay (a Linux peer's tunnel GSO) delivered with \
+             segmentation offload",
+            dpc.uplink_super_frames,
+        );
         let workers = Gauge::<i64>::default();
         workers.set(self.dp.workers() as i64);
         reg.register("datapath_workers", "Datapath worker threads", workers);
