@@ -114,10 +114,16 @@ impl AsyncClient {
         .await
     }
 
-    /// Adds a remote VTEP.
+    /// Adds a remote VTEP (listening on this daemon's VXLAN port).
     pub async fn add_vtep(&self, tenant: &str, ip: IpAddr) -> Result<(), Error> {
+        self.add_vtep_spec(tenant, &VtepSpec { ip, port: None })
+            .await
+    }
+
+    /// Adds a remote VTEP, with the UDP port it listens on if that is not this daemon's.
+    pub async fn add_vtep_spec(&self, tenant: &str, spec: &VtepSpec) -> Result<(), Error> {
         let path = format!("/v1/tenants/{tenant}/vteps", tenant = seg(tenant));
-        let _: VtepSpec = self.call("POST", &path, Some(&VtepSpec { ip })).await?;
+        let _: VtepSpec = self.call("POST", &path, Some(spec)).await?;
         Ok(())
     }
 
@@ -188,6 +194,8 @@ impl Client {
         fn vteps(&self, tenant: &str) -> Vec<VtepSpec>;
         /// Adds a remote VTEP.
         fn add_vtep(&self, tenant: &str, ip: IpAddr) -> ();
+        /// Adds a remote VTEP, with the UDP port it listens on if not this daemon's.
+        fn add_vtep_spec(&self, tenant: &str, spec: &VtepSpec) -> ();
         /// Removes a remote VTEP.
         fn remove_vtep(&self, tenant: &str, ip: IpAddr) -> ();
         /// A tenant's forwarding table.

@@ -260,6 +260,34 @@ impl KernelHost {
         addr: Ipv4Addr,
         ipv6: bool,
     ) -> Result<KernelHost, Error> {
+        let peers: Vec<(IpAddr, u16)> = peers
+            .iter()
+            .map(|p| (*p, overlay_net::VXLAN_PORT))
+            .collect();
+        Self::with_ports(
+            underlay,
+            n,
+            vni,
+            &peers,
+            addr,
+            ipv6,
+            overlay_net::VXLAN_PORT,
+        )
+    }
+
+    /// Like [`KernelHost::with_family`], its VTEP listening on UDP port `port` and each peer
+    /// reached on its own port (`bridge fdb ... port`). Unless the port is 4789, the device
+    /// learns nothing from what it receives (`nolearning`, as flannel's on 8472): a learned
+    /// entry would send to `port`, not to the peer's.
+    pub fn with_ports(
+        underlay: &mut Underlay,
+        n: u8,
+        vni: u32,
+        peers: &[(IpAddr, u16)],
+        addr: Ipv4Addr,
+        ipv6: bool,
+        port: u16,
+    ) -> Result<KernelHost, Error> {
         let v4 = Ipv4Addr::new(198, 18, 0, n);
         let ns = underlay.host(&format!("k{n}"), v4)?;
         let local: IpAddr = if ipv6 {
@@ -269,23 +297,17 @@ impl KernelHost {
         };
         let tenant_mtu = if ipv6 { "1430" } else { "1450" };
         let id = vni.to_string();
-        ns.ip(&[
-            "link",
-            "add",
-            "name",
-            "vxl0",
-            "type",
-            "vxlan",
-            "id",
-            &id,
-            "dstport",
-            "4789",
-            "local",
-            &local.to_string(),
-            "dev",
-            "eth0",
-        ])?;
-        for p in peers {
+        let dstport = port.to_string();
+        let local_s = local.to_string();
+        let mut args = vec![
+            "link", "add", "name", "vxl0", "type", "vxlan", "id", &id, "dstport", &dstport,
+            "local", &local_s, "dev", "eth0",
+        ];
+        if port != overlay_net::VXLAN_PORT {
+            args.push("nolearning");
+        }
+        ns.ip(&args)?;
+        for (p, peer_port) in peers {
             ns.exec(
                 "bridge",
                 &[
@@ -296,6 +318,8 @@ impl KernelHost {
                     "vxl0",
                     "dst",
                     &p.to_string(),
+                    "port",
+                    &peer_port.to_string(),
                 ],
             )?;
         }

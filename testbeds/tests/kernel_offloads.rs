@@ -80,3 +80,41 @@ fn a_kernel_peer_with_default_offloads_over_an_ipv4_underlay() {
 fn a_kernel_peer_with_default_offloads_over_an_ipv6_underlay() {
     both_ways(true);
 }
+
+#[test]
+fn one_switch_talks_to_kernel_peers_on_4789_and_on_8472() {
+    if let Some(why) = missing_privileges() {
+        panic!("needs root: {why}");
+    }
+    let mut ul = Underlay::new().unwrap();
+    let sw = SwitchHost::new(&mut ul, 1).unwrap();
+    // Two kernel VTEPs of one tenant: one on the IANA port, one on Linux's old default.
+    let k8 = KernelHost::new(&mut ul, 8, 100, &[sw.ip], ip(8)).unwrap();
+    let k9 = KernelHost::with_ports(
+        &mut ul,
+        9,
+        100,
+        &[(sw.ip, overlay_net::VXLAN_PORT)],
+        ip(9),
+        false,
+        8472,
+    )
+    .unwrap();
+    sw.tenant("a", 100, &[k8.ip, k9.ip]).unwrap();
+    let (tenant, k9_ip) = ("a".to_owned(), k9.ip);
+    sw.datapath
+        .call(move |dp| dp.set_vtep_port(&tenant, k9_ip, Some(8472)))
+        .unwrap()
+        .unwrap();
+    let ep = sw
+        .endpoint("a", "tapa1", ip(1), "02:00:00:00:a0:01")
+        .unwrap();
+    for (who, peer) in [("4789", ip(8)), ("8472", ip(9))] {
+        let r = ping(&ep, peer.into(), 2, 56).unwrap();
+        assert_eq!(r.received, r.sent, "peer on {who}: {r:?}");
+    }
+    let t = tcp_transfer(&ep, &k9.endpoint, ip(9).into(), 5003, 2 << 20).unwrap();
+    assert!(t.intact(), "switch -> kernel on 8472: {t:?}");
+    let t = tcp_transfer(&k9.endpoint, &ep, ip(1).into(), 5004, 2 << 20).unwrap();
+    assert!(t.intact(), "kernel on 8472 -> switch: {t:?}");
+}

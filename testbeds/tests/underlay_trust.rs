@@ -286,3 +286,95 @@ fn the_underlay_mtu_is_read_from_the_interface_that_carries_it() {
         1450
     );
 }
+
+#[test]
+fn port_interfaces_take_the_tenant_mtu_after_a_restart_with_another_underlay_mtu() {
+    if let Some(why) = missing_privileges() {
+        panic!("needs root: {why}");
+    }
+    let dir =
+        testbeds::scratch::Scratch::new(std::path::Path::new("/var/tmp"), "lv-remtu").unwrap();
+    let mut ul = Underlay::with_mtu(9000).unwrap();
+    let host = ul.host("h1", Ipv4Addr::new(198, 18, 0, 1)).unwrap();
+    let container = Netns::create("ct").unwrap();
+    let underlay: IpAddr = "198.18.0.1".parse().unwrap();
+    let mtu_in_container = |ifname: &str| -> u64 {
+        container
+            .exec("cat", &[&format!("/sys/class/net/{ifname}/mtu")])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    // First with a configured 1500-byte underlay: the tenant and its ports get 1450.
+    let mut d =
+        testbeds::daemon::start_vswitchd(&host, underlay, dir.path(), &["--underlay-mtu", "1500"])
+            .unwrap();
+    d.create("/v1/tenants", r#"{"name":"j","vni":9}"#).unwrap();
+    let ns = format!("/run/netns/{}", container.name());
+    d.create(
+        "/v1/ports",
+        &format!(r#"{{"name":"pt","tenant":"j","netns":"{ns}","ifname":"eth0"}}"#),
+    )
+    .unwrap();
+    d.create(
+        "/v1/ports",
+        &format!(r#"{{"name":"pv","tenant":"j","kind":"veth","netns":"{ns}","ifname":"eth1"}}"#),
+    )
+    .unwrap();
+    assert_eq!(
+        (mtu_in_container("eth0"), mtu_in_container("eth1")),
+        (1450, 1450)
+    );
+    assert!(d.terminate());
+    // Restarted without it: the underlay's 9000 is read, and the interfaces follow.
+    let d = testbeds::daemon::start_vswitchd(&host, underlay, dir.path(), &[]).unwrap();
+    let (_, body) = d.request("GET", "/v1/tenants/j", None).unwrap();
+    let tenant: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(tenant["mtu"], 8950, "{tenant}");
+    testbeds::wait::until("the ports to be resized", testbeds::wait::SOON, || {
+        mtu_in_container("eth0") == 8950 && mtu_in_container("eth1") == 8950
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: eth0 {}, eth1 {}",
+            mtu_in_container("eth0"),
+            mtu_in_container("eth1")
+        )
+    });
+}
+
+#[test]
+fn a_vteps_udp_port_is_set_listed_and_kept() {
+    if let Some(why) = missing_privileges() {
+        panic!("needs root: {why}");
+    }
+    let dir =
+        testbeds::scratch::Scratch::new(std::path::Path::new("/var/tmp"), "lv-vtepport").unwrap();
+    let mut ul = Underlay::new().unwrap();
+    let host = ul.host("h1", Ipv4Addr::new(198, 18, 0, 1)).unwrap();
+    let underlay: IpAddr = "198.18.0.1".parse().unwrap();
+    let mut d = testbeds::daemon::start_vswitchd(&host, underlay, dir.path(), &[]).unwrap();
+    d.create("/v1/tenants", r#"{"name":"a","vni":5}"#).unwrap();
+    let (status, body) = d
+        .request(
+            "POST",
+            "/v1/tenants/a/vteps",
+            Some(r#"{"ip":"198.18.0.2","port":0}"#),
+        )
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    d.create("/v1/tenants/a/vteps", r#"{"ip":"198.18.0.2","port":8472}"#)
+        .unwrap();
+    d.create("/v1/tenants/a/vteps", r#"{"ip":"198.18.0.3"}"#)
+        .unwrap();
+    let listed = |d: &testbeds::daemon::Daemon| -> serde_json::Value {
+        let (_, body) = d.request("GET", "/v1/tenants/a/vteps", None).unwrap();
+        serde_json::from_str(&body).unwrap()
+    };
+    let expected = serde_json::json!([{"ip":"198.18.0.2","port":8472},{"ip":"198.18.0.3"}]);
+    assert_eq!(listed(&d), expected);
+    assert!(d.terminate());
+    let d = testbeds::daemon::start_vswitchd(&host, underlay, dir.path(), &[]).unwrap();
+    assert_eq!(listed(&d), expected);
+}

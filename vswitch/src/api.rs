@@ -88,6 +88,11 @@ fn default_kind() -> String {
 pub struct VtepSpec {
     /// The remote VTEP's underlay address.
     pub ip: IpAddr,
+    /// The UDP port it listens on, if not this daemon's VXLAN port (`--udp-port`): peers on
+    /// 4789 and on 8472 (Linux's old default, flannel's) from one daemon, as the kernel's
+    /// `bridge fdb ... port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// A static forwarding entry (`POST /v1/tenants/{name}/fdb`): exactly one of `port`, `vtep`.

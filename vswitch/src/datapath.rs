@@ -135,6 +135,9 @@ pub struct Datapath {
     underlays: Vec<(UnderlayFamily, u16)>,
     /// This host's own underlay addresses.
     local: Vec<IpAddr>,
+    /// Remote VTEPs that listen on another UDP port than this host's, by tenant (as the
+    /// kernel's `bridge fdb ... port`): peers on 4789 and on 8472 from one daemon.
+    vtep_ports: HashMap<(Vni, IpAddr), u16, FastHash>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -238,9 +241,10 @@ impl Datapath {
                         if nix::net::if_::if_nametoindex(ifname.as_str()).is_err() {
                             return Ok(None);
                         }
-                        // Ours from before a restart: attach again. Anything else is in the way.
+                        // Ours from before a restart: attach again, at the tenant's MTU now
+                        // (the underlay may have changed). Anything else is in the way.
                         Tap::create_persistent(&ifname, offloads)
-                        .map(Some)
+                        .and_then(|tap| set_mtu(&ifname, mtu).map(|()| Some(tap)))
                         .map_err(|e| match e {
                             Error::Io(_, io)
                                 if matches!(io.raw_os_error(), Some(libc::EINVAL | libc::EBUSY)) =>
@@ -283,7 +287,15 @@ impl Datapath {
     ) -> Result<PortId, Error> {
         let mtu = self.check_new_port(tenant, &config)?;
         let name = config.name.clone();
-        if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
+        if nix::net::if_::if_nametoindex(name.as_str()).is_ok() {
+            // Attached again after a restart: both ends take the tenant's MTU now (the
+            // underlay may have changed).
+            set_mtu(&name, mtu)?;
+            let ifname = placement.ifname.clone();
+            in_netns(Some(open_netns(&placement.netns)?), move || {
+                set_mtu(&ifname, mtu)
+            })?;
+        } else {
             create_veth(&name, placement, mtu).map_err(|e| match e {
                 Error::Io(_, io) if io.kind() == std::io::ErrorKind::AlreadyExists => {
                     Error::InterfaceInUse(format!(
@@ -499,6 +511,40 @@ impl Datapath {
             .add_remote_vtep(vtep);
         Ok(())
     }
+
+    /// Sets the UDP port remote VTEP `vtep` of `tenant` listens on (`None`: this host's VXLAN
+    /// port, the default).
+    pub fn set_vtep_port(
+        &mut self,
+        tenant: &str,
+        vtep: IpAddr,
+        port: Option<u16>,
+    ) -> Result<(), Error> {
+        let vni = self
+            .switch
+            .tenant(tenant)
+            .ok_or_else(|| Error::NoSuchTenant(tenant.into()))?
+            .config()
+            .vni;
+        let key = (vni, vtep.to_canonical());
+        match port {
+            Some(0) => {
+                return Err(Error::invalid("remote VTEP port", "0 is not a UDP port"));
+            }
+            Some(p) => {
+                self.vtep_ports.insert(key, p);
+            }
+            None => {
+                self.vtep_ports.remove(&key);
+            }
+        }
+        Ok(())
+    }
+
+    /// The UDP port of a remote VTEP of tenant `vni`, if not this host's.
+    pub fn vtep_port(&self, vni: Vni, vtep: IpAddr) -> Option<u16> {
+        self.vtep_ports.get(&(vni, vtep)).copied()
+    }
 }
 
 /// Where one copy of a frame goes, resolved under the lock.
@@ -506,7 +552,8 @@ impl Datapath {
 enum Target {
     /// A local port: its index in the burst's [`BurstPorts`].
     Local(usize),
-    Remote(IpAddr),
+    /// A remote VTEP and the UDP port it listens on (0: this host's VXLAN port).
+    Remote(IpAddr, u16),
 }
 
 /// The local ports a burst sends to, each once, with their endpoints (taken from the shared
@@ -683,9 +730,11 @@ struct Worker {
 
 /// Resolves a verdict to targets: local ports (entered in `ports`; a port that is gone is
 /// counted as a send error) and remote VTEPs.
+#[allow(clippy::too_many_arguments)]
 fn resolve(
     tenant: &mut TenantSwitch,
     endpoints: &HashMap<PortId, Endpoint, FastHash>,
+    vtep_ports: &HashMap<(Vni, IpAddr), u16, FastHash>,
     from: Ingress,
     verdict: Verdict,
     flood: &mut Vec<Destination>,
@@ -697,7 +746,15 @@ fn resolve(
             Some(i) => out.push(Target::Local(i)),
             None => tenant.count_drop(Some(q), DropReason::TxError),
         },
-        Destination::Remote(vtep) => out.push(Target::Remote(vtep)),
+        Destination::Remote(vtep) => {
+            let port = if vtep_ports.is_empty() {
+                0
+            } else {
+                let vni = tenant.config().vni;
+                vtep_ports.get(&(vni, vtep)).copied().unwrap_or(0)
+            };
+            out.push(Target::Remote(vtep, port))
+        }
     };
     match verdict {
         Verdict::Unicast(dest) => push(tenant, dest),
@@ -906,7 +963,16 @@ impl Worker {
                 let frame = &frames[p.at + VNET_HDR_LEN..p.at + p.len];
                 let verdict = tenant.ingress_sized(from, frame, p.wire_len, now);
                 let start = targets.len();
-                resolve(tenant, &s.endpoints, from, verdict, flood, ports, targets);
+                resolve(
+                    tenant,
+                    &s.endpoints,
+                    &s.vtep_ports,
+                    from,
+                    verdict,
+                    flood,
+                    ports,
+                    targets,
+                );
                 decisions.push(start..targets.len());
             }
         }
@@ -936,8 +1002,8 @@ impl Worker {
                         }
                         (q, ep) => send_local(tally, lane, vni, q, ep, payload),
                     },
-                    Target::Remote(vtep) => {
-                        send_remote(tally, uplinks, scratch, port, vtep, vni, payload)
+                    Target::Remote(vtep, vtep_port) => {
+                        send_remote(tally, uplinks, scratch, port, vtep, vtep_port, vni, payload)
                     }
                 }
             }
@@ -1025,6 +1091,7 @@ impl Worker {
                             resolve(
                                 tenant,
                                 &s.endpoints,
+                                &s.vtep_ports,
                                 ingress,
                                 verdict,
                                 flood,
@@ -1231,23 +1298,26 @@ fn send_local(
 /// Sends a frame from local port `from` to a remote VTEP: complete frames are queued on the
 /// uplink (sent at the end of the burst), TCP super-frames cut into segments, checksums left
 /// to offload completed here.
+#[allow(clippy::too_many_arguments)]
 fn send_remote(
     tally: &mut Tally,
     uplinks: &mut [Uplink],
     scratch: &mut [u8],
     from: PortId,
     vtep: IpAddr,
+    vtep_port: u16,
     vni: Vni,
     payload: Payload<'_>,
 ) {
     match payload {
-        Payload::Plain(f) => to_uplink(tally, uplinks, from, vtep, vni, f),
+        Payload::Plain(f) => to_uplink(tally, uplinks, from, vtep, vtep_port, vni, f),
         Payload::Offloaded { frame, vnet, .. } if vnet.is_tcp_gso() => segment_to_uplink(
             tally,
             uplinks,
             scratch,
             from,
             vtep,
+            vtep_port,
             vni,
             frame,
             vnet.gso_size,
@@ -1259,7 +1329,7 @@ fn send_remote(
                 || complete_checksum(copy, vnet.csum_start as usize, vnet.csum_offset as usize)
                     .is_ok();
             if done {
-                to_uplink(tally, uplinks, from, vtep, vni, copy);
+                to_uplink(tally, uplinks, from, vtep, vtep_port, vni, copy);
             } else {
                 tally.drop(vni, Some(from), DropReason::Malformed);
             }
@@ -1273,12 +1343,13 @@ fn to_uplink(
     uplinks: &mut [Uplink],
     from: PortId,
     vtep: IpAddr,
+    vtep_port: u16,
     vni: Vni,
     frame: &[u8],
 ) {
     let family = UnderlayFamily::of(vtep);
     let reason = match uplinks.iter_mut().find(|u| u.family() == family) {
-        Some(up) => match up.queue(vtep, vni, frame) {
+        Some(up) => match up.queue(vtep, vtep_port, vni, frame) {
             Ok(()) => return,
             Err(QueueError::TooBig) => DropReason::UnderlayMtu,
             Err(QueueError::WrongFamily) => DropReason::TxError,
@@ -1301,6 +1372,7 @@ fn segment_to_uplink(
     scratch: &mut [u8],
     from: PortId,
     vtep: IpAddr,
+    vtep_port: u16,
     vni: Vni,
     frame: &[u8],
     mss: u16,
@@ -1323,11 +1395,14 @@ fn segment_to_uplink(
     let per_send = (MAX_GSO_SEND / stride).clamp(1, 64);
     let header = overlay_net::vxlan::header(vni);
     let send = |up: &mut Uplink, tally: &mut Tally, chunk: &[u8]| {
-        if up.send_segmented(vtep, chunk, stride as u16).is_err() {
+        if up
+            .send_segmented(vtep, vtep_port, chunk, stride as u16)
+            .is_err()
+        {
             // No UDP GSO here: queue the datagrams one by one.
             for d in chunk.chunks(stride) {
                 if up
-                    .queue(vtep, vni, &d[overlay_net::vxlan::HEADER_LEN..])
+                    .queue(vtep, vtep_port, vni, &d[overlay_net::vxlan::HEADER_LEN..])
                     .is_err()
                 {
                     tally.drop(vni, Some(from), DropReason::TxError);
@@ -1446,6 +1521,7 @@ impl DatapathWorkers {
             workers: links,
             underlays,
             local: config.underlay.iter().map(|a| a.to_canonical()).collect(),
+            vtep_ports: HashMap::default(),
         }));
         let (tx, rx) = mpsc::channel::<Command>();
         let mut workers = DatapathWorkers {

@@ -450,9 +450,15 @@ impl Uplink {
         Some((vxlan::parse(&self.rx.data[start..start + len]), from))
     }
 
-    /// Queues `inner` for `vtep` in `vni`; sent by [`Self::flush`] (or at once when the batch
-    /// is full).
-    pub fn queue(&mut self, vtep: IpAddr, vni: Vni, inner: &[u8]) -> Result<(), QueueError> {
+    /// Queues `inner` for `vtep` (listening on UDP port `port`; 0: this uplink's own VXLAN
+    /// port) in `vni`; sent by [`Self::flush`] (or at once when the batch is full).
+    pub fn queue(
+        &mut self,
+        vtep: IpAddr,
+        port: u16,
+        vni: Vni,
+        inner: &[u8],
+    ) -> Result<(), QueueError> {
         if UnderlayFamily::of(vtep) != self.family {
             return Err(QueueError::WrongFamily);
         }
@@ -471,11 +477,16 @@ impl Uplink {
         slot[vxlan::HEADER_LEN..len].copy_from_slice(inner);
         self.tx.lens[i] = len;
         self.tx.senders[i] = self.sender_of(inner);
-        // Peers listen on the same VXLAN port as this VTEP.
-        let dest = SocketAddr::new(vtep, self.port);
+        // Peers listen on the same VXLAN port as this VTEP, unless configured otherwise.
+        let dest = SocketAddr::new(vtep, self.dest_port(port));
         to_sockaddr(dest, &mut self.tx.addrs[i]);
         self.tx_count += 1;
         Ok(())
+    }
+
+    /// A peer's VXLAN port: `port`, or this uplink's own for 0.
+    fn dest_port(&self, port: u16) -> u16 {
+        if port == 0 { self.port } else { port }
     }
 
     /// The sending socket of an inner frame's flow.
@@ -496,11 +507,17 @@ impl Uplink {
     /// the kernel cuts it into datagrams. Queued datagrams are sent first, to keep order.
     /// Returns how many datagrams were dropped (queued ones the kernel did not take); an error
     /// means the kernel refused the offload and nothing of `data` was sent.
-    pub fn send_segmented(&mut self, vtep: IpAddr, data: &[u8], segment: u16) -> io::Result<usize> {
+    pub fn send_segmented(
+        &mut self,
+        vtep: IpAddr,
+        port: u16,
+        data: &[u8],
+        segment: u16,
+    ) -> io::Result<usize> {
         let dropped = self.flush();
         // SAFETY: sockaddr_storage and msghdr are plain old data; all-zero is valid.
         let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let alen = to_sockaddr(SocketAddr::new(vtep, self.port), &mut addr);
+        let alen = to_sockaddr(SocketAddr::new(vtep, self.dest_port(port)), &mut addr);
         let mut iov = libc::iovec {
             iov_base: data.as_ptr() as *mut libc::c_void,
             iov_len: data.len(),

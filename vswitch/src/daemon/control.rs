@@ -16,7 +16,7 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{
-    CountersInfo, FdbEntryInfo, FdbEntrySpec, PortInfo, PortSpec, TenantInfo, TenantSpec,
+    CountersInfo, FdbEntryInfo, FdbEntrySpec, PortInfo, PortSpec, TenantInfo, TenantSpec, VtepSpec,
 };
 use crate::datapath::{Datapath, DatapathWorkers};
 use crate::placement::Placement;
@@ -99,6 +99,9 @@ pub struct State {
     pub ports: Vec<PortSpec>,
     /// Remote VTEPs per tenant.
     pub vteps: BTreeMap<String, Vec<IpAddr>>,
+    /// UDP ports of remote VTEPs that listen on another port than this daemon's, per tenant.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vtep_ports: BTreeMap<String, BTreeMap<IpAddr, u16>>,
     /// Static forwarding entries per tenant.
     pub fdb: BTreeMap<String, Vec<FdbEntrySpec>>,
 }
@@ -252,7 +255,12 @@ impl Control {
         }
         for (tenant, vteps) in saved.vteps {
             for ip in vteps {
-                if let Err(e) = control.add_vtep(&tenant, ip) {
+                let port = saved
+                    .vtep_ports
+                    .get(&tenant)
+                    .and_then(|ports| ports.get(&ip))
+                    .copied();
+                if let Err(e) = control.add_vtep(&tenant, ip, port) {
                     problems.push(format!("vtep {ip} of {tenant}: {}", e.message()));
                 }
             }
@@ -313,6 +321,7 @@ impl Control {
         })??;
         self.state.tenants.retain(|t| t.name != name);
         self.state.vteps.remove(name);
+        self.state.vtep_ports.remove(name);
         self.state.fdb.remove(name);
         tracing::info!(tenant = name, "tenant deleted");
         self.save()
@@ -430,16 +439,51 @@ impl Control {
             .collect()
     }
 
-    /// Adds a remote VTEP to a tenant.
-    pub fn add_vtep(&mut self, tenant: &str, ip: IpAddr) -> Result<()> {
+    /// Adds a remote VTEP to a tenant, listening on UDP port `port` (`None`: this daemon's
+    /// VXLAN port); for a VTEP the tenant has, sets its port.
+    pub fn add_vtep(&mut self, tenant: &str, ip: IpAddr, port: Option<u16>) -> Result<()> {
+        let ip = ip.to_canonical();
+        if port == Some(0) {
+            return Err(ControlError::Invalid(
+                "remote VTEP port 0: give a UDP port (1-65535) or none".into(),
+            ));
+        }
         let t = tenant.to_owned();
-        call(&self.dp, move |dp| dp.add_remote_vtep(&t, ip))??;
+        call(&self.dp, move |dp| {
+            dp.add_remote_vtep(&t, ip)?;
+            dp.set_vtep_port(&t, ip, port)
+        })??;
         let list = self.state.vteps.entry(tenant.to_owned()).or_default();
         if !list.contains(&ip) {
             list.push(ip);
-            tracing::info!(tenant, vtep = %ip, "remote VTEP added");
+            tracing::info!(tenant, vtep = %ip, port, "remote VTEP added");
+        }
+        let ports = self.state.vtep_ports.entry(tenant.to_owned()).or_default();
+        match port {
+            Some(p) => {
+                ports.insert(ip, p);
+            }
+            None => {
+                ports.remove(&ip);
+            }
+        }
+        if ports.is_empty() {
+            self.state.vtep_ports.remove(tenant);
         }
         self.save()
+    }
+
+    /// A tenant's remote VTEPs, with the ports of those that listen elsewhere.
+    pub fn vteps(&self, tenant: &str) -> Result<Vec<VtepSpec>> {
+        let t = self.tenant(tenant)?;
+        let ports = self.state.vtep_ports.get(tenant);
+        Ok(t.vteps
+            .into_iter()
+            .map(|ip| VtepSpec {
+                ip,
+                port: ports.and_then(|p| p.get(&ip)).copied(),
+            })
+            .collect())
     }
 
     /// Removes a remote VTEP from a tenant (and the MACs learned behind it).
@@ -453,6 +497,7 @@ impl Control {
                 .fdb_mut();
             let known = fdb.remote_vteps().contains(&ip);
             fdb.remove_remote_vtep(ip);
+            dp.set_vtep_port(&t, ip, None)?;
             Ok::<_, Error>(known)
         })??;
         if !known {
@@ -462,6 +507,12 @@ impl Control {
         }
         if let Some(list) = self.state.vteps.get_mut(tenant) {
             list.retain(|v| *v != ip);
+        }
+        if let Some(ports) = self.state.vtep_ports.get_mut(tenant) {
+            ports.remove(&ip);
+            if ports.is_empty() {
+                self.state.vtep_ports.remove(tenant);
+            }
         }
         tracing::info!(tenant, vtep = %ip, "remote VTEP removed");
         self.save()

@@ -119,9 +119,7 @@ async fn delete_tenant(State(s): State<Shared>, Path(name): Path<String>) -> Api
 }
 
 async fn list_vteps(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<Response> {
-    let t = run(s, move |c| c.tenant(&name)).await?;
-    let v: Vec<VtepSpec> = t.vteps.into_iter().map(|ip| VtepSpec { ip }).collect();
-    Ok(Json(v).into_response())
+    Ok(Json(run(s, move |c| c.vteps(&name)).await?).into_response())
 }
 
 async fn add_vtep(
@@ -130,7 +128,7 @@ async fn add_vtep(
     body: Result<JsonBody<VtepSpec>, daemon_kit::ApiError>,
 ) -> ApiResult<Response> {
     let JsonBody(v) = body?;
-    run(s, move |c| c.add_vtep(&name, v.ip)).await?;
+    run(s, move |c| c.add_vtep(&name, v.ip, v.port)).await?;
     Ok(created(v))
 }
 

@@ -226,6 +226,10 @@ enum VtepCmd {
         tenant: String,
         /// The remote VTEP's underlay address (IPv4 or IPv6).
         ip: IpAddr,
+        /// The UDP port it listens on, if not this daemon's (`--udp-port`): 8472 for a Linux
+        /// peer on its old default or flannel [default: this daemon's port].
+        #[arg(long)]
+        port: Option<u16>,
     },
     /// Remove a remote VTEP.
     #[command(visible_alias = "delete")]
@@ -637,12 +641,17 @@ fn run(c: &Client, cmd: Net, out: Output) -> Result<(), Error> {
             done(out, format!("deleted port {name}"));
         }
         Net::Vtep(VtepCmd::List { tenant }) => emit(out, &c.vteps(&tenant)?, |v| {
-            let mut rows = vec![vec!["VTEP".to_owned()]];
-            rows.extend(v.iter().map(|x| vec![x.ip.to_string()]));
+            let mut rows = vec![vec!["VTEP".to_owned(), "PORT".to_owned()]];
+            rows.extend(v.iter().map(|x| {
+                vec![
+                    x.ip.to_string(),
+                    x.port.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                ]
+            }));
             rows
         }),
-        Net::Vtep(VtepCmd::Add { tenant, ip }) => {
-            c.add_vtep(&tenant, ip)?;
+        Net::Vtep(VtepCmd::Add { tenant, ip, port }) => {
+            c.add_vtep_spec(&tenant, &vswitch::api::VtepSpec { ip, port })?;
             done(out, format!("tenant {tenant}: added VTEP {ip}"));
         }
         Net::Vtep(VtepCmd::Remove { tenant, ip }) => {
