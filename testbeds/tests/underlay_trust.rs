@@ -378,3 +378,89 @@ fn a_vteps_udp_port_is_set_listed_and_kept() {
     let d = testbeds::daemon::start_vswitchd(&host, underlay, dir.path(), &[]).unwrap();
     assert_eq!(listed(&d), expected);
 }
+
+#[test]
+fn a_tenants_mtu_follows_the_families_of_its_vteps() {
+    if let Some(why) = missing_privileges() {
+        panic!("needs root: {why}");
+    }
+    let dir =
+        testbeds::scratch::Scratch::new(std::path::Path::new("/var/tmp"), "lv-fammtu").unwrap();
+    let mut ul = Underlay::new().unwrap();
+    let host = ul.host("h1", Ipv4Addr::new(198, 18, 0, 1)).unwrap();
+    // A kernel IPv4 peer at the IPv4 tenant MTU (1450).
+    let kernel = testbeds::switch_bed::KernelHost::new(
+        &mut ul,
+        9,
+        7,
+        &["198.18.0.1".parse().unwrap()],
+        Ipv4Addr::new(10, 7, 0, 9),
+    )
+    .unwrap();
+    let container = Netns::create("cm").unwrap();
+    let underlay: IpAddr = "198.18.0.1".parse().unwrap();
+    // IPv4 and IPv6 underlays: 1450 and 1430.
+    let d = testbeds::daemon::start_vswitchd(
+        &host,
+        underlay,
+        dir.path(),
+        &["--underlay", "fd00:18::1"],
+    )
+    .unwrap();
+    let tenant_mtu = || -> u64 {
+        let (_, body) = d.request("GET", "/v1/tenants/t", None).unwrap();
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["mtu"]
+            .as_u64()
+            .unwrap()
+    };
+    let port_mtu = || -> u64 {
+        container
+            .exec("cat", &["/sys/class/net/eth0/mtu"])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    d.create("/v1/tenants", r#"{"name":"t","vni":7}"#).unwrap();
+    assert_eq!(
+        tenant_mtu(),
+        1430,
+        "no VTEPs yet: what every underlay carries"
+    );
+    let ns = format!("/run/netns/{}", container.name());
+    d.create(
+        "/v1/ports",
+        &format!(r#"{{"name":"pm","tenant":"t","kind":"veth","netns":"{ns}","ifname":"eth0"}}"#),
+    )
+    .unwrap();
+    assert_eq!(port_mtu(), 1430);
+    // IPv4 VTEPs only: the IPv4 overhead, and the port follows.
+    d.create("/v1/tenants/t/vteps", r#"{"ip":"198.18.0.9"}"#)
+        .unwrap();
+    assert_eq!((tenant_mtu(), port_mtu()), (1450, 1450));
+    container
+        .ip(&["addr", "add", "10.7.0.1/24", "dev", "eth0"])
+        .unwrap();
+    container.ip(&["link", "set", "eth0", "up"]).unwrap();
+    // The kernel peer's full-size frames (1450) arrive, none dropped as oversize.
+    let r = ping(&kernel.endpoint, "10.7.0.1".parse().unwrap(), 2, 1422).unwrap();
+    assert_eq!(r.received, r.sent, "{r:?}");
+    let r = ping(&container, "10.7.0.9".parse().unwrap(), 2, 1422).unwrap();
+    assert_eq!(r.received, r.sent, "{r:?}");
+    let (_, body) = d.request("GET", "/v1/tenants/t", None).unwrap();
+    let t: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        t["counters"]["drops"]["oversize"].as_u64().unwrap_or(0),
+        0,
+        "{t}"
+    );
+    // An IPv6 VTEP joins: the IPv6 overhead for everyone; it leaves: back to 1450.
+    d.create("/v1/tenants/t/vteps", r#"{"ip":"fd00:18::5"}"#)
+        .unwrap();
+    assert_eq!((tenant_mtu(), port_mtu()), (1430, 1430));
+    let (status, _) = d
+        .request("DELETE", "/v1/tenants/t/vteps/fd00:18::5", None)
+        .unwrap();
+    assert_eq!(status, 204);
+    assert_eq!((tenant_mtu(), port_mtu()), (1450, 1450));
+}

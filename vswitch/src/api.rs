@@ -21,7 +21,8 @@ pub struct TenantSpec {
     pub name: String,
     /// VXLAN network identifier (0..=16777215), unique.
     pub vni: u32,
-    /// Tenant MTU; 0 or absent: the largest the underlay carries (underlay − 50/70).
+    /// Tenant MTU; 0 or absent: the largest the underlays of its VTEPs' families carry
+    /// (underlay − 50 for IPv4, − 70 for IPv6), following its VTEPs.
     #[serde(default)]
     pub mtu: u16,
     /// Most MAC addresses the tenant may have learned (default 8192).

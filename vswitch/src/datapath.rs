@@ -138,6 +138,8 @@ pub struct Datapath {
     /// Remote VTEPs that listen on another UDP port than this host's, by tenant (as the
     /// kernel's `bridge fdb ... port`): peers on 4789 and on 8472 from one daemon.
     vtep_ports: HashMap<(Vni, IpAddr), u16, FastHash>,
+    /// Tenants created without an MTU: theirs follows the families of their VTEPs.
+    auto_mtu: std::collections::HashSet<Vni, FastHash>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -198,10 +200,14 @@ impl Datapath {
         self.underlays.iter().map(|(_, m)| *m).min()
     }
 
-    /// Creates a tenant; an MTU of 0 means "as large as the underlay carries".
+    /// Creates a tenant; an MTU of 0 means "as large as the underlay carries": as large as
+    /// the underlays of its VTEPs' address families carry (IPv4 VTEPs only: 50 bytes of
+    /// overhead, not IPv6's 70), following its VTEPs as they change
+    /// ([`Self::refresh_tenant_mtu`]); without VTEPs, what every underlay carries.
     pub fn add_tenant(&mut self, mut config: TenantConfig) -> Result<(), Error> {
         let max = self.tenant_mtu().unwrap_or(1500);
-        if config.mtu == 0 {
+        let auto = config.mtu == 0;
+        if auto {
             config.mtu = max;
         } else if config.mtu > max {
             return Err(Error::invalid(
@@ -209,7 +215,41 @@ impl Datapath {
                 format!("{} exceeds what the underlay carries ({max})", config.mtu),
             ));
         }
-        self.switch.add_tenant(config).map(|_| ())
+        let vni = config.vni;
+        self.switch.add_tenant(config)?;
+        if auto {
+            self.auto_mtu.insert(vni);
+        } else {
+            self.auto_mtu.remove(&vni);
+        }
+        Ok(())
+    }
+
+    /// The MTU for a tenant with `vteps`: what the underlays of their families carry (the
+    /// smallest); with none, what every underlay carries.
+    fn mtu_for_vteps(&self, vteps: &[IpAddr]) -> u16 {
+        let families: Vec<UnderlayFamily> = vteps.iter().map(|v| UnderlayFamily::of(*v)).collect();
+        self.underlays
+            .iter()
+            .filter(|(f, _)| families.is_empty() || families.contains(f))
+            .map(|(_, m)| *m)
+            .min()
+            .unwrap_or(1500)
+    }
+
+    /// Recomputes the MTU of a tenant created without one from its VTEPs' families; returns
+    /// the new MTU if it changed (its ports' interfaces are then to be resized).
+    pub fn refresh_tenant_mtu(&mut self, tenant: &str) -> Option<u16> {
+        let t = self.switch.tenant(tenant)?;
+        if !self.auto_mtu.contains(&t.config().vni) {
+            return None;
+        }
+        let mtu = self.mtu_for_vteps(t.fdb().remote_vteps());
+        if mtu == t.config().mtu {
+            return None;
+        }
+        self.switch.tenant_mut(tenant)?.set_mtu(mtu);
+        Some(mtu)
     }
 
     /// Attaches a TAP port to `tenant` and starts serving it on the worker with the fewest
@@ -1522,6 +1562,7 @@ impl DatapathWorkers {
             underlays,
             local: config.underlay.iter().map(|a| a.to_canonical()).collect(),
             vtep_ports: HashMap::default(),
+            auto_mtu: Default::default(),
         }));
         let (tx, rx) = mpsc::channel::<Command>();
         let mut workers = DatapathWorkers {

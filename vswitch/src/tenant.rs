@@ -109,6 +109,11 @@ impl TenantSwitch {
         &self.config
     }
 
+    /// Changes the tenant's MTU (frames are checked against it from now on).
+    pub fn set_mtu(&mut self, mtu: u16) {
+        self.config.mtu = mtu;
+    }
+
     /// The tenant's forwarding table (entries, flood lists).
     pub fn fdb(&self) -> &TenantFdb {
         &self.fdb

@@ -449,10 +449,14 @@ impl Control {
             ));
         }
         let t = tenant.to_owned();
-        call(&self.dp, move |dp| {
+        let resized = call(&self.dp, move |dp| {
             dp.add_remote_vtep(&t, ip)?;
-            dp.set_vtep_port(&t, ip, port)
+            dp.set_vtep_port(&t, ip, port)?;
+            Ok::<_, Error>(dp.refresh_tenant_mtu(&t))
         })??;
+        if let Some(mtu) = resized {
+            self.resize_ports(tenant, mtu);
+        }
         let list = self.state.vteps.entry(tenant.to_owned()).or_default();
         if !list.contains(&ip) {
             list.push(ip);
@@ -471,6 +475,31 @@ impl Control {
             self.state.vtep_ports.remove(tenant);
         }
         self.save()
+    }
+
+    /// The tenant's MTU changed (its VTEPs' families did): its ports' interfaces follow —
+    /// a TAP where it lives, both ends of a veth. A VM keeps the MTU its VMM gave it until it
+    /// is started again (virtio-net has no MTU change); the port's `mtu` says the new one.
+    fn resize_ports(&self, tenant: &str, mtu: u16) {
+        use crate::placement::{in_netns, open_netns, set_mtu};
+        tracing::info!(tenant, mtu, "tenant MTU follows its VTEPs");
+        for p in self.state.ports.iter().filter(|p| p.tenant == tenant) {
+            let ifname = p.ifname.clone().unwrap_or_else(|| p.name.clone());
+            let resized = match (p.kind.as_str(), &p.netns) {
+                ("vhost-user-net", _) => continue,
+                ("veth", Some(ns)) => set_mtu(&p.name, mtu).and_then(|()| {
+                    in_netns(Some(open_netns(std::path::Path::new(ns))?), move || {
+                        set_mtu(&ifname, mtu)
+                    })
+                }),
+                (_, Some(ns)) => open_netns(std::path::Path::new(ns))
+                    .and_then(|f| in_netns(Some(f), move || set_mtu(&ifname, mtu))),
+                (_, None) => set_mtu(&p.name, mtu),
+            };
+            if let Err(e) = resized {
+                tracing::warn!(port = %p.name, mtu, error = %e, "could not resize the port's interface");
+            }
+        }
     }
 
     /// A tenant's remote VTEPs, with the ports of those that listen elsewhere.
@@ -498,8 +527,12 @@ impl Control {
             let known = fdb.remote_vteps().contains(&ip);
             fdb.remove_remote_vtep(ip);
             dp.set_vtep_port(&t, ip, None)?;
-            Ok::<_, Error>(known)
+            Ok::<_, Error>((known, dp.refresh_tenant_mtu(&t)))
         })??;
+        let (known, resized) = known;
+        if let Some(mtu) = resized {
+            self.resize_ports(tenant, mtu);
+        }
         if !known {
             return Err(ControlError::NotFound(format!(
                 "tenant {tenant} has no VTEP {ip}"
