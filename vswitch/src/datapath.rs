@@ -1099,10 +1099,12 @@ impl Worker {
             let s = &mut *guard;
             tally.apply(&mut s.switch);
             // TCP super-frames (a kernel peer's tunnel GSO): delivered with segmentation
-            // offload at the tenant's MTU, checked against it by their largest segment.
+            // offload at the tenant's MTU, checked against it by their largest segment. Only
+            // frames larger than any datagram of the underlay carries are candidates.
+            let most = usize::from(up.inner_mtu()) + 18;
             for i in 0..n {
                 let tenant_mtu = match up.datagram(i) {
-                    Some((Ok((vni, inner)), _)) => s
+                    Some((Ok((vni, inner)), _)) if inner.len() > most => s
                         .switch
                         .tenant_by_vni(vni)
                         .map(|t| t.config().mtu)
