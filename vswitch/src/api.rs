@@ -165,6 +165,10 @@ pub struct PortInfo {
     /// Its configuration.
     #[serde(flatten)]
     pub spec: PortSpec,
+    /// Why it is not working: it could not be restored at start (its network namespace is
+    /// gone, say); it is retried, and this goes away once it is back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// Its counters.
     pub counters: CountersInfo,
     /// The datapath worker thread that reads it.
@@ -240,4 +244,17 @@ pub struct ErrorBody {
     pub code: String,
     /// What went wrong.
     pub message: String,
+}
+
+/// A saved object vswitchd could not restore at start (`GET /v1/unrestored`): kept in its
+/// state and retried every few seconds (a network namespace that comes back gets its port
+/// back); deleting it forgets it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unrestored {
+    /// `tenant`, `port`, `vtep` or `fdb`.
+    pub kind: String,
+    /// Its name (a VTEP or forwarding entry: `TENANT/IP`, `TENANT/MAC`).
+    pub name: String,
+    /// Why it could not be restored (the last try).
+    pub error: String,
 }

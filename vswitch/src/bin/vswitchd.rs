@@ -76,6 +76,9 @@ fn overlay_net_port() -> u16 {
     vswitch::overlay_net::VXLAN_PORT
 }
 
+/// How often objects that could not be restored are tried again.
+const RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3);
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     daemon_kit::run_main("vswitchd", || serve(args))
@@ -103,6 +106,24 @@ fn serve(args: Args) -> anyhow::Result<()> {
         warn!(problem = %p, "could not restore");
     }
     let shared = Arc::new(Mutex::new(control));
+    // What could not be restored is tried again every few seconds (a network namespace may
+    // come back); it stays in the state meanwhile.
+    let retry = Arc::downgrade(&shared);
+    std::thread::Builder::new()
+        .name("vswitchd-retry".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(RETRY_INTERVAL);
+                let Some(shared) = retry.upgrade() else {
+                    return;
+                };
+                let mut c = shared.lock().unwrap_or_else(|p| p.into_inner());
+                if !c.unrestored().is_empty() {
+                    c.retry_unrestored();
+                }
+            }
+        })
+        .context("starting the retry thread")?;
     let socket = cfg.run_dir.join("vswitchd.sock");
     info!(underlay = ?cfg.underlay, underlay_mtu = cfg.underlay_mtu, state = %cfg.state_dir.display(), "configuration");
     daemon_kit::runtime()?.block_on(daemon_kit::serve(&socket, router(shared), "vswitchd"))

@@ -16,7 +16,8 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{
-    CountersInfo, FdbEntryInfo, FdbEntrySpec, PortInfo, PortSpec, TenantInfo, TenantSpec, VtepSpec,
+    CountersInfo, FdbEntryInfo, FdbEntrySpec, PortInfo, PortSpec, TenantInfo, TenantSpec,
+    Unrestored, VtepSpec,
 };
 use crate::datapath::{Datapath, DatapathWorkers};
 use crate::placement::Placement;
@@ -115,6 +116,48 @@ pub struct Control {
     path: PathBuf,
     /// Where vhost-user sockets go (`RUN_DIR/vhost/<port>.sock`).
     run_dir: PathBuf,
+    /// Saved objects that could not be restored: kept in the state, reported, retried.
+    unrestored: Vec<(Saved, String)>,
+    /// Restoring: nothing is saved until everything was tried (a crash then loses nothing).
+    restoring: bool,
+}
+
+/// An object of the saved state, as it is restored (and retried).
+#[derive(Clone, Debug)]
+enum Saved {
+    Tenant(TenantSpec),
+    Port(PortSpec),
+    Vtep(String, IpAddr, Option<u16>),
+    Fdb(String, FdbEntrySpec),
+}
+
+impl Saved {
+    fn kind(&self) -> &'static str {
+        match self {
+            Saved::Tenant(_) => "tenant",
+            Saved::Port(_) => "port",
+            Saved::Vtep(..) => "vtep",
+            Saved::Fdb(..) => "fdb",
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Saved::Tenant(t) => t.name.clone(),
+            Saved::Port(p) => p.name.clone(),
+            Saved::Vtep(t, ip, _) => format!("{t}/{ip}"),
+            Saved::Fdb(t, e) => format!("{t}/{}", e.mac),
+        }
+    }
+
+    /// The tenant it belongs to.
+    fn tenant(&self) -> &str {
+        match self {
+            Saved::Tenant(t) => &t.name,
+            Saved::Port(p) => &p.tenant,
+            Saved::Vtep(t, ..) | Saved::Fdb(t, _) => t,
+        }
+    }
 }
 
 fn call<R: Send + 'static>(
@@ -231,6 +274,18 @@ impl Control {
         std::fs::create_dir_all(state_dir)?;
         let path = state_dir.join("vswitchd.json");
         let saved: State = daemon_kit::load_state(&path)?;
+        if saved.version > STATE_VERSION {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{}: state version {} is newer than this vswitchd understands ({STATE_VERSION}); \
+                     refusing to start rather than drop what it holds (run the newer vswitchd, \
+                     or move the file away)",
+                    path.display(),
+                    saved.version
+                ),
+            ));
+        }
         let mut control = Control {
             dp,
             state: State {
@@ -239,20 +294,12 @@ impl Control {
             },
             path,
             run_dir: run_dir.to_owned(),
+            unrestored: Vec::new(),
+            restoring: true,
         };
-        let mut problems = Vec::new();
-        for t in saved.tenants {
-            let name = t.name.clone();
-            if let Err(e) = control.create_tenant(t) {
-                problems.push(format!("tenant {name}: {}", e.message()));
-            }
-        }
-        for p in saved.ports {
-            let name = p.name.clone();
-            if let Err(e) = control.create_port(p) {
-                problems.push(format!("port {name}: {}", e.message()));
-            }
-        }
+        let mut items: Vec<Saved> = Vec::new();
+        items.extend(saved.tenants.into_iter().map(Saved::Tenant));
+        items.extend(saved.ports.into_iter().map(Saved::Port));
         for (tenant, vteps) in saved.vteps {
             for ip in vteps {
                 let port = saved
@@ -260,24 +307,157 @@ impl Control {
                     .get(&tenant)
                     .and_then(|ports| ports.get(&ip))
                     .copied();
-                if let Err(e) = control.add_vtep(&tenant, ip, port) {
-                    problems.push(format!("vtep {ip} of {tenant}: {}", e.message()));
-                }
+                items.push(Saved::Vtep(tenant.clone(), ip, port));
             }
         }
         for (tenant, entries) in saved.fdb {
-            for entry in entries {
-                let mac = entry.mac.clone();
-                if let Err(e) = control.add_fdb(&tenant, entry) {
-                    problems.push(format!("fdb {mac} of {tenant}: {}", e.message()));
+            items.extend(entries.into_iter().map(|e| Saved::Fdb(tenant.clone(), e)));
+        }
+        for item in items {
+            if let Err(e) = control.apply(item.clone()) {
+                control.keep(item, e.message().to_owned());
+            }
+        }
+        control.restoring = false;
+        control
+            .save()
+            .map_err(|e| std::io::Error::other(e.message().to_owned()))?;
+        let problems = control
+            .unrestored
+            .iter()
+            .map(|(item, error)| format!("{} {}: {error}", item.kind(), item.name()))
+            .collect();
+        Ok((control, problems))
+    }
+
+    /// Creates a saved object (recording it in the state).
+    fn apply(&mut self, item: Saved) -> Result<()> {
+        match item {
+            Saved::Tenant(t) => self.create_tenant(t).map(|_| ()),
+            Saved::Port(p) => self.create_port(p).map(|_| ()),
+            Saved::Vtep(t, ip, port) => self.add_vtep(&t, ip, port),
+            Saved::Fdb(t, e) => self.add_fdb(&t, e),
+        }
+    }
+
+    /// Keeps a saved object that could not be restored: in the state (so that saving does
+    /// not drop it) and in the list of what to retry.
+    fn keep(&mut self, item: Saved, error: String) {
+        match &item {
+            Saved::Tenant(t) => self.state.tenants.push(t.clone()),
+            Saved::Port(p) => self.state.ports.push(p.clone()),
+            Saved::Vtep(t, ip, port) => {
+                self.state.vteps.entry(t.clone()).or_default().push(*ip);
+                if let Some(port) = port {
+                    self.state
+                        .vtep_ports
+                        .entry(t.clone())
+                        .or_default()
+                        .insert(*ip, *port);
+                }
+            }
+            Saved::Fdb(t, e) => self.state.fdb.entry(t.clone()).or_default().push(e.clone()),
+        }
+        self.unrestored.push((item, error));
+    }
+
+    /// Takes a kept object out of the state again (before it is retried or deleted).
+    fn unkeep(&mut self, item: &Saved) {
+        match item {
+            Saved::Tenant(t) => self.state.tenants.retain(|x| x.name != t.name),
+            Saved::Port(p) => self.state.ports.retain(|x| x.name != p.name),
+            Saved::Vtep(t, ip, _) => {
+                if let Some(list) = self.state.vteps.get_mut(t) {
+                    list.retain(|x| x != ip);
+                    if list.is_empty() {
+                        self.state.vteps.remove(t);
+                    }
+                }
+                if let Some(ports) = self.state.vtep_ports.get_mut(t) {
+                    ports.remove(ip);
+                    if ports.is_empty() {
+                        self.state.vtep_ports.remove(t);
+                    }
+                }
+            }
+            Saved::Fdb(t, e) => {
+                if let Some(list) = self.state.fdb.get_mut(t) {
+                    list.retain(|x| x.mac != e.mac);
+                    if list.is_empty() {
+                        self.state.fdb.remove(t);
+                    }
                 }
             }
         }
-        Ok((control, problems))
+    }
+
+    /// Saved objects that could not be restored, with why (retried by
+    /// [`Self::retry_unrestored`]).
+    pub fn unrestored(&self) -> Vec<Unrestored> {
+        self.unrestored
+            .iter()
+            .map(|(item, error)| Unrestored {
+                kind: item.kind().into(),
+                name: item.name(),
+                error: error.clone(),
+            })
+            .collect()
+    }
+
+    /// Tries the objects that could not be restored again (a namespace may have come back);
+    /// returns how many are still not restored.
+    pub fn retry_unrestored(&mut self) -> usize {
+        if self.unrestored.is_empty() {
+            return 0;
+        }
+        let pending = std::mem::take(&mut self.unrestored);
+        let mut restored = 0;
+        // Nothing is saved while the list is worked through: the state keeps every object.
+        self.restoring = true;
+        for (item, _) in pending {
+            self.unkeep(&item);
+            let what = format!("{} {}", item.kind(), item.name());
+            match self.apply(item.clone()) {
+                Ok(()) => {
+                    restored += 1;
+                    tracing::info!(object = %what, "restored on retry");
+                }
+                Err(e) => self.keep(item, e.message().to_owned()),
+            }
+        }
+        self.restoring = false;
+        if restored > 0
+            && let Err(e) = self.save()
+        {
+            tracing::warn!(error = %e.message(), "saving state after a retry");
+        }
+        self.unrestored.len()
+    }
+
+    /// A saved object of `kind` and `name` that is not restored (yet).
+    fn is_unrestored(&self, kind: &str, name: &str) -> bool {
+        self.unrestored
+            .iter()
+            .any(|(item, _)| item.kind() == kind && item.name() == name)
+    }
+
+    /// Deletes saved objects that were never restored: those `pick` selects.
+    fn forget_unrestored(&mut self, pick: impl Fn(&Saved) -> bool) -> bool {
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unrestored)
+            .into_iter()
+            .partition(|(item, _)| pick(item));
+        self.unrestored = kept;
+        for (item, _) in &gone {
+            self.unkeep(item);
+        }
+        !gone.is_empty()
     }
 
     /// Writes the state atomically: a temporary file, fsync, rename, fsync of the directory.
     fn save(&self) -> Result<()> {
+        if self.restoring {
+            return Ok(());
+        }
         let bytes = serde_json::to_vec_pretty(&self.state)
             .map_err(|e| ControlError::Internal(e.to_string()))?;
         daemon_kit::save_atomic(&self.path, &bytes)
@@ -287,6 +467,13 @@ impl Control {
     /// Creates a tenant.
     pub fn create_tenant(&mut self, spec: TenantSpec) -> Result<TenantInfo> {
         daemon_kit::names::check_name("tenant", &spec.name).map_err(ControlError::Invalid)?;
+        if self.is_unrestored("tenant", &spec.name) {
+            return Err(ControlError::Conflict(format!(
+                "tenant {} exists but could not be restored (GET /v1/unrestored says why); \
+                 delete it first",
+                spec.name
+            )));
+        }
         let vni = Vni::new(spec.vni).map_err(|e| ControlError::Invalid(e.to_string()))?;
         let limits = TenantLimits {
             max_learned: spec.max_macs.unwrap_or(TenantLimits::default().max_learned),
@@ -315,10 +502,17 @@ impl Control {
 
     /// Deletes a tenant without ports.
     pub fn delete_tenant(&mut self, name: &str) -> Result<()> {
+        if self.is_unrestored("tenant", name) {
+            // Never restored: it goes with what was kept of it.
+            self.forget_unrestored(|item| item.tenant() == name);
+            tracing::info!(tenant = name, "unrestored tenant deleted");
+            return self.save();
+        }
         let n = name.to_owned();
         call(&self.dp, move |dp| {
             dp.switch_mut().remove_tenant(&n).map(|_| ())
         })??;
+        self.forget_unrestored(|item| item.tenant() == name);
         self.state.tenants.retain(|t| t.name != name);
         self.state.vteps.remove(name);
         self.state.vtep_ports.remove(name);
@@ -346,6 +540,13 @@ impl Control {
     /// Creates a port: a TAP interface, or a vhost-user-net socket for a VM
     /// (`RUN_DIR/vhost/<port>.sock`).
     pub fn create_port(&mut self, spec: PortSpec) -> Result<PortInfo> {
+        if self.is_unrestored("port", &spec.name) {
+            return Err(ControlError::Conflict(format!(
+                "port {} exists but could not be restored (GET /v1/unrestored says why); \
+                 delete it first",
+                spec.name
+            )));
+        }
         let cfg = port_config(&spec)?;
         let tenant = spec.tenant.clone();
         if spec.netns.is_none() && spec.ifname.is_some() {
@@ -378,6 +579,10 @@ impl Control {
 
     /// Deletes a port (its TAP interface disappears).
     pub fn delete_port(&mut self, name: &str) -> Result<()> {
+        if self.forget_unrestored(|item| matches!(item, Saved::Port(p) if p.name == name)) {
+            tracing::info!(port = name, "unrestored port deleted");
+            return self.save();
+        }
         let n = name.to_owned();
         call(&self.dp, move |dp| dp.remove_port(&n))??;
         tracing::info!(port = name, "port deleted");
@@ -414,8 +619,14 @@ impl Control {
             )
         });
         let socket = (spec.kind == "vhost-user-net").then(|| self.vhost_socket(&spec.name));
+        let error = self
+            .unrestored
+            .iter()
+            .find(|(item, _)| matches!(item, Saved::Port(p) if p.name == spec.name))
+            .map(|(_, e)| format!("not restored: {e}"));
         Ok(PortInfo {
             spec,
+            error,
             counters,
             worker,
             mtu,

@@ -88,6 +88,7 @@ pub fn router(shared: Shared) -> Router {
         .route("/v1/tenants/{name}/fdb/{mac}", delete(remove_fdb))
         .route("/v1/ports", get(list_ports).post(create_port))
         .route("/v1/ports/{name}", get(show_port).delete(delete_port))
+        .route("/v1/unrestored", get(list_unrestored))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError(ControlError::NotFound(
@@ -95,6 +96,10 @@ pub fn router(shared: Shared) -> Router {
             ))
         })
         .with_state(shared)
+}
+
+async fn list_unrestored(State(s): State<Shared>) -> ApiResult<Response> {
+    Ok(Json(run(s, |c| Ok(c.unrestored())).await?).into_response())
 }
 
 async fn list_tenants(State(s): State<Shared>) -> ApiResult<Response> {
