@@ -179,3 +179,102 @@ fn a_state_file_of_an_unknown_version_is_refused_not_overwritten() {
         "the state file was changed"
     );
 }
+
+fn start_vblockd(dir: &Scratch) -> testbeds::daemon::Daemon {
+    let args: Vec<String> = vec![
+        "--run-dir".into(),
+        dir.join("run").display().to_string(),
+        "--state-dir".into(),
+        dir.join("state").display().to_string(),
+    ];
+    testbeds::daemon::Daemon::start_local(
+        &workspace_binary("vblockd").unwrap(),
+        &args,
+        dir.join("run/vblockd.sock"),
+    )
+    .unwrap()
+}
+
+#[test]
+fn vblockd_keeps_a_pool_it_cannot_open_and_its_export_and_opens_them_when_it_can() {
+    let dir = Scratch::new(std::path::Path::new("/var/tmp"), "lv-keptpool").unwrap();
+    let disks = dir.join("disks");
+    std::fs::create_dir_all(&disks).unwrap();
+    let mut d = start_vblockd(&dir);
+    d.create(
+        "/v1/pools",
+        &format!(
+            r#"{{"name":"p","path":"{}","size":67108864}}"#,
+            disks.join("p.pool").display()
+        ),
+    )
+    .unwrap();
+    d.create("/v1/pools/p/volumes", r#"{"name":"v","size":1048576}"#)
+        .unwrap();
+    let (status, body) = d
+        .request("PUT", "/v1/pools/p/volumes/v/vhost", Some("{}"))
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(d.terminate());
+    // The pool's directory is away (a file system not mounted yet) while vblockd starts.
+    let away = dir.join("disks.away");
+    std::fs::rename(&disks, &away).unwrap();
+    let d = start_vblockd(&dir);
+    let get = |path: &str| -> (u16, serde_json::Value) {
+        let (status, body) = d.request("GET", path, None).unwrap();
+        (status, serde_json::from_str(&body).unwrap_or_default())
+    };
+    let (_, unrestored) = get("/v1/unrestored");
+    let kinds: Vec<(String, String)> = unrestored
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["kind"].as_str().unwrap().to_owned(),
+                x["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [("pool".into(), "p".into()), ("vhost".into(), "p/v".into())],
+        "{unrestored}"
+    );
+    assert_eq!(get("/v1/pools/p").0, 404);
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("state/vblockd.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["pools"][0]["name"], "p", "{saved}");
+    assert_eq!(saved["vhost"][0][1], "v", "{saved}");
+    // The directory comes back: the pool and its export follow, by themselves.
+    std::fs::rename(&away, &disks).unwrap();
+    testbeds::wait::until("pool p and its export", Duration::from_secs(60), || {
+        get("/v1/pools/p").0 == 200 && get("/v1/unrestored").1 == serde_json::json!([])
+    })
+    .unwrap();
+    assert_eq!(get("/v1/vhost").1[0]["volume"], "v");
+}
+
+#[test]
+fn vblockd_refuses_a_state_file_of_an_unknown_version() {
+    let dir = Scratch::new(std::path::Path::new("/var/tmp"), "lv-vversion").unwrap();
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    let future = r#"{"version":7,"pools":[],"vhost":[]}"#;
+    std::fs::write(dir.join("state/vblockd.json"), future).unwrap();
+    let out = Command::new(workspace_binary("vblockd").unwrap())
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("version 7"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("state/vblockd.json")).unwrap(),
+        future
+    );
+}

@@ -302,3 +302,15 @@ pub struct ErrorBody {
     /// What went wrong.
     pub message: String,
 }
+
+/// A saved pool or export vblockd could not restore at start (`GET /v1/unrestored`): kept in
+/// its state and retried every few seconds; removing the pool forgets it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unrestored {
+    /// `pool` or `vhost`.
+    pub kind: String,
+    /// Its name (an export: `POOL/VOLUME`).
+    pub name: String,
+    /// Why it could not be restored (the last try).
+    pub error: String,
+}

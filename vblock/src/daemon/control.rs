@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{
     CheckInfo, CloneSpec, DataRange, IoInfo, MAX_TRANSFER, PoolInfo, PoolSpec, QosSpec,
-    SnapshotSpec, SpaceSpec, VhostInfo, VhostSpec, VolumeInfo, VolumeSpec, WhenFull,
+    SnapshotSpec, SpaceSpec, Unrestored, VhostInfo, VhostSpec, VolumeInfo, VolumeSpec, WhenFull,
 };
 use crate::format::CLUSTER_SIZE;
 use crate::uring::UringDevice;
@@ -323,7 +323,38 @@ pub struct Control {
     commit_interval: std::time::Duration,
     /// The NBD server's connections (set once it runs).
     nbd: Option<Arc<dyn crate::nbd::Connections>>,
+    /// Saved pools and exports that could not be restored: kept in the state, reported
+    /// (`GET /v1/unrestored`), retried.
+    unrestored: Vec<(Kept, String)>,
+    /// Restoring: nothing is saved until everything was tried (a crash then loses nothing).
+    restoring: bool,
 }
+
+/// A saved object kept while it cannot be restored.
+#[derive(Clone, Debug)]
+enum Kept {
+    Pool(PoolSpec),
+    Vhost(String, String, VhostSpec),
+}
+
+impl Kept {
+    fn kind(&self) -> &'static str {
+        match self {
+            Kept::Pool(_) => "pool",
+            Kept::Vhost(..) => "vhost",
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Kept::Pool(p) => p.name.clone(),
+            Kept::Vhost(pool, volume, _) => format!("{pool}/{volume}"),
+        }
+    }
+}
+
+/// Version of vblockd's state file.
+const STATE_VERSION: u32 = 1;
 
 /// Space settings within bounds: a queue timeout of 1 s to 1 day.
 fn check_space(space: &SpaceSpec) -> Result<()> {
@@ -372,12 +403,26 @@ impl Control {
         std::fs::create_dir_all(state_dir)?;
         let path = state_dir.join("vblockd.json");
         let saved: State = daemon_kit::load_state(&path)?;
+        if saved.version > STATE_VERSION {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{}: state version {} is newer than this vblockd understands ({STATE_VERSION}); \
+                     refusing to start rather than drop what it holds (run the newer vblockd, \
+                     or move the file away)",
+                    path.display(),
+                    saved.version
+                ),
+            ));
+        }
         let mut control = Control {
             pools: BTreeMap::new(),
             exports: BTreeMap::new(),
             nbd: None,
+            unrestored: Vec::new(),
+            restoring: true,
             state: State {
-                version: 1,
+                version: STATE_VERSION,
                 pools: saved.pools.clone(),
                 vhost: Vec::new(),
             },
@@ -399,16 +444,80 @@ impl Control {
                 Ok(h) => {
                     control.pools.insert(spec.name.clone(), h);
                 }
-                Err(e) => problems.push(format!("pool {}: {}", spec.name, e.message())),
+                Err(e) => {
+                    problems.push(format!("pool {}: {}", spec.name, e.message()));
+                    // A saved pool stays in the state (a configured one is in the config).
+                    if saved.pools.iter().any(|p| p.name == spec.name) {
+                        control
+                            .unrestored
+                            .push((Kept::Pool(spec.clone()), e.message().to_owned()));
+                    }
+                }
             }
         }
         // Exports come back at the same socket paths: QEMU (`reconnect=`) re-attaches.
         for (pool, volume, spec) in saved.vhost {
-            if let Err(e) = control.export(&pool, &volume, spec) {
+            if let Err(e) = control.export(&pool, &volume, spec.clone()) {
                 problems.push(format!("vhost export of {pool}/{volume}: {}", e.message()));
+                control
+                    .state
+                    .vhost
+                    .push((pool.clone(), volume.clone(), spec.clone()));
+                control
+                    .unrestored
+                    .push((Kept::Vhost(pool, volume, spec), e.message().to_owned()));
             }
         }
+        control.restoring = false;
+        control
+            .save()
+            .map_err(|e| std::io::Error::other(e.message().to_owned()))?;
         Ok((control, problems))
+    }
+
+    /// Saved pools and exports that could not be restored, with why.
+    pub fn unrestored(&self) -> Vec<Unrestored> {
+        self.unrestored
+            .iter()
+            .map(|(item, error)| Unrestored {
+                kind: item.kind().into(),
+                name: item.name(),
+                error: error.clone(),
+            })
+            .collect()
+    }
+
+    /// Tries the saved pools and exports that could not be restored again (a file system
+    /// mounted late, say); returns how many are still not restored.
+    pub fn retry_unrestored(&mut self) -> usize {
+        let pending = std::mem::take(&mut self.unrestored);
+        for (item, _) in pending {
+            let what = format!("{} {}", item.kind(), item.name());
+            let retried = match &item {
+                Kept::Pool(spec) => self
+                    .open(PoolSpec {
+                        size: None,
+                        ..spec.clone()
+                    })
+                    .map(|h| {
+                        self.pools.insert(spec.name.clone(), h);
+                    }),
+                Kept::Vhost(pool, volume, spec) => {
+                    let kept = self.state.vhost.clone();
+                    self.state.vhost.retain(|(_, v, _)| v != volume);
+                    let done = self.export(pool, volume, spec.clone()).map(|_| ());
+                    if done.is_err() {
+                        self.state.vhost = kept;
+                    }
+                    done
+                }
+            };
+            match retried {
+                Ok(()) => tracing::info!(object = %what, "restored on retry"),
+                Err(e) => self.unrestored.push((item, e.message().to_owned())),
+            }
+        }
+        self.unrestored.len()
     }
 
     /// Exports a volume (a snapshot read-only) as vhost-user-blk on
@@ -582,6 +691,9 @@ impl Control {
     }
 
     fn save(&self) -> Result<()> {
+        if self.restoring {
+            return Ok(());
+        }
         let bytes = serde_json::to_vec_pretty(&self.state)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         daemon_kit::save_atomic(&self.path, &bytes)
@@ -660,6 +772,19 @@ impl Control {
 
     /// Stops serving a pool (closing it cleanly); its file stays.
     pub fn remove_pool(&mut self, name: &str) -> Result<()> {
+        let before = self.unrestored.len();
+        self.unrestored.retain(|(item, _)| match item {
+            Kept::Pool(p) => p.name != name,
+            Kept::Vhost(pool, ..) => pool != name,
+        });
+        if self.unrestored.len() != before && !self.pools.contains_key(name) {
+            // Never restored: it goes with what was kept of it.
+            self.state.pools.retain(|p| p.name != name);
+            self.state.vhost.retain(|(p, _, _)| p != name);
+            self.save()?;
+            tracing::info!(pool = name, "unrestored pool no longer served");
+            return Ok(());
+        }
         let h = self
             .pools
             .remove(name)

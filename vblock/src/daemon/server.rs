@@ -84,9 +84,14 @@ pub fn router(shared: Shared) -> Router {
         .route("/v1/vhost", get(list_exports))
         .route("/v1/pools/{pool}/snapshots", post(snapshot))
         .route("/v1/pools/{pool}/clones", post(clone_snapshot))
+        .route("/v1/unrestored", get(list_unrestored))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound("no such endpoint; see docs/api.md".into()) })
         .with_state(shared)
+}
+
+async fn list_unrestored(State(s): State<Shared>) -> ApiResult<Response> {
+    Ok(ok(run(s, |c| Ok(c.unrestored())).await?))
 }
 
 async fn list_pools(State(s): State<Shared>) -> ApiResult<Response> {
