@@ -6,9 +6,13 @@
 
 use std::path::PathBuf;
 
+#[cfg(feature = "server")]
+mod access;
 pub mod names;
 #[cfg(feature = "server")]
 mod server;
+#[cfg(feature = "server")]
+pub use access::SocketAccess;
 #[cfg(feature = "server")]
 pub use server::*;
 

@@ -1,7 +1,6 @@
 //! The daemons' side: structured logs, the control API served over HTTP/1.1 on a unix socket
 //! with clean shutdown, persisted state, the API error envelope.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use anyhow::{Context, bail};
@@ -67,7 +66,8 @@ pub async fn shutdown_signal() {
     info!("shutting down");
 }
 
-/// Serves `router` on the unix socket `socket` (mode 0600) until SIGINT/SIGTERM, then removes
+/// Serves `router` on the unix socket `socket` (owner, group and mode as installed with
+/// [`crate::SocketAccess::install`]; default 0600) until SIGINT/SIGTERM, then removes
 /// the socket. A socket left by a crashed instance is replaced; one a live instance answers
 /// on is not (`daemon` names the daemon in that error).
 pub async fn serve(socket: &Path, router: axum::Router, daemon: &str) -> anyhow::Result<()> {
@@ -80,7 +80,9 @@ pub async fn serve(socket: &Path, router: axum::Router, daemon: &str) -> anyhow:
     }
     let listener = tokio::net::UnixListener::bind(socket)
         .with_context(|| format!("binding {}", socket.display()))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    crate::SocketAccess::current()
+        .apply(socket)
+        .with_context(|| format!("socket access of {}", socket.display()))?;
     info!(socket = %socket.display(), "{daemon} ready");
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown_signal())
@@ -293,6 +295,36 @@ pub struct CommonArgs {
     /// Log format [default: human].
     #[arg(long, value_parser = ["human", "json"])]
     pub log_format: Option<String>,
+    /// Owner (user name or uid) of every socket the daemon creates: API, vhost-user, NBD
+    /// [default: the daemon's user].
+    #[arg(long, value_name = "USER")]
+    pub socket_owner: Option<String>,
+    /// Group (name or gid) of every socket the daemon creates, e.g. `kvm` for QEMU or
+    /// cloud-hypervisor running unprivileged [default: the daemon's group].
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// Permission bits of every socket the daemon creates, in octal: 0600 (only the owner),
+    /// 0660 (and the group), 0666 [default: 0600].
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
+}
+
+impl CommonArgs {
+    /// The sockets' access: flags over the config file's `socket_owner`, `socket_group`,
+    /// `socket_mode`.
+    pub fn socket_access(
+        &self,
+        owner: Option<String>,
+        group: Option<String>,
+        mode: Option<String>,
+    ) -> anyhow::Result<crate::SocketAccess> {
+        crate::SocketAccess::parse(
+            self.socket_owner.clone().or(owner).as_deref(),
+            self.socket_group.clone().or(group).as_deref(),
+            self.socket_mode.clone().or(mode).as_deref(),
+        )
+        .map_err(|e| anyhow::anyhow!(e))
+    }
 }
 
 /// The effective common settings: flags over the config file over defaults.

@@ -478,6 +478,15 @@ impl Datapath {
                 ));
             }
         };
+        // Who may connect: the daemon's socket owner, group and mode (QEMU may run as an
+        // unprivileged user of group kvm).
+        if let Err(e) = daemon_kit::SocketAccess::current().apply(socket) {
+            let _ = self.switch.remove_port(&port_name);
+            return Err(Error::Io(
+                format!("access of vhost-user socket {}", socket.display()),
+                e,
+            ));
+        }
         self.endpoints.insert(id, Endpoint::Vhost(port));
         self.servers.insert(id, server);
         self.owner.insert(id, worker);

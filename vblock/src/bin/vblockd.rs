@@ -69,6 +69,13 @@ fn serve(args: Args) -> anyhow::Result<()> {
         .common
         .resolve(file.run_dir, file.state_dir, file.log_format)?;
     daemon_kit::init_logs(common.json_logs);
+    args.common
+        .socket_access(
+            file.socket_owner.clone(),
+            file.socket_group.clone(),
+            file.socket_mode.clone(),
+        )?
+        .install();
     let (run_dir, state_dir) = (common.run_dir, common.state_dir);
     let commit_interval = match args.commit_interval.or(file.commit_interval) {
         Some(0) => anyhow::bail!("commit_interval: at least 1 second"),
@@ -77,7 +84,8 @@ fn serve(args: Args) -> anyhow::Result<()> {
     };
     let mut pools = file.pools;
     pools.extend(args.pools);
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    daemon_kit::SocketAccess::create_dir(&run_dir)
+        .with_context(|| format!("creating {}", run_dir.display()))?;
     let (control, problems) = Control::restore(&state_dir, &run_dir, &pools, commit_interval)
         .context("restoring state")?;
     for p in &problems {

@@ -28,6 +28,12 @@ pub struct FileConfig {
     pub nbd_allow: Vec<String>,
     /// Seconds after which writes no client flushed are committed (default 30).
     pub commit_interval: Option<u64>,
+    /// Owner (user name or uid) of every socket the daemon creates.
+    pub socket_owner: Option<String>,
+    /// Group (name or gid) of every socket the daemon creates.
+    pub socket_group: Option<String>,
+    /// Permission bits of every socket the daemon creates, in octal (`"0660"`).
+    pub socket_mode: Option<String>,
 }
 
 impl FileConfig {

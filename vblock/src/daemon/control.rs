@@ -532,7 +532,7 @@ impl Control {
             )));
         }
         let dir = self.run_dir.join("vhost");
-        std::fs::create_dir_all(&dir)
+        daemon_kit::SocketAccess::create_dir(&dir)
             .map_err(|e| ApiError::Internal(format!("{}: {e}", dir.display())))?;
         let socket = dir.join(format!("{volume}.sock"));
         let cfg = ExportConfig {

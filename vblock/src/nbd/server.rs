@@ -238,7 +238,8 @@ impl<E: Exports> NbdServer<E> {
         let io_err = |e| Error::Io(format!("NBD socket {}", path.display()), e);
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).map_err(io_err)?;
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        daemon_kit::SocketAccess::current()
+            .apply(path)
             .map_err(io_err)?;
         let shared = self.shared.clone();
         self.listeners.push(spawn_acceptor(listener, shared, |l| {

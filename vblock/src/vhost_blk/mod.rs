@@ -577,6 +577,11 @@ impl Export {
                         io::Error::other(e.to_string()),
                     )
                 })?;
+        // Who may connect: the daemon's socket owner, group and mode (QEMU may run as an
+        // unprivileged user of group kvm).
+        daemon_kit::SocketAccess::current()
+            .apply(socket)
+            .map_err(|e| Error::Io(format!("access of {}", socket.display()), e))?;
         Ok(Export { server })
     }
 

@@ -45,6 +45,9 @@ fn effective(args: Args) -> anyhow::Result<Config> {
     let common = args
         .common
         .resolve(file.run_dir, file.state_dir, file.log_format)?;
+    let socket_access =
+        args.common
+            .socket_access(file.socket_owner, file.socket_group, file.socket_mode)?;
     let underlay = if args.underlay.is_empty() {
         file.underlay
     } else {
@@ -69,6 +72,7 @@ fn effective(args: Args) -> anyhow::Result<Config> {
             .unwrap_or(overlay_net_port()),
         workers: args.workers.or(file.workers).unwrap_or(0),
         json_logs: common.json_logs,
+        socket_access,
     })
 }
 
@@ -87,7 +91,8 @@ fn main() -> std::process::ExitCode {
 fn serve(args: Args) -> anyhow::Result<()> {
     let cfg = effective(args)?;
     daemon_kit::init_logs(cfg.json_logs);
-    std::fs::create_dir_all(&cfg.run_dir)
+    cfg.socket_access.install();
+    daemon_kit::SocketAccess::create_dir(&cfg.run_dir)
         .with_context(|| format!("creating {}", cfg.run_dir.display()))?;
     let dp = DatapathWorkers::spawn(
         DatapathConfig {

@@ -24,6 +24,12 @@ pub struct FileConfig {
     pub workers: Option<usize>,
     /// `human` or `json`.
     pub log_format: Option<String>,
+    /// Owner (user name or uid) of every socket the daemon creates.
+    pub socket_owner: Option<String>,
+    /// Group (name or gid) of every socket the daemon creates.
+    pub socket_group: Option<String>,
+    /// Permission bits of every socket the daemon creates, in octal (`"0660"`).
+    pub socket_mode: Option<String>,
 }
 
 impl FileConfig {
@@ -52,6 +58,8 @@ pub struct Config {
     pub workers: usize,
     /// Log as JSON lines instead of human-readable text.
     pub json_logs: bool,
+    /// Owner, group and mode of every socket.
+    pub socket_access: daemon_kit::SocketAccess,
 }
 
 #[cfg(test)]

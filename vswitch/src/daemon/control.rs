@@ -559,7 +559,7 @@ impl Control {
         if spec.kind == "vhost-user-net" {
             let socket = self.vhost_socket(&spec.name);
             let dir = self.run_dir.join("vhost");
-            std::fs::create_dir_all(&dir)
+            daemon_kit::SocketAccess::create_dir(&dir)
                 .map_err(|e| ControlError::Internal(format!("creating {}: {e}", dir.display())))?;
             call(&self.dp, move |dp| dp.add_vhost_port(&tenant, cfg, &socket))??;
         } else if let (true, Some(placement)) = (spec.kind == "veth", placement.clone()) {
