@@ -298,3 +298,45 @@ fn an_export_is_bound_to_its_volume_not_to_its_name() {
         "the new volume got the old client's data"
     );
 }
+
+#[test]
+fn a_silent_frontend_is_dropped_and_the_next_one_is_served() {
+    use raw::{DATA, Ring};
+    use std::io::Read;
+    use vm_memory::{Bytes, GuestAddress};
+    let pool = Arc::new(Pool::create(MemDevice::new(64 << 20), PoolOptions::default()).unwrap());
+    pool.create_volume("v", 16 << 20).unwrap();
+    pool.write("v", 0, &[0x42u8; 4096]).unwrap();
+    let dir = Scratch::new(&std::env::temp_dir(), "vblock-silent").unwrap();
+    let sock = dir.join("v.sock");
+    let export = Export::start(pool.clone(), "v", &sock, ExportConfig::default()).unwrap();
+    // A connection that says nothing holds the socket (one frontend at a time)...
+    let mut silent = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    testbeds::wait::until("the silent connection", testbeds::wait::SOON, || {
+        export.stats().connections == 1
+    })
+    .unwrap();
+    // ...until it is dropped for not starting its handshake; then a real frontend is served.
+    let mut r = Ring::connect(&sock);
+    let mut rest = [0u8; 1];
+    assert_eq!(
+        silent.read(&mut rest).unwrap(),
+        0,
+        "the silent connection was closed"
+    );
+    r.mem.write_obj(0u32, GuestAddress(DATA)).unwrap();
+    r.mem.write_obj(0u32, GuestAddress(DATA + 4)).unwrap();
+    r.mem.write_obj(0u64, GuestAddress(DATA + 8)).unwrap();
+    let len = r.submit(
+        &[
+            (DATA, 16, false),
+            (DATA + 0x1000, 4096, true),
+            (DATA + 0x2000, 1, true),
+        ],
+        false,
+    );
+    assert_eq!(len, Some(4097));
+    let got: u8 = r.mem.read_obj(GuestAddress(DATA + 0x1000)).unwrap();
+    assert_eq!(got, 0x42);
+    assert_eq!(export.stats().connections, 2);
+}

@@ -52,6 +52,8 @@ pub struct Handler<D: VhostDevice> {
     acked_features: u64,
     inflight: Option<InflightRegion>,
     stats: Arc<Stats>,
+    /// The frontend sent SET_OWNER: the handshake is done (it may be idle from now on).
+    owner_set: bool,
 }
 
 fn internal(e: impl std::fmt::Display) -> VhostUserError {
@@ -59,6 +61,12 @@ fn internal(e: impl std::fmt::Display) -> VhostUserError {
 }
 
 impl<D: VhostDevice> Handler<D> {
+    /// Whether the frontend has taken ownership (SET_OWNER, the first step of every
+    /// frontend's handshake).
+    pub fn owner_set(&self) -> bool {
+        self.owner_set
+    }
+
     /// A connection's state for `device`, counting into `stats`.
     pub fn new(device: Arc<D>, stats: Arc<Stats>) -> Handler<D> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -79,6 +87,7 @@ impl<D: VhostDevice> Handler<D> {
             acked_features: 0,
             inflight: None,
             stats,
+            owner_set: false,
         }
     }
 
@@ -186,6 +195,7 @@ impl<D: VhostDevice> Handler<D> {
 
 impl<D: VhostDevice> VhostUserBackendReqHandlerMut for Handler<D> {
     fn set_owner(&mut self) -> VhostUserResult<()> {
+        self.owner_set = true;
         Ok(())
     }
 

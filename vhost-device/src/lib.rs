@@ -139,11 +139,38 @@ pub fn serve_connection<D: VhostDevice>(
     };
     let n = stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
     tracing::info!(device = %name, connection = n, "vhost-user frontend connected");
+    // A frontend starts its handshake at once (SET_OWNER first): one that stays silent holds
+    // the socket (served one connection at a time) and is dropped after a while, so that the
+    // next one is served. After the handshake a frontend may be idle as long as it likes.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&conn);
+    let started = std::time::Instant::now();
+    let mut handshake = true;
     // One message after another until the frontend goes away or breaks the protocol.
     loop {
         use vhost::vhost_user::Error as E;
+        if handshake {
+            let left = HANDSHAKE_TIMEOUT.saturating_sub(started.elapsed());
+            if !readable_within(fd, left) {
+                tracing::warn!(
+                    device = %name,
+                    connection = n,
+                    timeout_secs = HANDSHAKE_TIMEOUT.as_secs(),
+                    "vhost-user frontend did not take ownership in time: dropped"
+                );
+                break;
+            }
+        }
         match conn.handle_request() {
-            Ok(()) => {}
+            Ok(()) => {
+                if handshake
+                    && handler
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .owner_set()
+                {
+                    handshake = false;
+                }
+            }
             Err(E::Disconnected | E::PartialMessage) => {
                 tracing::info!(device = %name, connection = n, "vhost-user frontend disconnected");
                 break;
@@ -157,6 +184,27 @@ pub fn serve_connection<D: VhostDevice>(
     handler.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
     stats.ended.fetch_add(1, Ordering::Release);
     Ok(())
+}
+
+/// How long a new frontend has to take ownership (SET_OWNER) before it is dropped.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Whether socket `fd` has something to read (or is closed) within `timeout`.
+#[allow(unsafe_code)] // borrowing the connection's descriptor; the SAFETY note is below.
+fn readable_within(fd: std::os::fd::RawFd, timeout: std::time::Duration) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    // SAFETY: `fd` is the connection's socket, open for as long as the caller holds the
+    // connection, which outlives this call.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(borrowed, PollFlags::POLLIN)];
+    loop {
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(n) => return n > 0,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return true, // let the read report it
+        }
+    }
 }
 
 /// A vhost-user socket served by a thread, one frontend connection after another (QEMU with
