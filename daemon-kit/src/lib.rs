@@ -1,17 +1,15 @@
 //! `daemon-kit`: what libvirtual's daemons (vswitchd, vblockd) and their clients share.
 //!
 //! Always: the conventions both sides agree on ([`default_run_dir`], the rule for
-//! [`names`]). With the `server`
+//! [`names`]) and who may connect to a daemon's sockets ([`SocketAccess`]). With the `server`
 //! feature (default): logs, the unix-socket API server, state files and API errors.
 
 use std::path::PathBuf;
 
-#[cfg(feature = "server")]
 mod access;
 pub mod names;
 #[cfg(feature = "server")]
 mod server;
-#[cfg(feature = "server")]
 pub use access::SocketAccess;
 #[cfg(feature = "server")]
 pub use server::*;
