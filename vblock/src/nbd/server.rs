@@ -458,19 +458,22 @@ fn serve<S: Conn, E: Exports>(stream: S, shared: &Shared<E>, conn: u64) -> io::R
     let mut writer = stream.duplicate()?;
     let poller = stream.duplicate()?;
     let mut reader = BufReader::with_capacity(256 << 10, stream);
-    let Some(session) = negotiate(&mut reader, &mut writer, &*shared.exports)? else {
+    // Registered with its identity before the client hears that it got the export: a volume
+    // with connections is not deleted under them.
+    let mut bind = |target: &Target<E::Dev>| {
+        if let Some(id) = target.volume.strip_prefix('#').and_then(|i| i.parse().ok())
+            && let Some(o) = shared.open().iter_mut().find(|o| o.id == conn)
+        {
+            o.bound = Some((pool_key(&target.pool), id, client.clone()));
+        }
+    };
+    let Some(session) = negotiate(&mut reader, &mut writer, &*shared.exports, &mut bind)? else {
         tracing::debug!(%client, "NBD client ended the negotiation without an export");
         return Ok(());
     };
     let target = &session.export.target;
     let volume = target.name.clone();
     let read_only = session.export.read_only;
-    // Registered with its identity: a volume with connections is not deleted under them.
-    if let Some(id) = target.volume.strip_prefix('#').and_then(|i| i.parse().ok())
-        && let Some(o) = shared.open().iter_mut().find(|o| o.id == conn)
-    {
-        o.bound = Some((pool_key(&target.pool), id, client.clone()));
-    }
     tracing::info!(%client, %volume, read_only, "NBD client connected");
     let ended = transmit(reader, writer, &poller, session, shared);
     match &ended {
@@ -485,6 +488,7 @@ fn negotiate<E: Exports>(
     r: &mut impl Read,
     w: &mut impl Write,
     exports: &E,
+    bind: &mut dyn FnMut(&Target<E::Dev>),
 ) -> io::Result<Option<Session<E::Dev>>> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
@@ -528,6 +532,7 @@ fn negotiate<E: Exports>(
                 if !no_zeroes {
                     out.extend_from_slice(&[0u8; 124]);
                 }
+                bind(&sel.target);
                 w.write_all(&out)?;
                 return Ok(Some(Session {
                     export: sel,
@@ -580,6 +585,7 @@ fn negotiate<E: Exports>(
                         }
                         reply(&mut out, rep::ACK, &[]);
                         if option == opt::GO {
+                            bind(&sel.target);
                             w.write_all(&out)?;
                             return Ok(Some(Session {
                                 export: sel,
