@@ -84,6 +84,10 @@ pub async fn serve(socket: &Path, router: axum::Router, daemon: &str) -> anyhow:
         .apply(socket)
         .with_context(|| format!("socket access of {}", socket.display()))?;
     info!(socket = %socket.display(), "{daemon} ready");
+    let listener = Bounded {
+        inner: listener,
+        slots: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS)),
+    };
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown_signal())
         .await;
@@ -93,6 +97,123 @@ pub async fn serve(socket: &Path, router: axum::Router, daemon: &str) -> anyhow:
         return Err(e.into());
     }
     Ok(())
+}
+
+/// Most API connections a daemon serves at once; further clients wait in the socket's
+/// backlog until one ends (a client that opens connections and sends nothing cannot take
+/// every file descriptor or thread).
+pub const MAX_API_CONNECTIONS: usize = 64;
+
+/// An API connection on which nothing happens for this long is closed (an idle keep-alive
+/// connection).
+pub const API_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A new API connection that sends nothing for this long is closed.
+pub const API_FIRST_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The API socket with a bound on open connections ([`MAX_API_CONNECTIONS`]); accept errors
+/// (EMFILE) are retried after a pause by axum, never in a spin.
+struct Bounded {
+    inner: tokio::net::UnixListener,
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl axum::serve::Listener for Bounded {
+    type Io = Guarded;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    async fn accept(&mut self) -> (Guarded, Self::Addr) {
+        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+            // The semaphore is never closed; should it be, serve without a bound.
+            let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+            return (Guarded::new(io, None), addr);
+        };
+        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        (Guarded::new(io, Some(slot)), addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// An API connection: holds its slot until it ends, and ends after
+/// [`API_FIRST_REQUEST_TIMEOUT`] without a first byte, [`API_IDLE_TIMEOUT`] without reads or
+/// writes later.
+struct Guarded {
+    io: tokio::net::UnixStream,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Guarded {
+    fn new(io: tokio::net::UnixStream, slot: Option<tokio::sync::OwnedSemaphorePermit>) -> Self {
+        Guarded {
+            io,
+            _slot: slot,
+            idle: Box::pin(tokio::time::sleep(API_FIRST_REQUEST_TIMEOUT)),
+        }
+    }
+
+    fn active(&mut self) {
+        let next = tokio::time::Instant::now() + API_IDLE_TIMEOUT;
+        self.idle.as_mut().reset(next);
+    }
+}
+
+impl tokio::io::AsyncRead for Guarded {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    self.active();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "API connection idle",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, data);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.active();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// A multi-threaded tokio runtime for the control API (two workers: the API is not a

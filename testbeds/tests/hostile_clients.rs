@@ -1,0 +1,75 @@
+//! Clients that connect and say nothing cannot stall a daemon's control API: connections are
+//! bounded, silent ones are closed after a timeout, and a normal client is served meanwhile.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use testbeds::daemon::{Daemon, workspace_binary};
+use testbeds::scratch::Scratch;
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn silent_api_connections_are_bounded_and_closed_and_a_normal_client_is_served() {
+    let dir = Scratch::new(Path::new("/var/tmp"), "lv-silent").unwrap();
+    let args: Vec<String> = vec![
+        "--run-dir".into(),
+        dir.join("run").display().to_string(),
+        "--state-dir".into(),
+        dir.join("state").display().to_string(),
+    ];
+    let socket = dir.join("run/vblockd.sock");
+    let d =
+        Daemon::start_local(&workspace_binary("vblockd").unwrap(), &args, socket.clone()).unwrap();
+    let pid = d.pid().unwrap();
+    let baseline = open_fds(pid);
+    // 200 connections that send nothing: far more than the daemon serves at once.
+    let mut silent: Vec<UnixStream> = (0..200)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    let most = daemon_kit::MAX_API_CONNECTIONS;
+    testbeds::wait::until(
+        "the daemon to take connections",
+        testbeds::wait::SOON,
+        || open_fds(pid) > baseline,
+    )
+    .unwrap();
+    assert!(
+        open_fds(pid) <= baseline + most + 8,
+        "{} descriptors open (baseline {baseline})",
+        open_fds(pid)
+    );
+    // A normal client is served while they hang on (silent ones are closed after their
+    // timeout, 64 at a time, and the queue moves).
+    let started = Instant::now();
+    let mut s = UnixStream::connect(&socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    s.write_all(b"GET /v1/pools HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    eprintln!(
+        "served after {:.1} s behind 200 silent connections",
+        started.elapsed().as_secs_f64()
+    );
+    // Every silent connection is closed by the daemon in the end, and its descriptors with it.
+    for c in &mut silent {
+        c.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(c.read(&mut b).unwrap_or(0), 0);
+    }
+    drop(silent);
+    testbeds::wait::until(
+        "descriptors back to the baseline",
+        Duration::from_secs(60),
+        || open_fds(pid) <= baseline + 2,
+    )
+    .unwrap();
+}
