@@ -143,6 +143,23 @@ impl Daemon {
     }
 }
 
+/// Starts vblockd (the workspace binary) in the caller's namespaces with its run and state
+/// directories in `dir` (`dir/run/vblockd.sock` is its API), plus `extra` flags.
+pub fn start_vblockd(dir: &Path, extra: &[&str]) -> Result<Daemon, Error> {
+    let mut args: Vec<String> = vec![
+        "--run-dir".into(),
+        dir.join("run").display().to_string(),
+        "--state-dir".into(),
+        dir.join("state").display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Daemon::start_local(
+        &workspace_binary("vblockd")?,
+        &args,
+        dir.join("run/vblockd.sock"),
+    )
+}
+
 /// vswitchd's command line for a host on underlay address `underlay`, with its run and state
 /// directories in `dir` (`dir/run/vswitchd.sock` is its API), plus `extra` flags.
 pub fn vswitchd_args(underlay: std::net::IpAddr, dir: &Path, extra: &[&str]) -> Vec<String> {

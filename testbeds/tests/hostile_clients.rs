@@ -6,7 +6,6 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use testbeds::daemon::{Daemon, workspace_binary};
 use testbeds::scratch::Scratch;
 
 fn open_fds(pid: u32) -> usize {
@@ -18,15 +17,8 @@ fn open_fds(pid: u32) -> usize {
 #[test]
 fn silent_api_connections_are_bounded_and_closed_and_a_normal_client_is_served() {
     let dir = Scratch::new(Path::new("/var/tmp"), "lv-silent").unwrap();
-    let args: Vec<String> = vec![
-        "--run-dir".into(),
-        dir.join("run").display().to_string(),
-        "--state-dir".into(),
-        dir.join("state").display().to_string(),
-    ];
     let socket = dir.join("run/vblockd.sock");
-    let d =
-        Daemon::start_local(&workspace_binary("vblockd").unwrap(), &args, socket.clone()).unwrap();
+    let d = testbeds::daemon::start_vblockd(dir.path(), &[]).unwrap();
     let pid = d.pid().unwrap();
     let baseline = open_fds(pid);
     // 200 connections that send nothing: far more than the daemon serves at once.

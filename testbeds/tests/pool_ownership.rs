@@ -10,19 +10,8 @@ use testbeds::daemon::{Daemon, workspace_binary};
 use testbeds::scratch::Scratch;
 
 fn start_vblockd(dir: &Path, extra: &[String]) -> Daemon {
-    let mut args: Vec<String> = vec![
-        "--run-dir".into(),
-        dir.join("run").display().to_string(),
-        "--state-dir".into(),
-        dir.join("state").display().to_string(),
-    ];
-    args.extend_from_slice(extra);
-    Daemon::start_local(
-        &workspace_binary("vblockd").unwrap(),
-        &args,
-        dir.join("run/vblockd.sock"),
-    )
-    .unwrap()
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    testbeds::daemon::start_vblockd(dir, &extra).unwrap()
 }
 
 /// Makes a new 64 MiB pool `name` at `file` through the daemon's API.

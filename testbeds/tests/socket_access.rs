@@ -8,7 +8,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use testbeds::daemon::{Daemon, start_vswitchd, workspace_binary};
+use testbeds::daemon::{start_vswitchd, workspace_binary};
 use testbeds::netns::missing_privileges;
 use testbeds::scratch::Scratch;
 use testbeds::switch_bed::Underlay;
@@ -79,23 +79,9 @@ fn vswitchd_sockets_take_the_configured_owner_group_and_mode() {
 #[test]
 fn vblockd_sockets_take_the_configured_owner_group_and_mode() {
     let dir = Scratch::new(Path::new("/var/tmp"), "lv-vaccess").unwrap();
-    let args: Vec<String> = [
-        "--run-dir",
-        &dir.join("run").display().to_string(),
-        "--state-dir",
-        &dir.join("state").display().to_string(),
-        "--socket-group",
-        "4242",
-        "--socket-mode",
-        "0660",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let d = Daemon::start_local(
-        &workspace_binary("vblockd").unwrap(),
-        &args,
-        dir.join("run/vblockd.sock"),
+    let d = testbeds::daemon::start_vblockd(
+        dir.path(),
+        &["--socket-group", "4242", "--socket-mode", "0660"],
     )
     .unwrap();
     d.create(

@@ -181,18 +181,7 @@ fn a_state_file_of_an_unknown_version_is_refused_not_overwritten() {
 }
 
 fn start_vblockd(dir: &Scratch) -> testbeds::daemon::Daemon {
-    let args: Vec<String> = vec![
-        "--run-dir".into(),
-        dir.join("run").display().to_string(),
-        "--state-dir".into(),
-        dir.join("state").display().to_string(),
-    ];
-    testbeds::daemon::Daemon::start_local(
-        &workspace_binary("vblockd").unwrap(),
-        &args,
-        dir.join("run/vblockd.sock"),
-    )
-    .unwrap()
+    testbeds::daemon::start_vblockd(dir.path(), &[]).unwrap()
 }
 
 #[test]
