@@ -158,18 +158,7 @@ pub fn prepare_tcp_super_frame(frame: &mut [u8], mtu: usize) -> Result<Coalesced
             return Err(bad("IPv4 length does not match the frame, or a fragment"));
         }
     }
-    let tcp_len = (frame.len() - at.l4) as u16;
-    let addrs = if at.v6 {
-        &frame[at.l3 + 8..at.l3 + 40]
-    } else {
-        &frame[at.l3 + 12..at.l3 + 20]
-    };
-    let pseudo = Sum::new()
-        .add_bytes(addrs)
-        .add_word([0, 6])
-        .add_word(tcp_len.to_be_bytes())
-        .folded();
-    frame[at.l4 + 16..at.l4 + 18].copy_from_slice(&pseudo.to_ne_bytes());
+    write_checksum_seed(frame, at);
     Ok(Coalesced {
         segments: payload.div_ceil(mss).min(usize::from(u16::MAX)) as u16,
         segment_size: mss as u16,
@@ -187,6 +176,26 @@ struct Layout {
     l4: usize,
     payload: usize,
     v6: bool,
+}
+
+/// The TCP pseudo-header sum of `frame` (addresses, protocol, TCP length to the frame's end).
+fn tcp_pseudo_header(frame: &[u8], at: Layout) -> Sum {
+    let addrs = if at.v6 {
+        &frame[at.l3 + 8..at.l3 + 40]
+    } else {
+        &frame[at.l3 + 12..at.l3 + 20]
+    };
+    Sum::new()
+        .add_bytes(addrs)
+        .add_word([0, 6])
+        .add_word(((frame.len() - at.l4) as u16).to_be_bytes())
+}
+
+/// Puts the pseudo-header sum into the TCP checksum field: what a receiver of a frame with
+/// its checksum pending (virtio `NEEDS_CSUM`) expects there.
+fn write_checksum_seed(frame: &mut [u8], at: Layout) {
+    let seed = tcp_pseudo_header(frame, at).folded();
+    frame[at.l4 + 16..at.l4 + 18].copy_from_slice(&seed.to_ne_bytes());
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -326,19 +335,9 @@ impl<'a> TcpSegmenter<'a> {
         }
         out[at.l4 + 13] = flags;
         out[at.l4 + 16..at.l4 + 18].copy_from_slice(&[0, 0]);
-        let tcp_len = (len - at.l4) as u16;
-        let pseudo = if at.v6 {
-            Sum::new()
-                .add_bytes(&out[at.l3 + 8..at.l3 + 40])
-                .add_word([0, 6])
-                .add_word(tcp_len.to_be_bytes())
-        } else {
-            Sum::new()
-                .add_bytes(&out[at.l3 + 12..at.l3 + 20])
-                .add_word([0, 6])
-                .add_word(tcp_len.to_be_bytes())
-        };
-        let c = pseudo.add_bytes(&out[at.l4..len]).checksum();
+        let c = tcp_pseudo_header(&out[..len], at)
+            .add_bytes(&out[at.l4..len])
+            .checksum();
         out[at.l4 + 16..at.l4 + 18].copy_from_slice(&c.to_ne_bytes());
         self.next += chunk.max(1);
         self.index = self.index.wrapping_add(1);
@@ -700,7 +699,6 @@ impl TcpCoalescer {
         }
         let len = self.buf.len();
         let b = &mut self.buf;
-        let tcp_len = (len - at.l4) as u16;
         if at.v6 {
             b[at.l3 + 4..at.l3 + 6].copy_from_slice(&((len - at.l3 - 40) as u16).to_be_bytes());
         } else {
@@ -709,17 +707,7 @@ impl TcpCoalescer {
             let c = Sum::new().add_bytes(&b[at.l3..at.l4]).checksum();
             b[at.l3 + 10..at.l3 + 12].copy_from_slice(&c.to_ne_bytes());
         }
-        let addrs = if at.v6 {
-            &b[at.l3 + 8..at.l3 + 40]
-        } else {
-            &b[at.l3 + 12..at.l3 + 20]
-        };
-        let pseudo = Sum::new()
-            .add_bytes(addrs)
-            .add_word([0, 6])
-            .add_word(tcp_len.to_be_bytes())
-            .folded();
-        b[at.l4 + 16..at.l4 + 18].copy_from_slice(&pseudo.to_ne_bytes());
+        write_checksum_seed(b, at);
         Some((
             &self.buf,
             Some(Coalesced {

@@ -370,44 +370,11 @@ pub struct SourcePortWatch {
 impl SourcePortWatch {
     /// Starts watching the links of the underlay's bridge.
     pub fn start(underlay: &Underlay) -> Result<SourcePortWatch, Error> {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        use std::os::fd::AsRawFd;
+        // Every port of the bridge, blocking (the thread polls it).
         let fd = underlay.ns.enter(|| {
-            // SAFETY: plain socket(2) call with constant arguments; the result is checked.
-            let raw = unsafe {
-                libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                    i32::from((libc::ETH_P_ALL as u16).to_be()),
-                )
-            };
-            if raw < 0 {
-                return Err(Error::Io(
-                    "socket(AF_PACKET)".into(),
-                    std::io::Error::last_os_error(),
-                ));
-            }
-            // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-            addr.sll_ifindex = 0; // every port of the bridge
-            // SAFETY: `addr` is a valid sockaddr_ll and the length passed is its size.
-            let rc = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    (&raw const addr).cast::<libc::sockaddr>(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-                )
-            };
-            if rc < 0 {
-                return Err(Error::Io(
-                    "bind AF_PACKET".into(),
-                    std::io::Error::last_os_error(),
-                ));
-            }
-            Ok(fd)
+            crate::transport::packet_socket(0, false)
+                .map_err(|e| Error::Io("AF_PACKET socket on the underlay".into(), e))
         })?;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopped = stop.clone();

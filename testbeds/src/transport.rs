@@ -75,41 +75,8 @@ impl Transport {
         let encap = Encapsulator::new(tunnel)?;
         let ifindex = nix::net::if_::if_nametoindex(ifname)
             .map_err(|e| Error::Io(format!("if_nametoindex {ifname}"), e.into()))?;
-        // SAFETY: plain socket(2) call with constant arguments; the result is checked.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                i32::from(ETH_P_ALL.to_be()),
-            )
-        };
-        if raw < 0 {
-            return Err(Error::Io(
-                "socket(AF_PACKET)".into(),
-                io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = ETH_P_ALL.to_be();
-        addr.sll_ifindex = ifindex as i32;
-        // SAFETY: `addr` is a valid sockaddr_ll and the length passed is its size.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&raw const addr).cast::<libc::sockaddr>(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(Error::Io(
-                format!("bind AF_PACKET to {ifname}"),
-                io::Error::last_os_error(),
-            ));
-        }
+        let fd = packet_socket(ifindex, true)
+            .map_err(|e| Error::Io(format!("AF_PACKET socket on {ifname}"), e))?;
         // Each packet's checksum status (a veth with checksum offload hands over packets of
         // the local stack with their checksums still to be computed).
         let on: libc::c_int = 1;
@@ -253,6 +220,37 @@ impl Transport {
 }
 
 use Received::Frame;
+
+/// A raw `AF_PACKET` socket for every protocol, bound to interface `ifindex` (0: every
+/// interface of the namespace), non-blocking if asked.
+pub fn packet_socket(ifindex: u32, nonblocking: bool) -> io::Result<OwnedFd> {
+    let flags =
+        libc::SOCK_RAW | libc::SOCK_CLOEXEC | if nonblocking { libc::SOCK_NONBLOCK } else { 0 };
+    // SAFETY: plain socket(2) call with constant arguments; the result is checked.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, flags, i32::from(ETH_P_ALL.to_be())) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = ETH_P_ALL.to_be();
+    addr.sll_ifindex = ifindex as i32;
+    // SAFETY: `addr` is a valid sockaddr_ll and the length passed is its size.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const addr).cast::<libc::sockaddr>(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
 
 /// `PACKET_AUXDATA` (linux/if_packet.h): a `tpacket_auxdata` with every received packet.
 const PACKET_AUXDATA: libc::c_int = 8;
