@@ -3,101 +3,15 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
-use libvirtual::block::Client;
-use testbeds::daemon::{Daemon, workspace_binary};
 use testbeds::scratch::Scratch;
-use vblock::api::{PoolSpec, VolumeSpec};
 use vblock::nbd::proto::{self, Request, cmd, errno, opt, rep};
 
-struct Bed {
-    dir: Scratch,
-    _daemon: Daemon,
-    api: Client,
-}
-
-impl Bed {
-    fn new(role: &str, extra: &[&str]) -> Bed {
-        let dir = Scratch::new(Path::new("/var/tmp"), role).unwrap();
-        let mut args: Vec<String> = vec![
-            "--run-dir".into(),
-            dir.join("run").display().to_string(),
-            "--state-dir".into(),
-            dir.join("state").display().to_string(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let socket = dir.join("run/vblockd.sock");
-        let daemon =
-            Daemon::start_local(&workspace_binary("vblockd").unwrap(), &args, socket.clone())
-                .unwrap();
-        let api = Client::new(&socket);
-        api.create_pool(&PoolSpec {
-            name: "p".into(),
-            path: dir.join("p.pool"),
-            size: Some(1 << 30),
-            preallocation: Default::default(),
-            space: Default::default(),
-        })
-        .unwrap();
-        Bed {
-            dir,
-            _daemon: daemon,
-            api,
-        }
-    }
-
-    fn volume(&self, name: &str, size: u64) {
-        self.api
-            .create_volume(
-                "p",
-                &VolumeSpec {
-                    name: name.into(),
-                    size,
-                },
-            )
-            .unwrap();
-    }
-
-    fn nbd_socket(&self) -> PathBuf {
-        self.dir.join("run/nbd.sock")
-    }
-
-    fn uri(&self, export: &str) -> String {
-        format!(
-            "nbd+unix:///{export}?socket={}",
-            self.nbd_socket().display()
-        )
-    }
-}
-
-/// Runs a tool; its exit status and what it printed.
-fn tool(program: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e} (scripts/install-deps installs it)"));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
-    qemu_io_format("raw", uri, cmds)
-}
-
-/// qemu-io on an image of `format` with the commands given.
-fn qemu_io_format(format: &str, image: &str, cmds: &[&str]) -> (bool, String) {
-    let mut args = vec!["-f", format];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(image);
-    tool("qemu-io", &args)
-}
+#[path = "common/nbd_bed.rs"]
+mod nbd_bed;
+use nbd_bed::{Bed, qemu_io, qemu_io_format, tool};
 
 #[test]
 fn qemu_io_and_qemu_img_read_write_discard_zero_map_and_compare() {

@@ -14,7 +14,7 @@ use vblock::api::PoolSpec;
 use vblock::daemon::config::FileConfig;
 use vblock::daemon::control::{Control, NbdCatalog};
 use vblock::daemon::server::router;
-use vblock::nbd::{AllowedNet, NbdServer};
+use vblock::nbd::{AllowedNet, ListenerPolicy, NbdServer};
 
 /// libvirtual's block storage daemon.
 #[derive(Parser, Debug)]
@@ -32,6 +32,27 @@ struct Args {
     /// A client network allowed on the NBD TCP listeners (CIDR; repeatable).
     #[arg(long = "nbd-allow", value_parser = parse_net)]
     nbd_allow: Vec<AllowedNet>,
+    /// Exports offered on the NBD TCP listeners: POOL/VOLUME, or POOL/* for a whole pool
+    /// (repeatable; default: every volume).
+    #[arg(long = "nbd-export", value_name = "POOL/VOLUME")]
+    nbd_export: Vec<String>,
+    /// TLS on the NBD TCP listeners (clients must STARTTLS): the server's certificate
+    /// chain (PEM). Needs --nbd-tls-key.
+    #[arg(long = "nbd-tls-cert", value_name = "PEM")]
+    nbd_tls_cert: Option<std::path::PathBuf>,
+    /// The server's private key (PEM).
+    #[arg(long = "nbd-tls-key", value_name = "PEM")]
+    nbd_tls_key: Option<std::path::PathBuf>,
+    /// Require client certificates issued by this CA (PEM).
+    #[arg(long = "nbd-tls-client-ca", value_name = "PEM")]
+    nbd_tls_client_ca: Option<std::path::PathBuf>,
+    /// Open NBD connections at most per listener (default 128); more wait until one ends.
+    #[arg(long = "nbd-max-connections", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    nbd_max_connections: Option<u32>,
+    /// Seconds an NBD client has, from connecting, to choose an export (default 10; the
+    /// TLS handshake included).
+    #[arg(long = "nbd-handshake-timeout", value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    nbd_handshake_timeout: Option<u64>,
     /// Commit writes no client flushed after this many seconds at most (default 30; each
     /// commit flushes the pool's device).
     #[arg(long = "commit-interval", value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -117,7 +138,16 @@ fn serve(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|p| p.into_inner())
         .set_nbd(nbd.connections());
     let nbd_socket = run_dir.join("nbd.sock");
-    nbd.listen_unix(&nbd_socket)
+    let mut policy = ListenerPolicy::default();
+    if let Some(n) = args.nbd_max_connections.or(file.nbd_max_connections) {
+        anyhow::ensure!(n > 0, "nbd_max_connections: at least 1");
+        policy.max_connections = n as usize;
+    }
+    if let Some(s) = args.nbd_handshake_timeout.or(file.nbd_handshake_timeout) {
+        anyhow::ensure!(s > 0, "nbd_handshake_timeout: at least 1 second");
+        policy.handshake_timeout = std::time::Duration::from_secs(s);
+    }
+    nbd.listen_unix(&nbd_socket, policy.clone())
         .with_context(|| format!("NBD socket {}", nbd_socket.display()))?;
     let mut listen = file.nbd_listen;
     listen.extend(args.nbd_listen);
@@ -130,10 +160,32 @@ fn serve(args: Args) -> anyhow::Result<()> {
     if !listen.is_empty() && allow.is_empty() {
         anyhow::bail!("NBD over TCP needs an allow-list (--nbd-allow CIDR)");
     }
+    policy.allow = allow;
+    policy.exports = file.nbd_exports;
+    policy.exports.extend(args.nbd_export);
+    for e in &policy.exports {
+        let ok = e
+            .split_once('/')
+            .is_some_and(|(p, v)| !p.is_empty() && !v.is_empty() && !v.contains('/'));
+        anyhow::ensure!(ok, "NBD export {e:?}: use POOL/VOLUME or POOL/*");
+    }
+    let cert = args.nbd_tls_cert.or(file.nbd_tls_cert);
+    let key = args.nbd_tls_key.or(file.nbd_tls_key);
+    let client_ca = args.nbd_tls_client_ca.or(file.nbd_tls_client_ca);
+    policy.tls = match (cert, key) {
+        (Some(cert), Some(key)) => Some(
+            vblock::nbd::tls::server_config(&cert, &key, client_ca.as_deref())
+                .context("NBD TLS")?,
+        ),
+        (None, None) if client_ca.is_none() => None,
+        _ => anyhow::bail!(
+            "NBD TLS needs both a certificate and a key (--nbd-tls-cert, --nbd-tls-key)"
+        ),
+    };
     for addr in listen {
-        nbd.listen_tcp(addr, allow.clone())
+        nbd.listen_tcp(addr, policy.clone())
             .with_context(|| format!("NBD on {addr}"))?;
-        info!(%addr, allow = ?allow, "NBD over TCP");
+        info!(%addr, ?policy, "NBD over TCP");
     }
     info!(socket = %nbd_socket.display(), "NBD exports");
     let socket = run_dir.join("vblockd.sock");

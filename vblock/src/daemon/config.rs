@@ -26,6 +26,19 @@ pub struct FileConfig {
     /// NBD over TCP: client networks allowed (`10.0.0.0/8`); required with `nbd_listen`.
     #[serde(default)]
     pub nbd_allow: Vec<String>,
+    /// NBD over TCP: exports offered (`POOL/VOLUME` or `POOL/*`; default every volume).
+    #[serde(default)]
+    pub nbd_exports: Vec<String>,
+    /// NBD over TCP: TLS required, with this certificate chain (PEM).
+    pub nbd_tls_cert: Option<PathBuf>,
+    /// NBD over TCP: the TLS private key (PEM).
+    pub nbd_tls_key: Option<PathBuf>,
+    /// NBD over TCP: client certificates required, issued by this CA (PEM).
+    pub nbd_tls_client_ca: Option<PathBuf>,
+    /// Open NBD connections at most, per listener (default 128).
+    pub nbd_max_connections: Option<u32>,
+    /// Seconds an NBD client has to choose an export (default 10).
+    pub nbd_handshake_timeout: Option<u64>,
     /// Seconds after which writes no client flushed are committed (default 30).
     pub commit_interval: Option<u64>,
     /// Owner (user name or uid) of every socket the daemon creates.

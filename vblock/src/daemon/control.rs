@@ -893,6 +893,20 @@ impl Control {
             "Writes that found the pool full and waited for space",
             queued,
         );
+        if let Some(nbd) = &self.nbd {
+            let connections = Family::<Labels, Counter>::default();
+            for (result, n) in nbd.counters() {
+                connections
+                    .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+                    .inc_by(n);
+            }
+            reg.register(
+                "nbd_connections",
+                "NBD connections by outcome: accepted, refused (allow-list), timed_out (no \
+                 export chosen in time), shed (closed at once: out of file descriptors)",
+                connections,
+            );
+        }
         reg.register("volume_size_bytes", "Virtual size of a volume", size);
         reg.register(
             "volume_allocated_bytes",
@@ -956,7 +970,7 @@ impl crate::nbd::Exports for NbdCatalog {
                 pool: h.pool.clone(),
                 // Bound to the volume's identity, not its name.
                 volume: format!("#{}", v.id),
-                name: volume.to_owned(),
+                name: format!("{}/{volume}", h.spec.name),
             })
         };
         if let Some((pool, volume)) = name.split_once('/')

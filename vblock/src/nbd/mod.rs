@@ -4,12 +4,19 @@
 //!
 //! * [`proto`]: the wire format (fixed newstyle negotiation, simple and structured replies,
 //!   `base:allocation` block status), sans-IO.
-//! * [`server`]: the server: a unix socket (and TCP with an allow-list, when configured), a
-//!   thread per connection, pipelined requests executed in batches on the pool's engine.
+//! * [`server`]: the server: a unix socket (and TCP with an allow-list, when configured),
+//!   bounded connections with a handshake deadline, pipelined requests executed in batches
+//!   on the pool's engine.
+//! * [`tls`]: STARTTLS with X.509 certificates (rustls), optionally requiring client
+//!   certificates.
 //!
 //! One export per volume (its name); snapshots are exported read-only.
 
 pub mod proto;
 pub mod server;
+pub mod tls;
 
-pub use server::{AllowedNet, Connections, Exports, NbdServer, PoolExports, Target, pool_key};
+pub use server::{
+    AllowedNet, Connections, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Exports,
+    ListenerPolicy, NbdServer, PoolExports, Target, pool_key,
+};

@@ -61,6 +61,8 @@ pub mod rep {
     pub const ERR_POLICY: u32 = (1 << 31) + 2;
     /// Malformed option or one not allowed now.
     pub const ERR_INVALID: u32 = (1 << 31) + 3;
+    /// TLS must be started first.
+    pub const ERR_TLS_REQD: u32 = (1 << 31) + 5;
     /// No such export.
     pub const ERR_UNKNOWN: u32 = (1 << 31) + 6;
     /// Option data too long.

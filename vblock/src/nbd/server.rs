@@ -1,6 +1,13 @@
 //! The NBD server: a listener thread per socket (a unix socket, and TCP only when
-//! configured, then restricted to an allow-list of client networks), a thread per
-//! connection. A connection negotiates (fixed newstyle), then takes requests in bursts:
+//! configured, then restricted to an allow-list of client networks, optionally to some
+//! exports, and to clients that start TLS). A listener holds at most
+//! [`ListenerPolicy::max_connections`]; a new connection waits in the listener's thread, with
+//! no thread of its own, until the client says something, and must choose an export within
+//! [`ListenerPolicy::handshake_timeout`] (TLS handshake included) or is closed. Out of file
+//! descriptors, the listener closes the connection it cannot take (through a descriptor kept
+//! in reserve) and backs off instead of spinning.
+//!
+//! A connection negotiates (fixed newstyle), then takes requests in bursts:
 //! every request already waiting is read before any is executed, runs of reads and of
 //! writes go to the pool as one batch each (the same io_uring engine vhost-user-blk uses),
 //! and the replies of a burst leave in one write. Per-volume I/O limits apply as everywhere.
@@ -10,9 +17,10 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
@@ -30,6 +38,67 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 const BURST: usize = 32;
 /// Longest option data accepted.
 const MAX_OPTION: u32 = 64 << 10;
+/// Default bound on a listener's open connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+/// Default time a client has, from its connection, to choose an export.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a listener out of file descriptors waits before it accepts again.
+const DESCRIPTOR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Who a listener serves and how many.
+#[derive(Clone)]
+pub struct ListenerPolicy {
+    /// Open connections at most (negotiating or transmitting); more wait in the kernel's
+    /// queue until one ends.
+    pub max_connections: usize,
+    /// Time from connecting to choosing an export (TLS handshake included).
+    pub handshake_timeout: Duration,
+    /// Client networks allowed (TCP only; an empty list refuses every TCP client).
+    pub allow: Vec<AllowedNet>,
+    /// Exports offered (`POOL/VOLUME`, or `POOL/*` for every volume of a pool; the plain
+    /// volume name for a one-pool server); empty: every export.
+    pub exports: Vec<String>,
+    /// When set, clients must start TLS (NBD_OPT_STARTTLS) before anything else.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Default for ListenerPolicy {
+    fn default() -> Self {
+        ListenerPolicy {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            allow: Vec::new(),
+            exports: Vec::new(),
+            tls: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for ListenerPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerPolicy")
+            .field("max_connections", &self.max_connections)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("allow", &self.allow)
+            .field("exports", &self.exports)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl ListenerPolicy {
+    /// Whether the export named `name` (as [`Target::name`] gives it) is offered here.
+    pub fn offers(&self, name: &str) -> bool {
+        self.exports.is_empty()
+            || self.exports.iter().any(|p| {
+                p == name
+                    || p.strip_suffix("/*").is_some_and(|pool| {
+                        name.split_once('/')
+                            .is_some_and(|(in_pool, _)| in_pool == pool)
+                    })
+            })
+    }
+}
 
 /// A volume an export name resolves to.
 pub struct Target<D: Device> {
@@ -38,7 +107,8 @@ pub struct Target<D: Device> {
     /// The volume or snapshot in that pool, by identity (`#ID`: a later volume that takes
     /// the name is not this one).
     pub volume: String,
-    /// Its name when the connection was made (for the logs).
+    /// Its canonical name (`POOL/VOLUME` for a many-pool server): what
+    /// [`ListenerPolicy::exports`] is matched against, and what the logs say.
     pub name: String,
 }
 
@@ -131,6 +201,10 @@ pub struct ServerStats {
     pub connections: AtomicU64,
     /// Connections refused (allow-list).
     pub refused: AtomicU64,
+    /// Connections closed because no export was chosen in time.
+    pub timed_out: AtomicU64,
+    /// Connections closed at once because the process was out of file descriptors.
+    pub shed: AtomicU64,
     /// Requests served.
     pub requests: AtomicU64,
     /// Requests answered with an error.
@@ -138,16 +212,26 @@ pub struct ServerStats {
 }
 
 /// A stream a connection runs on.
-trait Conn: Read + Write + AsFd + Send + Sized + 'static {
+pub(super) trait Conn: Read + Write + AsFd + Send + Sized + 'static {
     fn duplicate(&self) -> io::Result<Self>;
     fn close(&self);
     /// Who is on the other end, for the logs.
     fn peer(&self) -> String;
+    /// Read and write timeouts (None: block).
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()>;
+    fn set_nonblocking(&self, on: bool) -> io::Result<()>;
 }
 
 impl Conn for UnixStream {
     fn duplicate(&self) -> io::Result<Self> {
         self.try_clone()
+    }
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        UnixStream::set_nonblocking(self, on)
     }
     fn close(&self) {
         let _ = self.shutdown(std::net::Shutdown::Both);
@@ -164,6 +248,13 @@ impl Conn for UnixStream {
 impl Conn for TcpStream {
     fn duplicate(&self) -> io::Result<Self> {
         self.try_clone()
+    }
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        TcpStream::set_nonblocking(self, on)
     }
     fn close(&self) {
         let _ = self.shutdown(std::net::Shutdown::Both);
@@ -210,10 +301,11 @@ pub struct NbdServer<E: Exports> {
 }
 
 impl<E: Exports> NbdServer<E> {
-    /// Serves `exports` on the unix socket `path` (replaced if it exists; mode 0600).
+    /// Serves `exports` on the unix socket `path` (replaced if it exists), with the
+    /// default policy.
     pub fn start_unix(path: &Path, exports: Arc<E>) -> Result<NbdServer<E>, Error> {
         let mut s = NbdServer::new(exports);
-        s.listen_unix(path)?;
+        s.listen_unix(path, ListenerPolicy::default())?;
         Ok(s)
     }
 
@@ -233,33 +325,37 @@ impl<E: Exports> NbdServer<E> {
         }
     }
 
-    /// Adds the unix socket `path`.
-    pub fn listen_unix(&mut self, path: &Path) -> Result<(), Error> {
+    /// Adds the unix socket `path` (its owner, group and mode: the process's
+    /// [`daemon_kit::SocketAccess`]; the allow-list does not apply).
+    pub fn listen_unix(&mut self, path: &Path, policy: ListenerPolicy) -> Result<(), Error> {
         let io_err = |e| Error::Io(format!("NBD socket {}", path.display()), e);
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).map_err(io_err)?;
         daemon_kit::SocketAccess::current()
             .apply(path)
             .map_err(io_err)?;
+        listener.set_nonblocking(true).map_err(io_err)?;
         let shared = self.shared.clone();
-        self.listeners.push(spawn_acceptor(listener, shared, |l| {
-            l.accept().map(|(s, _)| (s, None))
-        })?);
+        self.listeners
+            .push(spawn_acceptor(listener, shared, policy, |l, _| {
+                l.accept().map(|(s, _)| (s, None))
+            })?);
         self.socket = Some(path.to_owned());
         Ok(())
     }
 
-    /// Adds a TCP listener on `addr`, for clients in `allow` only (an empty list refuses
-    /// everyone).
-    pub fn listen_tcp(&mut self, addr: SocketAddr, allow: Vec<AllowedNet>) -> Result<(), Error> {
-        let listener =
-            TcpListener::bind(addr).map_err(|e| Error::Io(format!("NBD on {addr}"), e))?;
+    /// Adds a TCP listener on `addr`, for clients in `policy.allow` only (an empty list
+    /// refuses everyone).
+    pub fn listen_tcp(&mut self, addr: SocketAddr, policy: ListenerPolicy) -> Result<(), Error> {
+        let io_err = |e| Error::Io(format!("NBD on {addr}"), e);
+        let listener = TcpListener::bind(addr).map_err(io_err)?;
+        listener.set_nonblocking(true).map_err(io_err)?;
         self.tcp = listener.local_addr().ok();
         let shared = self.shared.clone();
         self.listeners
-            .push(spawn_acceptor(listener, shared, move |l| {
+            .push(spawn_acceptor(listener, shared, policy, |l, policy| {
                 l.accept().map(|(s, peer)| {
-                    let ok = allow.iter().any(|n| n.contains(peer.ip()));
+                    let ok = policy.allow.iter().any(|n| n.contains(peer.ip()));
                     let _ = s.set_nodelay(true);
                     (s, (!ok).then_some(peer))
                 })
@@ -301,6 +397,9 @@ pub trait Connections: Send + Sync {
     fn clients_of(&self, pool: usize, id: u64) -> Vec<String>;
     /// Ends every connection to that volume; returns how many there were.
     fn disconnect(&self, pool: usize, id: u64) -> usize;
+    /// The server's connection counters: (name, value) pairs, `accepted`, `refused`
+    /// (allow-list), `timed_out` (no export chosen in time), `shed` (out of descriptors).
+    fn counters(&self) -> [(&'static str, u64); 4];
 }
 
 impl<E: Exports> Connections for Shared<E> {
@@ -312,6 +411,17 @@ impl<E: Exports> Connections for Shared<E> {
                 _ => None,
             })
             .collect()
+    }
+
+    fn counters(&self) -> [(&'static str, u64); 4] {
+        let s = &self.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("accepted", get(&s.connections)),
+            ("refused", get(&s.refused)),
+            ("timed_out", get(&s.timed_out)),
+            ("shed", get(&s.shed)),
+        ]
     }
 
     fn disconnect(&self, pool: usize, id: u64) -> usize {
@@ -342,60 +452,176 @@ impl<E: Exports> Drop for NbdServer<E> {
     }
 }
 
+/// The server's greeting (fixed newstyle, no zeroes).
+fn hello() -> [u8; 18] {
+    let mut h = [0u8; 18];
+    h[..8].copy_from_slice(&proto::NBDMAGIC.to_be_bytes());
+    h[8..16].copy_from_slice(&proto::IHAVEOPT.to_be_bytes());
+    h[16..].copy_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
+    h
+}
+
+/// A connection greeted, waiting for the client's first word (in the listener's thread).
+struct Waiting<S> {
+    stream: S,
+    deadline: Instant,
+}
+
+/// Counts a listener's connection until it ends.
+struct Held(Arc<AtomicUsize>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn is_descriptor_shortage(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 /// Accepts connections until the server stops (`accept` gives a stream, and the peer if it
-/// is to be refused).
+/// is to be refused). A connection is greeted at once and waits here, without a thread,
+/// until the client speaks; then a thread of its own negotiates and serves it.
 fn spawn_acceptor<L, S, E>(
     listener: L,
     shared: Arc<Shared<E>>,
-    accept: impl Fn(&L) -> io::Result<(S, Option<SocketAddr>)> + Send + 'static,
+    policy: ListenerPolicy,
+    accept: impl Fn(&L, &ListenerPolicy) -> io::Result<(S, Option<SocketAddr>)> + Send + 'static,
 ) -> Result<JoinHandle<()>, Error>
 where
     L: AsFd + Send + 'static,
     S: Conn,
     E: Exports,
 {
+    let policy = Arc::new(policy);
     std::thread::Builder::new()
         .name("nbd-accept".into())
         .spawn(move || {
+            let active = Arc::new(AtomicUsize::new(0));
+            let mut waiting: Vec<Waiting<S>> = Vec::new();
+            // Closed to make room when the process is out of descriptors, so the connection
+            // that cannot be served is taken off the queue and closed, not left to spin on.
+            let mut reserve = std::fs::File::open("/dev/null").ok();
+            let mut paused_until: Option<Instant> = None;
             while !shared.stop.load(Ordering::Acquire) {
-                let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-                match poll(&mut fds, PollTimeout::from(200u16)) {
-                    Ok(n) if n > 0 => {}
-                    _ => continue,
+                let now = Instant::now();
+                waiting.retain(|w| {
+                    let on_time = w.deadline > now;
+                    if !on_time {
+                        shared.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(peer = %w.stream.peer(), "NBD client silent: closed");
+                    }
+                    on_time
+                });
+                if paused_until.is_some_and(|t| t <= now) {
+                    paused_until = None;
                 }
-                let Ok((stream, refused)) = accept(&listener) else {
-                    continue;
+                let room = active.load(Ordering::Acquire) + waiting.len() < policy.max_connections;
+                let listening = room && paused_until.is_none();
+                let mut wait = Duration::from_millis(200);
+                for t in waiting.iter().map(|w| w.deadline).chain(paused_until) {
+                    wait = wait.min(t.saturating_duration_since(now));
+                }
+                let (listener_ready, ready) = {
+                    let mut fds = Vec::with_capacity(1 + waiting.len());
+                    let interest = if listening {
+                        PollFlags::POLLIN
+                    } else {
+                        PollFlags::empty()
+                    };
+                    fds.push(PollFd::new(listener.as_fd(), interest));
+                    for w in &waiting {
+                        fds.push(PollFd::new(w.stream.as_fd(), PollFlags::POLLIN));
+                    }
+                    let ms = u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX);
+                    if poll(&mut fds, PollTimeout::from(ms)).unwrap_or(0) <= 0 {
+                        continue;
+                    }
+                    let spoke = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+                    let ready: Vec<usize> = (1..fds.len()).filter(|&i| spoke(&fds[i])).collect();
+                    (listening && spoke(&fds[0]), ready)
                 };
-                if let Some(peer) = refused {
-                    shared.stats.refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%peer, "NBD client not in the allow-list");
+                for i in ready.into_iter().rev() {
+                    let w = waiting.swap_remove(i - 1);
+                    start_connection(w, &shared, &policy, &active);
+                }
+                if !listener_ready {
                     continue;
                 }
-                shared.stats.connections.fetch_add(1, Ordering::Relaxed);
-                let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-                if let Ok(closer) = stream.duplicate() {
-                    shared.open().push(Open {
-                        id,
-                        close: Box::new(move || closer.close()),
-                        bound: None,
-                    });
-                }
-                let sh = shared.clone();
-                let spawned =
-                    std::thread::Builder::new()
-                        .name("nbd-conn".into())
-                        .spawn(move || {
-                            if let Err(e) = serve(stream, &sh, id) {
-                                tracing::debug!(error = %e, "NBD connection ended");
-                            }
-                            sh.open().retain(|o| o.id != id);
-                        });
-                if spawned.is_err() {
-                    tracing::warn!("cannot start an NBD connection thread");
+                match accept(&listener, &policy) {
+                    Ok((_, Some(peer))) => {
+                        shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%peer, "NBD client not in the allow-list");
+                    }
+                    Ok((mut stream, None)) => {
+                        shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+                        // A fresh socket's buffer takes the greeting whole.
+                        let _ = stream.set_timeouts(Some(Duration::from_secs(1)));
+                        if stream.write_all(&hello()).is_ok() {
+                            waiting.push(Waiting {
+                                stream,
+                                deadline: now + policy.handshake_timeout,
+                            });
+                        }
+                    }
+                    Err(e) if is_descriptor_shortage(&e) => {
+                        shared.stats.shed.fetch_add(1, Ordering::Relaxed);
+                        drop(reserve.take());
+                        if let Ok((stream, _)) = accept(&listener, &policy) {
+                            drop(stream);
+                        }
+                        reserve = std::fs::File::open("/dev/null").ok();
+                        paused_until = Some(now + DESCRIPTOR_BACKOFF);
+                        tracing::warn!(
+                            error = %e,
+                            open = active.load(Ordering::Relaxed),
+                            "NBD: out of file descriptors, closing new connections"
+                        );
+                    }
+                    Err(_) => {} // taken by another thread, or aborted by the client
                 }
             }
         })
         .map_err(|e| Error::Io("NBD listener thread".into(), e))
+}
+
+/// Gives a connection whose client spoke a thread of its own.
+fn start_connection<S: Conn, E: Exports>(
+    w: Waiting<S>,
+    shared: &Arc<Shared<E>>,
+    policy: &Arc<ListenerPolicy>,
+    active: &Arc<AtomicUsize>,
+) {
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let Ok(closer) = w.stream.duplicate() else {
+        return;
+    };
+    shared.open().push(Open {
+        id,
+        close: Box::new(move || closer.close()),
+        bound: None,
+    });
+    active.fetch_add(1, Ordering::AcqRel);
+    let held = Held(active.clone());
+    let (sh, policy) = (shared.clone(), policy.clone());
+    let spawned = std::thread::Builder::new()
+        .name("nbd-conn".into())
+        .spawn(move || {
+            let _held = held;
+            let client = w.stream.peer();
+            if let Err(e) = serve(w.stream, client, &sh, id, &policy, w.deadline, None) {
+                tracing::debug!(error = %e, "NBD connection ended");
+            }
+            sh.open().retain(|o| o.id != id);
+        });
+    if spawned.is_err() {
+        tracing::warn!("cannot start an NBD connection thread");
+        shared.open().retain(|o| o.id != id);
+    }
 }
 
 fn read_u32(r: &mut impl Read) -> io::Result<u32> {
@@ -428,8 +654,15 @@ struct Session<D: Device> {
     allocation: bool,
 }
 
-fn select<E: Exports>(exports: &E, name: &str) -> Option<Selected<E::Dev>> {
+fn select<E: Exports>(
+    exports: &E,
+    policy: &ListenerPolicy,
+    name: &str,
+) -> Option<Selected<E::Dev>> {
     let target = exports.find(name)?;
+    if !policy.offers(&target.name) {
+        return None;
+    }
     let v = target.pool.volume(&target.volume).ok()?;
     Some(Selected {
         read_only: v.kind == Kind::Snapshot,
@@ -452,11 +685,52 @@ fn transmission_flags(read_only: bool) -> u16 {
     f
 }
 
-/// Serves one connection: negotiation, then transmission.
-fn serve<S: Conn, E: Exports>(stream: S, shared: &Shared<E>, conn: u64) -> io::Result<()> {
-    let client = stream.peer();
+/// Reads that fail once the negotiation's deadline has passed.
+struct Until<'a, S: Conn> {
+    reader: &'a mut BufReader<S>,
+    deadline: Instant,
+}
+
+impl<S: Conn> Read for Until<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.reader.buffer().is_empty() {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no export chosen in time",
+                ));
+            }
+            self.reader.get_ref().set_timeouts(Some(left))?;
+        }
+        self.reader.read(buf)
+    }
+}
+
+/// What the negotiation ended with.
+enum Negotiated<D: Device> {
+    Export(Session<D>),
+    /// The client asked for TLS and was told yes: the handshake comes next.
+    StartTls {
+        no_zeroes: bool,
+    },
+    /// The client left without an export.
+    Ended,
+}
+
+/// Serves one connection: negotiation (TLS first where the listener requires it), then
+/// transmission. `tls`: the stream is the plaintext side of a TLS session (and the
+/// client's NO_ZEROES flag, given before it).
+fn serve<S: Conn, E: Exports>(
+    stream: S,
+    client: String,
+    shared: &Shared<E>,
+    conn: u64,
+    policy: &ListenerPolicy,
+    deadline: Instant,
+    tls: Option<bool>,
+) -> io::Result<()> {
     let mut writer = stream.duplicate()?;
-    let poller = stream.duplicate()?;
     let mut reader = BufReader::with_capacity(256 << 10, stream);
     // Registered with its identity before the client hears that it got the export: a volume
     // with connections is not deleted under them.
@@ -467,10 +741,46 @@ fn serve<S: Conn, E: Exports>(stream: S, shared: &Shared<E>, conn: u64) -> io::R
             o.bound = Some((pool_key(&target.pool), id, client.clone()));
         }
     };
-    let Some(session) = negotiate(&mut reader, &mut writer, &*shared.exports, &mut bind)? else {
-        tracing::debug!(%client, "NBD client ended the negotiation without an export");
-        return Ok(());
+    let mut until = Until {
+        reader: &mut reader,
+        deadline,
     };
+    let rules = Rules {
+        exports: &*shared.exports,
+        policy,
+        tls,
+    };
+    let session = match negotiate(&mut until, &mut writer, &rules, &mut bind)? {
+        Negotiated::Export(session) => session,
+        Negotiated::Ended => {
+            tracing::debug!(%client, "NBD client ended the negotiation without an export");
+            return Ok(());
+        }
+        Negotiated::StartTls { no_zeroes } => {
+            let Some(config) = policy.tls.clone() else {
+                return Err(protocol_error("TLS without a configuration"));
+            };
+            if !reader.buffer().is_empty() {
+                return Err(protocol_error(
+                    "data between STARTTLS and the TLS handshake",
+                ));
+            }
+            drop(writer);
+            let plain = super::tls::terminate(reader.into_inner(), config, deadline)?;
+            let client = format!("{client} tls");
+            return serve(
+                plain,
+                client,
+                shared,
+                conn,
+                policy,
+                deadline,
+                Some(no_zeroes),
+            );
+        }
+    };
+    reader.get_ref().set_timeouts(None)?;
+    let poller = reader.get_ref().duplicate()?;
     let target = &session.export.target;
     let volume = target.name.clone();
     let read_only = session.export.read_only;
@@ -483,23 +793,41 @@ fn serve<S: Conn, E: Exports>(stream: S, shared: &Shared<E>, conn: u64) -> io::R
     ended
 }
 
-/// Fixed newstyle negotiation; None when the client ends it without choosing an export.
+/// What a negotiation may offer.
+struct Rules<'a, E: Exports> {
+    exports: &'a E,
+    policy: &'a ListenerPolicy,
+    /// TLS is running already (with the client's NO_ZEROES flag, given before it).
+    tls: Option<bool>,
+}
+
+impl<E: Exports> Rules<'_, E> {
+    /// TLS is required and not running yet: nothing but STARTTLS and ABORT.
+    fn tls_missing(&self) -> bool {
+        self.policy.tls.is_some() && self.tls.is_none()
+    }
+}
+
+/// Fixed newstyle negotiation, after the greeting ([`hello`]). After STARTTLS it goes on
+/// over TLS with the client's flags already known (`rules.tls`).
 fn negotiate<E: Exports>(
     r: &mut impl Read,
     w: &mut impl Write,
-    exports: &E,
+    rules: &Rules<'_, E>,
     bind: &mut dyn FnMut(&Target<E::Dev>),
-) -> io::Result<Option<Session<E::Dev>>> {
-    let mut hello = Vec::with_capacity(18);
-    hello.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
-    hello.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
-    hello.extend_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
-    w.write_all(&hello)?;
-    let client = read_u32(r)?;
-    if client & !(proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES) != 0 {
-        return Err(protocol_error("unknown client flags"));
-    }
-    let no_zeroes = client & proto::CLIENT_NO_ZEROES != 0;
+) -> io::Result<Negotiated<E::Dev>> {
+    let exports = rules.exports;
+    let policy = rules.policy;
+    // The client's flags come once, before any option (and so before STARTTLS).
+    let no_zeroes = if let Some(no_zeroes) = rules.tls {
+        no_zeroes
+    } else {
+        let client = read_u32(r)?;
+        if client & !(proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES) != 0 {
+            return Err(protocol_error("unknown client flags"));
+        }
+        client & proto::CLIENT_NO_ZEROES != 0
+    };
     let mut structured = false;
     let mut allocation = false;
     loop {
@@ -520,12 +848,20 @@ fn negotiate<E: Exports>(
         r.read_exact(&mut data)?;
         let reply =
             |out: &mut Vec<u8>, kind: u32, d: &[u8]| proto::option_reply(out, option, kind, d);
+        if rules.tls_missing() && !matches!(option, opt::STARTTLS | opt::ABORT) {
+            if option == opt::EXPORT_NAME {
+                return Ok(Negotiated::Ended); // no way to refuse but hanging up
+            }
+            reply(&mut out, rep::ERR_TLS_REQD, b"start TLS first");
+            w.write_all(&out)?;
+            continue;
+        }
         match option {
             opt::EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data);
-                let Some(sel) = select(exports, &name) else {
+                let Some(sel) = select(exports, policy, &name) else {
                     // No way to refuse but hanging up.
-                    return Ok(None);
+                    return Ok(Negotiated::Ended);
                 };
                 out.extend_from_slice(&sel.size.to_be_bytes());
                 out.extend_from_slice(&transmission_flags(sel.read_only).to_be_bytes());
@@ -534,7 +870,7 @@ fn negotiate<E: Exports>(
                 }
                 bind(&sel.target);
                 w.write_all(&out)?;
-                return Ok(Some(Session {
+                return Ok(Negotiated::Export(Session {
                     export: sel,
                     structured,
                     allocation,
@@ -543,18 +879,31 @@ fn negotiate<E: Exports>(
             opt::ABORT => {
                 reply(&mut out, rep::ACK, &[]);
                 let _ = w.write_all(&out);
-                return Ok(None);
+                return Ok(Negotiated::Ended);
             }
             opt::LIST if len != 0 => reply(&mut out, rep::ERR_INVALID, b"LIST takes no data"),
             opt::LIST => {
-                for name in exports.names() {
+                for name in exports.names().into_iter().filter(|n| policy.offers(n)) {
                     let mut d = (name.len() as u32).to_be_bytes().to_vec();
                     d.extend_from_slice(name.as_bytes());
                     reply(&mut out, rep::SERVER, &d);
                 }
                 reply(&mut out, rep::ACK, &[]);
             }
-            opt::STARTTLS => reply(&mut out, rep::ERR_POLICY, b"TLS is not offered"),
+            opt::STARTTLS if len != 0 => {
+                reply(&mut out, rep::ERR_INVALID, b"STARTTLS takes no data")
+            }
+            opt::STARTTLS if rules.tls.is_some() => {
+                reply(&mut out, rep::ERR_INVALID, b"TLS is running already")
+            }
+            opt::STARTTLS if policy.tls.is_none() => {
+                reply(&mut out, rep::ERR_POLICY, b"TLS is not offered")
+            }
+            opt::STARTTLS => {
+                reply(&mut out, rep::ACK, &[]);
+                w.write_all(&out)?;
+                return Ok(Negotiated::StartTls { no_zeroes });
+            }
             opt::STRUCTURED_REPLY if len != 0 => reply(
                 &mut out,
                 rep::ERR_INVALID,
@@ -566,7 +915,7 @@ fn negotiate<E: Exports>(
             }
             opt::INFO | opt::GO => match proto::parse_info_request(&data) {
                 None => reply(&mut out, rep::ERR_INVALID, b"malformed INFO/GO"),
-                Some((name, asked)) => match select(exports, name) {
+                Some((name, asked)) => match select(exports, policy, name) {
                     None => reply(&mut out, rep::ERR_UNKNOWN, b"no such export"),
                     Some(sel) => {
                         let mut d = info::EXPORT.to_be_bytes().to_vec();
@@ -587,7 +936,7 @@ fn negotiate<E: Exports>(
                         if option == opt::GO {
                             bind(&sel.target);
                             w.write_all(&out)?;
-                            return Ok(Some(Session {
+                            return Ok(Negotiated::Export(Session {
                                 export: sel,
                                 structured,
                                 allocation,
@@ -608,7 +957,7 @@ fn negotiate<E: Exports>(
                         rep::ERR_INVALID,
                         b"meta contexts need structured replies",
                     ),
-                    Some((name, queries)) if exports.find(name).is_none() => {
+                    Some((name, queries)) if select(exports, policy, name).is_none() => {
                         let _ = queries;
                         reply(&mut out, rep::ERR_UNKNOWN, b"no such export")
                     }
@@ -1106,6 +1455,19 @@ fn other<D: Device, E: Exports>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn export_lists_match_names_and_whole_pools() {
+        let all = ListenerPolicy::default();
+        assert!(all.offers("p/v") && all.offers("v"));
+        let some = ListenerPolicy {
+            exports: vec!["p/v".into(), "q/*".into()],
+            ..ListenerPolicy::default()
+        };
+        assert!(some.offers("p/v") && some.offers("q/a") && some.offers("q/a@1"));
+        assert!(!some.offers("p/w") && !some.offers("p/v2") && !some.offers("v"));
+        assert!(!some.offers("qq/a") && !some.offers("q") && !some.offers("p/*"));
+    }
 
     #[test]
     fn allow_lists_match_prefixes_and_mapped_addresses() {
