@@ -31,6 +31,7 @@ pub mod netns;
 pub mod overlay_host;
 pub mod podman;
 pub mod probe;
+pub mod process;
 pub mod scratch;
 pub mod switch_bed;
 pub mod switch_demo;

@@ -6,13 +6,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use testbeds::process::{open_fds, rss_kib};
 use testbeds::scratch::Scratch;
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
 
 #[test]
 fn silent_api_connections_are_bounded_and_closed_and_a_normal_client_is_served() {
@@ -21,6 +16,7 @@ fn silent_api_connections_are_bounded_and_closed_and_a_normal_client_is_served()
     let d = testbeds::daemon::start_vblockd(dir.path(), &[]).unwrap();
     let pid = d.pid().unwrap();
     let baseline = open_fds(pid);
+    let rss0 = rss_kib(pid);
     // 200 connections that send nothing: far more than the daemon serves at once.
     let mut silent: Vec<UnixStream> = (0..200)
         .map(|_| UnixStream::connect(&socket).unwrap())
@@ -64,4 +60,11 @@ fn silent_api_connections_are_bounded_and_closed_and_a_normal_client_is_served()
         || open_fds(pid) <= baseline + 2,
     )
     .unwrap();
+    // Memory is back too (it grew by tens of MB and stayed when every connection was held).
+    let rss = rss_kib(pid);
+    eprintln!("RSS {rss0} KiB before, {rss} KiB after");
+    assert!(
+        rss <= rss0 + 8 * 1024,
+        "RSS {rss0} KiB before, {rss} KiB after"
+    );
 }

@@ -13,33 +13,11 @@ use nix::sys::socket::{
 };
 use vblock::nbd::proto::{self, opt, rep};
 
+use testbeds::process::{cpu_time, open_fds, rss_kib, threads};
+
 #[path = "common/nbd_bed.rs"]
 mod nbd_bed;
 use nbd_bed::{Bed, qemu_io, tool};
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-fn threads(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// CPU time the process used so far (user + system).
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command (which may hold spaces) start after the last ')'.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_millis(ticks * 1000 / hz)
-}
 
 /// A TCP port free on loopback now.
 fn free_port() -> u16 {
@@ -144,7 +122,7 @@ fn silent_tcp_clients_at_the_common_file_limit_hold_no_threads_and_a_normal_clie
     let (ok, out) = qemu_io(&bed.uri("v"), &["write -P 0x5a 0 64k"]);
     assert!(ok, "{out}");
     let pid = bed.daemon.pid().unwrap();
-    let (fds0, threads0) = (open_fds(pid), threads(pid));
+    let (fds0, threads0, rss0) = (open_fds(pid), threads(pid), rss_kib(pid));
     let (cpu0, t0) = (cpu_time(pid), Instant::now());
 
     let silent = silent_connections(port, 600);
@@ -189,6 +167,11 @@ fn silent_tcp_clients_at_the_common_file_limit_hold_no_threads_and_a_normal_clie
         || open_fds(pid) <= fds0 + 1 && threads(pid) <= threads0,
     )
     .unwrap();
+    let rss = rss_kib(pid);
+    assert!(
+        rss <= rss0 + 8 * 1024,
+        "RSS {rss0} KiB before, {rss} KiB after"
+    );
 }
 
 #[test]
