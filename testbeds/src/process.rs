@@ -10,11 +10,19 @@ pub fn open_fds(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-/// Threads of process `pid` (0 if it is gone).
+/// Threads process `pid` started (0 if it is gone); not the kernel's io_uring workers
+/// (`iou-wrk-*`, `iou-sqp-*`), which come and go with the I/O.
 pub fn threads(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            !comm.starts_with("iou-")
+        })
+        .count()
 }
 
 /// Resident memory of process `pid`, in KiB (0 if it is gone).

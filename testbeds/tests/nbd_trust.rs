@@ -119,10 +119,17 @@ fn silent_tcp_clients_at_the_common_file_limit_hold_no_threads_and_a_normal_clie
         ],
     );
     bed.volume("v", 16 << 20);
+    let pid = bed.daemon.pid().unwrap();
+    let threads0 = threads(pid);
     let (ok, out) = qemu_io(&bed.uri("v"), &["write -P 0x5a 0 64k"]);
     assert!(ok, "{out}");
-    let pid = bed.daemon.pid().unwrap();
-    let (fds0, threads0, rss0) = (open_fds(pid), threads(pid), rss_kib(pid));
+    testbeds::wait::until(
+        "the writer's connection to end",
+        Duration::from_secs(60),
+        || threads(pid) <= threads0,
+    )
+    .unwrap();
+    let (fds0, rss0) = (open_fds(pid), rss_kib(pid));
     let (cpu0, t0) = (cpu_time(pid), Instant::now());
 
     let silent = silent_connections(port, 600);
