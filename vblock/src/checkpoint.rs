@@ -164,7 +164,13 @@ pub fn load(data: &[u8], generation: u64, clusters: u32) -> Result<Meta, Error> 
         .map_err(|_| Error::Corrupt("checkpoint head: short".into()))?;
     let node_blocks = head.node_blocks.get();
     let volume_blocks = head.volume_blocks.get();
-    if (1 + node_blocks + volume_blocks) as usize * BLOCK_SIZE > data.len() {
+    // Checked: the counts come from disk, and a wrapped sum would pass the bound.
+    let blocks = node_blocks
+        .checked_add(volume_blocks)
+        .and_then(|n| n.checked_add(1))
+        .and_then(|n| usize::try_from(n).ok())
+        .and_then(|n| n.checked_mul(BLOCK_SIZE));
+    if blocks.is_none_or(|b| b > data.len()) {
         return Err(Error::Corrupt(
             "checkpoint head: sizes beyond the area".into(),
         ));
@@ -267,4 +273,38 @@ pub fn load(data: &[u8], generation: u64, clusters: u32) -> Result<Meta, Error> 
     }
     drop(nodes);
     Meta::from_volumes(clusters, volumes, head.next_volume_id.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::Meta;
+
+    /// Found by the `checkpoint` fuzz target: block counts whose sum wraps passed the bound
+    /// and asked for an allocation of 2^61 entries.
+    #[test]
+    fn block_counts_that_wrap_are_corruption_not_an_allocation() {
+        let mut meta = Meta::new(64);
+        meta.create_volume("v", 1 << 20).unwrap();
+        let mut data = write(&meta, 2);
+        assert!(load(&data, 2, 64).is_ok());
+        for (nodes, volumes) in [
+            (1u64 << 61, u64::MAX - (1 << 61)),
+            (u64::MAX, 1),
+            (1 << 40, 0),
+        ] {
+            let head = CkptHead {
+                node_blocks: U64::new(nodes),
+                volume_blocks: U64::new(volumes),
+                volumes: U64::new(1),
+                next_volume_id: U64::new(2),
+            };
+            data[HEADER..HEADER + std::mem::size_of::<CkptHead>()].copy_from_slice(head.as_bytes());
+            seal(&mut data[..BLOCK_SIZE], 2, 0, CKPT_KIND_HEAD, 0);
+            assert!(
+                matches!(load(&data, 2, 64), Err(Error::Corrupt(_))),
+                "{nodes} + {volumes}"
+            );
+        }
+    }
 }

@@ -130,52 +130,59 @@ fn mac_string(m: &[u8; 6]) -> String {
         .join(":")
 }
 
+/// The network configuration `raw` checked for the command in `env`: decoded, a supported
+/// version, a known link kind, names present, the MTU in range. Nothing is touched.
+pub fn check_config(env: &Env, raw: &Value) -> Result<NetConf, CniError> {
+    let conf: NetConf = serde_json::from_value(raw.clone()).map_err(|e| {
+        CniError::new(code::INVALID_CONFIG, "invalid network configuration")
+            .with_details(e.to_string())
+    })?;
+    if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "cniVersion {} is not one of {SUPPORTED_VERSIONS:?}",
+                conf.cni_version
+            ),
+        ));
+    }
+    if version_cmp(&conf.cni_version, env.command.since()).is_lt() {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "{:?} needs cniVersion {} or later, the configuration says {}",
+                env.command,
+                env.command.since(),
+                conf.cni_version
+            ),
+        ));
+    }
+    if conf.link != "veth" && conf.link != "tap" {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("link {:?}: \"veth\" or \"tap\"", conf.link),
+        ));
+    }
+    if conf.name.is_empty() || conf.tenant.is_empty() {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            "\"name\" and \"tenant\" must not be empty",
+        ));
+    }
+    if let Some(mtu) = conf.mtu
+        && !(68..=9000).contains(&mtu)
+    {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("mtu {mtu} is outside 68..=9000"),
+        ));
+    }
+    Ok(conf)
+}
+
 impl<'a> Plugin<'a> {
     fn new(env: &'a Env, raw: Value) -> Result<Plugin<'a>, CniError> {
-        let conf: NetConf = serde_json::from_value(raw.clone()).map_err(|e| {
-            CniError::new(code::INVALID_CONFIG, "invalid network configuration")
-                .with_details(e.to_string())
-        })?;
-        if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
-            return Err(CniError::new(
-                code::INCOMPATIBLE_VERSION,
-                format!(
-                    "cniVersion {} is not one of {SUPPORTED_VERSIONS:?}",
-                    conf.cni_version
-                ),
-            ));
-        }
-        if version_cmp(&conf.cni_version, env.command.since()).is_lt() {
-            return Err(CniError::new(
-                code::INCOMPATIBLE_VERSION,
-                format!(
-                    "{:?} needs cniVersion {} or later, the configuration says {}",
-                    env.command,
-                    env.command.since(),
-                    conf.cni_version
-                ),
-            ));
-        }
-        if conf.link != "veth" && conf.link != "tap" {
-            return Err(CniError::new(
-                code::INVALID_CONFIG,
-                format!("link {:?}: \"veth\" or \"tap\"", conf.link),
-            ));
-        }
-        if conf.name.is_empty() || conf.tenant.is_empty() {
-            return Err(CniError::new(
-                code::INVALID_CONFIG,
-                "\"name\" and \"tenant\" must not be empty",
-            ));
-        }
-        if let Some(mtu) = conf.mtu
-            && !(68..=9000).contains(&mtu)
-        {
-            return Err(CniError::new(
-                code::INVALID_CONFIG,
-                format!("mtu {mtu} is outside 68..=9000"),
-            ));
-        }
+        let conf = check_config(env, &raw)?;
         let socket = conf
             .socket
             .clone()

@@ -357,7 +357,8 @@ impl Kept {
 const STATE_VERSION: u32 = 1;
 
 /// Space settings within bounds: a queue timeout of 1 s to 1 day.
-fn check_space(space: &SpaceSpec) -> Result<()> {
+/// Whether a space policy is one vblockd takes (timeouts and low-water mark in range).
+pub fn check_space(space: &SpaceSpec) -> Result<()> {
     if !(1..=86_400).contains(&space.queue_timeout) {
         return Err(ApiError::Invalid(format!(
             "queue_timeout {}: between 1 and 86400 seconds",

@@ -685,6 +685,49 @@ fn transmission_flags(read_only: bool) -> u16 {
     f
 }
 
+/// The server's parsers on bytes, for the fuzz targets (feature `fuzzing`).
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    use super::*;
+
+    /// Runs the negotiation on `input` (what a client sends after the greeting) against
+    /// `exports` under `policy`; when it chooses an export, reads the requests that follow
+    /// (parsed and checked, not executed). Returns what the server answered in the
+    /// negotiation and how many requests were read.
+    pub fn session<E: Exports>(
+        exports: &E,
+        policy: &ListenerPolicy,
+        input: &[u8],
+    ) -> (Vec<u8>, usize) {
+        let mut r = input;
+        let mut answer = Vec::new();
+        let rules = Rules {
+            exports,
+            policy,
+            tls: None,
+        };
+        let mut requests = 0;
+        if let Ok(Negotiated::Export(s)) = negotiate(&mut r, &mut answer, &rules, &mut |_| {}) {
+            let (read_only, size) = (s.export.read_only, s.export.size);
+            read_requests(BufReader::new(r), read_only, size, &mut |item| {
+                if let Incoming::Work(w) = item {
+                    requests += 1;
+                    // What the executor would be handed: in range, sized as declared.
+                    match w {
+                        Work::Read(req, buf) | Work::Write(req, buf) => {
+                            assert_eq!(buf.len(), req.length as usize);
+                            assert!(req.offset + u64::from(req.length) <= size);
+                        }
+                        Work::Refused(..) | Work::Other(_) => {}
+                    }
+                }
+                true
+            });
+        }
+        (answer, requests)
+    }
+}
+
 /// Reads that fail once the negotiation's deadline has passed.
 struct Until<'a, S: Conn> {
     reader: &'a mut BufReader<S>,
@@ -1050,7 +1093,11 @@ fn transmit<S: Conn, E: Exports>(
     let (incoming_tx, incoming) = std::sync::mpsc::sync_channel::<Incoming>(BURST);
     let request_reader = std::thread::Builder::new()
         .name("nbd-requests".into())
-        .spawn(move || read_requests(reader, read_only, size, &incoming_tx))?;
+        .spawn(move || {
+            read_requests(reader, read_only, size, &mut |item| {
+                incoming_tx.send(item).is_ok()
+            })
+        })?;
     let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
     let mut data: Vec<(usize, AlignedBuf)> = Vec::new();
     let mut burst: Vec<Work> = Vec::with_capacity(BURST);
@@ -1176,12 +1223,13 @@ enum Incoming {
     End(Option<io::Error>),
 }
 
-/// Reads requests until a disconnect or an error, handing them over one by one.
+/// Reads requests until a disconnect or an error, handing them over one by one (`deliver`
+/// says false when nobody takes them any more).
 fn read_requests(
     mut reader: BufReader<impl Read>,
     read_only: bool,
     size: u64,
-    to: &std::sync::mpsc::SyncSender<Incoming>,
+    deliver: &mut dyn FnMut(Incoming) -> bool,
 ) {
     let end = loop {
         let mut hdr = [0u8; proto::REQUEST_LEN];
@@ -1195,7 +1243,7 @@ fn read_requests(
             cmd::WRITE => {
                 if req.length > MAX_PAYLOAD {
                     // The payload cannot be taken: answer, then hang up.
-                    let _ = to.send(Incoming::Work(Work::Refused(req, errno::EOVERFLOW)));
+                    deliver(Incoming::Work(Work::Refused(req, errno::EOVERFLOW)));
                     break Some(protocol_error("oversize write"));
                 }
                 let mut data = AlignedBuf::new(req.length as usize);
@@ -1226,11 +1274,11 @@ fn read_requests(
             cmd::DISC => break None,
             _ => Work::Other(req),
         };
-        if to.send(Incoming::Work(work)).is_err() {
+        if !deliver(Incoming::Work(work)) {
             return; // the connection is over
         }
     };
-    let _ = to.send(Incoming::End(end));
+    deliver(Incoming::End(end));
 }
 
 fn reply_error(out: &mut Vec<u8>, req: &Request, e: u32, structured: bool) {

@@ -168,7 +168,8 @@ fn call<R: Send + 'static>(
         .map_err(|e| ControlError::Internal(e.to_string()))
 }
 
-fn port_config(spec: &PortSpec) -> Result<PortConfig> {
+/// The port configuration a spec asks for, checked (names, MAC, addresses, limits).
+pub fn port_config(spec: &PortSpec) -> Result<PortConfig> {
     if !["tap", "veth", "vhost-user-net"].contains(&spec.kind.as_str()) {
         return Err(ControlError::Invalid(format!(
             "port kind {:?}: \"tap\", \"veth\" or \"vhost-user-net\"",
