@@ -70,7 +70,13 @@ pub async fn shutdown_signal() {
 /// [`crate::SocketAccess::install`]; default 0600) until SIGINT/SIGTERM, then removes
 /// the socket. A socket left by a crashed instance is replaced; one a live instance answers
 /// on is not (`daemon` names the daemon in that error).
-pub async fn serve(socket: &Path, router: axum::Router, daemon: &str) -> anyhow::Result<()> {
+/// At most `max_connections` connections are served at once (0: [`MAX_API_CONNECTIONS`]).
+pub async fn serve(
+    socket: &Path,
+    router: axum::Router,
+    daemon: &str,
+    max_connections: usize,
+) -> anyhow::Result<()> {
     if socket.exists() {
         if tokio::net::UnixStream::connect(socket).await.is_ok() {
             bail!("another {daemon} serves {}", socket.display());
@@ -86,7 +92,11 @@ pub async fn serve(socket: &Path, router: axum::Router, daemon: &str) -> anyhow:
     info!(socket = %socket.display(), "{daemon} ready");
     let listener = Bounded {
         inner: listener,
-        slots: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS)),
+        slots: std::sync::Arc::new(tokio::sync::Semaphore::new(if max_connections == 0 {
+            MAX_API_CONNECTIONS
+        } else {
+            max_connections
+        })),
     };
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown_signal())
@@ -99,9 +109,9 @@ pub async fn serve(socket: &Path, router: axum::Router, daemon: &str) -> anyhow:
     Ok(())
 }
 
-/// Most API connections a daemon serves at once; further clients wait in the socket's
-/// backlog until one ends (a client that opens connections and sends nothing cannot take
-/// every file descriptor or thread).
+/// Most API connections a daemon serves at once by default (`--api-max-connections`);
+/// further clients wait in the socket's backlog until one ends (a client that opens
+/// connections and sends nothing cannot take every file descriptor or thread).
 pub const MAX_API_CONNECTIONS: usize = 64;
 
 /// An API connection on which nothing happens for this long is closed (an idle keep-alive
@@ -111,7 +121,7 @@ pub const API_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 /// A new API connection that sends nothing for this long is closed.
 pub const API_FIRST_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The API socket with a bound on open connections ([`MAX_API_CONNECTIONS`]); accept errors
+/// The API socket with a bound on open connections; accept errors
 /// (EMFILE) are retried after a pause by axum, never in a spin.
 struct Bounded {
     inner: tokio::net::UnixListener,
@@ -428,6 +438,9 @@ pub struct CommonArgs {
     /// 0660 (and the group), 0666 [default: 0600].
     #[arg(long, value_name = "MODE")]
     pub socket_mode: Option<String>,
+    /// API connections served at once; more wait in the socket's backlog [default: 64].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub api_max_connections: Option<u32>,
 }
 
 impl CommonArgs {

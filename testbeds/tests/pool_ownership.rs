@@ -253,7 +253,7 @@ fn operators_see_recovery_connections_and_a_full_pool_in_logs_and_metrics() {
     d.wait_log("NBD client disconnected");
     assert!(
         d.log().lines().any(|l| l.contains("NBD client connected")
-            && l.contains("volume=v")
+            && l.contains("volume=p/v")
             && l.contains("pid")),
         "{}",
         d.log()

@@ -189,10 +189,16 @@ fn serve(args: Args) -> anyhow::Result<()> {
     }
     info!(socket = %nbd_socket.display(), "NBD exports");
     let socket = run_dir.join("vblockd.sock");
+    let api_max = args
+        .common
+        .api_max_connections
+        .or(file.api_max_connections)
+        .map_or(daemon_kit::MAX_API_CONNECTIONS, |n| n as usize);
     let served = daemon_kit::runtime()?.block_on(daemon_kit::serve(
         &socket,
         router(shared.clone()),
         "vblockd",
+        api_max,
     ));
     // Clean shutdown: NBD clients go (their writes flushed), then every pool's journal is
     // folded into a checkpoint.

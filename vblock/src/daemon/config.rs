@@ -47,6 +47,8 @@ pub struct FileConfig {
     pub socket_group: Option<String>,
     /// Permission bits of every socket the daemon creates, in octal (`"0660"`).
     pub socket_mode: Option<String>,
+    /// API connections served at once (default 64).
+    pub api_max_connections: Option<u32>,
 }
 
 impl FileConfig {

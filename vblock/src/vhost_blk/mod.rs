@@ -599,3 +599,29 @@ impl Export {
         }
     }
 }
+
+/// The request path of a queue, for the fuzz targets (feature `fuzzing`).
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    use super::*;
+
+    /// Takes every request the guest queued on `queue` (its rings in `mem`) and runs them
+    /// against `volume` of `pool` as a queue's worker does; returns each request's head and
+    /// used length (an empty list if the queue holds nothing usable).
+    pub fn process<D: Device + 'static>(
+        pool: Arc<Pool<D>>,
+        volume: &str,
+        mem: &GuestMemoryMmap,
+        queue: &mut virtio_queue::Queue,
+    ) -> Vec<(u16, u32)> {
+        let Ok(backend) = BlkBackend::new(pool, volume, &ExportConfig::default()) else {
+            return Vec::new();
+        };
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let chains: Vec<_> = match queue.iter(atomic.memory()) {
+            Ok(it) => it.collect(),
+            Err(_) => return Vec::new(),
+        };
+        backend.requests(chains, &atomic.memory())
+    }
+}

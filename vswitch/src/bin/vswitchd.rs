@@ -73,6 +73,11 @@ fn effective(args: Args) -> anyhow::Result<Config> {
         workers: args.workers.or(file.workers).unwrap_or(0),
         json_logs: common.json_logs,
         socket_access,
+        api_max_connections: args
+            .common
+            .api_max_connections
+            .or(file.api_max_connections)
+            .map_or(daemon_kit::MAX_API_CONNECTIONS, |n| n as usize),
     })
 }
 
@@ -131,5 +136,10 @@ fn serve(args: Args) -> anyhow::Result<()> {
         .context("starting the retry thread")?;
     let socket = cfg.run_dir.join("vswitchd.sock");
     info!(underlay = ?cfg.underlay, underlay_mtu = cfg.underlay_mtu, state = %cfg.state_dir.display(), "configuration");
-    daemon_kit::runtime()?.block_on(daemon_kit::serve(&socket, router(shared), "vswitchd"))
+    daemon_kit::runtime()?.block_on(daemon_kit::serve(
+        &socket,
+        router(shared),
+        "vswitchd",
+        cfg.api_max_connections,
+    ))
 }

@@ -30,6 +30,8 @@ pub struct FileConfig {
     pub socket_group: Option<String>,
     /// Permission bits of every socket the daemon creates, in octal (`"0660"`).
     pub socket_mode: Option<String>,
+    /// API connections served at once (default 64).
+    pub api_max_connections: Option<u32>,
 }
 
 impl FileConfig {
@@ -60,6 +62,8 @@ pub struct Config {
     pub json_logs: bool,
     /// Owner, group and mode of every socket.
     pub socket_access: daemon_kit::SocketAccess,
+    /// API connections served at once.
+    pub api_max_connections: usize,
 }
 
 #[cfg(test)]
