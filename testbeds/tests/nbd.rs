@@ -11,7 +11,7 @@ use vblock::nbd::proto::{self, Request, cmd, errno, opt, rep};
 
 #[path = "common/nbd_bed.rs"]
 mod nbd_bed;
-use nbd_bed::{Bed, qemu_io, qemu_io_format, tool};
+use nbd_bed::{Bed, Raw, qemu_io, qemu_io_format, tool};
 
 #[test]
 fn qemu_io_and_qemu_img_read_write_discard_zero_map_and_compare() {
@@ -200,84 +200,6 @@ fn snapshots_are_read_only_and_tcp_needs_the_allow_list() {
     bed.volume("v", 16 << 20);
     let (ok, out) = qemu_io(&tcp, &["read 0 4k"]);
     assert!(!ok, "{out}");
-}
-
-/// A raw client: negotiates with GO, then speaks requests by hand.
-struct Raw {
-    s: UnixStream,
-}
-
-impl Raw {
-    fn connect(path: &Path) -> Raw {
-        let s = UnixStream::connect(path).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut r = Raw { s };
-        let mut hello = [0u8; 18];
-        r.s.read_exact(&mut hello).unwrap();
-        assert_eq!(&hello[..8], &proto::NBDMAGIC.to_be_bytes());
-        r.s.write_all(&3u32.to_be_bytes()).unwrap();
-        r
-    }
-
-    fn option(&mut self, option: u32, data: &[u8]) {
-        let mut o = proto::IHAVEOPT.to_be_bytes().to_vec();
-        o.extend_from_slice(&option.to_be_bytes());
-        o.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        o.extend_from_slice(data);
-        self.s.write_all(&o).unwrap();
-    }
-
-    /// The next option reply: type and data.
-    fn option_reply(&mut self) -> (u32, Vec<u8>) {
-        let mut h = [0u8; 20];
-        self.s.read_exact(&mut h).unwrap();
-        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-        let mut d = vec![0u8; len as usize];
-        self.s.read_exact(&mut d).unwrap();
-        (kind, d)
-    }
-
-    /// GO to `export`; the replies up to ACK (or the error).
-    fn go(&mut self, export: &str) -> u32 {
-        let mut d = (export.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(export.as_bytes());
-        d.extend_from_slice(&0u16.to_be_bytes());
-        self.option(opt::GO, &d);
-        loop {
-            let (kind, _) = self.option_reply();
-            if kind != rep::INFO {
-                return kind;
-            }
-        }
-    }
-
-    fn request(&mut self, kind: u16, offset: u64, length: u32, cookie: u64) {
-        let r = Request {
-            flags: 0,
-            kind,
-            cookie,
-            offset,
-            length,
-        };
-        self.s.write_all(&r.encode()).unwrap();
-    }
-
-    /// A simple reply: error and cookie.
-    fn reply(&mut self) -> Option<(u32, u64)> {
-        let mut h = [0u8; 16];
-        self.s.read_exact(&mut h).ok()?;
-        assert_eq!(&h[..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
-        Some((
-            u32::from_be_bytes(h[4..8].try_into().unwrap()),
-            u64::from_be_bytes(h[8..16].try_into().unwrap()),
-        ))
-    }
-
-    fn closed(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        matches!(self.s.read(&mut b), Ok(0) | Err(_))
-    }
 }
 
 #[test]

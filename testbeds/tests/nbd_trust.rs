@@ -17,7 +17,7 @@ use testbeds::process::{cpu_time, open_fds, rss_kib, threads};
 
 #[path = "common/nbd_bed.rs"]
 mod nbd_bed;
-use nbd_bed::{Bed, qemu_io, tool};
+use nbd_bed::{Bed, Raw, qemu_io, tool};
 
 /// A TCP port free on loopback now.
 fn free_port() -> u16 {
@@ -559,4 +559,74 @@ fn a_tls_listener_refuses_to_start_without_its_key_or_with_a_bad_certificate() {
         assert!(!out.status.success(), "started with {flags:?}");
         assert!(err.contains("TLS"), "{err}");
     }
+}
+
+#[test]
+fn idle_clients_hold_no_threads_and_are_served_as_soon_as_they_speak() {
+    let bed = Bed::new("lv-nbd-idle", &["--nbd-idle-after", "1"]);
+    bed.volume("v", 16 << 20);
+    let pid = bed.daemon.pid().unwrap();
+    let threads0 = threads(pid);
+    let (ok, out) = qemu_io(&bed.uri("v"), &["write -P 0x3c 0 64k"]);
+    assert!(ok, "{out}");
+    testbeds::wait::until(
+        "the writer's connection to end",
+        Duration::from_secs(60),
+        || threads(pid) <= threads0,
+    )
+    .unwrap();
+    let fds0 = open_fds(pid);
+    // 40 clients choose the export and read once (three threads each while they work)...
+    let read = |c: &mut Raw, cookie: u64| {
+        c.request(proto::cmd::READ, 4096, 4096, cookie);
+        assert_eq!(c.reply(), Some((0, cookie)));
+        let mut data = vec![0u8; 4096];
+        c.s.read_exact(&mut data).unwrap();
+        assert!(data.iter().all(|&b| b == 0x3c));
+    };
+    let mut clients: Vec<Raw> = (0..40)
+        .map(|i| {
+            let mut c = Raw::connect(&bed.nbd_socket());
+            c.s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            assert_eq!(c.go("p/v"), rep::ACK);
+            read(&mut c, i);
+            c
+        })
+        .collect();
+    // ...then say nothing: their threads go, their connections stay.
+    testbeds::wait::until(
+        "idle connections to give their threads back",
+        Duration::from_secs(60),
+        || threads(pid) <= threads0,
+    )
+    .unwrap();
+    assert!(open_fds(pid) >= fds0 + 40, "connections closed");
+    // Each is served again the moment it speaks (a write, and a read of it).
+    for (i, c) in clients.iter_mut().enumerate() {
+        let at = (1 << 20) + 4096 * i as u64;
+        let mut w = proto::Request {
+            flags: 0,
+            kind: proto::cmd::WRITE,
+            cookie: 1000 + i as u64,
+            offset: at,
+            length: 4096,
+        }
+        .encode()
+        .to_vec();
+        w.extend_from_slice(&[i as u8; 4096]);
+        c.s.write_all(&w).unwrap();
+        assert_eq!(c.reply(), Some((0, 1000 + i as u64)));
+        read(c, 2000 + i as u64);
+    }
+    testbeds::wait::until("idle again", Duration::from_secs(60), || {
+        threads(pid) <= threads0
+    })
+    .unwrap();
+    drop(clients);
+    testbeds::wait::until("connections closed", Duration::from_secs(60), || {
+        open_fds(pid) <= fds0
+    })
+    .unwrap();
+    let (ok, out) = qemu_io(&bed.uri("v"), &["read -P 7 1077248 4k"]);
+    assert!(ok, "{out}");
 }

@@ -1,13 +1,17 @@
 //! vblockd with one pool for the NBD tests, and the third-party tools they run.
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use libvirtual::block::Client;
 use testbeds::daemon::{Daemon, workspace_binary};
 use testbeds::scratch::Scratch;
 use vblock::api::{PoolSpec, VolumeSpec};
+use vblock::nbd::proto::{self, Request, opt, rep};
 
 pub struct Bed {
     pub dir: Scratch,
@@ -109,4 +113,85 @@ pub fn qemu_io_format(format: &str, image: &str, cmds: &[&str]) -> (bool, String
     }
     args.push(image);
     tool("qemu-io", &args)
+}
+
+/// A raw client: negotiates with GO, then speaks requests by hand.
+pub struct Raw {
+    pub s: UnixStream,
+}
+
+impl Raw {
+    /// Connects, reads the greeting, sends the client flags.
+    pub fn connect(path: &Path) -> Raw {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = Raw { s };
+        let mut hello = [0u8; 18];
+        r.s.read_exact(&mut hello).unwrap();
+        assert_eq!(&hello[..8], &proto::NBDMAGIC.to_be_bytes());
+        r.s.write_all(&3u32.to_be_bytes()).unwrap();
+        r
+    }
+
+    /// Sends option `option` with `data`.
+    pub fn option(&mut self, option: u32, data: &[u8]) {
+        let mut o = proto::IHAVEOPT.to_be_bytes().to_vec();
+        o.extend_from_slice(&option.to_be_bytes());
+        o.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        o.extend_from_slice(data);
+        self.s.write_all(&o).unwrap();
+    }
+
+    /// The next option reply: type and data.
+    pub fn option_reply(&mut self) -> (u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).unwrap();
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut d = vec![0u8; len as usize];
+        self.s.read_exact(&mut d).unwrap();
+        (kind, d)
+    }
+
+    /// GO to `export`; the replies up to ACK (or the error).
+    pub fn go(&mut self, export: &str) -> u32 {
+        let mut d = (export.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        self.option(opt::GO, &d);
+        loop {
+            let (kind, _) = self.option_reply();
+            if kind != rep::INFO {
+                return kind;
+            }
+        }
+    }
+
+    /// Sends request `kind` (no payload).
+    pub fn request(&mut self, kind: u16, offset: u64, length: u32, cookie: u64) {
+        let r = Request {
+            flags: 0,
+            kind,
+            cookie,
+            offset,
+            length,
+        };
+        self.s.write_all(&r.encode()).unwrap();
+    }
+
+    /// A simple reply: error and cookie.
+    pub fn reply(&mut self) -> Option<(u32, u64)> {
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h).ok()?;
+        assert_eq!(&h[..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+        Some((
+            u32::from_be_bytes(h[4..8].try_into().unwrap()),
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+        ))
+    }
+
+    pub fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
 }

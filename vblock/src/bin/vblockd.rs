@@ -53,6 +53,10 @@ struct Args {
     /// TLS handshake included).
     #[arg(long = "nbd-handshake-timeout", value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     nbd_handshake_timeout: Option<u64>,
+    /// Seconds of silence between requests after which an NBD connection gives its threads
+    /// back until its client speaks again (default 30; the connection stays open).
+    #[arg(long = "nbd-idle-after", value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    nbd_idle_after: Option<u64>,
     /// Commit writes no client flushed after this many seconds at most (default 30; each
     /// commit flushes the pool's device).
     #[arg(long = "commit-interval", value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -146,6 +150,10 @@ fn serve(args: Args) -> anyhow::Result<()> {
     if let Some(s) = args.nbd_handshake_timeout.or(file.nbd_handshake_timeout) {
         anyhow::ensure!(s > 0, "nbd_handshake_timeout: at least 1 second");
         policy.handshake_timeout = std::time::Duration::from_secs(s);
+    }
+    if let Some(s) = args.nbd_idle_after.or(file.nbd_idle_after) {
+        anyhow::ensure!(s > 0, "nbd_idle_after: at least 1 second");
+        policy.idle_after = std::time::Duration::from_secs(s);
     }
     nbd.listen_unix(&nbd_socket, policy.clone())
         .with_context(|| format!("NBD socket {}", nbd_socket.display()))?;

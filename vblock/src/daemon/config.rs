@@ -39,6 +39,8 @@ pub struct FileConfig {
     pub nbd_max_connections: Option<u32>,
     /// Seconds an NBD client has to choose an export (default 10).
     pub nbd_handshake_timeout: Option<u64>,
+    /// Seconds of silence after which an NBD connection waits without threads (default 30).
+    pub nbd_idle_after: Option<u64>,
     /// Seconds after which writes no client flushed are committed (default 30).
     pub commit_interval: Option<u64>,
     /// Owner (user name or uid) of every socket the daemon creates.

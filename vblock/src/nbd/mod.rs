@@ -17,6 +17,6 @@ pub mod server;
 pub mod tls;
 
 pub use server::{
-    AllowedNet, Connections, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Exports,
-    ListenerPolicy, NbdServer, PoolExports, Target, pool_key,
+    AllowedNet, Connections, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_AFTER,
+    DEFAULT_MAX_CONNECTIONS, Exports, ListenerPolicy, NbdServer, PoolExports, Target, pool_key,
 };

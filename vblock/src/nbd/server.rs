@@ -12,7 +12,7 @@
 //! writes go to the pool as one batch each (the same io_uring engine vhost-user-blk uses),
 //! and the replies of a burst leave in one write. Per-volume I/O limits apply as everywhere.
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -42,6 +42,8 @@ const MAX_OPTION: u32 = 64 << 10;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
 /// Default time a client has, from its connection, to choose an export.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default silence after which a connection waits without threads.
+pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(30);
 /// How long a listener out of file descriptors waits before it accepts again.
 const DESCRIPTOR_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -53,6 +55,9 @@ pub struct ListenerPolicy {
     pub max_connections: usize,
     /// Time from connecting to choosing an export (TLS handshake included).
     pub handshake_timeout: Duration,
+    /// A connection silent this long between requests gives its threads back and waits in
+    /// the listener's thread until its client speaks again (it stays open).
+    pub idle_after: Duration,
     /// Client networks allowed (TCP only; an empty list refuses every TCP client).
     pub allow: Vec<AllowedNet>,
     /// Exports offered (`POOL/VOLUME`, or `POOL/*` for every volume of a pool; the plain
@@ -67,6 +72,7 @@ impl Default for ListenerPolicy {
         ListenerPolicy {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_after: DEFAULT_IDLE_AFTER,
             allow: Vec::new(),
             exports: Vec::new(),
             tls: None,
@@ -79,6 +85,7 @@ impl std::fmt::Debug for ListenerPolicy {
         f.debug_struct("ListenerPolicy")
             .field("max_connections", &self.max_connections)
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("idle_after", &self.idle_after)
             .field("allow", &self.allow)
             .field("exports", &self.exports)
             .field("tls", &self.tls.is_some())
@@ -219,6 +226,8 @@ pub(super) trait Conn: Read + Write + AsFd + Send + Sized + 'static {
     fn peer(&self) -> String;
     /// Read and write timeouts (None: block).
     fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()>;
+    /// A read timeout only (writes block).
+    fn set_idle(&self, t: Option<Duration>) -> io::Result<()>;
     fn set_nonblocking(&self, on: bool) -> io::Result<()>;
 }
 
@@ -232,6 +241,10 @@ impl Conn for UnixStream {
     }
     fn set_nonblocking(&self, on: bool) -> io::Result<()> {
         UnixStream::set_nonblocking(self, on)
+    }
+    fn set_idle(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(None)
     }
     fn close(&self) {
         let _ = self.shutdown(std::net::Shutdown::Both);
@@ -255,6 +268,10 @@ impl Conn for TcpStream {
     }
     fn set_nonblocking(&self, on: bool) -> io::Result<()> {
         TcpStream::set_nonblocking(self, on)
+    }
+    fn set_idle(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(None)
     }
     fn close(&self) {
         let _ = self.shutdown(std::net::Shutdown::Both);
@@ -461,10 +478,35 @@ fn hello() -> [u8; 18] {
     h
 }
 
-/// A connection greeted, waiting for the client's first word (in the listener's thread).
-struct Waiting<S> {
-    stream: S,
-    deadline: Instant,
+/// A connection waiting in the listener's thread for its client to speak: greeted and
+/// yet to choose an export (until its deadline), or idle in the middle of its session.
+struct Waiting<S, D: Device> {
+    stream: Stream<S>,
+    state: WaitState<D>,
+}
+
+enum WaitState<D: Device> {
+    /// New: choose an export by the deadline.
+    Fresh(Instant),
+    /// Idle: connection id, client and session, resumed when the client speaks.
+    Idle(u64, String, Session<D>),
+}
+
+impl<S, D: Device> Waiting<S, D> {
+    fn deadline(&self) -> Option<Instant> {
+        match self.state {
+            WaitState::Fresh(d) => Some(d),
+            WaitState::Idle(..) => None,
+        }
+    }
+}
+
+/// Where an idle connection goes back to its listener's thread (and the eventfd that wakes it).
+struct ParkingLot<S, D: Device> {
+    to_listener: Mutex<std::sync::mpsc::Sender<Waiting<S, D>>>,
+    wake: nix::sys::eventfd::EventFd,
+    /// Sent and not yet taken: still counted against the listener's bound.
+    in_transit: AtomicUsize,
 }
 
 /// Counts a listener's connection until it ends.
@@ -498,42 +540,65 @@ where
     E: Exports,
 {
     let policy = Arc::new(policy);
+    let (to_listener, parked) = std::sync::mpsc::channel::<Waiting<S, E::Dev>>();
+    let wake = nix::sys::eventfd::EventFd::from_flags(
+        nix::sys::eventfd::EfdFlags::EFD_NONBLOCK | nix::sys::eventfd::EfdFlags::EFD_CLOEXEC,
+    )
+    .map_err(|e| Error::Io("NBD listener eventfd".into(), e.into()))?;
+    let lot = Arc::new(ParkingLot {
+        to_listener: Mutex::new(to_listener),
+        wake,
+        in_transit: AtomicUsize::new(0),
+    });
     std::thread::Builder::new()
         .name("nbd-accept".into())
         .spawn(move || {
             let active = Arc::new(AtomicUsize::new(0));
-            let mut waiting: Vec<Waiting<S>> = Vec::new();
+            let mut waiting: Vec<Waiting<S, E::Dev>> = Vec::new();
             // Closed to make room when the process is out of descriptors, so the connection
             // that cannot be served is taken off the queue and closed, not left to spin on.
             let mut reserve = std::fs::File::open("/dev/null").ok();
             let mut paused_until: Option<Instant> = None;
             while !shared.stop.load(Ordering::Acquire) {
+                // Idle connections handed back.
+                let _ = lot.wake.read();
+                for w in parked.try_iter() {
+                    lot.in_transit.fetch_sub(1, Ordering::AcqRel);
+                    waiting.push(w);
+                }
                 let now = Instant::now();
                 waiting.retain(|w| {
-                    let on_time = w.deadline > now;
+                    let on_time = w.deadline().is_none_or(|d| d > now);
                     if !on_time {
                         shared.stats.timed_out.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(peer = %w.stream.peer(), "NBD client silent: closed");
+                        tracing::debug!("NBD client silent: closed");
                     }
                     on_time
                 });
                 if paused_until.is_some_and(|t| t <= now) {
                     paused_until = None;
                 }
-                let room = active.load(Ordering::Acquire) + waiting.len() < policy.max_connections;
-                let listening = room && paused_until.is_none();
+                let open = active.load(Ordering::Acquire)
+                    + waiting.len()
+                    + lot.in_transit.load(Ordering::Acquire);
+                let listening = open < policy.max_connections && paused_until.is_none();
                 let mut wait = Duration::from_millis(200);
-                for t in waiting.iter().map(|w| w.deadline).chain(paused_until) {
+                for t in waiting
+                    .iter()
+                    .filter_map(|w| w.deadline())
+                    .chain(paused_until)
+                {
                     wait = wait.min(t.saturating_duration_since(now));
                 }
                 let (listener_ready, ready) = {
-                    let mut fds = Vec::with_capacity(1 + waiting.len());
+                    let mut fds = Vec::with_capacity(2 + waiting.len());
                     let interest = if listening {
                         PollFlags::POLLIN
                     } else {
                         PollFlags::empty()
                     };
                     fds.push(PollFd::new(listener.as_fd(), interest));
+                    fds.push(PollFd::new(lot.wake.as_fd(), PollFlags::POLLIN));
                     for w in &waiting {
                         fds.push(PollFd::new(w.stream.as_fd(), PollFlags::POLLIN));
                     }
@@ -542,12 +607,12 @@ where
                         continue;
                     }
                     let spoke = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-                    let ready: Vec<usize> = (1..fds.len()).filter(|&i| spoke(&fds[i])).collect();
+                    let ready: Vec<usize> = (2..fds.len()).filter(|&i| spoke(&fds[i])).collect();
                     (listening && spoke(&fds[0]), ready)
                 };
                 for i in ready.into_iter().rev() {
-                    let w = waiting.swap_remove(i - 1);
-                    start_connection(w, &shared, &policy, &active);
+                    let w = waiting.swap_remove(i - 2);
+                    start_connection(w, &shared, &policy, &active, &lot);
                 }
                 if !listener_ready {
                     continue;
@@ -563,8 +628,8 @@ where
                         let _ = stream.set_timeouts(Some(Duration::from_secs(1)));
                         if stream.write_all(&hello()).is_ok() {
                             waiting.push(Waiting {
-                                stream,
-                                deadline: now + policy.handshake_timeout,
+                                stream: Stream::Net(stream),
+                                state: WaitState::Fresh(now + policy.handshake_timeout),
                             });
                         }
                     }
@@ -589,32 +654,81 @@ where
         .map_err(|e| Error::Io("NBD listener thread".into(), e))
 }
 
-/// Gives a connection whose client spoke a thread of its own.
+/// Gives a connection whose client spoke a thread of its own: a new one negotiates, an
+/// idle one goes on with its session. A connection idle again goes back to the listener.
 fn start_connection<S: Conn, E: Exports>(
-    w: Waiting<S>,
+    w: Waiting<S, E::Dev>,
     shared: &Arc<Shared<E>>,
     policy: &Arc<ListenerPolicy>,
     active: &Arc<AtomicUsize>,
+    lot: &Arc<ParkingLot<S, E::Dev>>,
 ) {
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let Ok(closer) = w.stream.duplicate() else {
-        return;
+    let id = match &w.state {
+        WaitState::Idle(id, ..) => *id,
+        WaitState::Fresh(_) => {
+            let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+            let closer = match &w.stream {
+                Stream::Net(s) => s.duplicate().map(|c| Box::new(move || c.close()) as Closer),
+                Stream::Tls(_) => return, // a fresh connection has no TLS yet
+            };
+            let Ok(close) = closer else {
+                return;
+            };
+            shared.open().push(Open {
+                id,
+                close,
+                bound: None,
+            });
+            id
+        }
     };
-    shared.open().push(Open {
-        id,
-        close: Box::new(move || closer.close()),
-        bound: None,
-    });
     active.fetch_add(1, Ordering::AcqRel);
     let held = Held(active.clone());
-    let (sh, policy) = (shared.clone(), policy.clone());
+    let (sh, policy, lot) = (shared.clone(), policy.clone(), lot.clone());
     let spawned = std::thread::Builder::new()
         .name("nbd-conn".into())
         .spawn(move || {
             let _held = held;
-            let client = w.stream.peer();
-            if let Err(e) = serve(w.stream, client, &sh, id, &policy, w.deadline, None) {
-                tracing::debug!(error = %e, "NBD connection ended");
+            let served = match (w.stream, w.state) {
+                (Stream::Net(s), WaitState::Fresh(deadline)) => {
+                    let client = s.peer();
+                    serve(s, client.clone(), &sh, id, &policy, deadline, None)
+                        .map(|p| p.map(|(s, session)| (s, session, client)))
+                }
+                (Stream::Net(s), WaitState::Idle(_, client, session)) => {
+                    let reader = BufReader::with_capacity(256 << 10, s);
+                    run_session(reader, &client, &sh, &policy, session)
+                        .map(|p| p.map(|(s, session)| (s, session, client)))
+                }
+                (Stream::Tls(u), WaitState::Idle(_, client, session)) => {
+                    let reader = BufReader::with_capacity(256 << 10, u);
+                    run_session(reader, &client, &sh, &policy, session)
+                        .map(|p| p.map(|(s, session)| (Stream::tls_side(s), session, client)))
+                }
+                (Stream::Tls(_), WaitState::Fresh(_)) => Ok(None),
+            };
+            match served {
+                Ok(Some((stream, session, client))) => {
+                    // Idle: back to the listener's thread, still open and registered.
+                    lot.in_transit.fetch_add(1, Ordering::AcqRel);
+                    let back = Waiting {
+                        stream,
+                        state: WaitState::Idle(id, client, session),
+                    };
+                    let sent = lot
+                        .to_listener
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .send(back)
+                        .is_ok();
+                    if sent {
+                        let _ = lot.wake.write(1);
+                        return;
+                    }
+                    lot.in_transit.fetch_sub(1, Ordering::AcqRel);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, "NBD connection ended"),
             }
             sh.open().retain(|o| o.id != id);
         });
@@ -761,9 +875,36 @@ enum Negotiated<D: Device> {
     Ended,
 }
 
+/// A connection's stream while it waits without a thread: the socket, or the plaintext side
+/// of its TLS session.
+enum Stream<S> {
+    Net(S),
+    Tls(UnixStream),
+}
+
+impl<S: AsFd> Stream<S> {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Stream::Net(s) => s.as_fd(),
+            Stream::Tls(s) => s.as_fd(),
+        }
+    }
+
+    /// A plaintext side (itself a `Stream<UnixStream>`) as the stream of its connection.
+    fn tls_side(s: Stream<UnixStream>) -> Stream<S> {
+        match s {
+            Stream::Net(u) | Stream::Tls(u) => Stream::Tls(u),
+        }
+    }
+}
+
+/// An idle connection put aside: its stream and its session.
+type Parked<S, D> = (Stream<S>, Session<D>);
+
 /// Serves one connection: negotiation (TLS first where the listener requires it), then
 /// transmission. `tls`: the stream is the plaintext side of a TLS session (and the
-/// client's NO_ZEROES flag, given before it).
+/// client's NO_ZEROES flag, given before it). Returns the connection when its client went
+/// idle, to wait without a thread.
 fn serve<S: Conn, E: Exports>(
     stream: S,
     client: String,
@@ -772,7 +913,7 @@ fn serve<S: Conn, E: Exports>(
     policy: &ListenerPolicy,
     deadline: Instant,
     tls: Option<bool>,
-) -> io::Result<()> {
+) -> io::Result<Option<Parked<S, E::Dev>>> {
     let mut writer = stream.duplicate()?;
     let mut reader = BufReader::with_capacity(256 << 10, stream);
     // Registered with its identity before the client hears that it got the export: a volume
@@ -797,7 +938,7 @@ fn serve<S: Conn, E: Exports>(
         Negotiated::Export(session) => session,
         Negotiated::Ended => {
             tracing::debug!(%client, "NBD client ended the negotiation without an export");
-            return Ok(());
+            return Ok(None);
         }
         Negotiated::StartTls { no_zeroes } => {
             let Some(config) = policy.tls.clone() else {
@@ -811,7 +952,7 @@ fn serve<S: Conn, E: Exports>(
             drop(writer);
             let plain = super::tls::terminate(reader.into_inner(), config, deadline)?;
             let client = format!("{client} tls");
-            return serve(
+            let parked = serve(
                 plain,
                 client,
                 shared,
@@ -819,21 +960,46 @@ fn serve<S: Conn, E: Exports>(
                 policy,
                 deadline,
                 Some(no_zeroes),
-            );
+            )?;
+            return Ok(parked.map(|(s, session)| (Stream::tls_side(s), session)));
         }
     };
-    reader.get_ref().set_timeouts(None)?;
-    let poller = reader.get_ref().duplicate()?;
+    drop(writer);
     let target = &session.export.target;
-    let volume = target.name.clone();
     let read_only = session.export.read_only;
-    tracing::info!(%client, %volume, read_only, "NBD client connected");
-    let ended = transmit(reader, writer, &poller, session, shared);
-    match &ended {
-        Ok(()) => tracing::info!(%client, %volume, "NBD client disconnected"),
-        Err(e) => tracing::info!(%client, %volume, error = %e, "NBD connection broken"),
+    tracing::info!(%client, volume = %target.name, read_only, "NBD client connected");
+    // The reader goes on: requests the client sent right behind its GO are in its buffer.
+    run_session(reader, &client, shared, policy, session)
+}
+
+/// The transmission phase of a connection with its export chosen (again, after an idle
+/// time): until the client goes away, or goes idle (then the connection comes back).
+fn run_session<S: Conn, E: Exports>(
+    reader: BufReader<S>,
+    client: &str,
+    shared: &Shared<E>,
+    policy: &ListenerPolicy,
+    session: Session<E::Dev>,
+) -> io::Result<Option<Parked<S, E::Dev>>> {
+    // Silent this long between requests, the connection gives its threads back.
+    reader.get_ref().set_idle(Some(policy.idle_after))?;
+    let writer = reader.get_ref().duplicate()?;
+    let poller = reader.get_ref().duplicate()?;
+    let volume = session.export.target.name.clone();
+    match transmit(reader, writer, &poller, session, shared) {
+        Transmitted::Idle(stream, session) => {
+            tracing::debug!(%client, %volume, "NBD client idle: waiting without a thread");
+            Ok(Some((Stream::Net(stream), session)))
+        }
+        Transmitted::Ended(Ok(())) => {
+            tracing::info!(%client, %volume, "NBD client disconnected");
+            Ok(None)
+        }
+        Transmitted::Ended(Err(e)) => {
+            tracing::info!(%client, %volume, error = %e, "NBD connection broken");
+            Err(e)
+        }
     }
-    ended
 }
 
 /// What a negotiation may offer.
@@ -1059,18 +1225,42 @@ fn error_value(e: &Error) -> u32 {
     }
 }
 
+/// How a transmission phase ended.
+enum Transmitted<S, D: Device> {
+    /// The client went away, or the connection broke.
+    Ended(io::Result<()>),
+    /// The client was idle: the stream and the session, to resume when it speaks again.
+    Idle(S, Session<D>),
+}
+
 fn transmit<S: Conn, E: Exports>(
     reader: BufReader<S>,
     writer: S,
     poller: &S,
     session: Session<E::Dev>,
     shared: &Shared<E>,
-) -> io::Result<()> {
+) -> Transmitted<S, E::Dev> {
+    match transmit_inner(reader, writer, poller, &session, shared) {
+        Ok(Some(stream)) => Transmitted::Idle(stream, session),
+        Ok(None) => Transmitted::Ended(Ok(())),
+        Err(e) => Transmitted::Ended(Err(e)),
+    }
+}
+
+/// The transmission phase; `Some(stream)` when the client went idle.
+fn transmit_inner<S: Conn, E: Exports>(
+    reader: BufReader<S>,
+    writer: S,
+    poller: &S,
+    session: &Session<E::Dev>,
+    shared: &Shared<E>,
+) -> io::Result<Option<S>> {
     let Session {
         export,
         structured,
         allocation,
     } = session;
+    let (structured, allocation) = (*structured, *allocation);
     let (pool, volume) = (&export.target.pool, export.target.volume.as_str());
     let mut wrote = false;
     // Replies leave from a thread of their own: while one burst's replies are on their way
@@ -1105,14 +1295,16 @@ fn transmit<S: Conn, E: Exports>(
         // 1. Take what has been read (at least one request, or the end).
         burst.clear();
         let mut end = None;
+        let mut idle = false;
         // The reader gone without a word (it cannot be, short of a panic) counts as a disconnect.
         let first = incoming.recv().unwrap_or(Incoming::End(None));
         for item in std::iter::once(first).chain(incoming.try_iter()) {
             match item {
                 Incoming::Work(w) => burst.push(w),
                 Incoming::End(e) => end = Some(e),
+                Incoming::Idle => idle = true,
             }
-            if end.is_some() || burst.len() >= BURST {
+            if end.is_some() || idle || burst.len() >= BURST {
                 break;
             }
         }
@@ -1149,7 +1341,7 @@ fn transmit<S: Conn, E: Exports>(
                         wrote = true;
                     }
                     other(
-                        pool, volume, &export, &req, structured, allocation, &mut out, shared,
+                        pool, volume, export, &req, structured, allocation, &mut out, shared,
                     );
                     j = i + 1;
                 }
@@ -1171,10 +1363,13 @@ fn transmit<S: Conn, E: Exports>(
                 "reply thread ended",
             ));
         }
+        if idle {
+            break Ok(true);
+        }
         match end {
             None => {}
-            Some(None) => break Ok(()),
-            Some(Some(e)) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
+            Some(None) => break Ok(false),
+            Some(Some(e)) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(false),
             Some(Some(e)) => break Err(e),
         }
     };
@@ -1188,12 +1383,17 @@ fn transmit<S: Conn, E: Exports>(
         poller.close();
     }
     drop(incoming);
-    let _ = request_reader.join();
+    let reader = request_reader.join().ok().flatten();
+    let idle = matches!(result, Ok(true)) && sent.is_ok();
+    if idle && let Some(reader) = reader {
+        // Its buffer is empty: the reader stopped at a request boundary with nothing read.
+        return Ok(Some(reader.into_inner()));
+    }
     // What the client wrote is made durable when it goes away.
     if wrote {
         let _ = pool.flush();
     }
-    result.and(sent)
+    result.and(sent).map(|_| None)
 }
 
 /// The replies of a burst: header bytes, and read data to go in at given positions of
@@ -1215,25 +1415,62 @@ impl Replies {
     }
 }
 
-/// Whether more bytes wait on the socket (without blocking).
 /// What the request reader hands over: a request (with its payload), or the end of the
 /// requests — a disconnect (`None`) or why they broke off.
 enum Incoming {
     Work(Work),
     End(Option<io::Error>),
+    /// Nothing came for the listener's idle time at a request boundary: the connection
+    /// gives its threads back (the reader returns the stream, nothing left in its buffer).
+    Idle,
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+/// Fills `buf` whole; a read timeout in the middle of a request is waited out (the idle
+/// timeout only counts between requests).
+fn read_patiently(r: &mut impl Read, mut buf: &mut [u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match r.read(buf) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Reads requests until a disconnect or an error, handing them over one by one (`deliver`
-/// says false when nobody takes them any more).
-fn read_requests(
-    mut reader: BufReader<impl Read>,
+/// says false when nobody takes them any more). With a read timeout on the stream, a
+/// client silent that long between requests ends the reading with [`Incoming::Idle`], and
+/// the reader comes back (its buffer empty) so that the connection can wait without a
+/// thread.
+fn read_requests<R: Read>(
+    mut reader: BufReader<R>,
     read_only: bool,
     size: u64,
     deliver: &mut dyn FnMut(Incoming) -> bool,
-) {
+) -> Option<BufReader<R>> {
     let end = loop {
+        // A request boundary.
+        match reader.fill_buf() {
+            Ok([]) => break None,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if is_timeout(&e) => {
+                deliver(Incoming::Idle);
+                return Some(reader);
+            }
+            Err(e) => break Some(e),
+        }
         let mut hdr = [0u8; proto::REQUEST_LEN];
-        if let Err(e) = reader.read_exact(&mut hdr) {
+        if let Err(e) = read_patiently(&mut reader, &mut hdr) {
             break Some(e);
         }
         let Some(req) = Request::parse(&hdr) else {
@@ -1247,7 +1484,7 @@ fn read_requests(
                     break Some(protocol_error("oversize write"));
                 }
                 let mut data = AlignedBuf::new(req.length as usize);
-                if let Err(e) = reader.read_exact(&mut data) {
+                if let Err(e) = read_patiently(&mut reader, &mut data) {
                     break Some(e);
                 }
                 let refusal = if read_only {
@@ -1275,10 +1512,11 @@ fn read_requests(
             _ => Work::Other(req),
         };
         if !deliver(Incoming::Work(work)) {
-            return; // the connection is over
+            return None; // the connection is over
         }
     };
     deliver(Incoming::End(end));
+    None
 }
 
 fn reply_error(out: &mut Vec<u8>, req: &Request, e: u32, structured: bool) {
