@@ -11,6 +11,8 @@
 //! every request already waiting is read before any is executed, runs of reads and of
 //! writes go to the pool as one batch each (the same io_uring engine vhost-user-blk uses),
 //! and the replies of a burst leave in one write. Per-volume I/O limits apply as everywhere.
+//! A connection silent between requests for [`ListenerPolicy::idle_after`] gives its
+//! threads back and waits in its listener's thread, like a new one, until its client speaks.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
