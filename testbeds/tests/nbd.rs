@@ -4,7 +4,6 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
 
 use testbeds::scratch::Scratch;
 use vblock::nbd::proto::{self, Request, cmd, errno, opt, rep};
