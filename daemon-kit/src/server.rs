@@ -409,6 +409,30 @@ mod tests {
     }
 }
 
+/// Calls `retry` on the daemon state behind `state` every `every`, from a thread of its
+/// own, until the state is dropped: how both daemons try again what they could not
+/// restore at start (a namespace or a file system that comes back later).
+pub fn spawn_retries<T: Send + 'static>(
+    name: &str,
+    every: std::time::Duration,
+    state: std::sync::Weak<std::sync::Mutex<T>>,
+    mut retry: impl FnMut(&mut T) + Send + 'static,
+) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                let Some(state) = state.upgrade() else {
+                    return;
+                };
+                retry(&mut state.lock().unwrap_or_else(|p| p.into_inner()));
+            }
+        })
+        .with_context(|| format!("starting the {name} thread"))?;
+    Ok(())
+}
+
 /// The flags every daemon takes (flatten into its own `clap` arguments).
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct CommonArgs {

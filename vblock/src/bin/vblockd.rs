@@ -119,22 +119,16 @@ fn serve(args: Args) -> anyhow::Result<()> {
     let shared = Arc::new(Mutex::new(control));
     // Saved pools and exports that could not be restored are tried again every few seconds
     // (a file system mounted late); they stay in the state meanwhile.
-    let retry = Arc::downgrade(&shared);
-    std::thread::Builder::new()
-        .name("vblockd-retry".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(std::time::Duration::from_secs(3));
-                let Some(shared) = retry.upgrade() else {
-                    return;
-                };
-                let mut c = shared.lock().unwrap_or_else(|p| p.into_inner());
-                if !c.unrestored().is_empty() {
-                    c.retry_unrestored();
-                }
+    daemon_kit::spawn_retries(
+        "vblockd-retry",
+        std::time::Duration::from_secs(3),
+        Arc::downgrade(&shared),
+        |c| {
+            if !c.unrestored().is_empty() {
+                c.retry_unrestored();
             }
-        })
-        .context("starting the retry thread")?;
+        },
+    )?;
     info!(state = %state_dir.display(), pools = shared.lock().map(|c| c.pools().len()).unwrap_or(0), "configuration");
     let mut nbd = NbdServer::new(Arc::new(NbdCatalog(shared.clone())));
     shared

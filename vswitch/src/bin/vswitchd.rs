@@ -118,22 +118,16 @@ fn serve(args: Args) -> anyhow::Result<()> {
     let shared = Arc::new(Mutex::new(control));
     // What could not be restored is tried again every few seconds (a network namespace may
     // come back); it stays in the state meanwhile.
-    let retry = Arc::downgrade(&shared);
-    std::thread::Builder::new()
-        .name("vswitchd-retry".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(RETRY_INTERVAL);
-                let Some(shared) = retry.upgrade() else {
-                    return;
-                };
-                let mut c = shared.lock().unwrap_or_else(|p| p.into_inner());
-                if !c.unrestored().is_empty() {
-                    c.retry_unrestored();
-                }
+    daemon_kit::spawn_retries(
+        "vswitchd-retry",
+        RETRY_INTERVAL,
+        Arc::downgrade(&shared),
+        |c| {
+            if !c.unrestored().is_empty() {
+                c.retry_unrestored();
             }
-        })
-        .context("starting the retry thread")?;
+        },
+    )?;
     let socket = cfg.run_dir.join("vswitchd.sock");
     info!(underlay = ?cfg.underlay, underlay_mtu = cfg.underlay_mtu, state = %cfg.state_dir.display(), "configuration");
     daemon_kit::runtime()?.block_on(daemon_kit::serve(
