@@ -9,6 +9,7 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::Error;
+use crate::error::Structure;
 use crate::format::{
     BLOCK_SIZE, CKPT_CRC_AT, CKPT_KIND_HEAD, CKPT_KIND_NODE, CKPT_KIND_VOLUMES, CKPT_MAGIC,
     CkptHead, CkptHeader, FANOUT, LEVELS, LeafEntry, NAME_LEN, VOLUME_RECORD_LEN,
@@ -141,9 +142,19 @@ fn what(kind: u16) -> &'static str {
 fn open_block(data: &[u8], index: u64, generation: u64, kind: u16) -> Result<CkptHeader, Error> {
     let at = index as usize * BLOCK_SIZE;
     let block = data.get(at..at + BLOCK_SIZE).ok_or_else(|| {
-        Error::Corrupt(format!("checkpoint {} block {index}: missing", what(kind)))
+        Error::corrupt_at(
+            Structure::Checkpoint,
+            index * BLOCK_SIZE as u64,
+            format!("{} block {index}: missing", what(kind)),
+        )
     })?;
-    let bad = |why: &str| Error::Corrupt(format!("checkpoint {} block {index}: {why}", what(kind)));
+    let bad = |why: &str| {
+        Error::corrupt_at(
+            Structure::Checkpoint,
+            index * BLOCK_SIZE as u64,
+            format!("{} block {index}: {why}", what(kind)),
+        )
+    };
     let (h, _) = CkptHeader::read_from_prefix(block).map_err(|_| bad("short"))?;
     if h.magic != CKPT_MAGIC {
         return Err(bad("bad magic"));
@@ -161,7 +172,7 @@ fn open_block(data: &[u8], index: u64, generation: u64, kind: u16) -> Result<Ckp
 pub fn load(data: &[u8], generation: u64, clusters: u32) -> Result<Meta, Error> {
     open_block(data, 0, generation, CKPT_KIND_HEAD)?;
     let (head, _) = CkptHead::read_from_prefix(&data[HEADER..])
-        .map_err(|_| Error::Corrupt("checkpoint head: short".into()))?;
+        .map_err(|_| Error::corrupt_at(Structure::Checkpoint, 0, "head: short"))?;
     let node_blocks = head.node_blocks.get();
     let volume_blocks = head.volume_blocks.get();
     // Checked: the counts come from disk, and a wrapped sum would pass the bound.
@@ -171,8 +182,10 @@ pub fn load(data: &[u8], generation: u64, clusters: u32) -> Result<Meta, Error> 
         .and_then(|n| usize::try_from(n).ok())
         .and_then(|n| n.checked_mul(BLOCK_SIZE));
     if blocks.is_none_or(|b| b > data.len()) {
-        return Err(Error::Corrupt(
-            "checkpoint head: sizes beyond the area".into(),
+        return Err(Error::corrupt_at(
+            Structure::Checkpoint,
+            0,
+            "head: sizes beyond the area",
         ));
     }
     let mut nodes: Vec<Option<(u32, Arc<Node>)>> = vec![None; node_blocks as usize + 1];
@@ -183,15 +196,21 @@ pub fn load(data: &[u8], generation: u64, clusters: u32) -> Result<Meta, Error> 
         let node = if level == 0 {
             let mut entries = Box::new([Entry::default(); FANOUT]);
             for (j, e) in entries.iter_mut().enumerate() {
-                let (le, _) = LeafEntry::read_from_prefix(&body[j * 6..])
-                    .map_err(|_| Error::Corrupt(format!("checkpoint node {i}: short")))?;
+                let (le, _) = LeafEntry::read_from_prefix(&body[j * 6..]).map_err(|_| {
+                    Error::corrupt_at(
+                        Structure::Checkpoint,
+                        i * BLOCK_SIZE as u64,
+                        format!("node {i}: short"),
+                    )
+                })?;
                 let c = le.cluster_plus_one.get();
                 if c != 0 {
                     if c > clusters {
-                        return Err(Error::Corrupt(format!(
-                            "checkpoint node {i}: maps cluster {} beyond the pool",
-                            c - 1
-                        )));
+                        return Err(Error::corrupt_at(
+                            Structure::Checkpoint,
+                            i * BLOCK_SIZE as u64,
+                            format!("node {i}: maps cluster {} beyond the pool", c - 1),
+                        ));
                     }
                     *e = Entry {
                         cluster: c - 1,
@@ -212,17 +231,21 @@ pub fn load(data: &[u8], generation: u64, clusters: u32) -> Result<Meta, Error> 
                 match nodes.get(ci as usize).and_then(|n| n.as_ref()) {
                     Some((l, n)) if ci < i as u32 && *l + 1 == level => *slot = Some(n.clone()),
                     _ => {
-                        return Err(Error::Corrupt(format!(
-                            "checkpoint node {i}: bad child reference {ci}"
-                        )));
+                        return Err(Error::corrupt_at(
+                            Structure::Checkpoint,
+                            i * BLOCK_SIZE as u64,
+                            format!("node {i}: bad child reference {ci}"),
+                        ));
                     }
                 }
             }
             Node::Inner(children)
         } else {
-            return Err(Error::Corrupt(format!(
-                "checkpoint node {i}: level {level}"
-            )));
+            return Err(Error::corrupt_at(
+                Structure::Checkpoint,
+                i * BLOCK_SIZE as u64,
+                format!("node {i}: level {level}"),
+            ));
         };
         nodes[i as usize] = Some((level, Arc::new(node)));
     }
@@ -232,16 +255,29 @@ pub fn load(data: &[u8], generation: u64, clusters: u32) -> Result<Meta, Error> 
         let h = open_block(data, index, generation, CKPT_KIND_VOLUMES)?;
         let count = h.level_or_count.get() as usize;
         if count > VOLUMES_PER_BLOCK {
-            return Err(Error::Corrupt(format!(
-                "checkpoint volume block {index}: count"
-            )));
+            return Err(Error::corrupt_at(
+                Structure::Checkpoint,
+                index * BLOCK_SIZE as u64,
+                format!("volume block {index}: count"),
+            ));
         }
         let body = &data[index as usize * BLOCK_SIZE + HEADER..];
         for j in 0..count {
-            let (r, _) = VolumeRecord::read_from_prefix(&body[j * VOLUME_RECORD_LEN..])
-                .map_err(|_| Error::Corrupt("checkpoint volume record: short".into()))?;
-            let bad =
-                |why: &str| Error::Corrupt(format!("checkpoint volume {}: {why}", r.id.get()));
+            let (r, _) =
+                VolumeRecord::read_from_prefix(&body[j * VOLUME_RECORD_LEN..]).map_err(|_| {
+                    Error::corrupt_at(
+                        Structure::Checkpoint,
+                        index * BLOCK_SIZE as u64,
+                        "volume record: short",
+                    )
+                })?;
+            let bad = |why: &str| {
+                Error::corrupt_at(
+                    Structure::Checkpoint,
+                    index * BLOCK_SIZE as u64,
+                    format!("volume {}: {why}", r.id.get()),
+                )
+            };
             let len = r.name_len.get() as usize;
             let name = std::str::from_utf8(r.name.get(..len).ok_or_else(|| bad("name length"))?)
                 .map_err(|_| bad("name is not UTF-8"))?

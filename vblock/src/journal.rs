@@ -7,6 +7,7 @@ use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::Error;
+use crate::error::Structure;
 use crate::format::{BLOCK_SIZE, JOURNAL_COMMIT, JOURNAL_CRC_AT, JOURNAL_MAGIC, JournalHeader};
 use crate::meta::{Entry, Kind, Qos, Record};
 
@@ -77,7 +78,7 @@ struct Reader<'a> {
 impl Reader<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8], Error> {
         if self.b.len() < n {
-            return Err(Error::Corrupt("journal record truncated".into()));
+            return Err(Error::corrupt(Structure::Journal, "record truncated"));
         }
         let (h, t) = self.b.split_at(n);
         self.b = t;
@@ -104,7 +105,7 @@ impl Reader<'_> {
     fn name(&mut self) -> Result<String, Error> {
         let n = self.u8()? as usize;
         String::from_utf8(self.take(n)?.to_vec())
-            .map_err(|_| Error::Corrupt("journal: volume name is not UTF-8".into()))
+            .map_err(|_| Error::corrupt(Structure::Journal, "volume name is not UTF-8"))
     }
 }
 
@@ -121,7 +122,12 @@ fn decode(r: &mut Reader<'_>) -> Result<Record, Error> {
             kind: match r.u8()? {
                 0 => Kind::Volume,
                 1 => Kind::Snapshot,
-                k => return Err(Error::Corrupt(format!("journal: volume kind {k}"))),
+                k => {
+                    return Err(Error::corrupt(
+                        Structure::Journal,
+                        format!("volume kind {k}"),
+                    ));
+                }
             },
             name: r.name()?,
         },
@@ -145,7 +151,12 @@ fn decode(r: &mut Reader<'_>) -> Result<Record, Error> {
                 bitmap: r.u16()?,
             },
         },
-        t => return Err(Error::Corrupt(format!("journal: record type {t}"))),
+        t => {
+            return Err(Error::corrupt(
+                Structure::Journal,
+                format!("record type {t}"),
+            ));
+        }
     })
 }
 

@@ -25,6 +25,7 @@ pub mod format;
 pub mod journal;
 pub mod meta;
 pub mod nbd;
+pub mod plan;
 pub mod pool;
 pub mod qos;
 pub mod space;
@@ -33,7 +34,7 @@ pub mod uring;
 #[cfg(feature = "vhost")]
 pub mod vhost_blk;
 
-pub use error::Error;
+pub use error::{Corruption, Error, Structure};
 pub use meta::{Kind, Qos};
 pub use pool::{
     Change, CheckReport, DEFAULT_COMMIT_INTERVAL, DiffRange, IoCounters, Pool, PoolOptions,

@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::Error;
+use crate::error::Structure;
 use crate::format::{FANOUT, LEVELS, MAX_VOLUME_CLUSTERS, SUBCLUSTERS};
 
 /// A mapped virtual cluster: its data cluster and which subclusters hold data.
@@ -235,10 +236,10 @@ impl Meta {
                 Node::Leaf(entries) => {
                     for e in entries.iter().filter(|e| e.is_mapped()) {
                         let r = refs.get_mut(e.cluster as usize).ok_or_else(|| {
-                            Error::Corrupt(format!(
-                                "entry maps cluster {} beyond the pool",
-                                e.cluster
-                            ))
+                            Error::corrupt(
+                                Structure::Metadata,
+                                format!("entry maps cluster {} beyond the pool", e.cluster),
+                            )
                         })?;
                         *r += 1;
                     }
@@ -590,10 +591,10 @@ impl Meta {
             )));
         }
         if entry.is_mapped() && entry.cluster as usize >= self.refs.len() {
-            return Err(Error::Corrupt(format!(
-                "cluster {} beyond the pool",
-                entry.cluster
-            )));
+            return Err(Error::corrupt(
+                Structure::Metadata,
+                format!("cluster {} beyond the pool", entry.cluster),
+            ));
         }
         self.record(Record::SetEntry {
             id,
@@ -630,7 +631,10 @@ impl Meta {
                 name,
             } => {
                 let src = self.volumes.get(source).ok_or_else(|| {
-                    Error::Corrupt(format!("derive from unknown volume {source}"))
+                    Error::corrupt(
+                        Structure::Metadata,
+                        format!("derive from unknown volume {source}"),
+                    )
                 })?;
                 let v = Volume {
                     id: *id,
@@ -644,10 +648,12 @@ impl Meta {
                 self.insert_volume(v)?;
             }
             Record::Delete { id } => {
-                let v = self
-                    .volumes
-                    .remove(id)
-                    .ok_or_else(|| Error::Corrupt(format!("delete of unknown volume {id}")))?;
+                let v = self.volumes.remove(id).ok_or_else(|| {
+                    Error::corrupt(
+                        Structure::Metadata,
+                        format!("delete of unknown volume {id}"),
+                    )
+                })?;
                 self.names.remove(&v.name);
                 self.deleted_in_txn = true;
                 if let Some(root) = v.root {
@@ -657,13 +663,23 @@ impl Meta {
             Record::Resize { id, size } => {
                 self.volumes
                     .get_mut(id)
-                    .ok_or_else(|| Error::Corrupt(format!("resize of unknown volume {id}")))?
+                    .ok_or_else(|| {
+                        Error::corrupt(
+                            Structure::Metadata,
+                            format!("resize of unknown volume {id}"),
+                        )
+                    })?
                     .size = *size;
             }
             Record::SetQos { id, qos } => {
                 self.volumes
                     .get_mut(id)
-                    .ok_or_else(|| Error::Corrupt(format!("limits of unknown volume {id}")))?
+                    .ok_or_else(|| {
+                        Error::corrupt(
+                            Structure::Metadata,
+                            format!("limits of unknown volume {id}"),
+                        )
+                    })?
                     .qos = *qos;
             }
             Record::SetEntry {
@@ -677,10 +693,10 @@ impl Meta {
 
     fn insert_volume(&mut self, v: Volume) -> Result<(), Error> {
         if self.volumes.contains_key(&v.id) || self.names.contains_key(&v.name) {
-            return Err(Error::Corrupt(format!(
-                "volume {} ({}) exists",
-                v.id, v.name
-            )));
+            return Err(Error::corrupt(
+                Structure::Metadata,
+                format!("volume {} ({}) exists", v.id, v.name),
+            ));
         }
         self.next_id = self.next_id.max(v.id + 1);
         self.names.insert(v.name.clone(), v.id);
@@ -717,20 +733,23 @@ impl Meta {
 
     fn apply_entry(&mut self, id: u64, vcluster: u64, entry: Entry) -> Result<(), Error> {
         if vcluster >= MAX_VOLUME_CLUSTERS {
-            return Err(Error::Corrupt(format!(
-                "cluster {vcluster} beyond any volume"
-            )));
+            return Err(Error::corrupt(
+                Structure::Metadata,
+                format!("cluster {vcluster} beyond any volume"),
+            ));
         }
         if entry.is_mapped() && entry.cluster as usize >= self.refs.len() {
-            return Err(Error::Corrupt(format!(
-                "cluster {} beyond the pool",
-                entry.cluster
-            )));
+            return Err(Error::corrupt(
+                Structure::Metadata,
+                format!("cluster {} beyond the pool", entry.cluster),
+            ));
         }
         let mut root = self
             .volumes
             .get_mut(&id)
-            .ok_or_else(|| Error::Corrupt(format!("entry of unknown volume {id}")))?
+            .ok_or_else(|| {
+                Error::corrupt(Structure::Metadata, format!("entry of unknown volume {id}"))
+            })?
             .root
             .take();
         let mut added: Vec<u32> = Vec::new();

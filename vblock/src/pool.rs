@@ -14,7 +14,7 @@
 //! is switched to it. Opening a pool loads the newest valid superblock's checkpoint, replays
 //! the journal's complete transactions and folds them into a new checkpoint.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
@@ -29,11 +29,13 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::Error;
 use crate::device::{Device, IoOp};
+use crate::error::Structure;
 use crate::format::{
     BLOCK_SIZE, CLUSTER_SIZE, FANOUT, SUBCLUSTERS, SUPER_CRC_AT, SUPER_MAGIC, Superblock, VERSION,
 };
 use crate::journal::{Segment, decode_block, encode_txn};
 use crate::meta::{Entry, Kind, Meta, Qos, Record, clusters_of};
+use crate::plan::{Applied, ReadSource, ReadSpan, WritePiece, WritePlan, runs, vclusters};
 use crate::space::{SpaceReport, SpaceWatch, WhenFull};
 
 /// How long, by default, a write no client flushes stays uncommitted at most (about; the
@@ -639,18 +641,22 @@ impl<D: Device> Pool<D> {
             || sb.ckpt_used.get() > sb.ckpt_blocks.get()
             || sb.journal_blocks.get() == 0
         {
-            return Err(Error::Corrupt(
-                "superblock: geometry beyond the device".into(),
+            return Err(Error::corrupt_at(
+                Structure::Superblock,
+                0,
+                "geometry beyond the device",
             ));
         }
         let mut ckpt = vec![0u8; sb.ckpt_used.get() as usize * BLOCK_SIZE];
-        dev.read_at(sb.ckpt_start[active].get() * BLOCK_SIZE as u64, &mut ckpt)
+        let ckpt_at = sb.ckpt_start[active].get() * BLOCK_SIZE as u64;
+        dev.read_at(ckpt_at, &mut ckpt)
             .map_err(io("reading the checkpoint"))?;
         let mut meta = crate::checkpoint::load(
             &ckpt,
             sb.ckpt_generation.get(),
             sb.data_clusters.get() as u32,
-        )?;
+        )
+        .map_err(|e| e.at(ckpt_at))?;
         // Replay complete transactions of this journal segment.
         let seg = Segment {
             uuid: sb.uuid,
@@ -665,7 +671,8 @@ impl<D: Device> Pool<D> {
             let at = (sb.journal_start.get() + seq % jb) * BLOCK_SIZE as u64;
             dev.read_at(at, &mut block)
                 .map_err(io("reading the journal"))?;
-            let Some((records, commit)) = decode_block(&block, seq, seg)? else {
+            let Some((records, commit)) = decode_block(&block, seq, seg).map_err(|e| e.at(at))?
+            else {
                 break;
             };
             txn.extend(records);
@@ -674,7 +681,8 @@ impl<D: Device> Pool<D> {
                 recovery.transactions += 1;
                 recovery.records += txn.len() as u64;
                 for r in txn.drain(..) {
-                    meta.apply(&r)?;
+                    // A record naming what does not exist: placed at its commit block.
+                    meta.apply(&r).map_err(|e| e.at(at))?;
                 }
             }
         }
@@ -874,21 +882,26 @@ impl<D: Device> Pool<D> {
     pub fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
         self.throttle(name, IoKind::Read, buf.len() as u64);
         let s = self.read_lock();
-        let id = check_io(&s.meta, name, offset, buf.len(), false)?;
-        read_range(&self.dev, &s, id, offset, buf)
+        let len = buf.len();
+        let id = check_io(&s.meta, name, offset, len, false)?;
+        let mut ops = Vec::new();
+        read_ops(&s.sb, &s.meta.plan_read(id, offset, len), buf, &mut ops);
+        self.dev
+            .submit(&mut ops)
+            .map_err(io(format!("reading {len} bytes at {offset}")))
     }
 
-    /// Writes several ranges in one batch: the overwrites that change no metadata go out in
-    /// one submission; the others (allocation, copy-on-write, partial blocks) one by one after
-    /// them. Returns each request's outcome, in order. Requests of a batch are independent:
-    /// like a device queue's, they may complete in any order.
+    /// Writes several ranges in one batch (see [`Self::execute`] for how). Returns each
+    /// request's outcome, in order. Requests of a batch are independent: like a device
+    /// queue's, they may complete in any order. Writes that find the pool full wait for
+    /// space or fail with [`Error::NoSpace`], as [`Self::set_when_full`] says.
     pub fn write_batch(&self, reqs: &[WriteRequest<'_>]) -> Vec<Result<(), Error>> {
         for r in reqs {
             self.throttle(r.volume, IoKind::Write, r.data.len() as u64);
         }
         let mut queued_since = None;
         let mut seen = self.space.generation();
-        let mut results = self.write_batch_once(reqs);
+        let mut results = self.execute(reqs);
         loop {
             let full: Vec<usize> = (0..results.len())
                 .filter(|i| matches!(results[*i], Err(Error::NoSpace)))
@@ -906,7 +919,7 @@ impl<D: Device> Pool<D> {
                 })
                 .collect();
             seen = self.space.generation();
-            for (i, r) in full.into_iter().zip(self.write_batch_once(&again)) {
+            for (i, r) in full.into_iter().zip(self.execute(&again)) {
                 results[i] = r;
             }
         }
@@ -914,168 +927,109 @@ impl<D: Device> Pool<D> {
         results
     }
 
-    /// One pass over a batch (throttled already).
-    fn write_batch_once(&self, reqs: &[WriteRequest<'_>]) -> Vec<Result<(), Error>> {
+    /// The write path, for one request or a batch (throttled already). Each request is
+    /// planned by [`Meta::plan_write`] and carried out in rounds, each of at most two
+    /// submissions (the old content that partial blocks and copies need, then every write):
+    /// 1. requests that only overwrite valid whole blocks in place ([`WritePlan::is_overwrite`])
+    ///    go out together under the shared lock, beside reads and other such writes;
+    /// 2. the others are planned under the exclusive lock, which takes their free clusters,
+    ///    and carried out under it too, unless every plan of the round only writes clusters it
+    ///    took ([`WritePlan::is_fresh_only`]): then the lock is let go during the I/O, and a
+    ///    plan another writer overtook meanwhile ([`Applied::Stale`]) gives its clusters back
+    ///    and is carried out again. Their mapping is recorded after the I/O; on failure the
+    ///    clusters go back. A request touching a virtual cluster planned earlier in the same
+    ///    round waits for the next round, which plans it over the first one's result.
+    fn execute(&self, reqs: &[WriteRequest<'_>]) -> Vec<Result<(), Error>> {
         let mut results: Vec<Option<Result<(), Error>>> = (0..reqs.len()).map(|_| None).collect();
         {
             let s = self.read_lock();
-            let mut ops = Vec::new();
-            let mut fast = Vec::new();
+            let mut round = Vec::new();
             for (i, r) in reqs.iter().enumerate() {
                 match check_io(&s.meta, r.volume, r.offset, r.data.len(), true) {
                     Err(e) => results[i] = Some(Err(e)),
                     Ok(id) => {
-                        if let Some(plan) = in_place_plan(&s, id, r.offset, r.data) {
-                            ops.extend(plan);
-                            fast.push(i);
+                        if let Some(plan) = s.meta.plan_overwrite(id, r.offset, r.data.len()) {
+                            round.push((i, plan));
                         }
                     }
                 }
             }
-            if !ops.is_empty() {
-                let done = self.dev.submit(&mut ops);
-                for i in fast {
-                    results[i] = Some(match &done {
-                        Ok(()) => Ok(()),
-                        Err(e) => Err(Error::Io(
-                            "writing a batch".into(),
-                            std::io::Error::new(e.kind(), e.to_string()),
-                        )),
-                    });
+            if !round.is_empty() {
+                let written = submit_writes(&self.dev, &s.sb, reqs, &round).map_err(Arc::new);
+                for (i, _) in &round {
+                    results[*i] = Some(written.clone().map_err(|e| shared_io(&e, round.len())));
                 }
             }
         }
-        if results.iter().any(Option::is_none) {
-            self.write_batch_locked(reqs, &mut results);
+        let mut todo: Vec<usize> = (0..reqs.len()).filter(|i| results[*i].is_none()).collect();
+        let mut pending = 0;
+        while !todo.is_empty() {
+            let mut s = self.lock();
+            let mut round: Vec<(usize, WritePlan)> = Vec::new();
+            let mut planned: HashSet<(u64, u64)> = HashSet::new();
+            let mut next = Vec::new();
+            for i in todo {
+                let r = &reqs[i];
+                let id = match check_io(&s.meta, r.volume, r.offset, r.data.len(), true) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        results[i] = Some(Err(e));
+                        continue;
+                    }
+                };
+                let vcs = vclusters(r.offset, r.data.len());
+                if vcs.clone().any(|vc| planned.contains(&(id, vc))) {
+                    next.push(i);
+                    continue;
+                }
+                match s.meta.plan_write(id, r.offset, r.data.len()) {
+                    Ok(plan) => {
+                        planned.extend(vcs.map(|vc| (id, vc)));
+                        round.push((i, plan));
+                    }
+                    Err(e) => results[i] = Some(Err(e)),
+                }
+            }
+            let written = if round.iter().all(|(_, plan)| plan.is_fresh_only()) {
+                let sb = s.sb;
+                drop(s);
+                let written = submit_writes(&self.dev, &sb, reqs, &round);
+                s = self.lock();
+                written
+            } else {
+                submit_writes(&self.dev, &s.sb, reqs, &round)
+            }
+            .map_err(Arc::new);
+            for (i, plan) in &round {
+                let applied = match &written {
+                    Ok(()) => s.meta.apply_write(plan),
+                    Err(e) => Err(shared_io(e, round.len())),
+                };
+                match applied {
+                    Ok(Applied::Done) => results[*i] = Some(Ok(())),
+                    Ok(Applied::Stale) => {
+                        s.meta.give_back(plan);
+                        next.push(*i);
+                    }
+                    Err(e) => {
+                        s.meta.give_back(plan);
+                        results[*i] = Some(Err(e));
+                    }
+                }
+            }
+            pending = s.meta.pending().len();
+            todo = next;
+        }
+        if let Err(e) = self.commit_if_large(pending) {
+            let e = Arc::new(e);
+            for r in results.iter_mut().filter(|r| matches!(r, Some(Ok(())))) {
+                *r = Some(Err(Error::Commit(e.clone())));
+            }
         }
         results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(Error::Invalid("a write left undone".into()))))
             .collect()
-    }
-
-    /// The writes of a batch the in-place pass left, under the pool lock: whole 4 KiB blocks
-    /// into clusters only the volume references, or into virtual clusters never written (a
-    /// fresh cluster each, shared by the requests of the batch that fall into the same one),
-    /// go out in one submission and their mapping is set after; the others (copy-on-write,
-    /// partial blocks) follow one by one.
-    fn write_batch_locked(
-        &self,
-        reqs: &[WriteRequest<'_>],
-        results: &mut [Option<Result<(), Error>>],
-    ) {
-        let bs = BLOCK_SIZE as u64;
-        let mut s = self.lock();
-        // (volume id, virtual cluster) -> the fresh cluster taken for it.
-        let mut fresh: HashMap<(u64, u64), u32> = HashMap::new();
-        // (request, volume id, its pieces)
-        let mut planned: Vec<(usize, u64, Vec<Piece>)> = Vec::new();
-        let mut one_by_one = Vec::new();
-        for (i, r) in reqs.iter().enumerate() {
-            if results[i].is_some() {
-                continue;
-            }
-            let id = match check_io(&s.meta, r.volume, r.offset, r.data.len(), true) {
-                Ok(id) => id,
-                Err(e) => {
-                    results[i] = Some(Err(e));
-                    continue;
-                }
-            };
-            if !r.offset.is_multiple_of(bs) || !(r.data.len() as u64).is_multiple_of(bs) {
-                one_by_one.push(i);
-                continue;
-            }
-            let mut pieces = Vec::new();
-            let direct = for_each_piece(r.offset, r.data.len(), |vc, start, at, len| {
-                let e = s.meta.lookup(id, vc);
-                let cluster = match fresh.get(&(id, vc)) {
-                    Some(&c) => c,
-                    None if !e.is_mapped() => {
-                        let c = s.meta.allocate()?;
-                        fresh.insert((id, vc), c);
-                        c
-                    }
-                    None if s.meta.exclusive(id, vc) => e.cluster,
-                    // Shared: copy-on-write, one by one.
-                    None => return Err(Error::Exists(String::new())),
-                };
-                pieces.push(Piece {
-                    vc,
-                    start,
-                    at,
-                    len,
-                    cluster,
-                });
-                Ok(())
-            });
-            match direct {
-                Ok(()) => planned.push((i, id, pieces)),
-                Err(_) => one_by_one.push(i),
-            }
-        }
-        let mut ops: Vec<IoOp<'_>> = Vec::new();
-        for (i, _, pieces) in &planned {
-            for p in pieces {
-                ops.push(IoOp::Write(
-                    data_offset(&s.sb, p.cluster, p.start),
-                    &reqs[*i].data[p.at..p.at + p.len],
-                ));
-            }
-        }
-        let written = if ops.is_empty() {
-            Ok(())
-        } else {
-            self.dev.submit(&mut ops)
-        };
-        drop(ops);
-        for (i, id, pieces) in &planned {
-            results[*i] = Some(match &written {
-                Err(e) => Err(Error::Io(
-                    "writing a batch".into(),
-                    std::io::Error::new(e.kind(), e.to_string()),
-                )),
-                Ok(()) => pieces.iter().try_for_each(|p| {
-                    let e = s.meta.lookup(*id, p.vc);
-                    let mask = crate::meta::subcluster_mask(p.start, p.len);
-                    let bitmap = if e.is_mapped() { e.bitmap | mask } else { mask };
-                    let cluster = p.cluster;
-                    s.meta.set_entry(*id, p.vc, Entry { cluster, bitmap })
-                }),
-            });
-        }
-        // Fresh clusters no entry took (their request failed) go back.
-        for ((id, vc), c) in fresh {
-            let e = s.meta.lookup(id, vc);
-            if !e.is_mapped() || e.cluster != c {
-                s.meta.unallocate(c);
-            }
-        }
-        for i in one_by_one {
-            let r = &reqs[i];
-            results[i] = Some((|| {
-                let id = check_io(&s.meta, r.volume, r.offset, r.data.len(), true)?;
-                for_each_piece(r.offset, r.data.len(), |vc, start, at, len| {
-                    write_piece(
-                        &self.dev,
-                        &mut s,
-                        id,
-                        vc,
-                        start,
-                        Some(&r.data[at..at + len]),
-                        len,
-                    )
-                })
-            })());
-        }
-        let pending = s.meta.pending().len();
-        drop(s);
-        if let Err(e) = self.commit_if_large(pending) {
-            let msg = e.to_string();
-            for r in results.iter_mut().filter(|r| matches!(r, Some(Ok(())))) {
-                *r = Some(Err(Error::Invalid(format!("commit: {msg}"))));
-            }
-        }
     }
 
     /// Reads several ranges (of one or more volumes) in one batch: one lock, one submission,
@@ -1089,8 +1043,8 @@ impl<D: Device> Pool<D> {
         let mut ops = Vec::with_capacity(reqs.len());
         for r in reqs.iter_mut() {
             let id = check_io(&s.meta, r.volume, r.offset, r.buf.len(), false)?;
-            let plan = plan_read(&s, id, r.offset, r.buf.len());
-            read_ops(&plan, r.buf, &mut ops);
+            let plan = s.meta.plan_read(id, r.offset, r.buf.len());
+            read_ops(&s.sb, &plan, r.buf, &mut ops);
         }
         self.dev
             .submit(&mut ops)
@@ -1100,159 +1054,14 @@ impl<D: Device> Pool<D> {
     /// Writes `data` at `offset` (both multiples of 512). Durable after the next
     /// [`Self::flush`].
     pub fn write(&self, name: &str, offset: u64, data: &[u8]) -> Result<(), Error> {
-        self.throttle(name, IoKind::Write, data.len() as u64);
-        let mut queued_since = None;
-        loop {
-            let seen = self.space.generation();
-            let done = self.write_unthrottled(name, offset, data);
-            if matches!(done, Err(Error::NoSpace)) && self.wait_for_space(seen, &mut queued_since) {
-                continue;
-            }
-            self.after_writes([&done]);
-            return done;
-        }
-    }
-
-    fn write_unthrottled(&self, name: &str, offset: u64, data: &[u8]) -> Result<(), Error> {
-        {
-            // Overwrites of whole 4 KiB blocks that hold data in clusters only this volume
-            // references change no metadata: they go out under the shared lock, in parallel
-            // with each other and with reads.
-            let s = self.read_lock();
-            let id = check_io(&s.meta, name, offset, data.len(), true)?;
-            if let Some(mut ops) = in_place_plan(&s, id, offset, data) {
-                return self
-                    .dev
-                    .submit(&mut ops)
-                    .map_err(io(format!("writing {} bytes at {offset}", data.len())));
-            }
-        }
-        if self.write_fresh(name, offset, data)? {
-            return Ok(());
-        }
-        let mut s = self.lock();
-        let id = check_io(&s.meta, name, offset, data.len(), true)?;
-        for_each_piece(offset, data.len(), |vc, start, at, len| {
-            write_piece(
-                &self.dev,
-                &mut s,
-                id,
-                vc,
-                start,
-                Some(&data[at..at + len]),
-                len,
-            )
-        })?;
-        let pending = s.meta.pending().len();
-        drop(s);
-        self.commit_if_large(pending)
-    }
-
-    /// A write of whole 4 KiB blocks into clusters the volume has never written (thin
-    /// space): clusters are taken under the lock, the data goes out without it (in parallel
-    /// with other writes), and the mapping is set after, unless a concurrent write mapped one
-    /// of those clusters first (that part is then redone under the lock). Returns false,
-    /// having done nothing, if the request is not of that kind.
-    fn write_fresh(&self, name: &str, offset: u64, data: &[u8]) -> Result<bool, Error> {
-        let bs = BLOCK_SIZE as u64;
-        if !offset.is_multiple_of(bs) || !(data.len() as u64).is_multiple_of(bs) {
-            return Ok(false);
-        }
-        let mut pieces: Vec<Piece> = Vec::new();
-        let (id, sb) = {
-            let mut s = self.lock();
-            let id = check_io(&s.meta, name, offset, data.len(), true)?;
-            let fresh = for_each_piece(offset, data.len(), |vc, start, at, len| {
-                if s.meta.lookup(id, vc).is_mapped() {
-                    return Err(Error::Exists(String::new()));
-                }
-                pieces.push(Piece {
-                    vc,
-                    start,
-                    at,
-                    len,
-                    cluster: 0,
-                });
-                Ok(())
-            });
-            if fresh.is_err() {
-                return Ok(false);
-            }
-            for i in 0..pieces.len() {
-                match s.meta.allocate() {
-                    Ok(c) => pieces[i].cluster = c,
-                    Err(e) => {
-                        for p in &pieces[..i] {
-                            s.meta.unallocate(p.cluster);
-                        }
-                        return Err(e);
-                    }
-                }
-            }
-            (id, s.sb)
+        let request = WriteRequest {
+            volume: name,
+            offset,
+            data,
         };
-        let mut ops: Vec<IoOp<'_>> = pieces
-            .iter()
-            .map(|p| {
-                IoOp::Write(
-                    data_offset(&sb, p.cluster, p.start),
-                    &data[p.at..p.at + p.len],
-                )
-            })
-            .collect();
-        let written = self.dev.submit(&mut ops);
-        drop(ops);
-        let mut s = self.lock();
-        if let Err(e) = written {
-            for p in &pieces {
-                s.meta.unallocate(p.cluster);
-            }
-            return Err(Error::Io(
-                format!("writing {} bytes at {offset}", data.len()),
-                e,
-            ));
-        }
-        for (
-            i,
-            &Piece {
-                vc,
-                start,
-                at,
-                len,
-                cluster: c,
-            },
-        ) in pieces.iter().enumerate()
-        {
-            let result = if s.meta.lookup(id, vc).is_mapped() {
-                // Someone mapped it meanwhile: ours is unused; write over theirs properly.
-                s.meta.unallocate(c);
-                write_piece(
-                    &self.dev,
-                    &mut s,
-                    id,
-                    vc,
-                    start,
-                    Some(&data[at..at + len]),
-                    len,
-                )
-            } else {
-                let bitmap = crate::meta::subcluster_mask(start, len);
-                s.meta
-                    .set_entry(id, vc, Entry { cluster: c, bitmap })
-                    .inspect_err(|_| s.meta.unallocate(c))
-            };
-            if let Err(e) = result {
-                // Clusters of the pieces not mapped yet go back.
-                for p in &pieces[i + 1..] {
-                    s.meta.unallocate(p.cluster);
-                }
-                return Err(e);
-            }
-        }
-        let pending = s.meta.pending().len();
-        drop(s);
-        self.commit_if_large(pending)?;
-        Ok(true)
+        self.write_batch(std::slice::from_ref(&request))
+            .pop()
+            .unwrap_or_else(|| Err(Error::Invalid("a write left undone".into())))
     }
 
     /// Zeroes a range: whole 4 KiB blocks are released (they read as zeros), partial ones are
@@ -1269,48 +1078,47 @@ impl<D: Device> Pool<D> {
 
     fn release(&self, name: &str, offset: u64, len: u64, zero_partial: bool) -> Result<(), Error> {
         self.throttle(name, IoKind::Release, 0);
+        let bs = BLOCK_SIZE;
         let mut s = self.lock();
         let len = usize::try_from(len).map_err(|_| Error::Invalid("length".into()))?;
         let id = check_io(&s.meta, name, offset, len, true)?;
         let freed_before = s.meta.pending_free_clusters();
-        for_each_piece(offset, len, |vc, start, _, plen| {
+        // Partial blocks that hold data, to be written with zeros: (offset, length).
+        let mut zero = Vec::new();
+        for (vc, start, _, plen) in crate::plan::pieces(offset, len) {
             let e = s.meta.lookup(id, vc);
-            let bs = BLOCK_SIZE;
             let first_full = start.div_ceil(bs);
             let end_full = (start + plen) / bs;
-            let mut clear = 0u16;
-            for k in first_full..end_full {
-                clear |= 1 << k;
-            }
+            let clear = (first_full..end_full).fold(0u16, |m, k| m | (1 << k));
             if e.is_mapped() && e.bitmap & clear != 0 {
-                s.meta.set_entry(
-                    id,
-                    vc,
-                    Entry {
-                        cluster: e.cluster,
-                        bitmap: e.bitmap & !clear,
-                    },
-                )?;
+                let bitmap = e.bitmap & !clear;
+                s.meta.set_entry(id, vc, Entry { bitmap, ..e })?;
             }
-            if zero_partial {
-                // The partial head and tail: write zeros there (only if data is there).
-                let e = s.meta.lookup(id, vc);
-                let head_end = (first_full * bs).min(start + plen);
-                let tail_start = (end_full * bs).max(head_end);
-                for (a, b) in [(start, head_end), (tail_start, start + plen)] {
-                    if b > a && e.bitmap & crate::meta::subcluster_mask(a, b - a) != 0 {
-                        write_piece(&self.dev, &mut s, id, vc, a, None, b - a)?;
-                    }
+            let head_end = (first_full * bs).min(start + plen);
+            let tail_start = (end_full * bs).max(head_end);
+            for (a, b) in [(start, head_end), (tail_start, start + plen)] {
+                if zero_partial && b > a && e.bitmap & crate::meta::subcluster_mask(a, b - a) != 0 {
+                    zero.push((vc * CLUSTER_SIZE as u64 + a as u64, b - a));
                 }
             }
-            Ok(())
-        })?;
+        }
         let pending = s.meta.pending().len();
         let freed = s.meta.pending_free_clusters() > freed_before;
         drop(s);
         if freed {
             // Writes waiting for space commit it and go on.
             self.space.space_changed();
+        }
+        let zeros: Vec<WriteRequest<'_>> = zero
+            .into_iter()
+            .map(|(offset, len)| WriteRequest {
+                volume: name,
+                offset,
+                data: &ZERO_BLOCK.0[..len],
+            })
+            .collect();
+        for done in self.execute(&zeros) {
+            done?;
         }
         self.commit_if_large(pending)
     }
@@ -1598,233 +1406,99 @@ fn data_offset(sb: &Superblock, cluster: u32, in_cluster: usize) -> u64 {
         + in_cluster as u64
 }
 
-/// The part of a write inside one virtual cluster, and where its data goes.
-struct Piece {
-    /// Virtual cluster.
-    vc: u64,
-    /// Start in the cluster.
-    start: usize,
-    /// Start in the request's data.
-    at: usize,
-    /// Length.
-    len: usize,
-    /// The cluster written.
-    cluster: u32,
-}
-
-/// The writes of a request that only overwrites valid, whole 4 KiB blocks of clusters the
-/// volume alone references (no metadata changes); `None` if any part needs more.
-fn in_place_plan<'a>(s: &State, id: u64, offset: u64, data: &'a [u8]) -> Option<Vec<IoOp<'a>>> {
-    let bs = BLOCK_SIZE as u64;
-    if !offset.is_multiple_of(bs) || !(data.len() as u64).is_multiple_of(bs) {
-        return None;
-    }
-    let mut ops = Vec::new();
-    let mut at = 0usize;
-    while at < data.len() {
-        let pos = offset + at as u64;
-        let vc = pos / CLUSTER_SIZE as u64;
-        let start = (pos % CLUSTER_SIZE as u64) as usize;
-        let len = (CLUSTER_SIZE - start).min(data.len() - at);
-        let e = s.meta.lookup(id, vc);
-        let mask = crate::meta::subcluster_mask(start, len);
-        if !e.is_mapped() || e.bitmap & mask != mask || !s.meta.exclusive(id, vc) {
-            return None;
-        }
-        ops.push(IoOp::Write(
-            data_offset(&s.sb, e.cluster, start),
-            &data[at..at + len],
-        ));
-        at += len;
-    }
-    Some(ops)
-}
-
-/// Splits a byte range into per-cluster pieces: (virtual cluster, start in cluster, offset
-/// in the caller's buffer, length).
-fn for_each_piece(
-    offset: u64,
-    len: usize,
-    mut f: impl FnMut(u64, usize, usize, usize) -> Result<(), Error>,
-) -> Result<(), Error> {
-    let mut at = 0usize;
-    while at < len {
-        let pos = offset + at as u64;
-        let vc = pos / CLUSTER_SIZE as u64;
-        let start = (pos % CLUSTER_SIZE as u64) as usize;
-        let n = (CLUSTER_SIZE - start).min(len - at);
-        f(vc, start, at, n)?;
-        at += n;
-    }
-    Ok(())
-}
-
-/// Where the bytes of a read come from: spans of the caller's buffer (start, length) that
-/// map to a device offset, or read as zeros (`None`). Spans adjacent in the buffer and on the
-/// device are merged, also across clusters, so a sequential read is one request.
-fn plan_read(s: &State, id: u64, offset: u64, len: usize) -> Vec<(usize, usize, Option<u64>)> {
-    let bs = BLOCK_SIZE;
-    let mut plan: Vec<(usize, usize, Option<u64>)> = Vec::new();
-    let mut at = 0usize;
-    while at < len {
-        let pos = offset + at as u64;
-        let vc = pos / CLUSTER_SIZE as u64;
-        let start = (pos % CLUSTER_SIZE as u64) as usize;
-        let e = s.meta.lookup(id, vc);
-        let in_cluster = (CLUSTER_SIZE - start).min(len - at);
-        let mut done = 0;
-        while done < in_cluster {
-            let p = start + done;
-            let n = (bs - p % bs).min(in_cluster - done);
-            let dev = (e.is_mapped() && e.bitmap & (1 << (p / bs)) != 0)
-                .then(|| data_offset(&s.sb, e.cluster, p));
-            match plan.last_mut() {
-                Some((b, l, d))
-                    if *b + *l == at + done
-                        && match (*d, dev) {
-                            (None, None) => true,
-                            (Some(x), Some(y)) => x + *l as u64 == y,
-                            _ => false,
-                        } =>
-                {
-                    *l += n
-                }
-                _ => plan.push((at + done, n, dev)),
-            }
-            done += n;
-        }
-        at += in_cluster;
-    }
-    plan
+/// One I/O error that failed a submission of `requests` requests, for each of them: the
+/// kind, and the original as the source.
+fn shared_io(e: &Arc<std::io::Error>, requests: usize) -> Error {
+    Error::Io(
+        format!("writing a batch of {requests}"),
+        std::io::Error::new(e.kind(), Arc::clone(e)),
+    )
 }
 
 /// Turns a read plan into requests on `buf` (zero spans are filled right away).
-fn read_ops<'a>(plan: &[(usize, usize, Option<u64>)], buf: &'a mut [u8], ops: &mut Vec<IoOp<'a>>) {
+fn read_ops<'a>(sb: &Superblock, plan: &[ReadSpan], buf: &'a mut [u8], ops: &mut Vec<IoOp<'a>>) {
+    let data_start = sb.data_start.get() * BLOCK_SIZE as u64;
     let mut rest: &mut [u8] = buf;
     let mut consumed = 0;
-    for &(b, l, dev) in plan {
-        let (_, tail) = std::mem::take(&mut rest).split_at_mut(b - consumed);
-        let (head, tail) = tail.split_at_mut(l);
+    for span in plan {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(span.at - consumed);
+        let (head, tail) = tail.split_at_mut(span.len);
         rest = tail;
-        consumed = b + l;
-        match dev {
-            Some(d) => ops.push(IoOp::Read(d, head)),
-            None => head.fill(0),
+        consumed = span.at + span.len;
+        match span.source {
+            ReadSource::Data(at) => ops.push(IoOp::Read(data_start + at, head)),
+            ReadSource::Zeros => head.fill(0),
         }
     }
 }
 
-/// Reads a byte range of a volume in one batch of requests; never-written blocks read as
-/// zeros.
-fn read_range<D: Device>(
+/// Carries out the I/O of planned writes (`(request, plan)`) in at most two submissions: the
+/// old content that partial blocks and copies on write need, into a cluster-sized buffer per
+/// piece that needs one; then every write, whole blocks straight from the request's data,
+/// the others from the buffer (partial blocks completed with old content or zeros).
+fn submit_writes<D: Device>(
     dev: &D,
-    s: &State,
-    id: u64,
-    offset: u64,
-    buf: &mut [u8],
-) -> Result<(), Error> {
-    let len = buf.len();
-    let plan = plan_read(s, id, offset, len);
-    let mut ops = Vec::with_capacity(plan.len());
-    read_ops(&plan, buf, &mut ops);
-    dev.submit(&mut ops)
-        .map_err(io(format!("reading {len} bytes at {offset}")))
-}
-
-/// Writes `data` (or zeros) into `[start, start+len)` of virtual cluster `vc`: in place if
-/// the cluster is exclusively the volume's, else into a newly allocated cluster with the
-/// untouched valid data copied over (copy-on-write). Two batches: the reads that partial
-/// subclusters and copies need, then every write.
-fn write_piece<D: Device>(
-    dev: &D,
-    s: &mut State,
-    id: u64,
-    vc: u64,
-    start: usize,
-    data: Option<&[u8]>,
-    len: usize,
-) -> Result<(), Error> {
+    sb: &Superblock,
+    reqs: &[WriteRequest<'_>],
+    plans: &[(usize, WritePlan)],
+) -> std::io::Result<()> {
     let bs = BLOCK_SIZE;
-    let old = s.meta.lookup(id, vc);
-    let in_place = old.is_mapped() && s.meta.exclusive(id, vc);
-    let target = if in_place {
-        old.cluster
-    } else {
-        s.meta.allocate()?
-    };
-    let mask = crate::meta::subcluster_mask(start, len);
-    let had = |k: usize| old.is_mapped() && old.bitmap & (1 << k) != 0;
-    let covered = |k: usize| start <= k * bs && (k + 1) * bs <= start + len;
-    let touched = |k: usize| mask & (1 << k) != 0;
-    // Subclusters whose old content is needed: partial ones that had data, and (CoW) every
-    // valid one the write does not fully cover.
-    let need_old = |k: usize| had(k) && !covered(k) && (touched(k) || !in_place);
-    let sb = s.sb;
-    let off = |c: u32, k: usize| data_offset(&sb, c, k * bs);
-    let result = (|| {
-        let mut pages = crate::device::aligned_pages(CLUSTER_SIZE);
-        let bytes = pages.as_mut_bytes();
-        {
-            let mut reads: Vec<IoOp<'_>> = bytes
-                .chunks_mut(bs)
-                .enumerate()
-                .filter(|(k, _)| need_old(*k))
-                .map(|(k, c)| IoOp::Read(off(old.cluster, k), c))
-                .collect();
-            dev.submit(&mut reads)
-                .map_err(io(format!("reading cluster {}", old.cluster)))?;
+    let pieces: Vec<(&[u8], &WritePiece)> = plans
+        .iter()
+        .flat_map(|(i, plan)| {
+            plan.pieces
+                .iter()
+                .map(move |p| (&reqs[*i].data[p.at..p.at + p.len], p))
+        })
+        .collect();
+    let mut buffers: Vec<Option<Vec<crate::device::Page>>> = pieces
+        .iter()
+        .map(|(_, p)| (p.buffered() != 0).then(|| crate::device::aligned_pages(CLUSTER_SIZE)))
+        .collect();
+    let mut reads = Vec::new();
+    for ((_, p), buffer) in pieces.iter().zip(&mut buffers) {
+        let Some(buffer) = buffer else { continue };
+        let mut rest: &mut [u8] = buffer.as_mut_bytes();
+        let mut consumed = 0;
+        for (a, b) in runs(p.reads()) {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(a * bs - consumed);
+            let (run, tail) = tail.split_at_mut((b - a) * bs);
+            rest = tail;
+            consumed = b * bs;
+            reads.push(IoOp::Read(data_offset(sb, p.read_from(), a * bs), run));
         }
-        // Merge partial subclusters in the buffer.
-        for k in (0..SUBCLUSTERS).filter(|k| touched(*k) && !covered(*k)) {
-            let (a, b) = ((k * bs).max(start), ((k + 1) * bs).min(start + len));
-            let chunk = &mut bytes[k * bs..(k + 1) * bs];
-            match data {
-                Some(d) => chunk[a - k * bs..b - k * bs].copy_from_slice(&d[a - start..b - start]),
-                None => chunk[a - k * bs..b - k * bs].fill(0),
-            }
-        }
-        let bytes = &*bytes;
-        let mut writes: Vec<IoOp<'_>> = Vec::new();
-        let mut k = 0;
-        while k < SUBCLUSTERS {
-            if touched(k) && covered(k) {
-                // A run of fully covered subclusters: straight from the caller's data.
-                let mut end = k + 1;
-                while end < SUBCLUSTERS && touched(end) && covered(end) {
-                    end += 1;
-                }
-                let (a, b) = (k * bs - start, end * bs - start);
-                match data {
-                    Some(d) => writes.push(IoOp::Write(off(target, k), &d[a..b])),
-                    None => {
-                        for z in k..end {
-                            writes.push(IoOp::Write(off(target, z), ZERO_BLOCK.as_bytes()));
-                        }
-                    }
-                }
-                k = end;
-                continue;
-            }
-            if touched(k) || need_old(k) {
-                writes.push(IoOp::Write(off(target, k), &bytes[k * bs..(k + 1) * bs]));
-            }
-            k += 1;
-        }
-        dev.submit(&mut writes)
-            .map_err(io(format!("writing cluster {target}")))?;
-        let new = Entry {
-            cluster: target,
-            bitmap: (if old.is_mapped() { old.bitmap } else { 0 }) | mask,
-        };
-        if new != old {
-            s.meta.set_entry(id, vc, new)?;
-        }
-        Ok(())
-    })();
-    if result.is_err() && !in_place {
-        s.meta.unallocate(target);
     }
-    result
+    if !reads.is_empty() {
+        dev.submit(&mut reads)?;
+    }
+    drop(reads);
+    for ((data, p), buffer) in pieces.iter().zip(&mut buffers) {
+        let Some(buffer) = buffer else { continue };
+        let bytes = buffer.as_mut_bytes();
+        for (a, b) in runs(p.partial()) {
+            let (lo, hi) = ((a * bs).max(p.start), (b * bs).min(p.start + p.len));
+            bytes[lo..hi].copy_from_slice(&data[lo - p.start..hi - p.start]);
+        }
+    }
+    let mut writes = Vec::new();
+    for ((data, p), buffer) in pieces.iter().zip(&buffers) {
+        let cluster = p.cluster();
+        for (a, b) in runs(p.covered()) {
+            let run = &data[a * bs - p.start..b * bs - p.start];
+            writes.push(IoOp::Write(data_offset(sb, cluster, a * bs), run));
+        }
+        if let Some(buffer) = buffer {
+            let bytes = buffer.as_bytes();
+            for (a, b) in runs(p.buffered()) {
+                let run = &bytes[a * bs..b * bs];
+                writes.push(IoOp::Write(data_offset(sb, cluster, a * bs), run));
+            }
+        }
+    }
+    if writes.is_empty() {
+        return Ok(());
+    }
+    dev.submit(&mut writes)
 }
 
 /// A block of zeros, aligned for direct I/O.
@@ -1852,19 +1526,26 @@ fn check_journal_end<D: Device>(dev: &D, sb: &Superblock, stop: u64) -> Result<(
             continue;
         }
         if h.epoch.get() > sb.generation.get() {
-            return Err(Error::Corrupt(format!(
-                "superblock of generation {} is damaged (the journal has blocks of generation {})",
-                sb.generation.get() + 1,
-                h.epoch.get()
-            )));
+            return Err(Error::corrupt(
+                Structure::Superblock,
+                format!(
+                    "generation {} is damaged (the journal has blocks of generation {})",
+                    sb.generation.get() + 1,
+                    h.epoch.get()
+                ),
+            ));
         }
         if i == 0 || h.epoch.get() != sb.generation.get() || h.seq.get() != seq {
             continue;
         }
         if h.txn_start.get() > stop {
-            return Err(Error::Corrupt(format!(
-                "journal block {stop} is damaged: later transactions follow it"
-            )));
+            let jb = sb.journal_blocks.get();
+            let damaged = (sb.journal_start.get() + stop % jb) * BLOCK_SIZE as u64;
+            return Err(Error::corrupt_at(
+                Structure::Journal,
+                damaged,
+                format!("block {stop} is damaged: later transactions follow it"),
+            ));
         }
     }
     Ok(())

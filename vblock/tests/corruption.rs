@@ -155,6 +155,16 @@ fn flip_everywhere(
                     assert!(pool.check(false).unwrap().is_clean());
                 }
                 Err(e @ (Error::Corrupt(_) | Error::NotAPool(_))) => {
+                    // Damage the pool can place is reported at the damaged block.
+                    if let Error::Corrupt(c) = &e
+                        && (what.starts_with("checkpoint") || what.starts_with("journal"))
+                    {
+                        assert_eq!(
+                            c.offset,
+                            Some(*b * BLOCK_SIZE as u64),
+                            "{what} (block {b}, byte {byte}): {e}"
+                        );
+                    }
                     let msg = e.to_string();
                     assert!(
                         msg.contains("superblock")

@@ -46,7 +46,7 @@ pub fn api_error(e: Error) -> ApiError {
             ErrorKind::StorageFull | ErrorKind::QuotaExceeded => ApiError::NoSpace(m),
             _ => ApiError::Internal(m),
         },
-        Error::Corrupt(_) => ApiError::Internal(m),
+        Error::Corrupt(_) | Error::Commit(_) => ApiError::Internal(m),
     }
 }
 
