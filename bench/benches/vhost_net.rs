@@ -18,8 +18,7 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use nix::sys::epoll::{Epoll, EpollCreateFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use vhost_device::{StartedQueue, VhostDevice};
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_device::{StartedQueue, VhostDevice, Vring};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
@@ -88,11 +87,7 @@ fn offer(mem: &GuestMemoryMmap, l: &Layout, idx: &mut u16, n: u16) {
 
 /// A started queue on `l`'s rings, as the vhost-user handler hands it to the device.
 fn started(mem: &GuestMemoryAtomic<GuestMemoryMmap>, l: &Layout) -> StartedQueue {
-    let vring = VringRwLock::new(mem.clone(), SIZE).unwrap();
-    vring.set_queue_size(SIZE);
-    vring.set_queue_info(l.desc, l.avail, l.used).unwrap();
-    vring.set_queue_ready(true);
-    vring.set_enabled(true);
+    let vring = Vring::ready(mem.clone(), SIZE, l.desc, l.avail, l.used).unwrap();
     let kick = OwnedFd::from(EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap());
     StartedQueue {
         vring,

@@ -1,16 +1,19 @@
 //! `daemon-kit`: what libvirtual's daemons (vswitchd, vblockd) and their clients share.
 //!
 //! Always: the conventions both sides agree on ([`default_run_dir`], the rule for
-//! [`names`]) and who may connect to a daemon's sockets ([`SocketAccess`]). With the `server`
+//! [`names`]), who may connect to a daemon's sockets ([`SocketAccess`]) and the one error
+//! envelope of their APIs ([`ApiError`], [`ErrorResponse`]). With the `server`
 //! feature (default): logs, the unix-socket API server, state files and API errors.
 
 use std::path::PathBuf;
 
 mod access;
+mod api_error;
 pub mod names;
 #[cfg(feature = "server")]
 mod server;
 pub use access::SocketAccess;
+pub use api_error::{ApiError, ErrorBody, ErrorResponse};
 #[cfg(feature = "server")]
 pub use server::*;
 

@@ -1,10 +1,12 @@
 //! The daemons' side: structured logs, the control API served over HTTP/1.1 on a unix socket
-//! with clean shutdown, persisted state, the API error envelope.
+//! with clean shutdown, persisted state, API errors as responses.
 
 use std::path::Path;
 
 use anyhow::{Context, bail};
 use tracing::{error, info};
+
+use crate::ApiError;
 
 /// Sets up `tracing` logs: human-readable, or JSON lines with `json`; the level comes from
 /// `RUST_LOG` (default `info`).
@@ -265,64 +267,6 @@ pub fn load_state<T: serde::de::DeserializeOwned + Default>(path: &Path) -> std:
     }
 }
 
-/// An API error: its HTTP status and the body `{"error":{"code","message"}}`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ApiError {
-    /// The named object does not exist (404, `not_found`).
-    NotFound(String),
-    /// It exists already, or is in use, or is read-only (409, `conflict`).
-    Conflict(String),
-    /// The request is wrong (400, `invalid`).
-    Invalid(String),
-    /// No space left (507, `no_space`).
-    NoSpace(String),
-    /// Something failed on our side (500, `internal`).
-    Internal(String),
-}
-
-impl ApiError {
-    /// The stable error code.
-    pub fn code(&self) -> &'static str {
-        match self {
-            ApiError::NotFound(_) => "not_found",
-            ApiError::Conflict(_) => "conflict",
-            ApiError::Invalid(_) => "invalid",
-            ApiError::NoSpace(_) => "no_space",
-            ApiError::Internal(_) => "internal",
-        }
-    }
-
-    /// The message.
-    pub fn message(&self) -> &str {
-        match self {
-            ApiError::NotFound(m)
-            | ApiError::Conflict(m)
-            | ApiError::Invalid(m)
-            | ApiError::NoSpace(m)
-            | ApiError::Internal(m) => m,
-        }
-    }
-
-    fn status(&self) -> axum::http::StatusCode {
-        use axum::http::StatusCode;
-        match self {
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
-            ApiError::NoSpace(_) => StatusCode::INSUFFICIENT_STORAGE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-}
-
-impl std::fmt::Display for ApiError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.code(), self.message())
-    }
-}
-
-impl std::error::Error for ApiError {}
-
 impl axum::response::IntoResponse for ApiError {
     fn into_response(self) -> axum::response::Response {
         match &self {
@@ -333,17 +277,9 @@ impl axum::response::IntoResponse for ApiError {
                 "API request refused"
             ),
         }
-        let body = format!(
-            "{{\"error\":{{\"code\":{},\"message\":{}}}}}",
-            json_string(self.code()),
-            json_string(self.message())
-        );
-        (
-            self.status(),
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
-            body,
-        )
-            .into_response()
+        let status = axum::http::StatusCode::from_u16(self.status())
+            .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+        (status, axum::Json(self.envelope())).into_response()
     }
 }
 
@@ -359,22 +295,6 @@ impl From<axum::extract::rejection::QueryRejection> for ApiError {
     }
 }
 
-/// A JSON string literal.
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 /// Runs blocking control work off the async runtime.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
@@ -387,14 +307,6 @@ pub async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn error_bodies_are_valid_json_with_escapes() {
-        assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
-        let e = ApiError::NoSpace("pool \"p\" is full".into());
-        assert_eq!(e.code(), "no_space");
-        assert_eq!(e.status(), axum::http::StatusCode::INSUFFICIENT_STORAGE);
-    }
 
     #[test]
     fn saves_are_atomic_replacements() {

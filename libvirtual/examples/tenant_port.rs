@@ -6,7 +6,7 @@
 //! `/run/libvirtual/vswitchd.sock`).
 
 use libvirtual::net::Client;
-use libvirtual::vswitch::api::{PortSpec, RateLimitSpec, TenantSpec};
+use libvirtual::vswitch_api::{PortSpec, RateLimitSpec, TenantSpec};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let socket = std::env::args()

@@ -6,7 +6,7 @@
 //! `/run/libvirtual/vblockd.sock`, `/var/tmp`; the pool file is made in DIR).
 
 use libvirtual::block::AsyncClient as Client;
-use libvirtual::vblock::api::{PoolSpec, VolumeSpec};
+use libvirtual::vblock_api::{PoolSpec, VolumeSpec};
 
 const MIB: u64 = 1 << 20;
 

@@ -6,7 +6,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
-use vblock::api::{
+use vblock_api::{
     CheckInfo, CloneSpec, PoolInfo, PoolResizeSpec, PoolSpec, QosSpec, ResizeSpec, SnapshotSpec,
     SpaceSpec, VhostInfo, VhostSpec, VolumeInfo, VolumeSpec,
 };
@@ -16,7 +16,7 @@ use crate::blocking::{SyncIo, blocking_client, blocking_methods};
 use crate::http::seg;
 use crate::http::{call, check, request, text};
 
-pub use vblock::api::{MAX_TRANSFER, default_socket};
+pub use vblock_api::{MAX_TRANSFER, default_socket};
 
 /// Bytes per request of [`AsyncClient::import`] and [`AsyncClient::export`].
 pub const TRANSFER_CHUNK: u64 = 4 << 20;
@@ -263,7 +263,7 @@ impl AsyncClient {
         pool: &str,
         to: &str,
         from: Option<&str>,
-    ) -> Result<Vec<vblock::DiffRange>, Error> {
+    ) -> Result<Vec<vblock_api::DiffRange>, Error> {
         let q = from.map(|f| format!("?from={f}")).unwrap_or_default();
         self.get(&format!(
             "/v1/pools/{pool}/volumes/{to}/diff{q}",
@@ -478,7 +478,7 @@ impl Client {
         /// Writes `data` thinly (all-zero blocks not stored; zeroed where `existed`).
         fn write_thin(&self, pool: &str, name: &str, offset: u64, data: &[u8], existed: bool) -> ();
         /// Where `to` differs from `from` (or, without, everything `to` maps).
-        fn diff(&self, pool: &str, to: &str, from: Option<&str>) -> Vec<vblock::DiffRange>;
+        fn diff(&self, pool: &str, to: &str, from: Option<&str>) -> Vec<vblock_api::DiffRange>;
         /// Exports a volume (a snapshot read-only) to VMs as vhost-user-blk.
         fn export_vhost(&self, pool: &str, volume: &str, queues: usize) -> VhostInfo;
         /// Stops a vhost-user export.

@@ -22,8 +22,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use vblock::api::{PoolInfo, VhostInfo, VolumeInfo, VolumeSpec};
-use vswitch::api::{PortInfo, PortSpec, TenantInfo, TenantSpec};
+use vblock_api::{PoolInfo, VhostInfo, VolumeInfo, VolumeSpec};
+use vswitch_api::{PortInfo, PortSpec, TenantInfo, TenantSpec};
 
 use crate::{Error, block, net};
 

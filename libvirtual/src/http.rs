@@ -119,35 +119,25 @@ async fn exchange(
     Ok(Response { status, body: out })
 }
 
-/// The error envelope every libvirtual daemon answers with.
-#[derive(serde::Deserialize)]
-struct Envelope {
-    error: EnvelopeBody,
-}
-
-#[derive(serde::Deserialize)]
-struct EnvelopeBody {
-    code: String,
-    message: String,
-}
-
 /// Turns a non-2xx response into [`Error::Api`] (with the daemon's code and message).
 pub fn check(resp: Response) -> Result<Response, Error> {
     if (200..300).contains(&resp.status) {
         return Ok(resp);
     }
-    Err(match serde_json::from_slice::<Envelope>(&resp.body) {
-        Ok(e) => Error::Api {
-            status: resp.status,
-            code: e.error.code,
-            message: e.error.message,
+    Err(
+        match serde_json::from_slice::<daemon_kit::ErrorResponse>(&resp.body) {
+            Ok(e) => Error::Api {
+                status: resp.status,
+                code: e.error.code,
+                message: e.error.message,
+            },
+            Err(_) => Error::Api {
+                status: resp.status,
+                code: "unknown".into(),
+                message: String::from_utf8_lossy(&resp.body).into_owned(),
+            },
         },
-        Err(_) => Error::Api {
-            status: resp.status,
-            code: "unknown".into(),
-            message: String::from_utf8_lossy(&resp.body).into_owned(),
-        },
-    })
+    )
 }
 
 /// One JSON request: the body serialised, the answer (an empty one is `null`) parsed.

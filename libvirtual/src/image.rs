@@ -21,7 +21,7 @@ use imago::qcow2::Qcow2;
 use imago::{
     DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, Mapping, Storage, StorageCreateOptions,
 };
-use vblock::api::{VolumeInfo, VolumeSpec};
+use vblock_api::{VolumeInfo, VolumeSpec};
 
 use crate::Error;
 use crate::block::{Client, TRANSFER_CHUNK};

@@ -1,9 +1,9 @@
 //! `libvirtual`: the public Rust API over libvirtual's daemons.
 //!
 //! * [`net`]: the typed clients of vswitchd (tenants, ports, VTEPs, forwarding tables,
-//!   metrics), on the request/response types of [`vswitch::api`].
+//!   metrics), on the request/response types of [`vswitch_api`].
 //! * [`block`]: the typed clients of vblockd (pools, volumes, snapshots, clones, data,
-//!   image import and export), on the request/response types of [`vblock::api`].
+//!   image import and export), on the request/response types of [`vblock_api`].
 //! * Each comes as an `AsyncClient` (any tokio runtime) and a blocking `Client` that wraps
 //!   it (for programs without a runtime; it refuses to run inside one).
 //! * [`host`]: the high-level model: a host with tenants, ports, pools and volumes, and a
@@ -14,11 +14,13 @@
 //!
 //! The `vctl` binary is the command line over these clients.
 //!
-//! Cargo features (all on by default): `net` (vswitchd's clients, `vswitch` re-exported),
-//! `block` (vblockd's clients, `vblock` re-exported), `overlay` (`overlay_net` re-exported),
-//! `cni` (the plugin; needs `net`), `cli` (`vctl`; needs `net` and `block`). `host` needs
-//! `net` and `block`. A program that only drives vblockd takes
-//! `default-features = false, features = ["block"]`.
+//! Cargo features (all on by default): `net` (vswitchd's clients and `vswitch_api`: serde
+//! types, no datapath), `block` (vblockd's clients and `vblock_api`), `switch` (the
+//! embeddable switch re-exported as `vswitch`), `store` (the embeddable block store as
+//! `vblock`), `overlay` (`overlay_net` re-exported), `images` (raw/qcow2 in and out), `cni`
+//! (the plugin; needs `net`), `cli` (`vctl`; needs `net` and `block`). `host` needs `net` and
+//! `block`. A program that only drives vblockd takes
+//! `default-features = false, features = ["block"]` and builds neither daemon's internals.
 
 #[cfg(any(feature = "net", feature = "block"))]
 mod blocking;
@@ -38,12 +40,18 @@ pub mod net;
 /// Re-export of the overlay wire core (feature `overlay`).
 #[cfg(feature = "overlay")]
 pub use overlay_net;
-/// Re-export of the block store crate: its API types and embeddable core (feature `block`).
-#[cfg(feature = "block")]
+/// Re-export of the block store crate, to embed it (feature `store`).
+#[cfg(feature = "store")]
 pub use vblock;
-/// Re-export of the switch crate: its API types and embeddable core (feature `net`).
-#[cfg(feature = "net")]
+/// vblockd's API types (feature `block`).
+#[cfg(feature = "block")]
+pub use vblock_api;
+/// Re-export of the switch crate, to embed it (feature `switch`).
+#[cfg(feature = "switch")]
 pub use vswitch;
+/// vswitchd's API types (feature `net`).
+#[cfg(feature = "net")]
+pub use vswitch_api;
 
 /// Errors of the clients.
 #[derive(Debug, thiserror::Error)]

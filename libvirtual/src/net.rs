@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use vswitch::api::{
+use vswitch_api::{
     FdbEntryInfo, FdbEntrySpec, PortInfo, PortSpec, TenantInfo, TenantSpec, VtepSpec,
 };
 
@@ -14,7 +14,7 @@ use crate::Error;
 use crate::blocking::{blocking_client, blocking_methods};
 use crate::http::seg;
 
-pub use vswitch::api::default_socket;
+pub use vswitch_api::default_socket;
 
 /// An async client of one vswitchd (any tokio runtime).
 #[derive(Clone, Debug)]

@@ -10,6 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::checksum::Sum;
 use crate::vxlan::{self, VXLAN_PORT, Vni};
+use crate::wire::{be16, ethernet, ethertype, ipv4, ipv6, protocol, udp, vlan};
 use crate::{Error, Layer};
 
 /// What [`decapsulate`] accepts.
@@ -53,20 +54,9 @@ pub struct Decapsulated<'a> {
     pub inner: &'a [u8],
 }
 
-const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_IPV6: u16 = 0x86dd;
-const ETHERTYPE_VLAN: u16 = 0x8100;
-const PROTO_UDP: u8 = 17;
-const IPV6_FRAGMENT: u8 = 44;
-
 #[inline(always)]
 fn truncated(layer: Layer, need: usize, have: usize) -> Error {
     Error::Truncated { layer, need, have }
-}
-
-#[inline(always)]
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
 }
 
 /// Validates the outer Ethernet (optionally 802.1Q-tagged), IPv4 or IPv6, UDP and VXLAN
@@ -79,40 +69,44 @@ fn be16(b: &[u8], at: usize) -> u16 {
 /// after the IP packet is ignored.
 #[inline]
 pub fn decapsulate<'a>(frame: &'a [u8], cfg: &DecapConfig) -> Result<Decapsulated<'a>, Error> {
-    let Some(eth) = frame.first_chunk::<14>() else {
-        return Err(truncated(Layer::Ethernet, 14, frame.len()));
+    let Some(eth) = frame.first_chunk::<{ ethernet::HEADER_LEN }>() else {
+        return Err(truncated(
+            Layer::Ethernet,
+            ethernet::HEADER_LEN,
+            frame.len(),
+        ));
     };
-    let mut ether_type = be16(eth, 12);
-    let mut l3 = 14;
-    if ether_type == ETHERTYPE_VLAN {
-        let Some(tagged) = frame.first_chunk::<18>() else {
-            return Err(truncated(Layer::Vlan, 18, frame.len()));
+    let mut ether_type = be16(eth, ethernet::ETHERTYPE);
+    let mut l3 = ethernet::HEADER_LEN;
+    if ether_type == ethertype::VLAN {
+        let Some(tagged) = frame.first_chunk::<{ vlan::HEADER_LEN }>() else {
+            return Err(truncated(Layer::Vlan, vlan::HEADER_LEN, frame.len()));
         };
-        ether_type = be16(tagged, 16);
-        l3 = 18;
+        ether_type = be16(tagged, vlan::ETHERTYPE);
+        l3 = vlan::HEADER_LEN;
     }
     let packet = &frame[l3..];
     match ether_type {
-        ETHERTYPE_IPV4 => outer_ipv4(packet, cfg),
-        ETHERTYPE_IPV6 => outer_ipv6(packet, cfg),
+        ethertype::IPV4 => outer_ipv4(packet, cfg),
+        ethertype::IPV6 => outer_ipv6(packet, cfg),
         other => Err(Error::NotIp(other)),
     }
 }
 
 #[inline(always)]
 fn outer_ipv4<'a>(packet: &'a [u8], cfg: &DecapConfig) -> Result<Decapsulated<'a>, Error> {
-    let Some(h) = packet.first_chunk::<20>() else {
-        return Err(truncated(Layer::Ipv4, 20, packet.len()));
+    let Some(h) = packet.first_chunk::<{ ipv4::MIN_HEADER_LEN }>() else {
+        return Err(truncated(Layer::Ipv4, ipv4::MIN_HEADER_LEN, packet.len()));
     };
-    if h[0] >> 4 != 4 {
+    if h[ipv4::VERSION_IHL] >> 4 != 4 {
         return Err(Error::Malformed {
             layer: Layer::Ipv4,
             what: "version",
         });
     }
-    let ihl = (h[0] & 0x0f) as usize * 4;
-    let total = be16(h, 2) as usize;
-    if ihl < 20 || total < ihl {
+    let ihl = (h[ipv4::VERSION_IHL] & 0x0f) as usize * 4;
+    let total = be16(h, ipv4::TOTAL_LEN) as usize;
+    if ihl < ipv4::MIN_HEADER_LEN || total < ihl {
         return Err(Error::Malformed {
             layer: Layer::Ipv4,
             what: "header or total length",
@@ -121,7 +115,7 @@ fn outer_ipv4<'a>(packet: &'a [u8], cfg: &DecapConfig) -> Result<Decapsulated<'a
     if total > packet.len() {
         return Err(truncated(Layer::Ipv4, total, packet.len()));
     }
-    let header_sum = if ihl == 20 {
+    let header_sum = if ihl == ipv4::MIN_HEADER_LEN {
         Sum::new().add_array(h)
     } else {
         Sum::new().add_bytes(&packet[..ihl])
@@ -129,25 +123,24 @@ fn outer_ipv4<'a>(packet: &'a [u8], cfg: &DecapConfig) -> Result<Decapsulated<'a
     if header_sum.checksum() != 0 {
         return Err(Error::Ipv4Checksum);
     }
-    if be16(h, 6) & 0x3fff != 0 {
+    if be16(h, ipv4::FLAGS_FRAGMENT) & ipv4::FRAGMENT_MASK != 0 {
         return Err(Error::Fragmented);
     }
-    if h[9] != PROTO_UDP {
-        return Err(Error::NotUdp(h[9]));
+    if h[ipv4::PROTOCOL] != protocol::UDP {
+        return Err(Error::NotUdp(h[ipv4::PROTOCOL]));
     }
-    let src = [h[12], h[13], h[14], h[15]];
-    let dst = [h[16], h[17], h[18], h[19]];
+    let mut src = [0u8; 4];
+    src.copy_from_slice(&h[ipv4::SOURCE]);
+    let mut dst = [0u8; 4];
+    dst.copy_from_slice(&h[ipv4::DESTINATION]);
     if let Some(local) = cfg.local_ip
         && local != IpAddr::V4(Ipv4Addr::from(dst))
     {
         return Err(Error::NotForUs(Ipv4Addr::from(dst).into()));
     }
-    let addrs: [u8; 8] = [
-        src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3],
-    ];
     udp_vxlan(
         &packet[ihl..total],
-        &addrs,
+        &h[ipv4::ADDRESSES],
         false,
         Ipv4Addr::from(src).into(),
         cfg,
@@ -156,8 +149,8 @@ fn outer_ipv4<'a>(packet: &'a [u8], cfg: &DecapConfig) -> Result<Decapsulated<'a
 
 #[inline(always)]
 fn outer_ipv6<'a>(packet: &'a [u8], cfg: &DecapConfig) -> Result<Decapsulated<'a>, Error> {
-    let Some(h) = packet.first_chunk::<40>() else {
-        return Err(truncated(Layer::Ipv6, 40, packet.len()));
+    let Some(h) = packet.first_chunk::<{ ipv6::HEADER_LEN }>() else {
+        return Err(truncated(Layer::Ipv6, ipv6::HEADER_LEN, packet.len()));
     };
     if h[0] >> 4 != 6 {
         return Err(Error::Malformed {
@@ -165,27 +158,27 @@ fn outer_ipv6<'a>(packet: &'a [u8], cfg: &DecapConfig) -> Result<Decapsulated<'a
             what: "version",
         });
     }
-    match h[6] {
-        PROTO_UDP => {}
-        IPV6_FRAGMENT => return Err(Error::Fragmented),
+    match h[ipv6::NEXT_HEADER] {
+        protocol::UDP => {}
+        protocol::IPV6_FRAGMENT => return Err(Error::Fragmented),
         other => return Err(Error::NotUdp(other)),
     }
-    let end = 40 + be16(h, 4) as usize;
+    let end = ipv6::HEADER_LEN + be16(h, ipv6::PAYLOAD_LEN) as usize;
     if end > packet.len() {
         return Err(truncated(Layer::Ipv6, end, packet.len()));
     }
     let mut src = [0u8; 16];
-    src.copy_from_slice(&h[8..24]);
+    src.copy_from_slice(&h[ipv6::SOURCE]);
     let mut dst = [0u8; 16];
-    dst.copy_from_slice(&h[24..40]);
+    dst.copy_from_slice(&h[ipv6::DESTINATION]);
     if let Some(local) = cfg.local_ip
         && local != IpAddr::V6(Ipv6Addr::from(dst))
     {
         return Err(Error::NotForUs(Ipv6Addr::from(dst).into()));
     }
     udp_vxlan(
-        &packet[40..end],
-        &h[8..40],
+        &packet[ipv6::HEADER_LEN..end],
+        &h[ipv6::ADDRESSES],
         true,
         Ipv6Addr::from(src).into(),
         cfg,
@@ -202,17 +195,17 @@ fn udp_vxlan<'a>(
     source: IpAddr,
     cfg: &DecapConfig,
 ) -> Result<Decapsulated<'a>, Error> {
-    let Some(u) = datagram.first_chunk::<8>() else {
-        return Err(truncated(Layer::Udp, 8, datagram.len()));
+    let Some(u) = datagram.first_chunk::<{ udp::HEADER_LEN }>() else {
+        return Err(truncated(Layer::Udp, udp::HEADER_LEN, datagram.len()));
     };
-    let udp_len = be16(u, 4) as usize;
-    if udp_len < 8 || udp_len > datagram.len() {
+    let udp_len = be16(u, udp::LENGTH) as usize;
+    if udp_len < udp::HEADER_LEN || udp_len > datagram.len() {
         return Err(Error::Malformed {
             layer: Layer::Udp,
             what: "length field disagrees with the IP payload",
         });
     }
-    let dport = be16(u, 2);
+    let dport = be16(u, udp::DESTINATION_PORT);
     if dport != cfg.udp_port {
         return Err(Error::WrongPort {
             got: dport,
@@ -222,25 +215,25 @@ fn udp_vxlan<'a>(
     let datagram = &datagram[..udp_len];
     if cfg.udp_checksum_verified {
         // Vouched for by the receive path.
-    } else if be16(u, 6) == 0 {
+    } else if be16(u, udp::CHECKSUM) == 0 {
         if is_v6 && !cfg.accept_zero_udp6_checksum {
             return Err(Error::ZeroUdpChecksumV6);
         }
     } else {
         let sum = Sum::new()
             .add_bytes(addrs)
-            .add_word([0, PROTO_UDP])
+            .add_word([0, protocol::UDP])
             .add_word((udp_len as u16).to_be_bytes())
             .add_bytes(datagram);
         if sum.checksum() != 0 {
             return Err(Error::UdpChecksum);
         }
     }
-    let (vni, inner) = vxlan::parse(&datagram[8..])?;
+    let (vni, inner) = vxlan::parse(&datagram[udp::HEADER_LEN..])?;
     Ok(Decapsulated {
         vni,
         source,
-        source_port: be16(u, 0),
+        source_port: be16(u, udp::SOURCE_PORT),
         inner,
     })
 }

@@ -4,6 +4,10 @@
 //! of fields from the inner packet", in the dynamic range 49152–65535, so that underlay ECMP
 //! spreads tunnels' flows while keeping each flow on one path (no reordering).
 
+use crate::wire::{
+    self, be16, be32, ethernet, ethertype, get_be16, get_be32, get_be64, ipv4, ipv6, protocol, tcp,
+};
+
 /// First port of the dynamic/private range (RFC 6335).
 pub const SOURCE_PORT_MIN: u16 = 49152;
 /// Number of ports in the dynamic range 49152–65535.
@@ -21,21 +25,6 @@ const K1: u64 = 0x1319_8a2e_0370_7344;
 const K2: u64 = 0xa409_3822_299f_31d0;
 const K3: u64 = 0x082e_fa98_ec4e_6c89;
 
-#[inline(always)]
-fn be_u64(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
-}
-
-#[inline(always)]
-fn be_u32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-#[inline(always)]
-fn be_u16(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
 /// A 32-bit hash of an inner frame's flow, read straight from fixed header offsets (this is
 /// on every encapsulation, so it parses nothing it does not hash):
 /// IPv4/IPv6 (after an optional 802.1Q tag): addresses, protocol and, for unfragmented
@@ -47,8 +36,8 @@ pub fn flow_hash(frame: &[u8]) -> u32 {
     let h = flow_hash64(frame).unwrap_or_else(|| {
         // Truncated headers: hash the MACs if present, else nothing.
         fold_mul(
-            be_u64(frame, 0).unwrap_or(0) ^ K0,
-            be_u32(frame, 8).unwrap_or(0) as u64 ^ K1,
+            get_be64(frame, 0).unwrap_or(0) ^ K0,
+            get_be32(frame, 8).unwrap_or(0) as u64 ^ K1,
         )
     });
     (h >> 32) as u32 ^ h as u32
@@ -57,38 +46,35 @@ pub fn flow_hash(frame: &[u8]) -> u32 {
 #[inline(always)]
 fn flow_hash64(frame: &[u8]) -> Option<u64> {
     // Fast path, the common case: untagged IPv4 without options, ports present.
-    if let Some(h) = frame.first_chunk::<38>()
-        && h[12] == 0x08
-        && h[13] == 0x00
-        && h[14] == 0x45
+    const IP: usize = ethernet::HEADER_LEN;
+    const L4: usize = IP + ipv4::MIN_HEADER_LEN;
+    if let Some(h) = frame.first_chunk::<{ L4 + 4 }>()
+        && be16(h, ethernet::ETHERTYPE) == ethertype::IPV4
+        && h[IP + ipv4::VERSION_IHL] == 0x45
     {
-        let proto = h[23];
-        let unfragmented = (h[20] & 0x3f) == 0 && h[21] == 0;
-        let ports = if unfragmented && (proto == TCP || proto == UDP) {
-            u32::from_be_bytes([h[34], h[35], h[36], h[37]])
+        let ip = &h[IP..L4];
+        let proto = ip[ipv4::PROTOCOL];
+        let unfragmented = be16(ip, ipv4::FLAGS_FRAGMENT) & ipv4::FRAGMENT_MASK == 0;
+        let ports = if unfragmented && (proto == protocol::TCP || proto == protocol::UDP) {
+            be32(&h[L4..], tcp::PORTS)
         } else {
             0
         };
-        let addrs = u64::from_be_bytes([h[26], h[27], h[28], h[29], h[30], h[31], h[32], h[33]]);
+        let addrs = u64::from_be_bytes(ip[ipv4::ADDRESSES].try_into().unwrap_or_default());
         return Some(fold_mul(
             addrs ^ K0,
             ((proto as u64) << 32 | ports as u64) ^ K1,
         ));
     }
-    let mut l3 = 14;
-    let mut ether_type = be_u16(frame, 12)?;
-    if ether_type == 0x8100 {
-        ether_type = be_u16(frame, 16)?;
-        l3 = 18;
-    }
+    let (ether_type, l3) = wire::l3_start(frame)?;
     match ether_type {
-        0x0800 => {
-            let ihl = (*frame.get(l3)? & 0x0f) as usize * 4;
-            let proto = *frame.get(l3 + 9)?;
-            let frag = be_u16(frame, l3 + 6)? & 0x3fff; // MF or offset
-            let addrs = be_u64(frame, l3 + 12)?;
-            let ports = if frag == 0 && (proto == TCP || proto == UDP) {
-                be_u32(frame, l3 + ihl).unwrap_or(0)
+        ethertype::IPV4 => {
+            let ihl = (*frame.get(l3 + ipv4::VERSION_IHL)? & 0x0f) as usize * 4;
+            let proto = *frame.get(l3 + ipv4::PROTOCOL)?;
+            let frag = get_be16(frame, l3 + ipv4::FLAGS_FRAGMENT.start)? & ipv4::FRAGMENT_MASK;
+            let addrs = get_be64(frame, l3 + ipv4::ADDRESSES.start)?;
+            let ports = if frag == 0 && (proto == protocol::TCP || proto == protocol::UDP) {
+                get_be32(frame, l3 + ihl).unwrap_or(0)
             } else {
                 0
             };
@@ -97,29 +83,27 @@ fn flow_hash64(frame: &[u8]) -> Option<u64> {
                 ((proto as u64) << 32 | ports as u64) ^ K1,
             ))
         }
-        0x86dd => {
-            let proto = *frame.get(l3 + 6)?;
-            let ports = if proto == TCP || proto == UDP {
-                be_u32(frame, l3 + 40).unwrap_or(0)
+        ethertype::IPV6 => {
+            let proto = *frame.get(l3 + ipv6::NEXT_HEADER)?;
+            let ports = if proto == protocol::TCP || proto == protocol::UDP {
+                get_be32(frame, l3 + ipv6::HEADER_LEN).unwrap_or(0)
             } else {
                 0
             };
-            let src = fold_mul(be_u64(frame, l3 + 8)? ^ K0, be_u64(frame, l3 + 16)? ^ K1);
-            let dst = fold_mul(be_u64(frame, l3 + 24)? ^ K2, be_u64(frame, l3 + 32)? ^ K3);
+            let (src, dst) = (l3 + ipv6::SOURCE.start, l3 + ipv6::DESTINATION.start);
+            let src = fold_mul(get_be64(frame, src)? ^ K0, get_be64(frame, src + 8)? ^ K1);
+            let dst = fold_mul(get_be64(frame, dst)? ^ K2, get_be64(frame, dst + 8)? ^ K3);
             Some(fold_mul(
                 src ^ dst.rotate_left(29),
                 ((proto as u64) << 32 | ports as u64) ^ K2,
             ))
         }
         _ => {
-            let macs = fold_mul(be_u64(frame, 0)? ^ K0, be_u32(frame, 8)? as u64 ^ K1);
+            let macs = fold_mul(get_be64(frame, 0)? ^ K0, get_be32(frame, 8)? as u64 ^ K1);
             Some(fold_mul(macs ^ K3, ether_type as u64 ^ K2))
         }
     }
 }
-
-const TCP: u8 = 6;
-const UDP: u8 = 17;
 
 /// Maps a flow hash into the source port range 49152–65535.
 #[inline]

@@ -6,6 +6,7 @@
 //! a caller's buffer.
 
 use crate::checksum::Sum;
+use crate::wire::{self, be16, be32, ethernet, ethertype, ipv4, ipv6, protocol, tcp, udp};
 use crate::{Error, Layer};
 
 /// Completes a partial checksum (virtio `NEEDS_CSUM`): the 16-bit field at
@@ -36,54 +37,49 @@ pub fn complete_checksum(frame: &mut [u8], start: usize, offset: usize) -> Resul
 /// (a finished checksum that happens to equal the pseudo-header sum). Returns whether the
 /// frame was changed. Fragments, IPv6 extension headers and other protocols are left alone.
 pub fn finish_partial_checksum(frame: &mut [u8]) -> bool {
-    let mut l3 = 14;
-    let Some(t) = frame.get(12..14) else {
+    let Some((ether_type, l3)) = wire::l3_start(frame) else {
         return false;
     };
-    let mut ethertype = be16(t, 0);
-    if ethertype == 0x8100 {
-        let Some(t) = frame.get(16..18) else {
-            return false;
-        };
-        ethertype = be16(t, 0);
-        l3 = 18;
-    }
     // (protocol, L4 start, L4 end, pseudo-header sum without the protocol and length)
-    let (proto, l4, end, addrs) = match ethertype {
-        0x0800 => {
-            let Some(ip) = frame.get(l3..l3 + 20) else {
+    let (proto, l4, end, addrs) = match ether_type {
+        ethertype::IPV4 => {
+            let Some(ip) = frame.get(l3..l3 + ipv4::MIN_HEADER_LEN) else {
                 return false;
             };
-            let ihl = usize::from(ip[0] & 0x0f) * 4;
-            let total = usize::from(be16(ip, 2));
-            let fragment = be16(ip, 6) & 0x3fff != 0;
-            if ip[0] >> 4 != 4 || ihl < 20 || total < ihl || fragment {
+            let ihl = usize::from(ip[ipv4::VERSION_IHL] & 0x0f) * 4;
+            let total = usize::from(be16(ip, ipv4::TOTAL_LEN));
+            let fragment = be16(ip, ipv4::FLAGS_FRAGMENT) & ipv4::FRAGMENT_MASK != 0;
+            if ip[ipv4::VERSION_IHL] >> 4 != 4
+                || ihl < ipv4::MIN_HEADER_LEN
+                || total < ihl
+                || fragment
+            {
                 return false;
             }
             (
-                ip[9],
+                ip[ipv4::PROTOCOL],
                 l3 + ihl,
                 l3 + total,
-                Sum::new().add_bytes(&ip[12..20]),
+                Sum::new().add_bytes(&ip[ipv4::ADDRESSES]),
             )
         }
-        0x86dd => {
-            let Some(ip) = frame.get(l3..l3 + 40) else {
+        ethertype::IPV6 => {
+            let Some(ip) = frame.get(l3..l3 + ipv6::HEADER_LEN) else {
                 return false;
             };
-            let payload = usize::from(be16(ip, 4));
+            let payload = usize::from(be16(ip, ipv6::PAYLOAD_LEN));
             (
-                ip[6],
-                l3 + 40,
-                l3 + 40 + payload,
-                Sum::new().add_bytes(&ip[8..40]),
+                ip[ipv6::NEXT_HEADER],
+                l3 + ipv6::HEADER_LEN,
+                l3 + ipv6::HEADER_LEN + payload,
+                Sum::new().add_bytes(&ip[ipv6::ADDRESSES]),
             )
         }
         _ => return false,
     };
     let field = match proto {
-        6 => 16,
-        17 => 6,
+        protocol::TCP => tcp::CHECKSUM.start,
+        protocol::UDP => udp::CHECKSUM.start,
         _ => return false,
     };
     let Some(segment) = frame.get_mut(l4..end) else {
@@ -93,7 +89,7 @@ pub fn finish_partial_checksum(frame: &mut [u8]) -> bool {
         return false;
     }
     let current = [segment[field], segment[field + 1]];
-    if proto == 17 && ethertype == 0x0800 && current == [0, 0] {
+    if proto == protocol::UDP && ether_type == ethertype::IPV4 && current == [0, 0] {
         return false; // UDP over IPv4 without a checksum
     }
     let pseudo = addrs
@@ -106,7 +102,7 @@ pub fn finish_partial_checksum(frame: &mut [u8]) -> bool {
         return false; // already right
     }
     let mut c = Sum::new().add_bytes(segment).checksum();
-    if proto == 17 && c == 0 {
+    if proto == protocol::UDP && c == 0 {
         c = 0xffff;
     }
     segment[field..field + 2].copy_from_slice(&c.to_ne_bytes());
@@ -148,13 +144,14 @@ pub fn prepare_tcp_super_frame(frame: &mut [u8], mtu: usize) -> Result<Coalesced
     if ip_len > usize::from(u16::MAX) {
         return Err(bad("super-frame longer than an IP packet"));
     }
+    let ip = &frame[at.l3..at.l4];
     if at.v6 {
-        if usize::from(be16(frame, at.l3 + 4)) + 40 != ip_len {
+        if usize::from(be16(ip, ipv6::PAYLOAD_LEN)) + ipv6::HEADER_LEN != ip_len {
             return Err(bad("IPv6 payload length does not match the frame"));
         }
     } else {
-        let fragment = be16(frame, at.l3 + 6) & 0x3fff != 0;
-        if usize::from(be16(frame, at.l3 + 2)) != ip_len || fragment {
+        let fragment = be16(ip, ipv4::FLAGS_FRAGMENT) & ipv4::FRAGMENT_MASK != 0;
+        if usize::from(be16(ip, ipv4::TOTAL_LEN)) != ip_len || fragment {
             return Err(bad("IPv4 length does not match the frame, or a fragment"));
         }
     }
@@ -164,7 +161,7 @@ pub fn prepare_tcp_super_frame(frame: &mut [u8], mtu: usize) -> Result<Coalesced
         segment_size: mss as u16,
         header_len: at.payload as u16,
         csum_start: at.l4 as u16,
-        csum_offset: 16,
+        csum_offset: tcp::CHECKSUM.start as u16,
         ipv6: at.v6,
     })
 }
@@ -180,14 +177,15 @@ struct Layout {
 
 /// The TCP pseudo-header sum of `frame` (addresses, protocol, TCP length to the frame's end).
 fn tcp_pseudo_header(frame: &[u8], at: Layout) -> Sum {
+    let ip = &frame[at.l3..at.l4];
     let addrs = if at.v6 {
-        &frame[at.l3 + 8..at.l3 + 40]
+        &ip[ipv6::ADDRESSES]
     } else {
-        &frame[at.l3 + 12..at.l3 + 20]
+        &ip[ipv4::ADDRESSES]
     };
     Sum::new()
         .add_bytes(addrs)
-        .add_word([0, 6])
+        .add_word([0, protocol::TCP])
         .add_word(((frame.len() - at.l4) as u16).to_be_bytes())
 }
 
@@ -195,11 +193,7 @@ fn tcp_pseudo_header(frame: &[u8], at: Layout) -> Sum {
 /// its checksum pending (virtio `NEEDS_CSUM`) expects there.
 fn write_checksum_seed(frame: &mut [u8], at: Layout) {
     let seed = tcp_pseudo_header(frame, at).folded();
-    frame[at.l4 + 16..at.l4 + 18].copy_from_slice(&seed.to_ne_bytes());
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
+    frame[at.l4..][tcp::CHECKSUM].copy_from_slice(&seed.to_ne_bytes());
 }
 
 fn layout(frame: &[u8]) -> Result<Layout, Error> {
@@ -207,37 +201,38 @@ fn layout(frame: &[u8]) -> Result<Layout, Error> {
         layer: Layer::Inner,
         what,
     };
-    if frame.len() < 14 {
+    if frame.len() < ethernet::HEADER_LEN {
         return Err(bad("frame shorter than Ethernet"));
     }
-    let (mut l3, mut et) = (14, be16(frame, 12));
-    if et == 0x8100 {
-        if frame.len() < 18 {
-            return Err(bad("truncated VLAN tag"));
-        }
-        et = be16(frame, 16);
-        l3 = 18;
-    }
+    let (et, l3) = wire::l3_start(frame).ok_or(bad("truncated VLAN tag"))?;
     let (l4, v6) = match et {
-        0x0800 => {
+        ethertype::IPV4 => {
             let ihl = (*frame.get(l3).ok_or(bad("no IPv4 header"))? & 0x0f) as usize * 4;
-            if ihl < 20 || frame.len() < l3 + ihl || frame[l3 + 9] != 6 {
+            if ihl < ipv4::MIN_HEADER_LEN
+                || frame.len() < l3 + ihl
+                || frame[l3 + ipv4::PROTOCOL] != protocol::TCP
+            {
                 return Err(bad("not an IPv4 TCP packet"));
             }
             (l3 + ihl, false)
         }
-        0x86dd => {
-            if frame.len() < l3 + 40 || frame[l3 + 6] != 6 {
+        ethertype::IPV6 => {
+            if frame.len() < l3 + ipv6::HEADER_LEN || frame[l3 + ipv6::NEXT_HEADER] != protocol::TCP
+            {
                 return Err(bad(
                     "not an IPv6 TCP packet (extension headers unsupported)",
                 ));
             }
-            (l3 + 40, true)
+            (l3 + ipv6::HEADER_LEN, true)
         }
         _ => return Err(bad("not IP")),
     };
-    let doff = (*frame.get(l4 + 12).ok_or(bad("no TCP header"))? >> 4) as usize * 4;
-    if doff < 20 || frame.len() < l4 + doff {
+    let doff = (*frame
+        .get(l4 + tcp::DATA_OFFSET)
+        .ok_or(bad("no TCP header"))?
+        >> 4) as usize
+        * 4;
+    if doff < tcp::MIN_HEADER_LEN || frame.len() < l4 + doff {
         return Err(bad("bad TCP header length"));
     }
     Ok(Layout {
@@ -310,35 +305,35 @@ impl<'a> TcpSegmenter<'a> {
         out[at.payload..len].copy_from_slice(&f[self.next..self.next + chunk]);
         let seq_advance = (self.next - at.payload) as u32;
         // IP header: lengths, and for IPv4 the ID and header checksum.
+        let ip = &mut out[at.l3..at.l4];
         if at.v6 {
-            let plen = (len - at.l3 - 40) as u16;
-            out[at.l3 + 4..at.l3 + 6].copy_from_slice(&plen.to_be_bytes());
+            let plen = (len - at.l3 - ipv6::HEADER_LEN) as u16;
+            ip[ipv6::PAYLOAD_LEN].copy_from_slice(&plen.to_be_bytes());
         } else {
             let tot = (len - at.l3) as u16;
-            out[at.l3 + 2..at.l3 + 4].copy_from_slice(&tot.to_be_bytes());
-            let id = be16(f, at.l3 + 4).wrapping_add(self.index);
-            out[at.l3 + 4..at.l3 + 6].copy_from_slice(&id.to_be_bytes());
-            out[at.l3 + 10..at.l3 + 12].copy_from_slice(&[0, 0]);
-            let c = Sum::new().add_bytes(&out[at.l3..at.l4]).checksum();
-            out[at.l3 + 10..at.l3 + 12].copy_from_slice(&c.to_ne_bytes());
+            ip[ipv4::TOTAL_LEN].copy_from_slice(&tot.to_be_bytes());
+            let id = be16(&f[at.l3..], ipv4::IDENT).wrapping_add(self.index);
+            ip[ipv4::IDENT].copy_from_slice(&id.to_be_bytes());
+            ip[ipv4::CHECKSUM].copy_from_slice(&[0, 0]);
+            let c = Sum::new().add_bytes(ip).checksum();
+            ip[ipv4::CHECKSUM].copy_from_slice(&c.to_ne_bytes());
         }
         // TCP: sequence number, flags, checksum.
-        let seq = u32::from_be_bytes([f[at.l4 + 4], f[at.l4 + 5], f[at.l4 + 6], f[at.l4 + 7]])
-            .wrapping_add(seq_advance);
-        out[at.l4 + 4..at.l4 + 8].copy_from_slice(&seq.to_be_bytes());
-        let mut flags = f[at.l4 + 13];
+        let seq = be32(&f[at.l4..], tcp::SEQUENCE).wrapping_add(seq_advance);
+        out[at.l4..][tcp::SEQUENCE].copy_from_slice(&seq.to_be_bytes());
+        let mut flags = f[at.l4 + tcp::FLAGS];
         if !last {
             flags &= !(FIN | PSH);
         }
         if !first {
             flags &= !CWR;
         }
-        out[at.l4 + 13] = flags;
-        out[at.l4 + 16..at.l4 + 18].copy_from_slice(&[0, 0]);
+        out[at.l4 + tcp::FLAGS] = flags;
+        out[at.l4..][tcp::CHECKSUM].copy_from_slice(&[0, 0]);
         let c = tcp_pseudo_header(&out[..len], at)
             .add_bytes(&out[at.l4..len])
             .checksum();
-        out[at.l4 + 16..at.l4 + 18].copy_from_slice(&c.to_ne_bytes());
+        out[at.l4..][tcp::CHECKSUM].copy_from_slice(&c.to_ne_bytes());
         self.next += chunk.max(1);
         self.index = self.index.wrapping_add(1);
         Some(Ok(len))
@@ -437,14 +432,14 @@ mod tests {
     fn partial(good: &[u8], l3: usize, l4: usize, field: usize, v6: bool, proto: u8) -> Vec<u8> {
         let mut f = good.to_vec();
         let len = if v6 {
-            usize::from(be16(&f, l3 + 4))
+            usize::from(be16(&f[l3..], ipv6::PAYLOAD_LEN))
         } else {
-            usize::from(be16(&f, l3 + 2)) - (l4 - l3)
+            usize::from(be16(&f[l3..], ipv4::TOTAL_LEN)) - (l4 - l3)
         };
         let addrs = if v6 {
-            &f[l3 + 8..l3 + 40]
+            &f[l3..][ipv6::ADDRESSES]
         } else {
-            &f[l3 + 12..l3 + 20]
+            &f[l3..][ipv4::ADDRESSES]
         };
         let pseudo = Sum::new()
             .add_bytes(addrs)
@@ -611,20 +606,22 @@ impl TcpCoalescer {
 
     fn mergeable(frame: &[u8]) -> Option<Layout> {
         let at = layout(frame).ok()?;
-        let flags = frame[at.l4 + 13];
+        let flags = frame[at.l4 + tcp::FLAGS];
         if flags & (SYN | FIN | RST | URG) != 0 || frame.len() == at.payload {
             return None;
         }
         if !at.v6 {
             let h = &frame[at.l3..at.l4];
             // No options, not a fragment, and the IP length must cover exactly the frame.
-            if at.l4 - at.l3 != 20
-                || be16(h, 6) & 0x3fff != 0
-                || be16(h, 2) as usize != frame.len() - at.l3
+            if at.l4 - at.l3 != ipv4::MIN_HEADER_LEN
+                || be16(h, ipv4::FLAGS_FRAGMENT) & ipv4::FRAGMENT_MASK != 0
+                || be16(h, ipv4::TOTAL_LEN) as usize != frame.len() - at.l3
             {
                 return None;
             }
-        } else if be16(frame, at.l3 + 4) as usize != frame.len() - at.l3 - 40 {
+        } else if be16(&frame[at.l3..], ipv6::PAYLOAD_LEN) as usize
+            != frame.len() - at.l3 - ipv6::HEADER_LEN
+        {
             return None;
         }
         Some(at)
@@ -637,12 +634,7 @@ impl TcpCoalescer {
         let Some(at) = Self::mergeable(frame) else {
             return false;
         };
-        let seq = u32::from_be_bytes([
-            frame[at.l4 + 4],
-            frame[at.l4 + 5],
-            frame[at.l4 + 6],
-            frame[at.l4 + 7],
-        ]);
+        let seq = be32(&frame[at.l4..], tcp::SEQUENCE);
         let payload = frame.len() - at.payload;
         let Some(held) = self.at else {
             self.buf.clear();
@@ -668,7 +660,7 @@ impl TcpCoalescer {
             // Ports, ack, data offset, flags but PSH, window, options (not seq, checksum).
             && frame[at.l4..at.l4 + 4] == self.buf[at.l4..at.l4 + 4]
             && frame[at.l4 + 8..at.l4 + 13] == self.buf[at.l4 + 8..at.l4 + 13]
-            && (frame[at.l4 + 13] | PSH) == (self.buf[at.l4 + 13] | PSH)
+            && (frame[at.l4 + tcp::FLAGS] | PSH) == (self.buf[at.l4 + tcp::FLAGS] | PSH)
             && frame[at.l4 + 14..at.l4 + 16] == self.buf[at.l4 + 14..at.l4 + 16]
             && frame[at.l4 + 18..at.payload] == self.buf[at.l4 + 18..at.payload];
         if self.closed
@@ -680,7 +672,7 @@ impl TcpCoalescer {
             return false;
         }
         self.buf.extend_from_slice(&frame[at.payload..]);
-        self.buf[at.l4 + 13] |= frame[at.l4 + 13] & PSH;
+        self.buf[at.l4 + tcp::FLAGS] |= frame[at.l4 + tcp::FLAGS] & PSH;
         self.segments += 1;
         self.next_seq = seq.wrapping_add(payload as u32);
         // A short segment ends the run (only the last may be shorter).
@@ -699,13 +691,15 @@ impl TcpCoalescer {
         }
         let len = self.buf.len();
         let b = &mut self.buf;
+        let ip = &mut b[at.l3..at.l4];
         if at.v6 {
-            b[at.l3 + 4..at.l3 + 6].copy_from_slice(&((len - at.l3 - 40) as u16).to_be_bytes());
+            let plen = (len - at.l3 - ipv6::HEADER_LEN) as u16;
+            ip[ipv6::PAYLOAD_LEN].copy_from_slice(&plen.to_be_bytes());
         } else {
-            b[at.l3 + 2..at.l3 + 4].copy_from_slice(&((len - at.l3) as u16).to_be_bytes());
-            b[at.l3 + 10..at.l3 + 12].copy_from_slice(&[0, 0]);
-            let c = Sum::new().add_bytes(&b[at.l3..at.l4]).checksum();
-            b[at.l3 + 10..at.l3 + 12].copy_from_slice(&c.to_ne_bytes());
+            ip[ipv4::TOTAL_LEN].copy_from_slice(&((len - at.l3) as u16).to_be_bytes());
+            ip[ipv4::CHECKSUM].copy_from_slice(&[0, 0]);
+            let c = Sum::new().add_bytes(ip).checksum();
+            ip[ipv4::CHECKSUM].copy_from_slice(&c.to_ne_bytes());
         }
         write_checksum_seed(b, at);
         Some((
@@ -715,7 +709,7 @@ impl TcpCoalescer {
                 segment_size: self.segment_size as u16,
                 header_len: at.payload as u16,
                 csum_start: at.l4 as u16,
-                csum_offset: 16,
+                csum_offset: tcp::CHECKSUM.start as u16,
                 ipv6: at.v6,
             }),
         ))

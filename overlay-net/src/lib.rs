@@ -17,6 +17,7 @@
 //! * [`mtu`]: overlay MTU arithmetic (RFC 7348 §4.3: never fragment).
 //! * [`checksum`]: the Internet checksum, vectorised.
 //! * [`gso`]: software TCP segmentation and checksum completion for offloaded frames.
+//! * [`wire`]: header field offsets and the accessors of the hand-written fast paths.
 //!
 //! ```
 //! use overlay_net::{DecapConfig, Encapsulator, MacAddr, TunnelConfig, Vni, decapsulate};
@@ -49,6 +50,7 @@ pub mod gso;
 mod mac;
 pub mod mtu;
 pub mod vxlan;
+pub mod wire;
 
 pub use decap::{DecapConfig, Decapsulated, decapsulate};
 pub use encap::{Encapsulator, TunnelConfig};

@@ -90,11 +90,9 @@ fn blocks() -> Vec<Block> {
 fn parse_as(kind: &str, text: &str) -> Result<(), String> {
     let e = |e: serde_json::Error| e.to_string();
     match kind {
-        "error" => {
-            let v: serde_json::Value = serde_json::from_str(text).map_err(e)?;
-            let ok = v["error"]["code"].is_string() && v["error"]["message"].is_string();
-            ok.then_some(()).ok_or("not an error envelope".into())
-        }
+        "error" => serde_json::from_str::<daemon_kit::ErrorResponse>(text)
+            .map(drop)
+            .map_err(e),
         "vswitch::api::PortSpec" => serde_json::from_str::<vswitch::api::PortSpec>(text)
             .map(drop)
             .map_err(e),

@@ -124,33 +124,7 @@ impl Device for MemDevice {
     }
 }
 
-/// How a new pool file's space is reserved on the host file system (volumes inside are thin
-/// either way).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Preallocation {
-    /// `fallocate`: instant; the file system marks the space allocated but unwritten, and
-    /// converts (splits) its extents as data first lands there, which costs on random first
-    /// writes (ext4: 1.4–3x fewer thin first writes per second than `full`, measured).
-    #[default]
-    Falloc,
-    /// `fallocate`, then zeros written over the whole file (as `qemu-img create -o
-    /// preallocation=full`): creation takes as long as writing the size; first writes into
-    /// thin space then cost what overwrites cost.
-    Full,
-}
-
-impl std::str::FromStr for Preallocation {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Preallocation, String> {
-        match s {
-            "falloc" => Ok(Preallocation::Falloc),
-            "full" => Ok(Preallocation::Full),
-            other => Err(format!("preallocation {other:?}: falloc or full")),
-        }
-    }
-}
+pub use vblock_api::Preallocation;
 
 /// Creates (or truncates) a pool file of `size` bytes, its space reserved on the host.
 pub(crate) fn create_pool_file(

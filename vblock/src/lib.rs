@@ -14,12 +14,14 @@
 //! * [`diffstream`]: snapshot diff streams (incremental export/import between pools).
 //! * [`pool`]: a pool on a device: volume I/O, flush = commit, open = recovery, check.
 
-pub mod api;
+/// vblockd's API types (the `vblock-api` crate).
+pub use vblock_api as api;
 pub mod checkpoint;
 #[cfg(feature = "daemon")]
 pub mod daemon;
 pub mod device;
-pub mod diffstream;
+/// Snapshot diff streams (in `vblock-api`).
+pub use vblock_api::diffstream;
 mod error;
 pub mod format;
 pub mod journal;

@@ -115,16 +115,7 @@ pub struct WriteRequest<'a> {
     pub data: &'a [u8],
 }
 
-/// A range in which two volumes differ ([`Pool::diff`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DiffRange {
-    /// Byte offset.
-    pub offset: u64,
-    /// Bytes.
-    pub length: u64,
-    /// The newer volume reads zeros here.
-    pub zero: bool,
-}
+pub use vblock_api::DiffRange;
 
 /// What [`Pool::check`] found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -1049,6 +1040,18 @@ impl<D: Device> Pool<D> {
         self.dev
             .submit(&mut ops)
             .map_err(io(format!("reading a batch of {}", reqs.len())))
+    }
+
+    /// Reads a batch as [`Self::read_batch`] does, and if the batch fails, each request
+    /// again on its own, so that only a bad one fails (what a device queue answers per
+    /// request). Returns each request's outcome, in order.
+    pub fn read_each(&self, reqs: &mut [ReadRequest<'_>]) -> Vec<Result<(), Error>> {
+        if reqs.is_empty() || self.read_batch(reqs).is_ok() {
+            return reqs.iter().map(|_| Ok(())).collect();
+        }
+        reqs.iter_mut()
+            .map(|r| self.read(r.volume, r.offset, r.buf))
+            .collect()
     }
 
     /// Writes `data` at `offset` (both multiples of 512). Durable after the next

@@ -126,7 +126,7 @@ impl<D: VhostDevice> Handler<D> {
                 .queue_started(
                     index,
                     StartedQueue {
-                        vring: vring.clone(),
+                        vring: crate::Vring::new(vring.clone()),
                         kick,
                         mem: self.mem.clone(),
                         inflight,

@@ -27,11 +27,12 @@ use std::thread::JoinHandle;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{BackendListener, Listener};
-use vhost_user_backend::VringRwLock;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use handler::Handler;
 pub use inflight::InflightQueue;
+mod vring;
+pub use vring::{Vring, VringMut, VringRef};
 
 /// Errors of the vhost-user side.
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +81,7 @@ pub fn config_slice(space: &[u8], offset: u32, size: u32) -> Vec<u8> {
 /// A started queue, handed to its device.
 pub struct StartedQueue {
     /// The ring (addresses, indexes, notifications).
-    pub vring: VringRwLock,
+    pub vring: Vring,
     /// The kick eventfd (non-blocking): readable when the driver kicks; read 8 bytes to
     /// consume, write 8 to wake the server again.
     pub kick: File,

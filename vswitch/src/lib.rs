@@ -19,7 +19,8 @@
 //!
 //! Time is passed in as nanoseconds of a monotonic clock the caller owns ([`Nanos`]).
 
-pub mod api;
+/// vswitchd's API types (the `vswitch-api` crate).
+pub use vswitch_api as api;
 mod counters;
 #[cfg(feature = "daemon")]
 pub mod daemon;

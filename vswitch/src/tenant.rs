@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use overlay_net::frame::FrameView;
+use overlay_net::wire;
 use overlay_net::{
     Destination, LearnOutcome, MacAddr, PortId, TenantFdb, TenantLimits, Timestamp, Vni,
 };
@@ -77,8 +78,8 @@ pub struct TenantSwitch {
     counters: TenantCounters,
 }
 
-const ETH_HEADER: usize = 14;
-const VLAN_TAG: usize = 4;
+const ETH_HEADER: usize = wire::ethernet::HEADER_LEN;
+const VLAN_TAG: usize = wire::vlan::TAG_LEN;
 
 fn millis(now: Nanos) -> Timestamp {
     Timestamp(now / 1_000_000)
@@ -232,9 +233,12 @@ impl TenantSwitch {
         let Some(hdr) = frame.first_chunk::<14>() else {
             return Self::dropped(counters, port, DropReason::Malformed);
         };
-        let destination = MacAddr([hdr[0], hdr[1], hdr[2], hdr[3], hdr[4], hdr[5]]);
-        let source = MacAddr([hdr[6], hdr[7], hdr[8], hdr[9], hdr[10], hdr[11]]);
-        let tagged = hdr[12] == 0x81 && hdr[13] == 0x00;
+        let mac = |field: wire::Field| MacAddr(hdr[field].try_into().unwrap_or_default());
+        let (destination, source) = (
+            mac(wire::ethernet::DESTINATION),
+            mac(wire::ethernet::SOURCE),
+        );
+        let tagged = wire::be16(hdr, wire::vlan::TPID) == wire::ethertype::VLAN;
         if tagged && frame.len() < ETH_HEADER + VLAN_TAG {
             return Self::dropped(counters, port, DropReason::Malformed);
         }

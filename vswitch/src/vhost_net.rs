@@ -31,11 +31,9 @@ use overlay_net::gso::{TcpSegmenter, complete_checksum};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_device::ring::{RingError, RingView};
 use vhost_device::{StartedQueue, VhostDevice};
-use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
 use vm_memory::{Address, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::tap::{VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_HDR_LEN, VnetHeader};
@@ -49,7 +47,7 @@ pub const MAX_FRAME: usize = VNET_HDR_LEN + 65536;
 
 /// A started queue as the port keeps it.
 struct Queue {
-    vring: VringRwLock,
+    vring: vhost_device::Vring,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     kick: File,
     /// Used-ring entries of one frame (receive) or burst (transmit); kept to avoid
@@ -182,8 +180,8 @@ impl VhostNetPort {
             let _ = (&q.kick).read(&mut [0u8; 8]);
         }
         let mem = q.mem.memory();
-        let mut state = q.vring.get_mut();
-        let queue = state.get_queue_mut();
+        let mut state = q.vring.lock();
+        let queue = state.queue();
         let Some(mut ring) = RingView::new(queue, &mem) else {
             // Rings outside guest memory: nothing can be taken.
             return (0, false);
@@ -261,7 +259,7 @@ impl VhostNetPort {
                 let _ = state.signal_used_queue();
             }
         }
-        ring.finish(state.get_queue_mut());
+        ring.finish(state.queue());
         (taken, !empty)
     }
 
@@ -359,8 +357,8 @@ impl VhostNetPort {
         };
         let mem = q.mem.memory();
         let mergeable = self.accepted(VIRTIO_NET_F_MRG_RXBUF);
-        let mut state = q.vring.get_mut();
-        let queue = state.get_queue_mut();
+        let mut state = q.vring.lock();
+        let queue = state.queue();
         let Some(mut ring) = RingView::new(queue, &mem) else {
             for _ in frames {
                 done(Err(io::Error::other("receive ring outside guest memory")));
@@ -388,7 +386,7 @@ impl VhostNetPort {
         // for all its frames; the guest polls the used index, and every update costs both
         // sides a cache line).
         ring.push_used_all(&q.used);
-        ring.finish(state.get_queue_mut());
+        ring.finish(state.queue());
         if delivered > 0 {
             let bit = 1 << pair;
             if self.rx_pending.load(Ordering::Acquire) & bit == 0 {
@@ -523,8 +521,8 @@ fn fill(
 /// it asked to be.
 fn publish_and_notify(q: &mut Queue) {
     let mem = q.mem.memory();
-    let state = q.vring.get_ref();
-    if let Some(ring) = RingView::new(state.get_queue(), &mem) {
+    let state = q.vring.read();
+    if let Some(ring) = RingView::new(state.queue(), &mem) {
         ring.publish();
         if ring.needs_interrupt(&mut q.last_check) {
             let _ = state.signal_used_queue();
@@ -593,7 +591,7 @@ impl VhostDevice for VhostNetPort {
     }
 
     fn queue_started(self: Arc<Self>, index: usize, queue: StartedQueue) -> io::Result<()> {
-        let last_check = queue.vring.get_ref().get_queue().next_used();
+        let last_check = queue.vring.next_used();
         let q = Queue {
             vring: queue.vring,
             mem: queue.mem,

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use vswitch::api::{PortInfo, PortSpec, RateLimitSpec};
+use vswitch_api::{PortInfo, PortSpec, RateLimitSpec};
 
 use super::ipam::Ipam;
 use super::sandbox::{self, Setup};
@@ -186,7 +186,7 @@ impl<'a> Plugin<'a> {
         let socket = conf
             .socket
             .clone()
-            .unwrap_or_else(vswitch::api::default_socket);
+            .unwrap_or_else(vswitch_api::default_socket);
         Ok(Plugin {
             env,
             client: Client::new(&socket),

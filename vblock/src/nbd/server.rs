@@ -1129,21 +1129,7 @@ fn negotiate<E: Exports>(
                 Some((name, asked)) => match select(exports, policy, name) {
                     None => reply(&mut out, rep::ERR_UNKNOWN, b"no such export"),
                     Some(sel) => {
-                        let mut d = info::EXPORT.to_be_bytes().to_vec();
-                        d.extend_from_slice(&sel.size.to_be_bytes());
-                        d.extend_from_slice(&transmission_flags(sel.read_only).to_be_bytes());
-                        reply(&mut out, rep::INFO, &d);
-                        let mut b = info::BLOCK_SIZE.to_be_bytes().to_vec();
-                        for x in [MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD] {
-                            b.extend_from_slice(&x.to_be_bytes());
-                        }
-                        reply(&mut out, rep::INFO, &b);
-                        if asked.contains(&info::NAME) {
-                            let mut n = info::NAME.to_be_bytes().to_vec();
-                            n.extend_from_slice(name.as_bytes());
-                            reply(&mut out, rep::INFO, &n);
-                        }
-                        reply(&mut out, rep::ACK, &[]);
+                        info_replies(&mut out, option, &sel, name, &asked);
                         if option == opt::GO {
                             bind(&sel.target);
                             w.write_all(&out)?;
@@ -1157,43 +1143,82 @@ fn negotiate<E: Exports>(
                 },
             },
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
-                match proto::parse_meta_request(&data) {
-                    None => reply(
-                        &mut out,
-                        rep::ERR_INVALID,
-                        b"malformed meta context request",
-                    ),
-                    Some(_) if !structured && option == opt::SET_META_CONTEXT => reply(
-                        &mut out,
-                        rep::ERR_INVALID,
-                        b"meta contexts need structured replies",
-                    ),
-                    Some((name, queries)) if select(exports, policy, name).is_none() => {
-                        let _ = queries;
-                        reply(&mut out, rep::ERR_UNKNOWN, b"no such export")
-                    }
-                    Some((_, queries)) => {
-                        let listing = option == opt::LIST_META_CONTEXT;
-                        let wanted = queries
-                            .iter()
-                            .any(|q| *q == proto::BASE_ALLOCATION || (listing && *q == "base:"))
-                            || (listing && queries.is_empty());
-                        if option == opt::SET_META_CONTEXT {
-                            allocation = wanted;
-                        }
-                        if wanted {
-                            let mut d = proto::BASE_ALLOCATION_ID.to_be_bytes().to_vec();
-                            d.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
-                            reply(&mut out, rep::META_CONTEXT, &d);
-                        }
-                        reply(&mut out, rep::ACK, &[]);
-                    }
+                let known = |name: &str| select(exports, policy, name).is_some();
+                let wanted = meta_context_replies(&mut out, option, &data, structured, known);
+                if option == opt::SET_META_CONTEXT
+                    && let Some(wanted) = wanted
+                {
+                    allocation = wanted;
                 }
             }
             _ => reply(&mut out, rep::ERR_UNSUP, b"unknown option"),
         }
         w.write_all(&out)?;
     }
+}
+
+/// The replies to INFO or GO for an export: its size and transmission flags, its block
+/// sizes, its name if the client asked, and the final ACK.
+fn info_replies<D: Device>(
+    out: &mut Vec<u8>,
+    option: u32,
+    sel: &Selected<D>,
+    name: &str,
+    asked: &[u16],
+) {
+    let mut reply = |kind: u32, d: &[u8]| proto::option_reply(out, option, kind, d);
+    let mut d = info::EXPORT.to_be_bytes().to_vec();
+    d.extend_from_slice(&sel.size.to_be_bytes());
+    d.extend_from_slice(&transmission_flags(sel.read_only).to_be_bytes());
+    reply(rep::INFO, &d);
+    let mut b = info::BLOCK_SIZE.to_be_bytes().to_vec();
+    for x in [MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD] {
+        b.extend_from_slice(&x.to_be_bytes());
+    }
+    reply(rep::INFO, &b);
+    if asked.contains(&info::NAME) {
+        let mut n = info::NAME.to_be_bytes().to_vec();
+        n.extend_from_slice(name.as_bytes());
+        reply(rep::INFO, &n);
+    }
+    reply(rep::ACK, &[]);
+}
+
+/// The replies to LIST_META_CONTEXT or SET_META_CONTEXT (`data`: the request): the one
+/// context we have, `base:allocation`, when asked for. Returns whether it was asked for, or
+/// `None` if the request was refused.
+fn meta_context_replies(
+    out: &mut Vec<u8>,
+    option: u32,
+    data: &[u8],
+    structured: bool,
+    known_export: impl Fn(&str) -> bool,
+) -> Option<bool> {
+    let mut reply = |kind: u32, d: &[u8]| proto::option_reply(out, option, kind, d);
+    let Some((name, queries)) = proto::parse_meta_request(data) else {
+        reply(rep::ERR_INVALID, b"malformed meta context request");
+        return None;
+    };
+    if !structured && option == opt::SET_META_CONTEXT {
+        reply(rep::ERR_INVALID, b"meta contexts need structured replies");
+        return None;
+    }
+    if !known_export(name) {
+        reply(rep::ERR_UNKNOWN, b"no such export");
+        return None;
+    }
+    let listing = option == opt::LIST_META_CONTEXT;
+    let wanted = queries
+        .iter()
+        .any(|q| *q == proto::BASE_ALLOCATION || (listing && *q == "base:"))
+        || (listing && queries.is_empty());
+    if wanted {
+        let mut d = proto::BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+        d.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
+        reply(rep::META_CONTEXT, &d);
+    }
+    reply(rep::ACK, &[]);
+    Some(wanted)
 }
 
 /// A request of a burst, with its payload or buffer.
@@ -1257,13 +1282,8 @@ fn transmit_inner<S: Conn, E: Exports>(
     session: &Session<E::Dev>,
     shared: &Shared<E>,
 ) -> io::Result<Option<S>> {
-    let Session {
-        export,
-        structured,
-        allocation,
-    } = session;
-    let (structured, allocation) = (*structured, *allocation);
-    let (pool, volume) = (&export.target.pool, export.target.volume.as_str());
+    let export = &session.export;
+    let pool = &export.target.pool;
     let mut wrote = false;
     // Replies leave from a thread of their own: while one burst's replies are on their way
     // to the client, the next burst's I/O already runs.
@@ -1295,61 +1315,11 @@ fn transmit_inner<S: Conn, E: Exports>(
     let mut burst: Vec<Work> = Vec::with_capacity(BURST);
     let result = loop {
         // 1. Take what has been read (at least one request, or the end).
-        burst.clear();
-        let mut end = None;
-        let mut idle = false;
-        // The reader gone without a word (it cannot be, short of a panic) counts as a disconnect.
-        let first = incoming.recv().unwrap_or(Incoming::End(None));
-        for item in std::iter::once(first).chain(incoming.try_iter()) {
-            match item {
-                Incoming::Work(w) => burst.push(w),
-                Incoming::End(e) => end = Some(e),
-                Incoming::Idle => idle = true,
-            }
-            if end.is_some() || idle || burst.len() >= BURST {
-                break;
-            }
-        }
+        let (end, idle) = gather(&incoming, &mut burst);
         // 2. Execute: runs of reads and of writes as batches, the rest in order.
         out.clear();
         data.clear();
-        let mut i = 0;
-        while i < burst.len() {
-            let mut j = i;
-            match &burst[i] {
-                Work::Read(..) => {
-                    while j < burst.len() && matches!(burst[j], Work::Read(..)) {
-                        j += 1;
-                    }
-                    let run = &mut burst[i..j];
-                    read_run(pool, volume, run, structured, &mut out, &mut data, shared);
-                }
-                Work::Write(..) => {
-                    while j < burst.len() && matches!(burst[j], Work::Write(..)) {
-                        j += 1;
-                    }
-                    write_run(pool, volume, &burst[i..j], &mut out, shared);
-                    wrote = true;
-                    j = j.max(i + 1);
-                }
-                Work::Refused(req, e) => {
-                    reply_error(&mut out, req, *e, structured);
-                    shared.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    j = i + 1;
-                }
-                Work::Other(req) => {
-                    let req = *req;
-                    if matches!(req.kind, cmd::TRIM | cmd::WRITE_ZEROES) {
-                        wrote = true;
-                    }
-                    other(
-                        pool, volume, export, &req, structured, allocation, &mut out, shared,
-                    );
-                    j = i + 1;
-                }
-            }
-            i = j.max(i + 1);
-        }
+        wrote |= execute_burst(&mut burst, session, &mut out, &mut data, shared);
         shared
             .stats
             .requests
@@ -1396,6 +1366,89 @@ fn transmit_inner<S: Conn, E: Exports>(
         let _ = pool.flush();
     }
     result.and(sent).map(|_| None)
+}
+
+/// Step 1 of a burst: takes what the request reader has read, at least one request or the
+/// end, up to [`BURST`]. Returns how the connection ends (`Some`, with the reader's error if
+/// any) and whether the client went idle.
+fn gather(
+    incoming: &std::sync::mpsc::Receiver<Incoming>,
+    burst: &mut Vec<Work>,
+) -> (Option<Option<io::Error>>, bool) {
+    burst.clear();
+    let mut end = None;
+    let mut idle = false;
+    // The reader gone without a word (it cannot be, short of a panic) counts as a disconnect.
+    let first = incoming.recv().unwrap_or(Incoming::End(None));
+    for item in std::iter::once(first).chain(incoming.try_iter()) {
+        match item {
+            Incoming::Work(w) => burst.push(w),
+            Incoming::End(e) => end = Some(e),
+            Incoming::Idle => idle = true,
+        }
+        if end.is_some() || idle || burst.len() >= BURST {
+            break;
+        }
+    }
+    (end, idle)
+}
+
+/// Step 2 of a burst: runs of reads and of writes go to the pool as batches, the rest one by
+/// one in order; replies go to `out` (read data to `data`). Returns whether anything was
+/// written.
+fn execute_burst<E: Exports>(
+    burst: &mut [Work],
+    session: &Session<E::Dev>,
+    out: &mut Vec<u8>,
+    data: &mut Vec<(usize, AlignedBuf)>,
+    shared: &Shared<E>,
+) -> bool {
+    let Session {
+        export,
+        structured,
+        allocation,
+    } = session;
+    let (structured, allocation) = (*structured, *allocation);
+    let (pool, volume) = (&export.target.pool, export.target.volume.as_str());
+    let mut wrote = false;
+    let mut i = 0;
+    while i < burst.len() {
+        let mut j = i;
+        match &burst[i] {
+            Work::Read(..) => {
+                while j < burst.len() && matches!(burst[j], Work::Read(..)) {
+                    j += 1;
+                }
+                let run = &mut burst[i..j];
+                read_run(pool, volume, run, structured, out, data, shared);
+            }
+            Work::Write(..) => {
+                while j < burst.len() && matches!(burst[j], Work::Write(..)) {
+                    j += 1;
+                }
+                write_run(pool, volume, &burst[i..j], out, shared);
+                wrote = true;
+                j = j.max(i + 1);
+            }
+            Work::Refused(req, e) => {
+                reply_error(out, req, *e, structured);
+                shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+                j = i + 1;
+            }
+            Work::Other(req) => {
+                let req = *req;
+                if matches!(req.kind, cmd::TRIM | cmd::WRITE_ZEROES) {
+                    wrote = true;
+                }
+                other(
+                    pool, volume, export, &req, structured, allocation, out, shared,
+                );
+                j = i + 1;
+            }
+        }
+        i = j.max(i + 1);
+    }
+    wrote
 }
 
 /// The replies of a burst: header bytes, and read data to go in at given positions of
@@ -1560,7 +1613,7 @@ fn read_run<D: Device, E: Exports>(
     data_out: &mut Vec<(usize, AlignedBuf)>,
     shared: &Shared<E>,
 ) {
-    let batched = {
+    let outcomes = {
         let mut reqs: Vec<ReadRequest<'_>> = run
             .iter_mut()
             .filter_map(|w| match w {
@@ -1572,16 +1625,13 @@ fn read_run<D: Device, E: Exports>(
                 _ => None,
             })
             .collect();
-        pool.read_batch(&mut reqs).is_ok()
+        pool.read_each(&mut reqs)
     };
-    for w in run.iter_mut() {
-        let Work::Read(req, buf) = w else { continue };
-        // A failed batch: each read on its own, so that only the bad one errs.
-        let outcome = if batched {
-            Ok(())
-        } else {
-            pool.read(volume, req.offset, buf)
-        };
+    let reads = run.iter_mut().filter_map(|w| match w {
+        Work::Read(req, buf) => Some((req, buf)),
+        _ => None,
+    });
+    for ((req, buf), outcome) in reads.zip(outcomes) {
         match outcome {
             Ok(()) => {
                 let buf = std::mem::replace(buf, AlignedBuf::new(0));

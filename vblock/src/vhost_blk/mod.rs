@@ -20,12 +20,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_device::{InflightQueue, StartedQueue, VhostDevice};
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_device::{InflightQueue, StartedQueue, VhostDevice, Vring};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueOwnedT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -34,8 +33,9 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::device::Device;
 use crate::{Error, Kind, Pool};
 
-/// Logical sector size of the device (SeaBIOS wants 512).
-const SECTOR: u64 = 512;
+mod request;
+
+use request::{Request, RequestType, SECTOR, Segment};
 /// Most segments of one request.
 const SEG_MAX: u32 = 126;
 /// Largest request, in sectors, for discard and write-zeroes.
@@ -146,9 +146,8 @@ impl<D: Device + 'static> BlkBackend<D> {
             writer: virtio_queue::Writer<'m, ()>,
             status: virtio_queue::Writer<'m, ()>,
             room: usize,
-            kind: u32,
-            sector: u64,
-            header_ok: bool,
+            /// `None`: the chain is too short for a header.
+            request: Option<Request>,
         }
         // Requests complete in the order the guest queued them, so the used index is always
         // the exact boundary between finished and unfinished requests: after a crash the
@@ -170,67 +169,67 @@ impl<D: Device + 'static> BlkBackend<D> {
                     continue;
                 }
             };
-            let mut hdr = [0u8; 16];
-            let header_ok = reader.read_exact(&mut hdr).is_ok();
+            let mut header = [0u8; request::HEADER_LEN];
+            let request = reader
+                .read_exact(&mut header)
+                .is_ok()
+                .then(|| Request::parse(&header));
             parsed.push(Ok(Parsed {
                 head,
                 reader,
                 writer,
                 status,
                 room: room - 1,
-                kind: u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]),
-                sector: u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default()),
-                header_ok,
+                request,
             }));
         }
-        // The reads, in one batch.
-        let is_batched_read = |p: &Parsed<'_>| {
-            p.header_ok && p.kind == VIRTIO_BLK_T_IN && p.sector.checked_mul(SECTOR).is_some()
+        // Where a request of the batches goes: its byte offset.
+        let batched = |p: &Parsed<'_>, kind: RequestType| {
+            p.request
+                .filter(|r| r.kind == kind && (kind == RequestType::In || !self.read_only))
+                .and_then(|r| r.offset())
         };
+        // The reads, in one batch (a failed batch: each on its own, so only a bad one errs).
         let mut bufs: Vec<crate::device::AlignedBuf> = parsed
             .iter()
             .flatten()
-            .filter(|p| is_batched_read(p))
+            .filter(|p| batched(p, RequestType::In).is_some())
             .map(|p| crate::device::AlignedBuf::new(p.room))
             .collect();
-        let batch_ok = {
+        let read_results: Vec<bool> = {
             let mut reqs: Vec<crate::ReadRequest<'_>> = parsed
                 .iter()
                 .flatten()
-                .filter(|p| is_batched_read(p))
+                .filter_map(|p| batched(p, RequestType::In))
                 .zip(bufs.iter_mut())
-                .map(|(p, b)| crate::ReadRequest {
+                .map(|(offset, b)| crate::ReadRequest {
                     volume: &self.volume,
-                    offset: p.sector * SECTOR,
+                    offset,
                     buf: &mut b[..],
                 })
                 .collect();
-            !reqs.is_empty() && self.pool.read_batch(&mut reqs).is_ok()
+            self.pool
+                .read_each(&mut reqs)
+                .iter()
+                .map(Result::is_ok)
+                .collect()
         };
         // The writes, in one batch (their data copied out of the guest first).
-        let is_batched_write = |p: &Parsed<'_>| {
-            p.header_ok
-                && p.kind == VIRTIO_BLK_T_OUT
-                && !self.read_only
-                && p.sector.checked_mul(SECTOR).is_some()
-        };
-        let mut wdata: Vec<Option<crate::device::AlignedBuf>> = Vec::new();
-        for p in parsed.iter_mut().flatten().filter(|p| is_batched_write(p)) {
-            let mut b = crate::device::AlignedBuf::new(p.reader.available_bytes());
-            wdata.push(p.reader.read_exact(&mut b).is_ok().then_some(b));
+        let mut wdata: Vec<Option<(u64, crate::device::AlignedBuf)>> = Vec::new();
+        for p in parsed.iter_mut().flatten() {
+            if let Some(offset) = batched(p, RequestType::Out) {
+                let mut b = crate::device::AlignedBuf::new(p.reader.available_bytes());
+                wdata.push(p.reader.read_exact(&mut b).is_ok().then_some((offset, b)));
+            }
         }
-        let wresults: Vec<bool> = {
-            let reqs: Vec<crate::WriteRequest<'_>> = parsed
+        let write_results: Vec<bool> = {
+            let reqs: Vec<crate::WriteRequest<'_>> = wdata
                 .iter()
                 .flatten()
-                .filter(|p| is_batched_write(p))
-                .zip(wdata.iter())
-                .filter_map(|(p, d)| {
-                    d.as_ref().map(|d| crate::WriteRequest {
-                        volume: &self.volume,
-                        offset: p.sector * SECTOR,
-                        data: &d[..],
-                    })
+                .map(|(offset, d)| crate::WriteRequest {
+                    volume: &self.volume,
+                    offset: *offset,
+                    data: &d[..],
                 })
                 .collect();
             let mut outcomes = self.pool.write_batch(&reqs).into_iter();
@@ -239,8 +238,7 @@ impl<D: Device + 'static> BlkBackend<D> {
                 .map(|d| d.is_some() && outcomes.next().is_some_and(|r| r.is_ok()))
                 .collect()
         };
-        let mut next_write = 0;
-        let mut next_buf = 0;
+        let (mut reads, mut writes) = (bufs.iter().zip(read_results), write_results.into_iter());
         let mut used = Vec::with_capacity(parsed.len());
         for p in parsed {
             let mut p = match p {
@@ -251,31 +249,27 @@ impl<D: Device + 'static> BlkBackend<D> {
                     continue;
                 }
             };
-            let status = if !p.header_ok {
-                VIRTIO_BLK_S_IOERR
-            } else if is_batched_read(&p) && batch_ok {
-                let buf = &bufs[next_buf];
-                next_buf += 1;
-                match p.writer.write_all(buf) {
-                    Ok(()) => VIRTIO_BLK_S_OK,
-                    Err(_) => VIRTIO_BLK_S_IOERR,
-                }
-            } else if is_batched_write(&p) {
-                let ok = wresults[next_write];
-                next_write += 1;
+            let ok_if = |ok: bool| {
                 if ok {
                     VIRTIO_BLK_S_OK
                 } else {
                     VIRTIO_BLK_S_IOERR
                 }
-            } else {
-                if is_batched_read(&p) {
-                    next_buf += 1;
+            };
+            let status = match p.request {
+                None => VIRTIO_BLK_S_IOERR,
+                Some(_) if batched(&p, RequestType::In).is_some() => match reads.next() {
+                    Some((buf, true)) => ok_if(p.writer.write_all(buf).is_ok()),
+                    _ => VIRTIO_BLK_S_IOERR,
+                },
+                Some(_) if batched(&p, RequestType::Out).is_some() => {
+                    ok_if(writes.next().unwrap_or(false))
                 }
-                // One by one (also a read of a batch that failed: the bad one errs alone).
-                match self.execute(p.kind, p.sector, &mut p.reader, &mut p.writer, p.room) {
-                    Ok(()) => VIRTIO_BLK_S_OK,
-                    Err(s) => s,
+                Some(request) => {
+                    match self.execute(request, &mut p.reader, &mut p.writer, p.room) {
+                        Ok(()) => VIRTIO_BLK_S_OK,
+                        Err(s) => s,
+                    }
                 }
             };
             let data = p.writer.bytes_written();
@@ -288,67 +282,68 @@ impl<D: Device + 'static> BlkBackend<D> {
         used
     }
 
+    /// Carries out a request that is not part of a burst's batches.
     fn execute(
         &self,
-        kind: u32,
-        sector: u64,
+        request: Request,
         reader: &mut virtio_queue::Reader<'_, ()>,
         writer: &mut virtio_queue::Writer<'_, ()>,
         data_room: usize,
     ) -> Result<(), u32> {
         let io_err = |_| VIRTIO_BLK_S_IOERR;
-        let offset = sector.checked_mul(SECTOR).ok_or(VIRTIO_BLK_S_IOERR)?;
-        match kind {
-            VIRTIO_BLK_T_IN => {
+        let writable = || {
+            if self.read_only {
+                Err(VIRTIO_BLK_S_IOERR)
+            } else {
+                Ok(())
+            }
+        };
+        match request.kind {
+            RequestType::In => {
+                let offset = request.offset().ok_or(VIRTIO_BLK_S_IOERR)?;
                 let mut buf = vec![0u8; data_room];
                 self.pool
                     .read(&self.volume, offset, &mut buf)
                     .map_err(|_| VIRTIO_BLK_S_IOERR)?;
                 writer.write_all(&buf).map_err(io_err)
             }
-            VIRTIO_BLK_T_OUT => {
-                if self.read_only {
-                    return Err(VIRTIO_BLK_S_IOERR);
-                }
+            RequestType::Out => {
+                writable()?;
+                let offset = request.offset().ok_or(VIRTIO_BLK_S_IOERR)?;
                 let mut buf = vec![0u8; reader.available_bytes()];
                 reader.read_exact(&mut buf).map_err(io_err)?;
                 self.pool
                     .write(&self.volume, offset, &buf)
                     .map_err(|_| VIRTIO_BLK_S_IOERR)
             }
-            VIRTIO_BLK_T_FLUSH => self.pool.flush().map_err(|_| VIRTIO_BLK_S_IOERR),
-            VIRTIO_BLK_T_GET_ID => {
+            RequestType::Flush => self.pool.flush().map_err(|_| VIRTIO_BLK_S_IOERR),
+            RequestType::GetId => {
                 let n = data_room.min(VIRTIO_BLK_ID_BYTES as usize);
                 writer.write_all(&self.serial[..n]).map_err(io_err)
             }
-            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-                if self.read_only {
-                    return Err(VIRTIO_BLK_S_IOERR);
-                }
-                let mut seg = [0u8; 16];
-                while reader.available_bytes() >= 16 {
-                    reader.read_exact(&mut seg).map_err(io_err)?;
-                    let start = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
-                    let count = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
-                    let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
-                    if count > MAX_DISCARD_SECTORS || (kind == VIRTIO_BLK_T_DISCARD && flags != 0) {
+            kind @ (RequestType::Discard | RequestType::WriteZeroes) => {
+                writable()?;
+                let mut bytes = [0u8; request::SEGMENT_LEN];
+                while reader.available_bytes() >= request::SEGMENT_LEN {
+                    reader.read_exact(&mut bytes).map_err(io_err)?;
+                    let segment = Segment::parse(&bytes);
+                    if segment.sectors > MAX_DISCARD_SECTORS
+                        || (kind == RequestType::Discard && segment.flags != 0)
+                    {
                         return Err(VIRTIO_BLK_S_UNSUPP);
                     }
-                    let (off, len) = (
-                        start.checked_mul(SECTOR).ok_or(VIRTIO_BLK_S_IOERR)?,
-                        count as u64 * SECTOR,
-                    );
-                    let r = if kind == VIRTIO_BLK_T_DISCARD {
-                        self.pool.discard(&self.volume, off, len)
+                    let (offset, len) = segment.range().ok_or(VIRTIO_BLK_S_IOERR)?;
+                    let r = if kind == RequestType::Discard {
+                        self.pool.discard(&self.volume, offset, len)
                     } else {
                         // Zeroed blocks are released either way (UNMAP or not): they read as zeros.
-                        self.pool.write_zeroes(&self.volume, off, len)
+                        self.pool.write_zeroes(&self.volume, offset, len)
                     };
                     r.map_err(|_| VIRTIO_BLK_S_IOERR)?;
                 }
                 Ok(())
             }
-            _ => Err(VIRTIO_BLK_S_UNSUPP),
+            RequestType::Unsupported(_) => Err(VIRTIO_BLK_S_UNSUPP),
         }
     }
 
@@ -395,15 +390,15 @@ impl<D: Device + 'static> BlkBackend<D> {
     /// Serves the requests queue `vring` holds (with EVENT_IDX, until no kick is due).
     fn serve(
         &self,
-        vring: &VringRwLock,
+        vring: &Vring,
         mem: &GuestMemoryAtomic<GuestMemoryMmap>,
         mut inflight: Option<&mut InflightQueue>,
     ) -> io::Result<()> {
         if self.event_idx.load(Ordering::Relaxed) {
             loop {
-                vring.disable_notification().map_err(invalid)?;
+                vring.disable_notification()?;
                 self.process_queue(vring, mem, inflight.as_deref_mut())?;
-                if !vring.enable_notification().map_err(invalid)? {
+                if !vring.enable_notification()? {
                     return Ok(());
                 }
             }
@@ -414,14 +409,14 @@ impl<D: Device + 'static> BlkBackend<D> {
     /// One burst: every request the queue holds, taken, executed and completed in order.
     fn process_queue(
         &self,
-        vring: &VringRwLock,
+        vring: &Vring,
         atomic: &GuestMemoryAtomic<GuestMemoryMmap>,
         mut inflight: Option<&mut InflightQueue>,
     ) -> io::Result<bool> {
         let mem = atomic.memory();
         let chains: Vec<_> = vring
-            .get_mut()
-            .get_queue_mut()
+            .lock()
+            .queue()
             .iter(atomic.memory())
             .map_err(invalid)?
             .collect();
@@ -437,12 +432,12 @@ impl<D: Device + 'static> BlkBackend<D> {
             if let Some(record) = inflight.as_deref_mut() {
                 record.completing(head);
             }
-            vring.add_used(head, len).map_err(invalid)?;
+            vring.add_used(head, len)?;
             if let Some(record) = inflight.as_deref_mut() {
-                record.completed(head, vring.get_ref().get_queue().next_used());
+                record.completed(head, vring.next_used());
             }
         }
-        if vring.needs_notification().map_err(invalid)? {
+        if vring.needs_notification()? {
             vring.signal_used_queue()?;
         }
         Ok(true)

@@ -26,40 +26,8 @@ use crate::{
     Drops, Error, PortConfig, PortCounters, PortSecurity, RateLimit, TenantConfig, TenantSwitch,
 };
 
-/// What an API operation can fail with; the server maps these to HTTP status codes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ControlError {
-    /// The named object does not exist (404).
-    NotFound(String),
-    /// It exists already, or is in use (409).
-    Conflict(String),
-    /// The request is wrong (400).
-    Invalid(String),
-    /// Something failed on our side (500).
-    Internal(String),
-}
-
-impl ControlError {
-    /// The stable error code of the API.
-    pub fn code(&self) -> &'static str {
-        match self {
-            ControlError::NotFound(_) => "not_found",
-            ControlError::Conflict(_) => "conflict",
-            ControlError::Invalid(_) => "invalid",
-            ControlError::Internal(_) => "internal",
-        }
-    }
-
-    /// The message.
-    pub fn message(&self) -> &str {
-        match self {
-            ControlError::NotFound(m)
-            | ControlError::Conflict(m)
-            | ControlError::Invalid(m)
-            | ControlError::Internal(m) => m,
-        }
-    }
-}
+/// What an API operation fails with: the envelope both daemons and their clients share.
+pub use daemon_kit::ApiError as ControlError;
 
 impl From<Error> for ControlError {
     fn from(e: Error) -> Self {

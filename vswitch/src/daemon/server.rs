@@ -13,44 +13,13 @@ use daemon_kit::JsonBody;
 use serde::Serialize;
 
 use super::control::{Control, ControlError};
-use crate::api::{ErrorBody, ErrorResponse, FdbEntrySpec, PortSpec, TenantSpec, VtepSpec};
+use crate::api::{FdbEntrySpec, PortSpec, TenantSpec, VtepSpec};
 
 /// Shared control plane.
 pub type Shared = Arc<Mutex<Control>>;
 
-struct ApiError(ControlError);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        match &self.0 {
-            ControlError::Internal(m) => tracing::error!(error = %m, "API request failed"),
-            other => tracing::debug!(
-                code = other.code(),
-                error = other.message(),
-                "API request refused"
-            ),
-        }
-        let status = match self.0 {
-            ControlError::NotFound(_) => StatusCode::NOT_FOUND,
-            ControlError::Conflict(_) => StatusCode::CONFLICT,
-            ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
-            ControlError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        let body = ErrorResponse {
-            error: ErrorBody {
-                code: self.0.code().into(),
-                message: self.0.message().into(),
-            },
-        };
-        (status, Json(body)).into_response()
-    }
-}
-
-impl From<daemon_kit::ApiError> for ApiError {
-    fn from(e: daemon_kit::ApiError) -> Self {
-        ApiError(ControlError::Invalid(e.message().to_owned()))
-    }
-}
+/// Handlers fail with the shared envelope ([`daemon_kit::ApiError`], an axum response).
+type ApiError = ControlError;
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -64,8 +33,7 @@ async fn run<T: Send + 'static>(
         f(&mut c)
     })
     .await
-    .map_err(|e| ApiError(ControlError::Internal(e.to_string())))?
-    .map_err(ApiError)
+    .map_err(|e| ControlError::Internal(e.to_string()))?
 }
 
 fn created<T: Serialize>(v: T) -> Response {
@@ -74,7 +42,7 @@ fn created<T: Serialize>(v: T) -> Response {
 
 fn parse_ip(s: &str) -> ApiResult<IpAddr> {
     s.parse()
-        .map_err(|_| ApiError(ControlError::Invalid(format!("{s:?} is not an IP address"))))
+        .map_err(|_| ControlError::Invalid(format!("{s:?} is not an IP address")))
 }
 
 /// The API's routes.
@@ -90,11 +58,7 @@ pub fn router(shared: Shared) -> Router {
         .route("/v1/ports/{name}", get(show_port).delete(delete_port))
         .route("/v1/unrestored", get(list_unrestored))
         .route("/metrics", get(metrics))
-        .fallback(|| async {
-            ApiError(ControlError::NotFound(
-                "no such endpoint; see docs/api.md".into(),
-            ))
-        })
+        .fallback(|| async { ControlError::NotFound("no such endpoint; see docs/api.md".into()) })
         .with_state(shared)
 }
 

@@ -49,32 +49,51 @@ pub struct Row {
     pub unit: &'static str,
 }
 
+/// The suites.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Suite {
+    /// vswitch against the kernel's vxlan + bridge (iperf3 TCP, 64-byte UDP).
+    Switch,
+    /// vswitch-cni against the reference bridge plugin.
+    Cni,
+    /// vblock's engine against fio on raw and qemu-img bench on qcow2.
+    Block,
+    /// vblock's vhost-user-blk export against qemu-storage-daemon.
+    VhostBlk,
+    /// vblock's NBD export against qemu-storage-daemon.
+    Nbd,
+    /// vswitchd's vhost-user-net ports under dpdk-testpmd.
+    VhostNet,
+    /// Every suite whose tools are installed.
+    All,
+}
+
+/// Side-by-side comparisons with peers, in one run on one machine (root; see the suites in
+/// bench/src/bin/compare/main.rs).
+#[derive(Debug, clap::Parser)]
+#[command(name = "compare")]
+struct Args {
+    /// Which suite.
+    #[arg(value_enum, default_value = "all")]
+    suite: Suite,
+    /// Shorter measurements (3 s instead of 10 s; 2 s instead of 5 s for storage).
+    #[arg(long)]
+    quick: bool,
+    /// Print `[{"name","ours","peer","peer_name","unit","ratio"}]`.
+    #[arg(long)]
+    json: bool,
+    /// Datapath threads per vswitch host in `switch` (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    const USAGE: &str = "usage: compare [switch|cni|block|vhost-blk|nbd|vhost-net|all] [--quick] [--json] [--workers N]";
-    for (i, a) in args.iter().enumerate() {
-        let value_of_workers = i > 0 && args[i - 1] == "--workers";
-        match a.as_str() {
-            "-h" | "--help" => {
-                println!("{USAGE}\n(root; see the suites in bench/src/bin/compare/main.rs)");
-                return ExitCode::SUCCESS;
-            }
-            "--json" | "--quick" | "--workers" => {}
-            flag if flag.starts_with('-') && !value_of_workers => {
-                eprintln!("compare: unknown option {flag}\n{USAGE}");
-                return ExitCode::from(2);
-            }
-            _ => {}
-        }
-    }
-    let json = args.iter().any(|a| a == "--json");
-    let quick = args.iter().any(|a| a == "--quick");
-    let suite = args
-        .iter()
-        .enumerate()
-        .find(|(i, a)| !a.starts_with("--") && (*i == 0 || args[i - 1] != "--workers"))
-        .map(|(_, a)| a.as_str());
-    let suite = suite.unwrap_or("all");
+    let Args {
+        suite,
+        quick,
+        json,
+        workers,
+    } = <Args as clap::Parser>::parse();
     let need = |tool: &str, pkg: &str| -> Result<(), String> {
         match Command::new(tool).arg("--version").output() {
             Ok(_) => Ok(()),
@@ -82,8 +101,8 @@ fn main() -> ExitCode {
         }
     };
     let ready = match suite {
-        "switch" => need("iperf3", "iperf3"),
-        "cni" => need("iperf3", "iperf3").and(
+        Suite::Switch => need("iperf3", "iperf3"),
+        Suite::Cni => need("iperf3", "iperf3").and(
             std::path::Path::new("/usr/lib/cni/bridge")
                 .is_file()
                 .then_some(())
@@ -92,47 +111,34 @@ fn main() -> ExitCode {
                         .to_owned()
                 }),
         ),
-        "block" => need("fio", "fio").and(need("qemu-img", "qemu-utils")),
-        "vhost-blk" => need("qemu-storage-daemon", "qemu-utils"),
-        "nbd" => need("qemu-storage-daemon", "qemu-utils").and(need("fio", "fio")),
-        "vhost-net" => need("dpdk-testpmd", "dpdk-dev"),
-        "all" => need("iperf3", "iperf3")
+        Suite::Block => need("fio", "fio").and(need("qemu-img", "qemu-utils")),
+        Suite::VhostBlk => need("qemu-storage-daemon", "qemu-utils"),
+        Suite::Nbd => need("qemu-storage-daemon", "qemu-utils").and(need("fio", "fio")),
+        Suite::VhostNet => need("dpdk-testpmd", "dpdk-dev"),
+        Suite::All => need("iperf3", "iperf3")
             .and(need("fio", "fio"))
             .and(need("qemu-img", "qemu-utils")),
-        other => Err(format!(
-            "unknown suite {other:?}; suites: switch, cni, block, vhost-blk, nbd, vhost-net, all"
-        )),
     };
     if let Err(e) = ready {
         eprintln!("compare: {e}");
         return ExitCode::from(2);
     }
-    if !matches!(suite, "block" | "vhost-blk" | "nbd")
+    if !matches!(suite, Suite::Block | Suite::VhostBlk | Suite::Nbd)
         && let Some(why) = missing_privileges()
     {
         eprintln!("compare: {why}");
         return ExitCode::from(2);
     }
     let secs = if quick { 3 } else { 10 };
-    let workers = match args.iter().position(|a| a == "--workers") {
-        None => 0,
-        Some(i) => match args.get(i + 1).and_then(|n| n.parse::<usize>().ok()) {
-            Some(n) => n,
-            None => {
-                eprintln!("compare: --workers takes a number (0: one per core)");
-                return ExitCode::from(2);
-            }
-        },
-    };
     let block_secs = if quick { 2.0 } else { 5.0 };
     let rows = match suite {
-        "switch" => switch::suite(secs, workers),
-        "block" => block::suite(block_secs),
-        "vhost-blk" => vhost_blk::suite(block_secs),
-        "vhost-net" => vhost_net::suite(secs / 2),
-        "cni" => cni::suite(secs),
-        "nbd" => nbd::suite(block_secs),
-        _ => switch::suite(secs, workers).and_then(|mut rows| {
+        Suite::Switch => switch::suite(secs, workers),
+        Suite::Block => block::suite(block_secs),
+        Suite::VhostBlk => vhost_blk::suite(block_secs),
+        Suite::VhostNet => vhost_net::suite(secs / 2),
+        Suite::Cni => cni::suite(secs),
+        Suite::Nbd => nbd::suite(block_secs),
+        Suite::All => switch::suite(secs, workers).and_then(|mut rows| {
             if std::path::Path::new("/usr/lib/cni/bridge").is_file() {
                 rows.extend(cni::suite(secs)?);
             }

@@ -8,8 +8,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use libvirtual::Error;
 use libvirtual::block::Client;
 use libvirtual::image;
-use vblock::api::{PoolInfo, PoolSpec, QosSpec, SpaceSpec, VolumeInfo, VolumeSpec, WhenFull};
-use vblock::diffstream::{Change, DiffWriter, next_change, read_header};
+use vblock_api::diffstream::{Change, DiffWriter, next_change, read_header};
+use vblock_api::{PoolInfo, PoolSpec, QosSpec, SpaceSpec, VolumeInfo, VolumeSpec, WhenFull};
 
 use crate::{Output, done, emit};
 
@@ -54,7 +54,7 @@ pub enum PoolCmd {
         /// With --size: how the file's space is reserved, `falloc` (instant) or `full` (zeros
         /// written: slower to create, faster first writes into thin volumes).
         #[arg(long, default_value = "falloc", requires = "size")]
-        preallocation: vblock::api::Preallocation,
+        preallocation: vblock_api::Preallocation,
         #[command(flatten)]
         space: SpaceArgs,
     },
@@ -244,7 +244,7 @@ pub enum VhostCmd {
 
 /// Runs a vhost command.
 pub fn vhost(c: &Client, pool: &str, cmd: VhostCmd, out: Output) -> Result<(), Error> {
-    let rows = |v: &Vec<vblock::api::VhostInfo>| {
+    let rows = |v: &Vec<vblock_api::VhostInfo>| {
         let mut rows = vec![
             ["POOL", "VOLUME", "QUEUES", "SOCKET"]
                 .map(String::from)

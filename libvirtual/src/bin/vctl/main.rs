@@ -17,7 +17,7 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use libvirtual::Error;
 use libvirtual::net::{Client, default_socket};
 use serde::Serialize;
-use vswitch::api::{CountersInfo, FdbEntrySpec, PortSpec, RateLimitSpec, TenantSpec};
+use vswitch_api::{CountersInfo, FdbEntrySpec, PortSpec, RateLimitSpec, TenantSpec};
 
 #[derive(Parser)]
 #[command(
@@ -513,10 +513,10 @@ fn status(host: &libvirtual::host::Host, out: Output) -> Result<(), Error> {
 
 /// A port's interface as a table cell: `present`, `GONE` (its namespace vanished without a
 /// CNI DEL: the port is stale and should be deleted), or `-` (no kernel interface).
-fn link(p: &vswitch::api::PortInfo) -> String {
+fn link(p: &vswitch_api::PortInfo) -> String {
     match p.link {
-        Some(vswitch::api::PortLink::Present) => "present".into(),
-        Some(vswitch::api::PortLink::Gone) => "GONE (netns removed; delete the port)".into(),
+        Some(vswitch_api::PortLink::Present) => "present".into(),
+        Some(vswitch_api::PortLink::Gone) => "GONE (netns removed; delete the port)".into(),
         None => "-".into(),
     }
 }
@@ -528,65 +528,13 @@ pub(crate) fn done(out: Output, what: String) {
     }
 }
 
+/// Runs a `vctl net` command against vswitchd.
 fn run(c: &Client, cmd: Net, out: Output) -> Result<(), Error> {
-    let tenant_rows = |ts: &Vec<vswitch::api::TenantInfo>| {
-        let mut rows = vec![
-            vec![
-                "NAME", "VNI", "MTU", "PORTS", "VTEPS", "MACS", "RX", "FLOODED", "DROPS",
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
-        ];
-        rows.extend(ts.iter().map(|t| {
-            vec![
-                t.name.clone(),
-                t.vni.to_string(),
-                t.mtu.to_string(),
-                t.ports.join(","),
-                t.vteps
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(","),
-                format!("{}/{}", t.learned_macs, t.max_macs),
-                t.counters.rx_packets.to_string(),
-                t.flooded.to_string(),
-                drops(&t.counters),
-            ]
-        }));
-        rows
-    };
-    let port_rows = |ps: &Vec<vswitch::api::PortInfo>| {
-        let mut rows = vec![
-            vec![
-                "NAME", "TENANT", "KIND", "LINK", "NETNS", "SECURITY", "RX PKTS", "RX BYTES",
-                "TX PKTS", "TX BYTES", "DROPS",
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
-        ];
-        rows.extend(ps.iter().map(|p| {
-            vec![
-                p.spec.name.clone(),
-                p.spec.tenant.clone(),
-                p.spec.kind.clone(),
-                link(p),
-                p.spec.netns.clone().unwrap_or_else(|| "-".into()),
-                p.spec.mac.clone().unwrap_or_else(|| "-".into()),
-                p.counters.rx_packets.to_string(),
-                p.counters.rx_bytes.to_string(),
-                p.counters.tx_packets.to_string(),
-                p.counters.tx_bytes.to_string(),
-                drops(&p.counters),
-            ]
-        }));
-        rows
-    };
     match cmd {
-        Net::Tenant(TenantCmd::List) => emit(out, &c.tenants()?, tenant_rows),
-        Net::Tenant(TenantCmd::Show { name }) => emit(out, &vec![c.tenant(&name)?], tenant_rows),
+        Net::Tenant(TenantCmd::List) => emit(out, &c.tenants()?, |rows| tenant_rows(rows)),
+        Net::Tenant(TenantCmd::Show { name }) => {
+            emit(out, &vec![c.tenant(&name)?], |rows| tenant_rows(rows))
+        }
         Net::Tenant(TenantCmd::Create {
             name,
             vni,
@@ -601,14 +549,16 @@ fn run(c: &Client, cmd: Net, out: Output) -> Result<(), Error> {
                 max_macs,
                 learn_vteps,
             })?;
-            emit(out, &vec![t], tenant_rows);
+            emit(out, &vec![t], |rows| tenant_rows(rows));
         }
         Net::Tenant(TenantCmd::Delete { name }) => {
             c.delete_tenant(&name)?;
             done(out, format!("deleted tenant {name}"));
         }
-        Net::Port(PortCmd::List) => emit(out, &c.ports()?, port_rows),
-        Net::Port(PortCmd::Show { name }) => emit(out, &vec![c.port(&name)?], port_rows),
+        Net::Port(PortCmd::List) => emit(out, &c.ports()?, |rows| port_rows(rows)),
+        Net::Port(PortCmd::Show { name }) => {
+            emit(out, &vec![c.port(&name)?], |rows| port_rows(rows))
+        }
         Net::Port(PortCmd::Create {
             name,
             tenant,
@@ -634,51 +584,24 @@ fn run(c: &Client, cmd: Net, out: Output) -> Result<(), Error> {
                 ifname,
                 labels: Default::default(),
             })?;
-            emit(out, &vec![p], port_rows);
+            emit(out, &vec![p], |rows| port_rows(rows));
         }
         Net::Port(PortCmd::Delete { name }) => {
             c.delete_port(&name)?;
             done(out, format!("deleted port {name}"));
         }
-        Net::Vtep(VtepCmd::List { tenant }) => emit(out, &c.vteps(&tenant)?, |v| {
-            let mut rows = vec![vec!["VTEP".to_owned(), "PORT".to_owned()]];
-            rows.extend(v.iter().map(|x| {
-                vec![
-                    x.ip.to_string(),
-                    x.port.map_or_else(|| "-".to_owned(), |p| p.to_string()),
-                ]
-            }));
-            rows
-        }),
+        Net::Vtep(VtepCmd::List { tenant }) => {
+            emit(out, &c.vteps(&tenant)?, |rows| vtep_rows(rows))
+        }
         Net::Vtep(VtepCmd::Add { tenant, ip, port }) => {
-            c.add_vtep_spec(&tenant, &vswitch::api::VtepSpec { ip, port })?;
+            c.add_vtep_spec(&tenant, &vswitch_api::VtepSpec { ip, port })?;
             done(out, format!("tenant {tenant}: added VTEP {ip}"));
         }
         Net::Vtep(VtepCmd::Remove { tenant, ip }) => {
             c.remove_vtep(&tenant, ip)?;
             done(out, format!("tenant {tenant}: removed VTEP {ip}"));
         }
-        Net::Fdb(FdbCmd::List { tenant }) => emit(out, &c.fdb(&tenant)?, |v| {
-            let mut rows = vec![
-                vec!["MAC", "WHERE", "TYPE"]
-                    .into_iter()
-                    .map(String::from)
-                    .collect(),
-            ];
-            rows.extend(v.iter().map(|e| {
-                let at = match (&e.port, &e.vtep) {
-                    (Some(p), _) => format!("port {p}"),
-                    (_, Some(v)) => format!("vtep {v}"),
-                    _ => "-".into(),
-                };
-                vec![
-                    e.mac.clone(),
-                    at,
-                    if e.is_static { "static" } else { "learned" }.into(),
-                ]
-            }));
-            rows
-        }),
+        Net::Fdb(FdbCmd::List { tenant }) => emit(out, &c.fdb(&tenant)?, |rows| fdb_rows(rows)),
         Net::Fdb(FdbCmd::Add {
             tenant,
             mac,
@@ -702,4 +625,98 @@ fn run(c: &Client, cmd: Net, out: Output) -> Result<(), Error> {
         Net::Metrics => print!("{}", c.metrics()?),
     }
     Ok(())
+}
+
+/// The table of tenants.
+fn tenant_rows(ts: &[vswitch_api::TenantInfo]) -> Vec<Vec<String>> {
+    let mut rows = vec![
+        vec![
+            "NAME", "VNI", "MTU", "PORTS", "VTEPS", "MACS", "RX", "FLOODED", "DROPS",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect(),
+    ];
+    rows.extend(ts.iter().map(|t| {
+        vec![
+            t.name.clone(),
+            t.vni.to_string(),
+            t.mtu.to_string(),
+            t.ports.join(","),
+            t.vteps
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            format!("{}/{}", t.learned_macs, t.max_macs),
+            t.counters.rx_packets.to_string(),
+            t.flooded.to_string(),
+            drops(&t.counters),
+        ]
+    }));
+    rows
+}
+
+/// The table of ports.
+fn port_rows(ps: &[vswitch_api::PortInfo]) -> Vec<Vec<String>> {
+    let mut rows = vec![
+        vec![
+            "NAME", "TENANT", "KIND", "LINK", "NETNS", "SECURITY", "RX PKTS", "RX BYTES",
+            "TX PKTS", "TX BYTES", "DROPS",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect(),
+    ];
+    rows.extend(ps.iter().map(|p| {
+        vec![
+            p.spec.name.clone(),
+            p.spec.tenant.clone(),
+            p.spec.kind.clone(),
+            link(p),
+            p.spec.netns.clone().unwrap_or_else(|| "-".into()),
+            p.spec.mac.clone().unwrap_or_else(|| "-".into()),
+            p.counters.rx_packets.to_string(),
+            p.counters.rx_bytes.to_string(),
+            p.counters.tx_packets.to_string(),
+            p.counters.tx_bytes.to_string(),
+            drops(&p.counters),
+        ]
+    }));
+    rows
+}
+
+/// The table of a tenant's VTEPs.
+fn vtep_rows(v: &[vswitch_api::VtepSpec]) -> Vec<Vec<String>> {
+    let mut rows = vec![vec!["VTEP".to_owned(), "PORT".to_owned()]];
+    rows.extend(v.iter().map(|x| {
+        vec![
+            x.ip.to_string(),
+            x.port.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+        ]
+    }));
+    rows
+}
+
+/// The table of a tenant's forwarding entries.
+fn fdb_rows(v: &[vswitch_api::FdbEntryInfo]) -> Vec<Vec<String>> {
+    let mut rows = vec![
+        vec!["MAC", "WHERE", "TYPE"]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+    ];
+    rows.extend(v.iter().map(|e| {
+        let at = match (&e.port, &e.vtep) {
+            (Some(p), _) => format!("port {p}"),
+            (_, Some(v)) => format!("vtep {v}"),
+            _ => "-".into(),
+        };
+        vec![
+            e.mac.clone(),
+            at,
+            if e.is_static { "static" } else { "learned" }.into(),
+        ]
+    }));
+    rows
 }

@@ -230,21 +230,8 @@ pub struct FdbEntryInfo {
     pub is_static: bool,
 }
 
-/// The body of every error response.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorResponse {
-    /// The error.
-    pub error: ErrorBody,
-}
-
-/// An error: a stable code and a human message.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    /// `not_found`, `conflict`, `invalid`, `internal`.
-    pub code: String,
-    /// What went wrong.
-    pub message: String,
-}
+/// The body of every error response, shared by both daemons and their clients.
+pub use daemon_kit::{ErrorBody, ErrorResponse};
 
 /// A saved object vswitchd could not restore at start (`GET /v1/unrestored`): kept in its
 /// state and retried every few seconds (a network namespace that comes back gets its port

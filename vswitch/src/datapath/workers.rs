@@ -1,0 +1,205 @@
+//! The worker threads: spawned with their uplinks, configured through worker 0, stopped
+//! on drop.
+
+use super::worker::Worker;
+use super::*;
+
+/// The running datapath: its worker threads and a way to configure it.
+pub struct DatapathWorkers {
+    shared: Arc<Mutex<Datapath>>,
+    commands: mpsc::Sender<Command>,
+    stop: Arc<AtomicBool>,
+    wakes: Vec<Arc<EventFd>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for DatapathWorkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatapathWorkers")
+            .field("workers", &self.threads.len())
+            .finish()
+    }
+}
+
+/// Binds a worker's uplinks and registers them and its eventfd with its epoll.
+fn bind_uplinks(
+    addrs: &[SocketAddr],
+    cfg: &DatapathConfig,
+    epoll: &Epoll,
+    wake: &EventFd,
+) -> Result<Vec<Uplink>, Error> {
+    epoll
+        .add(wake, EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_CONTROL))
+        .map_err(|e| nix_err("epoll_ctl eventfd", e))?;
+    let mut uplinks = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let up = Uplink::bind(*addr, cfg.underlay_mtu, true)?;
+        epoll
+            .add(
+                up.fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_UPLINK + i as u64),
+            )
+            .map_err(|e| nix_err("epoll_ctl uplink", e))?;
+        uplinks.push(up);
+    }
+    Ok(uplinks)
+}
+
+impl DatapathWorkers {
+    /// Starts the worker threads. `enter` runs first on each of them (e.g. to enter the
+    /// underlay's network namespace); their uplinks are bound after it. Fails if another
+    /// socket already has an underlay address's VXLAN port.
+    pub fn spawn(
+        config: DatapathConfig,
+        enter: impl Fn() -> Result<(), Error> + Send + Sync + 'static,
+    ) -> Result<DatapathWorkers, Error> {
+        let count = config.worker_count();
+        let mut underlays = Vec::new();
+        for ip in &config.underlay {
+            let family = UnderlayFamily::of(*ip);
+            let inner = mtu::inner_mtu(config.underlay_mtu, family).ok_or_else(|| {
+                Error::invalid(
+                    "underlay MTU",
+                    format!("{} is too small", config.underlay_mtu),
+                )
+            })?;
+            underlays.push((family, inner));
+        }
+        let mut links = Vec::new();
+        for _ in 0..count {
+            links.push(WorkerLink {
+                epoll: Arc::new(
+                    Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+                        .map_err(|e| nix_err("epoll_create", e))?,
+                ),
+                wake: Arc::new(
+                    EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                        .map_err(|e| nix_err("eventfd", e))?,
+                ),
+                stats: Arc::default(),
+            });
+        }
+        let wakes: Vec<_> = links.iter().map(|l| l.wake.clone()).collect();
+        let epolls: Vec<_> = links.iter().map(|l| l.epoll.clone()).collect();
+        let stats: Vec<_> = links.iter().map(|l| l.stats.clone()).collect();
+        let shared = Arc::new(Mutex::new(Datapath {
+            switch: Switch::new(),
+            endpoints: HashMap::default(),
+            servers: HashMap::default(),
+            owner: HashMap::default(),
+            workers: links,
+            underlays,
+            local: config.underlay.iter().map(|a| a.to_canonical()).collect(),
+            vtep_ports: HashMap::default(),
+            auto_mtu: Default::default(),
+        }));
+        let (tx, rx) = mpsc::channel::<Command>();
+        let mut workers = DatapathWorkers {
+            shared: shared.clone(),
+            commands: tx,
+            stop: Arc::new(AtomicBool::new(false)),
+            wakes: wakes.clone(),
+            threads: Vec::new(),
+        };
+        let enter = Arc::new(enter);
+        let epoch = Instant::now();
+        let mut rx = Some(rx);
+        // Worker 0 binds the configured addresses first (also checking that nobody else has
+        // them); the others join its sockets' SO_REUSEPORT groups on the very same ports.
+        let mut addrs: Vec<SocketAddr> = config
+            .underlay
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, config.udp_port))
+            .collect();
+        for index in 0..count {
+            let (ready_tx, ready_rx) = mpsc::channel::<Result<Vec<SocketAddr>, Error>>();
+            let (enter, cfg, bind_to) = (enter.clone(), config.clone(), addrs.clone());
+            let (epoll, wake, stats) = (
+                epolls[index].clone(),
+                wakes[index].clone(),
+                stats[index].clone(),
+            );
+            let (shared, stop, commands) = (shared.clone(), workers.stop.clone(), rx.take());
+            let thread = std::thread::Builder::new()
+                .name(format!("vswitch-dp{index}"))
+                .spawn(move || {
+                    let setup = enter().and_then(|()| {
+                        if index == 0 {
+                            for a in &bind_to {
+                                // A plain bind fails if any socket has the port, SO_REUSEPORT
+                                // group or not: never share an address with another switch.
+                                std::net::UdpSocket::bind(a)
+                                    .map_err(|e| Error::Io(format!("bind {a}"), e))?;
+                            }
+                        }
+                        bind_uplinks(&bind_to, &cfg, &epoll, &wake)
+                    });
+                    let uplinks = match setup {
+                        Ok(u) => {
+                            let bound = u.iter().filter_map(Uplink::local_addr).collect();
+                            let _ = ready_tx.send(Ok(bound));
+                            u
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let worker = Worker::new(index, shared, epoll, stats, uplinks, epoch);
+                    debug_assert!(index == 0 || commands.is_none());
+                    worker.run(&wake, &stop, commands);
+                })
+                .map_err(|e| Error::Io("spawn datapath worker".into(), e))?;
+            workers.threads.push(thread);
+            let bound = ready_rx
+                .recv()
+                .map_err(|_| Error::invalid("datapath", "worker died during setup"))??;
+            if index == 0 {
+                addrs = bound;
+            }
+        }
+        Ok(workers)
+    }
+
+    /// Runs `f` on worker 0 between its bursts, with the datapath locked, in the underlay's
+    /// network namespace, and returns its result.
+    pub fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Datapath) -> R + Send + 'static,
+    ) -> Result<R, Error> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.commands
+            .send(Box::new(move |dp: &mut Datapath| {
+                let _ = tx.send(f(dp));
+            }))
+            .map_err(|_| Error::invalid("datapath", "worker 0 is gone"))?;
+        self.wakes[0]
+            .write(1)
+            .map_err(|e| nix_err("eventfd write", e))?;
+        rx.recv()
+            .map_err(|_| Error::invalid("datapath", "worker 0 is gone"))
+    }
+
+    /// Reads the shared state from the calling thread (counters, tables); for anything that
+    /// creates interfaces use [`Self::call`], which runs in the underlay's namespace.
+    pub fn with<R>(&self, f: impl FnOnce(&Datapath) -> R) -> R {
+        f(&lock(&self.shared))
+    }
+
+    /// Number of worker threads.
+    pub fn workers(&self) -> usize {
+        self.threads.len()
+    }
+}
+
+impl Drop for DatapathWorkers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        for w in &self.wakes {
+            let _ = w.write(1);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
