@@ -14,7 +14,8 @@
 //! is switched to it. Opening a pool loads the newest valid superblock's checkpoint, replays
 //! the journal's complete transactions and folds them into a new checkpoint.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
@@ -955,10 +956,12 @@ impl<D: Device> Pool<D> {
         let mut todo: Vec<usize> = (0..reqs.len()).filter(|i| results[*i].is_none()).collect();
         let mut pending = 0;
         while !todo.is_empty() {
-            let mut s = self.lock();
-            let mut round: Vec<(usize, WritePlan)> = Vec::new();
-            let mut planned: HashSet<(u64, u64)> = HashSet::new();
+            // Allocated before the lock: writers wait for it.
+            let mut round: Vec<(usize, WritePlan)> = Vec::with_capacity(todo.len());
+            // The volume and virtual clusters of each plan of the round.
+            let mut planned: Vec<(u64, RangeInclusive<u64>)> = Vec::with_capacity(todo.len());
             let mut next = Vec::new();
+            let mut s = self.lock();
             for i in todo {
                 let r = &reqs[i];
                 let id = match check_io(&s.meta, r.volume, r.offset, r.data.len(), true) {
@@ -969,13 +972,16 @@ impl<D: Device> Pool<D> {
                     }
                 };
                 let vcs = vclusters(r.offset, r.data.len());
-                if vcs.clone().any(|vc| planned.contains(&(id, vc))) {
+                let overlaps = |(v, p): &(u64, RangeInclusive<u64>)| {
+                    *v == id && p.start() <= vcs.end() && vcs.start() <= p.end()
+                };
+                if planned.iter().any(overlaps) {
                     next.push(i);
                     continue;
                 }
                 match s.meta.plan_write(id, r.offset, r.data.len()) {
                     Ok(plan) => {
-                        planned.extend(vcs.map(|vc| (id, vc)));
+                        planned.push((id, vcs));
                         round.push((i, plan));
                     }
                     Err(e) => results[i] = Some(Err(e)),
