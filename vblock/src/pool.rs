@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -236,6 +236,10 @@ pub struct Pool<D: Device> {
     recovery: Recovery,
     /// Out-of-space policy, low-water event, their counters.
     space: SpaceWatch,
+    /// Rounds of fresh writes doing their I/O without the lock: they hold free clusters no
+    /// entry references yet, which a repair's recount must not hand out again. Changed only
+    /// under the exclusive lock.
+    unlocked_rounds: AtomicUsize,
 }
 
 /// What opening a pool found in its journal: complete transactions replayed after the last
@@ -437,6 +441,7 @@ impl<D: Device> Pool<D> {
             background: AtomicBool::new(false),
             recovery,
             space: SpaceWatch::default(),
+            unlocked_rounds: AtomicUsize::new(0),
         }
     }
 
@@ -946,11 +951,9 @@ impl<D: Device> Pool<D> {
                     }
                 }
             }
-            if !round.is_empty() {
-                let written = submit_writes(&self.dev, &s.sb, reqs, &round).map_err(Arc::new);
-                for (i, _) in &round {
-                    results[*i] = Some(written.clone().map_err(|e| shared_io(&e, round.len())));
-                }
+            let written = submit_each(&self.dev, &s.sb, reqs, &round);
+            for ((i, _), written) in round.iter().zip(written) {
+                results[*i] = Some(written.map_err(|e| write_error(&reqs[*i], e)));
             }
         }
         let mut todo: Vec<usize> = (0..reqs.len()).filter(|i| results[*i].is_none()).collect();
@@ -987,20 +990,21 @@ impl<D: Device> Pool<D> {
                     Err(e) => results[i] = Some(Err(e)),
                 }
             }
-            let written = if round.iter().all(|(_, plan)| plan.is_fresh_only()) {
+            let unlocked = round.iter().all(|(_, plan)| plan.is_fresh_only());
+            let written = if unlocked {
                 let sb = s.sb;
+                self.unlocked_rounds.fetch_add(1, Ordering::Relaxed);
                 drop(s);
-                let written = submit_writes(&self.dev, &sb, reqs, &round);
+                let written = submit_each(&self.dev, &sb, reqs, &round);
                 s = self.lock();
                 written
             } else {
-                submit_writes(&self.dev, &s.sb, reqs, &round)
-            }
-            .map_err(Arc::new);
-            for (i, plan) in &round {
-                let applied = match &written {
+                submit_each(&self.dev, &s.sb, reqs, &round)
+            };
+            for ((i, plan), written) in round.iter().zip(written) {
+                let applied = match written {
                     Ok(()) => s.meta.apply_write(plan),
-                    Err(e) => Err(shared_io(e, round.len())),
+                    Err(e) => Err(write_error(&reqs[*i], e)),
                 };
                 match applied {
                     Ok(Applied::Done) => results[*i] = Some(Ok(())),
@@ -1013,6 +1017,9 @@ impl<D: Device> Pool<D> {
                         results[*i] = Some(Err(e));
                     }
                 }
+            }
+            if unlocked {
+                self.unlocked_rounds.fetch_sub(1, Ordering::Relaxed);
             }
             pending = s.meta.pending().len();
             todo = next;
@@ -1092,8 +1099,6 @@ impl<D: Device> Pool<D> {
         let len = usize::try_from(len).map_err(|_| Error::Invalid("length".into()))?;
         let id = check_io(&s.meta, name, offset, len, true)?;
         let freed_before = s.meta.pending_free_clusters();
-        // Partial blocks that hold data, to be written with zeros: (offset, length).
-        let mut zero = Vec::new();
         for (vc, start, _, plen) in crate::plan::pieces(offset, len) {
             let e = s.meta.lookup(id, vc);
             let first_full = start.div_ceil(bs);
@@ -1103,11 +1108,16 @@ impl<D: Device> Pool<D> {
                 let bitmap = e.bitmap & !clear;
                 s.meta.set_entry(id, vc, Entry { bitmap, ..e })?;
             }
+            if !zero_partial {
+                continue;
+            }
+            // The partial head and tail: zeros written there, only where data is.
             let head_end = (first_full * bs).min(start + plen);
             let tail_start = (end_full * bs).max(head_end);
             for (a, b) in [(start, head_end), (tail_start, start + plen)] {
-                if zero_partial && b > a && e.bitmap & crate::meta::subcluster_mask(a, b - a) != 0 {
-                    zero.push((vc * CLUSTER_SIZE as u64 + a as u64, b - a));
+                if b > a && e.bitmap & crate::meta::subcluster_mask(a, b - a) != 0 {
+                    let at = vc * CLUSTER_SIZE as u64 + a as u64;
+                    self.zero_locked(&mut s, name, id, at, b - a)?;
                 }
             }
         }
@@ -1118,18 +1128,43 @@ impl<D: Device> Pool<D> {
             // Writes waiting for space commit it and go on.
             self.space.space_changed();
         }
-        let zeros: Vec<WriteRequest<'_>> = zero
-            .into_iter()
-            .map(|(offset, len)| WriteRequest {
-                volume: name,
-                offset,
-                data: &ZERO_BLOCK.0[..len],
-            })
-            .collect();
-        for done in self.execute(&zeros) {
-            done?;
-        }
         self.commit_if_large(pending)
+    }
+
+    /// Writes zeros over part of one block, under the exclusive lock the caller holds (so
+    /// that a zeroing does not interleave with other writes): planned, carried out and
+    /// recorded as [`Self::execute`] does.
+    fn zero_locked(
+        &self,
+        s: &mut State,
+        name: &str,
+        id: u64,
+        offset: u64,
+        len: usize,
+    ) -> Result<(), Error> {
+        let req = WriteRequest {
+            volume: name,
+            offset,
+            data: &ZERO_BLOCK.0[..len],
+        };
+        loop {
+            let round = [(0, s.meta.plan_write(id, offset, len)?)];
+            let plan = &round[0].1;
+            let written = submit_writes(&self.dev, &s.sb, std::slice::from_ref(&req), &round);
+            let applied = match written {
+                Ok(()) => s.meta.apply_write(plan),
+                Err(e) => Err(write_error(&req, e)),
+            };
+            if !matches!(applied, Ok(Applied::Done)) {
+                s.meta.give_back(plan);
+            }
+            match applied {
+                Ok(Applied::Done) => return Ok(()),
+                // Nothing changes under the exclusive lock; were it otherwise, plan again.
+                Ok(Applied::Stale) => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The ranges in which `to` differs from `from` (or from an empty volume): where `to` has
@@ -1320,6 +1355,13 @@ impl<D: Device> Pool<D> {
     pub fn check(&self, repair: bool) -> Result<CheckReport, Error> {
         let _commit = self.commit_guard();
         let mut s = self.lock();
+        // Clusters taken by writes in flight without the lock are referenced by nothing yet:
+        // a repair's recount would hand them out again. Let those writes finish first.
+        while repair && self.unlocked_rounds.load(Ordering::Relaxed) > 0 {
+            drop(s);
+            std::thread::sleep(Duration::from_millis(1));
+            s = self.lock();
+        }
         let meta = &s.meta;
         let total = meta.clusters();
         let mut report = CheckReport {
@@ -1415,13 +1457,35 @@ fn data_offset(sb: &Superblock, cluster: u32, in_cluster: usize) -> u64 {
         + in_cluster as u64
 }
 
-/// One I/O error that failed a submission of `requests` requests, for each of them: the
-/// kind, and the original as the source.
-fn shared_io(e: &Arc<std::io::Error>, requests: usize) -> Error {
+/// The error of a write request whose I/O failed.
+fn write_error(req: &WriteRequest<'_>, e: std::io::Error) -> Error {
     Error::Io(
-        format!("writing a batch of {requests}"),
-        std::io::Error::new(e.kind(), Arc::clone(e)),
+        format!(
+            "writing {} bytes at {} of {}",
+            req.data.len(),
+            req.offset,
+            req.volume
+        ),
+        e,
     )
+}
+
+/// Carries out planned writes in one go ([`submit_writes`]); if that fails, each plan again
+/// on its own, so that only a bad one fails (its own error). Returns each plan's outcome.
+fn submit_each<D: Device>(
+    dev: &D,
+    sb: &Superblock,
+    reqs: &[WriteRequest<'_>],
+    plans: &[(usize, WritePlan)],
+) -> Vec<std::io::Result<()>> {
+    match submit_writes(dev, sb, reqs, plans) {
+        Ok(()) => plans.iter().map(|_| Ok(())).collect(),
+        Err(e) if plans.len() == 1 => vec![Err(e)],
+        Err(_) => plans
+            .iter()
+            .map(|one| submit_writes(dev, sb, reqs, std::slice::from_ref(one)))
+            .collect(),
+    }
 }
 
 /// Turns a read plan into requests on `buf` (zero spans are filled right away).
