@@ -1,7 +1,8 @@
 //! The one error envelope of libvirtual's daemon APIs: every failed request answers
 //! `{"error":{"code":"…","message":"…"}}` with the HTTP status its code implies. The daemons
 //! produce it from [`ApiError`] (with the `server` feature it is an axum response), the
-//! clients read it back into [`ErrorResponse`].
+//! clients read it back into [`ErrorResponse`]. Also the one list both daemons keep of what
+//! they could not restore ([`Unrestored`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +89,19 @@ pub struct ErrorBody {
     pub code: String,
     /// What went wrong.
     pub message: String,
+}
+
+/// A saved object a daemon could not restore at start (`GET /v1/unrestored`): kept in its
+/// state and retried every few seconds; deleting the object forgets it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unrestored {
+    /// What it is (vswitchd: `tenant`, `port`, `vtep`, `fdb`; vblockd: `pool`, `vhost`).
+    pub kind: String,
+    /// Its name (a VTEP or forwarding entry `TENANT/IP`, `TENANT/MAC`; an export
+    /// `POOL/VOLUME`).
+    pub name: String,
+    /// Why it could not be restored (the last try).
+    pub error: String,
 }
 
 #[cfg(test)]

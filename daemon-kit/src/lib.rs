@@ -13,7 +13,7 @@ pub mod names;
 #[cfg(feature = "server")]
 mod server;
 pub use access::SocketAccess;
-pub use api_error::{ApiError, ErrorBody, ErrorResponse};
+pub use api_error::{ApiError, ErrorBody, ErrorResponse, Unrestored};
 #[cfg(feature = "server")]
 pub use server::*;
 

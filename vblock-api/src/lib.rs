@@ -288,20 +288,9 @@ pub struct VhostInfo {
 /// Largest data transfer of one request.
 pub const MAX_TRANSFER: u64 = 16 << 20;
 
-/// The body of every error response, shared by both daemons and their clients.
-pub use daemon_kit::{ErrorBody, ErrorResponse};
-
-/// A saved pool or export vblockd could not restore at start (`GET /v1/unrestored`): kept in
-/// its state and retried every few seconds; removing the pool forgets it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Unrestored {
-    /// `pool` or `vhost`.
-    pub kind: String,
-    /// Its name (an export: `POOL/VOLUME`).
-    pub name: String,
-    /// Why it could not be restored (the last try).
-    pub error: String,
-}
+/// The body of every error response, and what a daemon could not restore at start
+/// (`GET /v1/unrestored`): shared by both daemons and their clients.
+pub use daemon_kit::{ErrorBody, ErrorResponse, Unrestored};
 
 /// How a new pool file's space is reserved on the host file system (volumes inside are thin
 /// either way).

@@ -268,30 +268,36 @@ impl Meta {
     /// cluster is taken (`Fresh` and `CopyOnWrite` pieces name cluster 0 as their target).
     fn pieces_of(&self, id: u64, offset: u64, len: usize) -> Vec<WritePiece> {
         pieces(offset, len)
-            .map(|(vcluster, start, at, len)| {
-                let old = self.lookup(id, vcluster);
-                let mut piece = WritePiece {
-                    vcluster,
-                    start,
-                    at,
-                    len,
-                    old,
-                    target: Target::Fresh { cluster: 0 },
-                };
-                piece.target = self.target_of(id, vcluster, old, piece.covered());
-                piece
-            })
+            .map(|(vcluster, start, at, len)| self.piece_at(id, vcluster, start, at, len))
             .collect()
+    }
+
+    /// One piece, planned: its old entry and its target (no cluster taken yet).
+    fn piece_at(&self, id: u64, vcluster: u64, start: usize, at: usize, len: usize) -> WritePiece {
+        let old = self.lookup(id, vcluster);
+        let mut piece = WritePiece {
+            vcluster,
+            start,
+            at,
+            len,
+            old,
+            target: Target::Fresh { cluster: 0 },
+        };
+        piece.target = self.target_of(id, vcluster, old, piece.covered());
+        piece
     }
 
     /// The plan of a write that only overwrites valid whole blocks in place, or `None` if
     /// the write needs more (a free cluster, a read, a metadata change). Takes nothing.
     pub fn plan_overwrite(&self, id: u64, offset: u64, len: usize) -> Option<WritePlan> {
-        let plan = WritePlan {
-            volume: id,
-            pieces: self.pieces_of(id, offset, len),
-        };
-        plan.is_overwrite().then_some(plan)
+        // Stops at the first piece that is not an overwrite (before allocating, for one).
+        let pieces = pieces(offset, len)
+            .map(|(vcluster, start, at, len)| {
+                let piece = self.piece_at(id, vcluster, start, at, len);
+                piece.is_overwrite().then_some(piece)
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(WritePlan { volume: id, pieces })
     }
 
     /// Plans a write of `len` bytes at `offset` into volume `id` (checked by the caller to lie

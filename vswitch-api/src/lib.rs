@@ -230,18 +230,6 @@ pub struct FdbEntryInfo {
     pub is_static: bool,
 }
 
-/// The body of every error response, shared by both daemons and their clients.
-pub use daemon_kit::{ErrorBody, ErrorResponse};
-
-/// A saved object vswitchd could not restore at start (`GET /v1/unrestored`): kept in its
-/// state and retried every few seconds (a network namespace that comes back gets its port
-/// back); deleting it forgets it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Unrestored {
-    /// `tenant`, `port`, `vtep` or `fdb`.
-    pub kind: String,
-    /// Its name (a VTEP or forwarding entry: `TENANT/IP`, `TENANT/MAC`).
-    pub name: String,
-    /// Why it could not be restored (the last try).
-    pub error: String,
-}
+/// The body of every error response, and what a daemon could not restore at start
+/// (`GET /v1/unrestored`): shared by both daemons and their clients.
+pub use daemon_kit::{ErrorBody, ErrorResponse, Unrestored};
