@@ -19,6 +19,9 @@ pub enum ApiError {
     NoSpace(String),
     /// Something failed on our side (500, `internal`).
     Internal(String),
+    /// A service it needs does not answer now, try again later (503, `unavailable`): etcd,
+    /// for a vswitchd in a cluster.
+    Unavailable(String),
 }
 
 impl ApiError {
@@ -30,6 +33,7 @@ impl ApiError {
             ApiError::Invalid(_) => "invalid",
             ApiError::NoSpace(_) => "no_space",
             ApiError::Internal(_) => "internal",
+            ApiError::Unavailable(_) => "unavailable",
         }
     }
 
@@ -40,7 +44,8 @@ impl ApiError {
             | ApiError::Conflict(m)
             | ApiError::Invalid(m)
             | ApiError::NoSpace(m)
-            | ApiError::Internal(m) => m,
+            | ApiError::Internal(m)
+            | ApiError::Unavailable(m) => m,
         }
     }
 
@@ -52,6 +57,7 @@ impl ApiError {
             ApiError::Invalid(_) => 400,
             ApiError::NoSpace(_) => 507,
             ApiError::Internal(_) => 500,
+            ApiError::Unavailable(_) => 503,
         }
     }
 
@@ -84,8 +90,8 @@ pub struct ErrorResponse {
 /// An error as sent: a stable code and a human message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    /// `not_found`, `conflict`, `invalid`, `no_space`, `internal` (clients keep codes they
-    /// do not know as they are).
+    /// `not_found`, `conflict`, `invalid`, `no_space`, `internal`, `unavailable` (clients
+    /// keep codes they do not know as they are).
     pub code: String,
     /// What went wrong.
     pub message: String,

@@ -213,6 +213,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                                 .collect()
                         })
                         .unwrap_or_default(),
+                    // An ARP request the switch answers itself (ARP suppression, with addresses
+                    // set by `TenantSwitch::set_neighbors`): the reply goes back to the asker.
+                    Verdict::Answer(mac) => {
+                        let mut reply = [0u8; 64];
+                        if let Ok(n) =
+                            libvirtual::overlay_net::frame::build_arp_reply(&mut reply, &frame, mac)
+                        {
+                            hosts[from].nic.rx.push_back(reply[..n].to_vec());
+                        }
+                        Vec::new()
+                    }
                     Verdict::Unicast(Destination::Remote(_)) | Verdict::Drop(_) => Vec::new(),
                 };
                 for p in targets {

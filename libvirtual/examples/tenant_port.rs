@@ -21,6 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         mtu: 0, // the underlay's MTU less the VXLAN overhead
         max_macs: None,
         learn_vteps: false, // frames only from the tenant's VTEPs
+        subnet: None,       // cluster IPAM only
     })?;
     println!("tenant {} on VNI {}, MTU {}", info.name, info.vni, info.mtu);
     let result = vswitchd.create_port(&PortSpec {

@@ -112,6 +112,7 @@ impl Host {
             mtu: 0,
             max_macs: None,
             learn_vteps: false,
+            subnet: None,
         })?;
         Ok(self.tenant(name))
     }

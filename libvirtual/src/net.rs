@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use vswitch_api::{
-    FdbEntryInfo, FdbEntrySpec, PortInfo, PortSpec, TenantInfo, TenantSpec, VtepSpec,
+    AddressInfo, AddressRequest, BindingInfo, ClusterInfo, FdbEntryInfo, FdbEntrySpec, MemberInfo,
+    PortInfo, PortSpec, TenantInfo, TenantSpec, VtepSpec,
 };
 
 use crate::Error;
@@ -164,6 +165,47 @@ impl AsyncClient {
         self.call("DELETE", &path, None::<&()>).await
     }
 
+    /// This vswitchd's place in a cluster (`standalone`, or its state: `connected` or
+    /// `degraded`).
+    pub async fn cluster(&self) -> Result<ClusterInfo, Error> {
+        self.call("GET", "/v1/cluster", None::<&()>).await
+    }
+
+    /// The hosts of the cluster.
+    pub async fn cluster_members(&self) -> Result<Vec<MemberInfo>, Error> {
+        self.call("GET", "/v1/cluster/members", None::<&()>).await
+    }
+
+    /// The bindings of the tenants this host has ports in.
+    pub async fn cluster_bindings(&self) -> Result<Vec<BindingInfo>, Error> {
+        self.call("GET", "/v1/cluster/bindings", None::<&()>).await
+    }
+
+    /// Takes an address from a tenant's subnet for `owner`, unique in the cluster.
+    pub async fn allocate_address(&self, tenant: &str, owner: &str) -> Result<AddressInfo, Error> {
+        let path = format!("/v1/tenants/{tenant}/addresses", tenant = seg(tenant));
+        let req = AddressRequest {
+            owner: owner.to_owned(),
+        };
+        self.call("POST", &path, Some(&req)).await
+    }
+
+    /// Gives back the addresses `owner` holds in a tenant.
+    pub async fn release_address(&self, tenant: &str, owner: &str) -> Result<(), Error> {
+        let path = format!(
+            "/v1/tenants/{tenant}/addresses/{owner}",
+            tenant = seg(tenant),
+            owner = seg(owner)
+        );
+        self.call("DELETE", &path, None::<&()>).await
+    }
+
+    /// The addresses taken in a tenant.
+    pub async fn addresses(&self, tenant: &str) -> Result<Vec<AddressInfo>, Error> {
+        let path = format!("/v1/tenants/{tenant}/addresses", tenant = seg(tenant));
+        self.call("GET", &path, None::<&()>).await
+    }
+
     /// The Prometheus text of every counter.
     pub async fn metrics(&self) -> Result<String, Error> {
         crate::http::text(&self.socket, "/metrics").await
@@ -204,6 +246,18 @@ impl Client {
         fn add_fdb(&self, tenant: &str, entry: &FdbEntrySpec) -> ();
         /// Removes a forwarding entry.
         fn remove_fdb(&self, tenant: &str, mac: &str) -> ();
+        /// This vswitchd's place in a cluster.
+        fn cluster(&self) -> ClusterInfo;
+        /// The hosts of the cluster.
+        fn cluster_members(&self) -> Vec<MemberInfo>;
+        /// The bindings of the tenants this host has ports in.
+        fn cluster_bindings(&self) -> Vec<BindingInfo>;
+        /// Takes an address from a tenant's subnet, unique in the cluster.
+        fn allocate_address(&self, tenant: &str, owner: &str) -> AddressInfo;
+        /// Gives back the addresses `owner` holds in a tenant.
+        fn release_address(&self, tenant: &str, owner: &str) -> ();
+        /// The addresses taken in a tenant.
+        fn addresses(&self, tenant: &str) -> Vec<AddressInfo>;
         /// The Prometheus text of every counter.
         fn metrics(&self) -> String;
     }

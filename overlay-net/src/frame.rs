@@ -218,6 +218,34 @@ pub fn build_arp(out: &mut [u8], destination: MacAddr, arp: &ArpInfo) -> Result<
         .map_err(|e| build_error(e, have))
 }
 
+/// Builds the reply to the ARP request `request` (an untagged Ethernet/IPv4 ARP request
+/// frame) saying its target address is at `mac`, into `out`; returns its length. Fails on a
+/// frame that is not such a request.
+pub fn build_arp_reply(out: &mut [u8], request: &[u8], mac: MacAddr) -> Result<usize, Error> {
+    let not_a_request = Error::Malformed {
+        layer: Layer::Arp,
+        what: "not an ARP request",
+    };
+    let view = FrameView::parse(request)?;
+    let Network::Arp(arp) = view.network else {
+        return Err(not_a_request);
+    };
+    if arp.operation != 1 || view.vlan.is_some() {
+        return Err(not_a_request);
+    }
+    build_arp(
+        out,
+        arp.sender_mac,
+        &ArpInfo {
+            operation: 2,
+            sender_mac: mac,
+            sender_ip: arp.target_ip,
+            target_mac: arp.sender_mac,
+            target_ip: arp.sender_ip,
+        },
+    )
+}
+
 /// Builds an Ethernet (optionally 802.1Q-tagged) + IPv4/IPv6 + UDP frame into `out`, with
 /// correct IP and UDP checksums; returns its length.
 pub fn build_udp(

@@ -33,6 +33,10 @@ pub struct TenantSpec {
     /// dropped and counted as `unknown_vtep`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub learn_vteps: bool,
+    /// The tenant's IP subnet (`"10.0.0.0/24"`), for cluster IPAM: addresses are allocated
+    /// from it, unique across hosts; its first host address is kept for the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
 }
 
 /// A rate limit; absent fields are unlimited.
@@ -233,3 +237,95 @@ pub struct FdbEntryInfo {
 /// The body of every error response, and what a daemon could not restore at start
 /// (`GET /v1/unrestored`): shared by both daemons and their clients.
 pub use daemon_kit::{ErrorBody, ErrorResponse, Unrestored};
+
+/// This vswitchd's place in a cluster (`GET /v1/cluster`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// `"standalone"` (no etcd) or `"cluster"`.
+    pub mode: String,
+    /// This host's name in the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// `"connected"`, or `"degraded"`: etcd does not answer; the datapath forwards with what
+    /// it last knew, and changes elsewhere are not seen until etcd is back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// The etcd endpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    /// The key prefix in etcd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// The lease TTL of this host's records, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ttl_secs: Option<u64>,
+    /// The etcd revision this host's view is at.
+    #[serde(default)]
+    pub revision: i64,
+    /// Seconds since the state last changed (connected or degraded).
+    #[serde(default)]
+    pub state_age_secs: u64,
+    /// Why it is degraded (the last error talking to etcd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Times this host (re)synchronised with etcd (connected, published, loaded).
+    #[serde(default)]
+    pub syncs: u64,
+    /// Records in etcd that were not understood and were skipped.
+    #[serde(default)]
+    pub invalid_records: u64,
+}
+
+/// A host of the cluster (`GET /v1/cluster/members`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// Its name.
+    pub name: String,
+    /// Its underlay addresses.
+    pub underlay: Vec<IpAddr>,
+    /// Its VXLAN UDP port.
+    pub udp_port: u16,
+    /// Whether it is this host.
+    #[serde(default)]
+    pub local: bool,
+}
+
+/// A port of some host, as the cluster knows it (`GET /v1/cluster/bindings`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindingInfo {
+    /// Its tenant.
+    pub tenant: String,
+    /// The host it is on.
+    pub host: String,
+    /// Its port name on that host.
+    pub port: String,
+    /// Its MAC address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Its addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<IpAddr>,
+}
+
+/// An address to take from a tenant's subnet (`POST /v1/tenants/{name}/addresses`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressRequest {
+    /// Who holds it: the port that will use it (the same owner asking again gets the same
+    /// address).
+    pub owner: String,
+}
+
+/// An address taken from a tenant's subnet, unique in the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressInfo {
+    /// The address.
+    pub ip: IpAddr,
+    /// The subnet's prefix length.
+    pub prefix_len: u8,
+    /// The subnet's gateway address (its first host address, never allocated).
+    pub gateway: IpAddr,
+    /// The host that took it.
+    pub host: String,
+    /// Its holder.
+    pub owner: String,
+}

@@ -144,4 +144,6 @@ pub struct TenantCounters {
     pub learn_limit_hits: u64,
     /// Learned MACs that moved to another port or VTEP.
     pub mac_moves: u64,
+    /// ARP requests answered by the switch (a known binding) instead of flooded.
+    pub arp_answered: u64,
 }

@@ -1,7 +1,7 @@
 //! One tenant's L2 domain: the forwarding decision for every frame that enters it.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use overlay_net::frame::FrameView;
 use overlay_net::wire;
@@ -57,6 +57,9 @@ pub enum Verdict {
     Unicast(Destination),
     /// Send a copy to every target of [`TenantSwitch::flood_targets`].
     Flood,
+    /// An ARP request for an address the tenant knows: answer it to the port it came from
+    /// with this MAC (see [`TenantSwitch::set_neighbors`]) instead of flooding it.
+    Answer(MacAddr),
     /// Drop it (already counted).
     Drop(DropReason),
 }
@@ -76,6 +79,8 @@ pub struct TenantSwitch {
     fdb: TenantFdb,
     ports: HashMap<PortId, PortState, overlay_net::fdb::FastHash>,
     counters: TenantCounters,
+    /// Addresses whose ARP requests from local ports the switch answers.
+    neighbors: HashMap<Ipv4Addr, MacAddr>,
 }
 
 const ETH_HEADER: usize = wire::ethernet::HEADER_LEN;
@@ -102,6 +107,7 @@ impl TenantSwitch {
             config,
             ports: Default::default(),
             counters: TenantCounters::default(),
+            neighbors: HashMap::new(),
         })
     }
 
@@ -123,6 +129,18 @@ impl TenantSwitch {
     /// The forwarding table, for static entries and remote VTEPs.
     pub fn fdb_mut(&mut self) -> &mut TenantFdb {
         &mut self.fdb
+    }
+
+    /// Sets the addresses whose ARP requests are answered by the switch (ARP suppression):
+    /// a broadcast ARP request from a local port for one of them gets a reply with its MAC
+    /// and is not flooded. Empty: every request floods, as on a plain L2 network.
+    pub fn set_neighbors(&mut self, neighbors: HashMap<Ipv4Addr, MacAddr>) {
+        self.neighbors = neighbors;
+    }
+
+    /// The addresses the switch answers ARP for.
+    pub fn neighbors(&self) -> &HashMap<Ipv4Addr, MacAddr> {
+        &self.neighbors
     }
 
     /// The tenant's counters.
@@ -210,6 +228,7 @@ impl TenantSwitch {
             counters,
             fdb,
             config,
+            neighbors,
         } = self;
         counters.rx_packets += 1;
         counters.rx_bytes += frame.len() as u64;
@@ -268,6 +287,15 @@ impl TenantSwitch {
             _ => {}
         }
         if destination.is_multicast() {
+            if !neighbors.is_empty()
+                && !tagged
+                && destination == MacAddr::BROADCAST
+                && matches!(from, Ingress::Port(_))
+                && let Some(mac) = answer_for(neighbors, source, frame)
+            {
+                counters.arp_answered += 1;
+                return Verdict::Answer(mac);
+            }
             counters.flooded += 1;
             return Verdict::Flood;
         }
@@ -327,4 +355,23 @@ impl TenantSwitch {
         let state = port.and_then(|p| self.ports.get_mut(&p));
         Self::dropped(&mut self.counters, state, reason);
     }
+}
+
+/// The MAC to answer an ARP request in `frame` with, if it asks for a known address (not a
+/// gratuitous ARP, not the owner asking about itself).
+#[cold]
+fn answer_for(
+    neighbors: &HashMap<Ipv4Addr, MacAddr>,
+    source: MacAddr,
+    frame: &[u8],
+) -> Option<MacAddr> {
+    let view = FrameView::parse(frame).ok()?;
+    let overlay_net::frame::Network::Arp(arp) = view.network else {
+        return None;
+    };
+    if arp.operation != 1 || arp.sender_ip == arp.target_ip {
+        return None;
+    }
+    let mac = *neighbors.get(&arp.target_ip)?;
+    (mac != source && mac != arp.sender_mac).then_some(mac)
 }

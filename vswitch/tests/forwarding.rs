@@ -331,3 +331,74 @@ fn uplink_frames_are_heard_only_from_the_tenants_vteps_unless_it_learns_vteps() 
         Verdict::Unicast(Destination::Remote(stranger))
     );
 }
+
+fn arp(operation: u16, sender: MacAddr, sender_ip: &str, target_ip: &str) -> Vec<u8> {
+    let mut buf = vec![0u8; 64];
+    let n = overlay_net::frame::build_arp(
+        &mut buf,
+        MacAddr::BROADCAST,
+        &overlay_net::frame::ArpInfo {
+            operation,
+            sender_mac: sender,
+            sender_ip: sender_ip.parse().unwrap(),
+            target_mac: MacAddr::default(),
+            target_ip: target_ip.parse().unwrap(),
+        },
+    )
+    .unwrap();
+    buf.truncate(n);
+    buf
+}
+
+#[test]
+fn arp_requests_for_known_addresses_are_answered_not_flooded() {
+    let (mut sw, a, b) = two_tenants();
+    let known = std::collections::HashMap::from([("10.0.0.9".parse().unwrap(), mac(9))]);
+    sw.tenant_mut("a").unwrap().set_neighbors(known);
+    let ask = arp(1, mac(1), "10.0.0.1", "10.0.0.9");
+    assert_eq!(
+        sw.ingress_port(a[0], &ask, 0).1,
+        Verdict::Answer(mac(9)),
+        "a known binding is answered"
+    );
+    let mut reply = [0u8; 64];
+    let n = overlay_net::frame::build_arp_reply(&mut reply, &ask, mac(9)).unwrap();
+    let view = overlay_net::FrameView::parse(&reply[..n]).unwrap();
+    assert_eq!(view.destination, mac(1));
+    let overlay_net::frame::Network::Arp(r) = view.network else {
+        panic!("not ARP")
+    };
+    assert_eq!(
+        (r.operation, r.sender_mac, r.sender_ip, r.target_ip),
+        (
+            2,
+            mac(9),
+            "10.0.0.9".parse().unwrap(),
+            "10.0.0.1".parse().unwrap()
+        )
+    );
+    // Unknown targets, gratuitous ARP, replies and the other tenant still flood.
+    for (port, frame) in [
+        (a[0], arp(1, mac(1), "10.0.0.1", "10.0.0.8")),
+        (a[0], arp(1, mac(1), "10.0.0.9", "10.0.0.9")),
+        (a[0], arp(2, mac(1), "10.0.0.1", "10.0.0.9")),
+        (b[0], arp(1, mac(1), "10.0.0.1", "10.0.0.9")),
+    ] {
+        assert_eq!(sw.ingress_port(port, &frame, 0).1, Verdict::Flood);
+    }
+    // The owner asking about its own address (a duplicate-address probe) is not answered
+    // with its own MAC.
+    assert_eq!(
+        sw.ingress_port(a[1], &arp(1, mac(9), "0.0.0.0", "10.0.0.9"), 0)
+            .1,
+        Verdict::Flood
+    );
+    // From the underlay: never answered here (the sender's host answers its own ports).
+    let t = sw.tenant_mut("a").unwrap();
+    t.fdb_mut().add_remote_vtep("192.0.2.2".parse().unwrap());
+    assert_eq!(
+        t.ingress(Ingress::Uplink("192.0.2.2".parse().unwrap()), &ask, 0),
+        Verdict::Flood
+    );
+    assert_eq!(sw.tenant("a").unwrap().counters().arp_answered, 1);
+}

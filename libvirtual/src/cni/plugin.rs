@@ -245,9 +245,10 @@ impl<'a> Plugin<'a> {
             })
     }
 
-    fn ipam(&self) -> Result<Option<Ipam>, CniError> {
+    fn ipam(&self) -> Result<Option<Addressing>, CniError> {
         match self.conf.ipam_type()? {
             None => Ok(None),
+            Some(CLUSTER_IPAM) => Ok(Some(Addressing::Cluster)),
             Some(kind) => {
                 if self.env.path.is_empty() {
                     return Err(CniError::new(
@@ -255,8 +256,57 @@ impl<'a> Plugin<'a> {
                         "CNI_PATH is not set (needed to find the IPAM plugin)",
                     ));
                 }
-                Ipam::new(kind, &self.env.path, &self.raw).map(Some)
+                Ipam::new(kind, &self.env.path, &self.raw).map(|i| Some(Addressing::Plugin(i)))
             }
+        }
+    }
+
+    /// ADD of an attachment's addresses (`port`: the switch port it gets).
+    fn ipam_add(&self, ipam: &Addressing, port: &str) -> Result<CniResult, CniError> {
+        match ipam {
+            Addressing::Plugin(i) => i.add(),
+            Addressing::Cluster => {
+                let a = self
+                    .client
+                    .allocate_address(&self.conf.tenant, port)
+                    .map_err(|e| {
+                        CniError::new(
+                            code::IPAM_FAILED,
+                            format!("cluster IPAM of tenant {}", self.conf.tenant),
+                        )
+                        .with_details(e.to_string())
+                    })?;
+                Ok(CniResult {
+                    ips: vec![IpConfig {
+                        address: format!("{}/{}", a.ip, a.prefix_len),
+                        gateway: Some(a.gateway),
+                        interface: None,
+                    }],
+                    ..CniResult::default()
+                })
+            }
+        }
+    }
+
+    /// DEL of the addresses of the attachment `attachment` (container id, ifname; `None`:
+    /// this one) whose switch port is `port`.
+    fn ipam_del(
+        &self,
+        ipam: &Addressing,
+        port: &str,
+        attachment: Option<(&str, &str)>,
+    ) -> Result<(), CniError> {
+        match ipam {
+            Addressing::Plugin(i) => i.del(attachment),
+            Addressing::Cluster => match self.client.release_address(&self.conf.tenant, port) {
+                Ok(()) => Ok(()),
+                Err(e) if is_not_found(&e) => Ok(()),
+                Err(e) => Err(CniError::new(
+                    code::IPAM_FAILED,
+                    format!("releasing the cluster address of {port}"),
+                )
+                .with_details(e.to_string())),
+            },
         }
     }
 
@@ -315,12 +365,12 @@ impl<'a> Plugin<'a> {
         // From here on, whatever fails undoes what was made before it.
         let ipam = self.ipam()?;
         let assigned = match &ipam {
-            Some(i) => i.add()?,
+            Some(i) => self.ipam_add(i, &name)?,
             None => CniResult::default(),
         };
         let undo_ipam = || {
             if let Some(i) = &ipam {
-                let _ = i.del(None);
+                let _ = self.ipam_del(i, &name, None);
             }
         };
         let addresses = assigned
@@ -438,7 +488,7 @@ impl<'a> Plugin<'a> {
     fn del(&self) -> Result<(), CniError> {
         let name = self.attachment_port()?;
         if let Some(ipam) = self.ipam()? {
-            ipam.del(None)?;
+            self.ipam_del(&ipam, &name, None)?;
         }
         match self.client.delete_port(&name) {
             Ok(()) => Ok(()),
@@ -453,7 +503,7 @@ impl<'a> Plugin<'a> {
         let prev = self
             .prev_result()?
             .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult"))?;
-        if let Some(ipam) = self.ipam()? {
+        if let Some(Addressing::Plugin(ipam)) = self.ipam()? {
             ipam.check()?;
         }
         let failed = |msg: String| CniError::new(code::CHECK_FAILED, msg);
@@ -557,7 +607,7 @@ impl<'a> Plugin<'a> {
                 continue;
             }
             let released = match &ipam {
-                Some(i) => i.del(Some((container, ifname))),
+                Some(i) => self.ipam_del(i, &p.spec.name, Some((container, ifname))),
                 None => Ok(()),
             };
             let removed = match self.client.delete_port(&p.spec.name) {
@@ -568,7 +618,7 @@ impl<'a> Plugin<'a> {
                 first_error.get_or_insert(e);
             }
         }
-        if let Some(i) = &ipam {
+        if let Some(Addressing::Plugin(i)) = &ipam {
             i.maintenance("GC")?;
         }
         first_error.map_or(Ok(()), Err)
@@ -593,11 +643,39 @@ impl<'a> Plugin<'a> {
                 ));
             }
         }
-        if let Some(i) = self.ipam()? {
-            i.maintenance("STATUS")?;
+        match self.ipam()? {
+            Some(Addressing::Plugin(i)) => i.maintenance("STATUS")?,
+            Some(Addressing::Cluster) => {
+                let c = self
+                    .client
+                    .cluster()
+                    .map_err(|e| unavailable("vswitchd does not answer".into(), e.to_string()))?;
+                if c.state.as_deref() != Some("connected") {
+                    return Err(unavailable(
+                        format!(
+                            "cluster IPAM: vswitchd is {}",
+                            c.state.as_deref().unwrap_or(&c.mode)
+                        ),
+                        c.last_error.unwrap_or_default(),
+                    ));
+                }
+            }
+            None => {}
         }
         Ok(())
     }
+}
+
+/// The `ipam.type` of vswitchd's own cluster IPAM: addresses from the tenant's subnet,
+/// unique across the hosts of a cluster (etcd transactions in vswitchd).
+pub const CLUSTER_IPAM: &str = "vswitch-cluster";
+
+/// Where an attachment's addresses come from.
+enum Addressing {
+    /// An IPAM plugin found in `CNI_PATH` (host-local, static, dhcp...).
+    Plugin(Ipam),
+    /// vswitchd's cluster IPAM ([`CLUSTER_IPAM`]).
+    Cluster,
 }
 
 #[cfg(test)]

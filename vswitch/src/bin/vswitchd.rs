@@ -9,11 +9,15 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use std::path::PathBuf;
 use tracing::{info, warn};
-use vswitch::daemon::config::{Config, FileConfig};
+
+use vswitch::daemon::cluster::{load_cache, save_cache};
+use vswitch::daemon::config::{ClusterFile, Config, FileConfig};
 use vswitch::daemon::control::Control;
 use vswitch::daemon::server::router;
 use vswitch::datapath::{DatapathConfig, DatapathWorkers};
+use vswitch_cluster::{Cluster, ClusterConfig, TlsFiles};
 
 /// libvirtual's userspace virtual switch.
 #[derive(Parser, Debug)]
@@ -35,6 +39,79 @@ struct Args {
     /// Datapath worker threads [default: one per core].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
+    /// Join a cluster whose state is in etcd at these endpoints (comma-separated,
+    /// `http://10.0.0.1:2379`); without it vswitchd runs standalone.
+    #[arg(long, value_name = "ENDPOINTS", value_delimiter = ',')]
+    cluster: Vec<String>,
+    /// This host's name in the cluster [default: the hostname].
+    #[arg(long, value_name = "NAME")]
+    host_name: Option<String>,
+    /// Key prefix in etcd [default: /libvirtual/].
+    #[arg(long, value_name = "PREFIX")]
+    cluster_prefix: Option<String>,
+    /// Seconds this host's records outlive it (its lease TTL) [default: 10].
+    #[arg(long, value_name = "SECS")]
+    lease_ttl: Option<u64>,
+    /// PEM CA of etcd's certificates (TLS to etcd).
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd (with --etcd-key).
+    #[arg(long, value_name = "FILE")]
+    etcd_cert: Option<PathBuf>,
+    /// PEM key of --etcd-cert.
+    #[arg(long, value_name = "FILE")]
+    etcd_key: Option<PathBuf>,
+}
+
+/// The cluster membership the flags and the `[cluster]` table ask for.
+fn cluster_config(
+    args: &Args,
+    file: Option<ClusterFile>,
+    underlay: &[IpAddr],
+    udp_port: u16,
+) -> anyhow::Result<Option<ClusterConfig>> {
+    let file = file.unwrap_or_default();
+    let endpoints = if args.cluster.is_empty() {
+        file.endpoints
+    } else {
+        args.cluster.clone()
+    };
+    if endpoints.is_empty() {
+        return Ok(None);
+    }
+    let host = match args.host_name.clone().or(file.host) {
+        Some(h) => h,
+        // The hostname of this UTS namespace.
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("the hostname (give --host-name)")?
+            .trim()
+            .to_owned(),
+    };
+    daemon_kit::names::check_name("host", &host).map_err(anyhow::Error::msg)?;
+    let ttl = args.lease_ttl.or(file.lease_ttl_secs).unwrap_or(10);
+    if !(2..=3600).contains(&ttl) {
+        bail!("lease TTL {ttl}: 2 to 3600 seconds");
+    }
+    let (ca, cert, key) = (
+        args.etcd_ca.clone().or(file.ca),
+        args.etcd_cert.clone().or(file.cert),
+        args.etcd_key.clone().or(file.key),
+    );
+    let tls =
+        (ca.is_some() || cert.is_some() || key.is_some()).then_some(TlsFiles { ca, cert, key });
+    Ok(Some(ClusterConfig {
+        endpoints,
+        host,
+        prefix: args
+            .cluster_prefix
+            .clone()
+            .or(file.prefix)
+            .unwrap_or_else(|| "/libvirtual/".into()),
+        lease_ttl: std::time::Duration::from_secs(ttl),
+        tls,
+        underlay: underlay.to_vec(),
+        udp_port,
+    }))
 }
 
 fn effective(args: Args) -> anyhow::Result<Config> {
@@ -51,11 +128,16 @@ fn effective(args: Args) -> anyhow::Result<Config> {
     let underlay = if args.underlay.is_empty() {
         file.underlay
     } else {
-        args.underlay
+        args.underlay.clone()
     };
     if underlay.is_empty() {
         bail!("no underlay address: give --underlay ADDR or `underlay = [...]` in the config");
     }
+    let udp_port = args
+        .udp_port
+        .or(file.udp_port)
+        .unwrap_or(overlay_net_port());
+    let cluster = cluster_config(&args, file.cluster, &underlay, udp_port)?;
     let underlay_mtu = args
         .underlay_mtu
         .or(file.underlay_mtu)
@@ -66,10 +148,7 @@ fn effective(args: Args) -> anyhow::Result<Config> {
         state_dir: common.state_dir,
         underlay,
         underlay_mtu,
-        udp_port: args
-            .udp_port
-            .or(file.udp_port)
-            .unwrap_or(overlay_net_port()),
+        udp_port,
         workers: args.workers.or(file.workers).unwrap_or(0),
         json_logs: common.json_logs,
         socket_access,
@@ -78,6 +157,7 @@ fn effective(args: Args) -> anyhow::Result<Config> {
             .api_max_connections
             .or(file.api_max_connections)
             .map_or(daemon_kit::MAX_API_CONNECTIONS, |n| n as usize),
+        cluster,
     })
 }
 
@@ -115,7 +195,52 @@ fn serve(args: Args) -> anyhow::Result<()> {
     for p in &problems {
         warn!(problem = %p, "could not restore");
     }
+    let runtime = daemon_kit::runtime()?;
+    let mut control = control;
+    let cluster = match &cfg.cluster {
+        Some(cc) => {
+            let cache = load_cache(&cfg.state_dir);
+            info!(
+                endpoints = ?cc.endpoints,
+                host = %cc.host,
+                cached_revision = cache.as_ref().map(|v| v.revision),
+                "joining the cluster"
+            );
+            let cluster = Cluster::start(cc.clone(), runtime.handle(), cache)
+                .context("joining the cluster")?;
+            control.join_cluster(cluster.clone());
+            Some(cluster)
+        }
+        None => None,
+    };
     let shared = Arc::new(Mutex::new(control));
+    if let Some(cluster) = cluster.clone() {
+        // Changes of the cluster view are applied one batch after the other, off the
+        // runtime (they wait for the datapath); the view is cached after each.
+        let weak = Arc::downgrade(&shared);
+        let state_dir = cfg.state_dir.clone();
+        runtime.spawn(async move {
+            loop {
+                let touched = cluster.changes().await;
+                let Some(shared) = weak.upgrade() else { return };
+                let c = cluster.clone();
+                let dir = state_dir.clone();
+                let done = tokio::task::spawn_blocking(move || {
+                    shared
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .reconcile_cluster(&touched);
+                    if c.is_connected() {
+                        save_cache(&dir, &c.view());
+                    }
+                })
+                .await;
+                if let Err(e) = done {
+                    warn!(error = %e, "applying cluster changes");
+                }
+            }
+        });
+    }
     // What could not be restored is tried again every few seconds (a network namespace may
     // come back); it stays in the state meanwhile.
     daemon_kit::spawn_retries(
@@ -130,9 +255,9 @@ fn serve(args: Args) -> anyhow::Result<()> {
     )?;
     let socket = cfg.run_dir.join("vswitchd.sock");
     info!(underlay = ?cfg.underlay, underlay_mtu = cfg.underlay_mtu, state = %cfg.state_dir.display(), "configuration");
-    daemon_kit::runtime()?.block_on(daemon_kit::serve(
+    runtime.block_on(daemon_kit::serve(
         &socket,
-        router(shared),
+        router(shared, cluster),
         "vswitchd",
         cfg.api_max_connections,
     ))

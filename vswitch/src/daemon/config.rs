@@ -32,6 +32,29 @@ pub struct FileConfig {
     pub socket_mode: Option<String>,
     /// API connections served at once (default 64).
     pub api_max_connections: Option<u32>,
+    /// Membership in a cluster (absent: standalone).
+    pub cluster: Option<ClusterFile>,
+}
+
+/// The `[cluster]` table: membership in a cluster whose state is in etcd.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    /// etcd endpoints (`"http://10.0.0.1:2379"`).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// This host's name in the cluster (default: the hostname).
+    pub host: Option<String>,
+    /// Key prefix in etcd (default `/libvirtual/`).
+    pub prefix: Option<String>,
+    /// Lease TTL of this host's records in seconds (default 10).
+    pub lease_ttl_secs: Option<u64>,
+    /// PEM CA of etcd's certificates.
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate for etcd.
+    pub cert: Option<PathBuf>,
+    /// PEM key of `cert`.
+    pub key: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -64,6 +87,8 @@ pub struct Config {
     pub socket_access: daemon_kit::SocketAccess,
     /// API connections served at once.
     pub api_max_connections: usize,
+    /// Cluster membership (`None`: standalone).
+    pub cluster: Option<vswitch_cluster::ClusterConfig>,
 }
 
 #[cfg(test)]
@@ -90,5 +115,13 @@ mod tests {
         assert_eq!(cfg.log_format.as_deref(), Some("json"));
         assert!(toml::from_str::<FileConfig>("underlay_mtu = 1500\nmtu = 1").is_err());
         assert!(toml::from_str::<FileConfig>("underlay = [\"not-an-ip\"]").is_err());
+        let cfg: FileConfig = toml::from_str(
+            "[cluster]\nendpoints = [\"http://10.0.0.1:2379\"]\nhost = \"h1\"\nlease_ttl_secs = 5",
+        )
+        .unwrap();
+        let cluster = cfg.cluster.unwrap();
+        assert_eq!(cluster.host.as_deref(), Some("h1"));
+        assert_eq!(cluster.lease_ttl_secs, Some(5));
+        assert!(toml::from_str::<FileConfig>("[cluster]\nttl = 5").is_err());
     }
 }

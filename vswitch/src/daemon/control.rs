@@ -2,7 +2,7 @@
 //! that after a restart (also after `kill -9`) the same tenants, ports, VTEPs and static
 //! entries come back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -73,6 +73,10 @@ pub struct State {
     pub vtep_ports: BTreeMap<String, BTreeMap<IpAddr, u16>>,
     /// Static forwarding entries per tenant.
     pub fdb: BTreeMap<String, Vec<FdbEntrySpec>>,
+    /// Tenants that are cluster objects (created here from the cluster, or through this
+    /// daemon into it): deleted here when the cluster deletes them.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub cluster_tenants: BTreeSet<String>,
 }
 
 const STATE_VERSION: u32 = 1;
@@ -80,7 +84,7 @@ const STATE_VERSION: u32 = 1;
 /// The daemon's control plane: the datapath plus its persisted description.
 pub struct Control {
     dp: DatapathWorkers,
-    state: State,
+    pub(super) state: State,
     path: PathBuf,
     /// Where vhost-user sockets go (`RUN_DIR/vhost/<port>.sock`).
     run_dir: PathBuf,
@@ -88,6 +92,10 @@ pub struct Control {
     unrestored: Vec<(Saved, String)>,
     /// Restoring: nothing is saved until everything was tried (a crash then loses nothing).
     restoring: bool,
+    /// The cluster this daemon is a member of (`--cluster`).
+    pub(super) cluster: Option<vswitch_cluster::Cluster>,
+    /// What the cluster programmed per tenant, the base of the next diff.
+    pub(super) programmed: BTreeMap<String, vswitch_cluster::TenantProgram>,
 }
 
 /// An object of the saved state, as it is restored (and retried).
@@ -134,6 +142,26 @@ fn call<R: Send + 'static>(
 ) -> Result<R> {
     dp.call(f)
         .map_err(|e| ControlError::Internal(e.to_string()))
+}
+
+/// Checks what a tenant spec can be checked for without creating it: its name, VNI, MTU
+/// and subnet.
+pub fn check_tenant_spec(spec: &TenantSpec) -> Result<()> {
+    daemon_kit::names::check_name("tenant", &spec.name).map_err(ControlError::Invalid)?;
+    Vni::new(spec.vni).map_err(|e| ControlError::Invalid(e.to_string()))?;
+    if spec.mtu != 0 && spec.mtu < 68 {
+        return Err(ControlError::Invalid(format!(
+            "tenant MTU {} is below 68",
+            spec.mtu
+        )));
+    }
+    if spec.max_macs == Some(0) {
+        return Err(ControlError::Invalid("max_macs must be at least 1".into()));
+    }
+    if let Some(s) = &spec.subnet {
+        vswitch_cluster::Subnet::parse(s).map_err(|e| ControlError::Invalid(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// The port configuration a spec asks for, checked (names, MAC, addresses, limits).
@@ -232,6 +260,14 @@ fn add_drops(family: &Family<Labels, Counter>, labels: &Labels, drops: &Drops) {
 }
 
 impl Control {
+    /// Runs `f` on the datapath's control thread.
+    pub(super) fn call_dp<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Datapath) -> R + Send + 'static,
+    ) -> Result<R> {
+        call(&self.dp, f)
+    }
+
     /// Takes over a running datapath, restores the state saved in `state_dir` (if any) and
     /// returns the control plane with the errors of items that could not be restored.
     /// vhost-user sockets go to `run_dir/vhost/`.
@@ -265,7 +301,10 @@ impl Control {
             run_dir: run_dir.to_owned(),
             unrestored: Vec::new(),
             restoring: true,
+            cluster: None,
+            programmed: BTreeMap::new(),
         };
+        control.state.cluster_tenants = saved.cluster_tenants;
         let mut items: Vec<Saved> = Vec::new();
         items.extend(saved.tenants.into_iter().map(Saved::Tenant));
         items.extend(saved.ports.into_iter().map(Saved::Port));
@@ -423,7 +462,7 @@ impl Control {
     }
 
     /// Writes the state atomically: a temporary file, fsync, rename, fsync of the directory.
-    fn save(&self) -> Result<()> {
+    pub(super) fn save(&self) -> Result<()> {
         if self.restoring {
             return Ok(());
         }
@@ -433,9 +472,47 @@ impl Control {
             .map_err(|e| ControlError::Internal(format!("saving state: {e}")))
     }
 
+    /// Creates a tenant of the cluster here (it is in etcd already); one that exists here
+    /// with the same configuration is fine.
+    pub fn create_cluster_tenant(&mut self, spec: TenantSpec) -> Result<TenantInfo> {
+        let name = spec.name.clone();
+        match self.state.tenants.iter().find(|t| t.name == name) {
+            Some(t) if *t == spec => {}
+            Some(_) => {
+                return Err(ControlError::Conflict(format!(
+                    "tenant {name} exists on this host with another configuration"
+                )));
+            }
+            None => {
+                self.create_tenant(spec)?;
+            }
+        }
+        self.state.cluster_tenants.insert(name.clone());
+        self.save()?;
+        self.tenant(&name)
+    }
+
+    /// A tenant's configuration as created.
+    pub fn tenant_spec(&self, name: &str) -> Result<TenantSpec> {
+        self.state
+            .tenants
+            .iter()
+            .find(|t| t.name == name)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(format!("no tenant {name}")))
+    }
+
+    /// Whether a tenant is a cluster tenant, and whether it has ports here.
+    pub fn tenant_place(&self, name: &str) -> (bool, bool) {
+        (
+            self.state.cluster_tenants.contains(name),
+            self.state.ports.iter().any(|p| p.tenant == name),
+        )
+    }
+
     /// Creates a tenant.
     pub fn create_tenant(&mut self, spec: TenantSpec) -> Result<TenantInfo> {
-        daemon_kit::names::check_name("tenant", &spec.name).map_err(ControlError::Invalid)?;
+        check_tenant_spec(&spec)?;
         if self.is_unrestored("tenant", &spec.name) {
             return Err(ControlError::Conflict(format!(
                 "tenant {} exists but could not be restored (GET /v1/unrestored says why); \
@@ -486,6 +563,8 @@ impl Control {
         self.state.vteps.remove(name);
         self.state.vtep_ports.remove(name);
         self.state.fdb.remove(name);
+        self.state.cluster_tenants.remove(name);
+        self.programmed.remove(name);
         tracing::info!(tenant = name, "tenant deleted");
         self.save()
     }
@@ -541,6 +620,9 @@ impl Control {
             })??;
         }
         tracing::info!(port = %spec.name, tenant = %spec.tenant, netns = ?spec.netns, "port created");
+        if let Some(c) = &self.cluster {
+            c.publish(&spec.tenant, &spec.name, super::cluster::binding_of(&spec));
+        }
         self.state.ports.push(spec.clone());
         self.save()?;
         self.port(&spec.name)
@@ -548,13 +630,25 @@ impl Control {
 
     /// Deletes a port (its TAP interface disappears).
     pub fn delete_port(&mut self, name: &str) -> Result<()> {
+        let tenant = self
+            .state
+            .ports
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.tenant.clone());
         if self.forget_unrestored(|item| matches!(item, Saved::Port(p) if p.name == name)) {
+            if let (Some(c), Some(t)) = (&self.cluster, &tenant) {
+                c.unpublish(t, name);
+            }
             tracing::info!(port = name, "unrestored port deleted");
             return self.save();
         }
         let n = name.to_owned();
         call(&self.dp, move |dp| dp.remove_port(&n))??;
         tracing::info!(port = name, "port deleted");
+        if let (Some(c), Some(t)) = (&self.cluster, &tenant) {
+            c.unpublish(t, name);
+        }
         self.state.ports.retain(|p| p.name != name);
         for entries in self.state.fdb.values_mut() {
             entries.retain(|e| e.port.as_deref() != Some(name));
@@ -660,7 +754,7 @@ impl Control {
     /// The tenant's MTU changed (its VTEPs' families did): its ports' interfaces follow —
     /// a TAP where it lives, both ends of a veth. A VM keeps the MTU its VMM gave it until it
     /// is started again (virtio-net has no MTU change); the port's `mtu` says the new one.
-    fn resize_ports(&self, tenant: &str, mtu: u16) {
+    pub(super) fn resize_ports(&self, tenant: &str, mtu: u16) {
         use crate::placement::{in_netns, open_netns, set_mtu};
         tracing::info!(tenant, mtu, "tenant MTU follows its VTEPs");
         for p in self.state.ports.iter().filter(|p| p.tenant == tenant) {
@@ -869,6 +963,7 @@ impl Control {
         let tenant_macs = Family::<Labels, Gauge>::default();
         let tenant_limit_hits = Family::<Labels, Counter>::default();
         let tenant_moves = Family::<Labels, Counter>::default();
+        let tenant_arp = Family::<Labels, Counter>::default();
         let (tenants, dpc, unknown_vni) = snapshot;
         for (tname, tc, macs, ports) in &tenants {
             let tl = vec![("tenant".to_owned(), tname.clone())];
@@ -879,6 +974,7 @@ impl Control {
                 .get_or_create(&tl)
                 .inc_by(tc.learn_limit_hits);
             tenant_moves.get_or_create(&tl).inc_by(tc.mac_moves);
+            tenant_arp.get_or_create(&tl).inc_by(tc.arp_answered);
             add_drops(&tenant_drops, &tl, &tc.drops);
             for (pname, pc) in ports {
                 let pl = vec![
@@ -935,6 +1031,34 @@ impl Control {
             "Learned MACs that moved to another port or VTEP",
             tenant_moves,
         );
+        reg.register(
+            "tenant_arp_answered",
+            "ARP requests for known bindings answered by the switch instead of flooded",
+            tenant_arp,
+        );
+        if let Some(c) = &self.cluster {
+            let degraded = Gauge::<i64>::default();
+            degraded.set(i64::from(!c.is_connected()));
+            reg.register(
+                "cluster_degraded",
+                "1 while etcd does not answer (forwarding continues with what is known)",
+                degraded,
+            );
+            let members = Gauge::<i64>::default();
+            members.set(c.members().len() as i64);
+            reg.register(
+                "cluster_members",
+                "Hosts of the cluster (live leases)",
+                members,
+            );
+            let syncs = Counter::<u64>::default();
+            syncs.inc_by(c.info().syncs);
+            reg.register(
+                "cluster_syncs",
+                "Times this host (re)synchronised with etcd",
+                syncs,
+            );
+        }
         let single = |reg: &mut Registry, name: &str, help: &str, value: u64| {
             let c = Counter::<u64>::default();
             c.inc_by(value);

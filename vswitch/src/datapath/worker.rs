@@ -2,6 +2,8 @@
 //! written without it.
 
 use super::*;
+use overlay_net::MacAddr;
+use overlay_net::frame::build_arp_reply;
 
 /// Where one copy of a frame goes, resolved under the lock.
 #[derive(Clone, Copy)]
@@ -10,6 +12,8 @@ enum Target {
     Local(usize),
     /// A remote VTEP and the UDP port it listens on (0: this host's VXLAN port).
     Remote(IpAddr, u16),
+    /// An ARP reply with this MAC, to the local port (index in [`BurstPorts`]) that asked.
+    Answer(usize, MacAddr),
 }
 
 /// The local ports a burst sends to, each once, with their endpoints (taken from the shared
@@ -182,6 +186,14 @@ fn resolve(
             flood.extend(tenant.flood_targets(from));
             for dest in flood.iter() {
                 push(tenant, *dest);
+            }
+        }
+        Verdict::Answer(mac) => {
+            if let Ingress::Port(q) = from {
+                match ports.index(q, endpoints) {
+                    Some(i) => out.push(Target::Answer(i, mac)),
+                    None => tenant.count_drop(Some(q), DropReason::TxError),
+                }
             }
         }
         Verdict::Drop(_) => {}
@@ -503,6 +515,13 @@ impl Worker {
                     },
                     Target::Remote(vtep, vtep_port) => {
                         send_remote(tally, uplinks, scratch, port, vtep, vtep_port, vni, payload)
+                    }
+                    Target::Answer(k, mac) => {
+                        let (q, ep) = ports.get(k);
+                        let mut reply = [0u8; 64];
+                        if let Ok(n) = build_arp_reply(&mut reply, frame, mac) {
+                            send_local(tally, lane, vni, q, ep, Payload::Plain(&reply[..n]));
+                        }
                     }
                 }
             }

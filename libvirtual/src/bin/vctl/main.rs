@@ -128,8 +128,26 @@ enum Net {
     /// Forwarding table of a tenant.
     #[command(subcommand)]
     Fdb(FdbCmd),
+    /// The cluster: this host's state, the hosts, the bindings.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Prometheus text of every counter.
     Metrics,
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// This host's place in the cluster: standalone, or connected / degraded.
+    Status,
+    /// The hosts of the cluster.
+    Members,
+    /// The ports of the tenants this host has ports in, on every host.
+    Bindings,
+    /// The addresses taken in a tenant's subnet.
+    Addresses {
+        /// The tenant's name.
+        tenant: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -158,6 +176,9 @@ enum TenantCmd {
         /// only the tenant's VTEPs (`vctl net vtep add`) are heard.
         #[arg(long)]
         learn_vteps: bool,
+        /// IP subnet for cluster IPAM (`10.0.0.0/24`): addresses unique across hosts.
+        #[arg(long)]
+        subnet: Option<String>,
     },
     /// Delete a tenant without ports.
     Delete {
@@ -541,6 +562,7 @@ fn run(c: &Client, cmd: Net, out: Output) -> Result<(), Error> {
             mtu,
             max_macs,
             learn_vteps,
+            subnet,
         }) => {
             let t = c.create_tenant(&TenantSpec {
                 name,
@@ -548,9 +570,84 @@ fn run(c: &Client, cmd: Net, out: Output) -> Result<(), Error> {
                 mtu,
                 max_macs,
                 learn_vteps,
+                subnet,
             })?;
             emit(out, &vec![t], |rows| tenant_rows(rows));
         }
+        Net::Cluster(ClusterCmd::Status) => {
+            let i = c.cluster()?;
+            emit(out, &i, |i| {
+                let mut rows = vec![vec!["MODE".into(), i.mode.clone()]];
+                let mut row = |k: &str, v: String| rows.push(vec![k.to_owned(), v]);
+                if let Some(h) = &i.host {
+                    row("HOST", h.clone());
+                }
+                if let Some(s) = &i.state {
+                    row("STATE", format!("{s} for {}s", i.state_age_secs));
+                }
+                if !i.endpoints.is_empty() {
+                    row("ETCD", i.endpoints.join(","));
+                    row("REVISION", i.revision.to_string());
+                    row("SYNCS", i.syncs.to_string());
+                }
+                if let Some(e) = &i.last_error {
+                    row("ERROR", e.clone());
+                }
+                rows
+            })
+        }
+        Net::Cluster(ClusterCmd::Members) => emit(out, &c.cluster_members()?, |ms| {
+            let mut rows = vec![vec!["HOST".into(), "UNDERLAY".into(), "PORT".into()]];
+            rows.extend(ms.iter().map(|m| {
+                vec![
+                    if m.local {
+                        format!("{} (this host)", m.name)
+                    } else {
+                        m.name.clone()
+                    },
+                    m.underlay
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    m.udp_port.to_string(),
+                ]
+            }));
+            rows
+        }),
+        Net::Cluster(ClusterCmd::Bindings) => emit(out, &c.cluster_bindings()?, |bs| {
+            let mut rows: Vec<Vec<String>> = vec![
+                ["TENANT", "HOST", "PORT", "MAC", "IPS"]
+                    .map(String::from)
+                    .to_vec(),
+            ];
+            rows.extend(bs.iter().map(|b| {
+                vec![
+                    b.tenant.clone(),
+                    b.host.clone(),
+                    b.port.clone(),
+                    b.mac.clone().unwrap_or_else(|| "-".into()),
+                    b.ips
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ]
+            }));
+            rows
+        }),
+        Net::Cluster(ClusterCmd::Addresses { tenant }) => emit(out, &c.addresses(&tenant)?, |a| {
+            let mut rows: Vec<Vec<String>> =
+                vec![["ADDRESS", "HOST", "OWNER"].map(String::from).to_vec()];
+            rows.extend(a.iter().map(|a| {
+                vec![
+                    format!("{}/{}", a.ip, a.prefix_len),
+                    a.host.clone(),
+                    a.owner.clone(),
+                ]
+            }));
+            rows
+        }),
         Net::Tenant(TenantCmd::Delete { name }) => {
             c.delete_tenant(&name)?;
             done(out, format!("deleted tenant {name}"));

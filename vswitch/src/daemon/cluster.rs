@@ -1,0 +1,218 @@
+//! vswitchd in a cluster: its ports published as bindings, cluster tenants created here,
+//! and each tenant's program (flood list / VTEP allow-list, remote MACs, ARP answers)
+//! applied to the datapath as a diff against what was applied before.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use overlay_net::{Destination, Timestamp};
+use vswitch_cluster::{BindingRecord, Cluster, ClusterView, TenantProgram, Touched};
+
+use super::control::{Control, ControlError};
+use crate::Error;
+use crate::api::PortSpec;
+
+/// The binding a port publishes: its MAC and addresses, as port security pins them.
+pub(super) fn binding_of(spec: &PortSpec) -> BindingRecord {
+    BindingRecord {
+        mac: spec.mac.clone(),
+        ips: spec.ips.clone(),
+    }
+}
+
+/// The rebuildable cache of the cluster view in the state directory.
+pub fn cache_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("cluster-view.cache")
+}
+
+impl Control {
+    /// Joins a cluster: every port is published, and the cluster's program (from the cached
+    /// view until etcd answers) is applied at once.
+    pub fn join_cluster(&mut self, cluster: Cluster) {
+        for p in &self.state.ports {
+            cluster.publish(&p.tenant, &p.name, binding_of(p));
+        }
+        self.cluster = Some(cluster);
+        self.reconcile_cluster(&Touched {
+            all: true,
+            tenant_set: true,
+            ..Touched::default()
+        });
+    }
+
+    /// The cluster this daemon is a member of.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref()
+    }
+
+    /// Applies what changed in the cluster view.
+    pub fn reconcile_cluster(&mut self, touched: &Touched) {
+        let Some(cluster) = self.cluster.clone() else {
+            return;
+        };
+        let view = cluster.view().clone();
+        if touched.tenant_set || touched.all {
+            self.reconcile_tenants(&view, cluster.is_connected());
+        }
+        let local: Vec<String> = self.state.tenants.iter().map(|t| t.name.clone()).collect();
+        for tenant in local {
+            if !touched.all && !touched.tenants.contains(&tenant) {
+                continue;
+            }
+            let program = view.program(cluster.host(), &tenant, cluster.underlay());
+            if let Err(e) = self.apply_program(&tenant, program, cluster.udp_port()) {
+                tracing::warn!(tenant, error = %e.message(), "could not program the tenant from the cluster");
+            }
+        }
+    }
+
+    /// Cluster tenants exist here; those deleted from the cluster go (once etcd said so,
+    /// and only without ports).
+    fn reconcile_tenants(&mut self, view: &ClusterView, connected: bool) {
+        for spec in view.tenants.values() {
+            if self.state.tenants.iter().any(|t| t.name == spec.name) {
+                self.state.cluster_tenants.insert(spec.name.clone());
+                continue;
+            }
+            match self.create_tenant(spec.clone()) {
+                Ok(_) => {
+                    self.state.cluster_tenants.insert(spec.name.clone());
+                    tracing::info!(tenant = %spec.name, "cluster tenant created here");
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %spec.name, error = %e.message(), "could not create a cluster tenant here")
+                }
+            }
+        }
+        if !connected {
+            return;
+        }
+        let gone: Vec<String> = self
+            .state
+            .cluster_tenants
+            .iter()
+            .filter(|t| !view.tenants.contains_key(*t))
+            .cloned()
+            .collect();
+        for t in gone {
+            if self.state.ports.iter().any(|p| p.tenant == t) {
+                continue;
+            }
+            self.programmed.remove(&t);
+            match self.delete_tenant(&t) {
+                Ok(()) => tracing::info!(tenant = %t, "cluster tenant deleted here"),
+                Err(e) => {
+                    tracing::warn!(tenant = %t, error = %e.message(), "could not delete a cluster tenant here")
+                }
+            }
+            self.state.cluster_tenants.remove(&t);
+        }
+        if let Err(e) = self.save() {
+            tracing::warn!(error = %e.message(), "saving state");
+        }
+    }
+
+    /// Applies a tenant's program as a diff against the one applied before.
+    fn apply_program(
+        &mut self,
+        tenant: &str,
+        program: TenantProgram,
+        local_port: u16,
+    ) -> Result<(), ControlError> {
+        let old = self.programmed.get(tenant).cloned().unwrap_or_default();
+        if old == program {
+            return Ok(());
+        }
+        // VTEPs configured by hand stay whatever the cluster says.
+        let manual: Vec<IpAddr> = self.state.vteps.get(tenant).cloned().unwrap_or_default();
+        let t = tenant.to_owned();
+        let new = program.clone();
+        let resized = self.call_dp(move |dp| {
+            for (vtep, _) in old.vteps.iter().filter(|(v, _)| !new.vteps.contains_key(v)) {
+                if manual.contains(vtep) {
+                    continue;
+                }
+                if let Some(ts) = dp.switch_mut().tenant_mut(&t) {
+                    ts.fdb_mut().remove_remote_vtep(*vtep);
+                }
+                dp.set_vtep_port(&t, *vtep, None)?;
+            }
+            for (vtep, port) in &new.vteps {
+                if old.vteps.get(vtep) == Some(port) {
+                    continue;
+                }
+                if let Err(e) = dp.add_remote_vtep(&t, *vtep) {
+                    tracing::warn!(tenant = %t, vtep = %vtep, error = %e, "cluster VTEP not usable here");
+                    continue;
+                }
+                dp.set_vtep_port(&t, *vtep, (*port != local_port).then_some(*port))?;
+            }
+            let ts = dp
+                .switch_mut()
+                .tenant_mut(&t)
+                .ok_or_else(|| Error::NoSuchTenant(t.clone()))?;
+            for (mac, vtep) in &old.macs {
+                if new.macs.get(mac) == Some(vtep) {
+                    continue;
+                }
+                let ours = ts.fdb().entries().any(|(m, e)| {
+                    m == *mac && e.is_static && e.destination == Destination::Remote(*vtep)
+                });
+                if ours {
+                    ts.fdb_mut().remove(*mac);
+                }
+            }
+            for (mac, vtep) in &new.macs {
+                if old.macs.get(mac) == Some(vtep) {
+                    continue;
+                }
+                if let Err(e) =
+                    ts.fdb_mut()
+                        .add_static(*mac, Destination::Remote(*vtep), Timestamp(0))
+                {
+                    tracing::warn!(tenant = %t, mac = %mac, error = %e, "cluster MAC not programmed");
+                }
+            }
+            if old.neighbors != new.neighbors {
+                ts.set_neighbors(new.neighbors.iter().map(|(ip, mac)| (*ip, *mac)).collect::<HashMap<_, _>>());
+            }
+            Ok::<_, Error>(dp.refresh_tenant_mtu(&t))
+        })??;
+        if let Some(mtu) = resized {
+            self.resize_ports(tenant, mtu);
+        }
+        tracing::info!(
+            tenant,
+            vteps = program.vteps.len(),
+            macs = program.macs.len(),
+            neighbors = program.neighbors.len(),
+            "tenant programmed from the cluster"
+        );
+        self.programmed.insert(tenant.to_owned(), program);
+        Ok(())
+    }
+
+    /// What the cluster programmed, per tenant (for tests and the API).
+    pub fn programmed(&self) -> &BTreeMap<String, TenantProgram> {
+        &self.programmed
+    }
+}
+
+/// The cached cluster view of the last run, if there is a valid one.
+pub fn load_cache(state_dir: &Path) -> Option<ClusterView> {
+    let bytes = std::fs::read(cache_path(state_dir)).ok()?;
+    let view = vswitch_cluster::cache::decode(&bytes);
+    if view.is_none() {
+        tracing::warn!(path = %cache_path(state_dir).display(), "cluster cache not valid: ignored (etcd has the truth)");
+    }
+    view
+}
+
+/// Caches the cluster view (atomically; a failure only costs the next start its head start).
+pub fn save_cache(state_dir: &Path, view: &ClusterView) {
+    let bytes = vswitch_cluster::cache::encode(view);
+    if let Err(e) = daemon_kit::save_atomic(&cache_path(state_dir), &bytes) {
+        tracing::warn!(error = %e, "caching the cluster view");
+    }
+}
