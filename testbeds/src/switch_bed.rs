@@ -432,3 +432,87 @@ impl Drop for SourcePortWatch {
         }
     }
 }
+
+/// Counts, on every link of the underlay, VXLAN datagrams and those whose inner frame is a
+/// broadcast ARP request (not a gratuitous one): what ARP suppression keeps off the wire.
+/// A datagram is seen once per link it crosses.
+pub struct ArpWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(u64, u64)>>,
+}
+
+impl ArpWatch {
+    /// Starts watching the links of the underlay's bridge.
+    pub fn start(underlay: &Underlay) -> Result<ArpWatch, Error> {
+        use std::os::fd::AsRawFd;
+        let fd = underlay.ns.enter(|| {
+            crate::transport::packet_socket(0, false)
+                .map_err(|e| Error::Io("AF_PACKET socket on the underlay".into(), e))
+        })?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+            use std::os::fd::AsFd;
+            let (mut vxlan, mut arp) = (0u64, 0u64);
+            let mut buf = vec![0u8; 65536];
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+                if !matches!(poll(&mut fds, PollTimeout::from(100u16)), Ok(n) if n > 0) {
+                    continue;
+                }
+                // SAFETY: the buffer is valid for writes of its length.
+                let n = unsafe {
+                    libc::recv(
+                        fd.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                let Ok(n) = usize::try_from(n) else { continue };
+                let Ok(p) = etherparse::SlicedPacket::from_ethernet(&buf[..n]) else {
+                    continue;
+                };
+                let Some(etherparse::TransportSlice::Udp(udp)) = p.transport else {
+                    continue;
+                };
+                if udp.destination_port() != overlay_net::VXLAN_PORT {
+                    continue;
+                }
+                vxlan += 1;
+                let Some(inner) = udp.payload().get(8..) else {
+                    continue;
+                };
+                if let Ok(view) = overlay_net::FrameView::parse(inner)
+                    && view.destination.is_broadcast()
+                    && let overlay_net::frame::Network::Arp(a) = view.network
+                    && a.operation == 1
+                    && a.sender_ip != a.target_ip
+                {
+                    arp += 1;
+                }
+            }
+            (vxlan, arp)
+        });
+        Ok(ArpWatch {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops and returns (VXLAN datagrams, broadcast ARP requests inside them) seen.
+    pub fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ArpWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

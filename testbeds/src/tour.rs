@@ -16,10 +16,12 @@ use std::time::{Duration, Instant};
 use libvirtual::host::Host as Api;
 use serde_json::{Value, json};
 use vblock::api::PoolSpec;
+use vswitch::api::TenantSpec;
 
 use crate::Error;
 use crate::cni::{self, Runtime};
 use crate::daemon::{Daemon, start_vswitchd, workspace_binary};
+use crate::etcd::EtcdCluster;
 use crate::guest::{self, Guest, Nic};
 use crate::interrupt::check;
 use crate::netns::Netns;
@@ -31,11 +33,10 @@ use crate::switch_bed::Underlay;
 const TENANTS: [(&str, u32); 2] = [("a", 100), ("b", 200)];
 /// The shared tenant subnet.
 const SUBNET: &str = "10.0.0.0/24";
-/// Each host's part of the subnet for its containers (host-local keeps one file per host).
-const HOST_RANGES: [(&str, &str); 2] = [("10.0.0.10", "10.0.0.19"), ("10.0.0.20", "10.0.0.29")];
-/// The VM's address (tenant a) and MAC.
-const VM_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 30);
+/// The VM's MAC (its address comes from the cluster, like the containers').
 const VM_MAC: &str = "02:00:00:00:0a:1e";
+/// The etcd member the hosts share, on the underlay.
+const ETCD_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 /// The storage pool on each host.
 const POOL: &str = "demo";
 /// The golden image's virtual size.
@@ -160,7 +161,6 @@ impl TourReport {
 struct Host {
     name: String,
     ns: Netns,
-    ip: Ipv4Addr,
     dir: PathBuf,
     vswitchd: Daemon,
     vblockd: Daemon,
@@ -169,12 +169,17 @@ struct Host {
 }
 
 impl Host {
-    fn start(ul: &mut Underlay, n: u8, dir: &Path) -> Result<Host, Error> {
+    fn start(ul: &mut Underlay, n: u8, dir: &Path, etcd: &str) -> Result<Host, Error> {
         let name = format!("h{n}");
         let ip = Ipv4Addr::new(198, 18, 0, n);
         let ns = ul.host(&name, ip)?;
         let dir = dir.join(&name);
-        let vswitchd = start_vswitchd(&ns, ip.into(), &dir.join("vswitchd"), &[])?;
+        let vswitchd = start_vswitchd(
+            &ns,
+            ip.into(),
+            &dir.join("vswitchd"),
+            &["--cluster", etcd, "--host-name", &name],
+        )?;
         let vblock_dir = dir.join("vblockd");
         let args: Vec<String> = vec![
             "--run-dir".into(),
@@ -195,7 +200,6 @@ impl Host {
             ),
             name,
             ns,
-            ip,
             dir,
             vswitchd,
             vblockd,
@@ -248,26 +252,40 @@ pub fn run(opts: &TourOptions, say: &mut dyn FnMut(&str)) -> Result<TourReport, 
     check()?;
     lap("guest image", &mut phases);
 
-    say("hosts h1 (198.18.0.1) and h2 (198.18.0.2): vswitchd + vblockd each, on one underlay");
+    say("hosts h1 (198.18.0.1) and h2 (198.18.0.2): vswitchd + vblockd each, on one underlay,");
+    say("  one cluster: vswitchd --cluster, state in etcd (198.18.0.100)");
     let mut ul = Underlay::new()?;
+    let etcd = EtcdCluster::start(&mut ul, &[ETCD_IP], &dir.join("etcd"))?;
     let mut hosts = Vec::new();
     for n in 1..=2u8 {
-        hosts.push(Host::start(&mut ul, n, dir.path())?);
+        hosts.push(Host::start(&mut ul, n, dir.path(), &etcd.endpoints())?);
     }
-    for (i, h) in hosts.iter().enumerate() {
-        let peer = IpAddr::V4(hosts[1 - i].ip);
-        for (tenant, vni) in TENANTS {
-            h.api
-                .create_tenant(tenant, vni)
-                .and_then(|t| t.add_vtep(peer))
-                .map_err(api("creating a tenant"))?;
-        }
+    // Tenants are cluster objects: created once, on h1; h2 has them from its watch, and
+    // each host programs the other as a VTEP once it has a port in a tenant.
+    let h1 = libvirtual::net::Client::new(hosts[0].switch_socket());
+    for (tenant, vni) in TENANTS {
+        h1.create_tenant(&TenantSpec {
+            name: tenant.into(),
+            vni,
+            mtu: 0,
+            max_macs: None,
+            learn_vteps: false,
+            subnet: Some(SUBNET.into()),
+        })
+        .map_err(api("creating a tenant"))?;
+    }
+    let h2 = libvirtual::net::Client::new(hosts[1].switch_socket());
+    for (tenant, _) in TENANTS {
+        crate::wait::until("the tenants on h2", crate::wait::SOON, || {
+            h2.tenant(tenant).is_ok()
+        })?;
     }
     let mut namespaces: Vec<String> = std::iter::once(ul.netns())
+        .chain(etcd.members().iter().map(|m| &m.ns))
         .chain(hosts.iter().map(|h| &h.ns))
         .map(|ns| ns.name().to_owned())
         .collect();
-    say("tenants a (VNI 100) and b (VNI 200) on both hosts, both using 10.0.0.0/24");
+    say("tenants a (VNI 100) and b (VNI 200), created once on h1, on both hosts; both 10.0.0.0/24");
     check()?;
     lap("hosts and tenants", &mut phases);
 
@@ -280,14 +298,14 @@ pub fn run(opts: &TourOptions, say: &mut dyn FnMut(&str)) -> Result<TourReport, 
         .unwrap_or_else(|| podman::available() && cni::reference_plugins_installed());
     let cni = Runtime::new()?;
     let pm = if use_podman {
-        say("containers: podman (CNI backend) -> vswitch-cni -> host-local IPAM");
+        say("containers: podman (CNI backend) -> vswitch-cni -> cluster IPAM (etcd)");
         Some(Podman::new(&dir.join("podman"), &cni.plugin_dir())?)
     } else {
-        say("containers: network namespaces -> vswitch-cni -> host-local IPAM (no podman here)");
+        say("containers: network namespaces -> vswitch-cni -> cluster IPAM (no podman here)");
         None
     };
     let result = (|| {
-        let containers = start_containers(&hosts, pm.as_ref(), &cni, dir.path())?;
+        let containers = start_containers(&hosts, pm.as_ref(), &cni)?;
         namespaces.extend(containers.iter().map(|c| c.ns.name().to_owned()));
         for c in &containers {
             say(&format!(
@@ -297,7 +315,18 @@ pub fn run(opts: &TourOptions, say: &mut dyn FnMut(&str)) -> Result<TourReport, 
         }
         check()?;
         lap("containers", &mut phases);
-        let outcome = vm_and_matrix(&hosts[0], &image, &containers, dir.path(), say)
+        // The VM's address: from the cluster too (owner: its port).
+        let vm_ip = match h1
+            .allocate_address("a", "vm1")
+            .map_err(api("an address for the VM"))?
+            .ip
+        {
+            IpAddr::V4(ip) => ip,
+            other => return Err(Error::Setup(format!("the VM got {other}"))),
+        };
+        let targets = target_addresses(&containers, vm_ip);
+        let outcome = vm_and_matrix(&hosts[0], &image, &containers, &targets, dir.path(), say)
+            .map(|m| (m, targets.clone()))
             .and_then(|m| Ok((m, counters(&hosts)?, vctl_status(&hosts[0])?)));
         // Plain namespaces are detached as a runtime would (CNI DEL); podman's go with it.
         for c in &containers {
@@ -310,14 +339,14 @@ pub fn run(opts: &TourOptions, say: &mut dyn FnMut(&str)) -> Result<TourReport, 
         outcome
     })();
     drop(pm);
-    let ((endpoints, answers, vm_log), counters, status) = result?;
+    let (((endpoints, answers, vm_log), targets), counters, status) = result?;
     lap("VM boot and connectivity", &mut phases);
-    let targets = target_addresses();
 
     storage_after_vm(&hosts[0], &mut storage)?;
     for h in hosts {
         h.stop();
     }
+    drop(etcd);
     drop(ul);
     let scratch = dir.path().to_owned();
     drop(dir);
@@ -341,10 +370,16 @@ pub fn run(opts: &TourOptions, say: &mut dyn FnMut(&str)) -> Result<TourReport, 
     })
 }
 
-/// The addresses everybody pings: the first container address of each host, and the VM's.
-fn target_addresses() -> Vec<Ipv4Addr> {
-    let first = |s: &str| s.parse::<Ipv4Addr>().unwrap_or(Ipv4Addr::UNSPECIFIED);
-    vec![first(HOST_RANGES[0].0), first(HOST_RANGES[1].0), VM_IP]
+/// The addresses everybody pings: tenant a's container on each host, and the VM. Tenant b's
+/// containers have the same addresses (each tenant allocates from its own 10.0.0.0/24).
+fn target_addresses(containers: &[Container], vm: Ipv4Addr) -> Vec<Ipv4Addr> {
+    let mut t: Vec<Ipv4Addr> = containers
+        .iter()
+        .filter(|c| c.tenant == "a")
+        .map(|c| c.ip)
+        .collect();
+    t.push(vm);
+    t
 }
 
 /// Builds the golden root file system (busybox, an init script), imports it into h1's pool,
@@ -489,23 +524,16 @@ while :; do sleep 1; done
     Ok(())
 }
 
-/// The CNI network of `tenant` on host `host` (index): vswitch-cni, host-local IPAM in that
-/// host's part of the subnet.
-fn network(hosts: &[Host], host: usize, tenant: &str, dir: &Path) -> Value {
-    let (start, end) = HOST_RANGES[host];
+/// The CNI network of `tenant` on host `host` (index): vswitch-cni, addresses from the
+/// cluster (unique across hosts, no ranges split by hand).
+fn network(hosts: &[Host], host: usize, tenant: &str) -> Value {
     json!({
         "cniVersion": "1.0.0",
         "name": format!("{tenant}-{}", hosts[host].name),
         "type": "vswitch-cni",
         "tenant": tenant,
         "socket": hosts[host].switch_socket(),
-        "ipam": {
-            "type": "host-local",
-            "subnet": SUBNET,
-            "rangeStart": start,
-            "rangeEnd": end,
-            "dataDir": dir.join("ipam").join(&hosts[host].name),
-        }
+        "ipam": { "type": "vswitch-cluster" }
     })
 }
 
@@ -514,14 +542,13 @@ fn start_containers(
     hosts: &[Host],
     pm: Option<&Podman>,
     cni: &Runtime,
-    dir: &Path,
 ) -> Result<Vec<Container>, Error> {
     let mut out = Vec::new();
     for (h, host) in hosts.iter().enumerate() {
         for (tenant, _) in TENANTS {
             check()?;
             let name = format!("{tenant}{}", h + 1);
-            let conf = network(hosts, h, tenant, dir);
+            let conf = network(hosts, h, tenant);
             let (ns, ip, conf) = match pm {
                 Some(pm) => {
                     // podman takes a network list.
@@ -625,6 +652,7 @@ fn vm_and_matrix(
     host: &Host,
     image: &guest::GuestImage,
     containers: &[Container],
+    targets: &[Ipv4Addr],
     dir: &Path,
     say: &mut dyn FnMut(&str),
 ) -> Result<Matrix, Error> {
@@ -637,10 +665,13 @@ fn vm_and_matrix(
             mac: mac_of(&c.ns)?,
         });
     }
+    let vm_ip = *targets
+        .last()
+        .ok_or_else(|| Error::Setup("no VM address".into()))?;
     endpoints.push(Endpoint {
         name: "vm1@h1".into(),
         tenant: "a",
-        ip: VM_IP,
+        ip: vm_ip,
         mac: VM_MAC.into(),
     });
     let m = &host.api;
@@ -663,14 +694,14 @@ fn vm_and_matrix(
         mtu: vm.mtu,
         queues: 1,
     };
-    let targets: Vec<String> = target_addresses().iter().map(|t| t.to_string()).collect();
+    let target_list: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
     // Stage one, from the initramfs: mount the clone and run the init it holds.
     let script = format!(
         "mkdir -p /newroot\n\
          mount -t ext4 /dev/vda /newroot || {{ echo 'VM-ERROR cannot mount the root volume'; exit 20; }}\n\
          echo \"VM-ROOT $(cat /sys/block/vda/size) sectors from vhost-user-blk\"\n\
-         exec chroot /newroot /sbin/init {VM_IP}/24 {}\n",
-        targets.join(" ")
+         exec chroot /newroot /sbin/init {vm_ip}/24 {}\n",
+        target_list.join(" ")
     );
     say("VM vm1@h1 (QEMU, TCG): kernel + initramfs, root file system = clone vm1-root,");
     say("  NIC on tenant a through vhost-user-net, disk through vhost-user-blk; booting");
@@ -694,8 +725,10 @@ fn vm_and_matrix(
         .filter(|l| l.starts_with("VM-"))
         .map(str::to_owned)
         .collect();
-    say("every container pings 10.0.0.10, 10.0.0.20 and 10.0.0.30 (in parallel)");
-    let targets = target_addresses();
+    say(&format!(
+        "every container pings {} (in parallel)",
+        target_list.join(", ")
+    ));
     let rows: Vec<Result<Vec<Option<usize>>, Error>> = std::thread::scope(|s| {
         let handles: Vec<_> = containers
             .iter()

@@ -297,8 +297,8 @@ fn print_report(r: &TourReport) {
     println!(
         "  containers: {}",
         match r.containers {
-            Containers::Podman => "podman 4 (CNI backend) + vswitch-cni + host-local",
-            Containers::Netns => "network namespaces + vswitch-cni + host-local",
+            Containers::Podman => "podman 4 (CNI backend) + vswitch-cni + cluster IPAM",
+            Containers::Netns => "network namespaces + vswitch-cni + cluster IPAM",
         }
     );
     println!("\nThe VM (its console):");
