@@ -35,6 +35,19 @@ pub struct Member {
 pub struct EtcdCluster {
     members: Vec<Member>,
     token: String,
+    tls: Option<Tls>,
+}
+
+/// TLS for clients and peers: the members' certificate (server and client use) and key, and
+/// the CA clients and peers must be signed by (`--client-cert-auth`).
+#[derive(Clone, Debug)]
+pub struct Tls {
+    /// PEM certificate of the members.
+    pub cert: String,
+    /// Its key.
+    pub key: String,
+    /// PEM CA that signs the clients' and the peers' certificates.
+    pub ca: String,
 }
 
 impl EtcdCluster {
@@ -44,6 +57,17 @@ impl EtcdCluster {
         underlay: &mut Underlay,
         addrs: &[Ipv4Addr],
         dir: &Path,
+    ) -> Result<EtcdCluster, Error> {
+        Self::start_with(underlay, addrs, dir, None)
+    }
+
+    /// Like [`EtcdCluster::start`], with TLS for clients (who must show a certificate of
+    /// the CA) and peers.
+    pub fn start_with(
+        underlay: &mut Underlay,
+        addrs: &[Ipv4Addr],
+        dir: &Path,
+        tls: Option<Tls>,
     ) -> Result<EtcdCluster, Error> {
         let token = format!("lv-test-{}", std::process::id());
         std::fs::create_dir_all(dir).map_err(|e| Error::Io(format!("{}", dir.display()), e))?;
@@ -60,7 +84,11 @@ impl EtcdCluster {
                 child: None,
             });
         }
-        let mut cluster = EtcdCluster { members, token };
+        let mut cluster = EtcdCluster {
+            members,
+            token,
+            tls,
+        };
         for i in 0..cluster.members.len() {
             cluster.spawn(i, "new")?;
         }
@@ -68,10 +96,15 @@ impl EtcdCluster {
         Ok(cluster)
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
     fn initial_cluster(&self) -> String {
+        let scheme = self.scheme();
         self.members
             .iter()
-            .map(|m| format!("{}=http://{}:2380", m.name, m.ip))
+            .map(|m| format!("{}={scheme}://{}:2380", m.name, m.ip))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -79,11 +112,13 @@ impl EtcdCluster {
     fn spawn(&mut self, i: usize, state: &str) -> Result<(), Error> {
         let initial = self.initial_cluster();
         let token = self.token.clone();
+        let scheme = self.scheme();
+        let tls = self.tls.clone();
         let m = &mut self.members[i];
-        let client = format!("http://{}:2379", m.ip);
-        let peer = format!("http://{}:2380", m.ip);
+        let client = format!("{scheme}://{}:2379", m.ip);
+        let peer = format!("{scheme}://{}:2380", m.ip);
         let data = m.data.display().to_string();
-        let args = [
+        let mut args: Vec<&str> = vec![
             "--name",
             &m.name,
             "--data-dir",
@@ -103,6 +138,24 @@ impl EtcdCluster {
             "--initial-cluster-state",
             state,
         ];
+        if let Some(t) = &tls {
+            args.extend([
+                "--cert-file",
+                &t.cert,
+                "--key-file",
+                &t.key,
+                "--trusted-ca-file",
+                &t.ca,
+                "--client-cert-auth",
+                "--peer-cert-file",
+                &t.cert,
+                "--peer-key-file",
+                &t.key,
+                "--peer-trusted-ca-file",
+                &t.ca,
+                "--peer-client-cert-auth",
+            ]);
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -123,9 +176,10 @@ impl EtcdCluster {
 
     /// The client endpoints, comma-separated (`--cluster`'s value).
     pub fn endpoints(&self) -> String {
+        let scheme = self.scheme();
         self.members
             .iter()
-            .map(|m| format!("http://{}:2379", m.ip))
+            .map(|m| format!("{scheme}://{}:2379", m.ip))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -162,25 +216,25 @@ impl EtcdCluster {
         let Some(first) = live.first() else {
             return Err(Error::Setup("no etcd member runs".into()));
         };
+        let scheme = self.scheme();
         let endpoints = live
             .iter()
-            .map(|m| format!("http://{}:2379", m.ip))
+            .map(|m| format!("{scheme}://{}:2379", m.ip))
             .collect::<Vec<_>>()
             .join(",");
+        let mut args = vec![
+            "--endpoints",
+            &endpoints,
+            "--dial-timeout=2s",
+            "endpoint",
+            "health",
+        ];
+        if let Some(t) = &self.tls {
+            // The members' certificate is also a client certificate of the CA.
+            args.extend(["--cacert", &t.ca, "--cert", &t.cert, "--key", &t.key]);
+        }
         crate::wait::until("etcd to be healthy", timeout, || {
-            first
-                .ns
-                .exec(
-                    "etcdctl",
-                    &[
-                        "--endpoints",
-                        &endpoints,
-                        "--dial-timeout=2s",
-                        "endpoint",
-                        "health",
-                    ],
-                )
-                .is_ok()
+            first.ns.exec("etcdctl", &args).is_ok()
         })
         .map_err(|e| Error::Setup(format!("{e}; logs: {}", self.logs())))
     }

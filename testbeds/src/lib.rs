@@ -30,6 +30,7 @@ pub mod interrupt;
 pub mod kernel_peer;
 pub mod netns;
 pub mod overlay_host;
+pub mod pki;
 pub mod podman;
 pub mod probe;
 pub mod process;

@@ -36,7 +36,11 @@ struct Host {
 
 impl Host {
     fn start(&mut self, endpoints: &str) {
-        let args: Vec<String> = [
+        self.start_with(endpoints, &[]);
+    }
+
+    fn start_with(&mut self, endpoints: &str, extra: &[&str]) {
+        let mut args: Vec<String> = [
             "--underlay",
             &self.ip.to_string(),
             "--run-dir",
@@ -56,6 +60,7 @@ impl Host {
         ]
         .map(String::from)
         .to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
         self.daemon = Some(
             Daemon::start(
                 &self.ns,
@@ -101,6 +106,13 @@ impl Host {
 
     fn state(&self) -> String {
         self.get("/v1/cluster").1["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    fn last_error(&self) -> String {
+        self.get("/v1/cluster").1["last_error"]
             .as_str()
             .unwrap_or("")
             .to_owned()
@@ -439,4 +451,104 @@ fn forged_frame(mac: &str) -> Vec<u8> {
     let mut d = vec![0x08, 0, 0, 0, v[1], v[2], v[3], 0];
     d.extend_from_slice(&inner[..n]);
     d
+}
+
+#[test]
+fn with_tls_only_hosts_with_a_client_certificate_of_the_ca_join() {
+    if let Some(why) = missing_privileges() {
+        eprintln!("SKIPPED cluster TLS test: {why}");
+        return;
+    }
+    if !testbeds::etcd::installed() {
+        eprintln!("SKIPPED cluster TLS test: etcd is not installed (scripts/install-deps)");
+        return;
+    }
+    let tmp = testbeds::scratch::Scratch::new(&std::env::temp_dir(), "cluster-tls").unwrap();
+    let etcd_ip = Ipv4Addr::new(192, 168, 78, 11);
+    let pki = testbeds::pki::Pki::new(&tmp.join("pki")).unwrap();
+    pki.ca("ca").unwrap();
+    pki.ca("foreign").unwrap();
+    pki.leaf(
+        "ca",
+        "etcd",
+        "serverAuth,clientAuth",
+        &format!("IP:{etcd_ip}"),
+    )
+    .unwrap();
+    pki.leaf("ca", "h1", "clientAuth", "DNS:h1").unwrap();
+    pki.leaf("foreign", "h3", "clientAuth", "DNS:h3").unwrap();
+    let mut ul = Underlay::new().unwrap();
+    let tls = testbeds::etcd::Tls {
+        cert: pki.path("etcd-cert.pem"),
+        key: pki.path("etcd-key.pem"),
+        ca: pki.path("ca-cert.pem"),
+    };
+    let etcd = EtcdCluster::start_with(&mut ul, &[etcd_ip], &tmp.join("etcd"), Some(tls)).unwrap();
+    let endpoints = etcd.endpoints();
+    assert!(endpoints.starts_with("https://"));
+    let mut hosts: Vec<Host> = (1..=3u8)
+        .map(|n| {
+            let ip = Ipv4Addr::new(192, 168, 78, n);
+            Host {
+                name: format!("h{n}"),
+                ns: ul.host(&format!("h{n}"), ip).unwrap(),
+                ip,
+                dir: tmp.join(format!("h{n}")),
+                daemon: None,
+            }
+        })
+        .collect();
+    let ca = pki.path("ca-cert.pem");
+    // h1: the CA and its own client certificate. h2: the CA but no certificate. h3: a
+    // certificate of another CA.
+    hosts[0].start_with(
+        &endpoints,
+        &[
+            "--etcd-ca",
+            &ca,
+            "--etcd-cert",
+            &pki.path("h1-cert.pem"),
+            "--etcd-key",
+            &pki.path("h1-key.pem"),
+        ],
+    );
+    hosts[1].start_with(&endpoints, &["--etcd-ca", &ca]);
+    hosts[2].start_with(
+        &endpoints,
+        &[
+            "--etcd-ca",
+            &ca,
+            "--etcd-cert",
+            &pki.path("h3-cert.pem"),
+            "--etcd-key",
+            &pki.path("h3-key.pem"),
+        ],
+    );
+    until("h1 to join over TLS", SOON, || {
+        hosts[0].state() == "connected"
+    })
+    .unwrap();
+    hosts[0]
+        .daemon
+        .as_ref()
+        .unwrap()
+        .create("/v1/tenants", r#"{"name":"t","vni":42}"#)
+        .unwrap();
+    for h in &hosts[1..] {
+        until("the refused hosts to have tried", SOON, || {
+            let e = h.last_error();
+            !e.is_empty() && e != "connecting"
+        })
+        .unwrap();
+        let (_, info) = h.get("/v1/cluster");
+        assert_eq!(info["state"], json!("degraded"), "{info}");
+        assert_eq!(info["syncs"], json!(0), "{info}");
+        assert_eq!(
+            h.get("/v1/tenants/t").0,
+            404,
+            "a refused host saw the tenant"
+        );
+    }
+    let (_, members) = hosts[0].get("/v1/cluster/members");
+    assert_eq!(members.as_array().map(Vec::len), Some(1), "{members}");
 }

@@ -244,126 +244,49 @@ fn a_listener_out_of_file_descriptors_sheds_connections_without_spinning_and_rec
     assert!(ok, "{out}");
 }
 
-/// A test PKI made with openssl: a CA, a server certificate for 127.0.0.1, a client
-/// certificate, and a second, foreign CA with a client certificate of its own. Laid out
-/// as QEMU's `tls-creds-x509` directories want them (`ca-cert.pem`, `client-cert.pem`,
-/// `client-key.pem`).
-struct Pki {
-    dir: std::path::PathBuf,
+/// The test PKI ([`testbeds::pki::Pki`]): a CA, a server certificate for 127.0.0.1, a client
+/// certificate, and a second, foreign CA with a client certificate of its own; plus QEMU's
+/// `tls-creds-x509` directories (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`).
+struct Pki(testbeds::pki::Pki);
+
+impl std::ops::Deref for Pki {
+    type Target = testbeds::pki::Pki;
+    fn deref(&self) -> &testbeds::pki::Pki {
+        &self.0
+    }
 }
 
 impl Pki {
     fn new(dir: &Path) -> Pki {
-        let dir = dir.join("pki");
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = Pki { dir };
-        p.ca("ca");
-        p.ca("foreign-ca");
-        p.leaf("ca", "server", "serverAuth", "IP:127.0.0.1,DNS:localhost");
-        p.leaf("ca", "client", "clientAuth", "DNS:client.test");
-        p.leaf("foreign-ca", "intruder", "clientAuth", "DNS:intruder.test");
-        p
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.join(name).display().to_string()
-    }
-
-    fn openssl(&self, args: &[&str]) {
-        let (ok, out) = tool("openssl", args);
-        assert!(ok, "openssl {args:?}: {out}");
-    }
-
-    fn ca(&self, name: &str) {
-        self.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "30",
-            "-subj",
-            &format!("/CN=libvirtual test {name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-            "-keyout",
-            &self.path(&format!("{name}-key.pem")),
-            "-out",
-            &self.path(&format!("{name}-cert.pem")),
-        ]);
-    }
-
-    fn leaf(&self, ca: &str, name: &str, purpose: &str, san: &str) {
-        let ext = self.dir.join(format!("{name}.ext"));
-        std::fs::write(
-            &ext,
-            format!(
-                "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n\
-                 extendedKeyUsage={purpose}\nsubjectAltName={san}\n"
-            ),
-        )
-        .unwrap();
-        let csr = self.path(&format!("{name}.csr"));
-        self.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-subj",
-            &format!("/CN={name}"),
-            "-keyout",
-            &self.path(&format!("{name}-key.pem")),
-            "-out",
-            &csr,
-        ]);
-        self.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &self.path(&format!("{ca}-cert.pem")),
-            "-CAkey",
-            &self.path(&format!("{ca}-key.pem")),
-            "-set_serial",
-            &format!("{}", std::process::id() as u64 * 1000 + name.len() as u64),
-            "-days",
-            "30",
-            "-extfile",
-            &ext.display().to_string(),
-            "-out",
-            &self.path(&format!("{name}-cert.pem")),
-        ]);
+        let p = testbeds::pki::Pki::new(&dir.join("pki")).unwrap();
+        p.ca("ca").unwrap();
+        p.ca("foreign-ca").unwrap();
+        p.leaf("ca", "server", "serverAuth", "IP:127.0.0.1,DNS:localhost")
+            .unwrap();
+        p.leaf("ca", "client", "clientAuth", "DNS:client.test")
+            .unwrap();
+        p.leaf("foreign-ca", "intruder", "clientAuth", "DNS:intruder.test")
+            .unwrap();
+        Pki(p)
     }
 
     /// A QEMU client credentials directory: trusting the CAs `cas`, presenting `client`
     /// (if any).
     fn qemu_dir(&self, label: &str, cas: &[&str], client: Option<&str>) -> String {
-        let d = self.dir.join(format!("qemu-{label}"));
+        let d = self.dir().join(format!("qemu-{label}"));
         std::fs::create_dir_all(&d).unwrap();
         let mut bundle = String::new();
         for ca in cas {
-            bundle += &std::fs::read_to_string(self.dir.join(format!("{ca}-cert.pem"))).unwrap();
+            bundle += &std::fs::read_to_string(self.path(&format!("{ca}-cert.pem"))).unwrap();
         }
         std::fs::write(d.join("ca-cert.pem"), bundle).unwrap();
         if let Some(c) = client {
             std::fs::copy(
-                self.dir.join(format!("{c}-cert.pem")),
+                self.path(&format!("{c}-cert.pem")),
                 d.join("client-cert.pem"),
             )
             .unwrap();
-            std::fs::copy(
-                self.dir.join(format!("{c}-key.pem")),
-                d.join("client-key.pem"),
-            )
-            .unwrap();
+            std::fs::copy(self.path(&format!("{c}-key.pem")), d.join("client-key.pem")).unwrap();
         }
         d.display().to_string()
     }
