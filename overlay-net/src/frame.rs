@@ -246,6 +246,72 @@ pub fn build_arp_reply(out: &mut [u8], request: &[u8], mac: MacAddr) -> Result<u
     )
 }
 
+/// A neighbor solicitation (RFC 4861) in an untagged frame: who asks (its address and MAC)
+/// and for which target address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Solicitation {
+    /// The asker's address (never unspecified: duplicate address detection is not one).
+    pub source: Ipv6Addr,
+    /// The asker's MAC (the frame's source).
+    pub source_mac: MacAddr,
+    /// The address asked for.
+    pub target: Ipv6Addr,
+}
+
+/// The neighbor solicitation `frame` carries, if it is one (untagged Ethernet, IPv6 with hop
+/// limit 255 and ICMPv6 right after the header, type 135 code 0, from a specified address).
+pub fn parse_solicitation(frame: &[u8]) -> Option<Solicitation> {
+    const ICMPV6: u8 = 58;
+    const NEIGHBOR_SOLICITATION: u8 = 135;
+    let eth = Ethernet2HeaderSlice::from_slice(frame).ok()?;
+    if eth.ether_type() != EtherType::IPV6 {
+        return None;
+    }
+    let ip6 = frame.get(etherparse::Ethernet2Header::LEN..)?;
+    let ip = Ipv6HeaderSlice::from_slice(ip6).ok()?;
+    if ip.next_header().0 != ICMPV6 || ip.hop_limit() != 255 || ip.source_addr().is_unspecified() {
+        return None;
+    }
+    let icmp = ip6.get(etherparse::Ipv6Header::LEN..)?;
+    if icmp.len() < 24 || icmp[0] != NEIGHBOR_SOLICITATION || icmp[1] != 0 {
+        return None;
+    }
+    let target: [u8; 16] = icmp[8..24].try_into().ok()?;
+    Some(Solicitation {
+        source: ip.source_addr(),
+        source_mac: MacAddr(eth.source()),
+        target: Ipv6Addr::from(target),
+    })
+}
+
+/// Builds the answer to a neighbor request `request` (an ARP request, or an IPv6 neighbor
+/// solicitation) saying its target address is at `mac`, into `out`: an ARP reply, or a
+/// solicited neighbor advertisement with the target link-layer address option. Returns its
+/// length; fails on a frame that is neither.
+pub fn build_neighbor_reply(out: &mut [u8], request: &[u8], mac: MacAddr) -> Result<usize, Error> {
+    let Some(ns) = parse_solicitation(request) else {
+        return build_arp_reply(out, request, mac);
+    };
+    let mut payload = [0u8; 24];
+    payload[..16].copy_from_slice(&ns.target.octets());
+    // Option 2 (target link-layer address), length 1 (8 bytes).
+    payload[16] = 2;
+    payload[17] = 1;
+    payload[18..].copy_from_slice(&mac.0);
+    let have = out.len();
+    PacketBuilder::ethernet2(mac.0, ns.source_mac.0)
+        .ipv6(ns.target.octets(), ns.source.octets(), 255)
+        .icmpv6(etherparse::Icmpv6Type::NeighborAdvertisement(
+            etherparse::icmpv6::NeighborAdvertisementHeader {
+                router: false,
+                solicited: true,
+                r#override: true,
+            },
+        ))
+        .write_to_slice(out, &payload)
+        .map_err(|e| build_error(e, have))
+}
+
 /// Builds an Ethernet (optionally 802.1Q-tagged) + IPv4/IPv6 + UDP frame into `out`, with
 /// correct IP and UDP checksums; returns its length.
 pub fn build_udp(

@@ -7,7 +7,7 @@
 //! allow-list, its static remote MACs and its ARP answers.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use overlay_net::MacAddr;
 use serde::{Deserialize, Serialize};
@@ -39,9 +39,9 @@ pub struct TenantProgram {
     pub vteps: BTreeMap<IpAddr, u16>,
     /// Remote MACs and the VTEP each lives behind (static entries: no flood-and-learn).
     pub macs: BTreeMap<MacAddr, IpAddr>,
-    /// IPv4 address → MAC of every binding in the tenant (local ones too): ARP requests for
-    /// them are answered on the host.
-    pub neighbors: BTreeMap<Ipv4Addr, MacAddr>,
+    /// Address → MAC of every binding in the tenant (local ones too): ARP requests and
+    /// neighbor solicitations for them are answered on the host.
+    pub neighbors: BTreeMap<IpAddr, MacAddr>,
 }
 
 /// A binding as the view keeps it.
@@ -238,9 +238,7 @@ impl ClusterView {
                 .and_then(|m| m.parse::<MacAddr>().ok());
             if let Some(mac) = mac {
                 for ip in &record.ips {
-                    if let IpAddr::V4(v4) = ip {
-                        program.neighbors.insert(*v4, mac);
-                    }
+                    program.neighbors.insert(ip.to_canonical(), mac);
                 }
             }
             if host == local {

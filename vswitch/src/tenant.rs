@@ -1,7 +1,7 @@
 //! One tenant's L2 domain: the forwarding decision for every frame that enters it.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use overlay_net::frame::FrameView;
 use overlay_net::wire;
@@ -57,8 +57,9 @@ pub enum Verdict {
     Unicast(Destination),
     /// Send a copy to every target of [`TenantSwitch::flood_targets`].
     Flood,
-    /// An ARP request for an address the tenant knows: answer it to the port it came from
-    /// with this MAC (see [`TenantSwitch::set_neighbors`]) instead of flooding it.
+    /// An ARP request or IPv6 neighbor solicitation for an address the tenant knows: answer
+    /// it to the port it came from with this MAC (see [`TenantSwitch::set_neighbors`] and
+    /// [`overlay_net::frame::build_neighbor_reply`]) instead of flooding it.
     Answer(MacAddr),
     /// Drop it (already counted).
     Drop(DropReason),
@@ -79,8 +80,9 @@ pub struct TenantSwitch {
     fdb: TenantFdb,
     ports: HashMap<PortId, PortState, overlay_net::fdb::FastHash>,
     counters: TenantCounters,
-    /// Addresses whose ARP requests from local ports the switch answers.
-    neighbors: HashMap<Ipv4Addr, MacAddr>,
+    /// Addresses whose ARP requests and neighbor solicitations from local ports the switch
+    /// answers.
+    neighbors: HashMap<IpAddr, MacAddr>,
 }
 
 const ETH_HEADER: usize = wire::ethernet::HEADER_LEN;
@@ -131,15 +133,16 @@ impl TenantSwitch {
         &mut self.fdb
     }
 
-    /// Sets the addresses whose ARP requests are answered by the switch (ARP suppression):
-    /// a broadcast ARP request from a local port for one of them gets a reply with its MAC
-    /// and is not flooded. Empty: every request floods, as on a plain L2 network.
-    pub fn set_neighbors(&mut self, neighbors: HashMap<Ipv4Addr, MacAddr>) {
+    /// Sets the addresses the switch answers for (ARP/ND suppression): a broadcast ARP
+    /// request or a multicast neighbor solicitation from a local port for one of them gets a
+    /// reply with its MAC and is not flooded. Empty: every request floods, as on a plain L2
+    /// network.
+    pub fn set_neighbors(&mut self, neighbors: HashMap<IpAddr, MacAddr>) {
         self.neighbors = neighbors;
     }
 
-    /// The addresses the switch answers ARP for.
-    pub fn neighbors(&self) -> &HashMap<Ipv4Addr, MacAddr> {
+    /// The addresses the switch answers ARP and ND for.
+    pub fn neighbors(&self) -> &HashMap<IpAddr, MacAddr> {
         &self.neighbors
     }
 
@@ -289,9 +292,8 @@ impl TenantSwitch {
         if destination.is_multicast() {
             if !neighbors.is_empty()
                 && !tagged
-                && destination == MacAddr::BROADCAST
                 && matches!(from, Ingress::Port(_))
-                && let Some(mac) = answer_for(neighbors, source, frame)
+                && let Some(mac) = answer_for(neighbors, destination, source, frame)
             {
                 counters.arp_answered += 1;
                 return Verdict::Answer(mac);
@@ -357,21 +359,32 @@ impl TenantSwitch {
     }
 }
 
-/// The MAC to answer an ARP request in `frame` with, if it asks for a known address (not a
-/// gratuitous ARP, not the owner asking about itself).
+/// The MAC to answer a neighbor request in `frame` with, if it asks for a known address: a
+/// broadcast ARP request (not a gratuitous ARP), or a neighbor solicitation to a
+/// solicited-node multicast address (not duplicate address detection); never the owner
+/// asking about itself.
 #[cold]
 fn answer_for(
-    neighbors: &HashMap<Ipv4Addr, MacAddr>,
+    neighbors: &HashMap<IpAddr, MacAddr>,
+    destination: MacAddr,
     source: MacAddr,
     frame: &[u8],
 ) -> Option<MacAddr> {
-    let view = FrameView::parse(frame).ok()?;
-    let overlay_net::frame::Network::Arp(arp) = view.network else {
+    let (target, asker) = if destination == MacAddr::BROADCAST {
+        let view = FrameView::parse(frame).ok()?;
+        let overlay_net::frame::Network::Arp(arp) = view.network else {
+            return None;
+        };
+        if arp.operation != 1 || arp.sender_ip == arp.target_ip {
+            return None;
+        }
+        (IpAddr::V4(arp.target_ip), arp.sender_mac)
+    } else if destination.0[..3] == [0x33, 0x33, 0xff] {
+        let ns = overlay_net::frame::parse_solicitation(frame)?;
+        (IpAddr::V6(ns.target), ns.source_mac)
+    } else {
         return None;
     };
-    if arp.operation != 1 || arp.sender_ip == arp.target_ip {
-        return None;
-    }
-    let mac = *neighbors.get(&arp.target_ip)?;
-    (mac != source && mac != arp.sender_mac).then_some(mac)
+    let mac = *neighbors.get(&target)?;
+    (mac != source && mac != asker).then_some(mac)
 }

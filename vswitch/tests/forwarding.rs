@@ -402,3 +402,94 @@ fn arp_requests_for_known_addresses_are_answered_not_flooded() {
     );
     assert_eq!(sw.tenant("a").unwrap().counters().arp_answered, 1);
 }
+
+/// A neighbor solicitation from `sender` (`sender_ip`) for `target`, to its solicited-node
+/// multicast group.
+fn solicitation(sender: MacAddr, sender_ip: &str, target: &str) -> Vec<u8> {
+    use overlay_net::etherparse::{Icmpv6Type, PacketBuilder};
+    let target: std::net::Ipv6Addr = target.parse().unwrap();
+    let t = target.octets();
+    let group = MacAddr([0x33, 0x33, 0xff, t[13], t[14], t[15]]);
+    let ip_group = [
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | u16::from(t[13]),
+        u16::from_be_bytes([t[14], t[15]]),
+    ];
+    let dst = std::net::Ipv6Addr::new(
+        ip_group[0],
+        ip_group[1],
+        ip_group[2],
+        ip_group[3],
+        ip_group[4],
+        ip_group[5],
+        ip_group[6],
+        ip_group[7],
+    );
+    let mut payload = t.to_vec();
+    payload.extend_from_slice(&[1, 1]);
+    payload.extend_from_slice(&sender.0);
+    let src: std::net::Ipv6Addr = sender_ip.parse().unwrap();
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(sender.0, group.0)
+        .ipv6(src.octets(), dst.octets(), 255)
+        .icmpv6(Icmpv6Type::NeighborSolicitation)
+        .write(&mut out, &payload)
+        .unwrap();
+    out
+}
+
+#[test]
+fn neighbor_solicitations_for_known_addresses_are_answered_with_a_valid_advertisement() {
+    use overlay_net::etherparse::{Icmpv6Type, NetSlice, SlicedPacket, TransportSlice};
+    let (mut sw, a, _) = two_tenants();
+    let known = std::collections::HashMap::from([("fd00::9".parse().unwrap(), mac(9))]);
+    sw.tenant_mut("a").unwrap().set_neighbors(known);
+    let ask = solicitation(mac(1), "fd00::1", "fd00::9");
+    assert_eq!(sw.ingress_port(a[0], &ask, 0).1, Verdict::Answer(mac(9)));
+    let mut reply = [0u8; 128];
+    let n = overlay_net::frame::build_neighbor_reply(&mut reply, &ask, mac(9)).unwrap();
+    let p = SlicedPacket::from_ethernet(&reply[..n]).unwrap();
+    let Some(NetSlice::Ipv6(ip)) = &p.net else {
+        panic!("not IPv6")
+    };
+    assert_eq!(
+        ip.header().source_addr(),
+        "fd00::9".parse::<std::net::Ipv6Addr>().unwrap()
+    );
+    assert_eq!(
+        ip.header().destination_addr(),
+        "fd00::1".parse::<std::net::Ipv6Addr>().unwrap()
+    );
+    assert_eq!(ip.header().hop_limit(), 255);
+    let Some(TransportSlice::Icmpv6(icmp)) = &p.transport else {
+        panic!("not ICMPv6")
+    };
+    let Icmpv6Type::NeighborAdvertisement(flags) = icmp.icmp_type() else {
+        panic!("not an advertisement: {:?}", icmp.icmp_type())
+    };
+    assert!(flags.solicited && flags.r#override && !flags.router);
+    let body = icmp.payload();
+    assert_eq!(
+        &body[..16],
+        &"fd00::9".parse::<std::net::Ipv6Addr>().unwrap().octets()
+    );
+    assert_eq!(&body[16..18], &[2, 1], "target link-layer address option");
+    assert_eq!(&body[18..24], &mac(9).0);
+    let sum = icmp
+        .icmp_type()
+        .calc_checksum(ip.header().source(), ip.header().destination(), body)
+        .unwrap();
+    assert_eq!(icmp.checksum(), sum, "ICMPv6 checksum");
+    // Unknown targets and duplicate address detection (from ::) still flood.
+    for f in [
+        solicitation(mac(1), "fd00::1", "fd00::8"),
+        solicitation(mac(1), "::", "fd00::9"),
+    ] {
+        assert_eq!(sw.ingress_port(a[0], &f, 0).1, Verdict::Flood);
+    }
+}

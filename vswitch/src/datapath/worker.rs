@@ -3,7 +3,7 @@
 
 use super::*;
 use overlay_net::MacAddr;
-use overlay_net::frame::build_arp_reply;
+use overlay_net::frame::build_neighbor_reply;
 
 /// Where one copy of a frame goes, resolved under the lock.
 #[derive(Clone, Copy)]
@@ -12,7 +12,8 @@ enum Target {
     Local(usize),
     /// A remote VTEP and the UDP port it listens on (0: this host's VXLAN port).
     Remote(IpAddr, u16),
-    /// An ARP reply with this MAC, to the local port (index in [`BurstPorts`]) that asked.
+    /// An ARP reply or neighbor advertisement with this MAC, to the local port (index in
+    /// [`BurstPorts`]) that asked.
     Answer(usize, MacAddr),
 }
 
@@ -518,8 +519,8 @@ impl Worker {
                     }
                     Target::Answer(k, mac) => {
                         let (q, ep) = ports.get(k);
-                        let mut reply = [0u8; 64];
-                        if let Ok(n) = build_arp_reply(&mut reply, frame, mac) {
+                        let mut reply = [0u8; 128];
+                        if let Ok(n) = build_neighbor_reply(&mut reply, frame, mac) {
                             send_local(tally, lane, vni, q, ep, Payload::Plain(&reply[..n]));
                         }
                     }
