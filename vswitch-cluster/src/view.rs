@@ -232,6 +232,12 @@ impl ClusterView {
             Some((ip, r.udp_port))
         };
         for ((host, _), record) in bindings {
+            // A host whose lease expired has no host record: it is not a member any more,
+            // whatever bindings of it are still on their way out.
+            let member = host == local || self.hosts.contains_key(host);
+            if !member {
+                continue;
+            }
             let mac = record
                 .mac
                 .as_deref()
@@ -244,8 +250,6 @@ impl ClusterView {
             if host == local {
                 continue;
             }
-            // A host whose lease expired has no host record: it is not a member any more,
-            // whatever bindings are still on their way out.
             let Some((vtep, port)) = vtep_of(host) else {
                 continue;
             };
@@ -254,13 +258,6 @@ impl ClusterView {
                 program.macs.insert(mac, vtep);
             }
         }
-        // A neighbor whose MAC lives on a host that is gone is not answered for.
-        program.neighbors.retain(|_, mac| {
-            bindings.iter().any(|((host, _), r)| {
-                r.mac.as_deref().and_then(|m| m.parse::<MacAddr>().ok()) == Some(*mac)
-                    && (host == local || self.hosts.contains_key(host))
-            })
-        });
         program
     }
 }

@@ -165,6 +165,9 @@ fn overlay_net_port() -> u16 {
     vswitch::overlay_net::VXLAN_PORT
 }
 
+/// Most often the cluster view is cached to disk.
+const CACHE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How often objects that could not be restored are tried again.
 const RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -220,23 +223,42 @@ fn serve(args: Args) -> anyhow::Result<()> {
         let weak = Arc::downgrade(&shared);
         let state_dir = cfg.state_dir.clone();
         runtime.spawn(async move {
+            // The cache is written at most once per CACHE_INTERVAL (an fsync each), the last
+            // change included: a busy cluster does not make every change wait for a disk.
+            let mut saved_at = std::time::Instant::now() - CACHE_INTERVAL;
+            let mut dirty = false;
             loop {
-                let touched = cluster.changes().await;
+                let touched = if dirty {
+                    match tokio::time::timeout(CACHE_INTERVAL, cluster.changes()).await {
+                        Ok(t) => Some(t),
+                        Err(_) => None,
+                    }
+                } else {
+                    Some(cluster.changes().await)
+                };
                 let Some(shared) = weak.upgrade() else { return };
+                dirty |= touched.is_some();
+                let save = dirty && saved_at.elapsed() >= CACHE_INTERVAL;
                 let c = cluster.clone();
                 let dir = state_dir.clone();
                 let done = tokio::task::spawn_blocking(move || {
-                    shared
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .reconcile_cluster(&touched);
-                    if c.is_connected() {
+                    if let Some(touched) = touched {
+                        shared
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .reconcile_cluster(&touched);
+                    }
+                    if save && c.is_connected() {
                         save_cache(&dir, &c.view());
                     }
                 })
                 .await;
                 if let Err(e) = done {
                     warn!(error = %e, "applying cluster changes");
+                }
+                if save {
+                    saved_at = std::time::Instant::now();
+                    dirty = false;
                 }
             }
         });

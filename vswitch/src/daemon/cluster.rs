@@ -11,7 +11,7 @@ use vswitch_cluster::{BindingRecord, Cluster, ClusterView, TenantProgram, Touche
 
 use super::control::{Control, ControlError};
 use crate::Error;
-use crate::api::PortSpec;
+use crate::api::{PortSpec, TenantSpec};
 
 /// The binding a port publishes: its MAC and addresses, as port security pins them.
 pub(super) fn binding_of(spec: &PortSpec) -> BindingRecord {
@@ -51,16 +51,27 @@ impl Control {
         let Some(cluster) = self.cluster.clone() else {
             return;
         };
-        let view = cluster.view().clone();
         if touched.tenant_set || touched.all {
-            self.reconcile_tenants(&view, cluster.is_connected());
+            let tenants = cluster.view().tenants.clone();
+            self.reconcile_tenants(&tenants, cluster.is_connected());
         }
-        let local: Vec<String> = self.state.tenants.iter().map(|t| t.name.clone()).collect();
-        for tenant in local {
-            if !touched.all && !touched.tenants.contains(&tenant) {
-                continue;
-            }
-            let program = view.program(cluster.host(), &tenant, cluster.underlay());
+        // The programs of the touched tenants, derived under the view's lock (not a copy of
+        // the whole view), applied after it is released.
+        let programs: Vec<(String, TenantProgram)> = {
+            let view = cluster.view();
+            self.state
+                .tenants
+                .iter()
+                .filter(|t| touched.all || touched.tenants.contains(&t.name))
+                .map(|t| {
+                    (
+                        t.name.clone(),
+                        view.program(cluster.host(), &t.name, cluster.underlay()),
+                    )
+                })
+                .collect()
+        };
+        for (tenant, program) in programs {
             if let Err(e) = self.apply_program(&tenant, program, cluster.udp_port()) {
                 tracing::warn!(tenant, error = %e.message(), "could not program the tenant from the cluster");
             }
@@ -69,8 +80,8 @@ impl Control {
 
     /// Cluster tenants exist here; those deleted from the cluster go (once etcd said so,
     /// and only without ports).
-    fn reconcile_tenants(&mut self, view: &ClusterView, connected: bool) {
-        for spec in view.tenants.values() {
+    fn reconcile_tenants(&mut self, tenants: &BTreeMap<String, TenantSpec>, connected: bool) {
+        for spec in tenants.values() {
             if self.state.tenants.iter().any(|t| t.name == spec.name) {
                 self.state.cluster_tenants.insert(spec.name.clone());
                 continue;
@@ -92,7 +103,7 @@ impl Control {
             .state
             .cluster_tenants
             .iter()
-            .filter(|t| !view.tenants.contains_key(*t))
+            .filter(|t| !tenants.contains_key(*t))
             .cloned()
             .collect();
         for t in gone {
