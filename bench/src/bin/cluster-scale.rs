@@ -299,7 +299,7 @@ async fn run_one(args: &Args, n: usize, dir: &Path, client: &Client) -> Result<V
     // Every simulated binding of t0 and the other real hosts' on every real host.
     let in_t0 = (0..n)
         .flat_map(|h| (0..args.ports).map(move |p| (h, p)))
-        .filter(|(h, p)| (h * args.ports + p) % args.tenants == 0)
+        .filter(|(h, p)| (h * args.ports + p).is_multiple_of(args.tenants))
         .count();
     let expected = in_t0 + args.real - 1;
     let sync_start = Instant::now();
