@@ -229,10 +229,9 @@ fn serve(args: Args) -> anyhow::Result<()> {
             let mut dirty = false;
             loop {
                 let touched = if dirty {
-                    match tokio::time::timeout(CACHE_INTERVAL, cluster.changes()).await {
-                        Ok(t) => Some(t),
-                        Err(_) => None,
-                    }
+                    tokio::time::timeout(CACHE_INTERVAL, cluster.changes())
+                        .await
+                        .ok()
                 } else {
                     Some(cluster.changes().await)
                 };
