@@ -259,7 +259,8 @@ pub struct Solicitation {
 }
 
 /// The neighbor solicitation `frame` carries, if it is one (untagged Ethernet, IPv6 with hop
-/// limit 255 and ICMPv6 right after the header, type 135 code 0, from a specified address).
+/// limit 255 and ICMPv6 right after the header, type 135 code 0, from a specified address to
+/// the target's solicited-node multicast group).
 pub fn parse_solicitation(frame: &[u8]) -> Option<Solicitation> {
     const ICMPV6: u8 = 58;
     const NEIGHBOR_SOLICITATION: u8 = 135;
@@ -277,6 +278,15 @@ pub fn parse_solicitation(frame: &[u8]) -> Option<Solicitation> {
         return None;
     }
     let target: [u8; 16] = icmp[8..24].try_into().ok()?;
+    // Sent to the target's solicited-node group (ff02::1:ffXX:XXXX), as address resolution
+    // does; anything else is not answered for.
+    let mut group = [0u8; 16];
+    group[..2].copy_from_slice(&[0xff, 0x02]);
+    group[11..13].copy_from_slice(&[0x01, 0xff]);
+    group[13..].copy_from_slice(&target[13..]);
+    if ip.destination() != group {
+        return None;
+    }
     Some(Solicitation {
         source: ip.source_addr(),
         source_mac: MacAddr(eth.source()),

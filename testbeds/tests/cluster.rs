@@ -336,6 +336,15 @@ fn three_hosts_share_tenants_bindings_and_addresses_through_etcd() {
     }
     assert_eq!(unreachable_pairs(&containers), vec![]);
 
+    // Every host has cached what it knows (a restart forwards with it until etcd answers).
+    for h in &hosts {
+        until("the view cached on every host", SOON, || {
+            let (_, i) = h.get("/v1/cluster");
+            i["cached_revision"].as_i64() == i["revision"].as_i64()
+        })
+        .unwrap();
+    }
+
     // One etcd member killed: nothing stops.
     etcd.kill(0);
     flush_neighbours(&containers);
@@ -349,6 +358,17 @@ fn three_hosts_share_tenants_bindings_and_addresses_through_etcd() {
         .unwrap();
         assert_eq!(h.metric("vswitch_cluster_degraded"), 1);
     }
+    flush_neighbours(&containers);
+    assert_eq!(unreachable_pairs(&containers), vec![]);
+    // A host restarted while etcd is away forwards at once with its cached view.
+    hosts[1].daemon.as_mut().unwrap().kill9();
+    hosts[1].start(&endpoints);
+    assert_eq!(hosts[1].state(), "degraded");
+    assert_eq!(
+        hosts[1].static_remote_macs(),
+        2,
+        "the cache was not applied"
+    );
     flush_neighbours(&containers);
     assert_eq!(unreachable_pairs(&containers), vec![]);
     // etcd is back: the hosts resync; a new container anywhere is reachable everywhere.

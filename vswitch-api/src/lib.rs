@@ -271,6 +271,10 @@ pub struct ClusterInfo {
     /// Times this host (re)synchronised with etcd (connected, published, loaded).
     #[serde(default)]
     pub syncs: u64,
+    /// The revision of the view last written to the local cache (`STATE_DIR/
+    /// cluster-view.cache`), which a restart forwards with until etcd answers.
+    #[serde(default)]
+    pub cached_revision: i64,
     /// Records in etcd that were not understood and were skipped.
     #[serde(default)]
     pub invalid_records: u64,

@@ -90,6 +90,8 @@ struct Inner {
     commands: mpsc::UnboundedSender<Command>,
     touched: Mutex<Touched>,
     changed: Notify,
+    /// The revision of the view last cached.
+    cached_revision: std::sync::atomic::AtomicI64,
 }
 
 /// A vswitchd's membership in a cluster (cheap to clone).
@@ -109,12 +111,14 @@ fn now_secs() -> u64 {
 }
 
 impl Cluster {
-    /// Starts the membership on `runtime`: the view begins as `cached` (what the host knew
-    /// before a restart) until etcd answers.
+    /// Starts the membership on `runtime` with this host's bindings `local` ((tenant, port)
+    /// → record): the view begins as `cached` (what the host knew before a restart) until
+    /// etcd answers.
     pub fn start(
         config: ClusterConfig,
         runtime: &tokio::runtime::Handle,
         cached: Option<ClusterView>,
+        local: BTreeMap<(String, String), BindingRecord>,
     ) -> Result<Cluster, Error> {
         if config.endpoints.is_empty() {
             return Err(Error::Invalid("no etcd endpoint".into()));
@@ -136,7 +140,7 @@ impl Cluster {
                 syncs: 0,
             }),
             client: Mutex::new(None),
-            local: Mutex::new(BTreeMap::new()),
+            local: Mutex::new(local),
             commands: tx,
             touched: Mutex::new(Touched {
                 all: true,
@@ -144,6 +148,7 @@ impl Cluster {
                 tenant_set: true,
             }),
             changed: Notify::new(),
+            cached_revision: std::sync::atomic::AtomicI64::new(0),
         });
         runtime.spawn(run(Arc::downgrade(&inner), rx));
         Ok(Cluster { inner })
@@ -187,7 +192,15 @@ impl Cluster {
 
     /// Publishes (or updates) a local port's binding.
     pub fn publish(&self, tenant: &str, port: &str, record: BindingRecord) {
-        lock(&self.inner.local).insert((tenant.into(), port.into()), record);
+        lock(&self.inner.local).insert((tenant.into(), port.into()), record.clone());
+        // The view has it at once (also while etcd is away): ARP answers and programs
+        // follow this host's own ports, never a stale record of them.
+        lock(&self.inner.view)
+            .bindings
+            .entry(tenant.into())
+            .or_default()
+            .insert((self.inner.config.host.clone(), port.into()), record);
+        self.touch_tenant(tenant);
         let _ = self
             .inner
             .commands
@@ -197,10 +210,40 @@ impl Cluster {
     /// Withdraws a local port's binding.
     pub fn unpublish(&self, tenant: &str, port: &str) {
         lock(&self.inner.local).remove(&(tenant.into(), port.into()));
+        {
+            let mut view = lock(&self.inner.view);
+            if let Some(b) = view.bindings.get_mut(tenant) {
+                b.remove(&(self.inner.config.host.clone(), port.into()));
+                if b.is_empty() {
+                    view.bindings.remove(tenant);
+                }
+            }
+        }
+        self.touch_tenant(tenant);
         let _ = self
             .inner
             .commands
             .send(Command::Binding(tenant.into(), port.into()));
+    }
+
+    /// The revision of the view last written to the local cache.
+    pub fn cached_revision(&self) -> i64 {
+        self.inner
+            .cached_revision
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records that the view at `revision` was written to the local cache.
+    pub fn note_cached(&self, revision: i64) {
+        self.inner
+            .cached_revision
+            .store(revision, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn touch_tenant(&self, tenant: &str) {
+        let mut t = Touched::default();
+        t.tenants.insert(tenant.to_owned());
+        touch(&self.inner, t);
     }
 
     /// Whether etcd answers.
@@ -231,6 +274,10 @@ impl Cluster {
             state_age_secs: link.since.elapsed().as_secs(),
             last_error: link.last_error.clone(),
             syncs: link.syncs,
+            cached_revision: self
+                .inner
+                .cached_revision
+                .load(std::sync::atomic::Ordering::Relaxed),
             invalid_records: view.invalid,
         }
     }
@@ -320,6 +367,20 @@ impl Cluster {
             return Ok(false);
         };
         let spec: Option<TenantSpec> = serde_json::from_slice(kv.value()).ok();
+        // This host's bindings of ports it no longer has (an unpublish still queued) are
+        // not ports in the tenant.
+        let mine = timed(client.get(
+            format!("{}{}/", k.tenant_bindings(name), self.inner.config.host),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        ))
+        .await?;
+        for b in mine.kvs() {
+            if let Some(Key::Binding { tenant, port, .. }) = k.parse(b.key())
+                && !lock(&self.inner.local).contains_key(&(tenant, port))
+            {
+                timed(client.delete(b.key(), None)).await?;
+            }
+        }
         let mut ops = vec![
             TxnOp::delete(k.tenant(name), None),
             TxnOp::delete(
@@ -366,8 +427,24 @@ impl Cluster {
         };
         for _ in 0..32 {
             let (taken, mine) = self.addresses_of(&mut client, tenant).await?;
-            if let Some((ip, _)) = mine.into_iter().find(|(_, r)| r.owner == owner) {
-                return Ok(info(ip));
+            if let Some((ip, _, at)) = mine.into_iter().find(|(_, r, _)| r.owner == owner) {
+                // Taken again: its grace period starts again (garbage collection must not
+                // free it while its port is being made).
+                let record = AddressRecord {
+                    host: host.clone(),
+                    owner: owner.to_owned(),
+                    allocated_at: now_secs(),
+                };
+                let key = k.address(tenant, ip);
+                let value =
+                    serde_json::to_vec(&record).map_err(|e| Error::Invalid(e.to_string()))?;
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(key.clone(), CompareOp::Equal, at)])
+                    .and_then([TxnOp::put(key, value, None)]);
+                if timed(client.txn(txn)).await?.succeeded() {
+                    return Ok(info(ip));
+                }
+                continue;
             }
             let taken: BTreeSet<IpAddr> = taken.into_iter().collect();
             let ip = subnet
@@ -456,12 +533,13 @@ impl Cluster {
             .collect())
     }
 
-    /// All addresses taken in `tenant`, and those of this host with their records.
+    /// All addresses taken in `tenant`, and those of this host with their records and
+    /// revisions.
     async fn addresses_of(
         &self,
         client: &mut Client,
         tenant: &str,
-    ) -> Result<(Vec<IpAddr>, Vec<(IpAddr, AddressRecord)>), Error> {
+    ) -> Result<(Vec<IpAddr>, Vec<(IpAddr, AddressRecord, i64)>), Error> {
         let got = timed(client.get(
             self.inner.keys.tenant_addresses(tenant),
             Some(GetOptions::new().with_prefix()),
@@ -477,7 +555,7 @@ impl Cluster {
             if let Ok(r) = serde_json::from_slice::<AddressRecord>(kv.value())
                 && r.host == self.inner.config.host
             {
-                mine.push((ip, r));
+                mine.push((ip, r, kv.mod_revision()));
             }
         }
         Ok((taken, mine))
@@ -583,20 +661,6 @@ async fn publish_all(inner: &Inner, client: &mut Client, lease: i64) -> Result<(
     for chunk in ops.chunks(TXN_OPS) {
         timed(client.txn(Txn::new().and_then(chunk.to_vec()))).await?;
     }
-    // Bindings of ports deleted while this host was away (and still under an old lease).
-    let ours = timed(client.get(
-        format!("{}bindings/", k.prefix()),
-        Some(GetOptions::new().with_prefix().with_keys_only()),
-    ))
-    .await?;
-    for kv in ours.kvs() {
-        if let Some(Key::Binding { tenant, host, port }) = k.parse(kv.key())
-            && host == c.host
-            && !local.contains_key(&(tenant, port))
-        {
-            timed(client.delete(kv.key(), None)).await?;
-        }
-    }
     Ok(())
 }
 
@@ -629,20 +693,60 @@ async fn session_inner(
     let mut client = connect(c).await?;
     let ttl = c.lease_ttl.as_secs() as i64;
     let lease = timed(client.lease_grant(ttl, None)).await?.id();
-    let (mut keeper, mut alive) = timed(client.lease_keep_alive(lease)).await?;
+    let (keeper, alive) = timed(client.lease_keep_alive(lease)).await?;
+    // The lease is renewed by a task of its own from now on: no other call of the session
+    // can delay it. Its end (the lease lost) ends the session.
+    let (lost_tx, mut lost) = tokio::sync::oneshot::channel();
+    let _keeper = AbortOnDrop(tokio::spawn(keep_lease(
+        keeper,
+        alive,
+        c.lease_ttl,
+        lost_tx,
+    )));
     // What is queued is in `local` already: all of it is published now.
     while rx.try_recv().is_ok() {}
     publish_all(inner, &mut client, lease).await?;
     let mut hosted_now = hosted(inner);
-    let snapshot = timed(client.get(k.prefix(), Some(GetOptions::new().with_prefix()))).await?;
-    let revision = snapshot.header().map_or(0, |h| h.revision());
+    // One consistent load at revision R: the hosts, the tenants, and the bindings of the
+    // tenants this host has ports in (not the whole cluster's).
+    let prefix = || Some(GetOptions::new().with_prefix());
+    let hosts = timed(client.get(k.hosts(), prefix())).await?;
+    let revision = hosts.header().map_or(0, |h| h.revision());
+    let at = || Some(GetOptions::new().with_prefix().with_revision(revision));
+    let mut kvs: Vec<(Vec<u8>, Vec<u8>)> = hosts
+        .kvs()
+        .iter()
+        .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
+        .collect();
+    let tenants = timed(client.get(k.tenants(), at())).await?;
+    kvs.extend(
+        tenants
+            .kvs()
+            .iter()
+            .map(|kv| (kv.key().to_vec(), kv.value().to_vec())),
+    );
+    let mut stale = Vec::new();
+    for t in &hosted_now {
+        let got = timed(client.get(k.tenant_bindings(t), at())).await?;
+        for kv in got.kvs() {
+            // A binding of this host that it no longer has (its port went while it was
+            // away, under an old lease): deleted now rather than at that lease's expiry.
+            if let Some(Key::Binding { tenant, host, port }) = k.parse(kv.key())
+                && host == c.host
+                && !lock(&inner.local).contains_key(&(tenant, port))
+            {
+                stale.push(kv.key().to_vec());
+                continue;
+            }
+            kvs.push((kv.key().to_vec(), kv.value().to_vec()));
+        }
+    }
+    for key in stale {
+        timed(client.delete(key, None)).await?;
+    }
     let mut fresh = ClusterView::default();
-    for kv in snapshot.kvs() {
-        let change = Change::Put {
-            key: kv.key().to_vec(),
-            value: kv.value().to_vec(),
-        };
-        fresh.apply(k, &change, &|t| hosted_now.contains(t));
+    for (key, value) in kvs {
+        fresh.apply(k, &Change::Put { key, value }, &|t| hosted_now.contains(t));
     }
     fresh.revision = revision;
     *lock(&inner.view) = fresh;
@@ -679,22 +783,12 @@ async fn session_inner(
     .await?;
     // Bindings of a tenant loaded after the snapshot: events at or before are in the load.
     let mut loaded_at: HashMap<String, i64> = HashMap::new();
-    let mut renew = tokio::time::interval(c.lease_ttl / 4);
-    let mut last_renewed = Instant::now();
-    let mut gc = tokio::time::interval_at(tokio::time::Instant::now() + GC_INTERVAL, GC_INTERVAL);
+    let _gc = AbortOnDrop(tokio::spawn(collect_garbage(inner.clone(), client.clone())));
     loop {
         tokio::select! {
-            _ = renew.tick() => {
-                if last_renewed.elapsed() > c.lease_ttl {
-                    return Err(Error::Unavailable("the lease was not renewed within its TTL".into()));
-                }
-                timed(async { keeper.keep_alive().await }).await?;
+            why = &mut lost => {
+                return Err(why.unwrap_or_else(|_| Error::Unavailable("the lease keeper ended".into())));
             }
-            msg = alive.message() => match msg.map_err(etcd)? {
-                Some(r) if r.ttl() > 0 => last_renewed = Instant::now(),
-                Some(_) => return Err(Error::Unavailable("the lease expired".into())),
-                None => return Err(Error::Unavailable("the lease keep-alive stream ended".into())),
-            },
             msg = watch.message() => {
                 let Some(resp) = msg.map_err(etcd)? else {
                     return Err(Error::Unavailable("the watch ended".into()));
@@ -765,13 +859,63 @@ async fn session_inner(
                 hosted_now = now;
                 touch(inner, touched);
             }
-            _ = gc.tick() => collect_garbage(inner, &mut client).await?,
+        }
+    }
+}
+
+/// Renews the lease every TTL/4; reports on `lost` when it cannot within the TTL.
+async fn keep_lease(
+    mut keeper: etcd_client::LeaseKeeper,
+    mut alive: etcd_client::LeaseKeepAliveStream,
+    ttl: Duration,
+    lost: tokio::sync::oneshot::Sender<Error>,
+) {
+    let mut renew = tokio::time::interval(ttl / 4);
+    let mut renewed = Instant::now();
+    let why = loop {
+        tokio::select! {
+            _ = renew.tick() => {
+                if renewed.elapsed() > ttl {
+                    break Error::Unavailable("the lease was not renewed within its TTL".into());
+                }
+                if let Err(e) = timed(keeper.keep_alive()).await {
+                    break e;
+                }
+            }
+            msg = alive.message() => match msg {
+                Ok(Some(r)) if r.ttl() > 0 => renewed = Instant::now(),
+                Ok(Some(_)) => break Error::Unavailable("the lease expired".into()),
+                Ok(None) => break Error::Unavailable("the lease keep-alive stream ended".into()),
+                Err(e) => break etcd(e),
+            },
+        }
+    };
+    let _ = lost.send(why);
+}
+
+/// Aborts a task when dropped (the session's helpers end with it).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Every [`GC_INTERVAL`], deletes this host's addresses whose port is gone (older than the
+/// grace period). Failures wait for the next round.
+async fn collect_garbage(inner: Arc<Inner>, mut client: Client) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + GC_INTERVAL, GC_INTERVAL);
+    loop {
+        tick.tick().await;
+        if let Err(e) = collect_garbage_once(&inner, &mut client).await {
+            tracing::debug!(error = %e, "address garbage collection");
         }
     }
 }
 
 /// Deletes this host's addresses whose port is gone (older than the grace period).
-async fn collect_garbage(inner: &Inner, client: &mut Client) -> Result<(), Error> {
+async fn collect_garbage_once(inner: &Inner, client: &mut Client) -> Result<(), Error> {
     let k = &inner.keys;
     let got = timed(client.get(k.addresses(), Some(GetOptions::new().with_prefix()))).await?;
     let now = now_secs();

@@ -112,6 +112,11 @@ impl Keys {
         format!("{}tenants/{tenant}", self.prefix)
     }
 
+    /// `tenants/`.
+    pub fn tenants(&self) -> String {
+        format!("{}tenants/", self.prefix)
+    }
+
     /// `vnis/{vni}`.
     pub fn vni(&self, vni: u32) -> String {
         format!("{}vnis/{vni}", self.prefix)

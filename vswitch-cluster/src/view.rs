@@ -111,58 +111,76 @@ impl ClusterView {
             self.invalid += 1;
             return touched;
         };
-        match (parsed, value) {
-            (Key::Host(h), Some(v)) => match serde_json::from_slice::<HostRecord>(v) {
-                Ok(r) => {
-                    if self.hosts.get(&h) != Some(&r) {
-                        self.hosts.insert(h, r);
-                        touched.all = true;
+        // A record that is not valid counts as gone: what the key held before is not kept
+        // either (a reload would not have it).
+        let mut invalid = || {
+            self.invalid += 1;
+        };
+        match parsed {
+            Key::Host(h) => {
+                let record = value.and_then(|v| {
+                    let r = serde_json::from_slice::<HostRecord>(v)
+                        .ok()
+                        .filter(valid_host);
+                    if r.is_none() {
+                        invalid();
                     }
-                }
-                Err(_) => self.invalid += 1,
-            },
-            (Key::Host(h), None) => {
-                if self.hosts.remove(&h).is_some() {
-                    touched.all = true;
-                }
+                    r
+                });
+                let changed = match record {
+                    Some(r) => self.hosts.insert(h, r.clone()) != Some(r),
+                    None => self.hosts.remove(&h).is_some(),
+                };
+                touched.all |= changed;
             }
-            (Key::Tenant(t), Some(v)) => match serde_json::from_slice::<TenantSpec>(v) {
-                Ok(spec) if spec.name == t => {
-                    self.tenants.insert(t, spec);
-                    touched.tenant_set = true;
-                }
-                _ => self.invalid += 1,
-            },
-            (Key::Tenant(t), None) => {
-                if self.tenants.remove(&t).is_some() {
-                    touched.tenant_set = true;
-                }
+            Key::Tenant(t) => {
+                let spec = value.and_then(|v| {
+                    let s = serde_json::from_slice::<TenantSpec>(v)
+                        .ok()
+                        .filter(|s| s.name == t);
+                    if s.is_none() {
+                        invalid();
+                    }
+                    s
+                });
+                let changed = match spec {
+                    Some(s) => self.tenants.insert(t, s.clone()) != Some(s),
+                    None => self.tenants.remove(&t).is_some(),
+                };
+                touched.tenant_set |= changed;
             }
-            (Key::Binding { tenant, host, port }, Some(v)) => {
-                match serde_json::from_slice::<BindingRecord>(v) {
-                    Ok(r) if valid_binding(&r) => {
-                        if keep(&tenant) {
-                            self.bindings
-                                .entry(tenant.clone())
-                                .or_default()
-                                .insert((host, port), r);
+            Key::Binding { tenant, host, port } => {
+                let record = value.and_then(|v| {
+                    let r = serde_json::from_slice::<BindingRecord>(v)
+                        .ok()
+                        .filter(valid_binding);
+                    if r.is_none() {
+                        invalid();
+                    }
+                    r
+                });
+                match record {
+                    Some(r) if keep(&tenant) => {
+                        self.bindings
+                            .entry(tenant.clone())
+                            .or_default()
+                            .insert((host, port), r);
+                        touched.tenants.insert(tenant);
+                    }
+                    Some(_) => {}
+                    None => {
+                        if let Some(b) = self.bindings.get_mut(&tenant)
+                            && b.remove(&(host, port)).is_some()
+                        {
+                            if b.is_empty() {
+                                self.bindings.remove(&tenant);
+                            }
                             touched.tenants.insert(tenant);
                         }
                     }
-                    _ => self.invalid += 1,
                 }
             }
-            (Key::Binding { tenant, host, port }, None) => {
-                if let Some(b) = self.bindings.get_mut(&tenant)
-                    && b.remove(&(host, port)).is_some()
-                {
-                    if b.is_empty() {
-                        self.bindings.remove(&tenant);
-                    }
-                    touched.tenants.insert(tenant);
-                }
-            }
-            (Key::Vni(_) | Key::Address { .. }, _) => {}
+            Key::Vni(_) | Key::Address { .. } => {}
         }
         touched
     }
@@ -231,35 +249,50 @@ impl ClusterView {
                 .or_else(|| if has_v6 { pick(false) } else { None })?;
             Some((ip, r.udp_port))
         };
-        for ((host, _), record) in bindings {
+        let mac_of = |r: &BindingRecord| r.mac.as_deref().and_then(|m| m.parse::<MacAddr>().ok());
+        // This host's own ports win over anything another host claims: a remote record with
+        // the MAC or an address of a local port (a duplicate, a VM moving, a hostile record)
+        // never takes traffic or ARP answers away from it.
+        let local_macs: BTreeSet<MacAddr> = bindings
+            .iter()
+            .filter(|((host, _), _)| host == local)
+            .filter_map(|(_, r)| mac_of(r))
+            .collect();
+        for ((host, _), record) in bindings.iter().filter(|((h, _), _)| h != local) {
             // A host whose lease expired has no host record: it is not a member any more,
             // whatever bindings of it are still on their way out.
-            let member = host == local || self.hosts.contains_key(host);
-            if !member {
-                continue;
-            }
-            let mac = record
-                .mac
-                .as_deref()
-                .and_then(|m| m.parse::<MacAddr>().ok());
-            if let Some(mac) = mac {
-                for ip in &record.ips {
-                    program.neighbors.insert(ip.to_canonical(), mac);
-                }
-            }
-            if host == local {
-                continue;
-            }
             let Some((vtep, port)) = vtep_of(host) else {
                 continue;
             };
             program.vteps.insert(vtep, port);
-            if let Some(mac) = mac {
-                program.macs.insert(mac, vtep);
+            let Some(mac) = mac_of(record).filter(|m| !local_macs.contains(m)) else {
+                continue;
+            };
+            program.macs.insert(mac, vtep);
+            for ip in &record.ips {
+                program.neighbors.insert(ip.to_canonical(), mac);
+            }
+        }
+        for ((_, _), record) in bindings.iter().filter(|((h, _), _)| h == local) {
+            if let Some(mac) = mac_of(record) {
+                for ip in &record.ips {
+                    program.neighbors.insert(ip.to_canonical(), mac);
+                }
             }
         }
         program
     }
+}
+
+/// A host record is usable: a UDP port, and underlay addresses that can be a host's.
+fn valid_host(r: &HostRecord) -> bool {
+    r.udp_port != 0
+        && !r.underlay.is_empty()
+        && r.underlay.len() <= 8
+        && r.underlay.iter().all(|ip| match ip.to_canonical() {
+            IpAddr::V4(a) => !(a.is_unspecified() || a.is_broadcast() || a.is_multicast()),
+            IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast()),
+        })
 }
 
 /// A binding's fields are valid: a unicast MAC if any, addresses that can be a host's.
@@ -437,5 +470,71 @@ mod tests {
         );
         assert_eq!(p.vteps.len(), 2);
         assert_eq!(p.vteps.get(&"192.0.2.2".parse().unwrap()), Some(&8472));
+    }
+}
+
+#[cfg(test)]
+mod local_tests {
+    use super::*;
+
+    #[test]
+    fn a_remote_record_never_takes_a_local_ports_mac_or_address() {
+        let k = Keys::new("/lv/");
+        let mut v = ClusterView::default();
+        let all = |_: &str| true;
+        let put = |key: String, value: &dyn erased::Json| Change::Put {
+            key: key.into_bytes(),
+            value: value.bytes(),
+        };
+        let host = HostRecord {
+            underlay: vec!["192.0.2.2".parse().unwrap()],
+            udp_port: 4789,
+        };
+        let mine = BindingRecord {
+            mac: Some("02:00:00:00:00:01".into()),
+            ips: vec!["10.0.0.2".parse().unwrap()],
+        };
+        let thief = BindingRecord {
+            mac: Some("02:00:00:00:00:01".into()),
+            ips: vec!["10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap()],
+        };
+        let other = BindingRecord {
+            mac: Some("02:00:00:00:00:09".into()),
+            ips: vec!["10.0.0.2".parse().unwrap()],
+        };
+        v.apply(&k, &put(k.host("h2"), &host), &all);
+        v.apply(&k, &put(k.binding("a", "h1", "p1"), &mine), &all);
+        v.apply(&k, &put(k.binding("a", "h2", "x1"), &thief), &all);
+        v.apply(&k, &put(k.binding("a", "h2", "x2"), &other), &all);
+        let p = v.program("h1", "a", &["192.0.2.1".parse().unwrap()]);
+        let m1: MacAddr = "02:00:00:00:00:01".parse().unwrap();
+        assert!(
+            !p.macs.contains_key(&m1),
+            "a remote copy of a local MAC is not programmed"
+        );
+        assert_eq!(p.neighbors.get(&"10.0.0.2".parse().unwrap()), Some(&m1));
+        // An invalid update of a host removes what it held (a reload would not keep it).
+        let bad = HostRecord {
+            underlay: vec!["192.0.2.2".parse().unwrap()],
+            udp_port: 0,
+        };
+        assert!(v.apply(&k, &put(k.host("h2"), &bad), &all).all);
+        assert!(v.hosts.is_empty());
+        assert!(
+            v.program("h1", "a", &["192.0.2.1".parse().unwrap()])
+                .vteps
+                .is_empty()
+        );
+    }
+
+    mod erased {
+        pub trait Json {
+            fn bytes(&self) -> Vec<u8>;
+        }
+        impl<T: serde::Serialize> Json for T {
+            fn bytes(&self) -> Vec<u8> {
+                serde_json::to_vec(self).unwrap()
+            }
+        }
     }
 }

@@ -360,7 +360,7 @@ impl TenantSwitch {
 }
 
 /// The MAC to answer a neighbor request in `frame` with, if it asks for a known address: a
-/// broadcast ARP request (not a gratuitous ARP), or a neighbor solicitation to a
+/// broadcast ARP request (not a gratuitous ARP or a probe), or a neighbor solicitation to a
 /// solicited-node multicast address (not duplicate address detection); never the owner
 /// asking about itself.
 #[cold]
@@ -375,7 +375,8 @@ fn answer_for(
         let overlay_net::frame::Network::Arp(arp) = view.network else {
             return None;
         };
-        if arp.operation != 1 || arp.sender_ip == arp.target_ip {
+        // Gratuitous ARP and address-conflict probes (RFC 5227, from 0.0.0.0) flood.
+        if arp.operation != 1 || arp.sender_ip == arp.target_ip || arp.sender_ip.is_unspecified() {
             return None;
         }
         (IpAddr::V4(arp.target_ip), arp.sender_mac)

@@ -209,8 +209,13 @@ fn serve(args: Args) -> anyhow::Result<()> {
                 cached_revision = cache.as_ref().map(|v| v.revision),
                 "joining the cluster"
             );
-            let cluster = Cluster::start(cc.clone(), runtime.handle(), cache)
-                .context("joining the cluster")?;
+            let cluster = Cluster::start(
+                cc.clone(),
+                runtime.handle(),
+                cache,
+                control.cluster_bindings(),
+            )
+            .context("joining the cluster")?;
             control.join_cluster(cluster.clone());
             Some(cluster)
         }
@@ -223,21 +228,20 @@ fn serve(args: Args) -> anyhow::Result<()> {
         let weak = Arc::downgrade(&shared);
         let state_dir = cfg.state_dir.clone();
         runtime.spawn(async move {
-            // The cache is written at most once per CACHE_INTERVAL (an fsync each), the last
-            // change included: a busy cluster does not make every change wait for a disk.
-            let mut saved_at = std::time::Instant::now() - CACHE_INTERVAL;
-            let mut dirty = false;
+            // The cache is written at most once per CACHE_INTERVAL (an fsync each) while
+            // the view moves, and soon after it stops: a busy cluster does not make every
+            // change wait for a disk.
+            let mut saved_at: Option<std::time::Instant> = None;
             loop {
-                let touched = if dirty {
-                    tokio::time::timeout(CACHE_INTERVAL, cluster.changes())
-                        .await
-                        .ok()
-                } else {
-                    Some(cluster.changes().await)
-                };
+                let touched = tokio::time::timeout(CACHE_INTERVAL, cluster.changes())
+                    .await
+                    .ok();
                 let Some(shared) = weak.upgrade() else { return };
-                dirty |= touched.is_some();
-                let save = dirty && saved_at.elapsed() >= CACHE_INTERVAL;
+                let stale = cluster.view().revision != cluster.cached_revision();
+                let save = stale && saved_at.is_none_or(|t| t.elapsed() >= CACHE_INTERVAL);
+                if touched.is_none() && !save {
+                    continue;
+                }
                 let c = cluster.clone();
                 let dir = state_dir.clone();
                 let done = tokio::task::spawn_blocking(move || {
@@ -248,7 +252,10 @@ fn serve(args: Args) -> anyhow::Result<()> {
                             .reconcile_cluster(&touched);
                     }
                     if save && c.is_connected() {
-                        save_cache(&dir, &c.view());
+                        let view = c.view().clone();
+                        if save_cache(&dir, &view) {
+                            c.note_cached(view.revision);
+                        }
                     }
                 })
                 .await;
@@ -256,8 +263,7 @@ fn serve(args: Args) -> anyhow::Result<()> {
                     warn!(error = %e, "applying cluster changes");
                 }
                 if save {
-                    saved_at = std::time::Instant::now();
-                    dirty = false;
+                    saved_at = Some(std::time::Instant::now());
                 }
             }
         });

@@ -6,11 +6,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use overlay_net::{Destination, Timestamp};
+use overlay_net::{Destination, MacAddr, Timestamp};
 use vswitch_cluster::{BindingRecord, Cluster, ClusterView, TenantProgram, Touched};
 
 use super::control::{Control, ControlError};
-use crate::Error;
 use crate::api::{PortSpec, TenantSpec};
 
 /// The binding a port publishes: its MAC and addresses, as port security pins them.
@@ -27,12 +26,19 @@ pub fn cache_path(state_dir: &Path) -> PathBuf {
 }
 
 impl Control {
-    /// Joins a cluster: every port is published, and the cluster's program (from the cached
-    /// view until etcd answers) is applied at once.
+    /// The bindings of this daemon's ports, (tenant, port) → record: what it publishes when
+    /// it joins a cluster ([`vswitch_cluster::Cluster::start`]).
+    pub fn cluster_bindings(&self) -> BTreeMap<(String, String), BindingRecord> {
+        self.state
+            .ports
+            .iter()
+            .map(|p| ((p.tenant.clone(), p.name.clone()), binding_of(p)))
+            .collect()
+    }
+
+    /// Joins a cluster started with [`Self::cluster_bindings`]: the cluster's program (from
+    /// the cached view until etcd answers) is applied at once.
     pub fn join_cluster(&mut self, cluster: Cluster) {
-        for p in &self.state.ports {
-            cluster.publish(&p.tenant, &p.name, binding_of(p));
-        }
         self.cluster = Some(cluster);
         self.reconcile_cluster(&Touched {
             all: true,
@@ -82,9 +88,30 @@ impl Control {
     /// and only without ports).
     fn reconcile_tenants(&mut self, tenants: &BTreeMap<String, TenantSpec>, connected: bool) {
         for spec in tenants.values() {
-            if self.state.tenants.iter().any(|t| t.name == spec.name) {
-                self.state.cluster_tenants.insert(spec.name.clone());
-                continue;
+            match self.state.tenants.iter().find(|t| t.name == spec.name) {
+                Some(here) if here == spec => {
+                    self.state.cluster_tenants.insert(spec.name.clone());
+                    continue;
+                }
+                Some(_) if self.state.ports.iter().any(|p| p.tenant == spec.name) => {
+                    // Never forward a tenant's ports with another VNI than the cluster's.
+                    tracing::error!(
+                        tenant = %spec.name,
+                        "this host's tenant differs from the cluster's and has ports: not \
+                         joined (delete its ports, or the tenant, here)"
+                    );
+                    continue;
+                }
+                Some(_) => {
+                    // Changed in the cluster (deleted and made again) while this host was
+                    // away, without ports here: made again as the cluster has it.
+                    self.programmed.remove(&spec.name);
+                    if let Err(e) = self.delete_tenant(&spec.name) {
+                        tracing::warn!(tenant = %spec.name, error = %e.message(), "could not replace a changed cluster tenant");
+                        continue;
+                    }
+                }
+                None => {}
             }
             match self.create_tenant(spec.clone()) {
                 Ok(_) => {
@@ -124,7 +151,10 @@ impl Control {
         }
     }
 
-    /// Applies a tenant's program as a diff against the one applied before.
+    /// Applies a tenant's program as a diff against the one applied before. Each step that
+    /// fails is logged and left out of what is recorded as applied, so that the next change
+    /// tries it again; what was configured by hand (VTEPs, their ports, static entries) is
+    /// never changed.
     fn apply_program(
         &mut self,
         tenant: &str,
@@ -135,36 +165,49 @@ impl Control {
         if old == program {
             return Ok(());
         }
-        // VTEPs configured by hand stay whatever the cluster says.
-        let manual: Vec<IpAddr> = self.state.vteps.get(tenant).cloned().unwrap_or_default();
+        let manual_vteps: Vec<IpAddr> = self.state.vteps.get(tenant).cloned().unwrap_or_default();
+        let manual_macs: Vec<MacAddr> = self
+            .state
+            .fdb
+            .get(tenant)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.mac.parse().ok())
+            .collect();
         let t = tenant.to_owned();
-        let new = program.clone();
-        let resized = self.call_dp(move |dp| {
-            for (vtep, _) in old.vteps.iter().filter(|(v, _)| !new.vteps.contains_key(v)) {
-                if manual.contains(vtep) {
+        let new = program;
+        let (applied, resized) = self.call_dp(move |dp| {
+            let mut applied = TenantProgram::default();
+            for vtep in old.vteps.keys().filter(|v| !new.vteps.contains_key(*v)) {
+                if manual_vteps.contains(vtep) {
                     continue;
                 }
                 if let Some(ts) = dp.switch_mut().tenant_mut(&t) {
                     ts.fdb_mut().remove_remote_vtep(*vtep);
                 }
-                dp.set_vtep_port(&t, *vtep, None)?;
+                let _ = dp.set_vtep_port(&t, *vtep, None);
             }
             for (vtep, port) in &new.vteps {
-                if old.vteps.get(vtep) == Some(port) {
-                    continue;
+                let known = old.vteps.get(vtep) == Some(port) || manual_vteps.contains(vtep);
+                if !known {
+                    if let Err(e) = dp.add_remote_vtep(&t, *vtep) {
+                        tracing::warn!(tenant = %t, vtep = %vtep, error = %e, "cluster VTEP not usable here");
+                        continue;
+                    }
+                    let port = (*port != local_port).then_some(*port);
+                    if let Err(e) = dp.set_vtep_port(&t, *vtep, port) {
+                        tracing::warn!(tenant = %t, vtep = %vtep, error = %e, "cluster VTEP port not set");
+                        continue;
+                    }
                 }
-                if let Err(e) = dp.add_remote_vtep(&t, *vtep) {
-                    tracing::warn!(tenant = %t, vtep = %vtep, error = %e, "cluster VTEP not usable here");
-                    continue;
-                }
-                dp.set_vtep_port(&t, *vtep, (*port != local_port).then_some(*port))?;
+                applied.vteps.insert(*vtep, *port);
             }
-            let ts = dp
-                .switch_mut()
-                .tenant_mut(&t)
-                .ok_or_else(|| Error::NoSuchTenant(t.clone()))?;
+            let Some(ts) = dp.switch_mut().tenant_mut(&t) else {
+                return (applied, None);
+            };
             for (mac, vtep) in &old.macs {
-                if new.macs.get(mac) == Some(vtep) {
+                let kept = new.macs.get(mac) == Some(vtep) && applied.vteps.contains_key(vtep);
+                if kept || manual_macs.contains(mac) {
                     continue;
                 }
                 let ours = ts.fdb().entries().any(|(m, e)| {
@@ -175,33 +218,61 @@ impl Control {
                 }
             }
             for (mac, vtep) in &new.macs {
-                if old.macs.get(mac) == Some(vtep) {
+                if manual_macs.contains(mac) || !applied.vteps.contains_key(vtep) {
                     continue;
                 }
-                if let Err(e) =
-                    ts.fdb_mut()
-                        .add_static(*mac, Destination::Remote(*vtep), Timestamp(0))
+                if old.macs.get(mac) != Some(vtep)
+                    && let Err(e) =
+                        ts.fdb_mut()
+                            .add_static(*mac, Destination::Remote(*vtep), Timestamp(0))
                 {
                     tracing::warn!(tenant = %t, mac = %mac, error = %e, "cluster MAC not programmed");
+                    continue;
                 }
+                applied.macs.insert(*mac, *vtep);
             }
             if old.neighbors != new.neighbors {
-                ts.set_neighbors(new.neighbors.iter().map(|(ip, mac)| (*ip, *mac)).collect::<HashMap<_, _>>());
+                ts.set_neighbors(
+                    new.neighbors
+                        .iter()
+                        .map(|(ip, mac)| (*ip, *mac))
+                        .collect::<HashMap<_, _>>(),
+                );
             }
-            Ok::<_, Error>(dp.refresh_tenant_mtu(&t))
-        })??;
+            applied.neighbors = new.neighbors;
+            (applied, dp.refresh_tenant_mtu(&t))
+        })?;
         if let Some(mtu) = resized {
             self.resize_ports(tenant, mtu);
         }
         tracing::info!(
             tenant,
-            vteps = program.vteps.len(),
-            macs = program.macs.len(),
-            neighbors = program.neighbors.len(),
+            vteps = applied.vteps.len(),
+            macs = applied.macs.len(),
+            neighbors = applied.neighbors.len(),
             "tenant programmed from the cluster"
         );
-        self.programmed.insert(tenant.to_owned(), program);
+        self.programmed.insert(tenant.to_owned(), applied);
         Ok(())
+    }
+
+    /// Whether the cluster programmed VTEP `ip` into `tenant` (not configured by hand).
+    pub(super) fn cluster_vtep(&self, tenant: &str, ip: IpAddr) -> bool {
+        self.programmed
+            .get(tenant)
+            .is_some_and(|p| p.vteps.contains_key(&ip))
+            && !self
+                .state
+                .vteps
+                .get(tenant)
+                .is_some_and(|v| v.contains(&ip))
+    }
+
+    /// Whether the cluster programmed a static entry for `mac` into `tenant`.
+    pub(super) fn cluster_mac(&self, tenant: &str, mac: MacAddr) -> bool {
+        self.programmed
+            .get(tenant)
+            .is_some_and(|p| p.macs.contains_key(&mac))
     }
 
     /// What the cluster programmed, per tenant (for tests and the API).
@@ -220,10 +291,15 @@ pub fn load_cache(state_dir: &Path) -> Option<ClusterView> {
     view
 }
 
-/// Caches the cluster view (atomically; a failure only costs the next start its head start).
-pub fn save_cache(state_dir: &Path, view: &ClusterView) {
+/// Caches the cluster view (atomically; a failure only costs the next start its head start);
+/// returns whether it was written.
+pub fn save_cache(state_dir: &Path, view: &ClusterView) -> bool {
     let bytes = vswitch_cluster::cache::encode(view);
-    if let Err(e) = daemon_kit::save_atomic(&cache_path(state_dir), &bytes) {
-        tracing::warn!(error = %e, "caching the cluster view");
+    match daemon_kit::save_atomic(&cache_path(state_dir), &bytes) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "caching the cluster view");
+            false
+        }
     }
 }

@@ -791,6 +791,12 @@ impl Control {
 
     /// Removes a remote VTEP from a tenant (and the MACs learned behind it).
     pub fn remove_vtep(&mut self, tenant: &str, ip: IpAddr) -> Result<()> {
+        if self.cluster_vtep(tenant, ip) {
+            return Err(ControlError::Conflict(format!(
+                "VTEP {ip} of tenant {tenant} is a host of the cluster with ports in it: it \
+                 leaves when that host's ports (or lease) do"
+            )));
+        }
         let t = tenant.to_owned();
         let known = call(&self.dp, move |dp| {
             let fdb = dp
@@ -881,6 +887,12 @@ impl Control {
         let m: MacAddr = mac
             .parse()
             .map_err(|e: overlay_net::Error| ControlError::Invalid(e.to_string()))?;
+        if self.cluster_mac(tenant, m) {
+            return Err(ControlError::Conflict(format!(
+                "{m} in tenant {tenant} is a port of another host of the cluster: its entry \
+                 goes when that port does"
+            )));
+        }
         let t = tenant.to_owned();
         let removed = call(&self.dp, move |dp| {
             dp.switch_mut()
