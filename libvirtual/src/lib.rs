@@ -29,6 +29,8 @@ mod blocking;
 pub mod block;
 #[cfg(feature = "cni")]
 pub mod cni;
+#[cfg(feature = "docker")]
+pub mod docker;
 #[cfg(all(feature = "net", feature = "block"))]
 pub mod host;
 pub mod http;

@@ -24,6 +24,7 @@ pub mod blk_client;
 pub mod cni;
 pub mod containerd;
 pub mod daemon;
+pub mod docker;
 pub mod etcd;
 pub mod guest;
 pub mod interrupt;

@@ -13,6 +13,31 @@ use serde_json::Value;
 use crate::Error;
 use crate::netns::{Netns, run};
 
+/// Writes `dir/image.tar`: a root file system of busybox-static and its applets as `/bin/*`,
+/// for `podman import` / `docker import` (no registry is reachable here).
+pub fn busybox_image(dir: &Path) -> Result<std::path::PathBuf, Error> {
+    let io = |what: &'static str| move |e| Error::Io(what.into(), e);
+    let bin = dir.join("image/bin");
+    std::fs::create_dir_all(&bin).map_err(io("creating the image directory"))?;
+    std::fs::copy("/bin/busybox", bin.join("busybox")).map_err(io("copying busybox"))?;
+    for applet in [
+        "sh", "ping", "sleep", "ip", "cat", "nc", "httpd", "wget", "echo",
+    ] {
+        let link = bin.join(applet);
+        if !link.exists() {
+            std::os::unix::fs::symlink("busybox", link).map_err(io("symlink"))?;
+        }
+    }
+    let tar = dir.join("image.tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(dir.join("image"))
+        .arg("-cf")
+        .arg(&tar)
+        .arg("."))?;
+    Ok(tar)
+}
+
 /// The image every container runs: busybox-static as `/bin/*`.
 pub const IMAGE: &str = "localhost/lv-busybox:latest";
 
@@ -64,20 +89,7 @@ network_config_dir = "{d}/networks"
             "[storage]\ndriver = \"overlay\"\ngraphroot = \"{d}/storage\"\nrunroot = \"{d}/run\"\n"
         );
         std::fs::write(dir.join("storage.conf"), storage).map_err(io("storage.conf"))?;
-        let bin = dir.join("image/bin");
-        std::fs::copy("/bin/busybox", bin.join("busybox")).map_err(io("copying busybox"))?;
-        for applet in [
-            "sh", "ping", "sleep", "ip", "cat", "nc", "httpd", "wget", "echo",
-        ] {
-            std::os::unix::fs::symlink("busybox", bin.join(applet)).map_err(io("symlink"))?;
-        }
-        let tar = dir.join("image.tar");
-        run(Command::new("tar")
-            .arg("-C")
-            .arg(dir.join("image"))
-            .arg("-cf")
-            .arg(&tar)
-            .arg("."))?;
+        let tar = busybox_image(dir)?;
         let p = Podman {
             dir: dir.to_owned(),
         };

@@ -19,6 +19,22 @@ pub struct Placement {
     pub ifname: String,
 }
 
+impl Placement {
+    /// The switch's own namespace, as `ifname`: a veth end left for a runtime that moves
+    /// and renames it itself (Docker's remote network drivers).
+    pub fn here(ifname: String) -> Placement {
+        Placement {
+            netns: PathBuf::from("/proc/self/ns/net"),
+            ifname,
+        }
+    }
+
+    /// Whether this is [`Placement::here`].
+    pub fn is_here(&self) -> bool {
+        self.netns == std::path::Path::new("/proc/self/ns/net")
+    }
+}
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
     move |e| Error::Io(what, e)

@@ -172,10 +172,17 @@ pub fn port_config(spec: &PortSpec) -> Result<PortConfig> {
             spec.kind
         )));
     }
-    if spec.kind == "veth" && spec.netns.is_none() {
+    if spec.kind == "veth" && spec.netns.is_none() && spec.ifname.is_none() {
         return Err(ControlError::Invalid(
-            "a veth port needs netns (its other end goes there)".into(),
+            "a veth port needs netns (its other end goes there), or ifname (its other end \
+             stays in the switch's namespace under that name, for a runtime that moves it \
+             itself, as Docker does)"
+                .into(),
         ));
+    }
+    if let Some(ifname) = &spec.ifname {
+        daemon_kit::names::check_port_name(ifname)
+            .map_err(|e| ControlError::Invalid(format!("ifname: {e}")))?;
     }
     if spec.kind == "vhost-user-net" && spec.netns.is_some() {
         return Err(ControlError::Invalid(
@@ -597,13 +604,20 @@ impl Control {
         }
         let cfg = port_config(&spec)?;
         let tenant = spec.tenant.clone();
-        if spec.netns.is_none() && spec.ifname.is_some() {
+        if spec.netns.is_none() && spec.ifname.is_some() && spec.kind != "veth" {
             return Err(ControlError::Invalid("ifname needs netns".into()));
         }
-        let placement = spec.netns.as_ref().map(|ns| Placement {
-            netns: ns.into(),
-            ifname: spec.ifname.clone().unwrap_or_else(|| spec.name.clone()),
-        });
+        let placement = match (&spec.netns, spec.kind.as_str()) {
+            (Some(ns), _) => Some(Placement {
+                netns: ns.into(),
+                ifname: spec.ifname.clone().unwrap_or_else(|| spec.name.clone()),
+            }),
+            // The other end stays here, for the runtime to move into its container.
+            (None, "veth") => Some(Placement::here(
+                spec.ifname.clone().unwrap_or_else(|| spec.name.clone()),
+            )),
+            (None, _) => None,
+        };
         if spec.kind == "vhost-user-net" {
             let socket = self.vhost_socket(&spec.name);
             let dir = self.run_dir.join("vhost");
@@ -761,6 +775,7 @@ impl Control {
             let ifname = p.ifname.clone().unwrap_or_else(|| p.name.clone());
             let resized = match (p.kind.as_str(), &p.netns) {
                 ("vhost-user-net", _) => continue,
+                ("veth", None) => set_mtu(&p.name, mtu),
                 ("veth", Some(ns)) => set_mtu(&p.name, mtu).and_then(|()| {
                     in_netns(Some(open_netns(std::path::Path::new(ns))?), move || {
                         set_mtu(&ifname, mtu)

@@ -340,9 +340,17 @@ impl Datapath {
             // underlay may have changed).
             set_mtu(&name, mtu)?;
             let ifname = placement.ifname.clone();
-            in_netns(Some(open_netns(&placement.netns)?), move || {
+            let peer = in_netns(Some(open_netns(&placement.netns)?), move || {
                 set_mtu(&ifname, mtu)
-            })?;
+            });
+            match peer {
+                // A runtime moved the other end on (Docker takes it into the container).
+                Err(Error::Io(_, ref e))
+                    if placement.is_here() && e.raw_os_error() == Some(libc::ENODEV) => {}
+                Err(Error::Io(_, ref e))
+                    if placement.is_here() && e.kind() == std::io::ErrorKind::NotFound => {}
+                r => r?,
+            }
         } else {
             create_veth(&name, placement, mtu).map_err(|e| match e {
                 Error::Io(_, io) if io.kind() == std::io::ErrorKind::AlreadyExists => {

@@ -1,0 +1,235 @@
+//! Docker containers on tenant networks through `vswitch-docker` (libnetwork's remote network
+//! and IPAM drivers), with the real dockerd (Debian's docker.io 20.10): two hosts (network
+//! namespaces on one underlay), each with vswitchd, the plugin and a private dockerd.
+//!
+//! Containers on tenant a on both hosts talk across VXLAN; a Docker network on tenant b with
+//! the same subnet stays apart; the plugin and vswitchd each restart under running
+//! containers; `docker rm -f` and `docker network rm` leave no port and no plugin state.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use testbeds::daemon::{Daemon, start_vswitchd, workspace_binary};
+use testbeds::docker::{Dockerd, IMAGE};
+use testbeds::netns::{Netns, missing_privileges};
+use testbeds::switch_bed::Underlay;
+use testbeds::wait::{SOON, until};
+
+struct Host {
+    ns: Netns,
+    ip: Ipv4Addr,
+    dir: PathBuf,
+    vswitchd: Option<Daemon>,
+    plugin: Option<Daemon>,
+    name: String,
+}
+
+impl Host {
+    fn start_vswitchd(&mut self) {
+        self.vswitchd =
+            Some(start_vswitchd(&self.ns, self.ip.into(), &self.dir.join("vs"), &[]).unwrap());
+    }
+
+    fn start_plugin(&mut self) {
+        let args: Vec<String> = [
+            "--name",
+            &self.name,
+            "--socket",
+            &self.dir.join("vs/run/vswitchd.sock").display().to_string(),
+            "--state-dir",
+            &self.dir.join("plugin").display().to_string(),
+            "--log-format",
+            "json",
+        ]
+        .map(String::from)
+        .to_vec();
+        self.plugin = Some(
+            Daemon::start(
+                &self.ns,
+                &workspace_binary("vswitch-docker").unwrap(),
+                &args,
+                PathBuf::from(format!("/run/docker/plugins/{}.sock", self.name)),
+            )
+            .unwrap(),
+        );
+    }
+
+    fn switch(&self) -> &Daemon {
+        self.vswitchd.as_ref().unwrap()
+    }
+
+    fn docker_ports(&self) -> usize {
+        let (_, body) = self.switch().request("GET", "/v1/ports", None).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["labels"]["docker.endpoint"].is_string())
+            .count()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // SIGTERM: the plugin removes its socket from the plugin directory (shared with
+        // any other dockerd of the machine); a killed one's socket is removed here.
+        if let Some(mut p) = self.plugin.take() {
+            p.terminate();
+        }
+        let _ = std::fs::remove_file(format!("/run/docker/plugins/{}.sock", self.name));
+    }
+}
+
+fn pings(d: &Dockerd, from: &str, to: &str) -> bool {
+    d.succeeds(&["exec", from, "ping", "-c", "1", "-W", "5", to])
+}
+
+#[test]
+fn docker_networks_on_tenants_across_hosts() {
+    if let Some(why) = missing_privileges() {
+        eprintln!("SKIPPED docker test: {why}");
+        return;
+    }
+    if !testbeds::docker::installed() {
+        eprintln!("SKIPPED docker test: docker.io is not installed (scripts/install-deps)");
+        return;
+    }
+    let tmp = testbeds::scratch::Scratch::new(&std::env::temp_dir(), "docker").unwrap();
+    let mut ul = Underlay::new().unwrap();
+    let id = std::process::id() % 100_000;
+    let mut hosts: Vec<Host> = (1..=2u8)
+        .map(|n| {
+            let ip = Ipv4Addr::new(192, 168, 80, n);
+            Host {
+                ns: ul.host(&format!("dk{n}"), ip).unwrap(),
+                ip,
+                dir: tmp.join(format!("h{n}")),
+                vswitchd: None,
+                plugin: None,
+                name: format!("lv{id}h{n}"),
+            }
+        })
+        .collect();
+    for h in &mut hosts {
+        h.start_vswitchd();
+    }
+    for (i, h) in hosts.iter().enumerate() {
+        let peer = hosts[1 - i].ip;
+        for (tenant, vni) in [("a", 301), ("b", 302)] {
+            h.switch()
+                .create(
+                    "/v1/tenants",
+                    &format!(r#"{{"name":"{tenant}","vni":{vni}}}"#),
+                )
+                .unwrap();
+            h.switch()
+                .create(
+                    &format!("/v1/tenants/{tenant}/vteps"),
+                    &format!(r#"{{"ip":"{peer}"}}"#),
+                )
+                .unwrap();
+        }
+    }
+    for h in &mut hosts {
+        h.start_plugin();
+    }
+    let dockers: Vec<Dockerd> = hosts
+        .iter()
+        .map(|h| Dockerd::start(&h.ns, &h.dir.join("docker")).unwrap())
+        .collect();
+    // One Docker network per tenant and host, the same subnet; each host its own range.
+    for (i, (h, d)) in hosts.iter().zip(&dockers).enumerate() {
+        let range = if i == 0 {
+            "10.0.0.0/25"
+        } else {
+            "10.0.0.128/25"
+        };
+        for tenant in ["a", "b"] {
+            d.docker(&[
+                "network",
+                "create",
+                "--driver",
+                &h.name,
+                "--ipam-driver",
+                &h.name,
+                "--opt",
+                &format!("tenant={tenant}"),
+                "--subnet",
+                "10.0.0.0/24",
+                "--ip-range",
+                range,
+                &format!("net{tenant}"),
+            ])
+            .unwrap();
+        }
+    }
+    let run = |d: &Dockerd, name: &str, net: &str| {
+        d.docker(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            net,
+            IMAGE,
+            "sleep",
+            "3600",
+        ])
+        .unwrap();
+        d.ip_of(name).unwrap()
+    };
+    let a1 = run(&dockers[0], "a1", "neta");
+    let a2 = run(&dockers[1], "a2", "neta");
+    let b1 = run(&dockers[0], "b1", "netb");
+    assert_eq!(
+        a1, b1,
+        "both tenants allocate from the same subnet and range"
+    );
+    assert!(pings(&dockers[0], "a1", &a2), "a1 -> a2 across hosts");
+    assert!(pings(&dockers[1], "a2", &a1), "a2 -> a1 across hosts");
+    // b1 has a1's address in another tenant: it never reaches tenant a.
+    assert!(!pings(&dockers[0], "b1", &a2), "tenant b reached tenant a");
+    // The container's interface: the tenant MTU, the MAC the plugin pinned.
+    let link = dockers[0]
+        .docker(&["exec", "a1", "ip", "link", "show", "eth0"])
+        .unwrap();
+    assert!(link.contains("mtu 1450"), "{link}");
+
+    // The plugin restarts: running containers keep working, new ones are attached.
+    hosts[0].plugin.as_mut().unwrap().kill9();
+    hosts[0].start_plugin();
+    let a3 = run(&dockers[0], "a3", "neta");
+    assert!(
+        pings(&dockers[1], "a2", &a3),
+        "a container made after a plugin restart"
+    );
+    // vswitchd restarts (kill -9): the ports come back with the containers' interfaces.
+    hosts[0].vswitchd.as_mut().unwrap().kill9();
+    hosts[0].start_vswitchd();
+    until("a1 reachable again after vswitchd's restart", SOON, || {
+        pings(&dockers[1], "a2", &a1)
+    })
+    .unwrap();
+    assert_eq!(hosts[0].docker_ports(), 3);
+
+    // Nothing left after docker rm -f and docker network rm.
+    for (d, names) in [
+        (&dockers[0], vec!["a1", "a3", "b1"]),
+        (&dockers[1], vec!["a2"]),
+    ] {
+        let mut args = vec!["rm", "-f"];
+        args.extend(names);
+        d.docker(&args).unwrap();
+        d.docker(&["network", "rm", "neta", "netb"]).unwrap();
+    }
+    for h in &hosts {
+        assert_eq!(h.docker_ports(), 0, "ports left on {}", h.name);
+        let state =
+            std::fs::read_to_string(h.dir.join(format!("plugin/vswitch-docker-{}.json", h.name)))
+                .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&state).unwrap();
+        assert_eq!(v["networks"], serde_json::json!({}), "{state}");
+        assert_eq!(v["endpoints"], serde_json::json!({}), "{state}");
+        assert_eq!(v["pools"], serde_json::json!({}), "{state}");
+    }
+}
