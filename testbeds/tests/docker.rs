@@ -90,10 +90,10 @@ fn docker_networks_on_tenants_across_hosts() {
         eprintln!("SKIPPED docker test: {why}");
         return;
     }
-    if !testbeds::docker::installed() {
-        eprintln!("SKIPPED docker test: docker.io is not installed (scripts/install-deps)");
-        return;
-    }
+    assert!(
+        testbeds::docker::installed(),
+        "docker.io is not installed: scripts/install-deps installs it"
+    );
     let tmp = testbeds::scratch::Scratch::new(&std::env::temp_dir(), "docker").unwrap();
     let mut ul = Underlay::new().unwrap();
     let id = std::process::id() % 100_000;
