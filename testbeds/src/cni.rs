@@ -48,6 +48,8 @@ pub struct Runtime {
     path: String,
     /// The namespace plugins run in (the host's, where vswitchd is), if not the caller's.
     host: Option<String>,
+    /// `CNI_ARGS` it passes, if any.
+    args: Option<String>,
 }
 
 impl Runtime {
@@ -60,6 +62,7 @@ impl Runtime {
         Ok(Runtime {
             path: format!("{}:{REFERENCE_PLUGINS}", dir.display()),
             host: None,
+            args: None,
         })
     }
 
@@ -68,6 +71,15 @@ impl Runtime {
     pub fn on_host(&self, ns: &crate::netns::Netns) -> Runtime {
         Runtime {
             host: Some(ns.name().to_owned()),
+            ..self.clone()
+        }
+    }
+
+    /// The same runtime passing `CNI_ARGS` (`IgnoreUnknown=1;K8S_POD_NAME=...`), as
+    /// Kubernetes runtimes do.
+    pub fn with_args(&self, args: &str) -> Runtime {
+        Runtime {
+            args: Some(args.to_owned()),
             ..self.clone()
         }
     }
@@ -110,6 +122,7 @@ impl Runtime {
             .env_remove("CNI_NETNS")
             .env("CNI_COMMAND", command)
             .env("CNI_PATH", &self.path)
+            .envs(self.args.iter().map(|a| ("CNI_ARGS", a.as_str())))
             .envs(vars.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

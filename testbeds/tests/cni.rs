@@ -566,3 +566,68 @@ fn chained_bandwidth_limits_hold_in_both_directions_and_del_removes_them() {
     );
     bed.nothing_left("netb");
 }
+
+/// What containerd's CRI (and kubelet through it) sends: a network list of spec 1.0.0, the
+/// Kubernetes `CNI_ARGS` and the capabilities' runtime settings.
+#[test]
+fn kubernetes_style_arguments_and_capabilities() {
+    let bed = Bed::new("lv-cni-k8s");
+    let list = json!({
+        "cniVersion": "1.0.0",
+        "name": "k8s",
+        "plugins": [
+            {
+                "type": "vswitch-cni",
+                "tenant": "a",
+                "socket": bed.socket(),
+                "capabilities": {"ips": true, "mac": true, "bandwidth": true},
+                "ipam": {"type": "host-local", "subnet": "10.9.0.0/24", "dataDir": bed.ipam()},
+            },
+            {"type": "portmap", "capabilities": {"portMappings": true}},
+        ]
+    });
+    let runtime = json!({
+        "ips": ["10.9.0.77/24"],
+        "mac": "02:00:00:00:77:77",
+        "bandwidth": {"ingressRate": 8_000_000, "ingressBurst": 1_000_000,
+                      "egressRate": 4_000_000, "egressBurst": 500_000},
+        "portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}],
+    });
+    let rt = bed.rt.with_args(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;\
+         K8S_POD_INFRA_CONTAINER_ID=0123456789ab;K8S_POD_UID=4f0e",
+    );
+    let pod = Netns::create("pod").unwrap();
+    let result = rt
+        .add_list(&list, &runtime, "0123456789ab", &netns_path(&pod), "eth0")
+        .unwrap();
+    assert_eq!(first_ip(&result), Ipv4Addr::new(10, 9, 0, 77), "{result}");
+    let link = pod.ip(&["-o", "link", "show", "eth0"]).unwrap();
+    assert!(link.contains("02:00:00:00:77:77"), "{link}");
+    let (_, body) = bed.switch.request("GET", "/v1/ports", None).unwrap();
+    let ports: Value = serde_json::from_str(&body).unwrap();
+    let port = &ports[0];
+    assert_eq!(port["labels"]["k8s.pod.namespace"], "shop", "{port}");
+    assert_eq!(port["labels"]["k8s.pod.name"], "web-0", "{port}");
+    assert_eq!(port["mac"], "02:00:00:00:77:77");
+    assert_eq!(port["ips"][0], "10.9.0.77");
+    assert_eq!(
+        port["rate_limit"]["bits_per_sec"], 4_000_000,
+        "egress policed: {port}"
+    );
+    // portmap installed its rules on the host for the pod's address.
+    let nat = bed.host.exec("iptables-save", &["-t", "nat"]).unwrap();
+    assert!(nat.contains("18080") && nat.contains("10.9.0.77"), "{nat}");
+    rt.del_list(
+        &list,
+        &runtime,
+        &result,
+        "0123456789ab",
+        Some(&netns_path(&pod)),
+        "eth0",
+    )
+    .unwrap();
+    bed.nothing_left("k8s");
+    let nat = bed.host.exec("iptables-save", &["-t", "nat"]).unwrap();
+    assert!(!nat.contains("18080"), "portmap rules left: {nat}");
+}

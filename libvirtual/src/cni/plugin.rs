@@ -24,6 +24,10 @@ pub const LABEL_NETWORK: &str = "cni.network";
 pub const LABEL_CONTAINER: &str = "cni.container";
 /// Port label: the interface name in the container.
 pub const LABEL_IFNAME: &str = "cni.ifname";
+/// Port label: the Kubernetes namespace of the pod (`K8S_POD_NAMESPACE` in `CNI_ARGS`).
+pub const LABEL_POD_NAMESPACE: &str = "k8s.pod.namespace";
+/// Port label: the Kubernetes pod's name (`K8S_POD_NAME` in `CNI_ARGS`).
+pub const LABEL_POD_NAME: &str = "k8s.pod.name";
 
 /// Runs one plugin invocation: `env` and the configuration on `stdin`. Returns what to
 /// print on success (None: nothing) and the spec version to print errors in.
@@ -383,6 +387,18 @@ impl<'a> Plugin<'a> {
         labels.insert(LABEL_NETWORK.to_owned(), self.conf.name.clone());
         labels.insert(LABEL_CONTAINER.to_owned(), container.to_owned());
         labels.insert(LABEL_IFNAME.to_owned(), ifname.to_owned());
+        // A Kubernetes runtime (containerd's CRI, CRI-O) names the pod: the port says whose
+        // it is. Values are the runtime's; only printable ones, bounded, are kept.
+        for (arg, label) in [
+            ("K8S_POD_NAMESPACE", LABEL_POD_NAMESPACE),
+            ("K8S_POD_NAME", LABEL_POD_NAME),
+        ] {
+            if let Some(v) = self.env.args.get(arg).filter(|v| {
+                !v.is_empty() && v.len() <= 253 && v.chars().all(|c| c.is_ascii_graphic())
+            }) {
+                labels.insert(label.to_owned(), v.clone());
+            }
+        }
         let spec = PortSpec {
             name: name.clone(),
             tenant: self.conf.tenant.clone(),
