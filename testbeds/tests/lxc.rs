@@ -8,7 +8,7 @@ use std::process::Command;
 
 use testbeds::cni::{Runtime, reference_plugins_installed, reservations};
 use testbeds::daemon::{container_port, start_vswitchd};
-use testbeds::netns::{Netns, missing_privileges, run};
+use testbeds::netns::{missing_privileges, run};
 use testbeds::switch_bed::Underlay;
 use testbeds::wait::{SOON, until};
 
