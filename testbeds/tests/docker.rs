@@ -2,8 +2,9 @@
 //! and IPAM drivers), with the real dockerd (Debian's docker.io 20.10): two hosts (network
 //! namespaces on one underlay), each with vswitchd, the plugin and a private dockerd.
 //!
-//! Containers on tenant a on both hosts talk across VXLAN; a Docker network on tenant b with
-//! the same subnet stays apart; the plugin and vswitchd each restart under running
+//! Containers on tenant a on both hosts talk across VXLAN, and with a podman container
+//! (vswitch-cni) of the same tenant; a Docker network on tenant b with the same subnet stays
+//! apart; the plugin and vswitchd each restart under running
 //! containers; `docker rm -f` and `docker network rm` leave no port and no plugin state.
 
 use std::net::Ipv4Addr;
@@ -140,9 +141,9 @@ fn docker_networks_on_tenants_across_hosts() {
     // One Docker network per tenant and host, the same subnet; each host its own range.
     for (i, (h, d)) in hosts.iter().zip(&dockers).enumerate() {
         let range = if i == 0 {
-            "10.0.0.0/25"
+            "10.0.0.0/26"
         } else {
-            "10.0.0.128/25"
+            "10.0.0.64/26"
         };
         for tenant in ["a", "b"] {
             d.docker(&[
@@ -189,6 +190,58 @@ fn docker_networks_on_tenants_across_hosts() {
     assert!(pings(&dockers[1], "a2", &a1), "a2 -> a1 across hosts");
     // b1 has a1's address in another tenant: it never reaches tenant a.
     assert!(!pings(&dockers[0], "b1", &a2), "tenant b reached tenant a");
+    // A podman container (vswitch-cni) on the same tenant: Docker's and podman's talk.
+    let rt = testbeds::cni::Runtime::new().unwrap();
+    let pm = testbeds::podman::Podman::new(&hosts[0].dir.join("podman"), &rt.plugin_dir()).unwrap();
+    pm.add_network(&serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "pa",
+        "plugins": [{
+            "type": "vswitch-cni",
+            "tenant": "a",
+            "socket": hosts[0].dir.join("vs/run/vswitchd.sock"),
+            "ipam": {"type": "host-local", "subnet": "10.0.0.0/24", "rangeStart": "10.0.0.200",
+                     "rangeEnd": "10.0.0.210", "dataDir": hosts[0].dir.join("podman-ipam")},
+        }]
+    }))
+    .unwrap();
+    pm.run(
+        &hosts[0].ns,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "p1",
+            "--network",
+            "pa",
+            testbeds::podman::IMAGE,
+            "sleep",
+            "3600",
+        ],
+    )
+    .unwrap();
+    let p1 = pm
+        .run(
+            &hosts[0].ns,
+            &[
+                "inspect",
+                "--format",
+                "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                "p1",
+            ],
+        )
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(pings(&dockers[1], "a2", &p1), "Docker (h2) -> podman (h1)");
+    assert!(
+        pm.succeeds(
+            &hosts[0].ns,
+            &["exec", "p1", "ping", "-c", "1", "-W", "5", &a2]
+        ),
+        "podman (h1) -> Docker (h2)"
+    );
+    pm.run(&hosts[0].ns, &["rm", "-f", "p1"]).unwrap();
     // The container's interface: the tenant MTU, the MAC the plugin pinned.
     let link = dockers[0]
         .docker(&["exec", "a1", "ip", "link", "show", "eth0"])
