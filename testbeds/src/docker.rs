@@ -28,6 +28,7 @@ pub struct Dockerd {
     child: Option<Child>,
     dir: PathBuf,
     socket: PathBuf,
+    ns: String,
 }
 
 impl Dockerd {
@@ -35,14 +36,46 @@ impl Dockerd {
     /// the busybox image.
     pub fn start(ns: &Netns, dir: &Path) -> Result<Dockerd, Error> {
         std::fs::create_dir_all(dir).map_err(|e| Error::Io(format!("{}", dir.display()), e))?;
-        let socket = dir.join("docker.sock");
-        let log = std::fs::File::create(dir.join("dockerd.log"))
+        let mut d = Dockerd {
+            child: None,
+            dir: dir.to_owned(),
+            socket: dir.join("docker.sock"),
+            ns: ns.name().to_owned(),
+        };
+        d.spawn()?;
+        let tar = crate::podman::busybox_image(&dir.join("image"))?;
+        d.docker(&["import", &tar.display().to_string(), IMAGE])?;
+        Ok(d)
+    }
+
+    /// Stops dockerd (SIGTERM: it stops its containers) and starts it again on the same
+    /// data, as an operator's restart does.
+    pub fn restart(&mut self) -> Result<(), Error> {
+        self.stop();
+        self.spawn()
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+
+    fn spawn(&mut self) -> Result<(), Error> {
+        let dir = self.dir.clone();
+        let socket = self.socket.clone();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("dockerd.log"))
             .map_err(|e| Error::Io("dockerd log".into(), e))?;
         let err = log
             .try_clone()
             .map_err(|e| Error::Io("dockerd log".into(), e))?;
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", ns.name()))
+        cmd.arg(format!("--net=/run/netns/{}", self.ns))
             .arg(DOCKERD)
             .arg("--data-root")
             .arg(dir.join("data"))
@@ -65,21 +98,14 @@ impl Dockerd {
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err));
         tie_to_parent(&mut cmd);
-        let child = cmd
-            .spawn()
-            .map_err(|e| Error::Io("starting dockerd".into(), e))?;
-        let d = Dockerd {
-            child: Some(child),
-            dir: dir.to_owned(),
-            socket,
-        };
+        self.child = Some(
+            cmd.spawn()
+                .map_err(|e| Error::Io("starting dockerd".into(), e))?,
+        );
         crate::wait::until("dockerd to answer", Duration::from_secs(60), || {
-            d.succeeds(&["version"])
+            self.succeeds(&["version"])
         })
-        .map_err(|e| Error::Setup(format!("{e}: {}", d.log_tail())))?;
-        let tar = crate::podman::busybox_image(&dir.join("image"))?;
-        d.docker(&["import", &tar.display().to_string(), IMAGE])?;
-        Ok(d)
+        .map_err(|e| Error::Setup(format!("{e}: {}", self.log_tail())))
     }
 
     /// A `docker` command talking to this dockerd.
@@ -136,11 +162,7 @@ impl Drop for Dockerd {
                 let _ = self.docker(&args);
             }
         }
-        if let Some(mut c) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let _ = c.wait();
-        }
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -134,7 +134,7 @@ fn docker_networks_on_tenants_across_hosts() {
     for h in &mut hosts {
         h.start_plugin();
     }
-    let dockers: Vec<Dockerd> = hosts
+    let mut dockers: Vec<Dockerd> = hosts
         .iter()
         .map(|h| Dockerd::start(&h.ns, &h.dir.join("docker")).unwrap())
         .collect();
@@ -264,6 +264,28 @@ fn docker_networks_on_tenants_across_hosts() {
     })
     .unwrap();
     assert_eq!(hosts[0].docker_ports(), 3);
+
+    // docker network disconnect / connect: the port goes and comes back.
+    dockers[0]
+        .docker(&["network", "disconnect", "neta", "a3"])
+        .unwrap();
+    assert_eq!(hosts[0].docker_ports(), 2, "disconnect removes the port");
+    dockers[0]
+        .docker(&["network", "connect", "neta", "a3"])
+        .unwrap();
+    assert_eq!(hosts[0].docker_ports(), 3);
+    let a3 = dockers[0].ip_of("a3").unwrap();
+    assert!(pings(&dockers[1], "a2", &a3), "a container connected again");
+    // dockerd restarts (its containers stop with it): started again, a2 is reachable again.
+    dockers[1].restart().unwrap();
+    assert_eq!(
+        hosts[1].docker_ports(),
+        0,
+        "a stopped container keeps no port"
+    );
+    dockers[1].docker(&["start", "a2"]).unwrap();
+    let a2 = dockers[1].ip_of("a2").unwrap();
+    assert!(pings(&dockers[0], "a1", &a2), "after dockerd's restart");
 
     // Nothing left after docker rm -f and docker network rm.
     for (d, names) in [

@@ -17,7 +17,7 @@ use serde_json::json;
 use vswitch_api::PortSpec;
 
 use super::protocol::*;
-use super::state::{Endpoint, Network, State, check_id, derived_mac, port_names};
+use super::state::{Endpoint, Network, State, check_id, endpoint_mac, port_names};
 use crate::net::AsyncClient;
 
 /// The labels a plugin port carries (`docker.network`, `docker.endpoint`).
@@ -204,10 +204,7 @@ async fn create_endpoint(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
         .ok_or_else(|| PluginError(format!("no network {}", req.network_id)))?;
     let iface = req.interface.clone().unwrap_or_default();
     let given_mac = iface.mac_address.clone().filter(|m| !m.is_empty());
-    let mac = given_mac
-        .clone()
-        .unwrap_or_else(|| derived_mac(&req.endpoint_id));
-    let ips = [iface.address.as_deref(), iface.address_ipv6.as_deref()]
+    let ips: Vec<std::net::IpAddr> = [iface.address.as_deref(), iface.address_ipv6.as_deref()]
         .into_iter()
         .flatten()
         .filter(|a| !a.is_empty())
@@ -219,6 +216,13 @@ async fn create_endpoint(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
                 .map_err(|_| PluginError(format!("address {a:?}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let ipv4 = ips.iter().find_map(|ip| match ip {
+        std::net::IpAddr::V4(v4) => Some(*v4),
+        std::net::IpAddr::V6(_) => None,
+    });
+    let mac = given_mac
+        .clone()
+        .unwrap_or_else(|| endpoint_mac(&req.endpoint_id, ipv4));
     let (port, ifname) = port_names(&req.endpoint_id);
     let mut labels = BTreeMap::new();
     labels.insert(LABEL_NETWORK.to_owned(), req.network_id.clone());

@@ -68,6 +68,20 @@ pub fn port_names(endpoint: &str) -> (String, String) {
     (format!("dk{short}"), format!("dv{short}"))
 }
 
+/// The MAC of an endpoint Docker gave none: from its IPv4 address as Docker's own bridge
+/// driver does (`02:42:` + the address: a container that leaves and comes back with its
+/// address keeps its MAC, so its peers' neighbour caches stay right), else from the endpoint
+/// ID.
+pub fn endpoint_mac(endpoint: &str, ipv4: Option<std::net::Ipv4Addr>) -> String {
+    match ipv4 {
+        Some(ip) => {
+            let o = ip.octets();
+            format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+        }
+        None => derived_mac(endpoint),
+    }
+}
+
 /// A locally administered unicast MAC derived from the endpoint ID.
 pub fn derived_mac(endpoint: &str) -> String {
     let hex = |i: usize| endpoint.get(i..i + 2).unwrap_or("00");
@@ -198,5 +212,10 @@ mod tests {
             ("dk0123456789ab", "dv0123456789ab")
         );
         assert_eq!(derived_mac(id), "02:01:23:45:67:89");
+        assert_eq!(
+            endpoint_mac(id, Some("10.0.0.130".parse().unwrap())),
+            "02:42:0a:00:00:82"
+        );
+        assert_eq!(endpoint_mac(id, None), "02:01:23:45:67:89");
     }
 }
