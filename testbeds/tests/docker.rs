@@ -308,3 +308,143 @@ fn docker_networks_on_tenants_across_hosts() {
         assert_eq!(v["pools"], serde_json::json!({}), "{state}");
     }
 }
+
+/// With vswitchd in a cluster, the plugin's IPAM takes addresses from the tenant's cluster
+/// IPAM (`--ipam-opt tenant=`): unique across hosts without ranges split by hand, each held
+/// by the container's port, given back when the container goes.
+#[test]
+fn docker_addresses_from_the_cluster() {
+    if let Some(why) = missing_privileges() {
+        eprintln!("SKIPPED docker cluster test: {why}");
+        return;
+    }
+    assert!(
+        testbeds::docker::installed() && testbeds::etcd::installed(),
+        "docker.io or etcd is not installed: scripts/install-deps installs them"
+    );
+    let tmp = testbeds::scratch::Scratch::new(&std::env::temp_dir(), "docker-cluster").unwrap();
+    let mut ul = Underlay::new().unwrap();
+    let etcd = testbeds::etcd::EtcdCluster::start(
+        &mut ul,
+        &[Ipv4Addr::new(192, 168, 83, 100)],
+        &tmp.join("etcd"),
+    )
+    .unwrap();
+    let id = std::process::id() % 100_000;
+    let mut hosts: Vec<Host> = (1..=2u8)
+        .map(|n| {
+            let ip = Ipv4Addr::new(192, 168, 83, n);
+            Host {
+                ns: ul.host(&format!("dc{n}"), ip).unwrap(),
+                ip,
+                dir: tmp.join(format!("h{n}")),
+                vswitchd: None,
+                plugin: None,
+                name: format!("lv{id}c{n}"),
+            }
+        })
+        .collect();
+    for (i, h) in hosts.iter_mut().enumerate() {
+        let host = format!("h{}", i + 1);
+        h.vswitchd = Some(
+            start_vswitchd(
+                &h.ns,
+                h.ip.into(),
+                &h.dir.join("vs"),
+                &["--cluster", &etcd.endpoints(), "--host-name", &host],
+            )
+            .unwrap(),
+        );
+    }
+    hosts[0]
+        .switch()
+        .create(
+            "/v1/tenants",
+            r#"{"name":"a","vni":311,"subnet":"10.70.0.0/24"}"#,
+        )
+        .unwrap();
+    for h in &hosts {
+        until("the tenant on every host", SOON, || {
+            h.switch()
+                .request("GET", "/v1/tenants/a", None)
+                .is_ok_and(|(s, _)| s == 200)
+        })
+        .unwrap();
+    }
+    for h in &mut hosts {
+        h.start_plugin();
+    }
+    let dockers: Vec<Dockerd> = hosts
+        .iter()
+        .map(|h| Dockerd::start(&h.ns, &h.dir.join("docker")).unwrap())
+        .collect();
+    for (h, d) in hosts.iter().zip(&dockers) {
+        d.docker(&[
+            "network",
+            "create",
+            "--driver",
+            &h.name,
+            "--ipam-driver",
+            &h.name,
+            "--opt",
+            "tenant=a",
+            "--ipam-opt",
+            "tenant=a",
+            "neta",
+        ])
+        .unwrap();
+    }
+    let run = |d: &Dockerd, name: &str| {
+        d.docker(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "neta",
+            IMAGE,
+            "sleep",
+            "3600",
+        ])
+        .unwrap();
+        d.ip_of(name).unwrap()
+    };
+    let c1 = run(&dockers[0], "c1");
+    let c2 = run(&dockers[1], "c2");
+    assert_ne!(c1, c2, "the cluster handed out one address twice");
+    assert!(
+        c1.starts_with("10.70.0.") && c2.starts_with("10.70.0."),
+        "{c1} {c2}"
+    );
+    assert!(pings(&dockers[0], "c1", &c2), "c1 -> c2");
+    // Each address is held by its container's port.
+    let (_, body) = hosts[0]
+        .switch()
+        .request("GET", "/v1/tenants/a/addresses", None)
+        .unwrap();
+    let addresses: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let (_, ports) = hosts[0].switch().request("GET", "/v1/ports", None).unwrap();
+    let owner_of_c1 = addresses
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["ip"] == serde_json::json!(c1))
+        .map(|a| a["owner"].as_str().unwrap().to_owned())
+        .unwrap();
+    assert!(
+        ports.contains(&format!("\"name\":\"{owner_of_c1}\"")),
+        "{ports}"
+    );
+    for d in &dockers {
+        d.docker(&["rm", "-f", "c1", "c2"]).ok();
+        d.docker(&["network", "rm", "neta"]).unwrap();
+    }
+    let (_, body) = hosts[0]
+        .switch()
+        .request("GET", "/v1/tenants/a/addresses", None)
+        .unwrap();
+    assert_eq!(body, "[]", "addresses left in the cluster");
+    drop(dockers);
+    drop(hosts);
+    drop(etcd);
+}

@@ -161,6 +161,9 @@ pub struct TenantInfo {
     pub mac_moves: u64,
     /// Counters (rx: frames that entered the tenant).
     pub counters: CountersInfo,
+    /// Its subnet for cluster IPAM, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
 }
 
 /// A port as reported (`GET /v1/ports[/{name}]`).

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::json;
+use serde_json::{Value, json};
 use vswitch_api::PortSpec;
 
 use super::protocol::*;
@@ -223,7 +223,16 @@ async fn create_endpoint(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
     let mac = given_mac
         .clone()
         .unwrap_or_else(|| endpoint_mac(&req.endpoint_id, ipv4));
-    let (port, ifname) = port_names(&req.endpoint_id);
+    let (mut port, ifname) = port_names(&req.endpoint_id);
+    // An address of the cluster's IPAM names its port (vswitchd keeps addresses whose port
+    // exists).
+    if let Some(owner) = ipv4.and_then(|ip| {
+        p.state()
+            .cluster_owner(&tenant, std::net::IpAddr::V4(ip))
+            .map(str::to_owned)
+    }) {
+        port = owner;
+    }
     let mut labels = BTreeMap::new();
     labels.insert(LABEL_NETWORK.to_owned(), req.network_id.clone());
     labels.insert(LABEL_ENDPOINT.to_owned(), req.endpoint_id.clone());
@@ -324,8 +333,64 @@ async fn address_spaces() -> Reply {
     })
 }
 
+/// A random port name for a cluster address's owner (`dk` + 12 hex digits, as endpoint
+/// ports are named).
+fn owner_token() -> String {
+    use std::hash::BuildHasher;
+    let n = std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now());
+    format!("dk{:012x}", n & 0xffff_ffff_ffff)
+}
+
 async fn request_pool(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
     let req: RequestPool = body(&bytes)?;
+    // `--ipam-opt tenant=NAME` with vswitchd in a cluster: the tenant's cluster IPAM, unique
+    // across hosts, from the tenant's subnet.
+    if let Some(tenant) = req
+        .options
+        .as_ref()
+        .and_then(|o| o.get("tenant"))
+        .and_then(Value::as_str)
+    {
+        let info = p
+            .inner
+            .switch
+            .cluster()
+            .await
+            .map_err(|e| PluginError(format!("vswitchd: {e}")))?;
+        if info.mode == "cluster" {
+            let t = p
+                .inner
+                .switch
+                .tenant(tenant)
+                .await
+                .map_err(|e| PluginError(format!("tenant {tenant}: {e}")))?;
+            let subnet = t.subnet.ok_or_else(|| {
+                PluginError(format!("tenant {tenant} has no subnet for cluster IPAM"))
+            })?;
+            if let Some(asked) = req.pool.as_deref().filter(|s| !s.is_empty())
+                && asked != subnet
+            {
+                return Err(PluginError(format!(
+                    "--subnet {asked}: tenant {tenant}'s subnet is {subnet}"
+                )));
+            }
+            let _one = p.inner.changing.lock().await;
+            let id = {
+                let mut st = p.state();
+                let id = st.add_pool(&subnet, None)?;
+                if let Some(pool) = st.pools.get_mut(&id) {
+                    pool.cluster_tenant = Some(tenant.to_owned());
+                }
+                id
+            };
+            p.save()?;
+            return ok(PoolGranted {
+                pool_id: id,
+                pool: subnet,
+                data: BTreeMap::new(),
+            });
+        }
+    }
     let pool = req.pool.clone().filter(|s| !s.is_empty()).ok_or_else(|| {
         PluginError(
             "libvirtual's IPAM hands out addresses of the subnet given: docker network create \
@@ -355,6 +420,50 @@ async fn release_pool(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
 async fn request_address(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
     let req: AddressRequest = body(&bytes)?;
     let _one = p.inner.changing.lock().await;
+    let cluster = p
+        .state()
+        .pools
+        .get(&req.pool_id)
+        .and_then(|pool| Some((pool.cluster_tenant.clone()?, pool.pool)));
+    if let Some((tenant, net)) = cluster {
+        if req.is_gateway() {
+            // The subnet's first host address: kept free by cluster IPAM for the gateway.
+            let gw = net
+                .hosts()
+                .next()
+                .ok_or_else(|| PluginError(format!("{net} has no host")))?;
+            return ok(AddressGranted {
+                address: format!("{gw}/{}", net.prefix_len()),
+                data: BTreeMap::new(),
+            });
+        }
+        if req.address.as_deref().is_some_and(|a| !a.is_empty()) {
+            return Err(PluginError(
+                "cluster IPAM chooses the address (no --ip on a cluster network)".into(),
+            ));
+        }
+        let owner = owner_token();
+        let a = p
+            .inner
+            .switch
+            .allocate_address(&tenant, &owner)
+            .await
+            .map_err(|e| PluginError(format!("cluster IPAM of tenant {tenant}: {e}")))?;
+        if let Some(pool) = p.state().pools.get_mut(&req.pool_id) {
+            pool.owners.insert(a.ip, owner.clone());
+        }
+        if let Err(e) = p.save() {
+            let _ = p.inner.switch.release_address(&tenant, &owner).await;
+            if let Some(pool) = p.state().pools.get_mut(&req.pool_id) {
+                pool.owners.remove(&a.ip);
+            }
+            return Err(e);
+        }
+        return ok(AddressGranted {
+            address: format!("{}/{}", a.ip, a.prefix_len),
+            data: BTreeMap::new(),
+        });
+    }
     let address = p
         .state()
         .take_address(&req.pool_id, req.address.as_deref(), req.is_gateway())?;
@@ -368,6 +477,27 @@ async fn request_address(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
 async fn release_address(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
     let req: AddressRequest = body(&bytes)?;
     let _one = p.inner.changing.lock().await;
+    let ip: Option<std::net::IpAddr> = req
+        .address
+        .as_deref()
+        .and_then(|a| a.split('/').next()?.parse().ok());
+    let cluster = p
+        .state()
+        .pools
+        .get(&req.pool_id)
+        .and_then(|pool| Some((pool.cluster_tenant.clone()?, pool.owners.get(&ip?)?.clone())));
+    if let (Some((tenant, owner)), Some(ip)) = (cluster, ip) {
+        match p.inner.switch.release_address(&tenant, &owner).await {
+            Ok(()) => {}
+            Err(crate::Error::Api { code, .. }) if code == "not_found" => {}
+            Err(e) => return Err(PluginError(format!("releasing {ip}: {e}"))),
+        }
+        if let Some(pool) = p.state().pools.get_mut(&req.pool_id) {
+            pool.owners.remove(&ip);
+        }
+        p.save()?;
+        return ok(json!({}));
+    }
     if let Some(a) = req.address.as_deref() {
         p.state().release_address(&req.pool_id, a);
         p.save()?;

@@ -174,6 +174,8 @@ pub struct RequestPool {
     /// IPv6.
     #[serde(rename = "V6")]
     pub v6: bool,
+    /// `--ipam-opt k=v`.
+    pub options: Option<BTreeMap<String, Value>>,
 }
 
 /// `IpamDriver.RequestPool`'s answer.

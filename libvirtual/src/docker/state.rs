@@ -37,6 +37,13 @@ pub struct Pool {
     pub range: IpNet,
     /// Addresses handed out (the gateway included).
     pub taken: BTreeSet<IpAddr>,
+    /// The tenant whose cluster IPAM hands out the addresses (vswitchd in a cluster):
+    /// unique across hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_tenant: Option<String>,
+    /// Cluster addresses and their owners (the port each becomes).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub owners: BTreeMap<IpAddr, String>,
 }
 
 /// Everything the plugin persists.
@@ -115,9 +122,19 @@ impl State {
                 pool: net,
                 range,
                 taken: BTreeSet::new(),
+                cluster_tenant: None,
+                owners: BTreeMap::new(),
             },
         );
         Ok(id)
+    }
+
+    /// The owner (the port to be) of cluster address `ip` in `tenant`, if this plugin took it.
+    pub fn cluster_owner(&self, tenant: &str, ip: IpAddr) -> Option<&str> {
+        self.pools
+            .values()
+            .filter(|p| p.cluster_tenant.as_deref() == Some(tenant))
+            .find_map(|p| p.owners.get(&ip).map(String::as_str))
     }
 
     /// Takes an address of pool `id`: `wanted` if given (it must be free), else the gateway

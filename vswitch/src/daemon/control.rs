@@ -252,6 +252,7 @@ fn tenant_info(t: &TenantSwitch) -> TenantInfo {
             tx_bytes: 0,
             drops: drops_map(&c.drops),
         },
+        subnet: None,
     }
 }
 
@@ -547,6 +548,8 @@ impl Control {
                 .map(tenant_info)
                 .ok_or(Error::NoSuchTenant(name))
         })??;
+        let mut info = info;
+        info.subnet = spec.subnet.clone();
         tracing::info!(tenant = %info.name, vni = info.vni, mtu = info.mtu, "tenant created");
         self.state.tenants.push(spec);
         self.save()?;
@@ -582,14 +585,27 @@ impl Control {
             dp.switch().tenants().map(tenant_info).collect::<Vec<_>>()
         })?;
         v.sort_by(|a, b| a.name.cmp(&b.name));
+        for t in &mut v {
+            t.subnet = self.subnet_of(&t.name);
+        }
         Ok(v)
     }
 
     /// One tenant.
     pub fn tenant(&self, name: &str) -> Result<TenantInfo> {
         let n = name.to_owned();
-        call(&self.dp, move |dp| dp.switch().tenant(&n).map(tenant_info))?
-            .ok_or_else(|| ControlError::NotFound(format!("no tenant {name}")))
+        let mut info = call(&self.dp, move |dp| dp.switch().tenant(&n).map(tenant_info))?
+            .ok_or_else(|| ControlError::NotFound(format!("no tenant {name}")))?;
+        info.subnet = self.subnet_of(name);
+        Ok(info)
+    }
+
+    fn subnet_of(&self, tenant: &str) -> Option<String> {
+        self.state
+            .tenants
+            .iter()
+            .find(|t| t.name == tenant)
+            .and_then(|t| t.subnet.clone())
     }
 
     /// Creates a port: a TAP interface, or a vhost-user-net socket for a VM
