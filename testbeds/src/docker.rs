@@ -95,6 +95,11 @@ impl Dockerd {
                 "--shutdown-timeout",
                 "5",
             ])
+            // Its own namespaces in a containerd it may share (a system one, when running).
+            .arg("--containerd-namespace")
+            .arg(format!("lv{}", std::process::id()))
+            .arg("--containerd-plugins-namespace")
+            .arg(format!("lv{}p", std::process::id()))
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err));
         tie_to_parent(&mut cmd);

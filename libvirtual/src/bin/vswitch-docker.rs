@@ -63,7 +63,14 @@ fn serve(args: Args) -> anyhow::Result<()> {
     )
     .context("loading the plugin's state")?;
     let socket = args.plugin_dir.join(format!("{}.sock", args.name));
-    daemon_kit::runtime()?.block_on(daemon_kit::serve(
+    let runtime = daemon_kit::runtime()?;
+    // Ports of endpoints made by requests whose answers were lost go before Docker asks
+    // anything (best effort: vswitchd may not answer yet; they are found again next start).
+    match runtime.block_on(plugin.reconcile()) {
+        Ok(n) => tracing::info!(removed = n, "docker endpoints reconciled with vswitchd"),
+        Err(e) => tracing::warn!(error = %e, "could not reconcile docker endpoints with vswitchd"),
+    }
+    runtime.block_on(daemon_kit::serve(
         &socket,
         plugin.router(),
         "vswitch-docker",

@@ -101,12 +101,36 @@ impl Plugin {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Persists the state (atomically); a change is answered only once it is saved.
-    fn save(&self) -> Result<(), PluginError> {
-        let bytes =
-            serde_json::to_vec_pretty(&*self.state()).map_err(|e| PluginError(e.to_string()))?;
+    /// Makes a change of the state: on a copy, saved (atomically), and only then the state.
+    /// A change that fails, or whose save fails, leaves no trace. Callers hold `changing`.
+    fn change<R>(&self, f: impl FnOnce(&mut State) -> Result<R, String>) -> Result<R, PluginError> {
+        let mut next = self.state().clone();
+        let r = f(&mut next)?;
+        let bytes = serde_json::to_vec_pretty(&next).map_err(|e| PluginError(e.to_string()))?;
         daemon_kit::save_atomic(&self.inner.path, &bytes)
-            .map_err(|e| PluginError(format!("saving {}: {e}", self.inner.path.display())))
+            .map_err(|e| PluginError(format!("saving {}: {e}", self.inner.path.display())))?;
+        *self.state() = next;
+        Ok(r)
+    }
+
+    /// Deletes the ports of Docker endpoints this plugin does not know (made by a request
+    /// whose answer was lost, or left while vswitchd was away): run at start.
+    pub async fn reconcile(&self) -> Result<usize, crate::Error> {
+        let known: std::collections::BTreeSet<String> = self
+            .state()
+            .endpoints
+            .values()
+            .map(|e| e.port.clone())
+            .collect();
+        let mut removed = 0;
+        for port in self.inner.switch.ports().await? {
+            if port.spec.labels.contains_key(LABEL_ENDPOINT) && !known.contains(&port.spec.name) {
+                self.inner.switch.delete_port(&port.spec.name).await?;
+                tracing::info!(port = %port.spec.name, "port of an unknown docker endpoint deleted");
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// The routes Docker calls.
@@ -172,13 +196,15 @@ async fn create_network(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
         .await
         .map_err(|e| PluginError(format!("tenant {tenant}: {e}")))?;
     let _one = p.inner.changing.lock().await;
-    p.state().networks.insert(
-        req.network_id.clone(),
-        Network {
-            tenant: tenant.clone(),
-        },
-    );
-    p.save()?;
+    p.change(|st| {
+        st.networks.insert(
+            req.network_id.clone(),
+            Network {
+                tenant: tenant.clone(),
+            },
+        );
+        Ok(())
+    })?;
     tracing::info!(network = %req.network_id, tenant, "docker network created");
     ok(json!({}))
 }
@@ -186,8 +212,7 @@ async fn create_network(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
 async fn delete_network(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
     let req: NetworkRef = body(&bytes)?;
     let _one = p.inner.changing.lock().await;
-    if p.state().networks.remove(&req.network_id).is_some() {
-        p.save()?;
+    if p.change(|st| Ok(st.networks.remove(&req.network_id).is_some()))? {
         tracing::info!(network = %req.network_id, "docker network deleted");
     }
     ok(json!({}))
@@ -248,33 +273,58 @@ async fn create_endpoint(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
         labels,
     };
     let _one = p.inner.changing.lock().await;
-    p.inner
-        .switch
-        .create_port(&spec)
-        .await
-        .map_err(|e| PluginError(format!("port {port}: {e}")))?;
-    p.state().endpoints.insert(
-        req.endpoint_id.clone(),
-        Endpoint {
-            network: req.network_id.clone(),
-            port: port.clone(),
-            ifname,
-            mac: mac.clone(),
-        },
-    );
-    if let Err(e) = p.save() {
+    let reply = |mac: String| {
+        // Only what Docker did not decide: the MAC, when it had none.
+        ok(CreatedEndpoint {
+            interface: given_mac.is_none().then(|| EndpointInterface {
+                mac_address: Some(mac),
+                ..EndpointInterface::default()
+            }),
+        })
+    };
+    // Asked again (Docker retries a call whose answer it did not get): the same answer.
+    if let Some(ep) = p.state().endpoints.get(&req.endpoint_id).cloned() {
+        return reply(ep.mac);
+    }
+    match p.inner.switch.create_port(&spec).await {
+        Ok(_) => {}
+        Err(crate::Error::Api { code, .. }) if code == "conflict" => {
+            // Made by a call whose answer was lost: this endpoint's port is taken over;
+            // anyone else's is not.
+            let ours =
+                p.inner.switch.port(&port).await.is_ok_and(|info| {
+                    info.spec.labels.get(LABEL_ENDPOINT) == Some(&req.endpoint_id)
+                });
+            if !ours {
+                return Err(PluginError(format!(
+                    "port {port} exists and is not this endpoint's"
+                )));
+            }
+        }
+        Err(e) => {
+            // It may exist all the same (an answer lost to a timeout): never leave it.
+            let _ = p.inner.switch.delete_port(&port).await;
+            return Err(PluginError(format!("port {port}: {e}")));
+        }
+    }
+    let saved = p.change(|st| {
+        st.endpoints.insert(
+            req.endpoint_id.clone(),
+            Endpoint {
+                network: req.network_id.clone(),
+                port: port.clone(),
+                ifname,
+                mac: mac.clone(),
+            },
+        );
+        Ok(())
+    });
+    if let Err(e) = saved {
         let _ = p.inner.switch.delete_port(&port).await;
-        p.state().endpoints.remove(&req.endpoint_id);
         return Err(e);
     }
     tracing::info!(endpoint = %req.endpoint_id, port, "docker endpoint created");
-    // Only what Docker did not decide: the MAC, when it had none.
-    ok(CreatedEndpoint {
-        interface: given_mac.is_none().then(|| EndpointInterface {
-            mac_address: Some(mac),
-            ..EndpointInterface::default()
-        }),
-    })
+    reply(mac)
 }
 
 async fn delete_endpoint(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
@@ -288,8 +338,7 @@ async fn delete_endpoint(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
         Err(crate::Error::Api { code, .. }) if code == "not_found" => {}
         Err(e) => return Err(PluginError(format!("port {}: {e}", ep.port))),
     }
-    p.state().endpoints.remove(&req.endpoint_id);
-    p.save()?;
+    p.change(|st| Ok(st.endpoints.remove(&req.endpoint_id)))?;
     tracing::info!(endpoint = %req.endpoint_id, port = %ep.port, "docker endpoint deleted");
     ok(json!({}))
 }
@@ -375,15 +424,13 @@ async fn request_pool(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
                 )));
             }
             let _one = p.inner.changing.lock().await;
-            let id = {
-                let mut st = p.state();
+            let id = p.change(|st| {
                 let id = st.add_pool(&subnet, None)?;
                 if let Some(pool) = st.pools.get_mut(&id) {
                     pool.cluster_tenant = Some(tenant.to_owned());
                 }
-                id
-            };
-            p.save()?;
+                Ok(id)
+            })?;
             return ok(PoolGranted {
                 pool_id: id,
                 pool: subnet,
@@ -399,8 +446,7 @@ async fn request_pool(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
         )
     })?;
     let _one = p.inner.changing.lock().await;
-    let id = p.state().add_pool(&pool, req.sub_pool.as_deref())?;
-    p.save()?;
+    let id = p.change(|st| st.add_pool(&pool, req.sub_pool.as_deref()))?;
     ok(PoolGranted {
         pool_id: id,
         pool,
@@ -411,9 +457,7 @@ async fn request_pool(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
 async fn release_pool(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
     let req: ReleasePool = body(&bytes)?;
     let _one = p.inner.changing.lock().await;
-    if p.state().pools.remove(&req.pool_id).is_some() {
-        p.save()?;
-    }
+    p.change(|st| Ok(st.pools.remove(&req.pool_id)))?;
     ok(json!({}))
 }
 
@@ -449,14 +493,14 @@ async fn request_address(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
             .allocate_address(&tenant, &owner)
             .await
             .map_err(|e| PluginError(format!("cluster IPAM of tenant {tenant}: {e}")))?;
-        if let Some(pool) = p.state().pools.get_mut(&req.pool_id) {
-            pool.owners.insert(a.ip, owner.clone());
-        }
-        if let Err(e) = p.save() {
-            let _ = p.inner.switch.release_address(&tenant, &owner).await;
-            if let Some(pool) = p.state().pools.get_mut(&req.pool_id) {
-                pool.owners.remove(&a.ip);
+        let saved = p.change(|st| {
+            if let Some(pool) = st.pools.get_mut(&req.pool_id) {
+                pool.owners.insert(a.ip, owner.clone());
             }
+            Ok(())
+        });
+        if let Err(e) = saved {
+            let _ = p.inner.switch.release_address(&tenant, &owner).await;
             return Err(e);
         }
         return ok(AddressGranted {
@@ -464,10 +508,8 @@ async fn request_address(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
             data: BTreeMap::new(),
         });
     }
-    let address = p
-        .state()
-        .take_address(&req.pool_id, req.address.as_deref(), req.is_gateway())?;
-    p.save()?;
+    let address =
+        p.change(|st| st.take_address(&req.pool_id, req.address.as_deref(), req.is_gateway()))?;
     ok(AddressGranted {
         address,
         data: BTreeMap::new(),
@@ -492,15 +534,19 @@ async fn release_address(Extract(p): Extract<Plugin>, bytes: Bytes) -> Reply {
             Err(crate::Error::Api { code, .. }) if code == "not_found" => {}
             Err(e) => return Err(PluginError(format!("releasing {ip}: {e}"))),
         }
-        if let Some(pool) = p.state().pools.get_mut(&req.pool_id) {
-            pool.owners.remove(&ip);
-        }
-        p.save()?;
+        p.change(|st| {
+            if let Some(pool) = st.pools.get_mut(&req.pool_id) {
+                pool.owners.remove(&ip);
+            }
+            Ok(())
+        })?;
         return ok(json!({}));
     }
     if let Some(a) = req.address.as_deref() {
-        p.state().release_address(&req.pool_id, a);
-        p.save()?;
+        p.change(|st| {
+            st.release_address(&req.pool_id, a);
+            Ok(())
+        })?;
     }
     ok(json!({}))
 }

@@ -150,7 +150,14 @@ impl State {
             .pools
             .get_mut(id)
             .ok_or_else(|| format!("no pool {id}"))?;
-        let first_host = pool.pool.hosts().next();
+        // The gateway: the address after the network's (also for IPv6, where `hosts()`
+        // would start at the subnet-router anycast address). IPv4's network and broadcast
+        // addresses are nobody's.
+        let gw = nth(pool.pool, 1);
+        let reserved = |ip: &IpAddr| match pool.pool {
+            IpNet::V4(v4) => *ip == IpAddr::V4(v4.network()) || *ip == IpAddr::V4(v4.broadcast()),
+            IpNet::V6(v6) => *ip == IpAddr::V6(v6.network()),
+        };
         let ip = match wanted.filter(|w| !w.is_empty()) {
             Some(w) => {
                 let ip: IpAddr = w
@@ -159,20 +166,18 @@ impl State {
                     .unwrap_or(w)
                     .parse()
                     .map_err(|_| format!("{w:?} is not an address"))?;
-                if !pool.pool.contains(&ip) {
-                    return Err(format!("{ip} is not in {}", pool.pool));
+                if !pool.pool.contains(&ip) || reserved(&ip) {
+                    return Err(format!("{ip} is not a host address of {}", pool.pool));
                 }
                 if pool.taken.contains(&ip) {
                     return Err(format!("{ip} is taken"));
                 }
                 ip
             }
-            None if gateway => first_host.ok_or_else(|| format!("{} has no host", pool.pool))?,
-            None => pool
-                .range
-                .hosts()
-                .take(1 << 20)
-                .find(|ip| Some(*ip) != first_host && !pool.taken.contains(ip))
+            None if gateway => gw.ok_or_else(|| format!("{} has no host", pool.pool))?,
+            None => (0..1u128 << 20)
+                .map_while(|n| nth(pool.range, n))
+                .find(|ip| Some(*ip) != gw && !reserved(ip) && !pool.taken.contains(ip))
                 .ok_or_else(|| format!("no free address in {}", pool.range))?,
         };
         pool.taken.insert(ip);
@@ -188,6 +193,18 @@ impl State {
     }
 }
 
+/// The `n`th address of `net` (0: its network address), if it is in `net`.
+fn nth(net: IpNet, n: u128) -> Option<IpAddr> {
+    let ip = match net {
+        IpNet::V4(v4) => {
+            let n = u32::try_from(n).ok()?;
+            IpAddr::V4(u32::from(v4.network()).checked_add(n)?.into())
+        }
+        IpNet::V6(v6) => IpAddr::V6(u128::from(v6.network()).checked_add(n)?.into()),
+    };
+    net.contains(&ip).then_some(ip)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,8 +214,8 @@ mod tests {
         let mut s = State::default();
         let a = s.add_pool("10.0.0.0/24", Some("10.0.0.128/25")).unwrap();
         assert_eq!(s.take_address(&a, None, true).unwrap(), "10.0.0.1/24");
+        assert_eq!(s.take_address(&a, None, false).unwrap(), "10.0.0.128/24");
         assert_eq!(s.take_address(&a, None, false).unwrap(), "10.0.0.129/24");
-        assert_eq!(s.take_address(&a, None, false).unwrap(), "10.0.0.130/24");
         assert!(s.take_address(&a, Some("10.0.0.129"), false).is_err());
         assert_eq!(
             s.take_address(&a, Some("10.0.0.7"), false).unwrap(),
@@ -215,6 +232,20 @@ mod tests {
         let small = s.add_pool("10.9.0.0/30", None).unwrap();
         assert_eq!(s.take_address(&small, None, false).unwrap(), "10.9.0.2/30");
         assert!(s.take_address(&small, None, false).is_err(), "full");
+        // A range's own first and last addresses are hosts of the pool.
+        let r = s.add_pool("10.1.0.0/24", Some("10.1.0.64/26")).unwrap();
+        assert_eq!(s.take_address(&r, None, false).unwrap(), "10.1.0.64/24");
+        assert!(
+            s.take_address(&r, Some("10.1.0.255"), false).is_err(),
+            "broadcast"
+        );
+        assert!(
+            s.take_address(&r, Some("10.1.0.0"), false).is_err(),
+            "network"
+        );
+        let v6 = s.add_pool("fd00::/64", None).unwrap();
+        assert_eq!(s.take_address(&v6, None, true).unwrap(), "fd00::1/64");
+        assert_eq!(s.take_address(&v6, None, false).unwrap(), "fd00::2/64");
     }
 
     #[test]

@@ -180,7 +180,9 @@ pub fn port_config(spec: &PortSpec) -> Result<PortConfig> {
                 .into(),
         ));
     }
-    if let Some(ifname) = &spec.ifname {
+    if let (Some(ifname), "veth", None) = (&spec.ifname, spec.kind.as_str(), &spec.netns) {
+        // It stays in the switch's own namespace: a name that cannot clash with anything
+        // the daemon makes or names there.
         daemon_kit::names::check_port_name(ifname)
             .map_err(|e| ControlError::Invalid(format!("ifname: {e}")))?;
     }
@@ -791,7 +793,10 @@ impl Control {
             let ifname = p.ifname.clone().unwrap_or_else(|| p.name.clone());
             let resized = match (p.kind.as_str(), &p.netns) {
                 ("vhost-user-net", _) => continue,
-                ("veth", None) => set_mtu(&p.name, mtu),
+                ("veth", None) => set_mtu(&p.name, mtu).map(|()| {
+                    // The other end, while it is still here (a runtime moves it on).
+                    let _ = set_mtu(&ifname, mtu);
+                }),
                 ("veth", Some(ns)) => set_mtu(&p.name, mtu).and_then(|()| {
                     in_netns(Some(open_netns(std::path::Path::new(ns))?), move || {
                         set_mtu(&ifname, mtu)
