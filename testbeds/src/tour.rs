@@ -122,6 +122,19 @@ pub struct TourReport {
     pub scratch: PathBuf,
     /// What `vctl status` printed on h1 with the VM attached.
     pub status: String,
+    /// The Docker container on tenant a (when Docker is installed).
+    pub docker: Option<DockerReport>,
+}
+
+/// A Docker container attached through `vswitch-docker`, and whom it reached.
+#[derive(Clone, Debug)]
+pub struct DockerReport {
+    /// Display name, e.g. `d2@h2`.
+    pub name: String,
+    /// Its address (from the cluster's IPAM).
+    pub ip: Ipv4Addr,
+    /// Each target it pinged and the endpoint that answered (by the MAC it resolved).
+    pub answers: Vec<(Ipv4Addr, Option<usize>)>,
 }
 
 impl TourReport {
@@ -129,7 +142,14 @@ impl TourReport {
     /// read and wrote its clone through vblockd, and the clone left the golden image alone.
     pub fn passed(&self) -> bool {
         let s = &self.storage;
-        self.isolation_holds()
+        let docker_ok = self.docker.as_ref().is_none_or(|d| {
+            !d.answers.is_empty()
+                && d.answers
+                    .iter()
+                    .all(|(_, a)| a.is_some_and(|j| self.endpoints[j].tenant == "a"))
+        });
+        docker_ok
+            && self.isolation_holds()
             && s.golden_untouched
             && s.clone_own > 0
             && s.clone_io.reads > 0
@@ -325,9 +345,30 @@ pub fn run(opts: &TourOptions, say: &mut dyn FnMut(&str)) -> Result<TourReport, 
             other => return Err(Error::Setup(format!("the VM got {other}"))),
         };
         let targets = target_addresses(&containers, vm_ip);
+        let docker = if crate::docker::installed() {
+            Some(docker_container(&hosts[1], dir.path(), say)?)
+        } else {
+            say("Docker is not installed (scripts/install-deps installs docker.io): skipped");
+            None
+        };
+        check()?;
         let outcome = vm_and_matrix(&hosts[0], &image, &containers, &targets, dir.path(), say)
             .map(|m| (m, targets.clone()))
             .and_then(|m| Ok((m, counters(&hosts)?, vctl_status(&hosts[0])?)));
+        // Docker's container pings tenant a's containers (the VM is gone by now).
+        let docker = match (docker, &outcome) {
+            (Some(d), Ok((((endpoints, _, _), _), _, _))) => {
+                let report = docker_answers(&d, &targets[..targets.len() - 1], endpoints);
+                d.stop();
+                Some(report)
+            }
+            (Some(d), Err(_)) => {
+                d.stop();
+                None
+            }
+            (None, _) => None,
+        };
+        let outcome = outcome.map(|o| (o, docker));
         // Plain namespaces are detached as a runtime would (CNI DEL); podman's go with it.
         for c in &containers {
             if let Some(conf) = &c.conf {
@@ -339,7 +380,7 @@ pub fn run(opts: &TourOptions, say: &mut dyn FnMut(&str)) -> Result<TourReport, 
         outcome
     })();
     drop(pm);
-    let (((endpoints, answers, vm_log), targets), counters, status) = result?;
+    let ((((endpoints, answers, vm_log), targets), counters, status), docker) = result?;
     lap("VM boot and connectivity", &mut phases);
 
     storage_after_vm(&hosts[0], &mut storage)?;
@@ -367,7 +408,119 @@ pub fn run(opts: &TourOptions, say: &mut dyn FnMut(&str)) -> Result<TourReport, 
         namespaces,
         scratch,
         status,
+        docker,
     })
+}
+
+/// Docker on a host: its dockerd, the plugin, and a container on tenant a.
+struct DockerBed {
+    plugin: Daemon,
+    plugin_socket: PathBuf,
+    dockerd: crate::docker::Dockerd,
+    name: String,
+    ip: Ipv4Addr,
+}
+
+impl DockerBed {
+    /// Stops the container, dockerd and the plugin (which takes its socket along).
+    fn stop(mut self) {
+        let _ = self.dockerd.docker(&["rm", "-f", "d2"]);
+        let _ = self.dockerd.docker(&["network", "rm", "tenant-a"]);
+        drop(self.dockerd);
+        self.plugin.terminate();
+        let _ = std::fs::remove_file(&self.plugin_socket);
+    }
+}
+
+/// A private dockerd on `host` with the `vswitch-docker` plugin, and a Docker container
+/// `d2` on tenant a whose address comes from the cluster.
+fn docker_container(
+    host: &Host,
+    dir: &Path,
+    say: &mut dyn FnMut(&str),
+) -> Result<DockerBed, Error> {
+    let name = format!("lvdemo{}", std::process::id() % 1_000_000);
+    let plugin_socket = PathBuf::from(format!("/run/docker/plugins/{name}.sock"));
+    let args: Vec<String> = vec![
+        "--name".into(),
+        name.clone(),
+        "--socket".into(),
+        host.switch_socket().display().to_string(),
+        "--state-dir".into(),
+        dir.join("docker-plugin").display().to_string(),
+    ];
+    let plugin = Daemon::start(
+        &host.ns,
+        &workspace_binary("vswitch-docker")?,
+        &args,
+        plugin_socket.clone(),
+    )?;
+    let dockerd = crate::docker::Dockerd::start(&host.ns, &dir.join("docker"))?;
+    dockerd.docker(&[
+        "network",
+        "create",
+        "--driver",
+        &name,
+        "--ipam-driver",
+        &name,
+        "--opt",
+        "tenant=a",
+        "--ipam-opt",
+        "tenant=a",
+        "tenant-a",
+    ])?;
+    dockerd.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "d2",
+        "--network",
+        "tenant-a",
+        crate::docker::IMAGE,
+        "sleep",
+        "3600",
+    ])?;
+    let ip: Ipv4Addr = dockerd
+        .ip_of("d2")?
+        .parse()
+        .map_err(|_| Error::Setup("the Docker container has no address".into()))?;
+    say(&format!(
+        "Docker: dockerd 20.10 + vswitch-docker on h2, container d2@h2 tenant a -> {ip} (cluster IPAM)"
+    ));
+    Ok(DockerBed {
+        plugin,
+        plugin_socket,
+        dockerd,
+        name: "d2@h2".into(),
+        ip,
+    })
+}
+
+/// Whom the Docker container reaches among `targets`, by the MAC it resolved.
+fn docker_answers(d: &DockerBed, targets: &[Ipv4Addr], endpoints: &[Endpoint]) -> DockerReport {
+    let answers = targets
+        .iter()
+        .map(|t| {
+            let t_s = t.to_string();
+            let answered = d
+                .dockerd
+                .succeeds(&["exec", "d2", "ping", "-c", "1", "-W", "3", &t_s]);
+            let who = answered
+                .then(|| {
+                    d.dockerd
+                        .docker(&["exec", "d2", "ip", "neigh", "show", &t_s])
+                        .ok()
+                })
+                .flatten()
+                .and_then(|n| endpoints.iter().position(|e| n.contains(&e.mac)));
+            (*t, who)
+        })
+        .collect();
+    DockerReport {
+        name: d.name.clone(),
+        ip: d.ip,
+        answers,
+    }
 }
 
 /// The addresses everybody pings: tenant a's container on each host, and the VM. Tenant b's

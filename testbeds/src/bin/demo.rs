@@ -294,6 +294,17 @@ fn print_report(r: &TourReport) {
         "  {}: every endpoint reaches its own tenant on both hosts and nothing of the other",
         if r.isolation_holds() { "PASS" } else { "FAIL" }
     );
+    if let Some(d) = &r.docker {
+        let cells: Vec<String> = d
+            .answers
+            .iter()
+            .map(|(ip, who)| match who {
+                Some(j) => format!("{ip} {} ({})", r.endpoints[*j].name, r.endpoints[*j].tenant),
+                None => format!("{ip} -"),
+            })
+            .collect();
+        println!("  Docker {} (a, {}): {}", d.name, d.ip, cells.join(", "));
+    }
     println!(
         "  containers: {}",
         match r.containers {
