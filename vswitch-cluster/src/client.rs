@@ -486,17 +486,8 @@ impl Cluster {
             let Ok(r) = serde_json::from_slice::<AddressRecord>(kv.value()) else {
                 continue;
             };
-            if r.owner == owner && r.host == *host {
-                let txn = Txn::new()
-                    .when([Compare::mod_revision(
-                        kv.key(),
-                        CompareOp::Equal,
-                        kv.mod_revision(),
-                    )])
-                    .and_then([TxnOp::delete(kv.key(), None)]);
-                if timed(client.txn(txn)).await?.succeeded() {
-                    released += 1;
-                }
+            if r.owner == owner && r.host == *host && delete_unchanged(&mut client, kv).await? {
+                released += 1;
             }
         }
         Ok(released)
@@ -560,6 +551,19 @@ impl Cluster {
         }
         Ok((taken, mine))
     }
+}
+
+/// Deletes `kv`'s key if it is still as read (no one changed it since); returns whether it
+/// did.
+async fn delete_unchanged(client: &mut Client, kv: &etcd_client::KeyValue) -> Result<bool, Error> {
+    let txn = Txn::new()
+        .when([Compare::mod_revision(
+            kv.key(),
+            CompareOp::Equal,
+            kv.mod_revision(),
+        )])
+        .and_then([TxnOp::delete(kv.key(), None)]);
+    Ok(timed(client.txn(txn)).await?.succeeded())
 }
 
 fn etcd(e: etcd_client::Error) -> Error {
@@ -930,17 +934,8 @@ async fn collect_garbage_once(inner: &Inner, client: &mut Client) -> Result<(), 
             continue;
         }
         let in_use = lock(&inner.local).contains_key(&(tenant.clone(), r.owner.clone()));
-        if !in_use {
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    kv.key(),
-                    CompareOp::Equal,
-                    kv.mod_revision(),
-                )])
-                .and_then([TxnOp::delete(kv.key(), None)]);
-            if timed(client.txn(txn)).await?.succeeded() {
-                tracing::info!(tenant, address = %ip, owner = %r.owner, "address of a port that is gone reclaimed");
-            }
+        if !in_use && delete_unchanged(client, kv).await? {
+            tracing::info!(tenant, address = %ip, owner = %r.owner, "address of a port that is gone reclaimed");
         }
     }
     Ok(())
