@@ -364,49 +364,73 @@ impl KernelHost {
 /// UDP source ports, until stopped.
 pub struct SourcePortWatch {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Result<std::collections::BTreeSet<u16>, Error>>>,
+    thread: Option<std::thread::JoinHandle<std::collections::BTreeSet<u16>>>,
+}
+
+/// Watches every link of the underlay's bridge on a thread until `stop` is set, calling
+/// `seen(state, source_port, payload)` for each VXLAN datagram (UDP to port 4789); the thread
+/// returns the state.
+fn watch_vxlan<T: Send + 'static>(
+    underlay: &Underlay,
+    state: T,
+    mut seen: impl FnMut(&mut T, u16, &[u8]) + Send + 'static,
+) -> Result<
+    (
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<T>,
+    ),
+    Error,
+> {
+    use std::os::fd::AsRawFd;
+    // Every port of the bridge, blocking (the thread polls it).
+    let fd = underlay.ns.enter(|| {
+        crate::transport::packet_socket(0, false)
+            .map_err(|e| Error::Io("AF_PACKET socket on the underlay".into(), e))
+    })?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let thread = std::thread::spawn(move || {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let mut state = state;
+        let mut buf = vec![0u8; 65536];
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+            if !matches!(poll(&mut fds, PollTimeout::from(100u16)), Ok(n) if n > 0) {
+                continue;
+            }
+            // SAFETY: the buffer is valid for writes of its length.
+            let n = unsafe {
+                libc::recv(
+                    fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            let Ok(n) = usize::try_from(n) else { continue };
+            if let Ok(p) = etherparse::SlicedPacket::from_ethernet(&buf[..n])
+                && let Some(etherparse::TransportSlice::Udp(udp)) = p.transport
+                && udp.destination_port() == overlay_net::VXLAN_PORT
+            {
+                seen(&mut state, udp.source_port(), udp.payload());
+            }
+        }
+        state
+    });
+    Ok((stop, thread))
 }
 
 impl SourcePortWatch {
     /// Starts watching the links of the underlay's bridge.
     pub fn start(underlay: &Underlay) -> Result<SourcePortWatch, Error> {
-        use std::os::fd::AsRawFd;
-        // Every port of the bridge, blocking (the thread polls it).
-        let fd = underlay.ns.enter(|| {
-            crate::transport::packet_socket(0, false)
-                .map_err(|e| Error::Io("AF_PACKET socket on the underlay".into(), e))
-        })?;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopped = stop.clone();
-        let thread = std::thread::spawn(move || {
-            use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-            use std::os::fd::AsFd;
-            let mut ports = std::collections::BTreeSet::new();
-            let mut buf = vec![0u8; 65536];
-            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-                if !matches!(poll(&mut fds, PollTimeout::from(100u16)), Ok(n) if n > 0) {
-                    continue;
-                }
-                // SAFETY: the buffer is valid for writes of its length.
-                let n = unsafe {
-                    libc::recv(
-                        fd.as_raw_fd(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        libc::MSG_DONTWAIT,
-                    )
-                };
-                let Ok(n) = usize::try_from(n) else { continue };
-                if let Ok(p) = etherparse::SlicedPacket::from_ethernet(&buf[..n])
-                    && let Some(etherparse::TransportSlice::Udp(udp)) = p.transport
-                    && udp.destination_port() == overlay_net::VXLAN_PORT
-                {
-                    ports.insert(udp.source_port());
-                }
-            }
-            Ok(ports)
-        });
+        let (stop, thread) = watch_vxlan(
+            underlay,
+            std::collections::BTreeSet::new(),
+            |ports, source, _| {
+                ports.insert(source);
+            },
+        )?;
         Ok(SourcePortWatch {
             stop,
             thread: Some(thread),
@@ -420,7 +444,7 @@ impl SourcePortWatch {
             .take()
             .ok_or_else(|| Error::Setup("watch already finished".into()))?
             .join()
-            .map_err(|_| Error::Setup("watch thread panicked".into()))?
+            .map_err(|_| Error::Setup("watch thread panicked".into()))
     }
 }
 
@@ -444,57 +468,20 @@ pub struct ArpWatch {
 impl ArpWatch {
     /// Starts watching the links of the underlay's bridge.
     pub fn start(underlay: &Underlay) -> Result<ArpWatch, Error> {
-        use std::os::fd::AsRawFd;
-        let fd = underlay.ns.enter(|| {
-            crate::transport::packet_socket(0, false)
-                .map_err(|e| Error::Io("AF_PACKET socket on the underlay".into(), e))
-        })?;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopped = stop.clone();
-        let thread = std::thread::spawn(move || {
-            use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-            use std::os::fd::AsFd;
-            let (mut vxlan, mut arp) = (0u64, 0u64);
-            let mut buf = vec![0u8; 65536];
-            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-                if !matches!(poll(&mut fds, PollTimeout::from(100u16)), Ok(n) if n > 0) {
-                    continue;
-                }
-                // SAFETY: the buffer is valid for writes of its length.
-                let n = unsafe {
-                    libc::recv(
-                        fd.as_raw_fd(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        libc::MSG_DONTWAIT,
-                    )
-                };
-                let Ok(n) = usize::try_from(n) else { continue };
-                let Ok(p) = etherparse::SlicedPacket::from_ethernet(&buf[..n]) else {
-                    continue;
-                };
-                let Some(etherparse::TransportSlice::Udp(udp)) = p.transport else {
-                    continue;
-                };
-                if udp.destination_port() != overlay_net::VXLAN_PORT {
-                    continue;
-                }
-                vxlan += 1;
-                let Some(inner) = udp.payload().get(8..) else {
-                    continue;
-                };
-                if let Ok(view) = overlay_net::FrameView::parse(inner)
-                    && view.destination.is_broadcast()
-                    && let overlay_net::frame::Network::Arp(a) = view.network
-                    && a.operation == 1
-                    && a.sender_ip != a.target_ip
-                {
-                    arp += 1;
-                }
+        let (stop, thread) = watch_vxlan(underlay, (0u64, 0u64), |(vxlan, arp), _, payload| {
+            *vxlan += 1;
+            let Some(inner) = payload.get(8..) else {
+                return;
+            };
+            if let Ok(view) = overlay_net::FrameView::parse(inner)
+                && view.destination.is_broadcast()
+                && let overlay_net::frame::Network::Arp(a) = view.network
+                && a.operation == 1
+                && a.sender_ip != a.target_ip
+            {
+                *arp += 1;
             }
-            (vxlan, arp)
-        });
+        })?;
         Ok(ArpWatch {
             stop,
             thread: Some(thread),
