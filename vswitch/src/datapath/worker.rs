@@ -148,7 +148,8 @@ pub(super) struct Worker {
     tally: Tally,
     scratch: Box<[u8]>,
     gro: TcpCoalescer,
-    /// Frames of a burst bound for guests: (index in `targets`, index in `pending`).
+    /// Frames of a burst bound for guests: (index in `ports`, index in `pending` or of the
+    /// uplink datagram).
     vhost_out: Vec<(usize, usize)>,
 }
 
@@ -224,7 +225,7 @@ impl Worker {
             offloads: Vec::with_capacity(BATCH),
             targets: Vec::with_capacity(4 * BATCH),
             ports: BurstPorts::default(),
-            vhost_out: Vec::with_capacity(4 * BATCH),
+            vhost_out: Vec::with_capacity(8 * BATCH),
             flood: Vec::with_capacity(64),
             tally: Tally {
                 events: Vec::with_capacity(4 * BATCH),
@@ -553,6 +554,7 @@ impl Worker {
             tally,
             gro,
             offloads,
+            vhost_out,
             ..
         } = self;
         let Some(up) = uplinks.get_mut(index) else {
@@ -638,6 +640,7 @@ impl Worker {
                 // A super-frame goes on whole, with its offload header (ports that cannot
                 // take it — a guest without TSO — get it cut).
                 flush_gro(gro, &mut gro_dest, tally, lane);
+                deliver_uplink_run(vhost_out, ports, up, tally, lane);
                 let header = tso_header(&c);
                 let payload = Payload::Offloaded {
                     frame: inner,
@@ -659,12 +662,21 @@ impl Worker {
                 }
                 flush_gro(gro, &mut gro_dest, tally, lane);
                 if gro.push(inner) {
+                    // Frames for guests before it go first (each port's frames in order).
+                    deliver_uplink_run(vhost_out, ports, up, tally, lane);
                     gro_dest = Some((vni, q, tap.clone()));
+                    continue;
+                }
+                if matches!(tap, Endpoint::Vhost(_)) {
+                    // One guest's frames go in as a run: one ring update and one
+                    // notification for all of them, not one per frame.
+                    vhost_out.push((*k, i));
                     continue;
                 }
             } else {
                 flush_gro(gro, &mut gro_dest, tally, lane);
             }
+            deliver_uplink_run(vhost_out, ports, up, tally, lane);
             for target in dests {
                 if let Target::Local(k) = *target {
                     let (q, tap) = ports.get(k);
@@ -673,6 +685,7 @@ impl Worker {
             }
         }
         flush_gro(gro, &mut gro_dest, tally, lane);
+        deliver_uplink_run(vhost_out, ports, up, tally, lane);
         ports.end_burst();
         targets.clear();
 
@@ -717,6 +730,46 @@ fn deliver_to_guests(
         });
     }
     out.clear();
+}
+
+/// Writes plain frames of an uplink batch bound for guests (`run`: index in `ports`, index of
+/// the datagram), each guest's under one lock, in the order they came; counts them.
+fn deliver_uplink_run(
+    run: &mut Vec<(usize, usize)>,
+    ports: &BurstPorts,
+    up: &Uplink,
+    tally: &mut Tally,
+    lane: usize,
+) {
+    const PLAIN: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+    if run.is_empty() {
+        return;
+    }
+    // Stable: each guest's frames stay in order.
+    if !run.is_sorted_by_key(|&(k, _)| k) {
+        run.sort_by_key(|&(k, _)| k);
+    }
+    let inner = |i: usize| match up.datagram(i) {
+        Some((Ok((vni, inner)), _)) => Some((vni, inner)),
+        _ => None,
+    };
+    for group in run.chunk_by(|a, b| a.0 == b.0) {
+        let (q, Endpoint::Vhost(v)) = ports.get(group[0].0) else {
+            continue;
+        };
+        let mut frames = group.iter().filter_map(|&(_, i)| inner(i));
+        let mut counted = frames.clone();
+        v.deliver_burst(lane, frames.by_ref().map(|(_, f)| (&PLAIN, f)), |result| {
+            let Some((vni, f)) = counted.next() else {
+                return;
+            };
+            match result {
+                Ok(()) => tally.tx(vni, q, f.len()),
+                Err(e) => tally.drop(vni, Some(q), send_failure(&e)),
+            }
+        });
+    }
+    run.clear();
 }
 
 /// Writes what the coalescer holds to its port: one frame, with a TCP segmentation offload
