@@ -21,11 +21,27 @@ fn jumbo(v6: bool) -> Encapsulator {
     Encapsulator::new(&cfg).unwrap_or_else(|_| encapsulator(v6))
 }
 
+fn jumbo_zero_checksum() -> Encapsulator {
+    let mut cfg = tunnel(true);
+    cfg.underlay_mtu = 9000;
+    cfg.udp6_zero_checksum = true;
+    Encapsulator::new(&cfg).unwrap_or_else(|_| encapsulator(true))
+}
+
 fn encap_decap(c: &mut Criterion) {
     let vni = Vni::new(42).unwrap();
-    for v6 in [false, true] {
-        let fam = if v6 { "ipv6" } else { "ipv4" };
-        let enc = jumbo(v6);
+    // IPv6 twice: with the UDP checksum, and with a zero one (RFC 6935, `udp6zerocsumtx`).
+    for (v6, zero) in [(false, false), (true, false), (true, true)] {
+        let fam = match (v6, zero) {
+            (false, _) => "ipv4",
+            (true, false) => "ipv6",
+            (true, true) => "ipv6-zero-csum",
+        };
+        let enc = if zero {
+            jumbo_zero_checksum()
+        } else {
+            jumbo(v6)
+        };
         let h = enc.header_len();
         for size in SIZES {
             let inner = inner_udp_frame(size);
@@ -41,7 +57,10 @@ fn encap_decap(c: &mut Criterion) {
             });
             let n = enc.encap_in_place(vni, &mut buf, size).unwrap();
             let outer = buf[..n].to_vec();
-            let cfg = DecapConfig::default();
+            let cfg = DecapConfig {
+                accept_zero_udp6_checksum: zero,
+                ..DecapConfig::default()
+            };
             g.bench_function("decap", |b| {
                 b.iter(|| decapsulate(black_box(&outer), &cfg).unwrap().vni)
             });

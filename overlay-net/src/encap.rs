@@ -4,7 +4,9 @@
 //! lengths, the checksums, the UDP source port and the VNI. [`Encapsulator::new`] builds the
 //! template once with `etherparse`; each packet then copies 50 (IPv4) or 70 (IPv6) bytes and
 //! patches those fields. IPv4: DF set, UDP checksum zero (allowed by RFC 7348). IPv6: the UDP
-//! checksum is computed (Linux drops zero-checksum IPv6 UDP by default, RFC 8200 §8.1).
+//! checksum is computed (Linux drops zero-checksum IPv6 UDP by default, RFC 8200 §8.1), unless
+//! the tunnel is configured for zero checksums (RFC 6935/6936, Linux vxlan's `udp6zerocsumtx`),
+//! which saves summing the whole datagram.
 
 use std::net::IpAddr;
 
@@ -35,6 +37,9 @@ pub struct TunnelConfig {
     pub ttl: u8,
     /// L3 MTU of the underlay (default 1500).
     pub underlay_mtu: u16,
+    /// IPv6: send a zero UDP checksum (RFC 6935; the peer must accept it, as Linux does with
+    /// `udp6zerocsumrx`). Default off. IPv4 always sends zero (RFC 7348).
+    pub udp6_zero_checksum: bool,
 }
 
 impl TunnelConfig {
@@ -53,6 +58,7 @@ impl TunnelConfig {
             udp_port: VXLAN_PORT,
             ttl: 64,
             underlay_mtu: 1500,
+            udp6_zero_checksum: false,
         }
     }
 }
@@ -69,6 +75,7 @@ pub struct Encapsulator {
     /// IPv4: `partial_sum` folded to 16 bits (native order).
     ipv4_header_sum: u32,
     underlay_mtu: u16,
+    udp6_zero_checksum: bool,
 }
 
 const ETH_LEN: usize = Ethernet2Header::LEN;
@@ -144,6 +151,7 @@ impl Encapsulator {
             partial_sum,
             ipv4_header_sum: partial_sum.folded() as u32,
             underlay_mtu: cfg.underlay_mtu,
+            udp6_zero_checksum: cfg.udp6_zero_checksum,
         })
     }
 
@@ -220,7 +228,8 @@ impl Encapsulator {
         h[UDP + 8..UDP + 16].copy_from_slice(&vxlan::header(vni));
     }
 
-    /// Writes the 70 bytes of IPv6 outer headers and the UDP checksum over the whole datagram.
+    /// Writes the 70 bytes of IPv6 outer headers and the UDP checksum over the whole datagram
+    /// (or, for a zero-checksum tunnel, leaves the template's zero).
     #[inline(always)]
     fn write_v6(
         &self,
@@ -241,6 +250,9 @@ impl Encapsulator {
         h[UDP..UDP + 2].copy_from_slice(&source_port.to_be_bytes());
         h[UDP + 4..UDP + 6].copy_from_slice(&udp_len.to_be_bytes());
         h[UDP + 8..UDP + 16].copy_from_slice(&vxlan::header(vni));
+        if self.udp6_zero_checksum {
+            return;
+        }
         // Pseudo-header length + UDP header (checksum field still zero) + payload.
         let csum = self
             .partial_sum
@@ -337,6 +349,47 @@ mod tests {
             udp.calc_checksum_ipv6(&ip, &out[62..n]).unwrap(),
             udp.checksum
         );
+    }
+
+    #[test]
+    fn ipv6_zero_checksum_tunnels_differ_only_in_the_checksum() {
+        let mut cfg = TunnelConfig::new(
+            LOCAL_MAC,
+            PEER_MAC,
+            "fd00::1".parse::<Ipv6Addr>().unwrap().into(),
+            "fd00::2".parse::<Ipv6Addr>().unwrap().into(),
+        );
+        let vni = Vni::new(7).unwrap();
+        let mut summed = [0u8; 200];
+        let n = Encapsulator::new(&cfg)
+            .unwrap()
+            .encap(vni, &inner(), &mut summed)
+            .unwrap();
+        cfg.udp6_zero_checksum = true;
+        let mut zero = [0u8; 200];
+        assert_eq!(
+            Encapsulator::new(&cfg)
+                .unwrap()
+                .encap(vni, &inner(), &mut zero)
+                .unwrap(),
+            n
+        );
+        assert_eq!(&zero[60..62], &[0, 0]);
+        assert_ne!(&summed[60..62], &[0, 0]);
+        assert_eq!(&zero[..60], &summed[..60]);
+        assert_eq!(&zero[62..n], &summed[62..n]);
+        // A receiver takes it only when told to (RFC 6936).
+        let strict = crate::DecapConfig::default();
+        assert_eq!(
+            crate::decapsulate(&zero[..n], &strict).map(|d| d.vni),
+            Err(Error::ZeroUdpChecksumV6)
+        );
+        let lenient = crate::DecapConfig {
+            accept_zero_udp6_checksum: true,
+            ..strict
+        };
+        let d = crate::decapsulate(&zero[..n], &lenient).unwrap();
+        assert_eq!((d.vni, d.inner), (vni, &inner()[..]));
     }
 
     #[test]

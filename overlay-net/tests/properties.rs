@@ -42,6 +42,7 @@ fn any_tunnel() -> impl Strategy<Value = TunnelConfig> {
             udp_port: port,
             ttl,
             underlay_mtu: mtu,
+            udp6_zero_checksum: false,
         })
 }
 

@@ -120,6 +120,17 @@ impl SwitchHost {
         ipv6: bool,
         workers: usize,
     ) -> Result<SwitchHost, Error> {
+        Self::with_checksums(underlay, n, ipv6, workers, Default::default())
+    }
+
+    /// Like [`SwitchHost::with_options`], with zero UDP checksums on an IPv6 underlay.
+    pub fn with_checksums(
+        underlay: &mut Underlay,
+        n: u8,
+        ipv6: bool,
+        workers: usize,
+        udp6_zero_checksum: vswitch::uplink::Udp6ZeroChecksum,
+    ) -> Result<SwitchHost, Error> {
         let addr = Ipv4Addr::new(198, 18, 0, n);
         let ns = underlay.host(&format!("h{n}"), addr)?;
         let name = ns.name().to_owned();
@@ -134,6 +145,7 @@ impl SwitchHost {
                 underlay_mtu: 1500,
                 udp_port: overlay_net::VXLAN_PORT,
                 workers,
+                udp6_zero_checksum,
             },
             move || {
                 enter_current_thread(&name).map_err(|e| {
@@ -288,6 +300,22 @@ impl KernelHost {
         ipv6: bool,
         port: u16,
     ) -> Result<KernelHost, Error> {
+        Self::with_vxlan_options(underlay, n, vni, peers, addr, ipv6, port, &[])
+    }
+
+    /// Like [`KernelHost::with_ports`], with more `ip link add ... type vxlan` options
+    /// (`udp6zerocsumtx`, ...).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_vxlan_options(
+        underlay: &mut Underlay,
+        n: u8,
+        vni: u32,
+        peers: &[(IpAddr, u16)],
+        addr: Ipv4Addr,
+        ipv6: bool,
+        port: u16,
+        options: &[&str],
+    ) -> Result<KernelHost, Error> {
         let v4 = Ipv4Addr::new(198, 18, 0, n);
         let ns = underlay.host(&format!("k{n}"), v4)?;
         let local: IpAddr = if ipv6 {
@@ -306,6 +334,7 @@ impl KernelHost {
         if port != overlay_net::VXLAN_PORT {
             args.push("nolearning");
         }
+        args.extend_from_slice(options);
         ns.ip(&args)?;
         for (p, peer_port) in peers {
             ns.exec(
@@ -368,12 +397,12 @@ pub struct SourcePortWatch {
 }
 
 /// Watches every link of the underlay's bridge on a thread until `stop` is set, calling
-/// `seen(state, source_port, payload)` for each VXLAN datagram (UDP to port 4789); the thread
-/// returns the state.
+/// `seen(state, source address, datagram)` for each VXLAN datagram (UDP to port 4789); the
+/// thread returns the state.
 fn watch_vxlan<T: Send + 'static>(
     underlay: &Underlay,
     state: T,
-    mut seen: impl FnMut(&mut T, u16, &[u8]) + Send + 'static,
+    mut seen: impl FnMut(&mut T, IpAddr, &etherparse::UdpSlice<'_>) + Send + 'static,
 ) -> Result<
     (
         std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -413,7 +442,12 @@ fn watch_vxlan<T: Send + 'static>(
                 && let Some(etherparse::TransportSlice::Udp(udp)) = p.transport
                 && udp.destination_port() == overlay_net::VXLAN_PORT
             {
-                seen(&mut state, udp.source_port(), udp.payload());
+                let from = match &p.net {
+                    Some(etherparse::NetSlice::Ipv4(ip)) => IpAddr::from(ip.header().source_addr()),
+                    Some(etherparse::NetSlice::Ipv6(ip)) => IpAddr::from(ip.header().source_addr()),
+                    _ => continue,
+                };
+                seen(&mut state, from, &udp);
             }
         }
         state
@@ -427,8 +461,8 @@ impl SourcePortWatch {
         let (stop, thread) = watch_vxlan(
             underlay,
             std::collections::BTreeSet::new(),
-            |ports, source, _| {
-                ports.insert(source);
+            |ports, _, udp| {
+                ports.insert(udp.source_port());
             },
         )?;
         Ok(SourcePortWatch {
@@ -457,6 +491,54 @@ impl Drop for SourcePortWatch {
     }
 }
 
+/// Counts, per sending VTEP, the VXLAN datagrams on the underlay's links with a zero outer
+/// UDP checksum and with a non-zero one (which, sent through a veth with checksum offload, may
+/// still be partial: only zero versus non-zero is told apart).
+pub struct ChecksumWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<ChecksumCounts>>,
+}
+
+/// Per sending VTEP: (datagrams with a zero UDP checksum, with a non-zero one).
+pub type ChecksumCounts = std::collections::BTreeMap<IpAddr, (u64, u64)>;
+
+impl ChecksumWatch {
+    /// Starts watching the links of the underlay's bridge.
+    pub fn start(underlay: &Underlay) -> Result<ChecksumWatch, Error> {
+        let (stop, thread) = watch_vxlan(underlay, ChecksumCounts::new(), |counts, from, udp| {
+            let c = counts.entry(from).or_default();
+            if udp.checksum() == 0 {
+                c.0 += 1;
+            } else {
+                c.1 += 1;
+            }
+        })?;
+        Ok(ChecksumWatch {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops and returns the counts.
+    pub fn finish(mut self) -> Result<ChecksumCounts, Error> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .ok_or_else(|| Error::Setup("watch already finished".into()))?
+            .join()
+            .map_err(|_| Error::Setup("watch thread panicked".into()))
+    }
+}
+
+impl Drop for ChecksumWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Counts, on every link of the underlay, VXLAN datagrams and those whose inner frame is a
 /// broadcast ARP request (not a gratuitous one): what ARP suppression keeps off the wire.
 /// A datagram is seen once per link it crosses.
@@ -468,9 +550,9 @@ pub struct ArpWatch {
 impl ArpWatch {
     /// Starts watching the links of the underlay's bridge.
     pub fn start(underlay: &Underlay) -> Result<ArpWatch, Error> {
-        let (stop, thread) = watch_vxlan(underlay, (0u64, 0u64), |(vxlan, arp), _, payload| {
+        let (stop, thread) = watch_vxlan(underlay, (0u64, 0u64), |(vxlan, arp), _, udp| {
             *vxlan += 1;
-            let Some(inner) = payload.get(8..) else {
+            let Some(inner) = udp.payload().get(8..) else {
                 return;
             };
             if let Ok(view) = overlay_net::FrameView::parse(inner)

@@ -118,3 +118,83 @@ fn one_switch_talks_to_kernel_peers_on_4789_and_on_8472() {
     let t = tcp_transfer(&k9.endpoint, &ep, ip(1).into(), 5004, 2 << 20).unwrap();
     assert!(t.intact(), "kernel on 8472 -> switch: {t:?}");
 }
+
+/// RFC 6935/6936: a switch and a Linux vxlan peer that both send zero outer UDP checksums over
+/// IPv6 (`udp6zerocsumtx`) and accept them (`udp6zerocsumrx`) carry pings and bulk TCP both
+/// ways, and every datagram either sends has a zero checksum on the wire; a switch that does
+/// not accept zero checksums (the default, as in Linux) hears nothing from that peer.
+#[test]
+fn zero_udp6_checksums_with_a_kernel_peer() {
+    use testbeds::switch_bed::ChecksumWatch;
+    use vswitch::uplink::Udp6ZeroChecksum;
+    if let Some(why) = missing_privileges() {
+        panic!("needs root: {why}");
+    }
+    let mut ul = Underlay::new().unwrap();
+    let zero = Udp6ZeroChecksum { tx: true, rx: true };
+    let sw = SwitchHost::with_checksums(&mut ul, 1, true, 0, zero).unwrap();
+    let strict = SwitchHost::with_underlays(&mut ul, 2, true).unwrap();
+    let port = overlay_net::VXLAN_PORT;
+    let kernel = KernelHost::with_vxlan_options(
+        &mut ul,
+        9,
+        100,
+        &[(sw.ip, port), (strict.ip, port)],
+        ip(9),
+        true,
+        port,
+        &["udp6zerocsumtx", "udp6zerocsumrx"],
+    )
+    .unwrap();
+    sw.tenant("a", 100, &[kernel.ip]).unwrap();
+    strict.tenant("a", 100, &[kernel.ip]).unwrap();
+    let ep = sw
+        .endpoint("a", "tapa1", ip(1), "02:00:00:00:a0:01")
+        .unwrap();
+    let strict_ep = strict
+        .endpoint("a", "tapa2", ip(2), "02:00:00:00:a0:02")
+        .unwrap();
+    let watch = ChecksumWatch::start(&ul).unwrap();
+
+    let r = ping(&ep, ip(9).into(), 3, 56).unwrap();
+    assert_eq!(r.received, r.sent, "{r:?}");
+    let r = ping(&kernel.endpoint, ip(1).into(), 3, 1000).unwrap();
+    assert_eq!(r.received, r.sent, "{r:?}");
+    let t = tcp_transfer(&kernel.endpoint, &ep, ip(1).into(), 5011, 4 << 20).unwrap();
+    assert!(t.intact(), "kernel -> switch: {t:?}");
+    let t = tcp_transfer(&ep, &kernel.endpoint, ip(9).into(), 5012, 4 << 20).unwrap();
+    assert!(t.intact(), "switch -> kernel: {t:?}");
+    // The strict switch's datagrams reach the peer (they carry checksums), the peer's answers
+    // do not reach it.
+    let r = ping(&strict_ep, ip(9).into(), 2, 56).unwrap();
+    assert_eq!(
+        r.received, 0,
+        "zero-checksum datagrams were accepted: {r:?}"
+    );
+
+    let counts = watch.finish().unwrap();
+    eprintln!("(zero, non-zero) checksums per sender: {counts:?}");
+    let of = |ip: IpAddr| counts.get(&ip).copied().unwrap_or_default();
+    let (zero_sw, other_sw) = of(sw.ip);
+    assert!(zero_sw > 0 && other_sw == 0, "switch: {:?}", of(sw.ip));
+    let (zero_k, other_k) = of(kernel.ip);
+    assert!(zero_k > 0 && other_k == 0, "kernel: {:?}", of(kernel.ip));
+    let (zero_s, other_s) = of(strict.ip);
+    assert!(
+        zero_s == 0 && other_s > 0,
+        "strict switch: {:?}",
+        of(strict.ip)
+    );
+    for (who, ns) in [
+        ("switch endpoint", &ep),
+        ("kernel endpoint", &kernel.endpoint),
+    ] {
+        assert_eq!(
+            checksum_errors(ns).unwrap(),
+            (0, 0),
+            "{who}: (TCP, UDP) checksum errors"
+        );
+    }
+    let counters = sw.datapath.call(|dp| dp.counters()).unwrap();
+    assert_eq!(counters.uplink_invalid, 0, "{counters:?}");
+}

@@ -411,6 +411,7 @@ fn several_workers_share_one_switch() {
             underlay_mtu: 1500,
             udp_port: overlay_net::VXLAN_PORT,
             workers: 2,
+            udp6_zero_checksum: Default::default(),
         },
         move || {
             testbeds::netns::enter_current_thread(&name).map_err(|e| {

@@ -50,6 +50,24 @@ impl Slots {
     }
 }
 
+/// `UDP_NO_CHECK6_TX` (linux/udp.h): send IPv6 UDP with a zero checksum (RFC 6935).
+const UDP_NO_CHECK6_TX: libc::c_int = 101;
+/// `UDP_NO_CHECK6_RX` (linux/udp.h): accept IPv6 UDP with a zero checksum (RFC 6936).
+const UDP_NO_CHECK6_RX: libc::c_int = 102;
+
+/// Zero UDP checksums on an IPv6 underlay (RFC 6935/6936), as Linux vxlan's
+/// `udp6zerocsumtx` / `udp6zerocsumrx`. Both off by default: IPv6 UDP carries a checksum
+/// (RFC 8200 §8.1) and Linux drops zero-checksum datagrams unless told otherwise. Ignored on
+/// IPv4, where VXLAN's zero checksum is always accepted (RFC 7348).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Udp6ZeroChecksum {
+    /// Send with a zero outer UDP checksum. The kernel then takes no UDP GSO sends (it
+    /// refuses segmentation without a checksum): datagrams go one by one.
+    pub tx: bool,
+    /// Accept datagrams with a zero outer UDP checksum (peers with `udp6zerocsumtx`).
+    pub rx: bool,
+}
+
 /// `UDP_GRO` (linux/udp.h): receive coalesced datagrams, with their segment size in a cmsg.
 const UDP_GRO: libc::c_int = 104;
 /// Room for one received message: with UDP GRO the kernel hands over up to 64 KiB of
@@ -278,7 +296,14 @@ impl Uplink {
     /// `shared`, the socket joins a `SO_REUSEPORT` group: several uplinks (one per datapath
     /// worker) then share the address and the kernel spreads received datagrams over them by
     /// their address/port 4-tuple, which keeps each flow on one socket, in order.
-    pub fn bind(local: SocketAddr, underlay_mtu: u16, shared: bool) -> Result<Uplink, Error> {
+    ///
+    /// `zero_checksum` applies to an IPv6 `local` only (see [`Udp6ZeroChecksum`]).
+    pub fn bind(
+        local: SocketAddr,
+        underlay_mtu: u16,
+        shared: bool,
+        zero_checksum: Udp6ZeroChecksum,
+    ) -> Result<Uplink, Error> {
         let family = UnderlayFamily::of(local.ip());
         if mtu::inner_mtu(underlay_mtu, family).is_none() {
             return Err(Error::invalid(
@@ -305,6 +330,17 @@ impl Uplink {
             .map(|_| sender_socket(local.ip()))
             .collect::<io::Result<Vec<_>>>()
             .map_err(|e| Error::Io(format!("bind a sending socket on {}", local.ip()), e))?;
+        let v6 = family == UnderlayFamily::V6;
+        if v6 && zero_checksum.rx {
+            set_int_option(&socket, libc::SOL_UDP, UDP_NO_CHECK6_RX, 1)
+                .map_err(|e| Error::Io("UDP_NO_CHECK6_RX".into(), e))?;
+        }
+        if v6 && zero_checksum.tx {
+            for s in &senders {
+                set_int_option(s, libc::SOL_UDP, UDP_NO_CHECK6_TX, 1)
+                    .map_err(|e| Error::Io("UDP_NO_CHECK6_TX".into(), e))?;
+            }
+        }
         Ok(Uplink {
             socket,
             senders,
@@ -315,7 +351,8 @@ impl Uplink {
             tx: Slots::new(),
             tx_count: 0,
             tx_dropped: 0,
-            gso: true,
+            // The kernel refuses UDP GSO without a checksum (EINVAL).
+            gso: !(v6 && zero_checksum.tx),
         })
     }
 

@@ -36,6 +36,14 @@ struct Args {
     /// VXLAN UDP port [default: 4789].
     #[arg(long, value_name = "PORT")]
     udp_port: Option<u16>,
+    /// On an IPv6 underlay, send VXLAN with a zero UDP checksum (RFC 6935; Linux vxlan's
+    /// `udp6zerocsumtx`). Peers must accept it (`udp6zerocsumrx`).
+    #[arg(long)]
+    udp6_zero_checksum_tx: bool,
+    /// On an IPv6 underlay, accept VXLAN with a zero UDP checksum (RFC 6936; Linux vxlan's
+    /// `udp6zerocsumrx`), as peers with `udp6zerocsumtx` send it.
+    #[arg(long)]
+    udp6_zero_checksum_rx: bool,
     /// Datapath worker threads [default: one per core].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
@@ -143,12 +151,17 @@ fn effective(args: Args) -> anyhow::Result<Config> {
         .or(file.underlay_mtu)
         .or_else(|| vswitch::uplink::detect_underlay_mtu(&underlay))
         .unwrap_or(1500);
+    let udp6_zero_checksum = vswitch::uplink::Udp6ZeroChecksum {
+        tx: args.udp6_zero_checksum_tx || file.udp6_zero_checksum_tx.unwrap_or(false),
+        rx: args.udp6_zero_checksum_rx || file.udp6_zero_checksum_rx.unwrap_or(false),
+    };
     Ok(Config {
         run_dir: common.run_dir,
         state_dir: common.state_dir,
         underlay,
         underlay_mtu,
         udp_port,
+        udp6_zero_checksum,
         workers: args.workers.or(file.workers).unwrap_or(0),
         json_logs: common.json_logs,
         socket_access,
@@ -188,6 +201,7 @@ fn serve(args: Args) -> anyhow::Result<()> {
             underlay_mtu: cfg.underlay_mtu,
             udp_port: cfg.udp_port,
             workers: cfg.workers,
+            udp6_zero_checksum: cfg.udp6_zero_checksum,
         },
         || Ok(()),
     )
@@ -281,7 +295,12 @@ fn serve(args: Args) -> anyhow::Result<()> {
         },
     )?;
     let socket = cfg.run_dir.join("vswitchd.sock");
-    info!(underlay = ?cfg.underlay, underlay_mtu = cfg.underlay_mtu, state = %cfg.state_dir.display(), "configuration");
+    info!(underlay = ?cfg.underlay, underlay_mtu = cfg.underlay_mtu, udp6_zero_checksum_tx = cfg.udp6_zero_checksum.tx, udp6_zero_checksum_rx = cfg.udp6_zero_checksum.rx, state = %cfg.state_dir.display(), "configuration");
+    if (cfg.udp6_zero_checksum.tx || cfg.udp6_zero_checksum.rx)
+        && !cfg.underlay.iter().any(IpAddr::is_ipv6)
+    {
+        warn!("udp6 zero checksums are set but no underlay address is IPv6: they apply to none");
+    }
     runtime.block_on(daemon_kit::serve(
         &socket,
         router(shared, cluster),

@@ -20,6 +20,10 @@ pub struct FileConfig {
     pub underlay_mtu: Option<u16>,
     /// VXLAN UDP port.
     pub udp_port: Option<u16>,
+    /// Send zero outer UDP checksums on an IPv6 underlay (Linux vxlan's `udp6zerocsumtx`).
+    pub udp6_zero_checksum_tx: Option<bool>,
+    /// Accept zero outer UDP checksums on an IPv6 underlay (`udp6zerocsumrx`).
+    pub udp6_zero_checksum_rx: Option<bool>,
     /// Datapath worker threads (0 or absent: one per core).
     pub workers: Option<usize>,
     /// `human` or `json`.
@@ -79,6 +83,8 @@ pub struct Config {
     pub underlay_mtu: u16,
     /// VXLAN UDP port.
     pub udp_port: u16,
+    /// Zero outer UDP checksums on an IPv6 underlay.
+    pub udp6_zero_checksum: crate::uplink::Udp6ZeroChecksum,
     /// Datapath worker threads; 0 means one per core.
     pub workers: usize,
     /// Log as JSON lines instead of human-readable text.
@@ -101,6 +107,7 @@ mod tests {
             r#"
             underlay = ["198.18.0.1", "fd42::1"]
             underlay_mtu = 9000
+            udp6_zero_checksum_rx = true
             udp_port = 4789
             workers = 2
             run_dir = "/tmp/run"
@@ -111,6 +118,8 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.underlay.len(), 2);
         assert_eq!(cfg.underlay_mtu, Some(9000));
+        assert_eq!(cfg.udp6_zero_checksum_rx, Some(true));
+        assert_eq!(cfg.udp6_zero_checksum_tx, None);
         assert_eq!(cfg.workers, Some(2));
         assert_eq!(cfg.log_format.as_deref(), Some("json"));
         assert!(toml::from_str::<FileConfig>("underlay_mtu = 1500\nmtu = 1").is_err());

@@ -85,6 +85,8 @@ pub struct DatapathConfig {
     pub udp_port: u16,
     /// Worker threads; 0 means one per core.
     pub workers: usize,
+    /// Zero outer UDP checksums on an IPv6 underlay (send, accept).
+    pub udp6_zero_checksum: crate::uplink::Udp6ZeroChecksum,
 }
 
 impl DatapathConfig {

@@ -33,7 +33,7 @@ fn bind_uplinks(
         .map_err(|e| nix_err("epoll_ctl eventfd", e))?;
     let mut uplinks = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
-        let up = Uplink::bind(*addr, cfg.underlay_mtu, true)?;
+        let up = Uplink::bind(*addr, cfg.underlay_mtu, true, cfg.udp6_zero_checksum)?;
         epoll
             .add(
                 up.fd(),
