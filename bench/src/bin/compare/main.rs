@@ -12,7 +12,8 @@
 //!   `qemu-storage-daemon` exporting raw and qcow2.
 //! * `vhost-net`: `dpdk-testpmd` (virtio_user ports) looping frames through two
 //!   vhost-user-net ports of vswitchd, on one host and across two over VXLAN, against testpmd's
-//!   vhost PMD bouncing them back directly (the bound).
+//!   vhost PMD bouncing them back directly (the bound), and through Open vSwitch with DPDK
+//!   (when `openvswitch-switch-dpdk` is installed).
 //! * `nbd`: fio's `nbd` engine against vblock's NBD export and `qemu-storage-daemon`
 //!   exporting qcow2 (64 KiB clusters) and raw: 4 KiB random writes into thin space and
 //!   random reads at QD 32, 1 MiB sequential.
@@ -31,6 +32,7 @@ use testbeds::netns::missing_privileges;
 mod block;
 mod cni;
 mod nbd;
+mod ovs;
 mod switch;
 mod vhost_blk;
 mod vhost_net;

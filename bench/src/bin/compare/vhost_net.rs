@@ -8,12 +8,17 @@
 //!   busy-polling core), no switch;
 //! * vswitchd with one datapath worker: two vhost-user-net ports of one tenant;
 //! * two vswitchd hosts (one worker each) on netns hosts, the ports on different hosts, frames
-//!   crossing the VXLAN overlay.
+//!   crossing the VXLAN overlay;
+//! * Open vSwitch with DPDK (when installed): two `dpdkvhostuserclient` ports on a netdev
+//!   bridge (`NORMAL` forwarding: MAC learning, as vswitchd's tenant), one PMD thread — the
+//!   userspace switch to beat. Started afresh for each of its rounds, so that its PMD, which
+//!   spins at 100 % whether or not there is traffic, never runs beside the others.
 //!
 //! The figure is the frame rate through the middle (frames testpmd receives per second, both
 //! directions together), for 64-byte and 1518-byte frames. Processes are pinned: testpmd's
 //! forwarding core is CPU 0, the middle runs on CPU 1. The bound and the one-host switch are
-//! measured in alternating rounds (medians reported, every round printed).
+//! measured in alternating rounds (medians reported, every round printed), and OVS-DPDK in the
+//! same rotation.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr};
@@ -28,6 +33,7 @@ use testbeds::scratch::Scratch;
 use testbeds::switch_bed::Underlay;
 
 use crate::Row;
+use crate::ovs::{self, OvsDpdk};
 
 /// MACs of testpmd's two virtio_user ports.
 const MAC0: &str = "02:00:00:00:d0:00";
@@ -115,14 +121,21 @@ struct LoopDriver {
 
 impl LoopDriver {
     fn start(sockets: &[&Path], frame: usize) -> Result<LoopDriver, String> {
+        Self::start_with(sockets, frame, false)
+    }
+
+    /// Like [`LoopDriver::start`]; with `server` the virtio_user ports serve their sockets
+    /// (for switches that connect as vhost-user clients, as OVS's `dpdkvhostuserclient`).
+    fn start_with(sockets: &[&Path], frame: usize, server: bool) -> Result<LoopDriver, String> {
         let mut args = eal("lv-bench-user", 1);
         let macs = [MAC0, MAC1];
         for (i, sock) in sockets.iter().enumerate() {
             args.push("--vdev".into());
             args.push(format!(
-                "net_virtio_user{i},path={},queues=1,mac={}",
+                "net_virtio_user{i},path={},queues=1,mac={}{}",
                 sock.display(),
-                macs[i]
+                macs[i],
+                if server { ",server=1" } else { "" }
             ));
         }
         args.extend(
@@ -292,22 +305,31 @@ pub fn suite(secs: u32) -> Result<Vec<Row>, String> {
     let dir =
         Scratch::new(Path::new("/var/tmp"), "lv-bench-vhost-net").map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
-    for (frame, name_local, name_vxlan) in [
+    let with_ovs = ovs::installed();
+    if !with_ovs {
+        eprintln!(
+            "OVS-DPDK rows skipped: {} is not installed (apt-get install openvswitch-switch-dpdk)",
+            ovs::OVS_VSWITCHD_DPDK
+        );
+    }
+    for (frame, name_local, name_vxlan, name_ovs) in [
         (
             64,
             "vhost-net 64B, 2 ports, 1 host",
             "vhost-net 64B, over VXLAN, 2 hosts",
+            "vhost-net 64B, 2 ports, 1 host, vs OVS-DPDK",
         ),
         (
             1518,
             "vhost-net 1518B, 2 ports, 1 host",
             "vhost-net 1518B, over VXLAN, 2 hosts",
+            "vhost-net 1518B, 2 ports, 1 host, vs OVS-DPDK",
         ),
     ] {
         // One vswitchd, two ports; rounds alternate between the bound (testpmd's vhost PMD
         // as the middle) and vswitchd, and the medians are reported: this machine's speed
         // drifts between runs by a factor of up to two (vCPUs sharing a physical core or not).
-        let (bound, local) = {
+        let (bound, local, ovs) = {
             let mut ul = Underlay::with_mtu(UNDERLAY_MTU).map_err(|e| e.to_string())?;
             let host = ul
                 .host("h1", Ipv4Addr::new(198, 18, 0, 1))
@@ -325,12 +347,15 @@ pub fn suite(secs: u32) -> Result<Vec<Row>, String> {
                 r#"{"name":"p1","tenant":"a","kind":"vhost-user-net"}"#,
             )?;
             if frame == 64 {
+                // With testpmd connected to both ports, sending nothing.
+                let (s0, s1) = (socket(&d_dir, "p0"), socket(&d_dir, "p1"));
+                let _idle = LoopDriver::start(&[&s0, &s1], frame)?;
                 let pid = d.pid().ok_or("vswitchd has no pid")?;
                 let before = cpu_ticks(pid);
                 std::thread::sleep(Duration::from_secs(5));
                 if let (Some(b), Some(a)) = (before, cpu_ticks(pid)) {
                     eprintln!(
-                        "vswitchd idle with a tenant and two vhost-user-net ports: {} clock ticks in 5 s ({:.2} % of a core)",
+                        "vswitchd idle with two vhost-user-net ports connected: {} clock ticks in 5 s ({:.2} % of a core)",
                         a - b,
                         (a - b) as f64 / 5.0
                     );
@@ -339,6 +364,7 @@ pub fn suite(secs: u32) -> Result<Vec<Row>, String> {
             let (s0, s1) = (socket(&d_dir, "p0"), socket(&d_dir, "p1"));
             let mut bound = Vec::new();
             let mut local = Vec::new();
+            let mut ovs = Vec::new();
             for round in 0..ROUNDS {
                 let sock = dir.join(format!("bound-{frame}-{round}.sock"));
                 {
@@ -346,9 +372,19 @@ pub fn suite(secs: u32) -> Result<Vec<Row>, String> {
                     bound.push(LoopDriver::start(&[&sock], frame)?.measure(1, secs)?);
                 }
                 local.push(LoopDriver::start(&[&s0, &s1], frame)?.measure(2, secs)?);
+                if with_ovs {
+                    let ovs_dir = dir.join(format!("ovs-{frame}-{round}"));
+                    ovs.push(ovs_round(&ovs_dir, frame, secs, frame == 64 && round == 0)?);
+                }
             }
-            eprintln!("{frame}B rounds: bound {bound:.3?} Mpps, vswitchd {local:.3?} Mpps");
-            (median(bound), median(local))
+            eprintln!(
+                "{frame}B rounds: bound {bound:.3?} Mpps, vswitchd {local:.3?} Mpps, OVS-DPDK {ovs:.3?} Mpps"
+            );
+            (
+                median(bound),
+                median(local),
+                (!ovs.is_empty()).then(|| median(ovs)),
+            )
         };
         // Two vswitchd hosts, one port on each, VXLAN between them.
         let vxlan = {
@@ -386,6 +422,41 @@ pub fn suite(secs: u32) -> Result<Vec<Row>, String> {
             peer_name,
             unit: "Mpps",
         });
+        if let Some(ovs) = ovs {
+            rows.push(Row {
+                name: name_ovs,
+                ours: local,
+                peer: ovs,
+                peer_name: "Open vSwitch 3.1 with DPDK, 1 PMD core",
+                unit: "Mpps",
+            });
+        }
     }
     Ok(rows)
+}
+
+/// One round through OVS-DPDK (started for it, stopped after): testpmd's two ports, served
+/// by testpmd, connected to by OVS. With `idle`, first prints OVS's CPU use with the ports
+/// connected and no traffic.
+fn ovs_round(dir: &Path, frame: usize, secs: u32, idle: bool) -> Result<f64, String> {
+    let ovs = OvsDpdk::start(dir, 1)?;
+    let (s0, s1) = (dir.join("vu0.sock"), dir.join("vu1.sock"));
+    ovs.add_vhost_client_port("vu0", &s0)?;
+    ovs.add_vhost_client_port("vu1", &s1)?;
+    // testpmd waits in its start-up until OVS has connected to both sockets.
+    let driver = LoopDriver::start_with(&[&s0, &s1], frame, true)?;
+    if idle {
+        let before = cpu_ticks(ovs.pid());
+        std::thread::sleep(Duration::from_secs(5));
+        if let (Some(b), Some(a)) = (before, cpu_ticks(ovs.pid())) {
+            eprintln!(
+                "OVS-DPDK idle with two vhost-user ports connected: {} clock ticks in 5 s ({:.2} % of a core)",
+                a - b,
+                (a - b) as f64 / 5.0
+            );
+        }
+    }
+    let rate = driver.measure(2, secs)?;
+    drop(ovs);
+    Ok(rate)
 }
