@@ -675,8 +675,7 @@ impl Control {
             tracing::info!(port = name, "unrestored port deleted");
             return self.save();
         }
-        let n = name.to_owned();
-        call(&self.dp, move |dp| dp.remove_port(&n))??;
+        self.dp.remove_port(name)?;
         tracing::info!(port = name, "port deleted");
         if let (Some(c), Some(t)) = (&self.cluster, &tenant) {
             c.unpublish(t, name);

@@ -74,6 +74,34 @@ const FRAME_SLOT: usize = VNET_HDR_LEN + 65536;
 /// worker to wake; idle, the worker sleeps after this long.
 const POLL_WINDOW: Nanos = 50_000;
 
+/// A port taken out of the datapath whose interface may still exist ([`Datapath::detach_port`]).
+#[derive(Debug)]
+pub struct DetachedPort(Option<Arc<Tap>>);
+
+/// The descriptor of a deleted veth port: closing it waits out an RCU grace period in the
+/// kernel (`AF_PACKET` release), which nobody needs to wait for once the pair is gone.
+#[derive(Debug)]
+pub struct ClosedLater(#[allow(dead_code)] Option<Arc<Tap>>);
+
+impl DetachedPort {
+    /// Deletes the port's interface (in the underlay's namespace): a veth pair over netlink
+    /// now, a TAP when its descriptor closes (persist flag cleared, then closed, here). A
+    /// worker in the middle of a burst may still hold the port; its descriptor closes when
+    /// that burst ends. Returns the veth's descriptor, closed when dropped.
+    pub fn delete_interface(mut self) -> Result<ClosedLater, Error> {
+        let Some(tap) = self.0.take() else {
+            return Ok(ClosedLater(None));
+        };
+        if tap.is_veth() {
+            delete_link(tap.name())?;
+            Ok(ClosedLater(Some(tap)))
+        } else {
+            tap.destroy()?;
+            Ok(ClosedLater(None))
+        }
+    }
+}
+
 /// Settings of a datapath.
 #[derive(Clone, Debug)]
 pub struct DatapathConfig {
@@ -513,6 +541,14 @@ impl Datapath {
 
     /// Detaches a port and removes its TAP interface.
     pub fn remove_port(&mut self, name: &str) -> Result<(), Error> {
+        self.detach_port(name)?.delete_interface().map(drop)
+    }
+
+    /// Takes a port out of the switch and the workers at once (no frame goes to or comes
+    /// from it after this); its interface, if it has one, is still to be deleted with
+    /// [`DetachedPort::delete_interface`], which waits on the kernel and so is best done off
+    /// the datapath threads.
+    pub fn detach_port(&mut self, name: &str) -> Result<DetachedPort, Error> {
         let id = self
             .switch
             .port_id(name)
@@ -524,22 +560,16 @@ impl Datapath {
                 if let Some(w) = worker {
                     let _ = self.workers[w].epoll.delete(tap.fd());
                 }
-                // A worker in the middle of a burst may still hold the TAP; the interface
-                // goes when it lets go (at the end of that burst). A veth pair goes now.
-                if tap.is_veth() {
-                    delete_link(tap.name())?;
-                } else {
-                    tap.destroy()?;
-                }
+                Ok(DetachedPort(Some(tap)))
             }
             Some(Endpoint::Vhost(port)) => {
                 // The socket goes; the VM's queues are let go (the kick leaves the epoll set).
                 self.servers.remove(&id);
                 port.close();
+                Ok(DetachedPort(None))
             }
-            None => {}
+            None => Ok(DetachedPort(None)),
         }
-        Ok(())
     }
 
     /// Adds a remote VTEP to a tenant's flood list.

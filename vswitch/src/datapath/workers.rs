@@ -11,7 +11,13 @@ pub struct DatapathWorkers {
     stop: Arc<AtomicBool>,
     wakes: Vec<Arc<EventFd>>,
     threads: Vec<JoinHandle<()>>,
+    /// Slow kernel work (deleting interfaces: RCU grace periods of 10–20 ms each) runs on
+    /// this thread, in the underlay's namespace, so that no worker stalls its ports for it.
+    kernel: Option<mpsc::Sender<KernelJob>>,
+    kernel_thread: Option<JoinHandle<()>>,
 }
+
+type KernelJob = Box<dyn FnOnce() + Send>;
 
 impl std::fmt::Debug for DatapathWorkers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -94,14 +100,29 @@ impl DatapathWorkers {
             auto_mtu: Default::default(),
         }));
         let (tx, rx) = mpsc::channel::<Command>();
+        let enter = Arc::new(enter);
+        let (kernel_tx, kernel_rx) = mpsc::channel::<KernelJob>();
+        let kernel_enter = enter.clone();
+        let kernel_thread = std::thread::Builder::new()
+            .name("vswitch-kernel".into())
+            .spawn(move || {
+                // Without the namespace no job runs: their senders see the channel closed.
+                if kernel_enter().is_ok() {
+                    while let Ok(job) = kernel_rx.recv() {
+                        job();
+                    }
+                }
+            })
+            .map_err(|e| Error::Io("spawn the datapath's kernel thread".into(), e))?;
         let mut workers = DatapathWorkers {
             shared: shared.clone(),
             commands: tx,
             stop: Arc::new(AtomicBool::new(false)),
             wakes: wakes.clone(),
             threads: Vec::new(),
+            kernel: Some(kernel_tx),
+            kernel_thread: Some(kernel_thread),
         };
-        let enter = Arc::new(enter);
         let epoch = Instant::now();
         let mut rx = Some(rx);
         // Worker 0 binds the configured addresses first (also checking that nobody else has
@@ -180,6 +201,30 @@ impl DatapathWorkers {
             .map_err(|_| Error::invalid("datapath", "worker 0 is gone"))
     }
 
+    /// Removes a port: taken out of the datapath on worker 0 (at once, between bursts), its
+    /// interface deleted on the kernel thread, so that no worker waits for the kernel. Returns
+    /// when the interface is gone (a veth's descriptor is closed after that, unwaited).
+    pub fn remove_port(&self, name: &str) -> Result<(), Error> {
+        let n = name.to_owned();
+        let detached = self.call(move |dp| dp.detach_port(&n))??;
+        let (tx, rx) = mpsc::sync_channel(1);
+        let gone = || Error::invalid("datapath", "its kernel thread is gone");
+        self.kernel
+            .as_ref()
+            .ok_or_else(gone)?
+            .send(Box::new(move || match detached.delete_interface() {
+                Ok(closed_later) => {
+                    let _ = tx.send(Ok(()));
+                    drop(closed_later);
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }))
+            .map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())?
+    }
+
     /// Reads the shared state from the calling thread (counters, tables); for anything that
     /// creates interfaces use [`Self::call`], which runs in the underlay's namespace.
     pub fn with<R>(&self, f: impl FnOnce(&Datapath) -> R) -> R {
@@ -199,6 +244,10 @@ impl Drop for DatapathWorkers {
             let _ = w.write(1);
         }
         for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        drop(self.kernel.take());
+        if let Some(t) = self.kernel_thread.take() {
             let _ = t.join();
         }
     }
