@@ -183,6 +183,96 @@ fn hostile_rings_get_errors_and_the_device_keeps_serving() {
     assert!(host.iter().all(|b| *b == 0x42));
 }
 
+/// Reads land in the guest's buffers whatever their layout: straight from the pool into
+/// aligned buffers (one or several), through a bounce buffer into unaligned ones, into a chain
+/// whose status byte shares the last buffer, or a mix.
+#[test]
+fn reads_land_in_the_guests_buffers_whatever_their_layout() {
+    use raw::{DATA, Ring};
+    use vm_memory::{Bytes, GuestAddress};
+    let pool = Arc::new(Pool::create(MemDevice::new(64 << 20), PoolOptions::default()).unwrap());
+    pool.create_volume("v", 16 << 20).unwrap();
+    let pattern: Vec<u8> = (0..32768u32).map(|i| (i % 251) as u8).collect();
+    pool.write("v", 0, &pattern).unwrap();
+    let dir = Scratch::new(&std::env::temp_dir(), "vblock-layouts").unwrap();
+    let sock = dir.join("v.sock");
+    let _export = Export::start(pool.clone(), "v", &sock, ExportConfig::default()).unwrap();
+    let mut r = Ring::connect(&sock);
+    // (name, first sector, data buffers (guest address, length), status address or None: the
+    // status is the last byte of the last buffer)
+    type Case<'a> = (&'a str, u64, &'a [(u64, u32)], Option<u64>);
+    let cases: [Case<'_>; 5] = [
+        (
+            "one aligned buffer",
+            0,
+            &[(DATA + 0x1000, 8192)],
+            Some(DATA + 0x9000),
+        ),
+        (
+            "two aligned buffers, apart",
+            2,
+            &[(DATA + 0x1000, 4096), (DATA + 0x4000, 8192)],
+            Some(DATA + 0x9000),
+        ),
+        (
+            "an unaligned buffer",
+            8,
+            &[(DATA + 0x1200, 8192)],
+            Some(DATA + 0x9000),
+        ),
+        (
+            "status in the last buffer",
+            0,
+            &[(DATA + 0x1000, 4097)],
+            None,
+        ),
+        (
+            "aligned and unaligned",
+            1,
+            &[(DATA + 0x1000, 4096), (DATA + 0x3100, 4096)],
+            Some(DATA + 0x9000),
+        ),
+    ];
+    for (name, sector, buffers, status_at) in cases {
+        r.mem.write_obj(0u32, GuestAddress(DATA)).unwrap();
+        r.mem.write_obj(0u32, GuestAddress(DATA + 4)).unwrap();
+        r.mem.write_obj(sector, GuestAddress(DATA + 8)).unwrap();
+        r.mem
+            .write_slice(&[0xee; 0xa000], GuestAddress(DATA + 0x1000))
+            .unwrap();
+        let mut descs = vec![(DATA, 16, false)];
+        descs.extend(buffers.iter().map(|&(a, l)| (a, l, true)));
+        let status = match status_at {
+            Some(at) => {
+                descs.push((at, 1, true));
+                at
+            }
+            None => {
+                let &(a, l) = buffers.last().unwrap();
+                a + u64::from(l) - 1
+            }
+        };
+        let data_len: u32 =
+            buffers.iter().map(|b| b.1).sum::<u32>() - u32::from(status_at.is_none());
+        assert_eq!(r.submit(&descs, false), Some(data_len + 1), "{name}");
+        assert_eq!(
+            r.mem.read_obj::<u8>(GuestAddress(status)).unwrap(),
+            0,
+            "{name}: status"
+        );
+        let mut at = sector as usize * 512;
+        let mut left = data_len as usize;
+        for &(addr, len) in buffers {
+            let n = (len as usize).min(left);
+            let mut got = vec![0u8; n];
+            r.mem.read_slice(&mut got, GuestAddress(addr)).unwrap();
+            assert!(got == pattern[at..at + n], "{name}: buffer at {addr:#x}");
+            at += n;
+            left -= n;
+        }
+    }
+}
+
 #[test]
 fn a_restarted_backend_resubmits_what_its_predecessor_took_from_the_inflight_record() {
     use raw::{DATA, Ring};

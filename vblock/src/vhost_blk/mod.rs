@@ -25,7 +25,10 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueOwnedT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryLoadGuard,
+    GuestMemoryMmap,
+};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -42,6 +45,48 @@ const SEG_MAX: u32 = 126;
 const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 /// Queue size offered.
 const QUEUE_SIZE: usize = 256;
+/// Alignment (address and length) of a guest buffer that the pool's `O_DIRECT` I/O can use
+/// in place.
+const DIRECT_ALIGN: usize = 4096;
+
+type Chain = virtio_queue::DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
+
+/// The data buffers of a request as host memory, when every one of them is aligned for direct
+/// I/O and the status byte has a descriptor of its own (the layout of QEMU, libblkio and
+/// Linux's driver): a read then goes from the pool straight into the guest's buffers, without
+/// a bounce buffer and a copy. `None` for any other layout (served through a bounce buffer).
+fn direct_segments(chain: &Chain, mem: &GuestMemoryMmap) -> Option<Vec<(*mut u8, usize)>> {
+    let writable: Vec<(GuestAddress, u32)> = chain
+        .clone()
+        .filter(|d| d.is_write_only())
+        .map(|d| (d.addr(), d.len()))
+        .collect();
+    let (status, data) = writable.split_last()?;
+    if status.1 != 1 || data.is_empty() {
+        return None;
+    }
+    data.iter()
+        .map(|&(addr, len)| {
+            let len = len as usize;
+            if len == 0 || !len.is_multiple_of(DIRECT_ALIGN) {
+                return None;
+            }
+            let ptr = mem.get_slice(addr, len).ok()?.ptr_guard_mut().as_ptr();
+            (ptr as usize)
+                .is_multiple_of(DIRECT_ALIGN)
+                .then_some((ptr, len))
+        })
+        .collect()
+}
+
+/// Whether any two of the segments overlap (a guest may hand the same memory to two
+/// requests; those then go through bounce buffers, never two live references to one byte).
+fn overlapping(segments: &mut [(*mut u8, usize)]) -> bool {
+    segments.sort_unstable_by_key(|&(p, _)| p as usize);
+    segments
+        .windows(2)
+        .any(|w| (w[0].0 as usize).saturating_add(w[0].1) > w[1].0 as usize)
+}
 
 /// Settings of an export.
 #[derive(Clone, Debug)]
@@ -135,11 +180,7 @@ impl<D: Device + 'static> BlkBackend<D> {
     /// Reads go to the pool as one batch and writes as another (many requests in flight at
     /// once, as the guest queued them; virtio gives requests in flight no order); the other
     /// requests run one by one, in order.
-    fn requests(
-        &self,
-        chains: Vec<virtio_queue::DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>>,
-        mem: &GuestMemoryMmap,
-    ) -> Vec<(u16, u32)> {
+    fn requests(&self, chains: Vec<Chain>, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
         struct Parsed<'m> {
             head: u16,
             reader: virtio_queue::Reader<'m, ()>,
@@ -148,6 +189,8 @@ impl<D: Device + 'static> BlkBackend<D> {
             room: usize,
             /// `None`: the chain is too short for a header.
             request: Option<Request>,
+            /// The data buffers in host memory, if the pool can read into them directly.
+            direct: Option<Vec<(*mut u8, usize)>>,
         }
         // Requests complete in the order the guest queued them, so the used index is always
         // the exact boundary between finished and unfinished requests: after a crash the
@@ -155,6 +198,7 @@ impl<D: Device + 'static> BlkBackend<D> {
         let mut parsed: Vec<Result<Parsed<'_>, u16>> = Vec::with_capacity(chains.len());
         for chain in chains {
             let head = chain.head_index();
+            let direct = direct_segments(&chain, mem);
             let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.writer(mem))
             else {
                 parsed.push(Err(head));
@@ -181,6 +225,7 @@ impl<D: Device + 'static> BlkBackend<D> {
                 status,
                 room: room - 1,
                 request,
+                direct,
             }));
         }
         // Where a request of the batches goes: its byte offset.
@@ -189,29 +234,84 @@ impl<D: Device + 'static> BlkBackend<D> {
                 .filter(|r| r.kind == kind && (kind == RequestType::In || !self.read_only))
                 .and_then(|r| r.offset())
         };
-        // The reads, in one batch (a failed batch: each on its own, so only a bad one errs).
-        let mut bufs: Vec<crate::device::AlignedBuf> = parsed
+        // Reads into the guest's own buffers where they allow it (no two overlapping in the
+        // burst); the others into bounce buffers, copied out after.
+        let mut segments: Vec<(*mut u8, usize)> = parsed
             .iter()
             .flatten()
             .filter(|p| batched(p, RequestType::In).is_some())
-            .map(|p| crate::device::AlignedBuf::new(p.room))
+            .filter_map(|p| p.direct.as_ref())
+            .flatten()
+            .copied()
+            .collect();
+        if overlapping(&mut segments) {
+            for p in parsed.iter_mut().flatten() {
+                p.direct = None;
+            }
+        }
+        // The reads, in one batch (a failed batch: each on its own, so only a bad one errs).
+        let mut bufs: Vec<Option<crate::device::AlignedBuf>> = parsed
+            .iter()
+            .flatten()
+            .filter(|p| batched(p, RequestType::In).is_some())
+            .map(|p| {
+                p.direct
+                    .is_none()
+                    .then(|| crate::device::AlignedBuf::new(p.room))
+            })
             .collect();
         let read_results: Vec<bool> = {
-            let mut reqs: Vec<crate::ReadRequest<'_>> = parsed
+            // Per read: its pieces (one per guest buffer, or the bounce buffer).
+            let mut reqs: Vec<crate::ReadRequest<'_>> = Vec::new();
+            let mut pieces: Vec<usize> = Vec::new();
+            for (p, buf) in parsed
                 .iter()
                 .flatten()
-                .filter_map(|p| batched(p, RequestType::In))
+                .filter_map(|p| batched(p, RequestType::In).map(|o| (p, o)))
                 .zip(bufs.iter_mut())
-                .map(|(offset, b)| crate::ReadRequest {
-                    volume: &self.volume,
-                    offset,
-                    buf: &mut b[..],
-                })
-                .collect();
-            self.pool
-                .read_each(&mut reqs)
+            {
+                let (p, offset) = p;
+                let before = reqs.len();
+                match (buf, &p.direct) {
+                    (Some(b), _) => reqs.push(crate::ReadRequest {
+                        volume: &self.volume,
+                        offset,
+                        buf: &mut b[..],
+                    }),
+                    (None, Some(direct)) => {
+                        let mut at = offset;
+                        for &(ptr, len) in direct {
+                            // SAFETY: `ptr..ptr + len` is guest memory, mapped while `mem`
+                            // (held by the caller for this whole call) lives; the guest gave
+                            // it to be filled, and no other reference to it exists in this
+                            // process meanwhile (segments of a burst do not overlap, checked
+                            // above; the rings and headers are read through volatile
+                            // accessors, never as slices).
+                            #[allow(unsafe_code)]
+                            let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+                            reqs.push(crate::ReadRequest {
+                                volume: &self.volume,
+                                offset: at,
+                                buf,
+                            });
+                            at = at.saturating_add(len as u64);
+                        }
+                    }
+                    (None, None) => {}
+                }
+                pieces.push(reqs.len() - before);
+            }
+            let outcomes = self.pool.read_each(&mut reqs);
+            let mut outcomes = outcomes.iter();
+            pieces
                 .iter()
-                .map(Result::is_ok)
+                .map(|&n| {
+                    let mut ok = n > 0;
+                    for r in outcomes.by_ref().take(n) {
+                        ok &= r.is_ok();
+                    }
+                    ok
+                })
                 .collect()
         };
         // The writes, in one batch (their data copied out of the guest first).
@@ -249,6 +349,7 @@ impl<D: Device + 'static> BlkBackend<D> {
                     continue;
                 }
             };
+            let mut direct_len = 0;
             let ok_if = |ok: bool| {
                 if ok {
                     VIRTIO_BLK_S_OK
@@ -259,7 +360,12 @@ impl<D: Device + 'static> BlkBackend<D> {
             let status = match p.request {
                 None => VIRTIO_BLK_S_IOERR,
                 Some(_) if batched(&p, RequestType::In).is_some() => match reads.next() {
-                    Some((buf, true)) => ok_if(p.writer.write_all(buf).is_ok()),
+                    Some((Some(buf), true)) => ok_if(p.writer.write_all(buf).is_ok()),
+                    // Read in place: the data is in the guest's buffers already.
+                    Some((None, true)) => {
+                        direct_len = p.room;
+                        VIRTIO_BLK_S_OK
+                    }
                     _ => VIRTIO_BLK_S_IOERR,
                 },
                 Some(_) if batched(&p, RequestType::Out).is_some() => {
@@ -272,7 +378,7 @@ impl<D: Device + 'static> BlkBackend<D> {
                     }
                 }
             };
-            let data = p.writer.bytes_written();
+            let data = p.writer.bytes_written() + direct_len;
             let len = match p.status.write_all(&[status as u8]) {
                 Ok(()) => data + 1,
                 Err(_) => data,
@@ -618,5 +724,33 @@ pub mod fuzzing {
             Err(_) => return Vec::new(),
         };
         backend.requests(chains, &atomic.memory())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::overlapping;
+
+    #[test]
+    fn overlapping_segments_are_found_in_any_order() {
+        let at = |a: usize| a as *mut u8;
+        assert!(!overlapping(&mut []));
+        assert!(!overlapping(&mut [
+            (at(0x3000), 0x1000),
+            (at(0x1000), 0x2000)
+        ]));
+        assert!(overlapping(&mut [
+            (at(0x3000), 0x1000),
+            (at(0x1000), 0x2001)
+        ]));
+        assert!(overlapping(&mut [
+            (at(0x1000), 0x1000),
+            (at(0x1000), 0x1000)
+        ]));
+        assert!(overlapping(&mut [
+            (at(0x9000), 0x1000),
+            (at(0x1000), 0x1000),
+            (at(0x8000), 0x1001)
+        ]));
     }
 }
