@@ -271,6 +271,11 @@ fn reads_land_in_the_guests_buffers_whatever_their_layout() {
             left -= n;
         }
     }
+    // Each guest request counts (and is charged to the volume's limits) once, however many
+    // buffers it was read into.
+    let io = pool.volume("v").unwrap().io;
+    assert_eq!(io.reads, cases.len() as u64, "{io:?}");
+    assert_eq!(io.read_bytes, 8192 + 12288 + 8192 + 4096 + 8192, "{io:?}");
 }
 
 #[test]

@@ -1043,6 +1043,51 @@ impl<D: Device> Pool<D> {
         for r in reqs.iter() {
             self.throttle(r.volume, IoKind::Read, r.buf.len() as u64);
         }
+        self.submit_reads(reqs)
+    }
+
+    /// Reads requests made of pieces (`pieces[i]` consecutive entries of `reqs` make request
+    /// `i`: a guest's request with one piece per buffer of its own), each charged to its
+    /// volume's limits and counted once, in one batch; if the batch fails, each request again
+    /// on its own. Returns each request's outcome, in order; entries beyond the pieces are
+    /// not read.
+    pub fn read_pieces(
+        &self,
+        reqs: &mut [ReadRequest<'_>],
+        pieces: &[usize],
+    ) -> Vec<Result<(), Error>> {
+        let total: usize = pieces.iter().sum();
+        if total > reqs.len() {
+            let e = || Err(Error::Invalid("more pieces than reads".into()));
+            return pieces.iter().map(|_| e()).collect();
+        }
+        let reqs = &mut reqs[..total];
+        let mut at = 0;
+        for &n in pieces {
+            let group = &reqs[at..at + n];
+            if let Some(first) = group.first() {
+                let bytes = group.iter().map(|r| r.buf.len() as u64).sum();
+                self.throttle(first.volume, IoKind::Read, bytes);
+            }
+            at += n;
+        }
+        if reqs.is_empty() || self.submit_reads(reqs).is_ok() {
+            return pieces.iter().map(|_| Ok(())).collect();
+        }
+        let mut at = 0;
+        pieces
+            .iter()
+            .map(|&n| {
+                let r = self.submit_reads(&mut reqs[at..at + n]);
+                at += n;
+                r
+            })
+            .collect()
+    }
+
+    /// The I/O of a batch of reads (already charged to their limits): one lock, one
+    /// submission; fails as a whole on the first bad request.
+    fn submit_reads(&self, reqs: &mut [ReadRequest<'_>]) -> Result<(), Error> {
         let s = self.read_lock();
         let mut ops = Vec::with_capacity(reqs.len());
         for r in reqs.iter_mut() {

@@ -551,6 +551,11 @@ impl Uplink {
         data: &[u8],
         segment: u16,
     ) -> io::Result<usize> {
+        if !self.gso {
+            // Zero-checksum IPv6 sending: the kernel refuses UDP GSO (EINVAL), so do not make
+            // it copy 64 KiB to find that out each time.
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        }
         let dropped = self.flush();
         // SAFETY: sockaddr_storage and msghdr are plain old data; all-zero is valid.
         let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };

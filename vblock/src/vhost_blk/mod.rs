@@ -45,6 +45,13 @@ const SEG_MAX: u32 = 126;
 const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 /// Queue size offered.
 const QUEUE_SIZE: usize = 256;
+/// Largest request served: its data is at most this many bytes (larger ones fail with IOERR;
+/// guests send at most a few MiB, `max_sectors_kb`).
+const MAX_REQUEST_BYTES: usize = 64 << 20;
+/// Most bytes of bounce buffers for one burst: requests beyond it fail with IOERR, so that a
+/// guest pointing many descriptors at the same memory cannot make the daemon allocate without
+/// bound.
+const MAX_BURST_BOUNCE: usize = 512 << 20;
 /// Alignment (address and length) of a guest buffer that the pool's `O_DIRECT` I/O can use
 /// in place.
 const DIRECT_ALIGN: usize = 4096;
@@ -217,7 +224,9 @@ impl<D: Device + 'static> BlkBackend<D> {
             let request = reader
                 .read_exact(&mut header)
                 .is_ok()
-                .then(|| Request::parse(&header));
+                .then(|| Request::parse(&header))
+                .filter(|_| room - 1 <= MAX_REQUEST_BYTES)
+                .filter(|_| reader.available_bytes() <= MAX_REQUEST_BYTES);
             parsed.push(Ok(Parsed {
                 head,
                 reader,
@@ -247,6 +256,21 @@ impl<D: Device + 'static> BlkBackend<D> {
         if overlapping(&mut segments) {
             for p in parsed.iter_mut().flatten() {
                 p.direct = None;
+            }
+        }
+        // Bounce buffers within the burst's budget.
+        let mut budget = MAX_BURST_BOUNCE;
+        for p in parsed.iter_mut().flatten() {
+            let need = if batched(p, RequestType::In).is_some() && p.direct.is_none() {
+                p.room
+            } else if batched(p, RequestType::Out).is_some() {
+                p.reader.available_bytes()
+            } else {
+                0
+            };
+            match budget.checked_sub(need) {
+                Some(left) => budget = left,
+                None => p.request = None,
             }
         }
         // The reads, in one batch (a failed batch: each on its own, so only a bad one errs).
@@ -282,11 +306,15 @@ impl<D: Device + 'static> BlkBackend<D> {
                         let mut at = offset;
                         for &(ptr, len) in direct {
                             // SAFETY: `ptr..ptr + len` is guest memory, mapped while `mem`
-                            // (held by the caller for this whole call) lives; the guest gave
-                            // it to be filled, and no other reference to it exists in this
-                            // process meanwhile (segments of a burst do not overlap, checked
-                            // above; the rings and headers are read through volatile
-                            // accessors, never as slices).
+                            // (held by the caller for this whole call) lives, and the guest
+                            // gave it to be filled. It is shared with the guest, which may
+                            // write it at any time, as any shared mapping may change: the
+                            // slice is only written (by the kernel's O_DIRECT reads, and zeros
+                            // for holes), never read here, and no two slices of a burst
+                            // overlap (checked above). Another queue's thread may fill the
+                            // same guest page at the same time only if the guest hands one
+                            // buffer to two queues at once; it then gets one of the two
+                            // contents, as with any device.
                             #[allow(unsafe_code)]
                             let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
                             reqs.push(crate::ReadRequest {
@@ -301,17 +329,12 @@ impl<D: Device + 'static> BlkBackend<D> {
                 }
                 pieces.push(reqs.len() - before);
             }
-            let outcomes = self.pool.read_each(&mut reqs);
-            let mut outcomes = outcomes.iter();
-            pieces
+            // Each guest request is charged to the volume's limits once, however many pieces.
+            self.pool
+                .read_pieces(&mut reqs, &pieces)
                 .iter()
-                .map(|&n| {
-                    let mut ok = n > 0;
-                    for r in outcomes.by_ref().take(n) {
-                        ok &= r.is_ok();
-                    }
-                    ok
-                })
+                .zip(&pieces)
+                .map(|(r, &n)| n > 0 && r.is_ok())
                 .collect()
         };
         // The writes, in one batch (their data copied out of the guest first).
@@ -363,7 +386,9 @@ impl<D: Device + 'static> BlkBackend<D> {
                     Some((Some(buf), true)) => ok_if(p.writer.write_all(buf).is_ok()),
                     // Read in place: the data is in the guest's buffers already.
                     Some((None, true)) => {
-                        direct_len = p.room;
+                        // What was filled: the buffers as read for the I/O (the guest
+                        // may have changed its descriptors since).
+                        direct_len = p.direct.iter().flatten().map(|&(_, len)| len).sum();
                         VIRTIO_BLK_S_OK
                     }
                     _ => VIRTIO_BLK_S_IOERR,

@@ -675,7 +675,10 @@ impl Control {
             tracing::info!(port = name, "unrestored port deleted");
             return self.save();
         }
-        self.dp.remove_port(name)?;
+        if let Some(e) = self.dp.remove_port(name)? {
+            // The port is out of the switch: forgetting it is the truth; its interface stays.
+            tracing::warn!(port = name, error = %e, "port removed, its interface could not be deleted");
+        }
         tracing::info!(port = name, "port deleted");
         if let (Some(c), Some(t)) = (&self.cluster, &tenant) {
             c.unpublish(t, name);

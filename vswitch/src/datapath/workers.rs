@@ -103,17 +103,24 @@ impl DatapathWorkers {
         let enter = Arc::new(enter);
         let (kernel_tx, kernel_rx) = mpsc::channel::<KernelJob>();
         let kernel_enter = enter.clone();
+        let (entered_tx, entered_rx) = mpsc::channel::<Result<(), Error>>();
         let kernel_thread = std::thread::Builder::new()
             .name("vswitch-kernel".into())
             .spawn(move || {
-                // Without the namespace no job runs: their senders see the channel closed.
-                if kernel_enter().is_ok() {
+                let entered = kernel_enter();
+                let ok = entered.is_ok();
+                let _ = entered_tx.send(entered);
+                if ok {
                     while let Ok(job) = kernel_rx.recv() {
-                        job();
+                        // A job that panics fails alone (its caller sees no answer).
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
                     }
                 }
             })
             .map_err(|e| Error::Io("spawn the datapath's kernel thread".into(), e))?;
+        entered_rx
+            .recv()
+            .map_err(|_| Error::invalid("datapath", "its kernel thread died at start"))??;
         let mut workers = DatapathWorkers {
             shared: shared.clone(),
             commands: tx,
@@ -203,26 +210,34 @@ impl DatapathWorkers {
 
     /// Removes a port: taken out of the datapath on worker 0 (at once, between bursts), its
     /// interface deleted on the kernel thread, so that no worker waits for the kernel. Returns
-    /// when the interface is gone (a veth's descriptor is closed after that, unwaited).
-    pub fn remove_port(&self, name: &str) -> Result<(), Error> {
+    /// when the interface is gone (a veth's descriptor is closed after that, unwaited). Once
+    /// the port is out of the datapath the removal has happened: `Ok(Some(e))` says its
+    /// interface could not be deleted (it is left behind, and `e` says why).
+    pub fn remove_port(&self, name: &str) -> Result<Option<Error>, Error> {
         let n = name.to_owned();
         let detached = self.call(move |dp| dp.detach_port(&n))??;
         let (tx, rx) = mpsc::sync_channel(1);
         let gone = || Error::invalid("datapath", "its kernel thread is gone");
-        self.kernel
-            .as_ref()
-            .ok_or_else(gone)?
-            .send(Box::new(move || match detached.delete_interface() {
-                Ok(closed_later) => {
-                    let _ = tx.send(Ok(()));
-                    drop(closed_later);
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                }
-            }))
-            .map_err(|_| gone())?;
-        rx.recv().map_err(|_| gone())?
+        let Some(kernel) = self.kernel.as_ref() else {
+            return Ok(Some(gone()));
+        };
+        let job: KernelJob = Box::new(move || match detached.delete_interface() {
+            Ok(closed_later) => {
+                let _ = tx.send(Ok(()));
+                drop(closed_later);
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        });
+        if kernel.send(job).is_err() {
+            return Ok(Some(gone()));
+        }
+        Ok(match rx.recv() {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some(gone()),
+        })
     }
 
     /// Reads the shared state from the calling thread (counters, tables); for anything that

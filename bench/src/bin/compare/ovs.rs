@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use testbeds::daemon::tie_to_parent;
+
 /// The Debian package's DPDK build of ovs-vswitchd.
 pub const OVS_VSWITCHD_DPDK: &str = "/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk";
 const SCHEMA: &str = "/usr/share/openvswitch/vswitch.ovsschema";
@@ -26,13 +28,16 @@ pub fn installed() -> bool {
             .is_ok()
 }
 
-/// 2 MiB hugepages added to the pool and a hugetlbfs mount of them; both undone on drop.
+/// 2 MiB hugepages added to the pool and a hugetlbfs mount of them; both undone on drop
+/// (the pages added are taken away again, whatever others did to the pool meanwhile).
 struct Hugepages {
     mount: PathBuf,
-    before: u64,
+    added: u64,
 }
 
-const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+/// The 2 MiB pool (whatever the default huge page size).
+const NR_HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+const FREE_HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
 
 fn read_u64(path: &str) -> Result<u64, String> {
     std::fs::read_to_string(path)
@@ -43,25 +48,17 @@ fn read_u64(path: &str) -> Result<u64, String> {
 }
 
 fn free_hugepages() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("HugePages_Free:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
+    read_u64(FREE_HUGEPAGES).unwrap_or(0)
 }
 
 impl Hugepages {
     fn reserve(mount: PathBuf, pages: u64) -> Result<Hugepages, String> {
         let before = read_u64(NR_HUGEPAGES)?;
-        let pages_wanted = before + pages;
-        std::fs::write(NR_HUGEPAGES, pages_wanted.to_string())
+        std::fs::write(NR_HUGEPAGES, (before + pages).to_string())
             .map_err(|e| format!("{NR_HUGEPAGES}: {e}"))?;
         let h = Hugepages {
             mount: mount.clone(),
-            before,
+            added: read_u64(NR_HUGEPAGES)?.saturating_sub(before),
         };
         if free_hugepages() < pages {
             return Err(format!(
@@ -86,7 +83,9 @@ impl Hugepages {
 impl Drop for Hugepages {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.mount).status();
-        let _ = std::fs::write(NR_HUGEPAGES, self.before.to_string());
+        if let Ok(now) = read_u64(NR_HUGEPAGES) {
+            let _ = std::fs::write(NR_HUGEPAGES, now.saturating_sub(self.added).to_string());
+        }
     }
 }
 
@@ -126,7 +125,10 @@ impl OvsDpdk {
             ("OVS_DBDIR", dir.as_os_str()),
         ];
         let db_sock = dir.join("db.sock");
-        let db_server = Command::new("ovsdb-server")
+        let mut db_cmd = Command::new("ovsdb-server");
+        // Both daemons die with the bench (a killed bench must not leave a PMD spinning).
+        tie_to_parent(&mut db_cmd);
+        let db_server = db_cmd
             .arg(&db)
             .arg(format!("--remote=punix:{}", db_sock.display()))
             .arg(format!("--unixctl={}", dir.join("ovsdb.ctl").display()))
@@ -159,7 +161,9 @@ impl OvsDpdk {
                 &format!("other_config:dpdk-extra=\"{prefix}\""),
             ],
         )?;
-        let child = Command::new("taskset")
+        let mut ovs_cmd = Command::new("taskset");
+        tie_to_parent(&mut ovs_cmd);
+        let child = ovs_cmd
             .args(["-c", &cpu.to_string(), OVS_VSWITCHD_DPDK])
             .arg(format!("unix:{}", db_sock.display()))
             .arg(format!(
