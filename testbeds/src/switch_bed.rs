@@ -8,6 +8,8 @@
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use overlay_net::{TenantLimits, Vni};
 use vswitch::datapath::{DatapathConfig, DatapathWorkers};
@@ -389,41 +391,56 @@ impl KernelHost {
     }
 }
 
-/// Watches the underlay for VXLAN datagrams (UDP to port 4789) and collects their
-/// UDP source ports, until stopped.
-pub struct SourcePortWatch {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<std::collections::BTreeSet<u16>>>,
+/// A capture thread on the underlay ([`watch_vxlan`]) and what it gathers: stopped (and
+/// joined) by [`Watch::finish`] or on drop.
+struct Watch<T> {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<T>>,
 }
 
-/// Watches every link of the underlay's bridge on a thread until `stop` is set, calling
+impl<T> Watch<T> {
+    /// Stops the capture and returns what it gathered.
+    fn finish(mut self) -> Result<T, Error> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .ok_or_else(|| Error::Setup("watch already finished".into()))?
+            .join()
+            .map_err(|_| Error::Setup("watch thread panicked".into()))
+    }
+}
+
+impl<T> Drop for Watch<T> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Watches every link of the underlay's bridge on a thread until stopped, calling
 /// `seen(state, source address, datagram)` for each VXLAN datagram (UDP to port 4789); the
-/// thread returns the state.
+/// watch returns the state when finished.
 fn watch_vxlan<T: Send + 'static>(
     underlay: &Underlay,
     state: T,
     mut seen: impl FnMut(&mut T, IpAddr, &etherparse::UdpSlice<'_>) + Send + 'static,
-) -> Result<
-    (
-        std::sync::Arc<std::sync::atomic::AtomicBool>,
-        std::thread::JoinHandle<T>,
-    ),
-    Error,
-> {
+) -> Result<Watch<T>, Error> {
     use std::os::fd::AsRawFd;
     // Every port of the bridge, blocking (the thread polls it).
     let fd = underlay.ns.enter(|| {
         crate::transport::packet_socket(0, false)
             .map_err(|e| Error::Io("AF_PACKET socket on the underlay".into(), e))
     })?;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let stopped = stop.clone();
     let thread = std::thread::spawn(move || {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         use std::os::fd::AsFd;
         let mut state = state;
         let mut buf = vec![0u8; 65536];
-        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+        while !stopped.load(Ordering::Relaxed) {
             let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
             if !matches!(poll(&mut fds, PollTimeout::from(100u16)), Ok(n) if n > 0) {
                 continue;
@@ -452,52 +469,39 @@ fn watch_vxlan<T: Send + 'static>(
         }
         state
     });
-    Ok((stop, thread))
+    Ok(Watch {
+        stop,
+        thread: Some(thread),
+    })
 }
+
+/// Watches the underlay for VXLAN datagrams (UDP to port 4789) and collects their
+/// UDP source ports, until stopped.
+pub struct SourcePortWatch(Watch<std::collections::BTreeSet<u16>>);
 
 impl SourcePortWatch {
     /// Starts watching the links of the underlay's bridge.
     pub fn start(underlay: &Underlay) -> Result<SourcePortWatch, Error> {
-        let (stop, thread) = watch_vxlan(
+        let watch = watch_vxlan(
             underlay,
             std::collections::BTreeSet::new(),
             |ports, _, udp| {
                 ports.insert(udp.source_port());
             },
         )?;
-        Ok(SourcePortWatch {
-            stop,
-            thread: Some(thread),
-        })
+        Ok(SourcePortWatch(watch))
     }
 
     /// Stops and returns the source ports seen.
-    pub fn finish(mut self) -> Result<std::collections::BTreeSet<u16>, Error> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread
-            .take()
-            .ok_or_else(|| Error::Setup("watch already finished".into()))?
-            .join()
-            .map_err(|_| Error::Setup("watch thread panicked".into()))
-    }
-}
-
-impl Drop for SourcePortWatch {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    pub fn finish(self) -> Result<std::collections::BTreeSet<u16>, Error> {
+        self.0.finish()
     }
 }
 
 /// Counts, per sending VTEP, the VXLAN datagrams on the underlay's links with a zero outer
 /// UDP checksum and with a non-zero one (which, sent through a veth with checksum offload, may
 /// still be partial: only zero versus non-zero is told apart).
-pub struct ChecksumWatch {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<ChecksumCounts>>,
-}
+pub struct ChecksumWatch(Watch<ChecksumCounts>);
 
 /// Per sending VTEP: (datagrams with a zero UDP checksum, with a non-zero one).
 pub type ChecksumCounts = std::collections::BTreeMap<IpAddr, (u64, u64)>;
@@ -505,7 +509,7 @@ pub type ChecksumCounts = std::collections::BTreeMap<IpAddr, (u64, u64)>;
 impl ChecksumWatch {
     /// Starts watching the links of the underlay's bridge.
     pub fn start(underlay: &Underlay) -> Result<ChecksumWatch, Error> {
-        let (stop, thread) = watch_vxlan(underlay, ChecksumCounts::new(), |counts, from, udp| {
+        let watch = watch_vxlan(underlay, ChecksumCounts::new(), |counts, from, udp| {
             let c = counts.entry(from).or_default();
             if udp.checksum() == 0 {
                 c.0 += 1;
@@ -513,44 +517,24 @@ impl ChecksumWatch {
                 c.1 += 1;
             }
         })?;
-        Ok(ChecksumWatch {
-            stop,
-            thread: Some(thread),
-        })
+        Ok(ChecksumWatch(watch))
     }
 
     /// Stops and returns the counts.
-    pub fn finish(mut self) -> Result<ChecksumCounts, Error> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread
-            .take()
-            .ok_or_else(|| Error::Setup("watch already finished".into()))?
-            .join()
-            .map_err(|_| Error::Setup("watch thread panicked".into()))
-    }
-}
-
-impl Drop for ChecksumWatch {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    pub fn finish(self) -> Result<ChecksumCounts, Error> {
+        self.0.finish()
     }
 }
 
 /// Counts, on every link of the underlay, VXLAN datagrams and those whose inner frame is a
 /// broadcast ARP request (not a gratuitous one): what ARP suppression keeps off the wire.
 /// A datagram is seen once per link it crosses.
-pub struct ArpWatch {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<(u64, u64)>>,
-}
+pub struct ArpWatch(Watch<(u64, u64)>);
 
 impl ArpWatch {
     /// Starts watching the links of the underlay's bridge.
     pub fn start(underlay: &Underlay) -> Result<ArpWatch, Error> {
-        let (stop, thread) = watch_vxlan(underlay, (0u64, 0u64), |(vxlan, arp), _, udp| {
+        let watch = watch_vxlan(underlay, (0u64, 0u64), |(vxlan, arp), _, udp| {
             *vxlan += 1;
             let Some(inner) = udp.payload().get(8..) else {
                 return;
@@ -564,24 +548,11 @@ impl ArpWatch {
                 *arp += 1;
             }
         })?;
-        Ok(ArpWatch {
-            stop,
-            thread: Some(thread),
-        })
+        Ok(ArpWatch(watch))
     }
 
     /// Stops and returns (VXLAN datagrams, broadcast ARP requests inside them) seen.
-    pub fn finish(mut self) -> (u64, u64) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for ArpWatch {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    pub fn finish(self) -> (u64, u64) {
+        self.0.finish().unwrap_or_default()
     }
 }

@@ -17,6 +17,23 @@ fn ip(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 100, 0, last)
 }
 
+/// Neither endpoint counted a TCP or UDP checksum error.
+fn no_checksum_errors(
+    switch_endpoint: &testbeds::netns::Netns,
+    kernel_endpoint: &testbeds::netns::Netns,
+) {
+    for (who, ns) in [
+        ("switch endpoint", switch_endpoint),
+        ("kernel endpoint", kernel_endpoint),
+    ] {
+        assert_eq!(
+            checksum_errors(ns).unwrap(),
+            (0, 0),
+            "{who}: (TCP, UDP) checksum errors"
+        );
+    }
+}
+
 fn both_ways(ipv6: bool) {
     if let Some(why) = missing_privileges() {
         panic!("needs root: {why}");
@@ -44,16 +61,7 @@ fn both_ways(ipv6: bool) {
         let n = udp_datagrams(&ep, &kernel.endpoint, to_kernel, 6002, 100, size).unwrap();
         assert_eq!(n, 100, "switch -> kernel, {size} bytes: {n} of 100 arrived");
     }
-    for (who, ns) in [
-        ("switch endpoint", &ep),
-        ("kernel endpoint", &kernel.endpoint),
-    ] {
-        assert_eq!(
-            checksum_errors(ns).unwrap(),
-            (0, 0),
-            "{who}: (TCP, UDP) checksum errors"
-        );
-    }
+    no_checksum_errors(&ep, &kernel.endpoint);
     let (counters, tenant) = sw
         .datapath
         .call(|dp| {
@@ -185,16 +193,7 @@ fn zero_udp6_checksums_with_a_kernel_peer() {
         "strict switch: {:?}",
         of(strict.ip)
     );
-    for (who, ns) in [
-        ("switch endpoint", &ep),
-        ("kernel endpoint", &kernel.endpoint),
-    ] {
-        assert_eq!(
-            checksum_errors(ns).unwrap(),
-            (0, 0),
-            "{who}: (TCP, UDP) checksum errors"
-        );
-    }
+    no_checksum_errors(&ep, &kernel.endpoint);
     let counters = sw.datapath.call(|dp| dp.counters()).unwrap();
     assert_eq!(counters.uplink_invalid, 0, "{counters:?}");
 }

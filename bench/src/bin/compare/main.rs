@@ -37,6 +37,16 @@ mod switch;
 mod vhost_blk;
 mod vhost_net;
 
+/// A child process killed (and reaped) on drop.
+pub(crate) struct Killed(pub(crate) std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// One comparison: ours against a peer.
 pub struct Row {
     /// Suite/measurement.

@@ -5,10 +5,12 @@
 //! the run and given back when it ends.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use testbeds::daemon::tie_to_parent;
+
+use crate::Killed;
 
 /// The Debian package's DPDK build of ovs-vswitchd.
 pub const OVS_VSWITCHD_DPDK: &str = "/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk";
@@ -86,16 +88,6 @@ impl Drop for Hugepages {
         if let Ok(now) = read_u64(NR_HUGEPAGES) {
             let _ = std::fs::write(NR_HUGEPAGES, now.saturating_sub(self.added).to_string());
         }
-    }
-}
-
-/// A child process killed (and reaped) on drop.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -23,7 +23,7 @@
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,8 +32,8 @@ use testbeds::netns::Netns;
 use testbeds::scratch::Scratch;
 use testbeds::switch_bed::Underlay;
 
-use crate::Row;
 use crate::ovs::{self, OvsDpdk};
+use crate::{Killed, Row};
 
 /// MACs of testpmd's two virtio_user ports.
 const MAC0: &str = "02:00:00:00:d0:00";
@@ -42,16 +42,6 @@ const MAC1: &str = "02:00:00:00:d0:01";
 const UNDERLAY_MTU: u16 = 1600;
 /// Bursts of 32 frames each port puts into the loop.
 const BURSTS: u32 = 4;
-
-/// A process killed on drop.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn eal(prefix: &str, main_lcore: u8) -> Vec<String> {
     [
