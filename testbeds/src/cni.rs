@@ -131,9 +131,15 @@ impl Runtime {
             .map_err(|e| Error::Io(format!("running {}", program.display()), e))?;
         let input = serde_json::to_vec(conf).unwrap_or_default();
         if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(&input)
-                .map_err(|e| Error::Io("plugin stdin".into(), e))?;
+            // A plugin may exit without reading stdin (VERSION): its answer decides.
+            match stdin.write_all(&input) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Error::Io("plugin stdin".into(), e));
+                }
+                _ => {}
+            }
         }
         let out = child
             .wait_with_output()
