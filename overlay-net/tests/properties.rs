@@ -125,6 +125,7 @@ proptest! {
                     local_ip: Some(cfg.remote_ip),
                     accept_zero_udp6_checksum: false,
                     udp_checksum_verified: false,
+                    accept_partial_udp_checksum: false,
                 };
                 let d = decapsulate(&buf[..n], &dcfg).unwrap();
                 prop_assert_eq!(d.vni, vni);

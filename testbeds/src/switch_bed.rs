@@ -133,6 +133,25 @@ impl SwitchHost {
         workers: usize,
         udp6_zero_checksum: vswitch::uplink::Udp6ZeroChecksum,
     ) -> Result<SwitchHost, Error> {
+        Self::with_uplink(
+            underlay,
+            n,
+            ipv6,
+            workers,
+            udp6_zero_checksum,
+            Default::default(),
+        )
+    }
+
+    /// Like [`SwitchHost::with_checksums`], with the uplink's I/O chosen (AF_XDP or socket).
+    pub fn with_uplink(
+        underlay: &mut Underlay,
+        n: u8,
+        ipv6: bool,
+        workers: usize,
+        udp6_zero_checksum: vswitch::uplink::Udp6ZeroChecksum,
+        uplink_io: vswitch::uplink::UplinkIo,
+    ) -> Result<SwitchHost, Error> {
         let addr = Ipv4Addr::new(198, 18, 0, n);
         let ns = underlay.host(&format!("h{n}"), addr)?;
         let name = ns.name().to_owned();
@@ -148,6 +167,7 @@ impl SwitchHost {
                 udp_port: overlay_net::VXLAN_PORT,
                 workers,
                 udp6_zero_checksum,
+                uplink_io,
             },
             move || {
                 enter_current_thread(&name).map_err(|e| {

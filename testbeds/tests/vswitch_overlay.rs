@@ -412,6 +412,7 @@ fn several_workers_share_one_switch() {
             udp_port: overlay_net::VXLAN_PORT,
             workers: 2,
             udp6_zero_checksum: Default::default(),
+            uplink_io: Default::default(),
         },
         move || {
             testbeds::netns::enter_current_thread(&name).map_err(|e| {

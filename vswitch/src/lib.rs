@@ -34,6 +34,7 @@ pub mod tap;
 mod tenant;
 pub mod uplink;
 pub mod vhost_net;
+mod xdp;
 
 pub use counters::{DropReason, Drops, PortCounters, TenantCounters};
 pub use error::Error;

@@ -135,6 +135,38 @@ pub struct Uplink {
     tx_dropped: u64,
     /// Runs of queued datagrams go out as one UDP GSO send (until the kernel refuses one).
     gso: bool,
+    /// The AF_XDP path, when attached ([`Self::attach_xdp`]).
+    xdp: Option<crate::xdp::XdpPath>,
+    /// Datagrams received through the AF_XDP path so far.
+    xdp_received: u64,
+    /// Datagrams sent through the AF_XDP path so far.
+    xdp_sent: u64,
+    udp6_zero_checksum: Udp6ZeroChecksum,
+}
+
+/// How an uplink meets the underlay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UplinkIo {
+    /// The kernel's UDP stack (`recvmmsg`/`sendmmsg` with GRO/GSO): works everywhere.
+    #[default]
+    Socket,
+    /// AF_XDP on the underlay interface (an XDP program steers this switch's VXLAN to the
+    /// switch, the rest goes to the kernel); starting fails where it cannot run.
+    Xdp,
+    /// AF_XDP where it can run, the socket where not (the log says which one runs).
+    Auto,
+}
+
+impl std::str::FromStr for UplinkIo {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "socket" => Ok(UplinkIo::Socket),
+            "xdp" => Ok(UplinkIo::Xdp),
+            "auto" => Ok(UplinkIo::Auto),
+            other => Err(format!("{other:?} is not one of socket, xdp, auto")),
+        }
+    }
 }
 
 impl std::fmt::Debug for Uplink {
@@ -353,7 +385,76 @@ impl Uplink {
             tx_dropped: 0,
             // The kernel refuses UDP GSO without a checksum (EINVAL).
             gso: !(v6 && zero_checksum.tx),
+            xdp: None,
+            xdp_received: 0,
+            xdp_sent: 0,
+            udp6_zero_checksum: zero_checksum,
         })
+    }
+
+    /// Adds the AF_XDP path on receive queue `queue` of the interface holding this uplink's
+    /// address; returns what runs, for the log. On an error nothing is attached and the
+    /// socket path goes on alone.
+    pub fn attach_xdp(&mut self, queue: u32) -> Result<String, Error> {
+        let local = self
+            .local_addr()
+            .ok_or_else(|| Error::invalid("uplink", "socket has no address"))?;
+        let path =
+            crate::xdp::XdpPath::open(local, self.underlay_mtu, self.udp6_zero_checksum, queue)
+                .map_err(|e| Error::Io(format!("AF_XDP uplink on {}", local.ip()), e))?;
+        let what = format!("{local}: {}", path.describe());
+        self.xdp = Some(path);
+        Ok(what)
+    }
+
+    /// The AF_XDP socket's descriptor, for epoll, when the AF_XDP path is attached.
+    pub fn xdp_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.xdp.as_ref().map(|x| x.fd())
+    }
+
+    /// Datagrams received and sent through the AF_XDP path so far.
+    pub fn xdp_counts(&self) -> (u64, u64) {
+        (self.xdp_received, self.xdp_sent)
+    }
+
+    /// Receives up to [`BATCH`] frames from the AF_XDP socket, decapsulated; returns how
+    /// many ([`Self::datagram`] reads them; frames that are not valid VXLAN for this switch
+    /// read as errors).
+    pub fn recv_xdp_batch(&mut self) -> usize {
+        let Some(x) = self.xdp.as_mut() else {
+            return 0;
+        };
+        let rx = &mut self.rx;
+        rx.datagrams.clear();
+        let unspecified = SocketAddr::new(
+            match self.family {
+                UnderlayFamily::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                UnderlayFamily::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            },
+            0,
+        );
+        let mut msg = 0;
+        let n = x.receive(BATCH, |r| {
+            let start = msg * RX_SLOT;
+            match r {
+                Ok(d) if vxlan::HEADER_LEN + d.inner.len() <= RX_SLOT => {
+                    let len = vxlan::HEADER_LEN + d.inner.len();
+                    rx.data[start..start + vxlan::HEADER_LEN]
+                        .copy_from_slice(&vxlan::header(d.vni));
+                    rx.data[start + vxlan::HEADER_LEN..start + len].copy_from_slice(d.inner);
+                    to_sockaddr(SocketAddr::new(d.source, d.source_port), &mut rx.addrs[msg]);
+                    rx.datagrams.push((start, len, msg));
+                }
+                _ => {
+                    // Kept as one empty datagram, rejected as malformed (and counted).
+                    to_sockaddr(unspecified, &mut rx.addrs[msg]);
+                    rx.datagrams.push((start, 0, msg));
+                }
+            }
+            msg += 1;
+        });
+        self.xdp_received += n as u64;
+        n
     }
 
     /// The bound address.
@@ -551,12 +652,29 @@ impl Uplink {
         data: &[u8],
         segment: u16,
     ) -> io::Result<usize> {
+        let dropped = self.flush();
+        let dest_port = self.dest_port(port);
+        if let Some(x) = self.xdp.as_mut()
+            && x.reaches(vtep, dest_port)
+        {
+            // AF_XDP: the run is cut here, datagram by datagram, onto the transmit ring.
+            let mut lost = 0;
+            let segment = usize::from(segment.max(1));
+            for chunk in data.chunks(segment) {
+                match x.send(vtep, dest_port, chunk) {
+                    crate::xdp::Sent::Queued => self.xdp_sent += 1,
+                    _ => lost += 1,
+                }
+            }
+            x.transmit();
+            self.tx_dropped += lost as u64;
+            return Ok(dropped + lost);
+        }
         if !self.gso {
             // Zero-checksum IPv6 sending: the kernel refuses UDP GSO (EINVAL), so do not make
             // it copy 64 KiB to find that out each time.
             return Err(io::Error::from(io::ErrorKind::Unsupported));
         }
-        let dropped = self.flush();
         // SAFETY: sockaddr_storage and msghdr are plain old data; all-zero is valid.
         let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         let alen = to_sockaddr(SocketAddr::new(vtep, self.dest_port(port)), &mut addr);
@@ -613,19 +731,49 @@ impl Uplink {
         if count == 0 {
             return 0;
         }
+        // Through AF_XDP what can go that way; the rest (VTEPs without a resolved next hop on
+        // the interface) through the sockets.
+        let mut kept = [0usize; BATCH];
+        let mut nkept = 0;
+        let mut xdp_dropped = 0;
+        if let Some(x) = self.xdp.as_mut() {
+            for i in 0..count {
+                let to = from_sockaddr(&self.tx.addrs[i]);
+                let datagram = &self.tx.data[i * SLOT..i * SLOT + self.tx.lens[i]];
+                match to.map(|to| x.send(to.ip(), to.port(), datagram)) {
+                    Some(crate::xdp::Sent::Queued) => self.xdp_sent += 1,
+                    Some(crate::xdp::Sent::Dropped) => xdp_dropped += 1,
+                    _ => {
+                        kept[nkept] = i;
+                        nkept += 1;
+                    }
+                }
+            }
+            x.transmit();
+        } else {
+            for (i, k) in kept.iter_mut().enumerate().take(count) {
+                *k = i;
+            }
+            nkept = count;
+        }
+        if nkept == 0 {
+            return xdp_dropped;
+        }
+        let count = nkept;
         // The slots by sending socket (stable: each flow's datagrams keep their order).
         let mut order = [0usize; BATCH];
         let mut starts = [0usize; SENDERS + 1];
-        for &s in &self.tx.senders[..count] {
-            starts[usize::from(s) + 1] += 1;
+        for &i in &kept[..count] {
+            starts[usize::from(self.tx.senders[i]) + 1] += 1;
         }
         for s in 0..SENDERS {
             starts[s + 1] += starts[s];
         }
         let mut next = starts;
-        for (i, &s) in self.tx.senders[..count].iter().enumerate() {
-            order[next[usize::from(s)]] = i;
-            next[usize::from(s)] += 1;
+        for &i in &kept[..count] {
+            let s = usize::from(self.tx.senders[i]);
+            order[next[s]] = i;
+            next[s] += 1;
         }
         let mut iov: [MaybeUninit<libc::iovec>; BATCH] = [MaybeUninit::uninit(); BATCH];
         // SAFETY: mmsghdr is plain old data; all-zero is a valid value.
@@ -717,7 +865,7 @@ impl Uplink {
             failed += self.send_messages(s, &mut msgs[m..end], &datagrams[m..end]);
             m = end;
         }
-        failed
+        failed + xdp_dropped
     }
 
     /// Sends prepared messages from sending socket `s`; returns the datagrams not sent.

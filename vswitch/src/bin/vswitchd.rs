@@ -44,6 +44,11 @@ struct Args {
     /// `udp6zerocsumrx`), as peers with `udp6zerocsumtx` send it.
     #[arg(long)]
     udp6_zero_checksum_rx: bool,
+    /// How the VXLAN uplink meets the underlay: `socket` (the kernel's UDP stack), `xdp`
+    /// (AF_XDP on the underlay interface; refuse to start where it cannot run) or `auto`
+    /// (AF_XDP where it runs, the socket elsewhere; the log says which) [default: socket].
+    #[arg(long, value_name = "IO")]
+    uplink_io: Option<vswitch::uplink::UplinkIo>,
     /// Datapath worker threads [default: one per core].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
@@ -162,6 +167,16 @@ fn effective(args: Args) -> anyhow::Result<Config> {
         underlay_mtu,
         udp_port,
         udp6_zero_checksum,
+        uplink_io: match args.uplink_io {
+            Some(io) => io,
+            None => file
+                .uplink_io
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("uplink_io: {e}"))?
+                .unwrap_or_default(),
+        },
         workers: args.workers.or(file.workers).unwrap_or(0),
         json_logs: common.json_logs,
         socket_access,
@@ -202,11 +217,15 @@ fn serve(args: Args) -> anyhow::Result<()> {
             udp_port: cfg.udp_port,
             workers: cfg.workers,
             udp6_zero_checksum: cfg.udp6_zero_checksum,
+            uplink_io: cfg.uplink_io,
         },
         || Ok(()),
     )
     .context("starting the datapath")?;
     info!(workers = dp.workers(), "datapath started");
+    for path in dp.uplink_paths() {
+        info!(uplink = %path, "uplink");
+    }
     let (control, problems) =
         Control::restore(dp, &cfg.state_dir, &cfg.run_dir).context("restoring state")?;
     for p in &problems {

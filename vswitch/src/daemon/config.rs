@@ -24,6 +24,8 @@ pub struct FileConfig {
     pub udp6_zero_checksum_tx: Option<bool>,
     /// Accept zero outer UDP checksums on an IPv6 underlay (`udp6zerocsumrx`).
     pub udp6_zero_checksum_rx: Option<bool>,
+    /// How the uplink meets the underlay: `socket`, `xdp` or `auto` (absent: `socket`).
+    pub uplink_io: Option<String>,
     /// Datapath worker threads (0 or absent: one per core).
     pub workers: Option<usize>,
     /// `human` or `json`.
@@ -85,6 +87,8 @@ pub struct Config {
     pub udp_port: u16,
     /// Zero outer UDP checksums on an IPv6 underlay.
     pub udp6_zero_checksum: crate::uplink::Udp6ZeroChecksum,
+    /// How the uplink meets the underlay.
+    pub uplink_io: crate::uplink::UplinkIo,
     /// Datapath worker threads; 0 means one per core.
     pub workers: usize,
     /// Log as JSON lines instead of human-readable text.

@@ -1133,6 +1133,18 @@ impl Control {
              segmentation offload",
             dpc.uplink_super_frames,
         );
+        single(
+            &mut reg,
+            "uplink_xdp_received",
+            "Frames received through the uplinks' AF_XDP sockets",
+            dpc.uplink_xdp_received,
+        );
+        single(
+            &mut reg,
+            "uplink_xdp_sent",
+            "Frames sent through the uplinks' AF_XDP sockets",
+            dpc.uplink_xdp_sent,
+        );
         let workers = Gauge::<i64>::default();
         workers.set(self.dp.workers() as i64);
         reg.register("datapath_workers", "Datapath worker threads", workers);

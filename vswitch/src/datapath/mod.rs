@@ -51,7 +51,7 @@ use crate::tap::{
     Offloads, Tap, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_TCPV6, VNET_HDR_LEN,
     VnetHeader,
 };
-use crate::uplink::{BATCH, QueueError, Uplink};
+use crate::uplink::{BATCH, QueueError, Uplink, UplinkIo};
 use crate::vhost_net::{self, KickTarget, VhostNetPort};
 use crate::{
     DropReason, Error, Ingress, Nanos, PortConfig, Switch, TenantConfig, TenantSwitch, Verdict,
@@ -67,6 +67,8 @@ fn port_token(port: PortId, pair: usize) -> u64 {
 const TOKEN_CONTROL: u64 = u64::MAX;
 /// epoll tokens of uplinks: this base plus the uplink's index.
 const TOKEN_UPLINK: u64 = 1 << 40;
+/// epoll tokens of uplinks' AF_XDP sockets: this base plus the uplink's index.
+const TOKEN_UPLINK_XDP: u64 = TOKEN_UPLINK + (1 << 20);
 /// Room for one frame read from a TAP: virtio-net header + a 64 KiB TSO super-frame.
 const FRAME_SLOT: usize = VNET_HDR_LEN + 65536;
 /// How long a guest queue is polled after its last frame before the worker asks for kicks
@@ -115,6 +117,8 @@ pub struct DatapathConfig {
     pub workers: usize,
     /// Zero outer UDP checksums on an IPv6 underlay (send, accept).
     pub udp6_zero_checksum: crate::uplink::Udp6ZeroChecksum,
+    /// How the uplinks meet the underlay: UDP sockets, AF_XDP, or AF_XDP where it runs.
+    pub uplink_io: crate::uplink::UplinkIo,
 }
 
 impl DatapathConfig {
@@ -141,6 +145,10 @@ pub struct DatapathCounters {
     /// TCP super-frames received whole from the underlay (a Linux peer's tunnel GSO),
     /// delivered with segmentation offload.
     pub uplink_super_frames: u64,
+    /// Frames received through the uplinks' AF_XDP sockets.
+    pub uplink_xdp_received: u64,
+    /// Frames sent through the uplinks' AF_XDP sockets.
+    pub uplink_xdp_sent: u64,
 }
 
 /// A worker's own counters, readable by the control plane without stopping it.
@@ -150,6 +158,8 @@ struct WorkerStats {
     tap_offload_dropped: AtomicU64,
     uplink_tx_dropped: AtomicU64,
     uplink_super_frames: AtomicU64,
+    uplink_xdp_received: AtomicU64,
+    uplink_xdp_sent: AtomicU64,
 }
 
 /// What the shared state knows of a worker.
@@ -218,6 +228,8 @@ impl Datapath {
             c.tap_offload_dropped += w.stats.tap_offload_dropped.load(Ordering::Relaxed);
             c.uplink_tx_dropped += w.stats.uplink_tx_dropped.load(Ordering::Relaxed);
             c.uplink_super_frames += w.stats.uplink_super_frames.load(Ordering::Relaxed);
+            c.uplink_xdp_received += w.stats.uplink_xdp_received.load(Ordering::Relaxed);
+            c.uplink_xdp_sent += w.stats.uplink_xdp_sent.load(Ordering::Relaxed);
         }
         c
     }

@@ -279,7 +279,10 @@ impl Worker {
                         let _ = wake.read();
                         control = true;
                     }
-                    t if t >= TOKEN_UPLINK => self.on_uplink((t - TOKEN_UPLINK) as usize),
+                    t if t >= TOKEN_UPLINK_XDP => {
+                        self.on_uplink((t - TOKEN_UPLINK_XDP) as usize, true)
+                    }
+                    t if t >= TOKEN_UPLINK => self.on_uplink((t - TOKEN_UPLINK) as usize, false),
                     t => {
                         let (port, pair) = (PortId(t as u32), (t >> 32) as usize);
                         let (_, more) = self.on_tap(port, pair, true, true);
@@ -532,14 +535,18 @@ impl Worker {
         ports.end_burst();
         targets.clear();
         let mut tx_dropped = 0;
+        let mut xdp_sent = 0;
         for up in uplinks.iter_mut() {
             up.flush();
             tx_dropped += up.tx_dropped();
+            xdp_sent += up.xdp_counts().1;
         }
         stats.uplink_tx_dropped.store(tx_dropped, Ordering::Relaxed);
+        stats.uplink_xdp_sent.store(xdp_sent, Ordering::Relaxed);
     }
 
-    fn on_uplink(&mut self, index: usize) {
+    /// A batch from uplink `index`: from its AF_XDP socket (`xdp`) or its UDP socket.
+    fn on_uplink(&mut self, index: usize, xdp: bool) {
         let now = self.now();
         // The worker's index picks a guest's receive queue: workers fill different queues.
         let lane = self.index;
@@ -560,7 +567,15 @@ impl Worker {
         let Some(up) = uplinks.get_mut(index) else {
             return;
         };
-        let n = up.recv_batch().unwrap_or(0);
+        let n = if xdp {
+            let n = up.recv_xdp_batch();
+            stats
+                .uplink_xdp_received
+                .fetch_add(n as u64, Ordering::Relaxed);
+            n
+        } else {
+            up.recv_batch().unwrap_or(0)
+        };
         if n == 0 {
             return;
         }

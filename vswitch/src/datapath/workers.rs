@@ -15,6 +15,8 @@ pub struct DatapathWorkers {
     /// this thread, in the underlay's namespace, so that no worker stalls its ports for it.
     kernel: Option<mpsc::Sender<KernelJob>>,
     kernel_thread: Option<JoinHandle<()>>,
+    /// What carries each worker's uplinks (socket or AF_XDP, and why), for the log.
+    uplink_paths: Vec<String>,
 }
 
 type KernelJob = Box<dyn FnOnce() + Send>;
@@ -27,28 +29,52 @@ impl std::fmt::Debug for DatapathWorkers {
     }
 }
 
-/// Binds a worker's uplinks and registers them and its eventfd with its epoll.
+/// Binds a worker's uplinks and registers them and its eventfd with its epoll; with AF_XDP
+/// configured, worker 0 adds it to each uplink where it runs (one XDP program per
+/// interface, one socket on its first queue). Returns the uplinks and, per uplink, what
+/// carries its traffic (for the log).
 fn bind_uplinks(
+    index: usize,
     addrs: &[SocketAddr],
     cfg: &DatapathConfig,
     epoll: &Epoll,
     wake: &EventFd,
-) -> Result<Vec<Uplink>, Error> {
+) -> Result<(Vec<Uplink>, Vec<String>), Error> {
     epoll
         .add(wake, EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_CONTROL))
         .map_err(|e| nix_err("epoll_ctl eventfd", e))?;
     let mut uplinks = Vec::new();
+    let mut paths = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
-        let up = Uplink::bind(*addr, cfg.underlay_mtu, true, cfg.udp6_zero_checksum)?;
+        let mut up = Uplink::bind(*addr, cfg.underlay_mtu, true, cfg.udp6_zero_checksum)?;
         epoll
             .add(
                 up.fd(),
                 EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_UPLINK + i as u64),
             )
             .map_err(|e| nix_err("epoll_ctl uplink", e))?;
+        let bound = up.local_addr().unwrap_or(*addr);
+        let path = match cfg.uplink_io {
+            UplinkIo::Socket => format!("{bound}: UDP socket"),
+            _ if index > 0 => format!("{bound}: UDP socket (AF_XDP runs on worker 0)"),
+            io => match up.attach_xdp(0) {
+                Ok(what) => what,
+                Err(e) if io == UplinkIo::Xdp => return Err(e),
+                Err(e) => format!("{bound}: UDP socket (AF_XDP does not run: {e})"),
+            },
+        };
+        if let Some(fd) = up.xdp_fd() {
+            epoll
+                .add(
+                    fd,
+                    EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_UPLINK_XDP + i as u64),
+                )
+                .map_err(|e| nix_err("epoll_ctl AF_XDP socket", e))?;
+        }
+        paths.push(path);
         uplinks.push(up);
     }
-    Ok(uplinks)
+    Ok((uplinks, paths))
 }
 
 impl DatapathWorkers {
@@ -129,6 +155,7 @@ impl DatapathWorkers {
             threads: Vec::new(),
             kernel: Some(kernel_tx),
             kernel_thread: Some(kernel_thread),
+            uplink_paths: Vec::new(),
         };
         let epoch = Instant::now();
         let mut rx = Some(rx);
@@ -140,7 +167,8 @@ impl DatapathWorkers {
             .map(|ip| SocketAddr::new(*ip, config.udp_port))
             .collect();
         for index in 0..count {
-            let (ready_tx, ready_rx) = mpsc::channel::<Result<Vec<SocketAddr>, Error>>();
+            let (ready_tx, ready_rx) =
+                mpsc::channel::<Result<(Vec<SocketAddr>, Vec<String>), Error>>();
             let (enter, cfg, bind_to) = (enter.clone(), config.clone(), addrs.clone());
             let (epoll, wake, stats) = (
                 epolls[index].clone(),
@@ -160,12 +188,12 @@ impl DatapathWorkers {
                                     .map_err(|e| Error::Io(format!("bind {a}"), e))?;
                             }
                         }
-                        bind_uplinks(&bind_to, &cfg, &epoll, &wake)
+                        bind_uplinks(index, &bind_to, &cfg, &epoll, &wake)
                     });
                     let uplinks = match setup {
-                        Ok(u) => {
+                        Ok((u, paths)) => {
                             let bound = u.iter().filter_map(Uplink::local_addr).collect();
-                            let _ = ready_tx.send(Ok(bound));
+                            let _ = ready_tx.send(Ok((bound, paths)));
                             u
                         }
                         Err(e) => {
@@ -179,12 +207,15 @@ impl DatapathWorkers {
                 })
                 .map_err(|e| Error::Io("spawn datapath worker".into(), e))?;
             workers.threads.push(thread);
-            let bound = ready_rx
+            let (bound, paths) = ready_rx
                 .recv()
                 .map_err(|_| Error::invalid("datapath", "worker died during setup"))??;
             if index == 0 {
                 addrs = bound;
             }
+            workers
+                .uplink_paths
+                .extend(paths.into_iter().map(|p| format!("worker {index}: {p}")));
         }
         Ok(workers)
     }
@@ -249,6 +280,12 @@ impl DatapathWorkers {
     /// Number of worker threads.
     pub fn workers(&self) -> usize {
         self.threads.len()
+    }
+
+    /// What carries each worker's uplinks: the UDP socket or AF_XDP (interface, queue,
+    /// mode), and why AF_XDP does not run where it was asked for.
+    pub fn uplink_paths(&self) -> &[String] {
+        &self.uplink_paths
     }
 }
 

@@ -1,0 +1,203 @@
+//! The AF_XDP uplink between network-namespace hosts (veths into a bridge, native XDP on
+//! each host's `eth0`): tenants reach each other across hosts through it, with switch and
+//! Linux-kernel VXLAN peers on IPv4 and IPv6 underlays; the kernel keeps everything else the
+//! host receives; garbage on the VXLAN port is counted; the program goes with the datapath.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+
+use testbeds::netns::missing_privileges;
+use testbeds::probe::{ping, tcp_transfer};
+use testbeds::switch_bed::{KernelHost, SwitchHost, Underlay};
+use testbeds::wait;
+use vswitch::datapath::DatapathCounters;
+use vswitch::uplink::UplinkIo;
+
+fn skip() -> bool {
+    if let Some(why) = missing_privileges() {
+        eprintln!("SKIPPED AF_XDP uplink test: {why}");
+        return true;
+    }
+    false
+}
+
+fn ip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 100, 0, last)
+}
+
+fn xdp_host(ul: &mut Underlay, n: u8, ipv6: bool) -> SwitchHost {
+    let h = SwitchHost::with_uplink(ul, n, ipv6, 1, Default::default(), UplinkIo::Xdp).unwrap();
+    let paths = h.datapath.uplink_paths().join("; ");
+    assert!(paths.contains("AF_XDP on eth0 queue 0"), "{paths}");
+    h
+}
+
+fn counters(h: &SwitchHost) -> DatapathCounters {
+    h.datapath.call(|dp| dp.counters()).unwrap()
+}
+
+fn attached(ns: &testbeds::netns::Netns) -> bool {
+    ns.ip(&["-d", "link", "show", "eth0"])
+        .unwrap()
+        .contains("prog/xdp")
+}
+
+fn two_switch_hosts(ipv6: bool) {
+    let mut ul = Underlay::new().unwrap();
+    let h1 = xdp_host(&mut ul, 1, ipv6);
+    let h2 = xdp_host(&mut ul, 2, ipv6);
+    h1.tenant("a", 100, &[h2.ip]).unwrap();
+    h2.tenant("a", 100, &[h1.ip]).unwrap();
+    let a1 = h1
+        .endpoint("a", "tapa1", ip(1), "02:00:00:00:00:01")
+        .unwrap();
+    let a2 = h2
+        .endpoint("a", "tapa2", ip(2), "02:00:00:00:00:02")
+        .unwrap();
+    // Full-size frames of the tenant MTU cross (1450 over IPv4, 1430 over IPv6).
+    let most = if ipv6 { 1430 - 28 } else { 1450 - 28 };
+    let r = ping(&a1, ip(2).into(), 3, most).unwrap();
+    assert_eq!(r.received, r.sent, "{r:?}");
+    let t = tcp_transfer(&a1, &a2, ip(2).into(), 5001, 4 << 20).unwrap();
+    assert!(t.intact(), "{t:?}");
+    let t = tcp_transfer(&a2, &a1, ip(1).into(), 5002, 4 << 20).unwrap();
+    assert!(t.intact(), "{t:?}");
+    for h in [&h1, &h2] {
+        let c = counters(h);
+        // 4 MiB each way is ~2900 full frames: nearly all of them went through AF_XDP (the
+        // first ones may go through the socket while the kernel resolves the neighbour).
+        assert!(
+            c.uplink_xdp_received > 2000 && c.uplink_xdp_sent > 2000,
+            "{c:?}"
+        );
+        assert_eq!(c.uplink_invalid, 0, "{c:?}");
+    }
+
+    // The kernel keeps what is not this switch's VXLAN: the hosts ping each other's underlay
+    // address, and a UDP datagram to another port of h1 reaches a socket there.
+    let (h1_ip, h2_ip) = (h1.ip, h2.ip);
+    let pinged = h2
+        .ns
+        .exec("ping", &["-c", "2", "-W", "5", &h1_ip.to_string()]);
+    assert!(pinged.is_ok(), "{pinged:?}");
+    let listener = h1
+        .ns
+        .enter(move || {
+            let s = UdpSocket::bind(SocketAddr::new(h1_ip, 4790))
+                .map_err(|e| testbeds::Error::Io("bind".into(), e))?;
+            s.set_read_timeout(Some(wait::SOON))
+                .map_err(|e| testbeds::Error::Io("timeout".into(), e))?;
+            Ok(s)
+        })
+        .unwrap();
+    h2.ns
+        .enter(move || {
+            let bind: SocketAddr = if h2_ip.is_ipv6() {
+                "[::]:0".parse().unwrap()
+            } else {
+                "0.0.0.0:0".parse().unwrap()
+            };
+            let s = UdpSocket::bind(bind).map_err(|e| testbeds::Error::Io("bind".into(), e))?;
+            s.send_to(b"not vxlan", SocketAddr::new(h1_ip, 4790))
+                .map_err(|e| testbeds::Error::Io("send".into(), e))?;
+            Ok(())
+        })
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = listener
+        .recv_from(&mut buf)
+        .expect("the kernel delivered it");
+    assert_eq!(&buf[..n], b"not vxlan");
+
+    // Garbage on the VXLAN port comes through AF_XDP and is counted, not forwarded.
+    let invalid_before = counters(&h1).uplink_invalid;
+    let target = SocketAddr::new(h1_ip, 4789);
+    h2.ns
+        .enter(move || {
+            let bind: SocketAddr = if target.is_ipv6() {
+                "[::]:0".parse().unwrap()
+            } else {
+                "0.0.0.0:0".parse().unwrap()
+            };
+            let s = UdpSocket::bind(bind).map_err(|e| testbeds::Error::Io("bind".into(), e))?;
+            for junk in [&[][..], &[0xff; 7][..], &[0u8; 64][..]] {
+                s.send_to(junk, target)
+                    .map_err(|e| testbeds::Error::Io("send".into(), e))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let counted = wait::until("the junk to be counted", wait::SOON, || {
+        counters(&h1).uplink_invalid == invalid_before + 3
+    });
+    assert!(counted.is_ok(), "{:?}", counters(&h1));
+    let r = ping(&a1, ip(2).into(), 2, 56).unwrap();
+    assert_eq!(r.received, r.sent, "{r:?}");
+
+    // The program is attached while the datapath runs and goes with it.
+    assert!(attached(&h1.ns));
+    let SwitchHost { datapath, ns, .. } = h1;
+    drop(datapath);
+    assert!(!attached(&ns), "the XDP program outlived the datapath");
+}
+
+#[test]
+fn two_switch_hosts_over_af_xdp_on_ipv4() {
+    if skip() {
+        return;
+    }
+    two_switch_hosts(false);
+}
+
+#[test]
+fn two_switch_hosts_over_af_xdp_on_ipv6() {
+    if skip() {
+        return;
+    }
+    two_switch_hosts(true);
+}
+
+/// A Linux vxlan peer with its default offloads: over IPv6 its datagrams reach the veth with
+/// their UDP checksum left to offload, which XDP cannot see and the switch accepts as such.
+fn kernel_peer(ipv6: bool) {
+    let mut ul = Underlay::new().unwrap();
+    let sw = xdp_host(&mut ul, 1, ipv6);
+    let k_ip: IpAddr = if ipv6 {
+        "fd00:18::9".parse().unwrap()
+    } else {
+        Ipv4Addr::new(198, 18, 0, 9).into()
+    };
+    let k = KernelHost::with_family(&mut ul, 9, 100, &[sw.ip], ip(9), ipv6).unwrap();
+    assert_eq!(k.ip, k_ip);
+    sw.tenant("a", 100, &[k.ip]).unwrap();
+    let ep = sw
+        .endpoint("a", "tapa1", ip(1), "02:00:00:00:a0:01")
+        .unwrap();
+    let r = ping(&ep, ip(9).into(), 3, 56).unwrap();
+    assert_eq!(r.received, r.sent, "{r:?}");
+    let t = tcp_transfer(&ep, &k.endpoint, ip(9).into(), 5003, 4 << 20).unwrap();
+    assert!(t.intact(), "switch -> kernel: {t:?}");
+    let t = tcp_transfer(&k.endpoint, &ep, ip(1).into(), 5004, 4 << 20).unwrap();
+    assert!(t.intact(), "kernel -> switch: {t:?}");
+    let c = counters(&sw);
+    assert!(
+        c.uplink_xdp_received > 2000 && c.uplink_xdp_sent > 2000,
+        "{c:?}"
+    );
+    assert_eq!(c.uplink_invalid, 0, "{c:?}");
+}
+
+#[test]
+fn a_kernel_peer_over_af_xdp_on_ipv4() {
+    if skip() {
+        return;
+    }
+    kernel_peer(false);
+}
+
+#[test]
+fn a_kernel_peer_over_af_xdp_on_ipv6() {
+    if skip() {
+        return;
+    }
+    kernel_peer(true);
+}

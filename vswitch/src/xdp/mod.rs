@@ -1,0 +1,334 @@
+//! The AF_XDP path of a VXLAN uplink: VXLAN frames move between the switch and the underlay
+//! interface through an AF_XDP socket's rings instead of the kernel's UDP stack.
+//!
+//! - [`program`]: the XDP program that steers only VXLAN for this switch's address and port
+//!   to the socket (everything else goes on to the kernel), and its loading and attaching.
+//! - [`xsk`]: the socket, its UMEM and its four rings.
+//! - [`route`]: the kernel's route and neighbour table, asked for each remote VTEP's next
+//!   hop.
+//!
+//! Received frames are validated whole ([`overlay_net::decap::decapsulate`]: IP header
+//! checksum, lengths, no fragments, address, port, UDP checksum); sent frames get their outer
+//! headers from a per-tunnel template ([`overlay_net::encap::Encapsulator`]). The UDP socket
+//! stays bound beside it: it takes what the program passes to the kernel (fragments, IPv4
+//! options) and sends to VTEPs whose next hop the kernel has not resolved yet (which makes it
+//! resolve them).
+
+mod program;
+mod route;
+mod xsk;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use overlay_net::decap::{DecapConfig, Decapsulated, decapsulate};
+use overlay_net::encap::{Encapsulator, TunnelConfig};
+use overlay_net::{Layer, MacAddr, UnderlayFamily, vxlan};
+
+pub use program::AttachMode;
+
+/// How often a tunnel's next hop is asked of the kernel again (a neighbour's MAC can change).
+const RECHECK: Duration = Duration::from_secs(1);
+/// How soon again while the kernel has none (it is resolving it: the socket path's first
+/// datagram made it ask).
+const RECHECK_UNRESOLVED: Duration = Duration::from_millis(20);
+
+/// A remote VTEP's outer headers, while the kernel has a next hop for it.
+struct Tunnel {
+    encap: Option<Encapsulator>,
+    checked: Instant,
+}
+
+/// What became of a datagram handed to [`XdpPath::send`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sent {
+    /// On the transmit ring.
+    Queued,
+    /// Dropped (the ring or the frames are full, or it is not VXLAN).
+    Dropped,
+    /// No next hop on this interface: send it through the socket.
+    NoPath,
+}
+
+/// The AF_XDP half of an uplink.
+pub(crate) struct XdpPath {
+    // Drop order: the link (detaching the program) first, then the socket, program and map.
+    _link: OwnedFd,
+    xsk: xsk::Xsk,
+    _program: OwnedFd,
+    _map: OwnedFd,
+    ifindex: u32,
+    interface: String,
+    queue: u32,
+    mode: AttachMode,
+    local_mac: MacAddr,
+    local: IpAddr,
+    underlay_mtu: u16,
+    udp6_zero_checksum_tx: bool,
+    decap: DecapConfig,
+    resolver: route::Resolver,
+    tunnels: HashMap<(IpAddr, u16), Tunnel>,
+}
+
+impl std::fmt::Debug for XdpPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+/// The interface that holds `ip` (in the calling thread's namespace), by name.
+fn interface_of(ip: IpAddr) -> io::Result<String> {
+    let found = nix::ifaddrs::getifaddrs()?.find(|ifa| {
+        ifa.address.as_ref().is_some_and(|a| {
+            a.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip())) == Some(ip)
+                || a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())) == Some(ip)
+        })
+    });
+    found
+        .map(|ifa| ifa.interface_name)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no interface has {ip}")))
+}
+
+fn unsupported(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::Unsupported, why)
+}
+
+/// Decapsulates a frame from the wire or from a stack on this host. A Linux vxlan device that
+/// offloads the inner checksum (its default on a veth) computes the outer UDP checksum over
+/// the inner packet as it will be once the "hardware" finishes the inner checksum (local
+/// checksum offload); over a veth nobody finishes it, and XDP cannot tell (no
+/// `CHECKSUM_PARTIAL` flag as `AF_PACKET` has). So when the outer checksum fails, the inner
+/// checksum is finished ([`overlay_net::gso::finish_partial_checksum`]: only a field holding
+/// exactly the pseudo-header sum is touched) and the outer one checked again: it passes only
+/// if it covers the finished packet.
+fn decapsulate_finishing<'a>(
+    frame: &'a mut [u8],
+    cfg: &DecapConfig,
+) -> Result<Decapsulated<'a>, overlay_net::Error> {
+    // Where the parts are (offsets, so that the frame can be changed in between).
+    let locate = |frame: &[u8], cfg: &DecapConfig| {
+        decapsulate(frame, cfg).map(|d| {
+            let start = d.inner.as_ptr() as usize - frame.as_ptr() as usize;
+            (d.vni, d.source, d.source_port, start..start + d.inner.len())
+        })
+    };
+    let found = match locate(frame, cfg) {
+        Err(overlay_net::Error::UdpChecksum) => {
+            let unchecked = DecapConfig {
+                udp_checksum_verified: true,
+                ..*cfg
+            };
+            match locate(frame, &unchecked) {
+                Ok((.., inner))
+                    if overlay_net::gso::finish_partial_checksum(&mut frame[inner.clone()]) =>
+                {
+                    locate(frame, cfg)
+                }
+                _ => Err(overlay_net::Error::UdpChecksum),
+            }
+        }
+        other => other,
+    };
+    found.map(|(vni, source, source_port, inner)| Decapsulated {
+        vni,
+        source,
+        source_port,
+        inner: &frame[inner],
+    })
+}
+
+impl XdpPath {
+    /// Opens the AF_XDP path for the uplink bound to `local` on queue `queue` of the
+    /// interface that holds its address: the XDP program attached, the socket bound to the
+    /// queue and entered in the program's map. Fails (and leaves nothing attached) where the
+    /// interface, its driver or the kernel cannot.
+    pub(crate) fn open(
+        local: SocketAddr,
+        underlay_mtu: u16,
+        udp6_zero_checksum: crate::uplink::Udp6ZeroChecksum,
+        queue: u32,
+    ) -> io::Result<XdpPath> {
+        let interface = interface_of(local.ip())?;
+        let ifindex = nix::net::if_::if_nametoindex(interface.as_str())?;
+        let mut resolver = route::Resolver::new()?;
+        let link = resolver.link(ifindex)?;
+        if !link.ethernet {
+            return Err(unsupported(format!(
+                "{interface} is not an Ethernet interface"
+            )));
+        }
+        if usize::from(underlay_mtu) + 14 > xsk::FRAME_ROOM {
+            return Err(unsupported(format!(
+                "an underlay MTU of {underlay_mtu} does not fit AF_XDP frames of {} bytes",
+                xsk::FRAME_ROOM
+            )));
+        }
+        let queues = link.rx_queues;
+        if queue >= queues {
+            return Err(unsupported(format!(
+                "{interface} has {queues} receive queue(s), not a queue {queue}"
+            )));
+        }
+        let mac = MacAddr(link.mac);
+        let map = program::create_xsk_map(queues.max(1))?;
+        let prog = program::load(local.ip(), local.port(), &map)?;
+        let xsk = xsk::Xsk::bind(ifindex, queue)?;
+        program::set_xsk(&map, queue, xsk.fd())?;
+        let (link, mode) = program::attach(&prog, ifindex).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                io::Error::new(
+                    e.kind(),
+                    format!("another XDP program is attached to {interface}"),
+                )
+            } else {
+                e
+            }
+        })?;
+        let v6 = local.is_ipv6();
+        Ok(XdpPath {
+            _link: link,
+            xsk,
+            _program: prog,
+            _map: map,
+            ifindex,
+            interface,
+            queue,
+            mode,
+            local_mac: mac,
+            local: local.ip(),
+            underlay_mtu,
+            udp6_zero_checksum_tx: v6 && udp6_zero_checksum.tx,
+            decap: DecapConfig {
+                udp_port: local.port(),
+                local_ip: Some(local.ip()),
+                accept_zero_udp6_checksum: udp6_zero_checksum.rx,
+                udp_checksum_verified: false,
+                // A veth peer's stack on this host leaves checksums to offload that XDP cannot
+                // see is pending (our own socket path and Linux vxlan over IPv6 do).
+                accept_partial_udp_checksum: true,
+            },
+            resolver,
+            tunnels: HashMap::new(),
+        })
+    }
+
+    /// One line for the log: which interface, queue and mode.
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "AF_XDP on {} queue {} ({} XDP, {})",
+            self.interface,
+            self.queue,
+            match self.mode {
+                AttachMode::Driver => "native",
+                AttachMode::Generic => "generic",
+            },
+            if self.xsk.copy_mode {
+                "copy mode"
+            } else {
+                "zero-copy"
+            }
+        )
+    }
+
+    /// The socket, readable when frames arrived (for epoll).
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.xsk.fd().as_fd()
+    }
+
+    /// Calls `f` with each received frame, decapsulated and validated (up to `most`).
+    pub(crate) fn receive(
+        &mut self,
+        most: usize,
+        mut f: impl FnMut(Result<Decapsulated<'_>, overlay_net::Error>),
+    ) -> usize {
+        let (cfg, mac) = (self.decap, self.local_mac);
+        self.xsk.receive(most, |frame| {
+            if frame.get(..6) != Some(&mac.0[..]) {
+                f(Err(overlay_net::Error::Malformed {
+                    layer: Layer::Ethernet,
+                    what: "destination MAC is not this interface's",
+                }));
+                return;
+            }
+            f(decapsulate_finishing(frame, &cfg));
+        })
+    }
+
+    /// The outer headers for `vtep`:`port`, asking the kernel for the next hop when it was
+    /// not asked for a while; None if it has none on this interface.
+    fn tunnel(&mut self, vtep: IpAddr, port: u16) -> Option<&Encapsulator> {
+        let now = Instant::now();
+        let stale = self
+            .tunnels
+            .get(&(vtep, port))
+            .is_none_or(|t| {
+                let every = if t.encap.is_some() {
+                    RECHECK
+                } else {
+                    RECHECK_UNRESOLVED
+                };
+                now.duration_since(t.checked) >= every
+            });
+        if stale {
+            let encap = match self.resolver.next_hop(self.local, vtep) {
+                Ok(Some(hop)) if hop.ifindex == self.ifindex => {
+                    let mut cfg =
+                        TunnelConfig::new(self.local_mac, MacAddr(hop.mac), self.local, vtep);
+                    cfg.udp_port = port;
+                    cfg.underlay_mtu = self.underlay_mtu;
+                    cfg.udp6_zero_checksum = self.udp6_zero_checksum_tx;
+                    Encapsulator::new(&cfg).ok()
+                }
+                _ => None,
+            };
+            self.tunnels.insert(
+                (vtep, port),
+                Tunnel {
+                    encap,
+                    checked: now,
+                },
+            );
+        }
+        self.tunnels.get(&(vtep, port))?.encap.as_ref()
+    }
+
+    /// Queues `datagram` (VXLAN header and inner frame) for `vtep`:`port`; sent by
+    /// [`Self::transmit`].
+    pub(crate) fn send(&mut self, vtep: IpAddr, port: u16, datagram: &[u8]) -> Sent {
+        if UnderlayFamily::of(vtep) != UnderlayFamily::of(self.local) {
+            return Sent::NoPath;
+        }
+        if self.tunnel(vtep, port).is_none() {
+            return Sent::NoPath;
+        }
+        let Ok((vni, inner)) = vxlan::parse(datagram) else {
+            return Sent::Dropped;
+        };
+        let Some(encap) = self
+            .tunnels
+            .get(&(vtep, port))
+            .and_then(|t| t.encap.as_ref())
+        else {
+            return Sent::NoPath;
+        };
+        if self.xsk.queue(|buf| encap.encap(vni, inner, buf).ok()) {
+            Sent::Queued
+        } else {
+            Sent::Dropped
+        }
+    }
+
+    /// True if datagrams for `vtep`:`port` go this way.
+    pub(crate) fn reaches(&mut self, vtep: IpAddr, port: u16) -> bool {
+        UnderlayFamily::of(vtep) == UnderlayFamily::of(self.local)
+            && self.tunnel(vtep, port).is_some()
+    }
+
+    /// Sends what was queued.
+    pub(crate) fn transmit(&mut self) {
+        self.xsk.transmit();
+    }
+}
