@@ -229,8 +229,14 @@ impl LoopDriver {
     }
 }
 
-/// vswitchd in `ns` on `underlay`, one datapath worker, pinned to CPU 1.
+/// vswitchd in `ns` on `underlay`, one datapath worker, pinned to CPU 1, its uplink on the
+/// kernel's UDP sockets.
 fn vswitchd(ns: &Netns, underlay: IpAddr, dir: &Path) -> Result<Daemon, String> {
+    vswitchd_with(ns, underlay, dir, "socket")
+}
+
+/// Like [`vswitchd`], the uplink's I/O given (`socket` or `xdp`).
+fn vswitchd_with(ns: &Netns, underlay: IpAddr, dir: &Path, io: &str) -> Result<Daemon, String> {
     let bin = workspace_binary("vswitchd").map_err(|e| e.to_string())?;
     let mut args = vec!["-c".to_string(), "1".into(), bin.display().to_string()];
     args.extend(vswitchd_args(
@@ -241,6 +247,8 @@ fn vswitchd(ns: &Netns, underlay: IpAddr, dir: &Path) -> Result<Daemon, String> 
             &UNDERLAY_MTU.to_string(),
             "--workers",
             "1",
+            "--uplink-io",
+            io,
         ],
     ));
     Daemon::start(
@@ -302,17 +310,19 @@ pub fn suite(secs: u32) -> Result<Vec<Row>, String> {
             ovs::OVS_VSWITCHD_DPDK
         );
     }
-    for (frame, name_local, name_vxlan, name_ovs) in [
+    for (frame, name_local, name_vxlan, name_xdp, name_ovs) in [
         (
             64,
             "vhost-net 64B, 2 ports, 1 host",
             "vhost-net 64B, over VXLAN, 2 hosts",
+            "vhost-net 64B, over VXLAN on AF_XDP, 2 hosts",
             "vhost-net 64B, 2 ports, 1 host, vs OVS-DPDK",
         ),
         (
             1518,
             "vhost-net 1518B, 2 ports, 1 host",
             "vhost-net 1518B, over VXLAN, 2 hosts",
+            "vhost-net 1518B, over VXLAN on AF_XDP, 2 hosts",
             "vhost-net 1518B, 2 ports, 1 host, vs OVS-DPDK",
         ),
     ] {
@@ -376,26 +386,34 @@ pub fn suite(secs: u32) -> Result<Vec<Row>, String> {
                 (!ovs.is_empty()).then(|| median(ovs)),
             )
         };
-        // Two vswitchd hosts, one port on each, VXLAN between them.
-        let vxlan = {
-            let mut ul = Underlay::with_mtu(UNDERLAY_MTU).map_err(|e| e.to_string())?;
-            let mut hosts = Vec::new();
-            for n in [1u8, 2] {
-                let ns = ul
-                    .host(&format!("h{n}"), Ipv4Addr::new(198, 18, 0, n))
-                    .map_err(|e| e.to_string())?;
-                let d_dir = dir.join(format!("vxlan-{frame}-h{n}"));
-                let d = vswitchd(&ns, IpAddr::from([198, 18, 0, n]), &d_dir)?;
-                let peer = IpAddr::from([198, 18, 0, 3 - n]);
-                tenant_with_port(&d, &format!("p{}", n - 1), &[peer])?;
-                hosts.push((ns, d, d_dir));
+        // Two vswitchd hosts, one port on each, VXLAN between them: over the kernel's UDP
+        // sockets and over AF_XDP (copy mode on these veths), in alternating rounds, a fresh
+        // pair of hosts each.
+        let (mut sockets, mut xdp) = (Vec::new(), Vec::new());
+        for round in 0..ROUNDS {
+            for io in ["socket", "xdp"] {
+                let mut ul = Underlay::with_mtu(UNDERLAY_MTU).map_err(|e| e.to_string())?;
+                let mut hosts = Vec::new();
+                for n in [1u8, 2] {
+                    let ns = ul
+                        .host(&format!("h{n}"), Ipv4Addr::new(198, 18, 0, n))
+                        .map_err(|e| e.to_string())?;
+                    let d_dir = dir.join(format!("vxlan-{frame}-{io}-{round}-h{n}"));
+                    let d = vswitchd_with(&ns, IpAddr::from([198, 18, 0, n]), &d_dir, io)?;
+                    let peer = IpAddr::from([198, 18, 0, 3 - n]);
+                    tenant_with_port(&d, &format!("p{}", n - 1), &[peer])?;
+                    hosts.push((ns, d, d_dir));
+                }
+                let s0 = socket(&hosts[0].2, "p0");
+                let s1 = socket(&hosts[1].2, "p1");
+                let rate = LoopDriver::start(&[&s0, &s1], frame)?.measure(2, secs)?;
+                if io == "xdp" { &mut xdp } else { &mut sockets }.push(rate);
             }
-            let s0 = socket(&hosts[0].2, "p0");
-            let s1 = socket(&hosts[1].2, "p1");
-            LoopDriver::start(&[&s0, &s1], frame)?.measure(2, secs)?
-        };
+        }
+        eprintln!("{frame}B VXLAN rounds: sockets {sockets:.3?} Mpps, AF_XDP {xdp:.3?} Mpps");
+        let (vxlan, vxlan_xdp) = (median(sockets), median(xdp));
         eprintln!(
-            "{frame}B: bound {bound:.3} Mpps, vswitchd {local:.3} Mpps, VXLAN {vxlan:.3} Mpps"
+            "{frame}B: bound {bound:.3} Mpps, vswitchd {local:.3} Mpps, VXLAN {vxlan:.3} Mpps, VXLAN on AF_XDP {vxlan_xdp:.3} Mpps"
         );
         let peer_name = "testpmd vhost PMD, no switch (the bound)";
         rows.push(Row {
@@ -410,6 +428,13 @@ pub fn suite(secs: u32) -> Result<Vec<Row>, String> {
             ours: vxlan,
             peer: bound,
             peer_name,
+            unit: "Mpps",
+        });
+        rows.push(Row {
+            name: name_xdp,
+            ours: vxlan_xdp,
+            peer: local,
+            peer_name: "vswitchd, the same two ports on one host",
             unit: "Mpps",
         });
         if let Some(ovs) = ovs {
