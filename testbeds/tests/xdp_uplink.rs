@@ -201,3 +201,72 @@ fn a_kernel_peer_over_af_xdp_on_ipv6() {
     }
     kernel_peer(true);
 }
+
+/// `auto` takes AF_XDP only where the driver runs it zero-copy: on a veth (copy mode) the
+/// socket path stays, and the reason is given; `xdp` where AF_XDP cannot run at all (an
+/// underlay address on the loopback, not Ethernet) refuses to start and says why.
+#[test]
+fn auto_keeps_the_socket_where_af_xdp_would_be_slower_and_xdp_says_why_it_cannot_run() {
+    if skip() {
+        return;
+    }
+    let mut ul = Underlay::new().unwrap();
+    let h1 =
+        SwitchHost::with_uplink(&mut ul, 1, false, 1, Default::default(), UplinkIo::Auto).unwrap();
+    let h2 = xdp_host(&mut ul, 2, false);
+    let paths = h1.datapath.uplink_paths().join("; ");
+    assert!(
+        paths.contains("UDP socket (AF_XDP would run in copy mode only"),
+        "{paths}"
+    );
+    assert!(!attached(&h1.ns), "auto left a program attached");
+    h1.tenant("a", 100, &[h2.ip]).unwrap();
+    h2.tenant("a", 100, &[h1.ip]).unwrap();
+    let a1 = h1
+        .endpoint("a", "tapa1", ip(1), "02:00:00:00:00:01")
+        .unwrap();
+    let a2 = h2
+        .endpoint("a", "tapa2", ip(2), "02:00:00:00:00:02")
+        .unwrap();
+    // A socket host and an AF_XDP host talk.
+    let t = tcp_transfer(&a1, &a2, ip(2).into(), 5005, 2 << 20).unwrap();
+    assert!(t.intact(), "{t:?}");
+    let t = tcp_transfer(&a2, &a1, ip(1).into(), 5006, 2 << 20).unwrap();
+    assert!(t.intact(), "{t:?}");
+    assert_eq!(counters(&h1).uplink_xdp_sent, 0);
+    assert!(counters(&h2).uplink_xdp_received > 1000);
+
+    let lo = testbeds::netns::Netns::create("xdp-lo").unwrap();
+    lo.ip(&["link", "set", "lo", "up"]).unwrap();
+    let spawn = |io: UplinkIo| {
+        let name = lo.name().to_owned();
+        vswitch::datapath::DatapathWorkers::spawn(
+            vswitch::datapath::DatapathConfig {
+                underlay: vec![Ipv4Addr::LOCALHOST.into()],
+                underlay_mtu: 1500,
+                udp_port: overlay_net::VXLAN_PORT,
+                workers: 1,
+                udp6_zero_checksum: Default::default(),
+                uplink_io: io,
+            },
+            move || {
+                testbeds::netns::enter_current_thread(&name).map_err(|e| {
+                    vswitch::Error::Io("enter".into(), std::io::Error::other(e.to_string()))
+                })
+            },
+        )
+    };
+    let refused = spawn(UplinkIo::Xdp).err().map(|e| e.to_string());
+    assert!(
+        refused
+            .as_deref()
+            .is_some_and(|e| e.contains("lo is not an Ethernet interface")),
+        "{refused:?}"
+    );
+    let dp = spawn(UplinkIo::Auto).unwrap();
+    let paths = dp.uplink_paths().join("; ");
+    assert!(
+        paths.contains("UDP socket (AF_XDP does not run: ") && paths.contains("not an Ethernet"),
+        "{paths}"
+    );
+}

@@ -153,7 +153,11 @@ pub enum UplinkIo {
     /// AF_XDP on the underlay interface (an XDP program steers this switch's VXLAN to the
     /// switch, the rest goes to the kernel); starting fails where it cannot run.
     Xdp,
-    /// AF_XDP where it can run, the socket where not (the log says which one runs).
+    /// AF_XDP where the driver runs it zero-copy, the socket elsewhere (the log says which
+    /// one runs and why). In copy mode (veth, drivers without AF_XDP support) every frame
+    /// becomes an skb on its way anyway, one by one, while the socket path moves up to 64
+    /// datagrams per skb with UDP GSO/GRO: `compare vhost-net` measures the socket path
+    /// several times faster over veths.
     Auto,
 }
 
@@ -405,6 +409,16 @@ impl Uplink {
         let what = format!("{local}: {}", path.describe());
         self.xdp = Some(path);
         Ok(what)
+    }
+
+    /// Whether the attached AF_XDP path runs zero-copy (None: no AF_XDP path).
+    pub fn xdp_zero_copy(&self) -> Option<bool> {
+        self.xdp.as_ref().map(|x| x.zero_copy())
+    }
+
+    /// Takes the AF_XDP path away again (the program is detached): the socket path alone.
+    pub fn detach_xdp(&mut self) {
+        self.xdp = None;
     }
 
     /// The AF_XDP socket's descriptor, for epoll, when the AF_XDP path is attached.

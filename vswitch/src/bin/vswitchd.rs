@@ -46,7 +46,8 @@ struct Args {
     udp6_zero_checksum_rx: bool,
     /// How the VXLAN uplink meets the underlay: `socket` (the kernel's UDP stack), `xdp`
     /// (AF_XDP on the underlay interface; refuse to start where it cannot run) or `auto`
-    /// (AF_XDP where it runs, the socket elsewhere; the log says which) [default: socket].
+    /// (AF_XDP where the driver runs it zero-copy, the socket elsewhere; the log says which
+    /// and why) [default: socket].
     #[arg(long, value_name = "IO")]
     uplink_io: Option<vswitch::uplink::UplinkIo>,
     /// Datapath worker threads [default: one per core].

@@ -58,6 +58,13 @@ fn bind_uplinks(
             UplinkIo::Socket => format!("{bound}: UDP socket"),
             _ if index > 0 => format!("{bound}: UDP socket (AF_XDP runs on worker 0)"),
             io => match up.attach_xdp(0) {
+                Ok(what) if io == UplinkIo::Auto && up.xdp_zero_copy() == Some(false) => {
+                    up.detach_xdp();
+                    format!(
+                        "{bound}: UDP socket (AF_XDP would run in copy mode only, slower than \
+                         the socket's GSO/GRO: {what})"
+                    )
+                }
                 Ok(what) => what,
                 Err(e) if io == UplinkIo::Xdp => return Err(e),
                 Err(e) => format!("{bound}: UDP socket (AF_XDP does not run: {e})"),

@@ -233,6 +233,12 @@ impl XdpPath {
         )
     }
 
+    /// Whether the driver moves frames in and out of the UMEM itself (zero-copy); in copy
+    /// mode (veth, drivers without AF_XDP support) the kernel copies each frame into an skb.
+    pub(crate) fn zero_copy(&self) -> bool {
+        !self.xsk.copy_mode
+    }
+
     /// The socket, readable when frames arrived (for epoll).
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.xsk.fd().as_fd()
@@ -261,17 +267,14 @@ impl XdpPath {
     /// not asked for a while; None if it has none on this interface.
     fn tunnel(&mut self, vtep: IpAddr, port: u16) -> Option<&Encapsulator> {
         let now = Instant::now();
-        let stale = self
-            .tunnels
-            .get(&(vtep, port))
-            .is_none_or(|t| {
-                let every = if t.encap.is_some() {
-                    RECHECK
-                } else {
-                    RECHECK_UNRESOLVED
-                };
-                now.duration_since(t.checked) >= every
-            });
+        let stale = self.tunnels.get(&(vtep, port)).is_none_or(|t| {
+            let every = if t.encap.is_some() {
+                RECHECK
+            } else {
+                RECHECK_UNRESOLVED
+            };
+            now.duration_since(t.checked) >= every
+        });
         if stale {
             let encap = match self.resolver.next_hop(self.local, vtep) {
                 Ok(Some(hop)) if hop.ifindex == self.ifindex => {
