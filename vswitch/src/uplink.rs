@@ -144,8 +144,9 @@ pub struct Uplink {
     udp6_zero_checksum: Udp6ZeroChecksum,
 }
 
-/// How an uplink meets the underlay.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How an uplink meets the underlay (`socket`, `xdp` or `auto` in configuration files).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum UplinkIo {
     /// The kernel's UDP stack (`recvmmsg`/`sendmmsg` with GRO/GSO): works everywhere.
     #[default]
@@ -399,26 +400,28 @@ impl Uplink {
     /// Adds the AF_XDP path on receive queue `queue` of the interface holding this uplink's
     /// address; returns what runs, for the log. On an error nothing is attached and the
     /// socket path goes on alone.
-    pub fn attach_xdp(&mut self, queue: u32) -> Result<String, Error> {
+    ///
+    /// With `zero_copy_only`, fails where the driver would run AF_XDP in copy mode (before
+    /// anything is attached).
+    pub fn attach_xdp(&mut self, queue: u32, zero_copy_only: bool) -> Result<String, Error> {
         let local = self
             .local_addr()
             .ok_or_else(|| Error::invalid("uplink", "socket has no address"))?;
-        let path =
-            crate::xdp::XdpPath::open(local, self.underlay_mtu, self.udp6_zero_checksum, queue)
-                .map_err(|e| Error::Io(format!("AF_XDP uplink on {}", local.ip()), e))?;
+        let path = crate::xdp::XdpPath::open(
+            local,
+            self.underlay_mtu,
+            self.udp6_zero_checksum,
+            queue,
+            zero_copy_only,
+        )
+        .map_err(|e| Error::Io(format!("AF_XDP uplink on {}", local.ip()), e))?;
+        // What the program passes on to the socket comes one by one (fragments, IPv4
+        // options): no UDP GRO, which would also merge datagrams before a generic-mode program
+        // sees them.
+        let _ = set_int_option(&self.socket, libc::SOL_UDP, UDP_GRO, 0);
         let what = format!("{local}: {}", path.describe());
         self.xdp = Some(path);
         Ok(what)
-    }
-
-    /// Whether the attached AF_XDP path runs zero-copy (None: no AF_XDP path).
-    pub fn xdp_zero_copy(&self) -> Option<bool> {
-        self.xdp.as_ref().map(|x| x.zero_copy())
-    }
-
-    /// Takes the AF_XDP path away again (the program is detached): the socket path alone.
-    pub fn detach_xdp(&mut self) {
-        self.xdp = None;
     }
 
     /// The AF_XDP socket's descriptor, for epoll, when the AF_XDP path is attached.
@@ -666,11 +669,18 @@ impl Uplink {
         data: &[u8],
         segment: u16,
     ) -> io::Result<usize> {
-        let dropped = self.flush();
         let dest_port = self.dest_port(port);
-        if let Some(x) = self.xdp.as_mut()
-            && x.reaches(vtep, dest_port)
-        {
+        let via_xdp = self
+            .xdp
+            .as_mut()
+            .is_some_and(|x| x.reaches(vtep, dest_port));
+        if !via_xdp && !self.gso {
+            // Zero-checksum IPv6 sending: the kernel refuses UDP GSO (EINVAL), so do not make
+            // it copy 64 KiB to find that out each time.
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        }
+        let dropped = self.flush();
+        if via_xdp && let Some(x) = self.xdp.as_mut() {
             // AF_XDP: the run is cut here, datagram by datagram, onto the transmit ring.
             let mut lost = 0;
             let segment = usize::from(segment.max(1));
@@ -683,11 +693,6 @@ impl Uplink {
             x.transmit();
             self.tx_dropped += lost as u64;
             return Ok(dropped + lost);
-        }
-        if !self.gso {
-            // Zero-checksum IPv6 sending: the kernel refuses UDP GSO (EINVAL), so do not make
-            // it copy 64 KiB to find that out each time.
-            return Err(io::Error::from(io::ErrorKind::Unsupported));
         }
         // SAFETY: sockaddr_storage and msghdr are plain old data; all-zero is valid.
         let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };

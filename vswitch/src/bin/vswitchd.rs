@@ -168,16 +168,7 @@ fn effective(args: Args) -> anyhow::Result<Config> {
         underlay_mtu,
         udp_port,
         udp6_zero_checksum,
-        uplink_io: match args.uplink_io {
-            Some(io) => io,
-            None => file
-                .uplink_io
-                .as_deref()
-                .map(str::parse)
-                .transpose()
-                .map_err(|e| anyhow::anyhow!("uplink_io: {e}"))?
-                .unwrap_or_default(),
-        },
+        uplink_io: args.uplink_io.or(file.uplink_io).unwrap_or_default(),
         workers: args.workers.or(file.workers).unwrap_or(0),
         json_logs: common.json_logs,
         socket_access,

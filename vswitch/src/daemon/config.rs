@@ -25,7 +25,7 @@ pub struct FileConfig {
     /// Accept zero outer UDP checksums on an IPv6 underlay (`udp6zerocsumrx`).
     pub udp6_zero_checksum_rx: Option<bool>,
     /// How the uplink meets the underlay: `socket`, `xdp` or `auto` (absent: `socket`).
-    pub uplink_io: Option<String>,
+    pub uplink_io: Option<crate::uplink::UplinkIo>,
     /// Datapath worker threads (0 or absent: one per core).
     pub workers: Option<usize>,
     /// `human` or `json`.
@@ -112,6 +112,7 @@ mod tests {
             underlay = ["198.18.0.1", "fd42::1"]
             underlay_mtu = 9000
             udp6_zero_checksum_rx = true
+            uplink_io = "auto"
             udp_port = 4789
             workers = 2
             run_dir = "/tmp/run"
@@ -125,6 +126,8 @@ mod tests {
         assert_eq!(cfg.udp6_zero_checksum_rx, Some(true));
         assert_eq!(cfg.udp6_zero_checksum_tx, None);
         assert_eq!(cfg.workers, Some(2));
+        assert_eq!(cfg.uplink_io, Some(crate::uplink::UplinkIo::Auto));
+        assert!(toml::from_str::<FileConfig>("uplink_io = \"dpdk\"").is_err());
         assert_eq!(cfg.log_format.as_deref(), Some("json"));
         assert!(toml::from_str::<FileConfig>("underlay_mtu = 1500\nmtu = 1").is_err());
         assert!(toml::from_str::<FileConfig>("underlay = [\"not-an-ip\"]").is_err());

@@ -57,14 +57,11 @@ fn bind_uplinks(
         let path = match cfg.uplink_io {
             UplinkIo::Socket => format!("{bound}: UDP socket"),
             _ if index > 0 => format!("{bound}: UDP socket (AF_XDP runs on worker 0)"),
-            io => match up.attach_xdp(0) {
-                Ok(what) if io == UplinkIo::Auto && up.xdp_zero_copy() == Some(false) => {
-                    up.detach_xdp();
-                    format!(
-                        "{bound}: UDP socket (AF_XDP would run in copy mode only, slower than \
-                         the socket's GSO/GRO: {what})"
-                    )
-                }
+            // One program and socket, for the first address; the others keep their sockets.
+            _ if i > 0 && uplinks.iter().any(|u: &Uplink| u.xdp_fd().is_some()) => {
+                format!("{bound}: UDP socket (AF_XDP serves the first underlay address only)")
+            }
+            io => match up.attach_xdp(0, io == UplinkIo::Auto) {
                 Ok(what) => what,
                 Err(e) if io == UplinkIo::Xdp => return Err(e),
                 Err(e) => format!("{bound}: UDP socket (AF_XDP does not run: {e})"),

@@ -40,6 +40,8 @@ const RECHECK_UNRESOLVED: Duration = Duration::from_millis(20);
 struct Tunnel {
     encap: Option<Encapsulator>,
     checked: Instant,
+    /// A question about it is with the lookup thread.
+    pending: bool,
 }
 
 /// What became of a datagram handed to [`XdpPath::send`].
@@ -69,7 +71,9 @@ pub(crate) struct XdpPath {
     underlay_mtu: u16,
     udp6_zero_checksum_tx: bool,
     decap: DecapConfig,
-    resolver: route::Resolver,
+    /// The peer across the link is a stack on this host (a veth): partial checksums arrive.
+    local_peer: bool,
+    lookups: route::Lookups,
     tunnels: HashMap<(IpAddr, u16), Tunnel>,
 }
 
@@ -107,6 +111,7 @@ fn unsupported(why: String) -> io::Error {
 fn decapsulate_finishing<'a>(
     frame: &'a mut [u8],
     cfg: &DecapConfig,
+    local_peer: bool,
 ) -> Result<Decapsulated<'a>, overlay_net::Error> {
     // Where the parts are (offsets, so that the frame can be changed in between).
     let locate = |frame: &[u8], cfg: &DecapConfig| {
@@ -116,7 +121,7 @@ fn decapsulate_finishing<'a>(
         })
     };
     let found = match locate(frame, cfg) {
-        Err(overlay_net::Error::UdpChecksum) => {
+        Err(overlay_net::Error::UdpChecksum) if local_peer => {
             let unchecked = DecapConfig {
                 udp_checksum_verified: true,
                 ..*cfg
@@ -140,6 +145,14 @@ fn decapsulate_finishing<'a>(
     })
 }
 
+/// True for an address a packet may come from: not unspecified, multicast or broadcast.
+fn unicast(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
+        IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast()),
+    }
+}
+
 impl XdpPath {
     /// Opens the AF_XDP path for the uplink bound to `local` on queue `queue` of the
     /// interface that holds its address: the XDP program attached, the socket bound to the
@@ -150,14 +163,21 @@ impl XdpPath {
         underlay_mtu: u16,
         udp6_zero_checksum: crate::uplink::Udp6ZeroChecksum,
         queue: u32,
+        zero_copy_only: bool,
     ) -> io::Result<XdpPath> {
         let interface = interface_of(local.ip())?;
         let ifindex = nix::net::if_::if_nametoindex(interface.as_str())?;
         let mut resolver = route::Resolver::new()?;
-        let link = resolver.link(ifindex)?;
-        if !link.ethernet {
+        let info = resolver.link(ifindex)?;
+        if !info.ethernet {
             return Err(unsupported(format!(
                 "{interface} is not an Ethernet interface"
+            )));
+        }
+        if info.mtu < u32::from(underlay_mtu) {
+            return Err(unsupported(format!(
+                "{interface}'s MTU {} is below the underlay MTU {underlay_mtu}",
+                info.mtu
             )));
         }
         if usize::from(underlay_mtu) + 14 > xsk::FRAME_ROOM {
@@ -166,16 +186,21 @@ impl XdpPath {
                 xsk::FRAME_ROOM
             )));
         }
-        let queues = link.rx_queues;
+        let queues = info.rx_queues;
         if queue >= queues {
             return Err(unsupported(format!(
                 "{interface} has {queues} receive queue(s), not a queue {queue}"
             )));
         }
-        let mac = MacAddr(link.mac);
+        let mac = MacAddr(info.mac);
         let map = program::create_xsk_map(queues.max(1))?;
-        let prog = program::load(local.ip(), local.port(), &map)?;
+        let prog = program::load(local.ip(), local.port(), &map, xsk::FRAME_ROOM as u16)?;
         let xsk = xsk::Xsk::bind(ifindex, queue)?;
+        if zero_copy_only && xsk.copy_mode {
+            return Err(unsupported(format!(
+                "{interface}'s driver runs AF_XDP in copy mode only"
+            )));
+        }
         program::set_xsk(&map, queue, xsk.fd())?;
         let (link, mode) = program::attach(&prog, ifindex).map_err(|e| {
             if e.raw_os_error() == Some(libc::EBUSY) {
@@ -208,9 +233,10 @@ impl XdpPath {
                 udp_checksum_verified: false,
                 // A veth peer's stack on this host leaves checksums to offload that XDP cannot
                 // see is pending (our own socket path and Linux vxlan over IPv6 do).
-                accept_partial_udp_checksum: true,
+                accept_partial_udp_checksum: info.veth,
             },
-            resolver,
+            local_peer: info.veth,
+            lookups: route::Lookups::start(resolver)?,
             tunnels: HashMap::new(),
         })
     }
@@ -233,12 +259,6 @@ impl XdpPath {
         )
     }
 
-    /// Whether the driver moves frames in and out of the UMEM itself (zero-copy); in copy
-    /// mode (veth, drivers without AF_XDP support) the kernel copies each frame into an skb.
-    pub(crate) fn zero_copy(&self) -> bool {
-        !self.xsk.copy_mode
-    }
-
     /// The socket, readable when frames arrived (for epoll).
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.xsk.fd().as_fd()
@@ -250,7 +270,8 @@ impl XdpPath {
         most: usize,
         mut f: impl FnMut(Result<Decapsulated<'_>, overlay_net::Error>),
     ) -> usize {
-        let (cfg, mac) = (self.decap, self.local_mac);
+        let (cfg, mac, local, local_peer) =
+            (self.decap, self.local_mac, self.local, self.local_peer);
         self.xsk.receive(most, |frame| {
             if frame.get(..6) != Some(&mac.0[..]) {
                 f(Err(overlay_net::Error::Malformed {
@@ -259,28 +280,33 @@ impl XdpPath {
                 }));
                 return;
             }
-            f(decapsulate_finishing(frame, &cfg));
+            // What the kernel's IP layer would drop as a martian source, it drops too.
+            f(
+                decapsulate_finishing(frame, &cfg, local_peer).and_then(|d| {
+                    if d.source == local || !unicast(d.source) {
+                        Err(overlay_net::Error::Malformed {
+                            layer: Layer::Ethernet,
+                            what: "outer source is not another host's unicast address",
+                        })
+                    } else {
+                        Ok(d)
+                    }
+                }),
+            );
         })
     }
 
-    /// The outer headers for `vtep`:`port`, asking the kernel for the next hop when it was
-    /// not asked for a while; None if it has none on this interface.
+    /// The outer headers for `vtep`:`port`; None while the kernel has no next hop for it on
+    /// this interface (or none is known yet). The lookup thread is asked again when the last
+    /// answer is old; its answers are taken in here, without waiting.
     fn tunnel(&mut self, vtep: IpAddr, port: u16) -> Option<&Encapsulator> {
         let now = Instant::now();
-        let stale = self.tunnels.get(&(vtep, port)).is_none_or(|t| {
-            let every = if t.encap.is_some() {
-                RECHECK
-            } else {
-                RECHECK_UNRESOLVED
-            };
-            now.duration_since(t.checked) >= every
-        });
-        if stale {
-            let encap = match self.resolver.next_hop(self.local, vtep) {
-                Ok(Some(hop)) if hop.ifindex == self.ifindex => {
+        while let Some((key, hop)) = self.lookups.answer() {
+            let encap = match hop {
+                Some(hop) if hop.ifindex == self.ifindex => {
                     let mut cfg =
-                        TunnelConfig::new(self.local_mac, MacAddr(hop.mac), self.local, vtep);
-                    cfg.udp_port = port;
+                        TunnelConfig::new(self.local_mac, MacAddr(hop.mac), self.local, key.0);
+                    cfg.udp_port = key.1;
                     cfg.underlay_mtu = self.underlay_mtu;
                     cfg.udp6_zero_checksum = self.udp6_zero_checksum_tx;
                     Encapsulator::new(&cfg).ok()
@@ -288,14 +314,28 @@ impl XdpPath {
                 _ => None,
             };
             self.tunnels.insert(
-                (vtep, port),
+                key,
                 Tunnel {
                     encap,
                     checked: now,
+                    pending: false,
                 },
             );
         }
-        self.tunnels.get(&(vtep, port))?.encap.as_ref()
+        let t = self.tunnels.entry((vtep, port)).or_insert(Tunnel {
+            encap: None,
+            checked: now.checked_sub(RECHECK).unwrap_or(now),
+            pending: false,
+        });
+        let every = if t.encap.is_some() {
+            RECHECK
+        } else {
+            RECHECK_UNRESOLVED
+        };
+        if !t.pending && now.duration_since(t.checked) >= every {
+            t.pending = self.lookups.ask(self.local, vtep, port);
+        }
+        t.encap.as_ref()
     }
 
     /// Queues `datagram` (VXLAN header and inner frame) for `vtep`:`port`; sent by

@@ -86,8 +86,8 @@ pub(super) fn set_xsk(map: &OwnedFd, queue: u32, xsk: &impl AsRawFd) -> io::Resu
 
 /// Loads the steering program for `local`:`port` with `map` as its `XSKMAP`. On a refusal the
 /// error carries the verifier's log.
-pub(super) fn load(local: IpAddr, port: u16, map: &OwnedFd) -> io::Result<OwnedFd> {
-    let insns = assemble(local, port, map.as_raw_fd());
+pub(super) fn load(local: IpAddr, port: u16, map: &OwnedFd, max_len: u16) -> io::Result<OwnedFd> {
+    let insns = assemble(local, port, map.as_raw_fd(), max_len);
     let license = c"Dual MIT/GPL";
     let mut log = vec![0u8; 64 * 1024];
     let mut attr = [0u8; ATTR_SIZE];
@@ -223,9 +223,9 @@ fn be16_as_loaded(v: u16) -> i32 {
     i32::from(u16::from_ne_bytes(v.to_be_bytes()))
 }
 
-/// Assembles the program (registers: r6 the context, r2 packet start, r3 packet end,
+/// Assembles the program for frames of at most `max_len` bytes (registers: r6 the context, r2 packet start, r3 packet end,
 /// r5 the field under test, r0 a 32-bit constant for address words).
-pub(super) fn assemble(local: IpAddr, port: u16, map_fd: i32) -> Vec<Insn> {
+pub(super) fn assemble(local: IpAddr, port: u16, map_fd: i32, max_len: u16) -> Vec<Insn> {
     const ETH: i16 = 14;
     let mut a = Asm::default();
     a.emit(insn(ALU64 | MOV | X, 6, 1, 0, 0)); // r6 = ctx
@@ -234,6 +234,10 @@ pub(super) fn assemble(local: IpAddr, port: u16, map_fd: i32) -> Vec<Insn> {
     a.emit(insn(ALU64 | MOV | X, 4, 2, 0, 0)); // r4 = r2 + eth + ipv4 + udp
     a.emit(insn(ALU64 | ADD | K, 4, 0, 0, 14 + 20 + 8));
     a.jump(insn(JMP | JGT | X, 4, 3, 0, 0), Label::Pass);
+    // Longer than an AF_XDP frame holds (a GRO'd packet in generic mode): the kernel's.
+    a.emit(insn(ALU64 | MOV | X, 4, 2, 0, 0));
+    a.emit(insn(ALU64 | ADD | K, 4, 0, 0, max_len as i32));
+    a.jump(insn(JMP | JGT | X, 3, 4, 0, 0), Label::Pass);
     a.emit(insn(LDX | MEM | H, 5, 2, 12, 0)); // EtherType
     match local {
         IpAddr::V4(_) => a.jump(
@@ -311,7 +315,7 @@ mod tests {
     #[test]
     fn every_jump_lands_inside_the_program() {
         for local in ["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()] {
-            let p = assemble(local, 4789, 3);
+            let p = assemble(local, 4789, 3, 3840);
             for (i, insn) in p.iter().enumerate() {
                 if insn.code & 0x07 == JMP && insn.code & 0xf0 != CALL && insn.code & 0xf0 != EXIT {
                     let to = i as isize + 1 + insn.off as isize;

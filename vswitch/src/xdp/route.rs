@@ -7,10 +7,14 @@
 use std::io;
 use std::net::IpAddr;
 
-use rtnetlink::packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
-use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
+use rtnetlink::packet_core::{
+    NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use rtnetlink::packet_route::link::{
+    InfoKind, LinkAttribute, LinkInfo as Info, LinkLayerType, LinkMessage,
+};
 use rtnetlink::packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
@@ -30,6 +34,9 @@ pub(super) struct LinkInfo {
     pub ethernet: bool,
     pub mac: [u8; 6],
     pub rx_queues: u32,
+    pub mtu: u32,
+    /// A veth: its peer is a stack on this host (partial checksums arrive).
+    pub veth: bool,
 }
 
 /// The next hop toward a VTEP: the interface and the neighbour's MAC.
@@ -52,13 +59,13 @@ impl Resolver {
         let mut socket = Socket::new(NETLINK_ROUTE)?;
         socket.bind_auto()?;
         socket.connect(&SocketAddr::new(0, 0))?;
-        // A reply that never comes must not stall the datapath.
+        // A reply that never comes must not hang the asker.
         let timeout = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 100_000,
+            tv_sec: 1,
+            tv_usec: 0,
         };
         // SAFETY: SO_RCVTIMEO reads a timeval through a pointer valid for the call.
-        unsafe {
+        let r = unsafe {
             libc::setsockopt(
                 std::os::fd::AsRawFd::as_raw_fd(&socket),
                 libc::SOL_SOCKET,
@@ -67,6 +74,9 @@ impl Resolver {
                 std::mem::size_of::<libc::timeval>() as libc::socklen_t,
             )
         };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(Resolver {
             socket,
             sequence: 0,
@@ -76,9 +86,20 @@ impl Resolver {
 
     /// One request and its one answer (or the kernel's error).
     fn ask(&mut self, request: RouteNetlinkMessage) -> io::Result<RouteNetlinkMessage> {
+        self.request(request, false)?
+            .ok_or_else(|| io::Error::other("empty netlink answer"))
+    }
+
+    /// One request and its answer; with `ack`, a success is an error message without a code
+    /// (`Ok(None)`).
+    fn request(
+        &mut self,
+        request: RouteNetlinkMessage,
+        ack: bool,
+    ) -> io::Result<Option<RouteNetlinkMessage>> {
         self.sequence = self.sequence.wrapping_add(1);
         let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST;
+        header.flags = NLM_F_REQUEST | if ack { NLM_F_ACK } else { 0 };
         header.sequence_number = self.sequence;
         let mut msg = NetlinkMessage::new(header, NetlinkPayload::from(request));
         msg.finalize();
@@ -93,11 +114,11 @@ impl Resolver {
                 continue; // a late answer to an earlier, timed-out question
             }
             return match reply.payload {
-                NetlinkPayload::InnerMessage(m) => Ok(m),
-                NetlinkPayload::Error(e) => Err(e
-                    .code
-                    .map(|c| io::Error::from_raw_os_error(-c.get()))
-                    .unwrap_or_else(|| io::Error::other("empty netlink answer"))),
+                NetlinkPayload::InnerMessage(m) => Ok(Some(m)),
+                NetlinkPayload::Error(e) => match e.code {
+                    Some(c) => Err(io::Error::from_raw_os_error(-c.get())),
+                    None => Ok(None),
+                },
                 _ => Err(io::Error::other("unexpected netlink answer")),
             };
         }
@@ -116,11 +137,19 @@ impl Resolver {
             ethernet: answer.header.link_layer_type == LinkLayerType::Ether,
             mac: [0; 6],
             rx_queues: 1,
+            mtu: 0,
+            veth: false,
         };
         for a in &answer.attributes {
             match a {
                 LinkAttribute::Address(m) if m.len() == 6 => info.mac.copy_from_slice(m),
                 LinkAttribute::NumRxQueues(n) => info.rx_queues = *n,
+                LinkAttribute::Mtu(m) => info.mtu = *m,
+                LinkAttribute::LinkInfo(infos) => {
+                    info.veth |= infos
+                        .iter()
+                        .any(|i| matches!(i, Info::Kind(InfoKind::Veth)));
+                }
                 _ => {}
             }
         }
@@ -184,6 +213,21 @@ impl Resolver {
         if !usable {
             return Ok(None);
         }
+        if answer.header.state == NeighbourState::Stale {
+            // Our frames bypass the kernel, so nothing of its own would make it confirm a
+            // stale entry (and notice a changed MAC): "use" it, as a send would, which starts
+            // the kernel's probing (a delay, then unicast probes).
+            let mut used = NeighbourMessage::default();
+            used.header.family = family(hop);
+            used.header.ifindex = ifindex;
+            used.header.flags = NeighbourFlags::Use;
+            used.attributes
+                .push(NeighbourAttribute::Destination(match hop {
+                    IpAddr::V4(a) => NeighbourAddress::Inet(a),
+                    IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+                }));
+            let _ = self.request(RouteNetlinkMessage::NewNeighbour(used), true);
+        }
         Ok(answer.attributes.iter().find_map(|a| match a {
             NeighbourAttribute::LinkLayerAddress(mac) if mac.len() == 6 => Some(NextHop {
                 ifindex,
@@ -191,5 +235,45 @@ impl Resolver {
             }),
             _ => None,
         }))
+    }
+}
+
+/// Asks the kernel for next hops on a thread of its own (created in the caller's network
+/// namespace, which it inherits), so that no netlink round trip (which may wait for the
+/// kernel's RTNL lock) ever stalls a datapath worker: the worker sends questions and picks up
+/// answers without blocking.
+pub(super) struct Lookups {
+    questions: std::sync::mpsc::SyncSender<(IpAddr, IpAddr, u16)>,
+    answers: std::sync::mpsc::Receiver<((IpAddr, u16), Option<NextHop>)>,
+}
+
+impl Lookups {
+    /// Starts the thread with `resolver`.
+    pub(super) fn start(mut resolver: Resolver) -> io::Result<Lookups> {
+        let (questions, asked) = std::sync::mpsc::sync_channel::<(IpAddr, IpAddr, u16)>(256);
+        let (tell, answers) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("vswitch-xdp-nh".into())
+            .spawn(move || {
+                // Ends when the datapath side drops its sender.
+                while let Ok((from, to, port)) = asked.recv() {
+                    let hop = resolver.next_hop(from, to).ok().flatten();
+                    if tell.send(((to, port), hop)).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Lookups { questions, answers })
+    }
+
+    /// Asks for the next hop toward `to` (from `from`) for VTEP port `port`; false if the
+    /// question queue is full (to be asked again later).
+    pub(super) fn ask(&self, from: IpAddr, to: IpAddr, port: u16) -> bool {
+        self.questions.try_send((from, to, port)).is_ok()
+    }
+
+    /// An answer, if one came.
+    pub(super) fn answer(&self) -> Option<((IpAddr, u16), Option<NextHop>)> {
+        self.answers.try_recv().ok()
     }
 }
