@@ -8,7 +8,8 @@
 //!   busy-polling core), no switch;
 //! * vswitchd with one datapath worker: two vhost-user-net ports of one tenant;
 //! * two vswitchd hosts (one worker each) on netns hosts, the ports on different hosts, frames
-//!   crossing the VXLAN overlay;
+//!   crossing the VXLAN overlay: through the kernel's UDP sockets, and through AF_XDP
+//!   (`--uplink-io xdp`; copy mode on the veths), in alternating rounds;
 //! * Open vSwitch with DPDK (when installed): two `dpdkvhostuserclient` ports on a netdev
 //!   bridge (`NORMAL` forwarding: MAC learning, as vswitchd's tenant), one PMD thread — the
 //!   userspace switch to beat. Started afresh for each of its rounds, so that its PMD, which
