@@ -29,6 +29,7 @@ pub struct Underlay {
     ns: Netns,
     next_link: u32,
     mtu: Option<u16>,
+    queues: Option<u32>,
 }
 
 impl Underlay {
@@ -41,7 +42,17 @@ impl Underlay {
             ns,
             next_link: 0,
             mtu: None,
+            queues: None,
         })
+    }
+
+    /// Creates the underlay bridge; every host's link has `queues` transmit and receive
+    /// queues at both ends (a veth puts a frame on the peer's receive queue of the number of
+    /// the transmit queue it left by, as multi-queue NICs spread flows).
+    pub fn with_queues(queues: u32) -> Result<Underlay, Error> {
+        let mut ul = Self::new()?;
+        ul.queues = Some(queues);
+        Ok(ul)
     }
 
     /// Creates the underlay bridge; every host's link gets MTU `mtu` (jumbo frames: room for
@@ -62,19 +73,17 @@ impl Underlay {
         let host = Netns::create(role)?;
         self.next_link += 1;
         let link = format!("p{}", self.next_link);
-        self.ns.ip(&[
-            "link",
-            "add",
-            "name",
-            &link,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            host.name(),
-        ])?;
+        let queues = self.queues.map(|q| q.to_string());
+        let q: Vec<&str> = match &queues {
+            Some(n) => vec!["numtxqueues", n, "numrxqueues", n],
+            None => Vec::new(),
+        };
+        let mut args = vec!["link", "add", "name", &link];
+        args.extend(&q);
+        args.extend(["type", "veth", "peer", "name", "eth0"]);
+        args.extend(&q);
+        args.extend(["netns", host.name()]);
+        self.ns.ip(&args)?;
         self.ns.ip(&["link", "set", &link, "master", "br0"])?;
         if let Some(mtu) = self.mtu {
             let mtu = mtu.to_string();

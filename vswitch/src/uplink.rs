@@ -424,6 +424,29 @@ impl Uplink {
         Ok(what)
     }
 
+    /// Adds the AF_XDP path of another worker: a socket on queue `queue` in the program
+    /// worker 0 attached ([`Self::xdp_attachment`] of its uplink).
+    pub(crate) fn join_xdp(
+        &mut self,
+        attachment: std::sync::Arc<crate::xdp::XdpAttachment>,
+        queue: u32,
+    ) -> Result<String, Error> {
+        let local = self
+            .local_addr()
+            .ok_or_else(|| Error::invalid("uplink", "socket has no address"))?;
+        let path = crate::xdp::XdpPath::join(attachment, queue)
+            .map_err(|e| Error::Io(format!("AF_XDP uplink on {}", local.ip()), e))?;
+        let _ = set_int_option(&self.socket, libc::SOL_UDP, UDP_GRO, 0);
+        let what = format!("{local}: {}", path.describe());
+        self.xdp = Some(path);
+        Ok(what)
+    }
+
+    /// The XDP program of this uplink's AF_XDP path, for other workers to join.
+    pub(crate) fn xdp_attachment(&self) -> Option<std::sync::Arc<crate::xdp::XdpAttachment>> {
+        self.xdp.as_ref().map(|x| x.attachment())
+    }
+
     /// The AF_XDP socket's descriptor, for epoll, when the AF_XDP path is attached.
     pub fn xdp_fd(&self) -> Option<BorrowedFd<'_>> {
         self.xdp.as_ref().map(|x| x.fd())

@@ -3,6 +3,7 @@
 
 use super::worker::Worker;
 use super::*;
+use crate::xdp::XdpAttachment;
 
 /// The running datapath: its worker threads and a way to configure it.
 pub struct DatapathWorkers {
@@ -30,12 +31,14 @@ impl std::fmt::Debug for DatapathWorkers {
 }
 
 /// Binds a worker's uplinks and registers them and its eventfd with its epoll; with AF_XDP
-/// configured, worker 0 adds it to each uplink where it runs (one XDP program per
-/// interface, one socket on its first queue). Returns the uplinks and, per uplink, what
-/// carries its traffic (for the log).
+/// configured, worker 0 attaches the XDP program (for the first underlay address) and its
+/// socket on queue 0, and worker `i` a socket on queue `i` in the same program
+/// (`attachments`: worker 0's, by uplink) while the interface has such a queue. Returns the
+/// uplinks and, per uplink, what carries its traffic (for the log).
 fn bind_uplinks(
     index: usize,
     addrs: &[SocketAddr],
+    attachments: &[Option<Arc<XdpAttachment>>],
     cfg: &DatapathConfig,
     epoll: &Epoll,
     wake: &EventFd,
@@ -56,7 +59,20 @@ fn bind_uplinks(
         let bound = up.local_addr().unwrap_or(*addr);
         let path = match cfg.uplink_io {
             UplinkIo::Socket => format!("{bound}: UDP socket"),
-            _ if index > 0 => format!("{bound}: UDP socket (AF_XDP runs on worker 0)"),
+            // Another worker: a socket of its own on its own queue, where there is one.
+            io if index > 0 => match attachments.get(i).cloned().flatten() {
+                Some(a) if (index as u32) < a.queues() => match up.join_xdp(a, index as u32) {
+                    Ok(what) => what,
+                    Err(e) if io == UplinkIo::Xdp => return Err(e),
+                    Err(e) => format!("{bound}: UDP socket (AF_XDP does not run: {e})"),
+                },
+                Some(a) => format!(
+                    "{bound}: UDP socket (the interface has {} receive queue(s); AF_XDP on \
+                     the first workers)",
+                    a.queues()
+                ),
+                None => format!("{bound}: UDP socket (AF_XDP is not on worker 0)"),
+            },
             // One program and socket, for the first address; the others keep their sockets.
             _ if i > 0 && uplinks.iter().any(|u: &Uplink| u.xdp_fd().is_some()) => {
                 format!("{bound}: UDP socket (AF_XDP serves the first underlay address only)")
@@ -170,10 +186,17 @@ impl DatapathWorkers {
             .iter()
             .map(|ip| SocketAddr::new(*ip, config.udp_port))
             .collect();
+        // Worker 0's XDP programs (by uplink), which the others' AF_XDP sockets join.
+        let mut attachments: Vec<Option<Arc<XdpAttachment>>> = Vec::new();
+        type Ready = (
+            Vec<SocketAddr>,
+            Vec<String>,
+            Vec<Option<Arc<XdpAttachment>>>,
+        );
         for index in 0..count {
-            let (ready_tx, ready_rx) =
-                mpsc::channel::<Result<(Vec<SocketAddr>, Vec<String>), Error>>();
+            let (ready_tx, ready_rx) = mpsc::channel::<Result<Ready, Error>>();
             let (enter, cfg, bind_to) = (enter.clone(), config.clone(), addrs.clone());
+            let joining = attachments.clone();
             let (epoll, wake, stats) = (
                 epolls[index].clone(),
                 wakes[index].clone(),
@@ -192,12 +215,13 @@ impl DatapathWorkers {
                                     .map_err(|e| Error::Io(format!("bind {a}"), e))?;
                             }
                         }
-                        bind_uplinks(index, &bind_to, &cfg, &epoll, &wake)
+                        bind_uplinks(index, &bind_to, &joining, &cfg, &epoll, &wake)
                     });
                     let uplinks = match setup {
                         Ok((u, paths)) => {
                             let bound = u.iter().filter_map(Uplink::local_addr).collect();
-                            let _ = ready_tx.send(Ok((bound, paths)));
+                            let programs = u.iter().map(Uplink::xdp_attachment).collect();
+                            let _ = ready_tx.send(Ok((bound, paths, programs)));
                             u
                         }
                         Err(e) => {
@@ -211,11 +235,12 @@ impl DatapathWorkers {
                 })
                 .map_err(|e| Error::Io("spawn datapath worker".into(), e))?;
             workers.threads.push(thread);
-            let (bound, paths) = ready_rx
+            let (bound, paths, programs) = ready_rx
                 .recv()
                 .map_err(|_| Error::invalid("datapath", "worker died during setup"))??;
             if index == 0 {
                 addrs = bound;
+                attachments = programs;
             }
             workers
                 .uplink_paths

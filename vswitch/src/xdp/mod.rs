@@ -55,17 +55,44 @@ pub(crate) enum Sent {
     NoPath,
 }
 
-/// The AF_XDP half of an uplink.
-pub(crate) struct XdpPath {
-    // Drop order: the link (detaching the program) first, then the socket, program and map.
+/// The XDP program on the underlay interface, shared by the AF_XDP paths of every worker
+/// (one socket per receive queue, all in its map). The program is detached when the last
+/// path lets go of it.
+pub(crate) struct XdpAttachment {
+    // Drop order: the link (detaching the program) first, then the program and the map.
     _link: OwnedFd,
-    xsk: xsk::Xsk,
     _program: OwnedFd,
-    _map: OwnedFd,
+    map: OwnedFd,
     ifindex: u32,
     interface: String,
-    queue: u32,
     mode: AttachMode,
+    info: route::LinkInfo,
+    local: SocketAddr,
+    underlay_mtu: u16,
+    udp6_zero_checksum: crate::uplink::Udp6ZeroChecksum,
+}
+
+impl std::fmt::Debug for XdpAttachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "XDP program on {} for {}", self.interface, self.local)
+    }
+}
+
+impl XdpAttachment {
+    /// Receive queues of the interface: how many workers can have an AF_XDP socket.
+    pub(crate) fn queues(&self) -> u32 {
+        self.info.rx_queues
+    }
+}
+
+/// The AF_XDP half of an uplink.
+pub(crate) struct XdpPath {
+    // Drop order: the socket first (the kernel takes it out of the map), then the program if
+    // this was the last path holding it.
+    xsk: xsk::Xsk,
+    attachment: std::sync::Arc<XdpAttachment>,
+    ifindex: u32,
+    queue: u32,
     local_mac: MacAddr,
     local: IpAddr,
     underlay_mtu: u16,
@@ -192,7 +219,6 @@ impl XdpPath {
                 "{interface} has {queues} receive queue(s), not a queue {queue}"
             )));
         }
-        let mac = MacAddr(info.mac);
         let map = program::create_xsk_map(queues.max(1))?;
         let prog = program::load(local.ip(), local.port(), &map, xsk::FRAME_ROOM as u16)?;
         let xsk = xsk::Xsk::bind(ifindex, queue)?;
@@ -212,42 +238,85 @@ impl XdpPath {
                 e
             }
         })?;
-        let v6 = local.is_ipv6();
-        Ok(XdpPath {
+        let attachment = std::sync::Arc::new(XdpAttachment {
             _link: link,
-            xsk,
             _program: prog,
-            _map: map,
+            map,
             ifindex,
             interface,
-            queue,
             mode,
-            local_mac: mac,
-            local: local.ip(),
+            info,
+            local,
             underlay_mtu,
-            udp6_zero_checksum_tx: v6 && udp6_zero_checksum.tx,
+            udp6_zero_checksum,
+        });
+        XdpPath::with_socket(attachment, xsk, queue, resolver)
+    }
+
+    /// The AF_XDP path of another worker on the interface `attachment` holds: a socket on
+    /// queue `queue`, entered in the program's map (from then on that queue's VXLAN comes to
+    /// it).
+    pub(crate) fn join(
+        attachment: std::sync::Arc<XdpAttachment>,
+        queue: u32,
+    ) -> io::Result<XdpPath> {
+        let a = &attachment;
+        if queue >= a.info.rx_queues {
+            return Err(unsupported(format!(
+                "{} has {} receive queue(s), not a queue {queue}",
+                a.interface, a.info.rx_queues
+            )));
+        }
+        let xsk = xsk::Xsk::bind(a.ifindex, queue)?;
+        program::set_xsk(&a.map, queue, xsk.fd())?;
+        let resolver = route::Resolver::new()?;
+        XdpPath::with_socket(attachment, xsk, queue, resolver)
+    }
+
+    fn with_socket(
+        attachment: std::sync::Arc<XdpAttachment>,
+        xsk: xsk::Xsk,
+        queue: u32,
+        resolver: route::Resolver,
+    ) -> io::Result<XdpPath> {
+        let (local, info) = (attachment.local, attachment.info);
+        let zero = attachment.udp6_zero_checksum;
+        Ok(XdpPath {
+            xsk,
+            ifindex: attachment.ifindex,
+            queue,
+            local_mac: MacAddr(info.mac),
+            local: local.ip(),
+            underlay_mtu: attachment.underlay_mtu,
+            udp6_zero_checksum_tx: local.is_ipv6() && zero.tx,
             decap: DecapConfig {
                 udp_port: local.port(),
                 local_ip: Some(local.ip()),
-                accept_zero_udp6_checksum: udp6_zero_checksum.rx,
+                accept_zero_udp6_checksum: zero.rx,
                 udp_checksum_verified: false,
-                // A veth peer's stack on this host leaves checksums to offload that XDP cannot
-                // see is pending (our own socket path and Linux vxlan over IPv6 do).
+                // A stack on this host across a veth leaves checksums to an offload that XDP
+                // cannot see is pending (a plain UDP socket, as this switch's socket path).
                 accept_partial_udp_checksum: info.veth,
             },
             local_peer: info.veth,
             lookups: route::Lookups::start(resolver)?,
             tunnels: HashMap::new(),
+            attachment,
         })
+    }
+
+    /// The program this path's socket is in the map of, for the other workers to join.
+    pub(crate) fn attachment(&self) -> std::sync::Arc<XdpAttachment> {
+        self.attachment.clone()
     }
 
     /// One line for the log: which interface, queue and mode.
     pub(crate) fn describe(&self) -> String {
         format!(
             "AF_XDP on {} queue {} ({} XDP, {})",
-            self.interface,
+            self.attachment.interface,
             self.queue,
-            match self.mode {
+            match self.attachment.mode {
                 AttachMode::Driver => "native",
                 AttachMode::Generic => "generic",
             },

@@ -338,7 +338,10 @@ impl Xsk {
             // Same frame back to the fill ring: it has room, as many entries left it as
             // arrived here (both rings hold RING_SIZE and the receive half has no more).
             let base = d.addr - d.addr % FRAME_SIZE as u64;
-            debug_assert!(self.fill.free() > 0, "the fill ring holds every receive frame");
+            debug_assert!(
+                self.fill.free() > 0,
+                "the fill ring holds every receive frame"
+            );
             if self.fill.free() > 0 {
                 self.give_rx_frame(base);
             }
