@@ -430,11 +430,12 @@ impl Uplink {
         &mut self,
         attachment: std::sync::Arc<crate::xdp::XdpAttachment>,
         queue: u32,
+        zero_copy_only: bool,
     ) -> Result<String, Error> {
         let local = self
             .local_addr()
             .ok_or_else(|| Error::invalid("uplink", "socket has no address"))?;
-        let path = crate::xdp::XdpPath::join(attachment, queue)
+        let path = crate::xdp::XdpPath::join(attachment, queue, zero_copy_only)
             .map_err(|e| Error::Io(format!("AF_XDP uplink on {}", local.ip()), e))?;
         let _ = set_int_option(&self.socket, libc::SOL_UDP, UDP_GRO, 0);
         let what = format!("{local}: {}", path.describe());
@@ -693,17 +694,20 @@ impl Uplink {
         segment: u16,
     ) -> io::Result<usize> {
         let dest_port = self.dest_port(port);
-        let via_xdp = self
-            .xdp
-            .as_mut()
-            .is_some_and(|x| x.reaches(vtep, dest_port));
-        if !via_xdp && !self.gso {
+        if self.xdp.is_none() && !self.gso {
             // Zero-checksum IPv6 sending: the kernel refuses UDP GSO (EINVAL), so do not make
             // it copy 64 KiB to find that out each time.
             return Err(io::Error::from(io::ErrorKind::Unsupported));
         }
+        // What was queued goes first; new next-hop answers are taken in before the run, none
+        // while it goes out.
         let dropped = self.flush();
-        if via_xdp && let Some(x) = self.xdp.as_mut() {
+        if let Some(x) = self.xdp.as_mut()
+            && {
+                x.refresh();
+                x.reaches(vtep, dest_port)
+            }
+        {
             // AF_XDP: the run is cut here, datagram by datagram, onto the transmit ring.
             let mut lost = 0;
             let segment = usize::from(segment.max(1));
@@ -716,6 +720,10 @@ impl Uplink {
             x.transmit();
             self.tx_dropped += lost as u64;
             return Ok(dropped + lost);
+        }
+        if !self.gso {
+            // As above; the caller queues the datagrams one by one.
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
         }
         // SAFETY: sockaddr_storage and msghdr are plain old data; all-zero is valid.
         let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
@@ -779,6 +787,7 @@ impl Uplink {
         let mut nkept = 0;
         let mut xdp_dropped = 0;
         if let Some(x) = self.xdp.as_mut() {
+            x.refresh();
             for i in 0..count {
                 let to = from_sockaddr(&self.tx.addrs[i]);
                 let datagram = &self.tx.data[i * SLOT..i * SLOT + self.tx.lens[i]];

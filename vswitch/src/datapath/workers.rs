@@ -61,11 +61,13 @@ fn bind_uplinks(
             UplinkIo::Socket => format!("{bound}: UDP socket"),
             // Another worker: a socket of its own on its own queue, where there is one.
             io if index > 0 => match attachments.get(i).cloned().flatten() {
-                Some(a) if (index as u32) < a.queues() => match up.join_xdp(a, index as u32) {
-                    Ok(what) => what,
-                    Err(e) if io == UplinkIo::Xdp => return Err(e),
-                    Err(e) => format!("{bound}: UDP socket (AF_XDP does not run: {e})"),
-                },
+                Some(a) if (index as u32) < a.queues() => {
+                    match up.join_xdp(a, index as u32, io == UplinkIo::Auto) {
+                        Ok(what) => what,
+                        Err(e) if io == UplinkIo::Xdp => return Err(e),
+                        Err(e) => format!("{bound}: UDP socket (AF_XDP does not run: {e})"),
+                    }
+                }
                 Some(a) => format!(
                     "{bound}: UDP socket (the interface has {} receive queue(s); AF_XDP on \
                      the first workers)",

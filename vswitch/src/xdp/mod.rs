@@ -39,10 +39,23 @@ const RECHECK_UNRESOLVED: Duration = Duration::from_millis(20);
 /// A remote VTEP's outer headers, while the kernel has a next hop for it.
 struct Tunnel {
     encap: Option<Encapsulator>,
+    /// When the last answer came.
     checked: Instant,
-    /// A question about it is with the lookup thread.
+    /// A question about it is with the lookup thread, asked then.
     pending: bool,
+    asked: Instant,
+    /// When a datagram last went (or tried to go) to it.
+    used: Instant,
+    /// The kernel routes it out of another interface.
+    elsewhere: bool,
 }
+
+/// Tunnels kept before idle ones are forgotten.
+const MAX_TUNNELS: usize = 4096;
+/// Idle this long, a tunnel is forgotten (once there are more than [`MAX_TUNNELS`]).
+const FORGET_AFTER: Duration = Duration::from_secs(60);
+/// An answer not back after this long is asked for again.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(5);
 
 /// What became of a datagram handed to [`XdpPath::send`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +115,8 @@ pub(crate) struct XdpPath {
     local_peer: bool,
     lookups: route::Lookups,
     tunnels: HashMap<(IpAddr, u16), Tunnel>,
+    /// When idle tunnels were last forgotten.
+    swept: Instant,
 }
 
 impl std::fmt::Debug for XdpPath {
@@ -172,11 +187,20 @@ fn decapsulate_finishing<'a>(
     })
 }
 
-/// True for an address a packet may come from: not unspecified, multicast or broadcast.
+/// True for an address a packet from another host may come from (what the kernel's IP layer
+/// does not drop as a martian): not unspecified, "this network" (0/8), loopback, multicast,
+/// broadcast, or an IPv4-mapped IPv6 address.
 fn unicast(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(a) => !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
-        IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast()),
+        IpAddr::V4(a) => {
+            !(a.octets()[0] == 0 || a.is_loopback() || a.is_multicast() || a.is_broadcast())
+        }
+        IpAddr::V6(a) => {
+            !(a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || a.to_ipv4_mapped().is_some())
+        }
     }
 }
 
@@ -259,6 +283,7 @@ impl XdpPath {
     pub(crate) fn join(
         attachment: std::sync::Arc<XdpAttachment>,
         queue: u32,
+        zero_copy_only: bool,
     ) -> io::Result<XdpPath> {
         let a = &attachment;
         if queue >= a.info.rx_queues {
@@ -268,6 +293,12 @@ impl XdpPath {
             )));
         }
         let xsk = xsk::Xsk::bind(a.ifindex, queue)?;
+        if zero_copy_only && xsk.copy_mode {
+            return Err(unsupported(format!(
+                "{}'s driver runs AF_XDP in copy mode only on queue {queue}",
+                a.interface
+            )));
+        }
         program::set_xsk(&a.map, queue, xsk.fd())?;
         let resolver = route::Resolver::new()?;
         XdpPath::with_socket(attachment, xsk, queue, resolver)
@@ -301,6 +332,7 @@ impl XdpPath {
             local_peer: info.veth,
             lookups: route::Lookups::start(resolver)?,
             tunnels: HashMap::new(),
+            swept: Instant::now(),
             attachment,
         })
     }
@@ -365,44 +397,71 @@ impl XdpPath {
         })
     }
 
-    /// The outer headers for `vtep`:`port`; None while the kernel has no next hop for it on
-    /// this interface (or none is known yet). The lookup thread is asked again when the last
-    /// answer is old; its answers are taken in here, without waiting.
-    fn tunnel(&mut self, vtep: IpAddr, port: u16) -> Option<&Encapsulator> {
+    /// Takes in the lookup thread's answers (without waiting). Called once per batch of
+    /// sends, never within one, so that a run of datagrams to one VTEP goes one way whole.
+    pub(crate) fn refresh(&mut self) {
         let now = Instant::now();
-        while let Some((key, hop)) = self.lookups.answer() {
-            let encap = match hop {
-                Some(hop) if hop.ifindex == self.ifindex => {
+        while let Some((key, answer)) = self.lookups.answer() {
+            let Some(t) = self.tunnels.get_mut(&key) else {
+                continue;
+            };
+            t.pending = false;
+            t.checked = now;
+            match answer {
+                // The kernel did not answer in time (RTNL held): keep what was known.
+                Err(_) => {}
+                Ok(Some(hop)) if hop.ifindex == self.ifindex => {
                     let mut cfg =
                         TunnelConfig::new(self.local_mac, MacAddr(hop.mac), self.local, key.0);
                     cfg.udp_port = key.1;
                     cfg.underlay_mtu = self.underlay_mtu;
                     cfg.udp6_zero_checksum = self.udp6_zero_checksum_tx;
-                    Encapsulator::new(&cfg).ok()
+                    t.encap = Encapsulator::new(&cfg).ok();
+                    t.elsewhere = false;
                 }
-                _ => None,
-            };
-            self.tunnels.insert(
-                key,
-                Tunnel {
-                    encap,
-                    checked: now,
-                    pending: false,
-                },
-            );
+                // Routed out of another interface: the socket's, until the route changes.
+                Ok(Some(_)) => {
+                    t.encap = None;
+                    t.elsewhere = true;
+                }
+                Ok(None) => {
+                    t.encap = None;
+                    t.elsewhere = false;
+                }
+            }
         }
+        // Tunnels to VTEPs nobody sends to any more are forgotten (learned VTEPs come and go).
+        if self.tunnels.len() > MAX_TUNNELS && now.duration_since(self.swept) >= RECHECK {
+            self.swept = now;
+            self.tunnels
+                .retain(|_, t| now.duration_since(t.used) < FORGET_AFTER);
+        }
+    }
+
+    /// The outer headers for `vtep`:`port`; None while the kernel has no next hop for it on
+    /// this interface (or none is known yet). Asks the lookup thread again when the last
+    /// answer is old (answers are taken in by [`Self::refresh`]).
+    fn tunnel(&mut self, vtep: IpAddr, port: u16) -> Option<&Encapsulator> {
+        let now = Instant::now();
         let t = self.tunnels.entry((vtep, port)).or_insert(Tunnel {
             encap: None,
             checked: now.checked_sub(RECHECK).unwrap_or(now),
             pending: false,
+            asked: now,
+            used: now,
+            elsewhere: false,
         });
-        let every = if t.encap.is_some() {
+        t.used = now;
+        let every = if t.encap.is_some() || t.elsewhere {
             RECHECK
         } else {
             RECHECK_UNRESOLVED
         };
-        if !t.pending && now.duration_since(t.checked) >= every {
+        // An answer overdue (the thread stuck or gone) does not block asking again.
+        let waiting = t.pending && now.duration_since(t.asked) < ANSWER_DEADLINE;
+        if !waiting && now.duration_since(t.checked) >= every {
             t.pending = self.lookups.ask(self.local, vtep, port);
+            t.asked = now;
         }
         t.encap.as_ref()
     }
@@ -433,7 +492,7 @@ impl XdpPath {
         }
     }
 
-    /// True if datagrams for `vtep`:`port` go this way.
+    /// True if datagrams for `vtep`:`port` go this way (until the next [`Self::refresh`]).
     pub(crate) fn reaches(&mut self, vtep: IpAddr, port: u16) -> bool {
         UnderlayFamily::of(vtep) == UnderlayFamily::of(self.local)
             && self.tunnel(vtep, port).is_some()
@@ -442,5 +501,30 @@ impl XdpPath {
     /// Sends what was queued.
     pub(crate) fn transmit(&mut self) {
         self.xsk.transmit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn martian_sources_are_not_unicast() {
+        for bad in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "ff02::1",
+            "::ffff:198.18.0.1",
+        ] {
+            assert!(!unicast(bad.parse().unwrap()), "{bad}");
+        }
+        for good in ["198.18.0.1", "10.0.0.1", "fd00:18::1", "2001:db8::1"] {
+            assert!(unicast(good.parse().unwrap()), "{good}");
+        }
     }
 }

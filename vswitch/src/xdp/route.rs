@@ -213,7 +213,14 @@ impl Resolver {
         if !usable {
             return Ok(None);
         }
-        if answer.header.state == NeighbourState::Stale {
+        // Entries another agent owns (an EVPN daemon's, kernel-managed ones) are left alone:
+        // a "use" request would clear their flags.
+        let owned_elsewhere = answer.header.flags.contains(NeighbourFlags::ExtLearned)
+            || answer
+                .attributes
+                .iter()
+                .any(|a| matches!(a, NeighbourAttribute::ExtFlags(f) if !f.is_empty()));
+        if answer.header.state == NeighbourState::Stale && !owned_elsewhere {
             // Our frames bypass the kernel, so nothing of its own would make it confirm a
             // stale entry (and notice a changed MAC): "use" it, as a send would, which starts
             // the kernel's probing (a delay, then unicast probes).
@@ -244,8 +251,12 @@ impl Resolver {
 /// answers without blocking.
 pub(super) struct Lookups {
     questions: std::sync::mpsc::SyncSender<(IpAddr, IpAddr, u16)>,
-    answers: std::sync::mpsc::Receiver<((IpAddr, u16), Option<NextHop>)>,
+    answers: std::sync::mpsc::Receiver<Answer>,
 }
+
+/// The answer about a VTEP (address, port): its next hop, none, or why the kernel could not
+/// be asked.
+pub(super) type Answer = ((IpAddr, u16), io::Result<Option<NextHop>>);
 
 impl Lookups {
     /// Starts the thread with `resolver`.
@@ -257,7 +268,7 @@ impl Lookups {
             .spawn(move || {
                 // Ends when the datapath side drops its sender.
                 while let Ok((from, to, port)) = asked.recv() {
-                    let hop = resolver.next_hop(from, to).ok().flatten();
+                    let hop = resolver.next_hop(from, to);
                     if tell.send(((to, port), hop)).is_err() {
                         break;
                     }
@@ -272,8 +283,8 @@ impl Lookups {
         self.questions.try_send((from, to, port)).is_ok()
     }
 
-    /// An answer, if one came.
-    pub(super) fn answer(&self) -> Option<((IpAddr, u16), Option<NextHop>)> {
+    /// An answer, if one came (an error: the kernel could not be asked, or did not answer).
+    pub(super) fn answer(&self) -> Option<Answer> {
         self.answers.try_recv().ok()
     }
 }
