@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 
-use testbeds::netns::missing_privileges;
+use testbeds::netns::{Netns, missing_privileges};
 use testbeds::probe::{ping, tcp_transfer};
 use testbeds::switch_bed::{KernelHost, SwitchHost, Underlay};
 use testbeds::wait;
@@ -35,7 +35,21 @@ fn counters(h: &SwitchHost) -> DatapathCounters {
     h.datapath.call(|dp| dp.counters()).unwrap()
 }
 
-fn attached(ns: &testbeds::netns::Netns) -> bool {
+/// Tenant `a` (VNI 100) on both hosts, with an endpoint on each: 10.100.0.1 on `h1`,
+/// 10.100.0.2 on `h2`.
+fn tenant_across(h1: &SwitchHost, h2: &SwitchHost) -> (Netns, Netns) {
+    h1.tenant("a", 100, &[h2.ip]).unwrap();
+    h2.tenant("a", 100, &[h1.ip]).unwrap();
+    let a1 = h1
+        .endpoint("a", "tapa1", ip(1), "02:00:00:00:00:01")
+        .unwrap();
+    let a2 = h2
+        .endpoint("a", "tapa2", ip(2), "02:00:00:00:00:02")
+        .unwrap();
+    (a1, a2)
+}
+
+fn attached(ns: &Netns) -> bool {
     ns.ip(&["-d", "link", "show", "eth0"])
         .unwrap()
         .contains("prog/xdp")
@@ -45,14 +59,7 @@ fn two_switch_hosts(ipv6: bool) {
     let mut ul = Underlay::new().unwrap();
     let h1 = xdp_host(&mut ul, 1, ipv6);
     let h2 = xdp_host(&mut ul, 2, ipv6);
-    h1.tenant("a", 100, &[h2.ip]).unwrap();
-    h2.tenant("a", 100, &[h1.ip]).unwrap();
-    let a1 = h1
-        .endpoint("a", "tapa1", ip(1), "02:00:00:00:00:01")
-        .unwrap();
-    let a2 = h2
-        .endpoint("a", "tapa2", ip(2), "02:00:00:00:00:02")
-        .unwrap();
+    let (a1, a2) = tenant_across(&h1, &h2);
     // Full-size frames of the tenant MTU cross (1450 over IPv4, 1430 over IPv6).
     let most = if ipv6 { 1430 - 28 } else { 1450 - 28 };
     let r = ping(&a1, ip(2).into(), 3, most).unwrap();
@@ -221,14 +228,7 @@ fn auto_keeps_the_socket_where_af_xdp_would_be_slower_and_xdp_says_why_it_cannot
         "{paths}"
     );
     assert!(!attached(&h1.ns), "auto left a program attached");
-    h1.tenant("a", 100, &[h2.ip]).unwrap();
-    h2.tenant("a", 100, &[h1.ip]).unwrap();
-    let a1 = h1
-        .endpoint("a", "tapa1", ip(1), "02:00:00:00:00:01")
-        .unwrap();
-    let a2 = h2
-        .endpoint("a", "tapa2", ip(2), "02:00:00:00:00:02")
-        .unwrap();
+    let (a1, a2) = tenant_across(&h1, &h2);
     // A socket host and an AF_XDP host talk.
     let t = tcp_transfer(&a1, &a2, ip(2).into(), 5005, 2 << 20).unwrap();
     assert!(t.intact(), "{t:?}");
@@ -237,7 +237,7 @@ fn auto_keeps_the_socket_where_af_xdp_would_be_slower_and_xdp_says_why_it_cannot
     assert_eq!(counters(&h1).uplink_xdp_sent, 0);
     assert!(counters(&h2).uplink_xdp_received > 1000);
 
-    let lo = testbeds::netns::Netns::create("xdp-lo").unwrap();
+    let lo = Netns::create("xdp-lo").unwrap();
     lo.ip(&["link", "set", "lo", "up"]).unwrap();
     let spawn = |io: UplinkIo| {
         let name = lo.name().to_owned();
@@ -295,14 +295,7 @@ fn each_worker_has_a_socket_on_its_own_queue() {
         assert!(paths.contains("AF_XDP on eth0 queue 1"), "{paths}");
     }
     let (h1, h2) = (&hosts[0], &hosts[1]);
-    h1.tenant("a", 100, &[h2.ip]).unwrap();
-    h2.tenant("a", 100, &[h1.ip]).unwrap();
-    let a1 = h1
-        .endpoint("a", "tapa1", ip(1), "02:00:00:00:00:01")
-        .unwrap();
-    let a2 = h2
-        .endpoint("a", "tapa2", ip(2), "02:00:00:00:00:02")
-        .unwrap();
+    let (a1, a2) = tenant_across(h1, h2);
     // Sixteen flows: the bridge spreads them over h2's two queues by their hash (all on one
     // queue: one time in 32768).
     for port in 5010..5026 {
