@@ -187,6 +187,40 @@ fn decapsulate_finishing<'a>(
     })
 }
 
+/// The outer headers for `vtep`:`port` from `local`; None while the kernel has no next hop
+/// for it on this interface (or none is known yet). Asks the lookup thread again when the
+/// last answer is old (answers are taken in by [`XdpPath::refresh`]).
+fn tunnel<'t>(
+    tunnels: &'t mut HashMap<(IpAddr, u16), Tunnel>,
+    lookups: &route::Lookups,
+    local: IpAddr,
+    vtep: IpAddr,
+    port: u16,
+) -> Option<&'t Encapsulator> {
+    let now = Instant::now();
+    let t = tunnels.entry((vtep, port)).or_insert(Tunnel {
+        encap: None,
+        checked: now.checked_sub(RECHECK).unwrap_or(now),
+        pending: false,
+        asked: now,
+        used: now,
+        elsewhere: false,
+    });
+    t.used = now;
+    let every = if t.encap.is_some() || t.elsewhere {
+        RECHECK
+    } else {
+        RECHECK_UNRESOLVED
+    };
+    // An answer overdue (the thread stuck or gone) does not block asking again.
+    let waiting = t.pending && now.duration_since(t.asked) < ANSWER_DEADLINE;
+    if !waiting && now.duration_since(t.checked) >= every {
+        t.pending = lookups.ask(local, vtep, port);
+        t.asked = now;
+    }
+    t.encap.as_ref()
+}
+
 /// True for an address a packet from another host may come from (what the kernel's IP layer
 /// does not drop as a martian): not unspecified, "this network" (0/8), loopback, multicast,
 /// broadcast, or an IPv4-mapped IPv6 address.
@@ -438,52 +472,18 @@ impl XdpPath {
         }
     }
 
-    /// The outer headers for `vtep`:`port`; None while the kernel has no next hop for it on
-    /// this interface (or none is known yet). Asks the lookup thread again when the last
-    /// answer is old (answers are taken in by [`Self::refresh`]).
-    fn tunnel(&mut self, vtep: IpAddr, port: u16) -> Option<&Encapsulator> {
-        let now = Instant::now();
-        let t = self.tunnels.entry((vtep, port)).or_insert(Tunnel {
-            encap: None,
-            checked: now.checked_sub(RECHECK).unwrap_or(now),
-            pending: false,
-            asked: now,
-            used: now,
-            elsewhere: false,
-        });
-        t.used = now;
-        let every = if t.encap.is_some() || t.elsewhere {
-            RECHECK
-        } else {
-            RECHECK_UNRESOLVED
-        };
-        // An answer overdue (the thread stuck or gone) does not block asking again.
-        let waiting = t.pending && now.duration_since(t.asked) < ANSWER_DEADLINE;
-        if !waiting && now.duration_since(t.checked) >= every {
-            t.pending = self.lookups.ask(self.local, vtep, port);
-            t.asked = now;
-        }
-        t.encap.as_ref()
-    }
-
     /// Queues `datagram` (VXLAN header and inner frame) for `vtep`:`port`; sent by
     /// [`Self::transmit`].
     pub(crate) fn send(&mut self, vtep: IpAddr, port: u16, datagram: &[u8]) -> Sent {
         if UnderlayFamily::of(vtep) != UnderlayFamily::of(self.local) {
             return Sent::NoPath;
         }
-        if self.tunnel(vtep, port).is_none() {
+        // One lookup per datagram; the socket and the tunnels are borrowed apart.
+        let Some(encap) = tunnel(&mut self.tunnels, &self.lookups, self.local, vtep, port) else {
             return Sent::NoPath;
-        }
+        };
         let Ok((vni, inner)) = vxlan::parse(datagram) else {
             return Sent::Dropped;
-        };
-        let Some(encap) = self
-            .tunnels
-            .get(&(vtep, port))
-            .and_then(|t| t.encap.as_ref())
-        else {
-            return Sent::NoPath;
         };
         if self.xsk.queue(|buf| encap.encap(vni, inner, buf).ok()) {
             Sent::Queued
@@ -495,7 +495,7 @@ impl XdpPath {
     /// True if datagrams for `vtep`:`port` go this way (until the next [`Self::refresh`]).
     pub(crate) fn reaches(&mut self, vtep: IpAddr, port: u16) -> bool {
         UnderlayFamily::of(vtep) == UnderlayFamily::of(self.local)
-            && self.tunnel(vtep, port).is_some()
+            && tunnel(&mut self.tunnels, &self.lookups, self.local, vtep, port).is_some()
     }
 
     /// Sends what was queued.

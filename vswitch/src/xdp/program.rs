@@ -87,7 +87,8 @@ pub(super) fn set_xsk(map: &OwnedFd, queue: u32, xsk: &impl AsRawFd) -> io::Resu
 /// Loads the steering program for `local`:`port` with `map` as its `XSKMAP`. On a refusal the
 /// error carries the verifier's log.
 pub(super) fn load(local: IpAddr, port: u16, map: &OwnedFd, max_len: u16) -> io::Result<OwnedFd> {
-    let insns = assemble(local, port, map.as_raw_fd(), max_len);
+    let insns = assemble(local, port, map.as_raw_fd(), max_len)
+        .ok_or_else(|| io::Error::other("the XDP program did not assemble"))?;
     let license = c"Dual MIT/GPL";
     let mut log = vec![0u8; 64 * 1024];
     let mut attr = [0u8; ATTR_SIZE];
@@ -209,12 +210,13 @@ impl Asm {
     fn label(&mut self, l: Label) {
         self.labels[l as usize] = Some(self.code.len());
     }
-    fn finish(mut self) -> Vec<Insn> {
+    /// The program with its jumps resolved; None if a jump goes to a label never placed.
+    fn finish(mut self) -> Option<Vec<Insn>> {
         for &(at, l) in &self.fixups {
-            let target = self.labels[l as usize].expect("every label is placed");
-            self.code[at].off = (target as isize - at as isize - 1) as i16;
+            let target = self.labels[l as usize]?;
+            self.code[at].off = i16::try_from(target as isize - at as isize - 1).ok()?;
         }
-        self.code
+        Some(self.code)
     }
 }
 
@@ -225,7 +227,7 @@ fn be16_as_loaded(v: u16) -> i32 {
 
 /// Assembles the program for frames of at most `max_len` bytes (registers: r6 the context, r2 packet start, r3 packet end,
 /// r5 the field under test, r0 a 32-bit constant for address words).
-pub(super) fn assemble(local: IpAddr, port: u16, map_fd: i32, max_len: u16) -> Vec<Insn> {
+pub(super) fn assemble(local: IpAddr, port: u16, map_fd: i32, max_len: u16) -> Option<Vec<Insn>> {
     const ETH: i16 = 14;
     let mut a = Asm::default();
     a.emit(insn(ALU64 | MOV | X, 6, 1, 0, 0)); // r6 = ctx
@@ -315,7 +317,7 @@ mod tests {
     #[test]
     fn every_jump_lands_inside_the_program() {
         for local in ["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()] {
-            let p = assemble(local, 4789, 3, 3840);
+            let p = assemble(local, 4789, 3, 3840).expect("assembles");
             for (i, insn) in p.iter().enumerate() {
                 if insn.code & 0x07 == JMP && insn.code & 0xf0 != CALL && insn.code & 0xf0 != EXIT {
                     let to = i as isize + 1 + insn.off as isize;
